@@ -1,0 +1,585 @@
+"""The daemon's configuration: every key, its default and why, in one place.
+
+Sources, later ones winning: built-in defaults, the TOML file (``--config``),
+``ATOMIZERD_<SECTION>_<KEY>`` environment variables, command-line flags (``--set key=value``
+and a few shortcuts). Unknown keys and bad values are startup errors that name the key.
+``docs/configuration.md`` is generated from the ``doc`` metadata below (``atomizerd
+--print-config-docs``); a test keeps it fresh. Durations are in seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "ATOMIZERD_"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the person who wrote the config."""
+
+
+def _doc(text: str, **kw: Any) -> Any:
+    return field(metadata={"doc": text}, **kw)
+
+
+def _default_runtime_dir() -> str:
+    # systemd sets RUNTIME_DIRECTORY for RuntimeDirectory=; a user session has XDG_RUNTIME_DIR.
+    if os.environ.get("RUNTIME_DIRECTORY"):
+        return os.environ["RUNTIME_DIRECTORY"].split(":")[0]
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return str(Path(os.environ["XDG_RUNTIME_DIR"]) / "atomizerd")
+    return f"/tmp/atomizerd-{os.getuid()}"
+
+
+def _default_state_dir() -> str:
+    if os.environ.get("STATE_DIRECTORY"):
+        return os.environ["STATE_DIRECTORY"].split(":")[0]
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return str(Path(base) / "atomizerd")
+
+
+@dataclass
+class DaemonConfig:
+    socket: str = _doc(
+        "Unix socket path. Empty: `<runtime_dir>/atomizerd.sock`. Clients look there first.",
+        default="",
+    )
+    socket_mode: str = _doc(
+        "Permissions of the socket file (octal). 0600 lets only the daemon's user connect; "
+        "use 0660 with a shared group to let that group in.",
+        default="0600",
+    )
+    runtime_dir: str = _doc(
+        "Private directory (created 0700) for the socket, the lock and per-session files. "
+        "Default: systemd's $RUNTIME_DIRECTORY, else $XDG_RUNTIME_DIR/atomizerd, else "
+        "/tmp/atomizerd-<uid>. Empty means that default.",
+        default="",
+    )
+    state_dir: str = _doc(
+        "Directory for durable state (the SQLite database). Default: systemd's "
+        "$STATE_DIRECTORY, else $XDG_STATE_HOME/atomizerd. Empty means that default.",
+        default="",
+    )
+    database: str = _doc(
+        "Database URL in peewee's form. Empty: `sqlite:///<state_dir>/atomizerd.db`. "
+        "`postgresql://...` works without code changes (install psycopg2).",
+        default="",
+    )
+    grace_period: float = _doc(
+        "On SIGTERM, how long running streams get to finish before they are cancelled.",
+        default=5.0,
+    )
+    max_message_bytes: int = _doc(
+        "Largest user message accepted (UTF-8 bytes). Bigger is INVALID_ARGUMENT: a prompt "
+        "that size is a mistake, and the gRPC receive limit is derived from it.",
+        default=1024 * 1024,
+    )
+    max_sessions: int = _doc(
+        "Open sessions at most; CreateSession beyond it is RESOURCE_EXHAUSTED. Closed "
+        "sessions do not count.",
+        default=10_000,
+    )
+    event_buffer: int = _doc(
+        "Events kept per session for WatchSession replay. A long reply is many deltas; "
+        "a reloading client replays from here.",
+        default=4096,
+    )
+    watchdog: bool = _doc(
+        "Send WATCHDOG=1 to systemd when it asks (WATCHDOG_USEC is set).", default=True
+    )
+
+
+@dataclass
+class AgentConfig:
+    command: list[str] = _doc(
+        "The agent command (argv prefix). `claude` found on PATH by default; tests point it at "
+        "the pinned CLI or at a scripted fake agent.",
+        default_factory=lambda: ["claude"],
+    )
+    args: list[str] = _doc(
+        "Extra arguments appended to every agent command line.", default_factory=list
+    )
+    env: dict[str, str] = _doc(
+        "Variables added to the agent's environment (which is otherwise an explicit "
+        "allowlist, never the daemon's whole environment).",
+        default_factory=dict,
+    )
+    model: str = _doc("Model name passed as --model; empty lets the CLI choose.", default="")
+    prewarm: bool = _doc(
+        "Start the agent process when a session is created, so the first turn skips the "
+        "~0.4 s CLI start-up.",
+        default=True,
+    )
+    first_event_timeout: float = _doc(
+        "A turn with no event from the agent for this long fails (FIRST_EVENT_TIMEOUT). "
+        "Generous: the first turn after a spawn includes CLI start-up and the model's latency.",
+        default=120.0,
+    )
+    stall_timeout: float = _doc(
+        "A turn whose agent writes nothing for this long fails (STALL_TIMEOUT). API retries "
+        "are output, so a slow-but-retrying API does not trip it.",
+        default=600.0,
+    )
+    turn_timeout: float = _doc(
+        "A turn running longer than this is stopped (TURN_TIMEOUT): long tool runs are normal "
+        "in optimization studies, so this is a backstop, not a latency target.",
+        default=3600.0,
+    )
+    stop_grace: float = _doc(
+        "When stopping an agent: seconds to wait after closing stdin, and again after "
+        "SIGTERM, before SIGKILL.",
+        default=3.0,
+    )
+    max_line_bytes: int = _doc(
+        "Longest stdout line read from the agent. Tool results can carry base64 images of "
+        "many MiB; a longer line fails that turn, not the daemon.",
+        default=64 * 1024 * 1024,
+    )
+    stderr_tail_bytes: int = _doc(
+        "How much of the agent's stderr is kept (the newest bytes) for failure reports.",
+        default=64 * 1024,
+    )
+    version_timeout: float = _doc(
+        "How long `<command> --version` may take at start-up (reported by GetStatus).",
+        default=10.0,
+    )
+
+
+@dataclass
+class AtomizerConfig:
+    root: str = _doc(
+        "The Atomizer checkout. Every agent runs with it as working directory, which is how "
+        "the CLI keys its transcripts, so a session can always be resumed. Empty: the "
+        "daemon's working directory at start.",
+        default="",
+    )
+    studies_root: str = _doc(
+        "Where study folders live. Empty: `<root>/studies`. A study id is a plain folder name "
+        "resolved inside it.",
+        default="",
+    )
+
+
+@dataclass
+class UserModeConfig:
+    allowed_tools: list[str] = _doc(
+        "Tools the agent may use in user mode without asking (Claude Code permission-rule "
+        "syntax). Everything else is denied.",
+        default_factory=lambda: [
+            "Read",
+            "Write(**/STUDY_REPORT.md)",
+            "Write(**/3_results/*.md)",
+            "Bash(python:*)",
+        ],
+    )
+
+
+@dataclass
+class PowerModeConfig:
+    enabled: bool = _doc(
+        "Allow MODE_POWER (full tool access, --dangerously-skip-permissions). Off by default: "
+        "it is a policy decision for whoever runs the daemon.",
+        default=False,
+    )
+
+
+@dataclass
+class ModesConfig:
+    user: UserModeConfig = field(default_factory=UserModeConfig)
+    power: PowerModeConfig = field(default_factory=PowerModeConfig)
+
+
+@dataclass
+class PoolConfig:
+    max_live: int = _doc(
+        "Live agent processes at most. Each costs ~200 MiB, so this is the memory bound; the "
+        "least-recently-used idle process is evicted (and resumed later) when full.",
+        default=8,
+    )
+    max_queued: int = _doc(
+        "Turns that may wait for a process when all are busy; beyond it RESOURCE_EXHAUSTED.",
+        default=64,
+    )
+    queue_timeout: float = _doc(
+        "How long a turn waits for a free process before failing with RESOURCE_EXHAUSTED.",
+        default=300.0,
+    )
+    max_queued_per_session: int = _doc(
+        "Messages that may wait behind a session's running turn; beyond it RESOURCE_EXHAUSTED.",
+        default=8,
+    )
+
+
+@dataclass
+class ReaperConfig:
+    interval: float = _doc("Seconds between reaper passes.", default=300.0)
+    idle_timeout: float = _doc(
+        "An idle agent process older than this is stopped; its session stays and resumes "
+        "on its next message.",
+        default=3600.0,
+    )
+    retention: float = _doc(
+        "Sessions inactive longer than this are purged with their history. 30 days: a study "
+        "runs for days or weeks and people come back to its discussion; 0 keeps forever.",
+        default=30 * 24 * 3600.0,
+    )
+    cull_busy: bool = _doc(
+        "Also stop processes of sessions with a running turn (as Jupyter's cull_busy). Off: "
+        "a long tool run is work, not staleness.",
+        default=False,
+    )
+    cull_connected: bool = _doc(
+        "Also stop processes of sessions someone is watching (Jupyter's cull_connected). Off: "
+        "a watched session is in use.",
+        default=False,
+    )
+
+
+@dataclass
+class LoggingConfig:
+    level: str = _doc("Log level: debug, info, warning, error.", default="info")
+    format: str = _doc(
+        "`auto` (console on a TTY, JSON lines otherwise, e.g. under journald), `json`, `console`.",
+        default="auto",
+    )
+
+
+@dataclass
+class Config:
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    atomizer: AtomizerConfig = field(default_factory=AtomizerConfig)
+    modes: ModesConfig = field(default_factory=ModesConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    reaper: ReaperConfig = field(default_factory=ReaperConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    # Derived paths, resolved once by `resolve()`.
+    @property
+    def runtime_dir(self) -> Path:
+        return Path(self.daemon.runtime_dir)
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.daemon.state_dir)
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.daemon.socket)
+
+    @property
+    def atomizer_root(self) -> Path:
+        return Path(self.atomizer.root)
+
+    @property
+    def studies_root(self) -> Path:
+        return Path(self.atomizer.studies_root)
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def iter_keys(obj: Any = None, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field[Any]]]:
+    """Yields (dotted key, field) for every leaf key, in declaration order."""
+    cls = obj if isinstance(obj, type) else type(obj) if obj is not None else Config
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from iter_keys(tp, name + ".")
+        else:
+            yield name, f
+
+
+def _leaf_type(key: str) -> Any:
+    cls: Any = Config
+    *sections, leaf = key.split(".")
+    for s in sections:
+        cls = typing.get_type_hints(cls)[s]
+    return typing.get_type_hints(cls)[leaf]
+
+
+def _coerce(key: str, value: Any, *, from_text: bool) -> Any:
+    """Checks (and, for env/flag text, parses) a value against the key's declared type."""
+    tp = _leaf_type(key)
+    origin = typing.get_origin(tp)
+    try:
+        if tp is bool:
+            if from_text and isinstance(value, str):
+                low = value.strip().lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError("expected true or false")
+            if not isinstance(value, bool):
+                raise ValueError("expected true or false")
+            return value
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError("expected an integer")
+            if isinstance(value, str) and from_text:
+                return int(value)
+            if not isinstance(value, int):
+                raise ValueError("expected an integer")
+            return value
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            if isinstance(value, str) and from_text:
+                return float(value)
+            if not isinstance(value, int | float):
+                raise ValueError("expected a number")
+            return float(value)
+        if tp is str:
+            if not isinstance(value, str):
+                raise ValueError("expected a string")
+            return value
+        if origin is list:
+            if isinstance(value, str) and from_text:
+                import shlex
+
+                value = shlex.split(value)
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError("expected a list of strings")
+            return list(value)
+        if origin is dict:
+            if isinstance(value, str) and from_text:
+                import json
+
+                value = json.loads(value)
+            if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+            ):
+                raise ValueError("expected a table of strings")
+            return dict(value)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e} (got {value!r})") from None
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    *sections, leaf = key.split(".")
+    target: Any = cfg
+    for s in sections:
+        target = getattr(target, s)
+    setattr(target, leaf, value)
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for k, v in table.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and not _is_table_key(key):
+            yield from _flatten(v, key + ".")
+        else:
+            yield key, v
+
+
+def _is_table_key(key: str) -> bool:
+    try:
+        return typing.get_origin(_leaf_type(key)) is dict
+    except (KeyError, TypeError):
+        return False
+
+
+def _known_keys() -> dict[str, dataclasses.Field[Any]]:
+    return dict(iter_keys())
+
+
+def _apply(cfg: Config, key: str, value: Any, *, source: str, from_text: bool) -> None:
+    if key not in _known_keys():
+        raise ConfigError(f"unknown configuration key {key!r} (from {source})")
+    _set(cfg, key, _coerce(key, value, from_text=from_text))
+
+
+def _env_key_map() -> dict[str, str]:
+    return {ENV_PREFIX + k.replace(".", "_").upper(): k for k in _known_keys()}
+
+
+def load(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, str] | None = None,
+) -> Config:
+    """Builds the effective configuration and validates it."""
+    cfg = Config()
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                table = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        for key, value in _flatten(table):
+            _apply(cfg, key, value, source=str(path), from_text=False)
+    env = os.environ if environ is None else environ
+    env_map = _env_key_map()
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        if name not in env_map:
+            raise ConfigError(f"unknown configuration variable {name}")
+        _apply(cfg, env_map[name], value, source=name, from_text=True)
+    for key, value in (overrides or {}).items():
+        _apply(cfg, key, value, source="command line", from_text=True)
+    resolve(cfg)
+    validate(cfg)
+    return cfg
+
+
+def resolve(cfg: Config) -> None:
+    """Fills the defaults that depend on the environment, and makes paths absolute."""
+    d = cfg.daemon
+    d.runtime_dir = str(Path(d.runtime_dir or _default_runtime_dir()).expanduser().absolute())
+    d.state_dir = str(Path(d.state_dir or _default_state_dir()).expanduser().absolute())
+    d.socket = str(Path(d.socket or Path(d.runtime_dir) / "atomizerd.sock").expanduser().absolute())
+    if not d.database:
+        d.database = f"sqlite:///{Path(d.state_dir) / 'atomizerd.db'}"
+    a = cfg.atomizer
+    a.root = str(Path(a.root or os.getcwd()).expanduser().absolute())
+    a.studies_root = str(Path(a.studies_root or Path(a.root) / "studies").expanduser().absolute())
+
+
+def socket_mode(cfg: Config) -> int:
+    return int(cfg.daemon.socket_mode, 8)
+
+
+def validate(cfg: Config) -> None:
+    def positive(key: str, value: float) -> None:
+        if value <= 0:
+            raise ConfigError(f"{key}: must be greater than 0 (got {value})")
+
+    try:
+        mode = socket_mode(cfg)
+    except ValueError:
+        raise ConfigError(
+            f"daemon.socket_mode: expected an octal mode like 0600 (got {cfg.daemon.socket_mode!r})"
+        ) from None
+    if mode & 0o007:
+        raise ConfigError("daemon.socket_mode: must not grant access to others (e.g. 0600, 0660)")
+    if not cfg.agent.command:
+        raise ConfigError("agent.command: must name the agent program")
+    for key in (
+        "daemon.grace_period",
+        "daemon.max_message_bytes",
+        "daemon.max_sessions",
+        "daemon.event_buffer",
+        "agent.first_event_timeout",
+        "agent.stall_timeout",
+        "agent.turn_timeout",
+        "agent.stop_grace",
+        "agent.max_line_bytes",
+        "agent.stderr_tail_bytes",
+        "agent.version_timeout",
+        "pool.max_live",
+        "pool.queue_timeout",
+        "reaper.interval",
+        "reaper.idle_timeout",
+    ):
+        section, name = key.split(".")
+        positive(key, getattr(getattr(cfg, section), name))
+    for key in ("pool.max_queued", "pool.max_queued_per_session", "reaper.retention"):
+        if getattr(cfg.pool if key.startswith("pool") else cfg.reaper, key.split(".")[1]) < 0:
+            raise ConfigError(f"{key}: must not be negative")
+    if cfg.logging.level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(
+            f"logging.level: expected debug, info, warning or error ({cfg.logging.level!r})"
+        )
+    if cfg.logging.format not in ("auto", "json", "console"):
+        raise ConfigError(
+            f"logging.format: expected auto, json or console ({cfg.logging.format!r})"
+        )
+    if len(cfg.daemon.socket.encode()) > 107:
+        raise ConfigError(
+            f"daemon.socket: path longer than a Unix socket allows ({cfg.daemon.socket})"
+        )
+
+
+# --- presentation --------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(json.dumps(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return (
+            "{ " + ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in value.items()) + " }"
+        )
+    raise TypeError(type(value))
+
+
+def _get(cfg: Config, key: str) -> Any:
+    target: Any = cfg
+    for part in key.split("."):
+        target = getattr(target, part)
+    return target
+
+
+def render_toml(cfg: Config) -> str:
+    """The effective configuration as TOML (what --check-config prints)."""
+    lines: list[str] = []
+    section = None
+    for key, _f in iter_keys():
+        sec, leaf = key.rsplit(".", 1)
+        if sec != section:
+            lines.append(f"\n[{sec}]")
+            section = sec
+        lines.append(f"{leaf} = {_toml_value(_get(cfg, key))}")
+    return "\n".join(lines).lstrip() + "\n"
+
+
+def render_docs() -> str:
+    """docs/configuration.md, generated from the field docs above."""
+    defaults = Config()
+    out = [
+        "# Configuration",
+        "",
+        "<!-- generated by `atomizerd --print-config-docs`; edit atomizerd/config.py -->",
+        "",
+        "atomizerd reads a TOML file (`atomizerd --config FILE`), then `ATOMIZERD_<SECTION>_<KEY>`",
+        "environment variables (e.g. `ATOMIZERD_POOL_MAX_LIVE=4`; lists are shell-split, tables",
+        "are JSON), then `--set key=value` flags. Unknown keys are errors. Durations are seconds.",
+        "`atomizerd --check-config` prints the effective configuration and exits.",
+        "",
+        "| key | default | what and why |",
+        "|---|---|---|",
+    ]
+    for key, f in iter_keys():
+        default = _get(defaults, key)
+        shown = (
+            "(see text)"
+            if key in ("daemon.runtime_dir", "daemon.state_dir")
+            else _toml_value(default)
+        )
+        doc = f.metadata.get("doc", "")
+        out.append(f"| `{key}` | `{shown}` | {doc} |")
+    return "\n".join(out) + "\n"
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "iter_keys",
+    "load",
+    "render_docs",
+    "render_toml",
+    "socket_mode",
+]

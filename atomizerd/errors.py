@@ -1,0 +1,30 @@
+"""Domain errors. Each kind maps to one gRPC status code in `atomizerd.servicers.status`;
+the domain layer raises these and never sees gRPC."""
+
+
+class AtomizerError(Exception):
+    """Base class; the message is shown to the client as-is, so write it for a person."""
+
+
+class InvalidArgument(AtomizerError):
+    pass
+
+
+class NotFound(AtomizerError):
+    pass
+
+
+class PermissionDenied(AtomizerError):
+    pass
+
+
+class ResourceExhausted(AtomizerError):
+    pass
+
+
+class FailedPrecondition(AtomizerError):
+    pass
+
+
+class Unavailable(AtomizerError):
+    """The daemon is draining or a dependency is down; retrying later may work."""

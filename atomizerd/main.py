@@ -1,0 +1,116 @@
+"""`atomizerd`: the command line, configuration, and the run of the daemon."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from atomizerd import __version__, logs
+from atomizerd import config as config_mod
+
+EXIT_CONFIG = 2
+EXIT_STARTUP = 1
+
+# Flag shortcuts for the keys people set most often (everything else: --set key=value).
+_SHORTCUTS = {
+    "socket": "daemon.socket",
+    "runtime_dir": "daemon.runtime_dir",
+    "state_dir": "daemon.state_dir",
+    "database": "daemon.database",
+    "log_level": "logging.level",
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="atomizerd",
+        description="Runs persistent Claude Code sessions for Atomizer tools behind a gRPC API "
+        "on a Unix socket.",
+        epilog="Configuration keys: docs/configuration.md (or --print-config-docs).",
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        default=os.environ.get("ATOMIZERD_CONFIG"),
+        help="TOML configuration file (default: $ATOMIZERD_CONFIG)",
+    )
+    p.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override one configuration key, e.g. --set pool.max_live=4",
+    )
+    p.add_argument("--socket", help="Unix socket path (daemon.socket)")
+    p.add_argument("--runtime-dir", help="runtime directory (daemon.runtime_dir)")
+    p.add_argument("--state-dir", help="state directory (daemon.state_dir)")
+    p.add_argument("--database", help="database URL (daemon.database)")
+    p.add_argument("--log-level", help="debug, info, warning or error (logging.level)")
+    p.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the configuration, print the effective one, and exit",
+    )
+    p.add_argument(
+        "--print-config-docs",
+        action="store_true",
+        help="print the configuration reference (Markdown) and exit",
+    )
+    p.add_argument(
+        "--allow-root",
+        action="store_true",
+        help="run as root (refused otherwise: run the daemon as an ordinary user)",
+    )
+    p.add_argument("--version", action="version", version=f"atomizerd {__version__}")
+    return p.parse_args(argv)
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise config_mod.ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        out[key.strip()] = value
+    for attr, key in _SHORTCUTS.items():
+        value = getattr(args, attr)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.print_config_docs:
+        sys.stdout.write(config_mod.render_docs())
+        return 0
+    try:
+        cfg = config_mod.load(args.config, overrides=overrides_from(args))
+    except config_mod.ConfigError as e:
+        print(f"atomizerd: configuration error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check_config:
+        sys.stdout.write(config_mod.render_toml(cfg))
+        return 0
+    if os.geteuid() == 0 and not args.allow_root:
+        print(
+            "atomizerd: refusing to run as root; run it as an ordinary user (or pass --allow-root)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    logs.configure(cfg)
+    return run(cfg)
+
+
+def run(cfg: config_mod.Config) -> int:
+    from atomizerd.server import Daemon, StartupError
+
+    daemon = Daemon(cfg)
+    try:
+        asyncio.run(daemon.serve())
+    except StartupError as e:
+        print(f"atomizerd: cannot start: {e}", file=sys.stderr)
+        return EXIT_STARTUP
+    return 0

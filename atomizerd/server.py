@@ -1,0 +1,257 @@
+"""The daemon's lifecycle, top to bottom: startup, main loop, shutdown.
+
+Startup: private dirs → single-instance lock → store opened and reconciled → socket bound →
+health SERVING → sd_notify READY=1. SIGTERM/SIGINT: STOPPING=1, health NOT_SERVING, running
+turns interrupted and stored, streams ended, `stop(grace)`, agents stopped, store closed,
+socket removed. A second signal skips the grace periods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import signal
+import socket
+import stat
+from pathlib import Path
+
+import grpc
+import structlog
+from atomizer.v1 import daemon_pb2, daemon_pb2_grpc, session_pb2, session_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from atomizerd.agent.argv import build_env
+from atomizerd.agent.process import AgentError, probe_version
+from atomizerd.agent.procgroup import kill_group_if_same
+from atomizerd.config import Config, socket_mode
+from atomizerd.context import Studies
+from atomizerd.launcher import Launcher
+from atomizerd.pool import AgentPool
+from atomizerd.prompt import ContextBuilder
+from atomizerd.reaper import Reaper
+from atomizerd.registry import Registry
+from atomizerd.sdnotify import Notifier
+from atomizerd.servicers.daemon import DaemonServicer
+from atomizerd.servicers.session import SessionServicer
+from atomizerd.status import StatusReporter
+from atomizerd.store import Store
+
+log = structlog.get_logger("atomizerd.server")
+
+SERVICE_NAMES = (
+    session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
+    daemon_pb2.DESCRIPTOR.services_by_name["DaemonService"].full_name,
+)
+
+
+class StartupError(RuntimeError):
+    """A reason the daemon cannot start, worded for the operator."""
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.notifier = Notifier()
+        self.should_exit = asyncio.Event()
+        self.force_exit = False
+        self._lock_fd: int | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.server: grpc.aio.Server | None = None
+        self.store: Store | None = None
+        self.pool: AgentPool | None = None
+        self.registry: Registry | None = None
+        self.health = health.aio.HealthServicer()
+
+    async def serve(self) -> None:
+        self._install_signal_handlers()
+        try:
+            await self.startup()
+            await self.should_exit.wait()
+        finally:
+            await self.shutdown()
+
+    # --- startup ---------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        cfg = self.config
+        os.umask(0o077)
+        self._prepare_runtime_dir()
+        self._take_lock()
+        self._clear_stale_socket()
+        self.store = Store(cfg.daemon.database)
+        studies = Studies(cfg)
+        launcher = Launcher(cfg, studies, ContextBuilder())
+        self.pool = AgentPool(cfg, self.store, launcher)
+        self.registry = Registry(cfg, self.store, self.pool, studies)
+        self._reconcile(studies)
+        reaper = Reaper(cfg, self.store, self.registry, self.pool)
+        status = StatusReporter(cfg, self.store, self.registry, self.pool, reaper)
+        self.server = self._build_server(SessionServicer(self.registry), DaemonServicer(status))
+        self.server.add_insecure_port(f"unix:{cfg.socket_path}")
+        await self.server.start()
+        os.chmod(cfg.socket_path, socket_mode(cfg))
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self.notifier.notify("READY=1")
+        log.info("atomizerd ready", socket=str(cfg.socket_path), pid=os.getpid())
+        self._tasks.append(asyncio.create_task(reaper.run_forever()))
+        self._tasks.append(asyncio.create_task(self._probe_agent(status)))
+        if cfg.daemon.watchdog and self.notifier.watchdog_interval:
+            self._tasks.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_interval)))
+
+    def _prepare_runtime_dir(self) -> None:
+        for path in (self.config.runtime_dir, self.config.state_dir):
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = self.config.runtime_dir.stat()
+        if st.st_mode & stat.S_IWOTH:
+            raise StartupError(
+                f"runtime dir {self.config.runtime_dir} is writable by other users; "
+                "fix its permissions (e.g. chmod 0700) or choose another daemon.runtime_dir"
+            )
+        if st.st_uid != os.geteuid():
+            raise StartupError(f"runtime dir {self.config.runtime_dir} belongs to another user")
+
+    def _take_lock(self) -> None:
+        path = self.config.runtime_dir / "atomizerd.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StartupError(
+                f"another atomizerd is already running with runtime dir "
+                f"{self.config.runtime_dir} (socket {self.config.socket_path}); stop it first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _clear_stale_socket(self) -> None:
+        """Replaces a dead daemon's socket; refuses to steal a live one."""
+        path = self.config.socket_path
+        if not path.exists() and not path.is_symlink():
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            return
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise StartupError(
+                f"{path} exists and is not a socket; remove it or choose another daemon.socket"
+            )
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                path.unlink()
+                log.info("removed stale socket", socket=str(path))
+                return
+        raise StartupError(f"another process is serving on {path}; stop it first")
+
+    def _reconcile(self, studies: Studies) -> None:
+        assert self.store is not None and self.registry is not None
+        for rec in self.store.agent_processes():
+            if kill_group_if_same(rec.pgid, rec.start_time, signal.SIGKILL):
+                log.warning(
+                    "killed agent left by a previous daemon",
+                    session_id=rec.session_id,
+                    pgid=rec.pgid,
+                )
+            self.store.forget_agent_process(rec.pgid)
+        self.registry.reconcile()
+        # Per-session files are rewritten at every agent spawn; none is live at start-up.
+        removed = studies.remove_stale_files(keep=set())
+        if removed:
+            log.info("removed stale runtime files", count=removed)
+
+    def _build_server(self, sessions: SessionServicer, daemon: DaemonServicer) -> grpc.aio.Server:
+        # Room for the largest message plus framing; anything bigger is refused by gRPC itself.
+        max_receive = self.config.daemon.max_message_bytes + 64 * 1024
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", max_receive),
+                ("grpc.max_concurrent_streams", 1000),
+                ("grpc.keepalive_time_ms", 60_000),
+                ("grpc.keepalive_timeout_ms", 20_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        session_pb2_grpc.add_SessionServiceServicer_to_server(sessions, server)
+        daemon_pb2_grpc.add_DaemonServiceServicer_to_server(daemon, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        return server
+
+    async def _set_health(
+        self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
+    ) -> None:
+        await self.health.set("", status)
+        for name in SERVICE_NAMES:
+            await self.health.set(name, status)
+
+    async def _probe_agent(self, status: StatusReporter) -> None:
+        try:
+            status.agent_version = await probe_version(
+                self.config.agent.command,
+                env=build_env(os.environ, self.config.agent.env),
+                timeout=self.config.agent.version_timeout,
+            )
+        except AgentError as e:
+            status.agent_version = f"unavailable: {e}"
+            log.error(
+                "agent command does not work", command=self.config.agent.command, error=str(e)
+            )
+            return
+        log.info("agent command", command=self.config.agent.command, version=status.agent_version)
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            self.notifier.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    # --- signals ---------------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: int) -> None:
+        if self.should_exit.is_set():
+            log.warning("second signal: stopping now", signal=signal.Signals(sig).name)
+            self.force_exit = True
+        self.should_exit.set()
+
+    # --- shutdown --------------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        self.notifier.notify("STOPPING=1")
+        log.info("atomizerd stopping")
+        grace = 0.0 if self.force_exit else self.config.daemon.grace_period
+        if self.server is not None:
+            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.registry is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.registry.drain(), timeout=max(grace, 0.1) + 5)
+        if self.server is not None:
+            await self.server.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.pool is not None:
+            await self.pool.close()
+        if self.store is not None:
+            self.store.close()
+        self._remove_socket()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+        log.info("atomizerd stopped")
+
+    def _remove_socket(self) -> None:
+        if self.server is None:
+            return  # never bound: whatever is there is not ours
+        with contextlib.suppress(FileNotFoundError):
+            Path(self.config.socket_path).unlink()

@@ -1,0 +1,1 @@
+"""gRPC servicers: thin adapters between atomizer.v1 messages and the domain."""

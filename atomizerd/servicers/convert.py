@@ -1,0 +1,171 @@
+"""Conversions between atomizer.v1 protobuf messages and domain values."""
+
+from __future__ import annotations
+
+import json
+
+from atomizer.v1 import session_pb2 as pb
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from atomizerd import events as ev
+from atomizerd.errors import InvalidArgument
+from atomizerd.registry import SessionView
+from atomizerd.store import MessageRecord
+
+_MODE_TO_DOMAIN = {pb.MODE_USER: "user", pb.MODE_POWER: "power"}
+_MODE_TO_PB = {v: k for k, v in _MODE_TO_DOMAIN.items()}
+_STATE_TO_PB = {
+    "idle": pb.SESSION_STATE_IDLE,
+    "starting": pb.SESSION_STATE_STARTING,
+    "ready": pb.SESSION_STATE_READY,
+    "busy": pb.SESSION_STATE_BUSY,
+    "closed": pb.SESSION_STATE_CLOSED,
+}
+_STATE_TO_DOMAIN = {v: k for k, v in _STATE_TO_PB.items()}
+_ROLE_TO_PB = {"user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
+_STATUS_TO_PB = {
+    "pending": pb.MESSAGE_STATUS_PENDING,
+    "complete": pb.MESSAGE_STATUS_COMPLETE,
+    "interrupted": pb.MESSAGE_STATUS_INTERRUPTED,
+    "failed": pb.MESSAGE_STATUS_FAILED,
+}
+
+
+def timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def mode_from_pb(value: int, *, required: bool) -> str | None:
+    """None for MODE_UNSPECIFIED (when allowed); INVALID_ARGUMENT for unknown numbers."""
+    if value == pb.MODE_UNSPECIFIED and not required:
+        return None
+    if value not in _MODE_TO_DOMAIN:
+        raise InvalidArgument(f"unknown mode {value}: use MODE_USER (1) or MODE_POWER (2)")
+    return _MODE_TO_DOMAIN[value]
+
+
+def state_from_pb(value: int) -> str | None:
+    if value == pb.SESSION_STATE_UNSPECIFIED:
+        return None
+    if value not in _STATE_TO_DOMAIN:
+        raise InvalidArgument(f"unknown session state {value}")
+    return _STATE_TO_DOMAIN[value]
+
+
+def session_to_pb(view: SessionView) -> pb.Session:
+    r = view.record
+    return pb.Session(
+        session_id=r.session_id,
+        mode=_MODE_TO_PB[r.mode],
+        study_id=r.study_id or "",
+        state=_STATE_TO_PB[view.state],
+        agent_session_id=r.agent_session_id,
+        created_at=timestamp(r.created_at),
+        last_active_at=timestamp(r.last_active_at),
+        message_count=r.message_count,
+        total_cost_usd=r.total_cost_usd,
+        last_seq=view.last_seq,
+        mcp_servers=[pb.McpServerStatus(name=n, status=s) for n, s in view.mcp_servers],
+        queued_turns=view.queued_turns,
+    )
+
+
+def usage_to_pb(usage: dict[str, int]) -> pb.Usage:
+    return pb.Usage(
+        input_tokens=int(usage.get("input_tokens", 0)),
+        output_tokens=int(usage.get("output_tokens", 0)),
+        cache_creation_input_tokens=int(usage.get("cache_creation_input_tokens", 0)),
+        cache_read_input_tokens=int(usage.get("cache_read_input_tokens", 0)),
+    )
+
+
+def message_to_pb(m: MessageRecord) -> pb.Message:
+    return pb.Message(
+        message_id=m.message_id,
+        turn_id=m.turn_id,
+        role=_ROLE_TO_PB[m.role],
+        content=m.content,
+        status=_STATUS_TO_PB[m.status],
+        tool_calls=[
+            pb.ToolCall(
+                id=tc.id,
+                name=tc.name,
+                input_json=tc.input_json,
+                result=tc.result,
+                is_error=tc.is_error,
+            )
+            for tc in m.tool_calls
+        ],
+        cost_usd=m.cost_usd,
+        usage=usage_to_pb(m.usage),
+        created_at=timestamp(m.created_at),
+        detail=m.detail,
+    )
+
+
+def event_to_pb(e: ev.SessionEvent) -> pb.SessionEvent:
+    out = pb.SessionEvent(
+        seq=e.seq, turn_id=e.turn_id, session_id=e.session_id, time=timestamp(e.time)
+    )
+    k = e.kind
+    match k:
+        case ev.TextDelta():
+            out.text_delta.text = k.text
+        case ev.ThinkingDelta():
+            out.thinking_delta.text = k.text
+        case ev.TurnStarted():
+            out.turn_started.CopyFrom(pb.TurnStarted(text=k.text, request_id=k.request_id))
+        case ev.ToolUse():
+            out.tool_use.CopyFrom(pb.ToolUse(id=k.id, name=k.name, input_json=k.input_json))
+        case ev.ToolResult():
+            out.tool_result.CopyFrom(
+                pb.ToolResult(tool_use_id=k.tool_use_id, content=k.content, is_error=k.is_error)
+            )
+        case ev.TurnCompleted():
+            out.turn_completed.CopyFrom(_completed_to_pb(k))
+        case ev.TurnFailed():
+            out.turn_failed.CopyFrom(
+                pb.TurnFailed(
+                    code=pb.FailureCode.Value("FAILURE_CODE_" + k.code),
+                    message=k.message,
+                    stderr_tail=k.stderr_tail,
+                )
+            )
+        case ev.Notice():
+            out.notice.CopyFrom(
+                pb.Notice(
+                    kind=pb.NoticeKind.Value("NOTICE_KIND_" + k.kind),
+                    message=k.message,
+                    attempt=k.attempt,
+                    max_retries=k.max_retries,
+                    retry_delay_ms=k.retry_delay_ms,
+                    error_status=k.error_status,
+                )
+            )
+    return out
+
+
+def _completed_to_pb(k: ev.TurnCompleted) -> pb.TurnCompleted:
+    return pb.TurnCompleted(
+        stop_reason=k.stop_reason,
+        is_error=k.is_error,
+        cost_usd=k.cost_usd,
+        usage=usage_to_pb(k.usage),
+        duration_ms=k.duration_ms,
+        num_turns=k.num_turns,
+        interrupted=k.interrupted,
+        permission_denials=[
+            pb.PermissionDenial(
+                tool_name=d.tool_name, tool_use_id=d.tool_use_id, input_json=d.input_json
+            )
+            for d in k.permission_denials
+        ],
+        result_subtype=k.result_subtype,
+        text=k.text,
+    )
+
+
+def json_text(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False)

@@ -1,0 +1,49 @@
+"""DaemonService: the daemon's own status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from atomizer.v1 import daemon_pb2 as pb
+from atomizer.v1 import daemon_pb2_grpc
+
+from atomizerd.servicers.convert import timestamp
+from atomizerd.servicers.status import unary
+from atomizerd.status import StatusReporter
+
+
+class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
+    def __init__(self, status: StatusReporter) -> None:
+        self.status = status
+
+    @unary
+    async def GetStatus(
+        self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetStatusResponse:
+        s = self.status.snapshot()
+        resp = pb.GetStatusResponse(
+            version=s.version,
+            started_at=timestamp(s.started_at),
+            uptime_seconds=s.uptime_seconds,
+            sessions_known=s.sessions_known,
+            live_processes=s.live_processes,
+            busy_sessions=s.busy_sessions,
+            queued_turns=s.queued_turns,
+            pool_capacity=s.pool_capacity,
+            agent_command=s.agent_command,
+            agent_version=s.agent_version,
+            total_cost_usd=s.total_cost_usd,
+        )
+        if s.last_reaper_pass is not None:
+            p = s.last_reaper_pass
+            resp.last_reaper_pass.CopyFrom(
+                pb.ReaperPass(
+                    finished_at=timestamp(p.finished_at),
+                    processes_stopped=p.processes_stopped,
+                    sessions_purged=p.sessions_purged,
+                    errors=p.errors,
+                    duration_ms=p.duration_ms,
+                )
+            )
+        return resp

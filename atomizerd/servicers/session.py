@@ -1,0 +1,111 @@
+"""SessionService: atomizer.v1 requests in, domain calls, atomizer.v1 responses out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from atomizer.v1 import session_pb2 as pb
+from atomizer.v1 import session_pb2_grpc
+
+from atomizerd.registry import Registry
+from atomizerd.servicers import convert
+from atomizerd.servicers.status import streaming, unary
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+class SessionServicer(session_pb2_grpc.SessionServiceServicer):
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    @unary
+    async def CreateSession(
+        self, request: pb.CreateSessionRequest, context: Ctx
+    ) -> pb.CreateSessionResponse:
+        view = await self.registry.create_session(
+            mode=convert.mode_from_pb(request.mode, required=False),
+            study_id=request.study_id or None,
+            session_id=request.session_id or None,
+        )
+        return pb.CreateSessionResponse(session=convert.session_to_pb(view))
+
+    @unary
+    async def GetSession(
+        self, request: pb.GetSessionRequest, context: Ctx
+    ) -> pb.GetSessionResponse:
+        view = self.registry.get_session(request.session_id)
+        return pb.GetSessionResponse(session=convert.session_to_pb(view))
+
+    @unary
+    async def ListSessions(
+        self, request: pb.ListSessionsRequest, context: Ctx
+    ) -> pb.ListSessionsResponse:
+        views, token = self.registry.list_sessions(
+            page_size=request.page_size,
+            page_token=request.page_token,
+            study_id=request.study_id or None,
+            state=convert.state_from_pb(request.state),
+        )
+        return pb.ListSessionsResponse(
+            sessions=[convert.session_to_pb(v) for v in views], next_page_token=token
+        )
+
+    @unary
+    async def TerminateSession(
+        self, request: pb.TerminateSessionRequest, context: Ctx
+    ) -> pb.TerminateSessionResponse:
+        view = await self.registry.terminate_session(request.session_id, purge=request.purge)
+        if view is None:
+            return pb.TerminateSessionResponse()
+        return pb.TerminateSessionResponse(session=convert.session_to_pb(view))
+
+    @unary
+    async def SwitchMode(
+        self, request: pb.SwitchModeRequest, context: Ctx
+    ) -> pb.SwitchModeResponse:
+        mode = convert.mode_from_pb(request.mode, required=True)
+        assert mode is not None
+        view = await self.registry.switch_mode(request.session_id, mode)
+        return pb.SwitchModeResponse(session=convert.session_to_pb(view))
+
+    @unary
+    async def SetStudyContext(
+        self, request: pb.SetStudyContextRequest, context: Ctx
+    ) -> pb.SetStudyContextResponse:
+        view = await self.registry.set_study(request.session_id, request.study_id)
+        return pb.SetStudyContextResponse(session=convert.session_to_pb(view))
+
+    @unary
+    async def GetHistory(
+        self, request: pb.GetHistoryRequest, context: Ctx
+    ) -> pb.GetHistoryResponse:
+        messages, token = self.registry.history(
+            request.session_id, request.page_size, request.page_token
+        )
+        return pb.GetHistoryResponse(
+            messages=[convert.message_to_pb(m) for m in messages], next_page_token=token
+        )
+
+    @streaming
+    async def SendMessage(
+        self, request: pb.SendMessageRequest, context: Ctx
+    ) -> AsyncIterator[pb.SendMessageResponse]:
+        # A client that goes away cancels only this stream; the turn runs on and is stored.
+        async for event in self.registry.send_message(
+            request.session_id, request.text, request.request_id
+        ):
+            yield pb.SendMessageResponse(event=convert.event_to_pb(event))
+
+    @streaming
+    async def WatchSession(
+        self, request: pb.WatchSessionRequest, context: Ctx
+    ) -> AsyncIterator[pb.WatchSessionResponse]:
+        async for event in self.registry.watch(request.session_id, request.after_seq):
+            yield pb.WatchSessionResponse(event=convert.event_to_pb(event))
+
+    @unary
+    async def Interrupt(self, request: pb.InterruptRequest, context: Ctx) -> pb.InterruptResponse:
+        turn_id = await self.registry.interrupt(request.session_id)
+        return pb.InterruptResponse(turn_id=turn_id)

@@ -1,0 +1,98 @@
+"""The one place where domain errors become gRPC status codes.
+
+Servicer methods are wrapped with `unary` or `streaming`: they bind the request's
+session_id to every log line, map `AtomizerError`s to their status code with the error's own
+(person-readable) message, and turn anything unexpected into INTERNAL without leaking a
+traceback to the client (it goes to the log).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+import structlog
+
+from atomizerd import errors
+
+log = structlog.get_logger("atomizerd.api")
+
+STATUS_OF: dict[type[errors.AtomizerError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Self = TypeVar("Self")
+
+
+def status_code(exc: errors.AtomizerError) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]  # type: ignore[index]
+    return grpc.StatusCode.UNKNOWN
+
+
+async def _abort(
+    context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, rpc: str
+) -> NoReturn:
+    if isinstance(exc, errors.AtomizerError):
+        code = status_code(exc)
+        log.info("request refused", rpc=rpc, code=code.name, reason=str(exc))
+        await context.abort(code, str(exc))
+    log.exception("request failed", rpc=rpc)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error in atomizerd; see its log")
+
+
+def _session_of(request: object) -> str:
+    value = getattr(request, "session_id", "")
+    # Only bind plausible ids: a hostile 10 KB id must not flood the log.
+    return value[:64] if isinstance(value, str) else ""
+
+
+def unary(
+    method: Callable[[Self, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]],
+) -> Callable[[Self, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]:
+    rpc = method.__name__
+
+    @functools.wraps(method)
+    async def wrapper(
+        self: Self, request: Req, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Resp:
+        with structlog.contextvars.bound_contextvars(session_id=_session_of(request), rpc=rpc):
+            try:
+                return await method(self, request, context)
+            except (errors.AtomizerError, Exception) as exc:
+                if isinstance(exc, grpc.aio.AbortError):
+                    raise
+                await _abort(context, exc, rpc)
+
+    return wrapper
+
+
+def streaming(
+    method: Callable[[Self, Req, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Resp]],
+) -> Callable[[Self, Req, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Resp]]:
+    rpc = method.__name__
+
+    @functools.wraps(method)
+    async def wrapper(
+        self: Self, request: Req, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Resp]:
+        with structlog.contextvars.bound_contextvars(session_id=_session_of(request), rpc=rpc):
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except (errors.AtomizerError, Exception) as exc:
+                if isinstance(exc, grpc.aio.AbortError):
+                    raise
+                await _abort(context, exc, rpc)
+
+    return wrapper

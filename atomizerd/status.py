@@ -1,0 +1,63 @@
+"""What GetStatus reports, gathered from the parts that know it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from atomizerd import __version__
+
+if TYPE_CHECKING:
+    from atomizerd.config import Config
+    from atomizerd.pool import AgentPool
+    from atomizerd.reaper import Reaper, ReaperPass
+    from atomizerd.registry import Registry
+    from atomizerd.store import Store
+
+
+@dataclass
+class StatusSnapshot:
+    version: str
+    started_at: float
+    uptime_seconds: float
+    sessions_known: int
+    live_processes: int
+    busy_sessions: int
+    queued_turns: int
+    pool_capacity: int
+    agent_command: str
+    agent_version: str
+    total_cost_usd: float
+    last_reaper_pass: ReaperPass | None
+
+
+class StatusReporter:
+    def __init__(
+        self, config: Config, store: Store, registry: Registry, pool: AgentPool, reaper: Reaper
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.registry = registry
+        self.pool = pool
+        self.reaper = reaper
+        self.started_at = time.time()
+        self._started_mono = time.monotonic()
+        self.agent_version = "unknown"
+
+    def snapshot(self) -> StatusSnapshot:
+        counts = self.registry.counts()
+        return StatusSnapshot(
+            version=__version__,
+            started_at=self.started_at,
+            uptime_seconds=time.monotonic() - self._started_mono,
+            sessions_known=self.store.count_sessions(),
+            live_processes=self.pool.live_count,
+            busy_sessions=counts["busy"],
+            queued_turns=counts["queued"],
+            pool_capacity=self.config.pool.max_live,
+            agent_command=" ".join(self.config.agent.command),
+            agent_version=self.agent_version,
+            total_cost_usd=self.store.total_cost(),
+            last_reaper_pass=self.reaper.last_pass,
+        )

@@ -1,0 +1,443 @@
+"""Durable state with peewee: sessions, their messages, and the agent processes we started.
+
+SQLite by default (WAL, foreign keys on, synchronous=NORMAL: a committed turn survives a
+daemon crash); any peewee database URL works. The schema carries a version and forward
+migrations run at open. Calls are synchronous and short; the registry batches them so no
+write happens per text delta.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import peewee as pw
+from playhouse.db_url import connect
+
+database_proxy = pw.DatabaseProxy()
+
+
+class _Model(pw.Model):
+    class Meta:
+        database = database_proxy
+        legacy_table_names = False
+
+
+class SchemaVersion(_Model):
+    version = pw.IntegerField()
+
+
+class SessionRow(_Model):
+    session_id = pw.CharField(primary_key=True, max_length=64)
+    mode = pw.CharField(max_length=16)
+    study_id = pw.CharField(max_length=64, null=True, index=True)
+    agent_session_id = pw.CharField(max_length=64)
+    # False until an agent process has been started with --session-id; later spawns --resume.
+    agent_started = pw.BooleanField(default=False)
+    closed = pw.BooleanField(default=False, index=True)
+    created_at = pw.DoubleField()
+    last_active_at = pw.DoubleField(index=True)
+    message_count = pw.IntegerField(default=0)
+    total_cost_usd = pw.DoubleField(default=0.0)
+    # High-water mark of event sequence numbers handed out (reserved in blocks), so numbers
+    # stay increasing across daemon restarts and crashes.
+    seq_reserved = pw.BigIntegerField(default=0)
+
+    class Meta:
+        table_name = "sessions"
+        indexes = ((("created_at", "session_id"), False),)
+
+
+class MessageRow(_Model):
+    id = pw.BigAutoField()
+    session = pw.ForeignKeyField(SessionRow, on_delete="CASCADE", backref="messages")
+    turn_id = pw.CharField(max_length=64, index=True)
+    role = pw.CharField(max_length=16)
+    content = pw.TextField()
+    status = pw.CharField(max_length=16)
+    request_id = pw.CharField(max_length=128, null=True)
+    tool_calls = pw.TextField(default="[]")
+    cost_usd = pw.DoubleField(default=0.0)
+    usage = pw.TextField(default="{}")
+    detail = pw.TextField(default="")
+    created_at = pw.DoubleField()
+
+    class Meta:
+        table_name = "messages"
+        indexes = ((("session", "request_id"), False),)
+
+
+class AgentProcessRow(_Model):
+    """Agent processes this daemon started and has not yet seen exit (for the crash sweep)."""
+
+    pgid = pw.IntegerField(primary_key=True)
+    session_id = pw.CharField(max_length=64)
+    start_time = pw.BigIntegerField()  # /proc/<pid>/stat starttime: tells a reused pid apart
+    started_at = pw.DoubleField()
+
+    class Meta:
+        table_name = "agent_processes"
+
+
+_MODELS: list[type[_Model]] = [SchemaVersion, SessionRow, MessageRow, AgentProcessRow]
+
+
+def _migrate_1(db: pw.Database) -> None:
+    db.create_tables([SessionRow, MessageRow, AgentProcessRow])
+
+
+# Forward migrations: index i migrates from version i to i + 1. Append, never edit.
+MIGRATIONS: list[Callable[[pw.Database], None]] = [_migrate_1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# Sequence numbers are reserved this many at a time: one write per block, not per event.
+SEQ_BLOCK = 1024
+
+
+# --- domain records ---------------------------------------------------------------------------
+
+
+@dataclass
+class SessionRecord:
+    session_id: str
+    mode: str
+    study_id: str | None
+    agent_session_id: str
+    agent_started: bool
+    closed: bool
+    created_at: float
+    last_active_at: float
+    message_count: int
+    total_cost_usd: float
+    seq_reserved: int
+
+    @classmethod
+    def from_row(cls, row: SessionRow) -> SessionRecord:
+        return cls(
+            session_id=row.session_id,
+            mode=row.mode,
+            study_id=row.study_id,
+            agent_session_id=row.agent_session_id,
+            agent_started=row.agent_started,
+            closed=row.closed,
+            created_at=row.created_at,
+            last_active_at=row.last_active_at,
+            message_count=row.message_count,
+            total_cost_usd=row.total_cost_usd,
+            seq_reserved=row.seq_reserved,
+        )
+
+
+@dataclass
+class ToolCallRecord:
+    id: str
+    name: str
+    input_json: str
+    result: str = ""
+    is_error: bool = False
+
+
+@dataclass
+class MessageRecord:
+    message_id: int
+    session_id: str
+    turn_id: str
+    role: str  # "user" | "assistant"
+    content: str
+    status: str  # "pending" | "complete" | "interrupted" | "failed"
+    request_id: str | None
+    tool_calls: list[ToolCallRecord]
+    cost_usd: float
+    usage: dict[str, int]
+    detail: str
+    created_at: float
+
+    @classmethod
+    def from_row(cls, row: MessageRow) -> MessageRecord:
+        return cls(
+            message_id=row.id,
+            session_id=row.session_id,
+            turn_id=row.turn_id,
+            role=row.role,
+            content=row.content,
+            status=row.status,
+            request_id=row.request_id,
+            tool_calls=[ToolCallRecord(**tc) for tc in json.loads(row.tool_calls)],
+            cost_usd=row.cost_usd,
+            usage=json.loads(row.usage),
+            detail=row.detail,
+            created_at=row.created_at,
+        )
+
+
+@dataclass
+class TurnOutcome:
+    """Everything written when a turn ends, in one transaction."""
+
+    status: str  # "complete" | "interrupted" | "failed"
+    text: str
+    tool_calls: list[ToolCallRecord] = field(default_factory=list)
+    cost_usd: float = 0.0
+    usage: dict[str, int] = field(default_factory=dict)
+    detail: str = ""
+
+
+@dataclass
+class AgentProcessRecord:
+    pgid: int
+    session_id: str
+    start_time: int
+
+
+# --- the store --------------------------------------------------------------------------------
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.db: pw.Database = _connect(url)
+        database_proxy.initialize(self.db)
+        self.db.connect(reuse_if_open=True)
+        self._migrate()
+
+    def close(self) -> None:
+        if not self.db.is_closed():
+            self.db.close()
+
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        with self.db.atomic():
+            yield
+
+    # schema
+
+    def schema_version(self) -> int:
+        row = SchemaVersion.select().first()
+        return int(row.version) if row else 0
+
+    def _migrate(self) -> None:
+        with self.db.atomic():
+            self.db.create_tables([SchemaVersion])
+            current = self.schema_version()
+            if current > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"the database schema is version {current}, newer than this atomizerd "
+                    f"understands ({SCHEMA_VERSION}); upgrade atomizerd"
+                )
+            for step in MIGRATIONS[current:]:
+                step(self.db)
+            SchemaVersion.delete().execute()
+            SchemaVersion.create(version=SCHEMA_VERSION)
+
+    # sessions
+
+    def create_session(
+        self, session_id: str, mode: str, study_id: str | None, agent_session_id: str
+    ) -> SessionRecord:
+        now = time.time()
+        row = SessionRow.create(
+            session_id=session_id,
+            mode=mode,
+            study_id=study_id,
+            agent_session_id=agent_session_id,
+            created_at=now,
+            last_active_at=now,
+        )
+        return SessionRecord.from_row(row)
+
+    def get_session(self, session_id: str) -> SessionRecord | None:
+        row = SessionRow.get_or_none(SessionRow.session_id == session_id)
+        return SessionRecord.from_row(row) if row else None
+
+    def update_session(self, session_id: str, **fields: Any) -> None:
+        SessionRow.update(**fields).where(SessionRow.session_id == session_id).execute()
+
+    def count_open_sessions(self) -> int:
+        return int(SessionRow.select().where(SessionRow.closed == False).count())  # noqa: E712
+
+    def count_sessions(self) -> int:
+        return int(SessionRow.select().count())
+
+    def total_cost(self) -> float:
+        value = SessionRow.select(pw.fn.SUM(SessionRow.total_cost_usd)).scalar()
+        return float(value or 0.0)
+
+    def list_sessions(
+        self,
+        *,
+        limit: int,
+        after: tuple[float, str] | None,
+        study_id: str | None,
+        closed: bool | None,
+        only_ids: set[str] | None = None,
+        exclude_ids: set[str] | None = None,
+    ) -> list[SessionRecord]:
+        """Newest first, keyset-paginated on (created_at, session_id)."""
+        q = SessionRow.select()
+        if after is not None:
+            created, sid = after
+            q = q.where(
+                (SessionRow.created_at < created)
+                | ((SessionRow.created_at == created) & (SessionRow.session_id < sid))
+            )
+        if study_id is not None:
+            q = q.where(SessionRow.study_id == study_id)
+        if closed is not None:
+            q = q.where(SessionRow.closed == closed)
+        if only_ids is not None:
+            q = q.where(SessionRow.session_id.in_(list(only_ids)))
+        if exclude_ids:
+            q = q.where(SessionRow.session_id.not_in(list(exclude_ids)))
+        q = q.order_by(SessionRow.created_at.desc(), SessionRow.session_id.desc()).limit(limit)
+        return [SessionRecord.from_row(r) for r in q]
+
+    def inactive_sessions(self, before: float, limit: int) -> list[str]:
+        q = (
+            SessionRow.select(SessionRow.session_id)
+            .where(SessionRow.last_active_at < before)
+            .order_by(SessionRow.last_active_at)
+            .limit(limit)
+        )
+        return [r.session_id for r in q]
+
+    def reserve_seq(self, session_id: str, upto: int) -> None:
+        self.update_session(session_id, seq_reserved=upto)
+
+    def delete_session(self, session_id: str) -> None:
+        with self.db.atomic():
+            MessageRow.delete().where(MessageRow.session == session_id).execute()
+            SessionRow.delete().where(SessionRow.session_id == session_id).execute()
+
+    # messages
+
+    def add_user_message(
+        self, session_id: str, turn_id: str, text: str, request_id: str | None
+    ) -> MessageRecord:
+        now = time.time()
+        with self.db.atomic():
+            row = MessageRow.create(
+                session=session_id,
+                turn_id=turn_id,
+                role="user",
+                content=text,
+                status="pending",
+                request_id=request_id,
+                created_at=now,
+            )
+            SessionRow.update(message_count=SessionRow.message_count + 1, last_active_at=now).where(
+                SessionRow.session_id == session_id
+            ).execute()
+        return MessageRecord.from_row(row)
+
+    def finish_turn(self, session_id: str, turn_id: str, outcome: TurnOutcome) -> MessageRecord:
+        """Stores the assistant message and settles the user message, atomically."""
+        now = time.time()
+        user_status = "complete" if outcome.status == "complete" else outcome.status
+        with self.db.atomic():
+            MessageRow.update(status=user_status).where(
+                (MessageRow.session == session_id)
+                & (MessageRow.turn_id == turn_id)
+                & (MessageRow.role == "user")
+            ).execute()
+            row = MessageRow.create(
+                session=session_id,
+                turn_id=turn_id,
+                role="assistant",
+                content=outcome.text,
+                status=outcome.status,
+                tool_calls=json.dumps([tc.__dict__ for tc in outcome.tool_calls]),
+                cost_usd=outcome.cost_usd,
+                usage=json.dumps(outcome.usage),
+                detail=outcome.detail,
+                created_at=now,
+            )
+            SessionRow.update(
+                message_count=SessionRow.message_count + 1,
+                total_cost_usd=SessionRow.total_cost_usd + outcome.cost_usd,
+                last_active_at=now,
+            ).where(SessionRow.session_id == session_id).execute()
+        return MessageRecord.from_row(row)
+
+    def history(self, session_id: str, *, after_id: int, limit: int) -> list[MessageRecord]:
+        q = (
+            MessageRow.select()
+            .where((MessageRow.session == session_id) & (MessageRow.id > after_id))
+            .order_by(MessageRow.id)
+            .limit(limit)
+        )
+        return [MessageRecord.from_row(r) for r in q]
+
+    def recent_messages(self, session_id: str, limit: int) -> list[MessageRecord]:
+        q = (
+            MessageRow.select()
+            .where(MessageRow.session == session_id)
+            .order_by(MessageRow.id.desc())
+            .limit(limit)
+        )
+        return [MessageRecord.from_row(r) for r in reversed(list(q))]
+
+    def find_turn_by_request(self, session_id: str, request_id: str) -> list[MessageRecord]:
+        q = MessageRow.select().where(
+            (MessageRow.session == session_id) & (MessageRow.request_id == request_id)
+        )
+        user = q.first()
+        if user is None:
+            return []
+        rows = MessageRow.select().where(
+            (MessageRow.session == session_id) & (MessageRow.turn_id == user.turn_id)
+        )
+        return [MessageRecord.from_row(r) for r in rows.order_by(MessageRow.id)]
+
+    def settle_unfinished_turns(self) -> list[tuple[str, str]]:
+        """After a crash: user messages whose turn never ended become interrupted, each with an
+        (empty) interrupted assistant record so every user message has a terminal reply."""
+        pending = list(MessageRow.select().where(MessageRow.status == "pending"))
+        settled = []
+        for row in pending:
+            self.finish_turn(
+                row.session_id,
+                row.turn_id,
+                TurnOutcome(status="interrupted", text="", detail="the daemon stopped mid-turn"),
+            )
+            settled.append((row.session_id, row.turn_id))
+        return settled
+
+    # agent processes (crash sweep)
+
+    def record_agent_process(self, rec: AgentProcessRecord) -> None:
+        AgentProcessRow.replace(
+            pgid=rec.pgid,
+            session_id=rec.session_id,
+            start_time=rec.start_time,
+            started_at=time.time(),
+        ).execute()
+
+    def forget_agent_process(self, pgid: int) -> None:
+        AgentProcessRow.delete().where(AgentProcessRow.pgid == pgid).execute()
+
+    def agent_processes(self) -> list[AgentProcessRecord]:
+        return [
+            AgentProcessRecord(pgid=r.pgid, session_id=r.session_id, start_time=r.start_time)
+            for r in AgentProcessRow.select()
+        ]
+
+
+def _connect(url: str) -> pw.Database:
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return pw.SqliteDatabase(
+            str(path),
+            pragmas={
+                "journal_mode": "wal",
+                "foreign_keys": 1,
+                "synchronous": "normal",
+                "busy_timeout": 5000,
+            },
+        )
+    return connect(url)

@@ -1,0 +1,349 @@
+"""Running one turn: user message in, agent events out, outcome stored.
+
+The order of a turn (DESIGN.md "How a turn flows"): a live process is leased from the pool
+(a bounded wait), the user message is committed, then written to the agent; its stdout becomes
+session events until the `result` line; the assistant message is committed, then the terminal
+event is emitted. A client going away changes none of this; `Interrupt`, the watchdogs,
+termination and shutdown end a turn early, and what was said so far is still stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from atomizerd import events as ev
+from atomizerd.agent import protocol as proto
+from atomizerd.agent.process import AgentError, AgentExited, AgentSpawnError, LineTooLong
+from atomizerd.config import Config
+from atomizerd.errors import AtomizerError
+from atomizerd.pool import AgentPool, LiveAgent
+from atomizerd.store import SessionRecord, Store, ToolCallRecord, TurnOutcome
+
+log = structlog.get_logger("atomizerd.turns")
+
+Emit = Callable[[ev.EventKind], ev.SessionEvent]
+
+
+class Turn:
+    """One message's turn. Its own event log holds every event of the turn, so the sender's
+    stream never loses any, however slow it reads."""
+
+    def __init__(self, turn_id: str, text: str, request_id: str) -> None:
+        self.turn_id = turn_id
+        self.text = text
+        self.request_id = request_id
+        self.log = ev.EventLog()
+        self.done = asyncio.Event()
+        # Set when the turn was refused before it started (e.g. the pool queue is full):
+        # the sender gets this as its status instead of events.
+        self.rejected: AtomizerError | None = None
+        self.interrupt_requested = asyncio.Event()
+        self.stop_reason: tuple[str, str] | None = None
+
+    def stop(self, code: str, message: str) -> None:
+        """Ends the turn early (termination, shutdown): interrupted, then stored."""
+        if self.stop_reason is None:
+            self.stop_reason = (code, message)
+        self.interrupt_requested.set()
+
+    def reject(self, error: AtomizerError) -> None:
+        self.rejected = error
+        self.log.close()
+        self.done.set()
+
+
+@dataclass
+class _Transcript:
+    """What the turn said so far, to store however it ends."""
+
+    text: list[str] = field(default_factory=list)
+    streamed: bool = False  # text came as deltas; whole assistant blocks repeat it
+    tool_calls: dict[str, ToolCallRecord] = field(default_factory=dict)
+
+    def full_text(self) -> str:
+        return "".join(self.text)
+
+
+class TurnRunner:
+    def __init__(self, config: Config, store: Store, pool: AgentPool) -> None:
+        self.config = config
+        self.store = store
+        self.pool = pool
+        self._pending: set[asyncio.Future[None]] = set()
+
+    async def interrupt(self, turn: Turn) -> None:
+        turn.interrupt_requested.set()
+
+    async def run(self, record: SessionRecord, turn: Turn, emit: Emit) -> None:
+        try:
+            agent = await self.pool.acquire(record)
+        except AtomizerError as e:
+            turn.reject(e)
+            return
+        except AgentSpawnError as e:
+            self.store.add_user_message(
+                record.session_id, turn.turn_id, turn.text, turn.request_id or None
+            )
+            emit(ev.TurnStarted(turn.text, turn.request_id))
+            self._finish(record, turn, emit, _Transcript(), ev.TurnFailed(ev.SPAWN_FAILED, str(e)))
+            return
+        try:
+            await self._run_on(agent, record, turn, emit)
+        finally:
+            self.pool.release(agent)
+
+    async def _run_on(
+        self, agent: LiveAgent, record: SessionRecord, turn: Turn, emit: Emit
+    ) -> None:
+        self.store.add_user_message(
+            record.session_id, turn.turn_id, turn.text, turn.request_id or None
+        )
+        emit(ev.TurnStarted(turn.text, turn.request_id))
+        transcript = _Transcript()
+        try:
+            terminal = await self._converse(agent, turn, emit, transcript)
+        except Exception:
+            log.exception("turn crashed", turn_id=turn.turn_id)
+            agent.reusable = False
+            terminal = ev.TurnFailed(ev.INTERNAL, "atomizerd failed while running the turn")
+        if isinstance(terminal, ev.TurnFailed):
+            agent.reusable = False
+        elif not record.agent_started:
+            # The CLI wrote its transcript: from now on this conversation is resumed.
+            self.store.update_session(record.session_id, agent_started=True)
+            record.agent_started = True
+        self._finish(record, turn, emit, transcript, terminal)
+
+    def _finish(
+        self,
+        record: SessionRecord,
+        turn: Turn,
+        emit: Emit,
+        transcript: _Transcript,
+        terminal: ev.TurnCompleted | ev.TurnFailed,
+    ) -> None:
+        """Commit first, then tell the clients: a client that saw the end can read history."""
+        self.store.finish_turn(record.session_id, turn.turn_id, _outcome(transcript, terminal))
+        emit(terminal)
+        turn.log.close()
+        turn.done.set()
+        log.info(
+            "turn ended",
+            turn_id=turn.turn_id,
+            outcome=type(terminal).__name__,
+            interrupted=getattr(terminal, "interrupted", False),
+        )
+
+    async def _converse(
+        self, agent: LiveAgent, turn: Turn, emit: Emit, transcript: _Transcript
+    ) -> ev.TurnCompleted | ev.TurnFailed:
+        cfg = self.config.agent
+        process = agent.process
+        try:
+            await process.send_user_message(turn.text)
+        except AgentExited as e:
+            return ev.TurnFailed(
+                ev.AGENT_EXITED, f"the agent exited before the turn: {e}", process.stderr_tail()
+            )
+        started = time.monotonic()
+        deadline = started + cfg.turn_timeout
+        first = True
+        interrupting_since: float | None = None
+        interrupt_waiter = asyncio.ensure_future(turn.interrupt_requested.wait())
+        try:
+            while True:
+                now = time.monotonic()
+                if interrupting_since is not None:
+                    budget = interrupting_since + cfg.stop_grace - now
+                    if budget <= 0:
+                        return await self._kill(agent, turn, transcript)
+                else:
+                    budget = min(
+                        cfg.first_event_timeout if first else cfg.stall_timeout, deadline - now
+                    )
+                    if budget <= 0:
+                        return await self._watchdog(agent, turn, first, now >= deadline)
+                receive = asyncio.ensure_future(process.receive())
+                waiting = {receive} if interrupt_waiter.done() else {receive, interrupt_waiter}
+                done, _ = await asyncio.wait(
+                    waiting, timeout=budget, return_when=asyncio.FIRST_COMPLETED
+                )
+                if interrupt_waiter in done and interrupting_since is None:
+                    interrupting_since = time.monotonic()
+                    await self._send_interrupt(agent)
+                if receive not in done:
+                    receive.cancel()
+                    continue
+                first = False
+                item = receive.result()
+                outcome = self._relay(agent, item, emit, transcript, interrupting_since is not None)
+                if outcome is not None:
+                    return outcome
+        finally:
+            interrupt_waiter.cancel()
+
+    async def _send_interrupt(self, agent: LiveAgent) -> None:
+        """Asks the agent to end the turn; its `result` line (or its exit) ends it. The
+        acknowledgement is awaited aside: the turn must keep receiving meanwhile."""
+
+        async def ask() -> None:
+            try:
+                await agent.process.interrupt(timeout=self.config.agent.stop_grace)
+            except AgentError as e:
+                log.info("interrupt not acknowledged", error=str(e))
+
+        task = asyncio.ensure_future(ask())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    def _relay(
+        self,
+        agent: LiveAgent,
+        item: object,
+        emit: Emit,
+        transcript: _Transcript,
+        interrupted: bool,
+    ) -> ev.TurnCompleted | ev.TurnFailed | None:
+        """Maps one agent message to session events; the turn's end when it is one."""
+        match item:
+            case proto.TextDelta(text=text) if item.parent_tool_use_id is None:
+                transcript.text.append(text)
+                transcript.streamed = True
+                emit(ev.TextDelta(text))
+            case proto.ThinkingDelta(text=text):
+                emit(ev.ThinkingDelta(text))
+            case proto.AssistantMessage():
+                if item.text and not transcript.streamed and item.parent_tool_use_id is None:
+                    transcript.text.append(item.text)
+                    emit(ev.TextDelta(item.text))
+                for tu in item.tool_uses:
+                    transcript.tool_calls[tu.id] = ToolCallRecord(tu.id, tu.name, tu.input_json)
+                    emit(ev.ToolUse(tu.id, tu.name, tu.input_json))
+            case proto.ToolResult():
+                call = transcript.tool_calls.get(item.tool_use_id)
+                if call is not None:
+                    call.result, call.is_error = item.content, item.is_error
+                emit(ev.ToolResult(item.tool_use_id, item.content, item.is_error))
+            case proto.ApiRetry():
+                emit(
+                    ev.Notice(
+                        ev.API_RETRY,
+                        f"the model API failed ({item.error_status or item.error}); retry "
+                        f"{item.attempt} of {item.max_retries} in {item.retry_delay_ms} ms",
+                        attempt=item.attempt,
+                        max_retries=item.max_retries,
+                        retry_delay_ms=item.retry_delay_ms,
+                        error_status=item.error_status or 0,
+                    )
+                )
+            case proto.Init():
+                agent.mcp_servers = list(item.mcp_servers)
+            case proto.Result():
+                return _completed(item, transcript, interrupted)
+            case LineTooLong():
+                return ev.TurnFailed(
+                    ev.LINE_TOO_LONG,
+                    f"the agent wrote a line of more than {self.config.agent.max_line_bytes} "
+                    "bytes (agent.max_line_bytes)",
+                    agent.process.stderr_tail(),
+                )
+            case AgentExited():
+                return ev.TurnFailed(
+                    ev.AGENT_EXITED,
+                    f"the agent exited mid-turn (exit status {item.returncode})",
+                    item.stderr_tail,
+                )
+        return None
+
+    async def _watchdog(
+        self, agent: LiveAgent, turn: Turn, first: bool, overall: bool
+    ) -> ev.TurnFailed:
+        cfg = self.config.agent
+        if overall:
+            code, why = (
+                ev.TURN_TIMEOUT,
+                f"the turn ran longer than {cfg.turn_timeout:g} s (agent.turn_timeout)",
+            )
+        elif first:
+            code, why = (
+                ev.FIRST_EVENT_TIMEOUT,
+                (
+                    f"the agent sent nothing for {cfg.first_event_timeout:g} s "
+                    "(agent.first_event_timeout)"
+                ),
+            )
+        else:
+            code, why = (
+                ev.STALL_TIMEOUT,
+                (f"the agent went silent for {cfg.stall_timeout:g} s (agent.stall_timeout)"),
+            )
+        log.warning("turn watchdog fired", turn_id=turn.turn_id, code=code)
+        agent.reusable = False
+        await self._send_interrupt(agent)
+        await agent.process.stop(cfg.stop_grace)
+        return ev.TurnFailed(
+            code,
+            why + "; the agent was stopped and resumes on the next message",
+            agent.process.stderr_tail(),
+        )
+
+    async def _kill(
+        self, agent: LiveAgent, turn: Turn, transcript: _Transcript
+    ) -> ev.TurnCompleted | ev.TurnFailed:
+        """The agent did not end the turn after an interrupt: stop it, keep what was said."""
+        agent.reusable = False
+        await agent.process.stop(self.config.agent.stop_grace)
+        if turn.stop_reason is not None:
+            code, message = turn.stop_reason
+            return ev.TurnFailed(code, message, agent.process.stderr_tail())
+        return ev.TurnCompleted(
+            text=transcript.full_text(), interrupted=True, stop_reason="interrupted"
+        )
+
+
+def _completed(
+    result: proto.Result, transcript: _Transcript, interrupted: bool
+) -> ev.TurnCompleted:
+    text = transcript.full_text()
+    if not text and result.is_error and result.result_text:
+        text = result.result_text  # an API error: the CLI's explanation is the reply
+    usage = {k: int(v) for k, v in result.usage.items() if isinstance(v, int | float)}
+    return ev.TurnCompleted(
+        text=text,
+        stop_reason=result.stop_reason or ("interrupted" if interrupted else ""),
+        is_error=result.is_error and not interrupted,
+        cost_usd=result.total_cost_usd,
+        usage=usage,
+        duration_ms=result.duration_ms,
+        num_turns=result.num_turns,
+        interrupted=interrupted,
+        permission_denials=tuple(
+            ev.PermissionDenial(d.tool_name, d.tool_use_id, d.input_json)
+            for d in result.permission_denials
+        ),
+        result_subtype=result.subtype,
+    )
+
+
+def _outcome(transcript: _Transcript, terminal: ev.TurnCompleted | ev.TurnFailed) -> TurnOutcome:
+    calls = list(transcript.tool_calls.values())
+    if isinstance(terminal, ev.TurnFailed):
+        return TurnOutcome(
+            status="failed",
+            text=transcript.full_text(),
+            tool_calls=calls,
+            detail=f"{terminal.code}: {terminal.message}",
+        )
+    return TurnOutcome(
+        status="interrupted" if terminal.interrupted else "complete",
+        text=terminal.text,
+        tool_calls=calls,
+        cost_usd=terminal.cost_usd,
+        usage=terminal.usage,
+        detail=terminal.stop_reason,
+    )

@@ -1,0 +1,201 @@
+"""Runs the real atomizerd as a subprocess on a temporary socket, for integration tests.
+
+    with RunningDaemon(tmp_path, config={"pool": {"max_live": 2}}) as d:
+        stub = session_pb2_grpc.SessionServiceStub(d.channel())
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[2]
+FAKE_AGENT = REPO / "tests" / "support" / "fake_agent.py"
+
+
+def real_claude() -> str:
+    """The pinned claude CLI (scripts/test links it next to the venv's python)."""
+    explicit = os.environ.get("ATOMIZERD_TEST_CLAUDE")
+    if explicit:
+        return explicit
+    return str(Path(sys.executable).parent / "claude")
+
+
+def fake_agent_command() -> list[str]:
+    return [sys.executable, str(FAKE_AGENT)]
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
+    raise TypeError(type(value))
+
+
+def write_config(path: Path, config: Mapping[str, Mapping[str, Any]]) -> None:
+    """Writes a TOML file from {section: {key: value}}; nested sections use dotted names."""
+    lines = []
+    for section, values in config.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def merge(base: dict[str, dict[str, Any]], extra: Mapping[str, Mapping[str, Any]]) -> None:
+    for section, values in extra.items():
+        base.setdefault(section, {}).update(values)
+
+
+class RunningDaemon:
+    """A real daemon process. `config` is merged over test defaults (fake agent, temp dirs)."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        config: Mapping[str, Mapping[str, Any]] | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        extra_args: list[str] | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.runtime_dir = workdir / "run"
+        self.state_dir = workdir / "state"
+        self.root = workdir / "atomizer"
+        (self.root / "studies").mkdir(parents=True, exist_ok=True)
+        self.socket = self.runtime_dir / "atomizerd.sock"
+        self.config_path = workdir / "atomizerd.toml"
+        self.log_path = workdir / "daemon.log"
+        cfg: dict[str, dict[str, Any]] = {
+            "daemon": {
+                "runtime_dir": str(self.runtime_dir),
+                "state_dir": str(self.state_dir),
+                "grace_period": 2.0,
+            },
+            "agent": {
+                "command": fake_agent_command(),
+                "stop_grace": 1.0,
+                "env": {"HOME": str(workdir / "home")},
+            },
+            "atomizer": {"root": str(self.root)},
+            "logging": {"level": "debug", "format": "json"},
+        }
+        merge(cfg, config or {})
+        self.config = cfg
+        (workdir / "home").mkdir(exist_ok=True)
+        write_config(self.config_path, cfg)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("ATOMIZERD_")}
+        self.env.update(env or {})
+        self.extra_args = extra_args or []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._channels: list[grpc.Channel] = []
+
+    @property
+    def target(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self, *, wait: bool = True) -> RunningDaemon:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "atomizerd",
+                "--allow-root",
+                "--config",
+                str(self.config_path),
+                *self.extra_args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.workdir,
+        )
+        log.close()
+        if wait:
+            self.wait_serving()
+        return self
+
+    def wait_serving(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
+            if self.socket.exists():
+                try:
+                    with grpc.insecure_channel(self.target) as ch:
+                        stub = health_pb2_grpc.HealthStub(ch)
+                        resp = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                        if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                            return
+                except grpc.RpcError:
+                    pass
+            time.sleep(0.05)
+        raise TimeoutError(f"daemon not serving after {timeout}s:\n{self.log()}")
+
+    def channel(self) -> grpc.Channel:
+        ch = grpc.insecure_channel(self.target)
+        self._channels.append(ch)
+        return ch
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-20000:]
+        except FileNotFoundError:
+            return ""
+
+    def log_records(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        for ch in self._channels:
+            ch.close()
+        self._channels.clear()
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def __enter__(self) -> RunningDaemon:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
