@@ -165,8 +165,9 @@ class Daemon:
             log.info("removed stale runtime files", count=removed)
 
     def _build_server(self, sessions: SessionServicer, daemon: DaemonServicer) -> grpc.aio.Server:
-        # Room for the largest message plus framing; anything bigger is refused by gRPC itself.
-        max_receive = self.config.daemon.max_message_bytes + 64 * 1024
+        # Well above daemon.max_message_bytes, so an oversized text reaches the registry and
+        # gets its INVALID_ARGUMENT with the limit spelled out; far beyond it gRPC refuses.
+        max_receive = max(32 * 1024 * 1024, 2 * self.config.daemon.max_message_bytes)
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", max_receive),
