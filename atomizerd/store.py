@@ -44,6 +44,9 @@ class SessionRow(_Model):
     last_active_at = pw.DoubleField(index=True)
     message_count = pw.IntegerField(default=0)
     total_cost_usd = pw.DoubleField(default=0.0)
+    # The CLI reports a conversation's cost cumulatively (also across --resume); a turn's own
+    # cost is the difference from the last report.
+    agent_cost_usd = pw.DoubleField(default=0.0)
     # High-water mark of event sequence numbers handed out (reserved in blocks), so numbers
     # stay increasing across daemon restarts and crashes.
     seq_reserved = pw.BigIntegerField(default=0)
@@ -114,6 +117,7 @@ class SessionRecord:
     last_active_at: float
     message_count: int
     total_cost_usd: float
+    agent_cost_usd: float
     seq_reserved: int
 
     @classmethod
@@ -129,6 +133,7 @@ class SessionRecord:
             last_active_at=row.last_active_at,
             message_count=row.message_count,
             total_cost_usd=row.total_cost_usd,
+            agent_cost_usd=row.agent_cost_usd,
             seq_reserved=row.seq_reserved,
         )
 
@@ -334,7 +339,13 @@ class Store:
             ).execute()
         return MessageRecord.from_row(row)
 
-    def finish_turn(self, session_id: str, turn_id: str, outcome: TurnOutcome) -> MessageRecord:
+    def finish_turn(
+        self,
+        session_id: str,
+        turn_id: str,
+        outcome: TurnOutcome,
+        agent_cost_usd: float | None = None,
+    ) -> MessageRecord:
         """Stores the assistant message and settles the user message, atomically."""
         now = time.time()
         user_status = "complete" if outcome.status == "complete" else outcome.status
@@ -356,11 +367,14 @@ class Store:
                 detail=outcome.detail,
                 created_at=now,
             )
-            SessionRow.update(
-                message_count=SessionRow.message_count + 1,
-                total_cost_usd=SessionRow.total_cost_usd + outcome.cost_usd,
-                last_active_at=now,
-            ).where(SessionRow.session_id == session_id).execute()
+            changes: dict[Any, Any] = {
+                SessionRow.message_count: SessionRow.message_count + 1,
+                SessionRow.total_cost_usd: SessionRow.total_cost_usd + outcome.cost_usd,
+                SessionRow.last_active_at: now,
+            }
+            if agent_cost_usd is not None:
+                changes[SessionRow.agent_cost_usd] = agent_cost_usd
+            SessionRow.update(changes).where(SessionRow.session_id == session_id).execute()
         return MessageRecord.from_row(row)
 
     def history(self, session_id: str, *, after_id: int, limit: int) -> list[MessageRecord]:

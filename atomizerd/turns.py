@@ -64,6 +64,7 @@ class _Transcript:
     text: list[str] = field(default_factory=list)
     streamed: bool = False  # text came as deltas; whole assistant blocks repeat it
     tool_calls: dict[str, ToolCallRecord] = field(default_factory=dict)
+    agent_cost_usd: float | None = None  # the CLI's cumulative cost at the turn's end
 
     def full_text(self) -> str:
         return "".join(self.text)
@@ -128,7 +129,12 @@ class TurnRunner:
         terminal: ev.TurnCompleted | ev.TurnFailed,
     ) -> None:
         """Commit first, then tell the clients: a client that saw the end can read history."""
-        self.store.finish_turn(record.session_id, turn.turn_id, _outcome(transcript, terminal))
+        self.store.finish_turn(
+            record.session_id,
+            turn.turn_id,
+            _outcome(transcript, terminal),
+            agent_cost_usd=transcript.agent_cost_usd,
+        )
         emit(terminal)
         turn.log.close()
         turn.done.set()
@@ -244,7 +250,7 @@ class TurnRunner:
             case proto.Init():
                 agent.mcp_servers = list(item.mcp_servers)
             case proto.Result():
-                return _completed(item, transcript, interrupted)
+                return _completed(item, transcript, interrupted, self._cost_base(agent))
             case LineTooLong():
                 return ev.TurnFailed(
                     ev.LINE_TOO_LONG,
@@ -259,6 +265,10 @@ class TurnRunner:
                     item.stderr_tail,
                 )
         return None
+
+    def _cost_base(self, agent: LiveAgent) -> float:
+        record = self.store.get_session(agent.session_id)
+        return record.agent_cost_usd if record is not None else 0.0
 
     async def _watchdog(
         self, agent: LiveAgent, turn: Turn, first: bool, overall: bool
@@ -307,8 +317,10 @@ class TurnRunner:
 
 
 def _completed(
-    result: proto.Result, transcript: _Transcript, interrupted: bool
+    result: proto.Result, transcript: _Transcript, interrupted: bool, cost_base: float
 ) -> ev.TurnCompleted:
+    transcript.agent_cost_usd = result.total_cost_usd
+    turn_cost = max(0.0, result.total_cost_usd - cost_base)
     text = transcript.full_text()
     if not text and result.is_error and result.result_text:
         text = result.result_text  # an API error: the CLI's explanation is the reply
@@ -317,7 +329,7 @@ def _completed(
         text=text,
         stop_reason=result.stop_reason or ("interrupted" if interrupted else ""),
         is_error=result.is_error and not interrupted,
-        cost_usd=result.total_cost_usd,
+        cost_usd=turn_cost,
         usage=usage,
         duration_ms=result.duration_ms,
         num_turns=result.num_turns,

@@ -1,0 +1,554 @@
+"""One live agent process: spawn, line-framed stdout, stderr tail, control requests, stop.
+
+Spawning. The agent runs in a new session (so its own process group: stopping it signals the
+group, grandchildren included) and gets SIGKILL from the kernel when the daemon dies, even by
+SIGKILL (prctl PR_SET_PDEATHSIG in a `preexec_fn`; see `procgroup.pdeathsig_preexec` for why
+that is safe with asyncio and why agents must be spawned from the event loop's thread). A
+`setpriv --pdeathsig` wrapper would do the same without Python code between fork and exec, but
+adds an external dependency and an extra exec per spawn; the preexec function only calls a
+prctl resolved at import time. The agent's pid, pgid and start time (`identity`) let a later
+daemon kill leftovers with `kill_group_if_same` without hitting a reused pid.
+
+Reading. Stdout is read in chunks and framed into whole lines by `LineSplitter` (multi-byte
+characters split across reads are only decoded once the line is complete); each line is decoded
+as UTF-8 (invalid bytes replaced and logged), parsed, and delivered in order through a bounded
+mailbox: `receive()` / `async for`. A line over `max_line_bytes` is dropped and delivered as
+`LineTooLong` — the turn can fail clearly, the process is still read. A line that is not JSON is
+logged and skipped. The process's end is delivered last as `AgentExited`, and again on every
+later `receive()`. Stderr is drained concurrently into a ring of its last bytes, so a chatty
+agent never blocks on a full pipe.
+
+Control requests we send (`initialize`, `interrupt`) are answered by `control_response` lines
+that the reader routes to the waiting caller instead of the mailbox. The mailbox is bounded for
+backpressure: whoever owns the process must keep receiving, or the reader stops reading, the
+agent blocks on its stdout, and control answers stop arriving too.
+
+Exit. asyncio's `Process.wait()` also waits for the pipes to close, which an orphaned grandchild
+holding the agent's stdout can postpone forever, so exit is observed from the protocol's
+`process_exited` callback instead; if stdout is still open a little after the agent exited, the
+leftover group is killed so the reader reaches end of file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import secrets
+import signal
+import subprocess
+from collections import deque
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import structlog
+
+from atomizerd.agent import protocol
+from atomizerd.agent.lines import LineSplitter, Overflow
+from atomizerd.agent.procgroup import (
+    kill_group_if_same,
+    pdeathsig_preexec,
+    process_start_time,
+)
+from atomizerd.agent.protocol import AgentMessage, ControlResponse, ProtocolError
+
+__all__ = [
+    "DEFAULT_MAX_LINE_BYTES",
+    "DEFAULT_STDERR_TAIL_BYTES",
+    "AgentError",
+    "AgentExited",
+    "AgentItem",
+    "AgentProcess",
+    "AgentSpawnError",
+    "ControlError",
+    "ControlTimeout",
+    "LineTooLong",
+    "ProcessIdentity",
+    "kill_group_if_same",
+    "probe_version",
+    "process_start_time",
+]
+
+log = structlog.get_logger()
+
+DEFAULT_MAX_LINE_BYTES = 32 * 1024 * 1024
+DEFAULT_STDERR_TAIL_BYTES = 64 * 1024
+DEFAULT_MAILBOX_SIZE = 4096
+_READ_CHUNK = 256 * 1024
+# After the agent exits: how long its pipes may stay open (held by an orphaned grandchild)
+# before the leftovers are killed, and how long to wait for the output to be delivered.
+_EXIT_DRAIN_GRACE = 2.0
+_KILL_WAIT = 5.0
+
+
+class AgentError(Exception):
+    """Base class of agent process failures."""
+
+
+class AgentSpawnError(AgentError):
+    """The agent program could not be started (missing, not executable, bad cwd)."""
+
+
+class AgentExited(AgentError):
+    """The agent process has ended (or takes no more input).
+
+    Raised by writes and control requests to such a process, and delivered as the last item of
+    `receive()` (with the exit status and the stderr tail) when the process ends.
+    """
+
+    __match_args__ = ("returncode",)
+
+    def __init__(self, message: str, returncode: int | None = None, stderr_tail: str = "") -> None:
+        super().__init__(message)
+        self.returncode = returncode  # negative for a signal (-9: SIGKILL); None: still running
+        self.stderr_tail = stderr_tail
+
+
+class ControlError(AgentError):
+    """The agent answered a control request with an error."""
+
+
+class ControlTimeout(AgentError, TimeoutError):
+    """The agent did not answer a control request in time."""
+
+
+@dataclass(frozen=True, slots=True)
+class LineTooLong:
+    """A stdout line of `size` bytes was longer than `limit` and was dropped."""
+
+    size: int
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessIdentity:
+    """What to record to find (and safely kill) this process's group later."""
+
+    pid: int
+    pgid: int
+    start_time: int | None  # clock ticks since boot; None if it exited before it was read
+
+
+AgentItem: TypeAlias = AgentMessage | LineTooLong | AgentExited
+
+
+class _StderrTail:
+    """The newest `limit` bytes written to stderr."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = max(limit, 0)
+        self._buf = bytearray()
+
+    def add(self, chunk: bytes) -> None:
+        self._buf += chunk
+        excess = len(self._buf) - self._limit
+        if excess > 0:
+            del self._buf[:excess]
+
+    def text(self) -> str:
+        return self._buf.decode("utf-8", "replace")
+
+
+class _Mailbox:
+    """A bounded FIFO of items that ends with a sticky final item.
+
+    `put` waits while full (backpressure on the agent's stdout); after `close`, puts are
+    dropped and `get` returns the queued items, then the final item forever.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self._items: deque[AgentItem] = deque()
+        self._maxsize = max(maxsize, 1)
+        self._final: AgentExited | None = None
+        self._changed = asyncio.Event()
+
+    @property
+    def closed(self) -> bool:
+        return self._final is not None
+
+    async def put(self, item: AgentItem) -> None:
+        while len(self._items) >= self._maxsize and self._final is None:
+            await self._changed.wait()
+        if self._final is None:
+            self._items.append(item)
+            self._notify()
+
+    def close(self, final: AgentExited) -> None:
+        if self._final is None:
+            self._final = final
+            self._notify()
+
+    async def get(self) -> AgentItem:
+        while not self._items:
+            if self._final is not None:
+                return self._final
+            await self._changed.wait()
+        item = self._items.popleft()
+        self._notify()
+        return item
+
+    def _notify(self) -> None:
+        # Wake everyone waiting on the old event; later waiters wait on a fresh one.
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+
+class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """asyncio's stream protocol plus an event set the moment the process exits."""
+
+    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=limit, loop=loop)
+        self.exited = asyncio.Event()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        self.exited.set()
+
+
+class AgentProcess:
+    """One running agent. Create it with `await AgentProcess.spawn(...)`."""
+
+    def __init__(
+        self,
+        transport: asyncio.SubprocessTransport,
+        proto: _Protocol,
+        *,
+        max_line_bytes: int,
+        stderr_tail_bytes: int,
+        mailbox_size: int,
+    ) -> None:
+        self._transport = transport
+        self._proto = proto
+        self.pid: int = transport.get_pid()
+        self.pgid: int = self.pid  # a new session: the agent leads its own group
+        self.start_time = process_start_time(self.pid)
+        self._log = log.bind(agent_pid=self.pid)
+        self._splitter = LineSplitter(max_line_bytes)
+        self._stderr = _StderrTail(stderr_tail_bytes)
+        self._mailbox = _Mailbox(mailbox_size)
+        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._ids = itertools.count(1)
+        self._stdout_eof = asyncio.Event()
+        self._stop_task: asyncio.Task[int | None] | None = None
+        self.skipped_lines = 0  # not JSON
+        self.invalid_utf8_lines = 0
+        self._stderr_task = asyncio.create_task(self._drain_stderr())
+        self._reader_task = asyncio.create_task(self._read_stdout())
+        self._exit_task = asyncio.create_task(self._watch_exit())
+
+    # --- spawning ---------------------------------------------------------------------------
+
+    @classmethod
+    async def spawn(
+        cls,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        cwd: str | Path,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        stderr_tail_bytes: int = DEFAULT_STDERR_TAIL_BYTES,
+        mailbox_size: int = DEFAULT_MAILBOX_SIZE,
+    ) -> AgentProcess:
+        """Start `argv` with exactly `env` in `cwd`. Raises AgentSpawnError if it cannot start."""
+        loop = asyncio.get_running_loop()
+        try:
+            transport, proto = await loop.subprocess_exec(
+                lambda: _Protocol(limit=_READ_CHUNK, loop=loop),
+                *argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=cwd,
+                env=dict(env),
+                start_new_session=True,
+                preexec_fn=pdeathsig_preexec(os.getpid()),
+            )
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+            raise AgentSpawnError(f"cannot start agent {argv[0] if argv else ''!r}: {exc}") from exc
+        agent = cls(
+            transport,
+            proto,
+            max_line_bytes=max_line_bytes,
+            stderr_tail_bytes=stderr_tail_bytes,
+            mailbox_size=mailbox_size,
+        )
+        agent._log.info("agent.spawned", argv0=argv[0], cwd=str(cwd))
+        return agent
+
+    # --- state ------------------------------------------------------------------------------
+
+    @property
+    def identity(self) -> ProcessIdentity:
+        return ProcessIdentity(pid=self.pid, pgid=self.pgid, start_time=self.start_time)
+
+    @property
+    def returncode(self) -> int | None:
+        return self._transport.get_returncode()
+
+    @property
+    def alive(self) -> bool:
+        return self.returncode is None
+
+    def stderr_tail(self) -> str:
+        return self._stderr.text()
+
+    # --- reading ------------------------------------------------------------------------------
+
+    async def receive(self) -> AgentItem:
+        """The next item; after the process ended, `AgentExited` (every time)."""
+        return await self._mailbox.get()
+
+    async def __aiter__(self) -> AsyncIterator[AgentItem]:
+        """Items up to and including `AgentExited`."""
+        while True:
+            item = await self._mailbox.get()
+            yield item
+            if isinstance(item, AgentExited):
+                return
+
+    async def _read_stdout(self) -> None:
+        stdout = self._proto.stdout
+        assert stdout is not None
+        try:
+            while chunk := await stdout.read(_READ_CHUNK):
+                for line in self._splitter.feed(chunk):
+                    await self._deliver(line)
+            for line in self._splitter.finish():
+                await self._deliver(line)
+        except Exception:  # a pipe error must still end with AgentExited
+            self._log.exception("agent.stdout_read_failed")
+        finally:
+            self._stdout_eof.set()
+        await self._proto.exited.wait()
+        await _wait_quietly(self._stderr_task, _EXIT_DRAIN_GRACE)
+        self._close_mailbox()
+
+    async def _deliver(self, line: bytes | Overflow) -> None:
+        if isinstance(line, Overflow):
+            self._log.warning("agent.line_too_long", size=line.size, limit=line.limit)
+            await self._mailbox.put(LineTooLong(size=line.size, limit=line.limit))
+            return
+        try:
+            messages = protocol.parse_line(self._decode(line))
+        except ProtocolError as exc:
+            self.skipped_lines += 1
+            preview = line[:200].decode("utf-8", "replace")
+            self._log.warning("agent.stdout_not_json", error=str(exc), preview=preview)
+            return
+        for message in messages:
+            if isinstance(message, ControlResponse) and self._answer(message):
+                continue
+            await self._mailbox.put(message)
+
+    def _decode(self, line: bytes) -> str:
+        try:
+            return line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self.invalid_utf8_lines += 1
+            self._log.warning("agent.stdout_invalid_utf8", error=str(exc), size=len(line))
+            return line.decode("utf-8", "replace")
+
+    async def _drain_stderr(self) -> None:
+        stderr = self._proto.stderr
+        assert stderr is not None
+        with contextlib.suppress(Exception):
+            while chunk := await stderr.read(65536):
+                self._stderr.add(chunk)
+
+    async def _watch_exit(self) -> None:
+        await self._proto.exited.wait()
+        self._log.info("agent.exited", returncode=self.returncode)
+        # Output written before the exit is still in the pipe: give the reader time to get it.
+        # Stdout still open after that means an orphaned descendant holds it.
+        if not await _wait_quietly(self._stdout_eof.wait(), _EXIT_DRAIN_GRACE):
+            self._log.warning("agent.stdout_held_open_after_exit")
+            self._kill_group(signal.SIGKILL)
+
+    def _close_mailbox(self) -> None:
+        if self._mailbox.closed:
+            return
+        final = self._exited("exited")
+        self._mailbox.close(final)
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(final)
+
+    def _exited(self, what: str) -> AgentExited:
+        returncode = self.returncode
+        status = f"exit status {returncode}" if returncode is not None else "still running"
+        return AgentExited(
+            f"agent process {self.pid} {what} ({status})", returncode, self.stderr_tail()
+        )
+
+    # --- writing ------------------------------------------------------------------------------
+
+    async def write_line(self, line: bytes) -> None:
+        """Write one newline-terminated line to stdin and wait until the pipe takes it."""
+        if line.find(b"\n") != len(line) - 1:
+            raise ValueError("write_line takes exactly one newline-terminated line")
+        stdin = self._proto.stdin
+        if stdin is None or stdin.is_closing() or not self.alive:
+            raise self._exited("is not accepting input")
+        try:
+            stdin.write(line)
+            await stdin.drain()
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise self._exited("closed its input") from exc
+
+    async def send_user_message(self, text: str) -> None:
+        await self.write_line(protocol.user_message_line(text))
+
+    async def respond_control(self, request_id: str, response: Mapping[str, Any]) -> None:
+        """Answer a `ControlRequest` from the agent (e.g. `protocol.permission_allow(...)`)."""
+        await self.write_line(protocol.control_response(request_id, response))
+
+    async def respond_control_error(self, request_id: str, error: str) -> None:
+        await self.write_line(protocol.control_error_response(request_id, error))
+
+    # --- control requests -----------------------------------------------------------------
+
+    # The timeouts below are defaults that bound a silent agent; asyncio.timeout around the
+    # call would leave no ControlTimeout to tell it from other timeouts.
+    async def request(self, subtype: str, *, timeout: float, **fields: Any) -> dict[str, Any]:
+        """Send a control request and return the agent's answer.
+
+        Raises ControlError (the agent answered with an error), ControlTimeout, AgentExited.
+        """
+        request_id = f"atomizerd_{next(self._ids)}_{secrets.token_hex(4)}"
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            await self.write_line(protocol.control_request_line(request_id, subtype, **fields))
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise ControlTimeout(f"no answer to {subtype!r} within {timeout:g} s") from None
+        finally:
+            del self._pending[request_id]
+
+    async def initialize(self, *, timeout: float = 60.0, **fields: Any) -> dict[str, Any]:
+        """The `initialize` handshake: readies the CLI before the first turn."""
+        fields.setdefault("hooks", None)
+        return await self.request("initialize", timeout=timeout, **fields)
+
+    async def interrupt(self, *, timeout: float = 10.0) -> dict[str, Any]:
+        """Ask the agent to end the running turn; it then writes that turn's `result` line.
+        Harmless when no turn runs. Returns the acknowledgement."""
+        return await self.request("interrupt", timeout=timeout)
+
+    def _answer(self, message: ControlResponse) -> bool:
+        future = self._pending.get(message.request_id)
+        if future is None or future.done():
+            return False  # not ours or no longer awaited: deliver it as a message
+        if message.subtype == "error":
+            future.set_exception(ControlError(message.error or "control request failed"))
+        else:
+            future.set_result(message.response)
+        return True
+
+    # --- stopping ---------------------------------------------------------------------------
+
+    async def stop(self, grace: float = 3.0) -> int | None:
+        """Stop the agent and everything in its process group, and reap it.
+
+        Close stdin (the CLI finishes and exits), wait `grace`; SIGTERM the group, wait
+        `grace`; SIGKILL the group. Leftover descendants are killed in any case. Idempotent
+        and safe to call concurrently or on an exited process; cancelling a caller does not
+        abort the sequence. Returns the exit code (None only if even SIGKILL did not reap it).
+        """
+        if self._stop_task is None:
+            self._stop_task = asyncio.create_task(self._stop_sequence(grace))
+        return await asyncio.shield(self._stop_task)
+
+    async def _stop_sequence(self, grace: float) -> int | None:
+        self._close_stdin()
+        if not await self._wait_exit(grace):
+            self._kill_group(signal.SIGTERM)
+            if not await self._wait_exit(grace):
+                self._kill_group(signal.SIGKILL)
+                if not await self._wait_exit(_KILL_WAIT):
+                    self._log.error("agent.not_reaped_after_sigkill")
+        self._kill_group(signal.SIGKILL)  # descendants left behind by an agent that exited
+        await self._finish_io()
+        return self.returncode
+
+    async def _wait_exit(self, seconds: float) -> bool:
+        return await _wait_quietly(self._proto.exited.wait(), seconds)
+
+    def _close_stdin(self) -> None:
+        stdin = self._proto.stdin
+        if stdin is not None and not stdin.is_closing():
+            stdin.close()
+
+    def _kill_group(self, sig: signal.Signals) -> None:
+        if self.alive or sig != signal.SIGKILL:
+            self._log.info("agent.signal_group", signal=sig.name)
+        if self.start_time is not None:
+            kill_group_if_same(self.pgid, self.start_time, sig)
+        elif self.alive:
+            # Start time unknown (it exited at once): signal only the unreaped leader itself.
+            with contextlib.suppress(ProcessLookupError):
+                self._transport.send_signal(sig)
+
+    async def _finish_io(self) -> None:
+        """Let the reader deliver what is left, then make sure nothing stays pending."""
+        tasks = (self._reader_task, self._stderr_task, self._exit_task)
+        if await _wait_quietly(asyncio.gather(*tasks), _EXIT_DRAIN_GRACE):
+            return
+        # Nobody is receiving (mailbox full) or a pipe is held open: end it from our side.
+        self._log.warning("agent.io_forced_closed")
+        self._close_mailbox()
+        self._transport.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _wait_quietly(awaitable: Any, seconds: float) -> bool:
+    """Await with a timeout, without raising: True if it completed in time.
+
+    A task passed in is shielded, so timing out does not cancel it.
+    """
+    target = asyncio.shield(awaitable) if isinstance(awaitable, asyncio.Future) else awaitable
+    try:
+        await asyncio.wait_for(target, max(seconds, 0.0))
+    except TimeoutError:
+        return False
+    return True
+
+
+async def probe_version(
+    command: Sequence[str], *, env: Mapping[str, str] | None = None, timeout: float = 10.0
+) -> str:
+    """Run `<command> --version` and return its output, e.g. "2.1.332 (Claude Code)".
+
+    Raises AgentSpawnError if it cannot start, AgentError if it fails or takes too long.
+    """
+    argv = [*command, "--version"]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=dict(env) if env is not None else None,
+            start_new_session=True,
+            preexec_fn=pdeathsig_preexec(os.getpid()),
+        )
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        raise AgentSpawnError(f"cannot run {argv[0]!r}: {exc}") from exc
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        raise AgentError(f"`{' '.join(argv)}` did not answer within {timeout:g} s") from None
+    finally:
+        if proc.returncode is None:  # timed out or cancelled; unreaped, so the group is ours
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await asyncio.shield(proc.wait())
+    if proc.returncode != 0:
+        tail = err.decode("utf-8", "replace").strip()[-500:]
+        raise AgentError(f"`{' '.join(argv)}` exited with {proc.returncode}: {tail}")
+    return out.decode("utf-8", "replace").strip()

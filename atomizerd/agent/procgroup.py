@@ -1,0 +1,169 @@
+"""OS-level lifecycle of an agent's process group: a parent-death signal at spawn, a stable
+identity (pid, pgid, start time) and signalling a group only while it is provably ours.
+
+Why the start time: a daemon that was SIGKILLed records its agents' pids; by the time a new
+daemon sweeps them, a pid may belong to someone else. A pid plus the process's start time
+(`/proc/<pid>/stat` field 22, clock ticks since boot) names one process for the life of the
+boot, so a group is only signalled when its leader still has the recorded start time.
+
+Why a group can be trusted without its leader: the kernel keeps a pid number allocated while any
+process uses it as a process-group id, so if members of group P exist and no process P does,
+the group has existed continuously since its leader died. Every member of an agent's group is a
+descendant of the agent (the agent started a new session), hence started no earlier than the
+agent; a member older than the recorded start time proves the group is someone else's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+@dataclass(frozen=True, slots=True)
+class ProcStat:
+    """The fields of `/proc/<pid>/stat` we use."""
+
+    pid: int
+    state: str
+    ppid: int
+    pgrp: int
+    session: int
+    start_time: int
+
+
+def read_stat(pid: int) -> ProcStat | None:
+    """The process's stat, or None if there is no such process (or no procfs)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    return _parse_stat(pid, raw)
+
+
+def _parse_stat(pid: int, raw: bytes) -> ProcStat | None:
+    # Field 2 (comm) is in parentheses and may itself contain spaces and ')': split after the
+    # last ')'. What follows starts at field 3 (state), so field N is at index N - 3.
+    close = raw.rfind(b")")
+    if close < 0:
+        return None
+    fields = raw[close + 1 :].split()
+    try:
+        return ProcStat(
+            pid=pid,
+            state=fields[0].decode("ascii", "replace"),
+            ppid=int(fields[1]),
+            pgrp=int(fields[2]),
+            session=int(fields[3]),
+            start_time=int(fields[19]),
+        )
+    except (IndexError, ValueError):
+        return None
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of `pid` in clock ticks since boot (stat field 22); None if it is gone."""
+    stat = read_stat(pid)
+    return stat.start_time if stat else None
+
+
+def is_running(pid: int, start_time: int | None = None) -> bool:
+    """True if `pid` exists, is not a zombie, and (if given) still has `start_time`."""
+    stat = read_stat(pid)
+    if stat is None or stat.state in ("Z", "X"):
+        return False
+    return start_time is None or stat.start_time == start_time
+
+
+def _all_stats() -> Iterator[ProcStat]:
+    with contextlib.suppress(OSError):
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                stat = read_stat(int(name))
+                if stat is not None:
+                    yield stat
+
+
+def group_members(pgid: int) -> list[ProcStat]:
+    """Live (non-zombie) processes whose process group is `pgid`."""
+    return [s for s in _all_stats() if s.pgrp == pgid and s.state not in ("Z", "X")]
+
+
+def is_our_group(pgid: int, start_time: int) -> bool:
+    """True if group `pgid` has live members and is the group whose leader had `start_time`."""
+    leader = read_stat(pgid)
+    if leader is not None and leader.state not in ("Z", "X"):
+        return leader.start_time == start_time and leader.pgrp == pgid
+    if leader is not None and leader.start_time != start_time:
+        return False  # an unreaped zombie of some other process holds the number
+    members = group_members(pgid)
+    return bool(members) and all(m.start_time >= start_time for m in members)
+
+
+def kill_group_if_same(pgid: int, start_time: int, sig: int = signal.SIGKILL) -> bool:
+    """Signal process group `pgid` if it is still the one led by the process that had
+    `start_time` (see the module docstring). Returns True if the group was signalled."""
+    if not is_our_group(pgid, start_time):
+        return False
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+# --- parent-death signal ------------------------------------------------------------------------
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    return prctl  # type: ignore[no-any-return, unused-ignore]
+
+
+# Resolved once at import, so the forked child only makes the call: between fork and exec it
+# must not import, load libraries or take locks another thread may have held at fork time.
+_PRCTL = _load_prctl()
+
+
+def pdeathsig_available() -> bool:
+    return _PRCTL is not None
+
+
+def pdeathsig_preexec(parent_pid: int) -> Callable[[], None] | None:
+    """A `preexec_fn` that makes the child receive SIGKILL when its parent dies.
+
+    The kernel sends the signal when the *thread* that forked the child exits, not only when the
+    whole parent process does. asyncio forks in the thread that calls `create_subprocess_exec`,
+    i.e. the event loop's thread (its child watcher only waits for children, it never forks), so
+    an agent lives as long as the loop's thread — in the daemon the main thread, i.e. the daemon
+    itself. Never spawn agents from an executor thread.
+
+    If the parent died between fork and prctl the signal would never come, so the child checks
+    its parent pid afterwards and exits. Returns None where prctl is unavailable (non-Linux).
+    """
+    prctl = _PRCTL
+    if prctl is None:
+        return None
+
+    def preexec() -> None:
+        if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            os._exit(127)  # never run an agent that could outlive us
+        if os.getppid() != parent_pid:
+            os._exit(127)
+
+    return preexec

@@ -1,0 +1,512 @@
+"""The `claude` CLI's stream-json protocol: parse what it writes, build what we write.
+
+Reading: `parse_line` turns one stdout line into agent messages (frozen dataclasses). It is
+lenient about shape — a field of the wrong type becomes its default and an unrecognised line
+becomes `Unknown` — because a newer CLI adding or changing fields must not fail a turn. Only a
+line that is not a JSON object raises `ProtocolError`.
+
+Writing: the `*_line`/`*_request`/`*_response` builders return one UTF-8 JSON line (with its
+trailing newline) ready for the agent's stdin.
+
+Shapes were taken from Claude Code 2.1.332 in `-p --input-format stream-json --output-format
+stream-json --verbose --include-partial-messages` mode:
+
+- a `system`/`init` line opens every turn (not process start-up), then `system`/`status` lines;
+- text and thinking stream as `stream_event` lines wrapping `content_block_delta` events; each
+  finished content block is then repeated whole as an `assistant` line (one block per line,
+  same `message.id`), so tool calls are read from `assistant` lines, not from partial JSON;
+- tool outcomes are `user` lines holding `tool_result` blocks;
+- API retries are `system`/`api_retry` lines (activity, not a stall);
+- the turn ends with the `result` line; an interrupt answers with a `control_response` and then
+  a `user` "[Request interrupted by user]" line and a `result` of subtype
+  `error_during_execution`;
+- the CLI asks us about tools with `control_request`/`can_use_tool` (with
+  `--permission-prompt-tool=stdio`) and may withdraw a question with `control_cancel_request`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+# The placeholder a flattened tool result shows instead of an image's base64 payload.
+IMAGE_PLACEHOLDER = "[image]"
+
+
+class ProtocolError(ValueError):
+    """A stdout line that is not a JSON object; the reader logs and skips it."""
+
+
+# --- messages read from the agent -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Init:
+    """`system`/`init`: sent at the start of every turn, names the conversation and setup."""
+
+    session_id: str
+    model: str
+    tools: tuple[str, ...]
+    mcp_servers: tuple[tuple[str, str], ...]  # (name, status)
+    permission_mode: str
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    text: str
+    parent_tool_use_id: str | None = None  # set for a subagent's output
+
+
+@dataclass(frozen=True, slots=True)
+class ThinkingDelta:
+    text: str
+    parent_tool_use_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolUse:
+    id: str
+    name: str
+    input_json: str  # the tool input re-serialised as JSON text
+
+
+@dataclass(frozen=True, slots=True)
+class AssistantMessage:
+    """A whole assistant content block (the CLI sends one `assistant` line per block)."""
+
+    text: str
+    tool_uses: tuple[ToolUse, ...]
+    thinking: str = ""
+    message_id: str = ""
+    model: str = ""
+    parent_tool_use_id: str | None = None
+    error: str | None = None  # e.g. "server_error" on a synthetic API-error message
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResult:
+    tool_use_id: str
+    content: str
+    is_error: bool
+    parent_tool_use_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ApiRetry:
+    """`system`/`api_retry`: the CLI is retrying a failed API call after a delay."""
+
+    attempt: int
+    max_retries: int
+    retry_delay_ms: int
+    error_status: int | None
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class PermissionDenial:
+    tool_name: str
+    tool_use_id: str
+    input_json: str
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The `result` line: the end of a turn. `is_error` can be true with subtype `success`."""
+
+    subtype: str
+    is_error: bool
+    result_text: str
+    total_cost_usd: float
+    usage: dict[str, Any]
+    duration_ms: int
+    num_turns: int
+    session_id: str
+    stop_reason: str | None
+    permission_denials: tuple[PermissionDenial, ...]
+    errors: tuple[str, ...] = ()
+    terminal_reason: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ControlRequest:
+    """A request from the CLI to us, e.g. subtype `can_use_tool`; `payload` is its `request`."""
+
+    request_id: str
+    subtype: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ControlResponse:
+    """The CLI's answer to one of our control requests."""
+
+    request_id: str
+    subtype: str  # "success" or "error"
+    response: dict[str, Any]
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ControlCancelRequest:
+    """The CLI withdrew a control request it sent us (don't answer it any more)."""
+
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unknown:
+    """Any other line (status, partial events we don't relay, new kinds). Still activity."""
+
+    type: str
+    subtype: str | None
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+
+AgentMessage: TypeAlias = (
+    Init
+    | TextDelta
+    | ThinkingDelta
+    | AssistantMessage
+    | ToolResult
+    | ApiRetry
+    | Result
+    | ControlRequest
+    | ControlResponse
+    | ControlCancelRequest
+    | Unknown
+)
+
+
+# --- parsing -----------------------------------------------------------------------------------
+
+
+def parse_line(line: str) -> tuple[AgentMessage, ...]:
+    """Parse one stdout line into its messages (one, or one per tool result of a `user` line).
+
+    Raises ProtocolError if the line is not a JSON object.
+    """
+    try:
+        data = json.loads(line)
+    except (ValueError, RecursionError) as exc:  # malformed, or nested too deep to parse
+        raise ProtocolError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(f"not a JSON object: {type(data).__name__}")
+    return _parse_object(data)
+
+
+def _parse_object(data: dict[str, Any]) -> tuple[AgentMessage, ...]:
+    kind = _str(data, "type")
+    if kind == "stream_event":
+        return (_parse_stream_event(data),)
+    if kind == "assistant":
+        return (_parse_assistant(data),)
+    if kind == "user":
+        return _parse_user(data)
+    if kind == "system":
+        return (_parse_system(data),)
+    if kind == "result":
+        return (_parse_result(data),)
+    if kind == "control_request":
+        return (_parse_control_request(data),)
+    if kind == "control_response":
+        return (_parse_control_response(data),)
+    if kind == "control_cancel_request":
+        return (ControlCancelRequest(request_id=_str(data, "request_id")),)
+    return (_unknown(data),)
+
+
+def _unknown(data: dict[str, Any]) -> Unknown:
+    subtype = data.get("subtype")
+    return Unknown(
+        type=_str(data, "type"), subtype=subtype if isinstance(subtype, str) else None, raw=data
+    )
+
+
+def _parse_stream_event(data: dict[str, Any]) -> AgentMessage:
+    event = _dict(data, "event")
+    parent = _opt_str(data, "parent_tool_use_id")
+    if _str(event, "type") == "content_block_delta":
+        delta = _dict(event, "delta")
+        delta_type = _str(delta, "type")
+        if delta_type == "text_delta":
+            return TextDelta(text=_str(delta, "text"), parent_tool_use_id=parent)
+        if delta_type == "thinking_delta":
+            return ThinkingDelta(text=_str(delta, "thinking"), parent_tool_use_id=parent)
+    # message_start/stop, block start/stop, input_json_delta, signature_delta: the whole
+    # `assistant` line that follows carries what we need from them.
+    return Unknown(type="stream_event", subtype=_str(event, "type") or None, raw=data)
+
+
+def _parse_assistant(data: dict[str, Any]) -> AssistantMessage:
+    message = _dict(data, "message")
+    texts: list[str] = []
+    thinking: list[str] = []
+    tool_uses: list[ToolUse] = []
+    for block in _blocks(message.get("content")):
+        block_type = _str(block, "type")
+        if block_type == "text":
+            texts.append(_str(block, "text"))
+        elif block_type == "thinking":
+            thinking.append(_str(block, "thinking"))
+        elif block_type == "tool_use":
+            tool_uses.append(_tool_use(block))
+    error = data.get("error")
+    return AssistantMessage(
+        text="".join(texts),
+        tool_uses=tuple(tool_uses),
+        thinking="".join(thinking),
+        message_id=_str(message, "id"),
+        model=_str(message, "model"),
+        parent_tool_use_id=_opt_str(data, "parent_tool_use_id"),
+        error=error if isinstance(error, str) else None,
+    )
+
+
+def _tool_use(block: dict[str, Any]) -> ToolUse:
+    return ToolUse(
+        id=_str(block, "id"),
+        name=_str(block, "name"),
+        input_json=_to_json(block.get("input", {})),
+    )
+
+
+def _parse_user(data: dict[str, Any]) -> tuple[AgentMessage, ...]:
+    parent = _opt_str(data, "parent_tool_use_id")
+    results = tuple(
+        ToolResult(
+            tool_use_id=_str(block, "tool_use_id"),
+            content=flatten_content(block.get("content")),
+            is_error=block.get("is_error") is True,
+            parent_tool_use_id=parent,
+        )
+        for block in _blocks(_dict(data, "message").get("content"))
+        if block.get("type") == "tool_result"
+    )
+    # A user line without tool results is the interrupt marker or a replayed prompt.
+    return results or (_unknown(data),)
+
+
+def flatten_content(content: object) -> str:
+    """A tool result's content as text: strings as-is, text blocks joined, images replaced."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return _to_json(content)
+    parts: list[str] = []
+    for block in content:
+        if isinstance(block, str):
+            parts.append(block)
+        elif not isinstance(block, dict):
+            continue
+        elif block.get("type") == "image":
+            parts.append(IMAGE_PLACEHOLDER)
+        elif isinstance(block.get("text"), str):
+            parts.append(block["text"])
+        else:
+            parts.append(f"[{_str(block, 'type') or 'block'}]")
+    return "\n".join(parts)
+
+
+def _parse_system(data: dict[str, Any]) -> AgentMessage:
+    subtype = _str(data, "subtype")
+    if subtype == "init":
+        return _parse_init(data)
+    if subtype == "api_retry":
+        status = data.get("error_status")
+        return ApiRetry(
+            attempt=_int(data, "attempt"),
+            max_retries=_int(data, "max_retries"),
+            retry_delay_ms=_int(data, "retry_delay_ms"),
+            error_status=status
+            if isinstance(status, int) and not isinstance(status, bool)
+            else None,
+            error=_str(data, "error"),
+        )
+    return _unknown(data)
+
+
+def _parse_init(data: dict[str, Any]) -> Init:
+    servers = tuple(
+        (_str(server, "name"), _str(server, "status"))
+        for server in _blocks(data.get("mcp_servers"))
+    )
+    tools = data.get("tools")
+    return Init(
+        session_id=_str(data, "session_id"),
+        model=_str(data, "model"),
+        tools=tuple(t for t in tools if isinstance(t, str)) if isinstance(tools, list) else (),
+        mcp_servers=servers,
+        permission_mode=_str(data, "permissionMode"),
+        raw=data,
+    )
+
+
+def _parse_result(data: dict[str, Any]) -> Result:
+    usage = data.get("usage")
+    errors = data.get("errors")
+    result_text = data.get("result")
+    return Result(
+        subtype=_str(data, "subtype"),
+        is_error=data.get("is_error") is True,
+        result_text=result_text if isinstance(result_text, str) else "",
+        total_cost_usd=_float(data, "total_cost_usd"),
+        usage=usage if isinstance(usage, dict) else {},
+        duration_ms=_int(data, "duration_ms"),
+        num_turns=_int(data, "num_turns"),
+        session_id=_str(data, "session_id"),
+        stop_reason=_opt_str(data, "stop_reason"),
+        permission_denials=tuple(_denial(d) for d in _blocks(data.get("permission_denials"))),
+        errors=tuple(str(e) for e in errors) if isinstance(errors, list) else (),
+        terminal_reason=_opt_str(data, "terminal_reason"),
+        raw=data,
+    )
+
+
+def _denial(data: dict[str, Any]) -> PermissionDenial:
+    return PermissionDenial(
+        tool_name=_str(data, "tool_name"),
+        tool_use_id=_str(data, "tool_use_id"),
+        input_json=_to_json(data.get("tool_input", {})),
+    )
+
+
+def _parse_control_request(data: dict[str, Any]) -> ControlRequest:
+    payload = _dict(data, "request")
+    return ControlRequest(
+        request_id=_str(data, "request_id"), subtype=_str(payload, "subtype"), payload=payload
+    )
+
+
+def _parse_control_response(data: dict[str, Any]) -> ControlResponse:
+    body = _dict(data, "response")
+    return ControlResponse(
+        request_id=_str(body, "request_id"),
+        subtype=_str(body, "subtype"),
+        response=_dict(body, "response"),
+        error=_opt_str(body, "error"),
+    )
+
+
+# --- lenient field access: a wrong type reads as the default ---------------------------------
+
+
+def _str(data: Mapping[str, Any], key: str) -> str:
+    value = data.get(key)
+    return value if isinstance(value, str) else ""
+
+
+def _opt_str(data: Mapping[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    return value if isinstance(value, str) else None
+
+
+def _int(data: Mapping[str, Any], key: str) -> int:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    return int(value)
+
+
+def _float(data: Mapping[str, Any], key: str) -> float:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    return float(value)
+
+
+def _dict(data: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _blocks(value: object) -> list[dict[str, Any]]:
+    """The dict items of a JSON list (content blocks, servers, denials); anything else: none."""
+    if not isinstance(value, list):
+        return []
+    return [item for item in value if isinstance(item, dict)]
+
+
+def _to_json(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+# --- building what we write to stdin ----------------------------------------------------------
+
+
+def encode_line(obj: Mapping[str, Any]) -> bytes:
+    """One JSON line, UTF-8, newline-terminated. Compact: a prompt can be large."""
+    return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+
+
+def user_message_line(text: str) -> bytes:
+    """A user turn. The CLI assigns the conversation id itself, so `session_id` stays empty."""
+    return encode_line(
+        {
+            "type": "user",
+            "message": {"role": "user", "content": text},
+            "parent_tool_use_id": None,
+            "session_id": "",
+        }
+    )
+
+
+def control_request_line(request_id: str, subtype: str, **fields: Any) -> bytes:
+    return encode_line(
+        {
+            "type": "control_request",
+            "request_id": request_id,
+            "request": {"subtype": subtype, **fields},
+        }
+    )
+
+
+def interrupt_request(request_id: str) -> bytes:
+    return control_request_line(request_id, "interrupt")
+
+
+def initialize_request(request_id: str, **fields: Any) -> bytes:
+    """`initialize`: warms the CLI up before the first turn; `hooks` defaults to none."""
+    fields.setdefault("hooks", None)
+    return control_request_line(request_id, "initialize", **fields)
+
+
+def control_response(request_id: str, response: Mapping[str, Any]) -> bytes:
+    """Our success answer to a control request from the CLI (e.g. `can_use_tool`)."""
+    return encode_line(
+        {
+            "type": "control_response",
+            "response": {
+                "subtype": "success",
+                "request_id": request_id,
+                "response": dict(response),
+            },
+        }
+    )
+
+
+def control_error_response(request_id: str, error: str) -> bytes:
+    return encode_line(
+        {
+            "type": "control_response",
+            "response": {"subtype": "error", "request_id": request_id, "error": error},
+        }
+    )
+
+
+def permission_allow(tool_input: Mapping[str, Any]) -> dict[str, Any]:
+    """The `can_use_tool` answer that runs the tool with this input (usually the asked one)."""
+    return {"behavior": "allow", "updatedInput": dict(tool_input)}
+
+
+def permission_deny(message: str, *, interrupt: bool = False) -> dict[str, Any]:
+    """The `can_use_tool` answer that refuses; `message` becomes the tool's error result."""
+    answer: dict[str, Any] = {"behavior": "deny", "message": message}
+    if interrupt:
+        answer["interrupt"] = True
+    return answer
