@@ -146,6 +146,11 @@ class AgentConfig:
         "How much of the agent's stderr is kept (the newest bytes) for failure reports.",
         default=64 * 1024,
     )
+    history_seed_messages: int = _doc(
+        "When a session's agent transcript is gone, a new conversation is seeded with this "
+        "many of its last stored messages.",
+        default=10,
+    )
     version_timeout: float = _doc(
         "How long `<command> --version` may take at start-up (reported by GetStatus).",
         default=10.0,
@@ -194,6 +199,20 @@ class PowerModeConfig:
 class ModesConfig:
     user: UserModeConfig = field(default_factory=UserModeConfig)
     power: PowerModeConfig = field(default_factory=PowerModeConfig)
+
+
+@dataclass
+class McpConfig:
+    atomizer_command: list[str] = _doc(
+        "Command of the `atomizer` MCP server given to every session (with ATOMIZER_MODE, "
+        "ATOMIZER_ROOT, ATOMIZER_STUDY in its env). Empty: `node <root>/mcp-server/"
+        "atomizer-tools/dist/index.js` when that file exists, otherwise no atomizer server.",
+        default_factory=list,
+    )
+    strict: bool = _doc(
+        "Pass --strict-mcp-config so a user's own MCP servers never leak into sessions.",
+        default=True,
+    )
 
 
 @dataclass
@@ -257,6 +276,7 @@ class Config:
     agent: AgentConfig = field(default_factory=AgentConfig)
     atomizer: AtomizerConfig = field(default_factory=AtomizerConfig)
     modes: ModesConfig = field(default_factory=ModesConfig)
+    mcp: McpConfig = field(default_factory=McpConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     reaper: ReaperConfig = field(default_factory=ReaperConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -28,3 +28,7 @@ class FailedPrecondition(AtomizerError):
 
 class Unavailable(AtomizerError):
     """The daemon is draining or a dependency is down; retrying later may work."""
+
+
+class Internal(AtomizerError):
+    """A bug or an unexpected failure inside the daemon; details are in its log."""

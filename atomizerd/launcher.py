@@ -3,8 +3,10 @@ study folder, the system-prompt context, and the command line built from them.""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from atomizerd.agent.argv import AgentSpec, build_argv, build_env
 from atomizerd.config import Config
@@ -26,16 +28,23 @@ class Launcher:
         self.studies = studies
         self.context = context
 
+    def context_text(self, record: SessionRecord) -> str:
+        study_dir = self.studies.resolve(record.study_id) if record.study_id else None
+        return self.context.build(record.mode, record.study_id, study_dir)
+
     def spec_for(self, record: SessionRecord, *, resume: bool, seed: str = "") -> LaunchSpec:
         study_dir = self.studies.resolve(record.study_id) if record.study_id else None
-        prompt = self.context.build(record.mode, record.study_id, study_dir)
+        prompt = self.context_text(record)
         if seed:
             prompt += "\n\n" + seed
         spec = AgentSpec(
             command=tuple(self.config.agent.command),
             conversation_id=record.agent_session_id,
             resume=resume,
-            **self._permissions(record.mode),
+            allowed_tools=self._allowed_tools(record.mode),
+            skip_permissions=record.mode == "power",
+            mcp_config=str(self._write_mcp_config(record)),
+            strict_mcp_config=self.config.mcp.strict,
             append_system_prompt=prompt,
             add_dirs=(str(study_dir),) if study_dir else (),
             model=self.config.agent.model or None,
@@ -47,7 +56,33 @@ class Launcher:
             cwd=str(self.config.atomizer_root),
         )
 
-    def _permissions(self, mode: str) -> dict[str, object]:
-        if mode == "power":
-            return {"skip_permissions": True}
-        return {"allowed_tools": tuple(self.config.modes.user.allowed_tools)}
+    def cleanup(self, session_id: str) -> None:
+        """Removes the session's runtime files (its process is gone)."""
+        self.studies.remove_session_files(session_id)
+
+    def _write_mcp_config(self, record: SessionRecord) -> Path:
+        """The session's own MCP config (0600 in the runtime dir); written even when empty so
+        that --strict-mcp-config shuts out every other MCP configuration."""
+        servers: dict[str, object] = {}
+        command = self._atomizer_mcp_command()
+        if command:
+            servers["atomizer"] = {
+                "command": command[0],
+                "args": command[1:],
+                "env": {
+                    "ATOMIZER_MODE": record.mode,
+                    "ATOMIZER_ROOT": str(self.config.atomizer_root),
+                    "ATOMIZER_STUDY": record.study_id or "",
+                },
+            }
+        content = json.dumps({"mcpServers": servers}, indent=2)
+        return self.studies.write_session_file(record.session_id, ".mcp.json", content)
+
+    def _atomizer_mcp_command(self) -> list[str]:
+        if self.config.mcp.atomizer_command:
+            return list(self.config.mcp.atomizer_command)
+        default = self.config.atomizer_root / "mcp-server" / "atomizer-tools" / "dist" / "index.js"
+        return ["node", str(default)] if default.is_file() else []
+
+    def _allowed_tools(self, mode: str) -> tuple[str, ...]:
+        return () if mode == "power" else tuple(self.config.modes.user.allowed_tools)

@@ -23,6 +23,13 @@ from atomizerd.store import AgentProcessRecord, SessionRecord, Store
 
 log = structlog.get_logger("atomizerd.pool")
 
+# What the CLI says when --resume names a conversation whose transcript is gone.
+_NO_CONVERSATION = "No conversation found"
+
+
+class ResumeFailed(Exception):
+    """The agent could not resume the session's conversation (its transcript is gone)."""
+
 
 @dataclass
 class LiveAgent:
@@ -46,6 +53,7 @@ class AgentPool:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._closed = False
         self._retiring: set[asyncio.Future[None]] = set()
+        self._seeds: dict[str, str] = {}
 
     # --- introspection -------------------------------------------------------------------
 
@@ -79,6 +87,10 @@ class AgentPool:
 
     # --- leasing -------------------------------------------------------------------------
 
+    def seed_next_spawn(self, session_id: str, seed: str) -> None:
+        """Earlier conversation to put in the next spawn's system prompt (a reseeded session)."""
+        self._seeds[session_id] = seed
+
     async def prewarm(self, record: SessionRecord) -> None:
         """Starts the session's process if a slot is free; never evicts anyone for it."""
         if self._closed or record.session_id in self._agents or record.session_id in self._spawning:
@@ -87,7 +99,7 @@ class AgentPool:
             return
         try:
             await self._spawn(record)
-        except AgentSpawnError as e:
+        except (AgentSpawnError, ResumeFailed) as e:
             log.warning("prewarm failed", session_id=record.session_id, error=str(e))
 
     async def acquire(self, record: SessionRecord) -> LiveAgent:
@@ -133,8 +145,7 @@ class AgentPool:
         try:
             await agent.process.stop(self.config.agent.stop_grace)
         finally:
-            if agent.process.start_time is not None:
-                self.store.forget_agent_process(agent.process.pgid)
+            self._discard(agent)
             log.info(
                 "agent process stopped",
                 session_id=session_id,
@@ -142,6 +153,13 @@ class AgentPool:
                 returncode=agent.process.returncode,
             )
             self._wake_one()
+
+    def _discard(self, agent: LiveAgent) -> None:
+        """Forgets an agent that has already been stopped."""
+        self._agents.pop(agent.session_id, None)
+        if agent.process.start_time is not None:
+            self.store.forget_agent_process(agent.process.pgid)
+        self.launcher.cleanup(agent.session_id)
 
     async def close(self) -> None:
         self._closed = True
@@ -160,7 +178,8 @@ class AgentPool:
         self._spawning[sid] = future
         try:
             resume = record.agent_started
-            spec = self.launcher.spec_for(record, resume=resume)
+            seed = "" if resume else self._seeds.pop(sid, "")
+            spec = self.launcher.spec_for(record, resume=resume, seed=seed)
             process = await AgentProcess.spawn(
                 spec.argv,
                 env=spec.env,
@@ -177,7 +196,11 @@ class AgentPool:
             agent = LiveAgent(session_id=sid, process=process, resumed=resume)
             self._agents[sid] = agent
             log.info("agent process started", session_id=sid, pid=process.pid, resume=resume)
-            await self._initialize(agent)
+            if not await self._initialize(agent) and resume and await self._resume_failed(agent):
+                self._discard(agent)
+                raise ResumeFailed(
+                    f"the agent could not resume conversation {record.agent_session_id}"
+                )
             future.set_result(agent)
             return agent
         except BaseException as e:
@@ -188,11 +211,12 @@ class AgentPool:
             del self._spawning[sid]
             self._wake_one()
 
-    async def _initialize(self, agent: LiveAgent) -> None:
+    async def _initialize(self, agent: LiveAgent) -> bool:
         """The CLI's `initialize` handshake at spawn makes the first turn faster (DESIGN.md).
         An agent that does not answer still gets its turns."""
         try:
             await agent.process.initialize(timeout=self.config.agent.first_event_timeout)
+            return True
         except AgentError as e:
             log.warning(
                 "agent did not complete initialize",
@@ -200,6 +224,12 @@ class AgentPool:
                 error=str(e),
                 stderr_tail=agent.process.stderr_tail()[-500:],
             )
+            return False
+
+    async def _resume_failed(self, agent: LiveAgent) -> bool:
+        """After a failed handshake: did the CLI refuse to resume? (It says so and exits.)"""
+        await agent.process.stop(self.config.agent.stop_grace)
+        return _NO_CONVERSATION in agent.process.stderr_tail()
 
     async def _evict_one(self) -> bool:
         for sid, agent in self._agents.items():  # oldest first

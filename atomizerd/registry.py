@@ -13,8 +13,9 @@ import base64
 import binascii
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
@@ -24,6 +25,7 @@ from atomizerd.config import Config
 from atomizerd.context import Studies
 from atomizerd.errors import (
     FailedPrecondition,
+    Internal,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -209,8 +211,8 @@ class Registry:
         if self.config.agent.prewarm and not s.record.closed:
             self._spawn_background(self.pool.prewarm(s.record))
 
-    def _spawn_background(self, coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn_background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -280,6 +282,7 @@ class Registry:
                 self.store.update_session(s.id, mode=mode)
                 self._refresh(s)
                 await self.pool.retire(s.id)
+                self.runner.context_changed(s.id)
             log.info("mode switched", session_id=s.id, mode=mode)
             self._prewarm(s)
         return self.view(s)
@@ -295,6 +298,7 @@ class Registry:
                 self.store.update_session(s.id, study_id=study_id or None)
                 self._refresh(s)
                 await self.pool.retire(s.id)
+                self.runner.context_changed(s.id)
             log.info("study context set", session_id=s.id, study_id=study_id)
             self._prewarm(s)
         return self.view(s)
@@ -371,10 +375,14 @@ class Registry:
                 finally:
                     s.current = None
                     self._refresh_quietly(s)
-        except BaseException:
+        except asyncio.CancelledError:
             if not turn.done.is_set():
                 turn.reject(Unavailable("atomizerd is shutting down; the message was not sent"))
             raise
+        except Exception:
+            log.exception("turn could not run", session_id=s.id, turn_id=turn.turn_id)
+            if not turn.done.is_set():
+                turn.reject(Internal("atomizerd failed to run the turn; see its log"))
 
     def _emit(self, s: Session, turn: Turn, kind: ev.EventKind) -> ev.SessionEvent:
         seq = s.next_seq

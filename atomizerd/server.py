@@ -63,7 +63,7 @@ class Daemon:
         self.store: Store | None = None
         self.pool: AgentPool | None = None
         self.registry: Registry | None = None
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
 
     async def serve(self) -> None:
         self._install_signal_handlers()

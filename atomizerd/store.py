@@ -59,6 +59,7 @@ class SessionRow(_Model):
 class MessageRow(_Model):
     id = pw.BigAutoField()
     session = pw.ForeignKeyField(SessionRow, on_delete="CASCADE", backref="messages")
+    session_id: str  # peewee's accessor for the foreign key's raw value
     turn_id = pw.CharField(max_length=64, index=True)
     role = pw.CharField(max_length=16)
     content = pw.TextField()
@@ -424,7 +425,7 @@ class Store:
     # agent processes (crash sweep)
 
     def record_agent_process(self, rec: AgentProcessRecord) -> None:
-        AgentProcessRow.replace(
+        AgentProcessRow.replace(  # type: ignore[no-untyped-call]
             pgid=rec.pgid,
             session_id=rec.session_id,
             start_time=rec.start_time,
@@ -454,4 +455,5 @@ def _connect(url: str) -> pw.Database:
                 "busy_timeout": 5000,
             },
         )
-    return connect(url)
+    db: pw.Database = connect(url)
+    return db

@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 import structlog
 
 from atomizerd import events as ev
+from atomizerd import ids
 from atomizerd.agent import protocol as proto
 from atomizerd.agent.process import AgentError, AgentExited, AgentSpawnError, LineTooLong
 from atomizerd.config import Config
 from atomizerd.errors import AtomizerError
-from atomizerd.pool import AgentPool, LiveAgent
+from atomizerd.pool import AgentPool, LiveAgent, ResumeFailed
+from atomizerd.prompt import history_seed
 from atomizerd.store import SessionRecord, Store, ToolCallRecord, TurnOutcome
 
 log = structlog.get_logger("atomizerd.turns")
@@ -62,7 +64,8 @@ class _Transcript:
     """What the turn said so far, to store however it ends."""
 
     text: list[str] = field(default_factory=list)
-    streamed: bool = False  # text came as deltas; whole assistant blocks repeat it
+    # Messages whose text came as deltas; their whole assistant lines repeat it.
+    streamed: set[str] = field(default_factory=set)
     tool_calls: dict[str, ToolCallRecord] = field(default_factory=dict)
     agent_cost_usd: float | None = None  # the CLI's cumulative cost at the turn's end
 
@@ -76,13 +79,33 @@ class TurnRunner:
         self.store = store
         self.pool = pool
         self._pending: set[asyncio.Future[None]] = set()
+        # Sessions whose context (study, mode) changed since their conversation began.
+        self._stale_context: set[str] = set()
+
+    def context_changed(self, session_id: str) -> None:
+        """The CLI keeps a conversation's first system prompt on --resume, so a changed
+        context reaches the model with the next user message instead."""
+        self._stale_context.add(session_id)
+
+    def _agent_text(self, record: SessionRecord, turn: Turn) -> str:
+        if record.session_id not in self._stale_context or not record.agent_started:
+            return turn.text
+        self._stale_context.discard(record.session_id)
+        context = self.pool.launcher.context_text(record)
+        return f"<atomizer-context>\n{context}\n</atomizer-context>\n\n{turn.text}"
 
     async def interrupt(self, turn: Turn) -> None:
         turn.interrupt_requested.set()
 
     async def run(self, record: SessionRecord, turn: Turn, emit: Emit) -> None:
+        reseeded = False
         try:
-            agent = await self.pool.acquire(record)
+            try:
+                agent = await self.pool.acquire(record)
+            except ResumeFailed:
+                self._reseed(record)
+                reseeded = True
+                agent = await self.pool.acquire(record)
         except AtomizerError as e:
             turn.reject(e)
             return
@@ -94,20 +117,48 @@ class TurnRunner:
             self._finish(record, turn, emit, _Transcript(), ev.TurnFailed(ev.SPAWN_FAILED, str(e)))
             return
         try:
-            await self._run_on(agent, record, turn, emit)
+            await self._run_on(agent, record, turn, emit, reseeded)
         finally:
             self.pool.release(agent)
 
+    def _reseed(self, record: SessionRecord) -> None:
+        """The agent's transcript is gone: a new conversation, seeded from our own store."""
+        limit = self.config.agent.history_seed_messages
+        recent = self.store.recent_messages(record.session_id, limit)
+        record.agent_session_id = ids.new_agent_session_id()
+        record.agent_started = False
+        record.agent_cost_usd = 0.0
+        self.store.update_session(
+            record.session_id,
+            agent_session_id=record.agent_session_id,
+            agent_started=False,
+            agent_cost_usd=0.0,
+        )
+        self.pool.seed_next_spawn(record.session_id, history_seed(recent))
+        log.warning(
+            "agent conversation lost; reseeded from stored history",
+            session_id=record.session_id,
+            messages=len(recent),
+        )
+
     async def _run_on(
-        self, agent: LiveAgent, record: SessionRecord, turn: Turn, emit: Emit
+        self, agent: LiveAgent, record: SessionRecord, turn: Turn, emit: Emit, reseeded: bool
     ) -> None:
         self.store.add_user_message(
             record.session_id, turn.turn_id, turn.text, turn.request_id or None
         )
         emit(ev.TurnStarted(turn.text, turn.request_id))
+        if reseeded:
+            emit(
+                ev.Notice(
+                    ev.CONTEXT_RESEEDED,
+                    "the agent's earlier conversation could not be "
+                    "resumed; it continues from the messages stored by atomizerd",
+                )
+            )
         transcript = _Transcript()
         try:
-            terminal = await self._converse(agent, turn, emit, transcript)
+            terminal = await self._converse(agent, record, turn, emit, transcript)
         except Exception:
             log.exception("turn crashed", turn_id=turn.turn_id)
             agent.reusable = False
@@ -146,12 +197,17 @@ class TurnRunner:
         )
 
     async def _converse(
-        self, agent: LiveAgent, turn: Turn, emit: Emit, transcript: _Transcript
+        self,
+        agent: LiveAgent,
+        record: SessionRecord,
+        turn: Turn,
+        emit: Emit,
+        transcript: _Transcript,
     ) -> ev.TurnCompleted | ev.TurnFailed:
         cfg = self.config.agent
         process = agent.process
         try:
-            await process.send_user_message(turn.text)
+            await process.send_user_message(self._agent_text(record, turn))
         except AgentExited as e:
             return ev.TurnFailed(
                 ev.AGENT_EXITED, f"the agent exited before the turn: {e}", process.stderr_tail()
@@ -219,12 +275,15 @@ class TurnRunner:
         match item:
             case proto.TextDelta(text=text) if item.parent_tool_use_id is None:
                 transcript.text.append(text)
-                transcript.streamed = True
+                transcript.streamed.add(item.message_id)
                 emit(ev.TextDelta(text))
             case proto.ThinkingDelta(text=text):
                 emit(ev.ThinkingDelta(text))
             case proto.AssistantMessage():
-                if item.text and not transcript.streamed and item.parent_tool_use_id is None:
+                # A message whose deltas never came (e.g. retried without streaming after a
+                # broken stream) is only in the whole assistant line: take its text from there.
+                fresh = item.message_id not in transcript.streamed
+                if item.text and fresh and item.parent_tool_use_id is None:
                     transcript.text.append(item.text)
                     emit(ev.TextDelta(item.text))
                 for tu in item.tool_uses:

@@ -362,19 +362,19 @@ class AgentProcess:
         await self._proto.exited.wait()
         self._log.info("agent.exited", returncode=self.returncode)
         # Output written before the exit is still in the pipe: give the reader time to get it.
-        # Stdout still open after that means an orphaned descendant holds it.
+        # No end of file after that: an orphaned descendant holds stdout (killed here), or
+        # nobody receives and the mailbox is full (then stop() ends the reading).
         if not await _wait_quietly(self._stdout_eof.wait(), _EXIT_DRAIN_GRACE):
-            self._log.warning("agent.stdout_held_open_after_exit")
+            self._log.warning("agent.output_not_drained_after_exit")
             self._kill_group(signal.SIGKILL)
 
     def _close_mailbox(self) -> None:
         if self._mailbox.closed:
             return
-        final = self._exited("exited")
-        self._mailbox.close(final)
+        self._mailbox.close(self._exited("exited"))
         for future in self._pending.values():
             if not future.done():
-                future.set_exception(final)
+                future.set_exception(self._exited("exited before answering"))
 
     def _exited(self, what: str) -> AgentExited:
         returncode = self.returncode

@@ -15,6 +15,8 @@ stream-json --verbose --include-partial-messages` mode:
 - text and thinking stream as `stream_event` lines wrapping `content_block_delta` events; each
   finished content block is then repeated whole as an `assistant` line (one block per line,
   same `message.id`), so tool calls are read from `assistant` lines, not from partial JSON;
+- a `message_stop` event carrying `abandoned_blocks` withdraws deltas already streamed (after
+  an interrupt, or a broken stream retried without streaming);
 - tool outcomes are `user` lines holding `tool_result` blocks;
 - API retries are `system`/`api_retry` lines (activity, not a stall);
 - the turn ends with the `result` line; an interrupt answers with a `control_response` and then
@@ -58,12 +60,26 @@ class Init:
 class TextDelta:
     text: str
     parent_tool_use_id: str | None = None  # set for a subagent's output
+    message_id: str = ""  # the API message it belongs to (see AbandonedBlocks)
+    index: int = 0  # its content block's index in that message
 
 
 @dataclass(frozen=True, slots=True)
 class ThinkingDelta:
     text: str
     parent_tool_use_id: str | None = None
+    message_id: str = ""
+    index: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AbandonedBlocks:
+    """The deltas already streamed for blocks `from_block_index`.. of API message `message_id`
+    were dropped (an interrupt, or a broken stream the CLI retries without streaming: the
+    retried answer then comes as whole `assistant` lines with no deltas)."""
+
+    message_id: str
+    from_block_index: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +100,7 @@ class AssistantMessage:
     model: str = ""
     parent_tool_use_id: str | None = None
     error: str | None = None  # e.g. "server_error" on a synthetic API-error message
+    aborted: bool = False  # the partial block of an interrupted turn
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +187,7 @@ AgentMessage: TypeAlias = (
     Init
     | TextDelta
     | ThinkingDelta
+    | AbandonedBlocks
     | AssistantMessage
     | ToolResult
     | ApiRetry
@@ -228,14 +246,23 @@ def _unknown(data: dict[str, Any]) -> Unknown:
 
 def _parse_stream_event(data: dict[str, Any]) -> AgentMessage:
     event = _dict(data, "event")
+    event_type = _str(event, "type")
     parent = _opt_str(data, "parent_tool_use_id")
-    if _str(event, "type") == "content_block_delta":
+    message_id = _str(data, "api_message_id")
+    if event_type == "content_block_delta":
         delta = _dict(event, "delta")
         delta_type = _str(delta, "type")
+        index = _int(event, "index")
         if delta_type == "text_delta":
-            return TextDelta(text=_str(delta, "text"), parent_tool_use_id=parent)
+            return TextDelta(_str(delta, "text"), parent, message_id, index)
         if delta_type == "thinking_delta":
-            return ThinkingDelta(text=_str(delta, "thinking"), parent_tool_use_id=parent)
+            return ThinkingDelta(_str(delta, "thinking"), parent, message_id, index)
+    abandoned = _dict(data, "abandoned_blocks") or _dict(event, "abandoned_blocks")
+    if event_type == "message_stop" and abandoned:
+        return AbandonedBlocks(
+            message_id=_str(abandoned, "api_message_id") or message_id,
+            from_block_index=_int(abandoned, "from_block_index"),
+        )
     # message_start/stop, block start/stop, input_json_delta, signature_delta: the whole
     # `assistant` line that follows carries what we need from them.
     return Unknown(type="stream_event", subtype=_str(event, "type") or None, raw=data)
@@ -263,6 +290,7 @@ def _parse_assistant(data: dict[str, Any]) -> AssistantMessage:
         model=_str(message, "model"),
         parent_tool_use_id=_opt_str(data, "parent_tool_use_id"),
         error=error if isinstance(error, str) else None,
+        aborted=data.get("aborted") is True,
     )
 
 

@@ -41,17 +41,19 @@ def mode_from_pb(value: int, *, required: bool) -> str | None:
     """None for MODE_UNSPECIFIED (when allowed); INVALID_ARGUMENT for unknown numbers."""
     if value == pb.MODE_UNSPECIFIED and not required:
         return None
-    if value not in _MODE_TO_DOMAIN:
+    mode = _MODE_TO_DOMAIN.get(value)  # type: ignore[call-overload]
+    if mode is None:
         raise InvalidArgument(f"unknown mode {value}: use MODE_USER (1) or MODE_POWER (2)")
-    return _MODE_TO_DOMAIN[value]
+    return str(mode)
 
 
 def state_from_pb(value: int) -> str | None:
     if value == pb.SESSION_STATE_UNSPECIFIED:
         return None
-    if value not in _STATE_TO_DOMAIN:
+    state = _STATE_TO_DOMAIN.get(value)  # type: ignore[call-overload]
+    if state is None:
         raise InvalidArgument(f"unknown session state {value}")
-    return _STATE_TO_DOMAIN[value]
+    return str(state)
 
 
 def session_to_pb(view: SessionView) -> pb.Session:

@@ -26,6 +26,7 @@ STATUS_OF: dict[type[errors.AtomizerError], grpc.StatusCode] = {
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Internal: grpc.StatusCode.INTERNAL,
 }
 
 Req = TypeVar("Req")
@@ -36,7 +37,7 @@ Self = TypeVar("Self")
 def status_code(exc: errors.AtomizerError) -> grpc.StatusCode:
     for cls in type(exc).__mro__:
         if cls in STATUS_OF:
-            return STATUS_OF[cls]  # type: ignore[index]
+            return STATUS_OF[cls]
     return grpc.StatusCode.UNKNOWN
 
 

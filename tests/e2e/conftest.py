@@ -60,3 +60,6 @@ def e2e(short_tmp: Path, api: FakeMessagesAPI) -> Iterator[E2E]:
         yield env
     finally:
         env.stop()
+        log = short_tmp / "daemon.log"
+        if log.exists():  # shown by pytest when the test failed
+            print(log.read_text(errors="replace")[-6000:])
