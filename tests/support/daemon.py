@@ -1,7 +1,7 @@
 """Runs the real atomizerd as a subprocess on a temporary socket, for integration tests.
 
-    with RunningDaemon(tmp_path, config={"pool": {"max_live": 2}}) as d:
-        stub = session_pb2_grpc.SessionServiceStub(d.channel())
+with RunningDaemon(tmp_path, config={"pool": {"max_live": 2}}) as d:
+    stub = session_pb2_grpc.SessionServiceStub(d.channel())
 """
 
 from __future__ import annotations
