@@ -24,7 +24,8 @@ bootstrap() {
   fi
   # The pinned Claude Code CLI ships inside the claude-agent-sdk wheel.
   local bundled
-  bundled="$("$VENV/bin/python" -c 'import claude_agent_sdk, pathlib; print(pathlib.Path(claude_agent_sdk.__file__).parent / "_bundled" / "claude")' 2>/dev/null || true)"
+  # (Located without importing the SDK: it is installed --no-deps, only for the binary.)
+  bundled="$("$VENV/bin/python" -c 'import importlib.util as u, pathlib; print(pathlib.Path(u.find_spec("claude_agent_sdk").submodule_search_locations[0]) / "_bundled" / "claude")' 2>/dev/null || true)"
   if [ -n "$bundled" ] && [ -x "$bundled" ]; then ln -sf "$bundled" "$VENV/bin/claude"; fi
   export PATH="$VENV/bin:$PATH"
 }
