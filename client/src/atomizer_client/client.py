@@ -1,0 +1,500 @@
+"""Python clients for atomizerd: `Client` (blocking) and `AsyncClient` (asyncio, grpc.aio).
+
+    with Client() as c:                       # finds the socket (see discovery.py)
+        s = c.create_session(study_id="beam")
+        for ev in c.send_message(s.session_id, "hello"):
+            if isinstance(ev, TextDelta):
+                print(ev.text, end="")
+
+Every unary call has a deadline (`timeout`, default 10 s). The read-only calls (GetSession,
+ListSessions, GetHistory, GetStatus) are retried on UNAVAILABLE with exponential backoff by
+gRPC itself, through the channel's service config; nothing else is retried, because a repeated
+write is not safe without an idempotency key. Failures raise the `errors` classes.
+
+Records (sessions, messages, status) are the generated protobuf messages, typed by their .pyi;
+stream events are the dataclasses of `events`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+import grpc
+import grpc.aio
+from atomizer.v1 import daemon_pb2, daemon_pb2_grpc, session_pb2, session_pb2_grpc
+
+from atomizer_client.discovery import find_socket, target_for
+from atomizer_client.errors import from_rpc_error
+from atomizer_client.events import Event, from_proto
+
+DEFAULT_TIMEOUT = 10.0
+SESSION_SERVICE = "atomizer.v1.SessionService"
+DAEMON_SERVICE = "atomizer.v1.DaemonService"
+# Calls that change nothing, so repeating one after UNAVAILABLE is always safe.
+RETRIED_METHODS = (
+    (SESSION_SERVICE, "GetSession"),
+    (SESSION_SERVICE, "ListSessions"),
+    (SESSION_SERVICE, "GetHistory"),
+    (DAEMON_SERVICE, "GetStatus"),
+)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Session = session_pb2.Session
+Message = session_pb2.Message
+Status = daemon_pb2.GetStatusResponse
+ModeLike = str | int
+"""A mode: "user" / "power" (any case, with or without MODE_), or a `session_pb2.Mode` value."""
+StateLike = str | int
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """gRPC retry policy for the read-only calls. gRPC caps max_attempts at 5."""
+
+    max_attempts: int = 5
+    initial_backoff: float = 0.1
+    max_backoff: float = 2.0
+    backoff_multiplier: float = 2.0
+
+
+def service_config(retry: RetryPolicy | None) -> str:
+    """The channel's JSON service config: a retryPolicy on RETRIED_METHODS."""
+    if retry is None:
+        return json.dumps({"methodConfig": []})
+    policy = {
+        "maxAttempts": retry.max_attempts,
+        "initialBackoff": f"{retry.initial_backoff}s",
+        "maxBackoff": f"{retry.max_backoff}s",
+        "backoffMultiplier": retry.backoff_multiplier,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    names = [{"service": s, "method": m} for s, m in RETRIED_METHODS]
+    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}]})
+
+
+def channel_options(retry: RetryPolicy | None) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.service_config", service_config(retry)),
+        ("grpc.enable_retries", 1),
+        # Tool results can carry multi-MiB images; the daemon bounds sizes, not the client.
+        ("grpc.max_receive_message_length", -1),
+    ]
+
+
+def _enum(enum: Any, prefix: str, value: str | int, what: str) -> Any:
+    if isinstance(value, int):
+        return value
+    name = value.strip().upper().replace("-", "_")
+    if not name.startswith(prefix):
+        name = prefix + name
+    try:
+        return enum.Value(name)
+    except ValueError:
+        raise ValueError(f"unknown {what} {value!r}") from None
+
+
+def mode_value(mode: ModeLike) -> session_pb2.Mode.ValueType:
+    """`session_pb2.Mode` for "user" / "power" (or a Mode value, returned as is)."""
+    result: session_pb2.Mode.ValueType = _enum(session_pb2.Mode, "MODE_", mode, "mode")
+    return result
+
+
+def state_value(state: StateLike | None) -> session_pb2.SessionState.ValueType:
+    """`session_pb2.SessionState` for "idle", "ready", "busy", ...; None means any."""
+    if state is None:
+        return session_pb2.SESSION_STATE_UNSPECIFIED
+    result: session_pb2.SessionState.ValueType = _enum(
+        session_pb2.SessionState, "SESSION_STATE_", state, "session state"
+    )
+    return result
+
+
+def new_request_id() -> str:
+    """An idempotency key for SendMessage; a retry that reuses it attaches to the same turn."""
+    return str(uuid.uuid4())
+
+
+class _Base:
+    def __init__(
+        self,
+        socket: str | os.PathLike[str] | None,
+        timeout: float,
+        retry: RetryPolicy | None,
+        options: Sequence[tuple[str, Any]],
+    ) -> None:
+        self.socket = find_socket(socket)
+        self.target = target_for(self.socket)
+        self.timeout = timeout
+        self._options = [*channel_options(retry), *options]
+
+    def _deadline(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
+
+
+# --- blocking client -----------------------------------------------------------------------
+
+
+class EventStream(Iterator[Event]):
+    """The events of a SendMessage or WatchSession call, as they arrive.
+
+    The call is already running when this is returned. `cancel()` abandons it (the turn itself
+    goes on: stop it with `Client.interrupt`); iteration then ends quietly.
+    """
+
+    def __init__(self, call: grpc.CallIterator[Any], request_id: str = "") -> None:
+        self._call = call
+        self.request_id = request_id
+        self._cancelled = False
+        self._events = self._iterate()
+
+    def __next__(self) -> Event:
+        return next(self._events)
+
+    def _iterate(self) -> Iterator[Event]:
+        try:
+            for resp in self._call:
+                yield from_proto(resp.event)
+        except grpc.RpcError as e:
+            if self._cancelled:
+                return
+            raise from_rpc_error(e) from e
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+
+class Client(_Base):
+    """Blocking client. Thread-safe: share one per process."""
+
+    def __init__(
+        self,
+        socket: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = RetryPolicy(),
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        super().__init__(socket, timeout, retry, options)
+        self._channel = grpc.insecure_channel(self.target, options=self._options)
+        self._sessions = session_pb2_grpc.SessionServiceStub(self._channel)
+        self._daemon = daemon_pb2_grpc.DaemonServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _call(
+        self, method: grpc.UnaryUnaryMultiCallable[Req, Resp], req: Req, timeout: float | None
+    ) -> Resp:
+        try:
+            return method(req, timeout=self._deadline(timeout))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+
+    def create_session(
+        self,
+        *,
+        mode: ModeLike | None = None,
+        study_id: str = "",
+        session_id: str = "",
+        timeout: float | None = None,
+    ) -> Session:
+        """Creates a session, or reopens `session_id` if it exists (mode None: unchanged)."""
+        req = _create_request(mode, study_id, session_id)
+        return self._call(self._sessions.CreateSession, req, timeout).session
+
+    def get_session(self, session_id: str, *, timeout: float | None = None) -> Session:
+        req = session_pb2.GetSessionRequest(session_id=session_id)
+        return self._call(self._sessions.GetSession, req, timeout).session
+
+    def list_sessions(
+        self,
+        *,
+        study_id: str = "",
+        state: StateLike | None = None,
+        page_size: int = 0,
+        timeout: float | None = None,
+    ) -> Iterator[Session]:
+        """Every matching session, newest first, fetching pages as the iteration goes."""
+        req = session_pb2.ListSessionsRequest(
+            page_size=page_size, study_id=study_id, state=state_value(state)
+        )
+        return self._pages(self._sessions.ListSessions, req, "sessions", timeout)
+
+    def terminate_session(
+        self, session_id: str, *, purge: bool = False, timeout: float | None = None
+    ) -> Session | None:
+        """Closes the session; returns it as closed, or None when purged."""
+        req = session_pb2.TerminateSessionRequest(session_id=session_id, purge=purge)
+        resp = self._call(self._sessions.TerminateSession, req, timeout)
+        return resp.session if resp.HasField("session") else None
+
+    def switch_mode(
+        self, session_id: str, mode: ModeLike, *, timeout: float | None = None
+    ) -> Session:
+        req = session_pb2.SwitchModeRequest(session_id=session_id, mode=mode_value(mode))
+        return self._call(self._sessions.SwitchMode, req, timeout).session
+
+    def set_study_context(
+        self, session_id: str, study_id: str | None, *, timeout: float | None = None
+    ) -> Session:
+        """Attaches a study; None or "" detaches."""
+        req = session_pb2.SetStudyContextRequest(session_id=session_id, study_id=study_id or "")
+        return self._call(self._sessions.SetStudyContext, req, timeout).session
+
+    def get_history(
+        self, session_id: str, *, page_size: int = 0, timeout: float | None = None
+    ) -> Iterator[Message]:
+        """Every stored message, oldest first, fetching pages as the iteration goes."""
+        req = session_pb2.GetHistoryRequest(session_id=session_id, page_size=page_size)
+        return self._pages(self._sessions.GetHistory, req, "messages", timeout)
+
+    def _pages(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[Any, Any],
+        req: Any,
+        field: str,
+        timeout: float | None,
+    ) -> Iterator[Any]:
+        while True:
+            resp = self._call(method, req, timeout)
+            yield from getattr(resp, field)
+            if not resp.next_page_token:
+                return
+            req.page_token = resp.next_page_token
+
+    def send_message(
+        self,
+        session_id: str,
+        text: str,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> EventStream:
+        """Starts a turn and returns its events; the last one is TurnCompleted or TurnFailed.
+
+        `request_id` defaults to a fresh id (`stream.request_id`); pass it again to re-attach
+        to the same turn after a broken connection instead of starting a second one.
+        `timeout` bounds the whole turn (default: none; the daemon has its own turn timeout).
+        """
+        rid = request_id or new_request_id()
+        req = session_pb2.SendMessageRequest(session_id=session_id, text=text, request_id=rid)
+        return EventStream(self._sessions.SendMessage(req, timeout=timeout), rid)
+
+    def watch_session(self, session_id: str, *, after_seq: int = 0) -> EventStream:
+        """Buffered events with seq > after_seq, then the session live, until cancelled."""
+        req = session_pb2.WatchSessionRequest(session_id=session_id, after_seq=after_seq)
+        return EventStream(self._sessions.WatchSession(req))
+
+    def interrupt(self, session_id: str, *, timeout: float | None = None) -> str:
+        """Interrupts the running turn and returns its id; FailedPreconditionError if none."""
+        req = session_pb2.InterruptRequest(session_id=session_id)
+        return self._call(self._sessions.Interrupt, req, timeout).turn_id
+
+    def get_status(self, *, timeout: float | None = None) -> Status:
+        return self._call(self._daemon.GetStatus, daemon_pb2.GetStatusRequest(), timeout)
+
+
+def _create_request(
+    mode: ModeLike | None, study_id: str, session_id: str
+) -> session_pb2.CreateSessionRequest:
+    return session_pb2.CreateSessionRequest(
+        mode=session_pb2.MODE_UNSPECIFIED if mode is None else mode_value(mode),
+        study_id=study_id,
+        session_id=session_id,
+    )
+
+
+# --- asyncio client ------------------------------------------------------------------------
+
+
+_STREAM_RESPONSES = (session_pb2.SendMessageResponse, session_pb2.WatchSessionResponse)
+
+
+class AsyncEventStream(AsyncIterator[Event]):
+    """`EventStream` for asyncio: `async for ev in stream`."""
+
+    def __init__(self, call: grpc.aio.UnaryStreamCall[Any, Any], request_id: str = "") -> None:
+        self._call = call
+        self.request_id = request_id
+        self._cancelled = False
+
+    async def __anext__(self) -> Event:
+        try:
+            resp = await self._call.read()
+        except grpc.RpcError as e:
+            if self._cancelled:
+                raise StopAsyncIteration from None
+            raise from_rpc_error(e) from e
+        except asyncio.CancelledError:
+            # grpc.aio raises asyncio's CancelledError from read() after call.cancel()
+            if self._cancelled:
+                raise StopAsyncIteration from None
+            raise
+        if not isinstance(resp, _STREAM_RESPONSES):  # grpc.aio.EOF: the stream ended
+            raise StopAsyncIteration
+        return from_proto(resp.event)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cancel()
+
+
+class AsyncClient(_Base):
+    """The same API as `Client`, for asyncio; create and use it inside one event loop.
+
+    Unary calls use the client's `timeout` as their gRPC deadline; for a tighter bound on one
+    call, wrap it in `asyncio.timeout()`.
+    """
+
+    def __init__(
+        self,
+        socket: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = RetryPolicy(),
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        super().__init__(socket, timeout, retry, options)
+        self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
+        self._sessions = session_pb2_grpc.SessionServiceStub(self._channel)
+        self._daemon = daemon_pb2_grpc.DaemonServiceStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close(None)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def _call(self, method: Callable[..., Awaitable[Resp]], req: Any) -> Resp:
+        try:
+            return await method(req, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+
+    async def create_session(
+        self,
+        *,
+        mode: ModeLike | None = None,
+        study_id: str = "",
+        session_id: str = "",
+    ) -> Session:
+        req = _create_request(mode, study_id, session_id)
+        return (await self._call(self._sessions.CreateSession, req)).session
+
+    async def get_session(self, session_id: str) -> Session:
+        req = session_pb2.GetSessionRequest(session_id=session_id)
+        return (await self._call(self._sessions.GetSession, req)).session
+
+    def list_sessions(
+        self,
+        *,
+        study_id: str = "",
+        state: StateLike | None = None,
+        page_size: int = 0,
+    ) -> AsyncIterator[Session]:
+        """`async for s in client.list_sessions()`: every matching session, newest first."""
+        req = session_pb2.ListSessionsRequest(
+            page_size=page_size, study_id=study_id, state=state_value(state)
+        )
+        return self._pages(self._sessions.ListSessions, req, "sessions")
+
+    async def terminate_session(self, session_id: str, *, purge: bool = False) -> Session | None:
+        req = session_pb2.TerminateSessionRequest(session_id=session_id, purge=purge)
+        resp = await self._call(self._sessions.TerminateSession, req)
+        return resp.session if resp.HasField("session") else None
+
+    async def switch_mode(self, session_id: str, mode: ModeLike) -> Session:
+        req = session_pb2.SwitchModeRequest(session_id=session_id, mode=mode_value(mode))
+        return (await self._call(self._sessions.SwitchMode, req)).session
+
+    async def set_study_context(self, session_id: str, study_id: str | None) -> Session:
+        req = session_pb2.SetStudyContextRequest(session_id=session_id, study_id=study_id or "")
+        return (await self._call(self._sessions.SetStudyContext, req)).session
+
+    def get_history(self, session_id: str, *, page_size: int = 0) -> AsyncIterator[Message]:
+        """`async for m in client.get_history(sid)`: every stored message, oldest first."""
+        req = session_pb2.GetHistoryRequest(session_id=session_id, page_size=page_size)
+        return self._pages(self._sessions.GetHistory, req, "messages")
+
+    async def _pages(
+        self, method: Callable[..., Awaitable[Any]], req: Any, field: str
+    ) -> AsyncIterator[Any]:
+        while True:
+            resp = await self._call(method, req)
+            for item in getattr(resp, field):
+                yield item
+            if not resp.next_page_token:
+                return
+            req.page_token = resp.next_page_token
+
+    def send_message(
+        self,
+        session_id: str,
+        text: str,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncEventStream:
+        """As `Client.send_message`; the call starts when the event loop next runs."""
+        rid = request_id or new_request_id()
+        req = session_pb2.SendMessageRequest(session_id=session_id, text=text, request_id=rid)
+        return AsyncEventStream(self._sessions.SendMessage(req, timeout=timeout), rid)
+
+    def watch_session(self, session_id: str, *, after_seq: int = 0) -> AsyncEventStream:
+        req = session_pb2.WatchSessionRequest(session_id=session_id, after_seq=after_seq)
+        return AsyncEventStream(self._sessions.WatchSession(req))
+
+    async def interrupt(self, session_id: str) -> str:
+        req = session_pb2.InterruptRequest(session_id=session_id)
+        return (await self._call(self._sessions.Interrupt, req)).turn_id
+
+    async def get_status(self) -> Status:
+        return await self._call(self._daemon.GetStatus, daemon_pb2.GetStatusRequest())
+
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "AsyncClient",
+    "AsyncEventStream",
+    "Client",
+    "EventStream",
+    "RetryPolicy",
+    "mode_value",
+    "new_request_id",
+    "service_config",
+    "state_value",
+]

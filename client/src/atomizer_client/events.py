@@ -1,0 +1,237 @@
+"""Typed session events, converted from `atomizer.v1.SessionEvent`.
+
+A turn is `TurnStarted`, then any number of deltas, tool calls and notices, then exactly one
+terminal event: `TurnCompleted` (also when interrupted or when the agent reported an error) or
+`TurnFailed` (the daemon could not run the turn to its end).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from atomizer.v1 import session_pb2
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+    @classmethod
+    def from_proto(cls, u: session_pb2.Usage) -> Usage:
+        return cls(
+            u.input_tokens,
+            u.output_tokens,
+            u.cache_creation_input_tokens,
+            u.cache_read_input_tokens,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PermissionDenial:
+    tool_name: str
+    tool_use_id: str
+    input_json: str
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Common to every event: its per-session sequence number and the turn it belongs to."""
+
+    type: ClassVar[str] = "event"
+    terminal: ClassVar[bool] = False
+
+    seq: int
+    turn_id: str
+    session_id: str
+    time: datetime | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict with a `type` key (what `atomizerctl --json` prints)."""
+        out: dict[str, Any] = {"type": self.type}
+        for f in dataclasses.fields(self):
+            out[f.name] = _jsonable(getattr(self, f.name))
+        return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class TurnStarted(Event):
+    type: ClassVar[str] = "turn_started"
+    text: str = ""
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta(Event):
+    type: ClassVar[str] = "text_delta"
+    text: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ThinkingDelta(Event):
+    type: ClassVar[str] = "thinking_delta"
+    text: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolUse(Event):
+    type: ClassVar[str] = "tool_use"
+    id: str = ""
+    name: str = ""
+    input_json: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResult(Event):
+    type: ClassVar[str] = "tool_result"
+    tool_use_id: str = ""
+    content: str = ""
+    is_error: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TurnCompleted(Event):
+    type: ClassVar[str] = "turn_completed"
+    terminal: ClassVar[bool] = True
+    stop_reason: str = ""
+    is_error: bool = False
+    cost_usd: float = 0.0
+    usage: Usage = field(default_factory=Usage)
+    duration_ms: int = 0
+    num_turns: int = 0
+    interrupted: bool = False
+    permission_denials: tuple[PermissionDenial, ...] = ()
+    result_subtype: str = ""
+    text: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TurnFailed(Event):
+    type: ClassVar[str] = "turn_failed"
+    terminal: ClassVar[bool] = True
+    code: str = ""
+    """The FailureCode name without its prefix, e.g. "AGENT_EXITED"."""
+    message: str = ""
+    stderr_tail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Notice(Event):
+    type: ClassVar[str] = "notice"
+    kind: str = ""
+    """The NoticeKind name without its prefix, e.g. "API_RETRY"."""
+    message: str = ""
+    attempt: int = 0
+    max_retries: int = 0
+    retry_delay_ms: int = 0
+    error_status: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownEvent(Event):
+    """An event kind this client does not know (a newer daemon); safe to skip."""
+
+    type: ClassVar[str] = "unknown"
+
+
+def _enum_name(enum: Any, value: int, prefix: str) -> str:
+    try:
+        name: str = enum.Name(value)
+    except ValueError:  # a value from a newer contract
+        return str(value)
+    return name.removeprefix(prefix)
+
+
+def from_proto(ev: session_pb2.SessionEvent) -> Event:
+    """Converts one `SessionEvent` to its typed event."""
+    base: dict[str, Any] = {
+        "seq": ev.seq,
+        "turn_id": ev.turn_id,
+        "session_id": ev.session_id,
+        "time": ev.time.ToDatetime(tzinfo=UTC) if ev.HasField("time") else None,
+    }
+    kind = ev.WhichOneof("kind")
+    if kind == "turn_started":
+        return TurnStarted(**base, text=ev.turn_started.text, request_id=ev.turn_started.request_id)
+    if kind == "text_delta":
+        return TextDelta(**base, text=ev.text_delta.text)
+    if kind == "thinking_delta":
+        return ThinkingDelta(**base, text=ev.thinking_delta.text)
+    if kind == "tool_use":
+        t = ev.tool_use
+        return ToolUse(**base, id=t.id, name=t.name, input_json=t.input_json)
+    if kind == "tool_result":
+        r = ev.tool_result
+        return ToolResult(**base, tool_use_id=r.tool_use_id, content=r.content, is_error=r.is_error)
+    if kind == "turn_completed":
+        return _turn_completed(base, ev.turn_completed)
+    if kind == "turn_failed":
+        f = ev.turn_failed
+        code = _enum_name(session_pb2.FailureCode, f.code, "FAILURE_CODE_")
+        return TurnFailed(**base, code=code, message=f.message, stderr_tail=f.stderr_tail)
+    if kind == "notice":
+        return _notice(base, ev.notice)
+    return UnknownEvent(**base)
+
+
+def _turn_completed(base: dict[str, Any], c: session_pb2.TurnCompleted) -> TurnCompleted:
+    denials = tuple(
+        PermissionDenial(d.tool_name, d.tool_use_id, d.input_json) for d in c.permission_denials
+    )
+    return TurnCompleted(
+        **base,
+        stop_reason=c.stop_reason,
+        is_error=c.is_error,
+        cost_usd=c.cost_usd,
+        usage=Usage.from_proto(c.usage),
+        duration_ms=c.duration_ms,
+        num_turns=c.num_turns,
+        interrupted=c.interrupted,
+        permission_denials=denials,
+        result_subtype=c.result_subtype,
+        text=c.text,
+    )
+
+
+def _notice(base: dict[str, Any], n: session_pb2.Notice) -> Notice:
+    return Notice(
+        **base,
+        kind=_enum_name(session_pb2.NoticeKind, n.kind, "NOTICE_KIND_"),
+        message=n.message,
+        attempt=n.attempt,
+        max_retries=n.max_retries,
+        retry_delay_ms=n.retry_delay_ms,
+        error_status=n.error_status,
+    )
+
+
+__all__ = [
+    "Event",
+    "Notice",
+    "PermissionDenial",
+    "TextDelta",
+    "ThinkingDelta",
+    "ToolResult",
+    "ToolUse",
+    "TurnCompleted",
+    "TurnFailed",
+    "TurnStarted",
+    "UnknownEvent",
+    "Usage",
+    "from_proto",
+]
