@@ -13,13 +13,20 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
 from atomizerd import events as ev
 from atomizerd import ids
 from atomizerd.agent import protocol as proto
-from atomizerd.agent.process import AgentError, AgentExited, AgentSpawnError, LineTooLong
+from atomizerd.agent.process import (
+    AgentError,
+    AgentExited,
+    AgentItem,
+    AgentSpawnError,
+    LineTooLong,
+)
 from atomizerd.config import Config
 from atomizerd.errors import AtomizerError
 from atomizerd.pool import AgentPool, LiveAgent, ResumeFailed
@@ -165,10 +172,6 @@ class TurnRunner:
             terminal = ev.TurnFailed(ev.INTERNAL, "atomizerd failed while running the turn")
         if isinstance(terminal, ev.TurnFailed):
             agent.reusable = False
-        elif not record.agent_started:
-            # The CLI wrote its transcript: from now on this conversation is resumed.
-            self.store.update_session(record.session_id, agent_started=True)
-            record.agent_started = True
         self._finish(record, turn, emit, transcript, terminal)
 
     def _finish(
@@ -212,11 +215,18 @@ class TurnRunner:
             return ev.TurnFailed(
                 ev.AGENT_EXITED, f"the agent exited before the turn: {e}", process.stderr_tail()
             )
-        started = time.monotonic()
+        if not record.agent_started:
+            # The CLI keeps a transcript from its first message on: every later process of
+            # this conversation must --resume it (a second --session-id is refused).
+            self.store.update_session(record.session_id, agent_started=True)
+            record.agent_started = True
+        started = last_activity = time.monotonic()
         deadline = started + cfg.turn_timeout
         first = True
         interrupting_since: float | None = None
         interrupt_waiter = asyncio.ensure_future(turn.interrupt_requested.wait())
+        # One pending receive at a time, kept across timeouts: nothing read is ever dropped.
+        receive: asyncio.Task[AgentItem] | None = None
         try:
             while True:
                 now = time.monotonic()
@@ -225,13 +235,15 @@ class TurnRunner:
                     if budget <= 0:
                         return await self._kill(agent, turn, transcript)
                 else:
-                    budget = min(
-                        cfg.first_event_timeout if first else cfg.stall_timeout, deadline - now
-                    )
+                    quiet_limit = cfg.first_event_timeout if first else cfg.stall_timeout
+                    budget = min(last_activity + quiet_limit, deadline) - now
                     if budget <= 0:
                         return await self._watchdog(agent, turn, first, now >= deadline)
-                receive = asyncio.ensure_future(process.receive())
-                waiting = {receive} if interrupt_waiter.done() else {receive, interrupt_waiter}
+                if receive is None:
+                    receive = asyncio.ensure_future(process.receive())
+                waiting: set[asyncio.Future[Any]] = {receive}
+                if not interrupt_waiter.done():
+                    waiting.add(interrupt_waiter)
                 done, _ = await asyncio.wait(
                     waiting, timeout=budget, return_when=asyncio.FIRST_COMPLETED
                 )
@@ -239,15 +251,18 @@ class TurnRunner:
                     interrupting_since = time.monotonic()
                     await self._send_interrupt(agent)
                 if receive not in done:
-                    receive.cancel()
                     continue
-                first = False
                 item = receive.result()
+                receive = None
+                first = False
+                last_activity = time.monotonic()
                 outcome = self._relay(agent, item, emit, transcript, interrupting_since is not None)
                 if outcome is not None:
                     return outcome
         finally:
             interrupt_waiter.cancel()
+            if receive is not None:
+                receive.cancel()
 
     async def _send_interrupt(self, agent: LiveAgent) -> None:
         """Asks the agent to end the turn; its `result` line (or its exit) ends it. The
