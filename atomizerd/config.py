@@ -262,6 +262,35 @@ class ReaperConfig:
 
 
 @dataclass
+class ApprovalsConfig:
+    enabled: bool = _doc(
+        "In user mode, ask the session's clients before a tool outside the allowlist runs "
+        "(a permission_request event, answered by RespondToPermission). Off: such tools are "
+        "denied at once, as the CLI does by itself.",
+        default=True,
+    )
+    timeout: float = _doc(
+        "How long a permission request waits for an answer before it is denied. Long enough "
+        "for a person to read the request; the turn counts as busy, not stalled, meanwhile.",
+        default=60.0,
+    )
+
+
+@dataclass
+class BudgetConfig:
+    session_usd: float = _doc(
+        "Spending cap of a session in USD, 0 for none. A session at its cap refuses new "
+        "messages (RESOURCE_EXHAUSTED); CreateSession may lower it per session.",
+        default=0.0,
+    )
+    turn_usd: float = _doc(
+        "Spending cap of one turn in USD, 0 for none (--max-budget-usd). Costs a fresh agent "
+        "process per turn, since the CLI takes the cap at start-up.",
+        default=0.0,
+    )
+
+
+@dataclass
 class LoggingConfig:
     level: str = _doc("Log level: debug, info, warning, error.", default="info")
     format: str = _doc(
@@ -279,6 +308,8 @@ class Config:
     mcp: McpConfig = field(default_factory=McpConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     reaper: ReaperConfig = field(default_factory=ReaperConfig)
+    approvals: ApprovalsConfig = field(default_factory=ApprovalsConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     # Derived paths, resolved once by `resolve()`.
@@ -505,11 +536,19 @@ def validate(cfg: Config) -> None:
         "pool.queue_timeout",
         "reaper.interval",
         "reaper.idle_timeout",
+        "approvals.timeout",
     ):
         section, name = key.split(".")
         positive(key, getattr(getattr(cfg, section), name))
-    for key in ("pool.max_queued", "pool.max_queued_per_session", "reaper.retention"):
-        if getattr(cfg.pool if key.startswith("pool") else cfg.reaper, key.split(".")[1]) < 0:
+    for key in (
+        "pool.max_queued",
+        "pool.max_queued_per_session",
+        "reaper.retention",
+        "budget.session_usd",
+        "budget.turn_usd",
+    ):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 0:
             raise ConfigError(f"{key}: must not be negative")
     if cfg.logging.level not in ("debug", "info", "warning", "error"):
         raise ConfigError(

@@ -101,6 +101,25 @@ class Notice:
     error_status: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class PermissionRequest:
+    request_id: str
+    tool_name: str
+    input_json: str
+    description: str
+    tool_use_id: str
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True)
+class PermissionDecided:
+    request_id: str
+    tool_name: str
+    allow: bool
+    decider: str  # client | rule | timeout | policy | mode
+    message: str
+
+
 EventKind = (
     TurnStarted
     | TextDelta
@@ -110,6 +129,8 @@ EventKind = (
     | TurnCompleted
     | TurnFailed
     | Notice
+    | PermissionRequest
+    | PermissionDecided
 )
 TERMINAL = (TurnCompleted, TurnFailed)
 

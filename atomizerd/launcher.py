@@ -43,6 +43,10 @@ class Launcher:
             resume=resume,
             allowed_tools=self._allowed_tools(record.mode),
             skip_permissions=record.mode == "power",
+            permission_prompt_tool=(
+                "stdio" if record.mode == "user" and self.config.approvals.enabled else None
+            ),
+            max_budget_usd=_allowance(record),
             mcp_config=str(self._write_mcp_config(record)),
             strict_mcp_config=self.config.mcp.strict,
             append_system_prompt=prompt,
@@ -86,3 +90,17 @@ class Launcher:
 
     def _allowed_tools(self, mode: str) -> tuple[str, ...]:
         return () if mode == "power" else tuple(self.config.modes.user.allowed_tools)
+
+
+def _allowance(record: SessionRecord) -> float | None:
+    """--max-budget-usd for a new agent process: what the session may still spend (and at
+    most one turn's cap), on the CLI's own scale, which counts the conversation's cost so far."""
+    limits = []
+    if record.budget_usd > 0:
+        limits.append(max(record.budget_usd - record.total_cost_usd, 0.0))
+    if record.turn_budget_usd > 0:
+        limits.append(record.turn_budget_usd)
+    if not limits:
+        return None
+    # Never 0 (the CLI wants a positive cap): a session at its cap is refused before a turn.
+    return record.agent_cost_usd + max(min(limits), 1e-6)

@@ -32,8 +32,9 @@ from atomizerd.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from atomizerd.governance import CLIENT, Decision
 from atomizerd.pool import AgentPool
-from atomizerd.store import SEQ_BLOCK, MessageRecord, SessionRecord, Store
+from atomizerd.store import SEQ_BLOCK, AuditRecord, MessageRecord, SessionRecord, Store
 from atomizerd.turns import Turn, TurnRunner
 
 log = structlog.get_logger("atomizerd.registry")
@@ -158,7 +159,12 @@ class Registry:
     # --- sessions ----------------------------------------------------------------------------
 
     async def create_session(
-        self, mode: str | None, study_id: str | None, session_id: str | None
+        self,
+        mode: str | None,
+        study_id: str | None,
+        session_id: str | None,
+        budget_usd: float = 0.0,
+        turn_budget_usd: float = 0.0,
     ) -> SessionView:
         self._check_open()
         mode = self._check_mode(mode) if mode else None
@@ -176,8 +182,15 @@ class Registry:
                 f"the daemon already holds {self.config.daemon.max_sessions} open sessions "
                 "(daemon.max_sessions); terminate some first"
             )
+        budget = _cap("budget_usd", budget_usd, self.config.budget.session_usd)
+        turn_budget = _cap("turn_budget_usd", turn_budget_usd, self.config.budget.turn_usd)
         record = self.store.create_session(
-            session_id, mode or "user", study_id or None, ids.new_agent_session_id()
+            session_id,
+            mode or "user",
+            study_id or None,
+            ids.new_agent_session_id(),
+            budget_usd=budget,
+            turn_budget_usd=turn_budget,
         )
         log.info("session created", session_id=session_id, mode=record.mode, study_id=study_id)
         s = self._load(session_id)
@@ -279,7 +292,18 @@ class Registry:
         if mode != s.record.mode:
             # Waiting for the session's turn lock lets a running turn finish under its old mode.
             async with s.turn_lock:
-                self.store.update_session(s.id, mode=mode)
+                previous = s.record.mode
+                with self.store.atomic():
+                    self.store.update_session(s.id, mode=mode)
+                    self.store.add_audit(
+                        AuditRecord(
+                            session_id=s.id,
+                            kind="mode_switch",
+                            allow=True,
+                            decider=CLIENT,
+                            detail=f"{previous} -> {mode}",
+                        )
+                    )
                 self._refresh(s)
                 await self.pool.retire(s.id)
                 self.runner.context_changed(s.id)
@@ -308,17 +332,9 @@ class Registry:
     ) -> tuple[list[MessageRecord], str]:
         s = self._load(session_id)
         limit = _page_size(page_size)
-        after_id = 0
-        if page_token:
-            try:
-                after_id = int(base64.urlsafe_b64decode(page_token.encode()).decode())
-            except (ValueError, binascii.Error):
-                raise InvalidArgument("page_token is not one this daemon issued") from None
-        rows = self.store.history(s.id, after_id=after_id, limit=limit + 1)
+        rows = self.store.history(s.id, after_id=_decode_id_token(page_token), limit=limit + 1)
         page = rows[:limit]
-        token = ""
-        if len(rows) > limit:
-            token = base64.urlsafe_b64encode(str(page[-1].message_id).encode()).decode()
+        token = _encode_id_token(page[-1].message_id) if len(rows) > limit else ""
         return page, token
 
     # --- turns -------------------------------------------------------------------------------
@@ -339,9 +355,14 @@ class Registry:
                 for event in self._replay_stored(s, stored):
                     yield event
                 return
+            self._check_budget(s)
             turn = self._enqueue(s, text, request_id)
-        async for event in turn.log.follow(0, until=lambda e: e.terminal):
-            yield event
+        turn.listeners += 1
+        try:
+            async for event in turn.log.follow(0, until=lambda e: e.terminal):
+                yield event
+        finally:
+            turn.listeners -= 1
         if turn.rejected is not None:
             raise turn.rejected
 
@@ -356,6 +377,7 @@ class Registry:
                 f"(pool.max_queued_per_session = {limit})"
             )
         turn = Turn(ids.new_turn_id(), text, request_id)
+        turn.audience = lambda: turn.listeners + s.watchers
         if request_id:
             s.recent[request_id] = turn
             while len(s.recent) > RECENT_TURNS:
@@ -452,6 +474,37 @@ class Registry:
         await self.runner.interrupt(turn)
         return turn.turn_id
 
+    def respond_to_permission(
+        self, session_id: str, request_id: str, allow: bool, message: str, remember: bool
+    ) -> Decision:
+        s = self._load(session_id)
+        if not request_id:
+            raise InvalidArgument("request_id is required")
+        turn = s.current
+        if turn is None or turn.approvals is None:
+            raise NotFound(f"session {s.id!r} has no pending permission request {request_id!r}")
+        message = message or ("" if allow else "the user denied this tool use")
+        return turn.approvals.answer(request_id, Decision(allow, CLIENT, message, remember))
+
+    def audit_events(
+        self, session_id: str, page_size: int, page_token: str
+    ) -> tuple[list[AuditRecord], str]:
+        s = self._load(session_id)
+        limit = _page_size(page_size)
+        after_id = _decode_id_token(page_token)
+        rows = self.store.audit_events(s.id, after_id=after_id, limit=limit + 1)
+        page = rows[:limit]
+        token = _encode_id_token(page[-1].audit_id) if len(rows) > limit else ""
+        return page, token
+
+    def _check_budget(self, s: Session) -> None:
+        cap = s.record.budget_usd
+        if cap > 0 and s.record.total_cost_usd >= cap:
+            raise ResourceExhausted(
+                f"session {s.id!r} has spent ${s.record.total_cost_usd:.4f} of its "
+                f"${cap:.4f} cap; it accepts no more messages"
+            )
+
     # --- checks ------------------------------------------------------------------------------
 
     def _check_mode(self, mode: str) -> str:
@@ -514,3 +567,30 @@ def _decode_token(token: str) -> tuple[float, str] | None:
         return float(created), ids.check_session_id(str(sid))
     except (ValueError, TypeError, binascii.Error, InvalidArgument):
         raise InvalidArgument("page_token is not one this daemon issued") from None
+
+
+def _encode_id_token(last_id: int) -> str:
+    return base64.urlsafe_b64encode(str(last_id).encode()).decode()
+
+
+def _decode_id_token(token: str) -> int:
+    if not token:
+        return 0
+    try:
+        return int(base64.urlsafe_b64decode(token.encode()).decode())
+    except (ValueError, binascii.Error):
+        raise InvalidArgument("page_token is not one this daemon issued") from None
+
+
+def _cap(name: str, requested: float, daemon_cap: float) -> float:
+    """A per-session cap may only lower the daemon's (0 means "the daemon's")."""
+    if requested < 0:
+        raise InvalidArgument(f"{name} must not be negative")
+    if requested == 0:
+        return daemon_cap
+    if daemon_cap > 0 and requested > daemon_cap:
+        raise InvalidArgument(
+            f"{name} ${requested:g} is above the daemon's cap ${daemon_cap:g}; "
+            "it may only be lowered"
+        )
+    return requested

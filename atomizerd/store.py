@@ -50,6 +50,8 @@ class SessionRow(_Model):
     # High-water mark of event sequence numbers handed out (reserved in blocks), so numbers
     # stay increasing across daemon restarts and crashes.
     seq_reserved = pw.BigIntegerField(default=0)
+    budget_usd = pw.DoubleField(default=0.0)  # 0: no cap
+    turn_budget_usd = pw.DoubleField(default=0.0)
 
     class Meta:
         table_name = "sessions"
@@ -88,15 +90,59 @@ class AgentProcessRow(_Model):
         table_name = "agent_processes"
 
 
-_MODELS: list[type[_Model]] = [SchemaVersion, SessionRow, MessageRow, AgentProcessRow]
+class AuditRow(_Model):
+    """Who allowed what: permission outcomes and mode switches, purged with the session."""
+
+    id = pw.BigAutoField()
+    session = pw.ForeignKeyField(SessionRow, on_delete="CASCADE", backref="audit")
+    session_id: str
+    turn_id = pw.CharField(max_length=64, default="")
+    time = pw.DoubleField()
+    kind = pw.CharField(max_length=16)  # "permission" | "mode_switch"
+    tool_name = pw.CharField(max_length=256, default="")
+    input_digest = pw.CharField(max_length=64, default="")
+    allow = pw.BooleanField(default=False)
+    decider = pw.CharField(max_length=16, default="")  # client|rule|timeout|policy|mode
+    detail = pw.TextField(default="")
+
+    class Meta:
+        table_name = "audit_events"
+
+
+class PermissionRuleRow(_Model):
+    """A remembered answer: the same tool with the same input, for the rest of the session."""
+
+    session = pw.ForeignKeyField(SessionRow, on_delete="CASCADE", backref="rules")
+    tool_name = pw.CharField(max_length=256)
+    input_digest = pw.CharField(max_length=64)
+    allow = pw.BooleanField()
+
+    class Meta:
+        table_name = "permission_rules"
+        primary_key = pw.CompositeKey("session", "tool_name", "input_digest")
 
 
 def _migrate_1(db: pw.Database) -> None:
+    # A fresh database gets the current shape of these tables; later migrations only add
+    # what an older database lacks.
     db.create_tables([SessionRow, MessageRow, AgentProcessRow])
 
 
+def _migrate_2(db: pw.Database) -> None:
+    """Governance: spending caps per session, the audit trail, remembered permission rules."""
+    have = {c.name for c in db.get_columns("sessions")}
+    for name in ("budget_usd", "turn_budget_usd"):
+        if name not in have:
+            # Plain ADD COLUMN: peewee's SQLite migrator may rebuild the table, and dropping
+            # `sessions` would cascade to every message.
+            db.execute_sql(  # type: ignore[no-untyped-call]
+                f"ALTER TABLE sessions ADD COLUMN {name} DOUBLE PRECISION NOT NULL DEFAULT 0"
+            )
+    db.create_tables([AuditRow, PermissionRuleRow])
+
+
 # Forward migrations: index i migrates from version i to i + 1. Append, never edit.
-MIGRATIONS: list[Callable[[pw.Database], None]] = [_migrate_1]
+MIGRATIONS: list[Callable[[pw.Database], None]] = [_migrate_1, _migrate_2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # Sequence numbers are reserved this many at a time: one write per block, not per event.
@@ -120,6 +166,8 @@ class SessionRecord:
     total_cost_usd: float
     agent_cost_usd: float
     seq_reserved: int
+    budget_usd: float = 0.0
+    turn_budget_usd: float = 0.0
 
     @classmethod
     def from_row(cls, row: SessionRow) -> SessionRecord:
@@ -136,6 +184,8 @@ class SessionRecord:
             total_cost_usd=row.total_cost_usd,
             agent_cost_usd=row.agent_cost_usd,
             seq_reserved=row.seq_reserved,
+            budget_usd=row.budget_usd,
+            turn_budget_usd=row.turn_budget_usd,
         )
 
 
@@ -194,6 +244,35 @@ class TurnOutcome:
 
 
 @dataclass
+class AuditRecord:
+    session_id: str
+    kind: str
+    allow: bool
+    decider: str
+    tool_name: str = ""
+    input_digest: str = ""
+    detail: str = ""
+    turn_id: str = ""
+    time: float = field(default_factory=time.time)
+    audit_id: int = 0
+
+    @classmethod
+    def from_row(cls, row: AuditRow) -> AuditRecord:
+        return cls(
+            session_id=row.session_id,
+            kind=row.kind,
+            allow=row.allow,
+            decider=row.decider,
+            tool_name=row.tool_name,
+            input_digest=row.input_digest,
+            detail=row.detail,
+            turn_id=row.turn_id,
+            time=row.time,
+            audit_id=row.id,
+        )
+
+
+@dataclass
 class AgentProcessRecord:
     pgid: int
     session_id: str
@@ -243,7 +322,13 @@ class Store:
     # sessions
 
     def create_session(
-        self, session_id: str, mode: str, study_id: str | None, agent_session_id: str
+        self,
+        session_id: str,
+        mode: str,
+        study_id: str | None,
+        agent_session_id: str,
+        budget_usd: float = 0.0,
+        turn_budget_usd: float = 0.0,
     ) -> SessionRecord:
         now = time.time()
         row = SessionRow.create(
@@ -253,6 +338,8 @@ class Store:
             agent_session_id=agent_session_id,
             created_at=now,
             last_active_at=now,
+            budget_usd=budget_usd,
+            turn_budget_usd=turn_budget_usd,
         )
         return SessionRecord.from_row(row)
 
@@ -317,6 +404,8 @@ class Store:
     def delete_session(self, session_id: str) -> None:
         with self.db.atomic():
             MessageRow.delete().where(MessageRow.session == session_id).execute()
+            AuditRow.delete().where(AuditRow.session == session_id).execute()
+            PermissionRuleRow.delete().where(PermissionRuleRow.session == session_id).execute()
             SessionRow.delete().where(SessionRow.session_id == session_id).execute()
 
     # messages
@@ -421,6 +510,43 @@ class Store:
             )
             settled.append((row.session_id, row.turn_id))
         return settled
+
+    # governance
+
+    def add_audit(self, rec: AuditRecord) -> None:
+        AuditRow.create(
+            session=rec.session_id,
+            turn_id=rec.turn_id,
+            time=rec.time,
+            kind=rec.kind,
+            tool_name=rec.tool_name,
+            input_digest=rec.input_digest,
+            allow=rec.allow,
+            decider=rec.decider,
+            detail=rec.detail,
+        )
+
+    def audit_events(self, session_id: str, *, after_id: int, limit: int) -> list[AuditRecord]:
+        q = (
+            AuditRow.select()
+            .where((AuditRow.session == session_id) & (AuditRow.id > after_id))
+            .order_by(AuditRow.id)
+            .limit(limit)
+        )
+        return [AuditRecord.from_row(r) for r in q]
+
+    def remember_rule(self, session_id: str, tool_name: str, digest: str, allow: bool) -> None:
+        PermissionRuleRow.replace(  # type: ignore[no-untyped-call]
+            session=session_id, tool_name=tool_name, input_digest=digest, allow=allow
+        ).execute()
+
+    def find_rule(self, session_id: str, tool_name: str, digest: str) -> bool | None:
+        row = PermissionRuleRow.get_or_none(
+            (PermissionRuleRow.session == session_id)
+            & (PermissionRuleRow.tool_name == tool_name)
+            & (PermissionRuleRow.input_digest == digest)
+        )
+        return None if row is None else bool(row.allow)
 
     # agent processes (crash sweep)
 

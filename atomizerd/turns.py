@@ -10,8 +10,10 @@ termination and shutdown end a turn early, and what was said so far is still sto
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +31,7 @@ from atomizerd.agent.process import (
 )
 from atomizerd.config import Config
 from atomizerd.errors import AtomizerError
+from atomizerd.governance import MODE, POLICY, Approvals, input_digest
 from atomizerd.pool import AgentPool, LiveAgent, ResumeFailed
 from atomizerd.prompt import history_seed
 from atomizerd.store import SessionRecord, Store, ToolCallRecord, TurnOutcome
@@ -53,6 +56,11 @@ class Turn:
         self.rejected: AtomizerError | None = None
         self.interrupt_requested = asyncio.Event()
         self.stop_reason: tuple[str, str] | None = None
+        # How many clients follow the turn (its sender, the session's watchers): a permission
+        # request with nobody to answer it is denied at once.
+        self.listeners = 0
+        self.audience: Callable[[], int] = lambda: self.listeners
+        self.approvals: Approvals | None = None
 
     def stop(self, code: str, message: str) -> None:
         """Ends the turn early (termination, shutdown): interrupted, then stored."""
@@ -164,15 +172,48 @@ class TurnRunner:
                 )
             )
         transcript = _Transcript()
+        turn.approvals = Approvals(
+            self.store,
+            record.session_id,
+            turn.turn_id,
+            self.config.approvals.timeout,
+            emit,
+            turn.audience,
+        )
         try:
             terminal = await self._converse(agent, record, turn, emit, transcript)
         except Exception:
             log.exception("turn crashed", turn_id=turn.turn_id)
             agent.reusable = False
             terminal = ev.TurnFailed(ev.INTERNAL, "atomizerd failed while running the turn")
+        finally:
+            turn.approvals.cancel_all("the turn ended before an answer")
         if isinstance(terminal, ev.TurnFailed):
             agent.reusable = False
+        if record.turn_budget_usd > 0:
+            agent.reusable = False  # the CLI takes its cap at start-up: a fresh one per turn
+        self._audit_unasked_tools(turn.approvals, transcript, terminal)
         self._finish(record, turn, emit, transcript, terminal)
+
+    def _audit_unasked_tools(
+        self,
+        approvals: Approvals,
+        transcript: _Transcript,
+        terminal: ev.TurnCompleted | ev.TurnFailed,
+    ) -> None:
+        """Tool uses nobody was asked about: allowed by the mode's rules, or denied by the CLI's
+        own policy (listed in the turn's permission denials)."""
+        denied = set()
+        if isinstance(terminal, ev.TurnCompleted):
+            denied = {d.tool_use_id for d in terminal.permission_denials}
+        for call in transcript.tool_calls.values():
+            if call.id in approvals.asked_tool_uses:
+                continue
+            digest = input_digest(_json_or_text(call.input_json))
+            if call.id in denied:
+                approvals.audit(call.name, digest, False, POLICY, "denied by the mode's rules")
+            else:
+                approvals.audit(call.name, digest, True, MODE, "allowed by the mode's rules")
 
     def _finish(
         self,
@@ -235,6 +276,8 @@ class TurnRunner:
                     if budget <= 0:
                         return await self._kill(agent, turn, transcript)
                 else:
+                    if turn.approvals is not None and turn.approvals.waiting:
+                        last_activity = now  # waiting for a person is busy, not stalled
                     quiet_limit = cfg.first_event_timeout if first else cfg.stall_timeout
                     budget = min(last_activity + quiet_limit, deadline) - now
                     if budget <= 0:
@@ -256,13 +299,42 @@ class TurnRunner:
                 receive = None
                 first = False
                 last_activity = time.monotonic()
-                outcome = self._relay(agent, item, emit, transcript, interrupting_since is not None)
+                outcome = self._relay(
+                    agent, item, emit, transcript, interrupting_since is not None, turn.approvals
+                )
                 if outcome is not None:
                     return outcome
         finally:
             interrupt_waiter.cancel()
             if receive is not None:
                 receive.cancel()
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _answer_permission(
+        self, agent: LiveAgent, approvals: Approvals, request: proto.ControlRequest
+    ) -> None:
+        decision = await approvals.decide(request)
+        raw_input = request.payload.get("input")
+        answer = (
+            proto.permission_allow(raw_input if isinstance(raw_input, dict) else {})
+            if decision.allow
+            else proto.permission_deny(decision.message or "denied")
+        )
+        try:
+            await agent.process.respond_control(request.request_id, answer)
+        except AgentError as e:
+            log.info("could not answer the agent's permission request", error=str(e))
+
+    async def _refuse_control(self, agent: LiveAgent, request: proto.ControlRequest) -> None:
+        """A control request we do not serve gets an error answer instead of silence."""
+        with contextlib.suppress(AgentError):
+            await agent.process.respond_control_error(
+                request.request_id, f"atomizerd does not handle {request.subtype!r}"
+            )
 
     async def _send_interrupt(self, agent: LiveAgent) -> None:
         """Asks the agent to end the turn; its `result` line (or its exit) ends it. The
@@ -285,6 +357,7 @@ class TurnRunner:
         emit: Emit,
         transcript: _Transcript,
         interrupted: bool,
+        approvals: Approvals | None = None,
     ) -> ev.TurnCompleted | ev.TurnFailed | None:
         """Maps one agent message to session events; the turn's end when it is one."""
         match item:
@@ -323,6 +396,12 @@ class TurnRunner:
                 )
             case proto.Init():
                 agent.mcp_servers = list(item.mcp_servers)
+            case proto.ControlRequest(subtype="can_use_tool") if approvals is not None:
+                self._background(self._answer_permission(agent, approvals, item))
+            case proto.ControlRequest():
+                self._background(self._refuse_control(agent, item))
+            case proto.ControlCancelRequest() if approvals is not None:
+                approvals.cancel(item.request_id, "the agent withdrew the request")
             case proto.Result():
                 return _completed(item, transcript, interrupted, self._cost_base(agent))
             case LineTooLong():
@@ -433,3 +512,10 @@ def _outcome(transcript: _Transcript, terminal: ev.TurnCompleted | ev.TurnFailed
         usage=terminal.usage,
         detail=terminal.stop_reason,
     )
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text

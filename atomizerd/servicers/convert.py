@@ -10,7 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from atomizerd import events as ev
 from atomizerd.errors import InvalidArgument
 from atomizerd.registry import SessionView
-from atomizerd.store import MessageRecord
+from atomizerd.store import AuditRecord, MessageRecord
 
 _MODE_TO_DOMAIN = {pb.MODE_USER: "user", pb.MODE_POWER: "power"}
 _MODE_TO_PB = {v: k for k, v in _MODE_TO_DOMAIN.items()}
@@ -71,6 +71,8 @@ def session_to_pb(view: SessionView) -> pb.Session:
         last_seq=view.last_seq,
         mcp_servers=[pb.McpServerStatus(name=n, status=s) for n, s in view.mcp_servers],
         queued_turns=view.queued_turns,
+        budget_usd=r.budget_usd,
+        turn_budget_usd=r.turn_budget_usd,
     )
 
 
@@ -146,7 +148,47 @@ def event_to_pb(e: ev.SessionEvent) -> pb.SessionEvent:
                     error_status=k.error_status,
                 )
             )
+        case ev.PermissionRequest():
+            out.permission_request.CopyFrom(
+                pb.PermissionRequest(
+                    request_id=k.request_id,
+                    tool_name=k.tool_name,
+                    input_json=k.input_json,
+                    description=k.description,
+                    tool_use_id=k.tool_use_id,
+                    deadline=timestamp(k.deadline),
+                )
+            )
+        case ev.PermissionDecided():
+            out.permission_decided.CopyFrom(
+                pb.PermissionDecided(
+                    request_id=k.request_id,
+                    tool_name=k.tool_name,
+                    allow=k.allow,
+                    decider=decider_to_pb(k.decider),
+                    message=k.message,
+                )
+            )
     return out
+
+
+def decider_to_pb(decider: str) -> pb.Decider.ValueType:
+    return pb.Decider.Value("DECIDER_" + decider.upper())
+
+
+def audit_to_pb(a: AuditRecord) -> pb.AuditEvent:
+    return pb.AuditEvent(
+        audit_id=a.audit_id,
+        session_id=a.session_id,
+        time=timestamp(a.time),
+        kind=pb.AuditKind.Value("AUDIT_KIND_" + a.kind.upper()),
+        tool_name=a.tool_name,
+        input_digest=a.input_digest,
+        allow=a.allow,
+        decider=decider_to_pb(a.decider),
+        detail=a.detail,
+        turn_id=a.turn_id,
+    )
 
 
 def _completed_to_pb(k: ev.TurnCompleted) -> pb.TurnCompleted:

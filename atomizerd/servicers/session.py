@@ -28,6 +28,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             mode=convert.mode_from_pb(request.mode, required=False),
             study_id=request.study_id or None,
             session_id=request.session_id or None,
+            budget_usd=request.budget_usd,
+            turn_budget_usd=request.turn_budget_usd,
         )
         return pb.CreateSessionResponse(session=convert.session_to_pb(view))
 
@@ -109,3 +111,34 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     async def Interrupt(self, request: pb.InterruptRequest, context: Ctx) -> pb.InterruptResponse:
         turn_id = await self.registry.interrupt(request.session_id)
         return pb.InterruptResponse(turn_id=turn_id)
+
+    @unary
+    async def RespondToPermission(
+        self, request: pb.RespondToPermissionRequest, context: Ctx
+    ) -> pb.RespondToPermissionResponse:
+        decision = self.registry.respond_to_permission(
+            request.session_id,
+            request.request_id,
+            request.allow,
+            request.message,
+            request.remember,
+        )
+        return pb.RespondToPermissionResponse(
+            decision=pb.PermissionDecided(
+                request_id=request.request_id,
+                allow=decision.allow,
+                decider=convert.decider_to_pb(decision.decider),
+                message=decision.message,
+            )
+        )
+
+    @unary
+    async def ListAuditEvents(
+        self, request: pb.ListAuditEventsRequest, context: Ctx
+    ) -> pb.ListAuditEventsResponse:
+        events, token = self.registry.audit_events(
+            request.session_id, request.page_size, request.page_token
+        )
+        return pb.ListAuditEventsResponse(
+            events=[convert.audit_to_pb(e) for e in events], next_page_token=token
+        )

@@ -32,7 +32,9 @@ def real_cli_config(
             "stop_grace": 3.0,
         },
     }
-    merge(cfg, extra or {})
+    extra = {k: dict(v) for k, v in (extra or {}).items()}
+    cfg["agent"]["env"].update(extra.get("agent", {}).pop("env", {}))
+    merge(cfg, extra)
     return cfg
 
 

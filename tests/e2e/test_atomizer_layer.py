@@ -45,7 +45,8 @@ def test_the_system_prompt_carries_the_study_and_follows_set_study_context(e2e: 
 
 
 def test_user_mode_denies_a_bash_write_outside_the_allowlist(e2e: E2E) -> None:
-    stubs = e2e.start()
+    # Without live approval the CLI denies on its own (approval: tests/e2e/test_governance.py).
+    stubs = e2e.start({"approvals": {"enabled": False}})
     assert e2e.daemon is not None
     target = e2e.workdir / "pwned.txt"
     stubs.sessions.CreateSession(pb.CreateSessionRequest(session_id="safe"))

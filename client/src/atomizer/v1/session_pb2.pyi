@@ -198,6 +198,56 @@ NOTICE_KIND_AGENT_STARTED: NoticeKind.ValueType  # 3
 """An agent process was started for the session (cold start or resume)."""
 Global___NoticeKind: _TypeAlias = NoticeKind  # noqa: Y015
 
+class _Decider:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DeciderEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decider.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DECIDER_UNSPECIFIED: _Decider.ValueType  # 0
+    DECIDER_CLIENT: _Decider.ValueType  # 1
+    """A client answered (RespondToPermission)."""
+    DECIDER_RULE: _Decider.ValueType  # 2
+    """A rule remembered earlier in the session."""
+    DECIDER_TIMEOUT: _Decider.ValueType  # 3
+    """Nobody answered within approvals.timeout."""
+    DECIDER_POLICY: _Decider.ValueType  # 4
+    """The daemon's policy: no client attached, approvals disabled, or the turn ended."""
+    DECIDER_MODE: _Decider.ValueType  # 5
+    """The mode's own rules (user-mode allowlist, power mode)."""
+
+class Decider(_Decider, metaclass=_DeciderEnumTypeWrapper): ...
+
+DECIDER_UNSPECIFIED: Decider.ValueType  # 0
+DECIDER_CLIENT: Decider.ValueType  # 1
+"""A client answered (RespondToPermission)."""
+DECIDER_RULE: Decider.ValueType  # 2
+"""A rule remembered earlier in the session."""
+DECIDER_TIMEOUT: Decider.ValueType  # 3
+"""Nobody answered within approvals.timeout."""
+DECIDER_POLICY: Decider.ValueType  # 4
+"""The daemon's policy: no client attached, approvals disabled, or the turn ended."""
+DECIDER_MODE: Decider.ValueType  # 5
+"""The mode's own rules (user-mode allowlist, power mode)."""
+Global___Decider: _TypeAlias = Decider  # noqa: Y015
+
+class _AuditKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AuditKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AUDIT_KIND_UNSPECIFIED: _AuditKind.ValueType  # 0
+    AUDIT_KIND_PERMISSION: _AuditKind.ValueType  # 1
+    AUDIT_KIND_MODE_SWITCH: _AuditKind.ValueType  # 2
+
+class AuditKind(_AuditKind, metaclass=_AuditKindEnumTypeWrapper): ...
+
+AUDIT_KIND_UNSPECIFIED: AuditKind.ValueType  # 0
+AUDIT_KIND_PERMISSION: AuditKind.ValueType  # 1
+AUDIT_KIND_MODE_SWITCH: AuditKind.ValueType  # 2
+Global___AuditKind: _TypeAlias = AuditKind  # noqa: Y015
+
 @_typing.final
 class Session(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -214,6 +264,8 @@ class Session(_message.Message):
     LAST_SEQ_FIELD_NUMBER: _builtins.int
     MCP_SERVERS_FIELD_NUMBER: _builtins.int
     QUEUED_TURNS_FIELD_NUMBER: _builtins.int
+    BUDGET_USD_FIELD_NUMBER: _builtins.int
+    TURN_BUDGET_USD_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     mode: Global___Mode.ValueType
     study_id: _builtins.str
@@ -227,6 +279,10 @@ class Session(_message.Message):
     """Sequence number of the session's newest event (WatchSession after_seq)."""
     queued_turns: _builtins.int
     """Turns waiting behind the running one."""
+    budget_usd: _builtins.float
+    """Spending cap of the session in USD (0: none); total_cost_usd is what it has spent."""
+    turn_budget_usd: _builtins.float
+    """Spending cap of one turn in USD (0: none)."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -250,10 +306,12 @@ class Session(_message.Message):
         last_seq: _builtins.int = ...,
         mcp_servers: _abc.Iterable[Global___McpServerStatus] | None = ...,
         queued_turns: _builtins.int = ...,
+        budget_usd: _builtins.float = ...,
+        turn_budget_usd: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "last_active_at", b"last_active_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_session_id", b"agent_session_id", "created_at", b"created_at", "last_active_at", b"last_active_at", "last_seq", b"last_seq", "mcp_servers", b"mcp_servers", "message_count", b"message_count", "mode", b"mode", "queued_turns", b"queued_turns", "session_id", b"session_id", "state", b"state", "study_id", b"study_id", "total_cost_usd", b"total_cost_usd"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_session_id", b"agent_session_id", "budget_usd", b"budget_usd", "created_at", b"created_at", "last_active_at", b"last_active_at", "last_seq", b"last_seq", "mcp_servers", b"mcp_servers", "message_count", b"message_count", "mode", b"mode", "queued_turns", b"queued_turns", "session_id", b"session_id", "state", b"state", "study_id", b"study_id", "total_cost_usd", b"total_cost_usd", "turn_budget_usd", b"turn_budget_usd"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -289,21 +347,30 @@ class CreateSessionRequest(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     STUDY_ID_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    BUDGET_USD_FIELD_NUMBER: _builtins.int
+    TURN_BUDGET_USD_FIELD_NUMBER: _builtins.int
     mode: Global___Mode.ValueType
     """MODE_UNSPECIFIED means MODE_USER for a new session and "unchanged" for a reopened one."""
     study_id: _builtins.str
     session_id: _builtins.str
     """Optional; [A-Za-z0-9][A-Za-z0-9_-]{0,63}. Generated when empty."""
+    budget_usd: _builtins.float
+    """Lower the daemon's caps for this session (budget.session_usd / budget.turn_usd);
+    0 keeps the daemon's; a value above the daemon's cap is refused.
+    """
+    turn_budget_usd: _builtins.float
     def __init__(
         self,
         *,
         mode: Global___Mode.ValueType = ...,
         study_id: _builtins.str = ...,
         session_id: _builtins.str = ...,
+        budget_usd: _builtins.float = ...,
+        turn_budget_usd: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode", "session_id", b"session_id", "study_id", b"study_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_usd", b"budget_usd", "mode", b"mode", "session_id", b"session_id", "study_id", b"study_id", "turn_budget_usd", b"turn_budget_usd"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -857,6 +924,8 @@ class SessionEvent(_message.Message):
     TURN_COMPLETED_FIELD_NUMBER: _builtins.int
     TURN_FAILED_FIELD_NUMBER: _builtins.int
     NOTICE_FIELD_NUMBER: _builtins.int
+    PERMISSION_REQUEST_FIELD_NUMBER: _builtins.int
+    PERMISSION_DECIDED_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     turn_id: _builtins.str
     session_id: _builtins.str
@@ -878,6 +947,10 @@ class SessionEvent(_message.Message):
     def turn_failed(self) -> Global___TurnFailed: ...
     @_builtins.property
     def notice(self) -> Global___Notice: ...
+    @_builtins.property
+    def permission_request(self) -> Global___PermissionRequest: ...
+    @_builtins.property
+    def permission_decided(self) -> Global___PermissionDecided: ...
     def __init__(
         self,
         *,
@@ -893,12 +966,14 @@ class SessionEvent(_message.Message):
         turn_completed: Global___TurnCompleted | None = ...,
         turn_failed: Global___TurnFailed | None = ...,
         notice: Global___Notice | None = ...,
+        permission_request: Global___PermissionRequest | None = ...,
+        permission_decided: Global___PermissionDecided | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "notice", b"notice", "text_delta", b"text_delta", "thinking_delta", b"thinking_delta", "time", b"time", "tool_result", b"tool_result", "tool_use", b"tool_use", "turn_completed", b"turn_completed", "turn_failed", b"turn_failed", "turn_started", b"turn_started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "notice", b"notice", "permission_decided", b"permission_decided", "permission_request", b"permission_request", "text_delta", b"text_delta", "thinking_delta", b"thinking_delta", "time", b"time", "tool_result", b"tool_result", "tool_use", b"tool_use", "turn_completed", b"turn_completed", "turn_failed", b"turn_failed", "turn_started", b"turn_started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "notice", b"notice", "seq", b"seq", "session_id", b"session_id", "text_delta", b"text_delta", "thinking_delta", b"thinking_delta", "time", b"time", "tool_result", b"tool_result", "tool_use", b"tool_use", "turn_completed", b"turn_completed", "turn_failed", b"turn_failed", "turn_id", b"turn_id", "turn_started", b"turn_started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "notice", b"notice", "permission_decided", b"permission_decided", "permission_request", b"permission_request", "seq", b"seq", "session_id", b"session_id", "text_delta", b"text_delta", "thinking_delta", b"thinking_delta", "time", b"time", "tool_result", b"tool_result", "tool_use", b"tool_use", "turn_completed", b"turn_completed", "turn_failed", b"turn_failed", "turn_id", b"turn_id", "turn_started", b"turn_started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["turn_started", "text_delta", "thinking_delta", "tool_use", "tool_result", "turn_completed", "turn_failed", "notice"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["turn_started", "text_delta", "thinking_delta", "tool_use", "tool_result", "turn_completed", "turn_failed", "notice", "permission_request", "permission_decided"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -1152,3 +1227,223 @@ class Notice(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Notice: _TypeAlias = Notice  # noqa: Y015
+
+@_typing.final
+class PermissionRequest(_message.Message):
+    """The agent asks to use a tool outside the mode's allowlist; answer with RespondToPermission."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    TOOL_NAME_FIELD_NUMBER: _builtins.int
+    INPUT_JSON_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    TOOL_USE_ID_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    tool_name: _builtins.str
+    input_json: _builtins.str
+    description: _builtins.str
+    tool_use_id: _builtins.str
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """When the request is denied if nobody answers."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        tool_name: _builtins.str = ...,
+        input_json: _builtins.str = ...,
+        description: _builtins.str = ...,
+        tool_use_id: _builtins.str = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "description", b"description", "input_json", b"input_json", "request_id", b"request_id", "tool_name", b"tool_name", "tool_use_id", b"tool_use_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PermissionRequest: _TypeAlias = PermissionRequest  # noqa: Y015
+
+@_typing.final
+class PermissionDecided(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    TOOL_NAME_FIELD_NUMBER: _builtins.int
+    ALLOW_FIELD_NUMBER: _builtins.int
+    DECIDER_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    tool_name: _builtins.str
+    allow: _builtins.bool
+    decider: Global___Decider.ValueType
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        tool_name: _builtins.str = ...,
+        allow: _builtins.bool = ...,
+        decider: Global___Decider.ValueType = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "decider", b"decider", "message", b"message", "request_id", b"request_id", "tool_name", b"tool_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PermissionDecided: _TypeAlias = PermissionDecided  # noqa: Y015
+
+@_typing.final
+class RespondToPermissionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ALLOW_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    REMEMBER_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    request_id: _builtins.str
+    allow: _builtins.bool
+    message: _builtins.str
+    """Shown to the model with a denial."""
+    remember: _builtins.bool
+    """Apply the same answer to the same call for the rest of the session."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        allow: _builtins.bool = ...,
+        message: _builtins.str = ...,
+        remember: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "message", b"message", "remember", b"remember", "request_id", b"request_id", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RespondToPermissionRequest: _TypeAlias = RespondToPermissionRequest  # noqa: Y015
+
+@_typing.final
+class RespondToPermissionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def decision(self) -> Global___PermissionDecided: ...
+    def __init__(
+        self,
+        *,
+        decision: Global___PermissionDecided | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RespondToPermissionResponse: _TypeAlias = RespondToPermissionResponse  # noqa: Y015
+
+@_typing.final
+class AuditEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUDIT_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    TOOL_NAME_FIELD_NUMBER: _builtins.int
+    INPUT_DIGEST_FIELD_NUMBER: _builtins.int
+    ALLOW_FIELD_NUMBER: _builtins.int
+    DECIDER_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    TURN_ID_FIELD_NUMBER: _builtins.int
+    audit_id: _builtins.int
+    session_id: _builtins.str
+    kind: Global___AuditKind.ValueType
+    tool_name: _builtins.str
+    input_digest: _builtins.str
+    """sha256 of the tool input (JSON), so the trail holds no file contents."""
+    allow: _builtins.bool
+    decider: Global___Decider.ValueType
+    detail: _builtins.str
+    """The mode switched to, the denial message, or other detail."""
+    turn_id: _builtins.str
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        audit_id: _builtins.int = ...,
+        session_id: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        kind: Global___AuditKind.ValueType = ...,
+        tool_name: _builtins.str = ...,
+        input_digest: _builtins.str = ...,
+        allow: _builtins.bool = ...,
+        decider: Global___Decider.ValueType = ...,
+        detail: _builtins.str = ...,
+        turn_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "audit_id", b"audit_id", "decider", b"decider", "detail", b"detail", "input_digest", b"input_digest", "kind", b"kind", "session_id", b"session_id", "time", b"time", "tool_name", b"tool_name", "turn_id", b"turn_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditEvent: _TypeAlias = AuditEvent  # noqa: Y015
+
+@_typing.final
+class ListAuditEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    page_size: _builtins.int
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditEventsRequest: _TypeAlias = ListAuditEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListAuditEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEvent]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___AuditEvent] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditEventsResponse: _TypeAlias = ListAuditEventsResponse  # noqa: Y015

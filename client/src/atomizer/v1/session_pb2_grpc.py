@@ -85,6 +85,16 @@ class SessionServiceStub:
                 request_serializer=atomizer_dot_v1_dot_session__pb2.InterruptRequest.SerializeToString,
                 response_deserializer=atomizer_dot_v1_dot_session__pb2.InterruptResponse.FromString,
                 _registered_method=True)
+        self.RespondToPermission = channel.unary_unary(
+                '/atomizer.v1.SessionService/RespondToPermission',
+                request_serializer=atomizer_dot_v1_dot_session__pb2.RespondToPermissionRequest.SerializeToString,
+                response_deserializer=atomizer_dot_v1_dot_session__pb2.RespondToPermissionResponse.FromString,
+                _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/atomizer.v1.SessionService/ListAuditEvents',
+                request_serializer=atomizer_dot_v1_dot_session__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=atomizer_dot_v1_dot_session__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -160,6 +170,20 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RespondToPermission(self, request, context):
+        """Answers a permission_request event; the first answer wins.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditEvents(self, request, context):
+        """The session's audit trail (permission outcomes, mode switches), oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -212,6 +236,16 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.Interrupt,
                     request_deserializer=atomizer_dot_v1_dot_session__pb2.InterruptRequest.FromString,
                     response_serializer=atomizer_dot_v1_dot_session__pb2.InterruptResponse.SerializeToString,
+            ),
+            'RespondToPermission': grpc.unary_unary_rpc_method_handler(
+                    servicer.RespondToPermission,
+                    request_deserializer=atomizer_dot_v1_dot_session__pb2.RespondToPermissionRequest.FromString,
+                    response_serializer=atomizer_dot_v1_dot_session__pb2.RespondToPermissionResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=atomizer_dot_v1_dot_session__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=atomizer_dot_v1_dot_session__pb2.ListAuditEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -485,6 +519,60 @@ class SessionService:
             '/atomizer.v1.SessionService/Interrupt',
             atomizer_dot_v1_dot_session__pb2.InterruptRequest.SerializeToString,
             atomizer_dot_v1_dot_session__pb2.InterruptResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RespondToPermission(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atomizer.v1.SessionService/RespondToPermission',
+            atomizer_dot_v1_dot_session__pb2.RespondToPermissionRequest.SerializeToString,
+            atomizer_dot_v1_dot_session__pb2.RespondToPermissionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atomizer.v1.SessionService/ListAuditEvents',
+            atomizer_dot_v1_dot_session__pb2.ListAuditEventsRequest.SerializeToString,
+            atomizer_dot_v1_dot_session__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

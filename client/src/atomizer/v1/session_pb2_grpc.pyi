@@ -52,6 +52,10 @@ class SessionServiceStub:
     """Replays buffered events after after_seq, then follows the session live."""
     Interrupt: _grpc.UnaryUnaryMultiCallable[_session_pb2.InterruptRequest, _session_pb2.InterruptResponse]
     """Interrupts the running turn; it completes with interrupted = true."""
+    RespondToPermission: _grpc.UnaryUnaryMultiCallable[_session_pb2.RespondToPermissionRequest, _session_pb2.RespondToPermissionResponse]
+    """Answers a permission_request event; the first answer wins."""
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_session_pb2.ListAuditEventsRequest, _session_pb2.ListAuditEventsResponse]
+    """The session's audit trail (permission outcomes, mode switches), oldest first."""
 
 @_typing.type_check_only
 class SessionServiceAsyncStub(SessionServiceStub):
@@ -77,6 +81,10 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """Replays buffered events after after_seq, then follows the session live."""
     Interrupt: _aio.UnaryUnaryMultiCallable[_session_pb2.InterruptRequest, _session_pb2.InterruptResponse]  # type: ignore[assignment]
     """Interrupts the running turn; it completes with interrupted = true."""
+    RespondToPermission: _aio.UnaryUnaryMultiCallable[_session_pb2.RespondToPermissionRequest, _session_pb2.RespondToPermissionResponse]  # type: ignore[assignment]
+    """Answers a permission_request event; the first answer wins."""
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_session_pb2.ListAuditEventsRequest, _session_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """The session's audit trail (permission outcomes, mode switches), oldest first."""
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     """Sessions: one conversation with the agent, its registry entry and its history."""
@@ -159,5 +167,21 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_session_pb2.InterruptResponse, _abc.Awaitable[_session_pb2.InterruptResponse]]:
         """Interrupts the running turn; it completes with interrupted = true."""
+
+    @_abc_1.abstractmethod
+    def RespondToPermission(
+        self,
+        request: _session_pb2.RespondToPermissionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.RespondToPermissionResponse, _abc.Awaitable[_session_pb2.RespondToPermissionResponse]]:
+        """Answers a permission_request event; the first answer wins."""
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _session_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.ListAuditEventsResponse, _abc.Awaitable[_session_pb2.ListAuditEventsResponse]]:
+        """The session's audit trail (permission outcomes, mode switches), oldest first."""
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

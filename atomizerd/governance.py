@@ -1,0 +1,173 @@
+"""Governance: live tool approval by clients, remembered rules, and the audit trail.
+
+In user mode the agent runs with `--permission-prompt-tool stdio`, so a tool outside the
+allowlist becomes a `can_use_tool` control request. The `Approvals` of a turn turn that into
+a `permission_request` event, wait for the first client answer (or a remembered rule, or the
+timeout, or the policy when nobody is attached), answer the agent, announce the outcome with
+`permission_decided`, and write it to the audit trail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from atomizerd import events as ev
+from atomizerd.agent import protocol as proto
+from atomizerd.errors import FailedPrecondition, NotFound
+from atomizerd.store import AuditRecord, Store
+
+log = structlog.get_logger("atomizerd.governance")
+
+CLIENT, RULE, TIMEOUT, POLICY, MODE = "client", "rule", "timeout", "policy", "mode"
+
+
+def input_digest(tool_input: Any) -> str:
+    """A stable digest of a tool input: the trail and the rules never hold file contents."""
+    text = json.dumps(tool_input, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class Decision:
+    allow: bool
+    decider: str
+    message: str = ""
+    remember: bool = False
+
+
+@dataclass
+class PendingRequest:
+    request_id: str
+    tool_name: str
+    tool_input: dict[str, Any]
+    tool_use_id: str
+    answer: asyncio.Future[Decision] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class Approvals:
+    """The permission requests of one turn."""
+
+    def __init__(
+        self,
+        store: Store,
+        session_id: str,
+        turn_id: str,
+        timeout: float,
+        emit: Callable[[ev.EventKind], ev.SessionEvent],
+        audience: Callable[[], int],
+    ) -> None:
+        self.store = store
+        self.session_id = session_id
+        self.turn_id = turn_id
+        self.timeout = timeout
+        self.emit = emit
+        self.audience = audience
+        self.pending: dict[str, PendingRequest] = {}
+        self.decided: dict[str, Decision] = {}
+        self.asked_tool_uses: set[str] = set()
+
+    @property
+    def waiting(self) -> bool:
+        return bool(self.pending)
+
+    async def decide(self, request: proto.ControlRequest) -> Decision:
+        """The outcome of one `can_use_tool` request (waits for a client when one is there)."""
+        payload = request.payload
+        tool_name = str(payload.get("tool_name", ""))
+        raw_input = payload.get("input")
+        tool_input = raw_input if isinstance(raw_input, dict) else {}
+        tool_use_id = str(payload.get("tool_use_id", ""))
+        self.asked_tool_uses.add(tool_use_id)
+        digest = input_digest(tool_input)
+        remembered = self.store.find_rule(self.session_id, tool_name, digest)
+        if remembered is not None:
+            return self._settle(
+                request.request_id,
+                tool_name,
+                digest,
+                Decision(remembered, RULE, "a rule remembered in this session"),
+            )
+        if self.audience() == 0:
+            return self._settle(
+                request.request_id,
+                tool_name,
+                digest,
+                Decision(False, POLICY, "no client is attached to approve this tool use"),
+            )
+        pending = PendingRequest(request.request_id, tool_name, tool_input, tool_use_id)
+        self.pending[request.request_id] = pending
+        self.emit(
+            ev.PermissionRequest(
+                request_id=request.request_id,
+                tool_name=tool_name,
+                input_json=json.dumps(tool_input, ensure_ascii=False),
+                description=str(payload.get("description", "")),
+                tool_use_id=tool_use_id,
+                deadline=time.time() + self.timeout,
+            )
+        )
+        try:
+            decision = await asyncio.wait_for(asyncio.shield(pending.answer), self.timeout)
+        except TimeoutError:
+            decision = Decision(
+                False, TIMEOUT, f"nobody answered within {self.timeout:g} s (approvals.timeout)"
+            )
+        finally:
+            self.pending.pop(request.request_id, None)
+        if decision.remember and decision.decider == CLIENT:
+            self.store.remember_rule(self.session_id, tool_name, digest, decision.allow)
+        return self._settle(request.request_id, tool_name, digest, decision)
+
+    def answer(self, request_id: str, decision: Decision) -> Decision:
+        """A client's answer; the first one wins."""
+        if request_id in self.decided:
+            earlier = self.decided[request_id]
+            raise FailedPrecondition(
+                f"permission request {request_id!r} was already decided "
+                f"({'allowed' if earlier.allow else 'denied'} by {earlier.decider})"
+            )
+        pending = self.pending.get(request_id)
+        if pending is None or pending.answer.done():
+            raise NotFound(f"no pending permission request {request_id!r} in this session")
+        pending.answer.set_result(decision)
+        return decision
+
+    def cancel(self, request_id: str, why: str) -> None:
+        pending = self.pending.get(request_id)
+        if pending is not None and not pending.answer.done():
+            pending.answer.set_result(Decision(False, POLICY, why))
+
+    def cancel_all(self, why: str) -> None:
+        for request_id in list(self.pending):
+            self.cancel(request_id, why)
+
+    def _settle(self, request_id: str, tool_name: str, digest: str, d: Decision) -> Decision:
+        self.decided[request_id] = d
+        self.emit(ev.PermissionDecided(request_id, tool_name, d.allow, d.decider, d.message))
+        self.audit(tool_name, digest, d.allow, d.decider, d.message)
+        log.info("permission decided", tool=tool_name, allow=d.allow, decider=d.decider)
+        return d
+
+    def audit(self, tool_name: str, digest: str, allow: bool, decider: str, detail: str) -> None:
+        self.store.add_audit(
+            AuditRecord(
+                session_id=self.session_id,
+                kind="permission",
+                allow=allow,
+                decider=decider,
+                tool_name=tool_name,
+                input_digest=digest,
+                detail=detail,
+                turn_id=self.turn_id,
+            )
+        )
