@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "ATOMIZERD_"
+# ATOMIZERD_* variables that are not configuration keys.
+_ENV_NOT_KEYS = frozenset({ENV_PREFIX + "CONFIG", ENV_PREFIX + "SOCKET"})
 
 
 class ConfigError(ValueError):
@@ -475,8 +477,17 @@ def load(
             _apply(cfg, key, value, source=str(path), from_text=False)
     env = os.environ if environ is None else environ
     env_map = _env_key_map()
+    # ATOMIZERD_SOCKET is where clients look for the daemon: the daemon listens there too.
+    if env.get(ENV_PREFIX + "SOCKET") and not env.get(ENV_PREFIX + "DAEMON_SOCKET"):
+        _apply(
+            cfg,
+            "daemon.socket",
+            env[ENV_PREFIX + "SOCKET"],
+            source="ATOMIZERD_SOCKET",
+            from_text=True,
+        )
     for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+        if not name.startswith(ENV_PREFIX) or name in _ENV_NOT_KEYS:
             continue
         if name not in env_map:
             raise ConfigError(f"unknown configuration variable {name}")
@@ -616,6 +627,7 @@ def render_docs() -> str:
         "atomizerd reads a TOML file (`atomizerd --config FILE`), then `ATOMIZERD_<SECTION>_<KEY>`",
         "environment variables (e.g. `ATOMIZERD_POOL_MAX_LIVE=4`; lists are shell-split, tables",
         "are JSON), then `--set key=value` flags. Unknown keys are errors. Durations are seconds.",
+        "`ATOMIZERD_SOCKET`, where clients look for the daemon, also sets `daemon.socket`.",
         "`atomizerd --check-config` prints the effective configuration and exits.",
         "",
         "| key | default | what and why |",

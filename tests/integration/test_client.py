@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -21,10 +22,14 @@ from atomizer_client import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    Notice,
     PermissionDeniedError,
     ResourceExhaustedError,
     RetryPolicy,
     TextDelta,
+    ThinkingDelta,
+    ToolResult,
+    ToolUse,
     TurnCompleted,
     TurnFailed,
     TurnStarted,
@@ -186,6 +191,24 @@ def test_send_message_streams_one_turn_ending_in_one_terminal_event(client: Clie
     assert isinstance(done, TurnCompleted) and not done.interrupted and not done.is_error
     assert done.text == "echo: hello" and done.usage.output_tokens > 0
     assert {e.session_id for e in events} == {sid}
+
+
+def test_every_kind_of_event_arrives_typed(client: Client) -> None:
+    sid = client.create_session().session_id
+    events = list(client.send_message(sid, "[[api-retry:1]] [[tool:Read]] [[thinking]] hi"))
+    assert_one_turn(events)
+    by_type = {type(e): e for e in events}
+    retry = by_type[Notice]
+    assert isinstance(retry, Notice) and retry.kind == "API_RETRY" and retry.error_status == 529
+    use, result = by_type[ToolUse], by_type[ToolResult]
+    assert isinstance(use, ToolUse) and use.name == "Read" and json.loads(use.input_json)
+    assert isinstance(result, ToolResult) and result.tool_use_id == use.id
+    assert result.content == "ran Read" and not result.is_error
+    thinking = by_type[ThinkingDelta]
+    assert isinstance(thinking, ThinkingDelta) and thinking.text == "pondering"
+    for e in events:  # what `atomizerctl --json` prints
+        d = json.loads(json.dumps(e.to_dict()))
+        assert d["type"] == e.type and d["seq"] == e.seq and d["time"]
 
 
 def test_resending_with_the_same_request_id_attaches_to_the_same_turn(client: Client) -> None:

@@ -40,6 +40,13 @@ def ctl(d: RunningDaemon, *args: str, stdin: str | None = None) -> subprocess.Co
     )
 
 
+def ok(d: RunningDaemon, *args: str, stdin: str | None = None) -> str:
+    """Runs a command that must succeed; its stdout."""
+    done = ctl(d, *args, stdin=stdin)
+    assert done.returncode == 0, f"atomizerctl {' '.join(args)}: {done.returncode} {done.stderr}"
+    return done.stdout
+
+
 def records(out: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.splitlines()]
 
@@ -55,26 +62,24 @@ def test_new_ls_show_rm(daemon: RunningDaemon) -> None:
     (daemon.root / "studies" / "beam").mkdir()
     new = ctl(daemon, "new", "--study", "beam", "--id", "c1")
     assert (new.returncode, new.stdout) == (0, "c1\n")
-    generated = ctl(daemon, "new").stdout.strip()
-    ls = ctl(daemon, "ls")
-    assert ls.returncode == 0
-    lines = ls.stdout.splitlines()
+    generated = ok(daemon, "new").strip()
+    lines = ok(daemon, "ls").splitlines()
     assert lines[0].split()[:3] == ["SESSION", "MODE", "STATE"]
     assert [line.split()[0] for line in lines[1:]] == [generated, "c1"]  # newest first
     assert "beam" in lines[2]
     assert ctl(daemon, "ls", "--study", "beam").stdout.count("\n") == 2
-    show = ctl(daemon, "show", "c1")
-    assert show.returncode == 0 and "beam" in show.stdout and "user" in show.stdout
-    assert ctl(daemon, "rm", "c1").stdout == "closed c1\n"
-    closed = ctl(daemon, "ls", "--state", "closed").stdout.splitlines()
+    show = ok(daemon, "show", "c1")
+    assert "beam" in show and "user" in show
+    assert ok(daemon, "rm", "c1") == "closed c1\n"
+    closed = ok(daemon, "ls", "--state", "closed").splitlines()
     assert [line.split()[0] for line in closed[1:]] == ["c1"]
-    assert ctl(daemon, "rm", "c1", "--purge").returncode == 0
+    ok(daemon, "rm", "c1", "--purge")
     assert ctl(daemon, "show", "c1").returncode == 3
 
 
 def test_mode_and_study(daemon: RunningDaemon) -> None:
     (daemon.root / "studies" / "wing").mkdir()
-    ctl(daemon, "new", "--id", "m1")
+    ok(daemon, "new", "--id", "m1")
     assert ctl(daemon, "study", "m1", "wing").stdout == "m1: study wing\n"
     assert ctl(daemon, "study", "m1", "--none").stdout == "m1: study (none)\n"
     assert ctl(daemon, "study", "m1").returncode == 2  # neither a study nor --none
@@ -84,9 +89,9 @@ def test_mode_and_study(daemon: RunningDaemon) -> None:
 
 
 def test_send_streams_the_reply_to_stdout_and_activity_to_stderr(daemon: RunningDaemon) -> None:
-    sid = ctl(daemon, "new").stdout.strip()
+    sid = ok(daemon, "new").strip()
     sent = ctl(daemon, "send", sid, "[[tool:Read]] hello")
-    assert sent.returncode == 0
+    assert sent.returncode == 0, sent.stderr
     assert sent.stdout == "echo: hello\n"
     assert "⏺ Read" in sent.stderr
     assert "tokens" in sent.stderr and "$" in sent.stderr
@@ -95,12 +100,13 @@ def test_send_streams_the_reply_to_stdout_and_activity_to_stderr(daemon: Running
     history = ctl(daemon, "history", sid)
     assert history.returncode == 0
     assert "from stdin" in history.stdout and "echo: hello" in history.stdout
+    assert history.stdout.count("── user") == 2 and history.stdout.count("── assistant") == 2
 
 
 def test_json_prints_one_object_per_event_or_record(daemon: RunningDaemon) -> None:
     new = records(ctl(daemon, "--json", "new", "--id", "j1").stdout)
     assert [r["session_id"] for r in new] == ["j1"] and new[0]["mode"] == "MODE_USER"
-    events = records(ctl(daemon, "--json", "send", "j1", "hello").stdout)
+    events = records(ok(daemon, "--json", "send", "j1", "hello"))
     types = [e["type"] for e in events]
     assert types[0] == "turn_started" and types[-1] == "turn_completed"
     assert sum(t in ("turn_completed", "turn_failed") for t in types) == 1
@@ -121,7 +127,7 @@ def test_status(daemon: RunningDaemon) -> None:
 
 
 def test_exit_codes(daemon: RunningDaemon, tmp_path: Path) -> None:
-    sid = ctl(daemon, "new").stdout.strip()
+    sid = ok(daemon, "new").strip()
     unknown = ctl(daemon, "show", "no-such-session")
     assert unknown.returncode == 3 and "NOT_FOUND" in unknown.stderr
     bad_id = ctl(daemon, "show", "../etc")
@@ -184,7 +190,7 @@ def read_until(
 
 
 def test_ctrl_c_during_send_interrupts_the_turn(daemon: RunningDaemon) -> None:
-    sid = ctl(daemon, "new").stdout.strip()
+    sid = ok(daemon, "new").strip()
     proc = subprocess.Popen(
         [str(CTL), "--socket", str(daemon.socket), "send", sid, SLOW],
         stdout=subprocess.PIPE,
@@ -206,11 +212,12 @@ def test_ctrl_c_during_send_interrupts_the_turn(daemon: RunningDaemon) -> None:
         assert reply.role == session_pb2.ROLE_ASSISTANT
         assert reply.status == session_pb2.MESSAGE_STATUS_INTERRUPTED
         assert c.get_session(sid).state != session_pb2.SESSION_STATE_BUSY
+    assert "── assistant (interrupted)" in ctl(daemon, "history", sid).stdout
 
 
 def test_watch_follows_turns_until_ctrl_c(daemon: RunningDaemon) -> None:
-    sid = ctl(daemon, "new").stdout.strip()
-    assert ctl(daemon, "send", sid, "before").returncode == 0
+    sid = ok(daemon, "new").strip()
+    ok(daemon, "send", sid, "before")
     proc = subprocess.Popen(
         [str(CTL), "--socket", str(daemon.socket), "--json", "watch", sid, "--after", "0"],
         stdout=subprocess.PIPE,
@@ -219,7 +226,7 @@ def test_watch_follows_turns_until_ctrl_c(daemon: RunningDaemon) -> None:
     )
     try:
         seen = read_until(proc, b'"text": "before"')
-        assert ctl(daemon, "send", sid, "live one").returncode == 0
+        ok(daemon, "send", sid, "live one")
         seen = read_until(proc, b"echo: live one", seen)
         time.sleep(0.2)
         proc.send_signal(signal.SIGINT)

@@ -100,11 +100,11 @@ def _color_ok(stream: TextIO) -> bool:
 class Output:
     """Where everything goes: records and reply text to stdout, activity and errors to stderr."""
 
-    def __init__(self, as_json: bool, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
+    def __init__(self, as_json: bool, out: TextIO | None = None, err: TextIO | None = None) -> None:
         self.json = as_json
-        self.out = out
-        self.err = err
-        self._dim = _color_ok(err)
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self._dim = _color_ok(self.err)
         # Whether each stream's cursor is at a line start, so that on a terminal (where both
         # streams meet) a note never lands in the middle of a sentence.
         self._out_open = False
@@ -188,7 +188,7 @@ def _field_value(f: Any, value: Any) -> Any:  # a FieldDescriptor (python or upb
 
 
 def _enum_short(msg: ProtoMessage, field: str) -> str:
-    """ "MODE_POWER" -> "power", for people."""
+    """An enum field's value for people: MODE_POWER -> power."""
     f = msg.DESCRIPTOR.fields_by_name[field]
     name = str(_field_value(f, getattr(msg, field)))
     prefix = f.enum_type.name if f.enum_type is not None else ""
@@ -310,9 +310,10 @@ class Interrupter:
     """Ctrl-C during a turn asks the daemon to interrupt it, and the reply runs to its end.
 
     The Interrupt call waits for our own TurnStarted (the turn may still be queued behind
-    another client's, which must not be the one stopped) and runs on a thread, because the
-    signal handler runs in the middle of the stream's iteration. A second Ctrl-C stops
-    waiting (KeyboardInterrupt).
+    another client's, which must not be the one stopped). The handler itself only sets flags
+    and starts a thread: it runs in the middle of the stream's iteration, possibly inside a
+    write to the very stream it would print to. A second Ctrl-C stops waiting
+    (KeyboardInterrupt).
     """
 
     def __init__(self, client: Client, session_id: str, out: Output) -> None:
@@ -322,6 +323,7 @@ class Interrupter:
         self.requested = False
         self.turn_started = False
         self._sent = False
+        self._lock = threading.Lock()
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[Interrupter]:
@@ -335,6 +337,9 @@ class Interrupter:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        threading.Thread(target=self._requested, daemon=True).start()
+
+    def _requested(self) -> None:
         self.out.note("interrupting… (Ctrl-C again to stop waiting)")
         if self.turn_started:
             self._send()
@@ -346,11 +351,10 @@ class Interrupter:
                 self._send()
 
     def _send(self) -> None:
-        if not self._sent:
+        with self._lock:
+            if self._sent:
+                return
             self._sent = True
-            threading.Thread(target=self._interrupt, daemon=True).start()
-
-    def _interrupt(self) -> None:
         try:
             self.client.interrupt(self.session_id)
         except FailedPreconditionError:
@@ -470,16 +474,20 @@ def cmd_show(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_history(client: Client, args: argparse.Namespace, out: Output) -> int:
-    for m in client.get_history(args.id):
+    # All on stdout: here the headers are part of the record, not activity beside a reply.
+    for i, m in enumerate(client.get_history(args.id)):
         if out.json:
             out.record(proto_dict(m))
             continue
         status = _enum_short(m, "status")
         extra = "" if status in ("complete", "unspecified") else f" ({status})"
-        cost = f"  ${m.cost_usd:.4f}" if m.cost_usd else ""
-        out.note(f"── {_enum_short(m, 'role')}{extra} · {_when(m.created_at)}{cost}")
+        cost = f" · ${m.cost_usd:.4f}" if m.cost_usd else ""
+        out.line(
+            ("\n" if i else "")
+            + f"── {_enum_short(m, 'role')}{extra} · {_when(m.created_at)}{cost}"
+        )
         for call in m.tool_calls:
-            out.note(_one_line(f"⏺ {call.name} {call.input_json}"))
+            out.line(_one_line(f"  ⏺ {call.name} {call.input_json}"))
         out.line(m.content)
     return EXIT_OK
 
