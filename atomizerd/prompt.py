@@ -45,6 +45,7 @@ class ContextBuilder:
         return _clip("\n\n".join(p for p in parts if p), self.budget)
 
     def study_summary(self, study_id: str, study_dir: Path) -> str:
+        """Never reads outside `study_dir`: symlinks pointing out of it are skipped."""
         sections = [
             f"Current study: {study_id} (folder {study_dir}).",
             "Files:\n" + _tree(study_dir),
@@ -61,7 +62,7 @@ class ContextBuilder:
         if reports:
             sections.append("Newest reports in 3_results/: " + ", ".join(p.name for p in reports))
         report = study_dir / "STUDY_REPORT.md"
-        if report.is_file():
+        if report.is_file() and _inside(report, study_dir):
             sections.append("STUDY_REPORT.md (head):\n" + _head(report, _FILE_HEAD))
         return "\n\n".join(sections)
 
@@ -108,9 +109,16 @@ def _first_existing(folder: Path, patterns: tuple[str, ...]) -> Path | None:
         return None
     for pattern in patterns:
         for path in sorted(folder.glob(pattern)):
-            if path.is_file() and not path.is_symlink():
+            if path.is_file() and not path.is_symlink() and _inside(path, folder):
                 return path
     return None
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except OSError:
+        return False
 
 
 def _head(path: Path, limit: int) -> str:

@@ -99,3 +99,33 @@ def test_a_lost_transcript_is_reseeded_from_the_store(e2e: E2E) -> None:
     assert reply_text(events) == "echo: what was the word?"
     request = e2e.api.requests[-1]
     assert "walrus" in request.system_text + " ".join(request.texts("user"))
+
+
+def test_the_atomizer_mcp_server_gets_the_session_context(e2e: E2E) -> None:
+    import sys
+
+    server = [sys.executable, str(Path(__file__).parents[1] / "support" / "fake_mcp_server.py")]
+    stubs = e2e.start(
+        {
+            "mcp": {"atomizer_command": server},
+            "modes.user": {"allowed_tools": ["Read", "mcp__atomizer__study_info"]},
+        }
+    )
+    assert e2e.daemon is not None
+    make_study(e2e.daemon.root, "truss", "# Truss")
+    stubs.sessions.CreateSession(pb.CreateSessionRequest(session_id="mcp2", study_id="truss"))
+    events = send(stubs, "mcp2", "[[tool:mcp__atomizer__study_info {}]]")
+    text = reply_text(events)
+    assert '"ATOMIZER_MODE": "user"' in text and '"ATOMIZER_STUDY": "truss"' in text
+    session = stubs.sessions.GetSession(pb.GetSessionRequest(session_id="mcp2")).session
+    assert [(m.name, m.status) for m in session.mcp_servers] == [("atomizer", "connected")]
+
+
+def test_a_crashing_mcp_server_degrades_the_session_but_never_breaks_it(e2e: E2E) -> None:
+    import sys
+
+    stubs = e2e.start({"mcp": {"atomizer_command": [sys.executable, "-c", "raise SystemExit(3)"]}})
+    stubs.sessions.CreateSession(pb.CreateSessionRequest(session_id="broken"))
+    assert reply_text(send(stubs, "broken", "still works?")) == "echo: still works?"
+    session = stubs.sessions.GetSession(pb.GetSessionRequest(session_id="broken")).session
+    assert [(m.name, m.status) for m in session.mcp_servers] == [("atomizer", "failed")]
