@@ -8,7 +8,6 @@ more, without a queue per follower: a slow client holds a cursor, not a copy.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -148,10 +147,6 @@ class SessionEvent:
         return isinstance(self.kind, TERMINAL)
 
 
-class LogClosed(Exception):
-    """The log will receive no more events (session closed or daemon stopping)."""
-
-
 class EventLog:
     """An append-only run of events that followers read by sequence number.
 
@@ -228,7 +223,3 @@ class EventLog:
             if self.closed:
                 return
             await self.wait_past(cursor)
-
-
-def now() -> float:
-    return time.time()
