@@ -41,6 +41,7 @@ class Decision:
     decider: str
     message: str = ""
     remember: bool = False
+    tool_name: str = ""
 
 
 @dataclass
@@ -110,7 +111,7 @@ class Approvals:
             ev.PermissionRequest(
                 request_id=request.request_id,
                 tool_name=tool_name,
-                input_json=json.dumps(tool_input, ensure_ascii=False),
+                input_json=json.dumps(tool_input, ensure_ascii=False, separators=(",", ":")),
                 description=str(payload.get("description", "")),
                 tool_use_id=tool_use_id,
                 deadline=time.time() + self.timeout,
@@ -137,8 +138,11 @@ class Approvals:
                 f"({'allowed' if earlier.allow else 'denied'} by {earlier.decider})"
             )
         pending = self.pending.get(request_id)
-        if pending is None or pending.answer.done():
+        if pending is None:
             raise NotFound(f"no pending permission request {request_id!r} in this session")
+        if pending.answer.done():  # answered an instant ago, not yet settled
+            raise FailedPrecondition(f"permission request {request_id!r} was already answered")
+        decision.tool_name = pending.tool_name
         pending.answer.set_result(decision)
         return decision
 

@@ -12,7 +12,9 @@ import asyncio
 import base64
 import binascii
 import json
+import math
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +34,7 @@ from atomizerd.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from atomizerd.governance import CLIENT, Decision
+from atomizerd.governance import CLIENT, Approvals, Decision
 from atomizerd.pool import AgentPool
 from atomizerd.store import SEQ_BLOCK, AuditRecord, MessageRecord, SessionRecord, Store
 from atomizerd.turns import Turn, TurnRunner
@@ -70,6 +72,13 @@ class Session:
     current: Turn | None = None
     recent: dict[str, Turn] = field(default_factory=dict)  # request_id -> turn
     watchers: int = 0
+    # Turns that ended lately, so a late answer to their permission requests is told it
+    # came too late (FAILED_PRECONDITION) instead of "unknown request".
+    finished: deque[Turn] = field(default_factory=lambda: deque(maxlen=RECENT_TURNS))
+
+    def approvals(self) -> list[Approvals]:
+        turns = [self.current, *reversed(self.finished)]
+        return [t.approvals for t in turns if t is not None and t.approvals is not None]
 
     @property
     def id(self) -> str:
@@ -170,10 +179,11 @@ class Registry:
         mode = self._check_mode(mode) if mode else None
         if study_id:
             self.studies.resolve(study_id)
+        record: SessionRecord | None = None
         if session_id:
             ids.check_session_id(session_id)
             record = self.store.get_session(session_id)
-            if record is not None:
+            if record is not None and not record.closed:
                 return await self._reopen(record, mode, study_id)
         else:
             session_id = ids.new_session_id()
@@ -182,6 +192,8 @@ class Registry:
                 f"the daemon already holds {self.config.daemon.max_sessions} open sessions "
                 "(daemon.max_sessions); terminate some first"
             )
+        if record is not None:  # a closed session: reopening it counts against the limit
+            return await self._reopen(record, mode, study_id)
         budget = _cap("budget_usd", budget_usd, self.config.budget.session_usd)
         turn_budget = _cap("turn_budget_usd", turn_budget_usd, self.config.budget.turn_usd)
         record = self.store.create_session(
@@ -396,6 +408,7 @@ class Registry:
                     await self.runner.run(s.record, turn, lambda k: self._emit(s, turn, k))
                 finally:
                     s.current = None
+                    s.finished.append(turn)
                     self._refresh_quietly(s)
         except asyncio.CancelledError:
             if not turn.done.is_set():
@@ -480,11 +493,11 @@ class Registry:
         s = self._load(session_id)
         if not request_id:
             raise InvalidArgument("request_id is required")
-        turn = s.current
-        if turn is None or turn.approvals is None:
-            raise NotFound(f"session {s.id!r} has no pending permission request {request_id!r}")
         message = message or ("" if allow else "the user denied this tool use")
-        return turn.approvals.answer(request_id, Decision(allow, CLIENT, message, remember))
+        for approvals in s.approvals():
+            if request_id in approvals.pending or request_id in approvals.decided:
+                return approvals.answer(request_id, Decision(allow, CLIENT, message, remember))
+        raise NotFound(f"session {s.id!r} has no permission request {request_id!r}")
 
     def audit_events(
         self, session_id: str, page_size: int, page_token: str
@@ -577,13 +590,18 @@ def _decode_id_token(token: str) -> int:
     if not token:
         return 0
     try:
-        return int(base64.urlsafe_b64decode(token.encode()).decode())
+        value = int(base64.urlsafe_b64decode(token.encode()).decode())
+        if not 0 <= value < 2**63:  # beyond SQLite's INTEGER: not a row id we handed out
+            raise ValueError(value)
+        return value
     except (ValueError, binascii.Error):
         raise InvalidArgument("page_token is not one this daemon issued") from None
 
 
 def _cap(name: str, requested: float, daemon_cap: float) -> float:
     """A per-session cap may only lower the daemon's (0 means "the daemon's")."""
+    if not math.isfinite(requested):  # NaN would slip past every comparison below
+        raise InvalidArgument(f"{name} must be a finite number (got {requested})")
     if requested < 0:
         raise InvalidArgument(f"{name} must not be negative")
     if requested == 0:

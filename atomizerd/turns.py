@@ -473,7 +473,11 @@ def _completed(
     result: proto.Result, transcript: _Transcript, interrupted: bool, cost_base: float
 ) -> ev.TurnCompleted:
     transcript.agent_cost_usd = result.total_cost_usd
-    turn_cost = max(0.0, result.total_cost_usd - cost_base)
+    # The CLI reports the conversation's cost so far (carried over --resume). A figure below
+    # the last one means the count started again (a CLI that does not carry it over): then
+    # the whole figure is this turn's.
+    total = result.total_cost_usd
+    turn_cost = total - cost_base if total >= cost_base else total
     text = transcript.full_text()
     if not text and result.is_error and result.result_text:
         text = result.result_text  # an API error: the CLI's explanation is the reply

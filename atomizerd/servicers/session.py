@@ -126,6 +126,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         return pb.RespondToPermissionResponse(
             decision=pb.PermissionDecided(
                 request_id=request.request_id,
+                tool_name=decision.tool_name,
                 allow=decision.allow,
                 decider=convert.decider_to_pb(decision.decider),
                 message=decision.message,

@@ -23,7 +23,9 @@ from atomizer_client import (
     InvalidArgumentError,
     NotFoundError,
     Notice,
+    PermissionDecided,
     PermissionDeniedError,
+    PermissionRequest,
     ResourceExhaustedError,
     RetryPolicy,
     TextDelta,
@@ -41,6 +43,9 @@ from tests.support.daemon import RunningDaemon
 
 # The fake agent answers "echo: <text>" one delta per word; [[slow:MS]] waits before each delta.
 SLOW = "[[slow:300]] one two three four five six seven eight nine ten eleven twelve"
+# [[ask:Bash]] asks to use Bash before the reply, which then says "permission Bash: allow" (or
+# "deny (<message>)"); the slow reply keeps the turn running a while after the answer.
+ASK = "[[ask:Bash]] [[slow:150]] go on"
 
 
 @pytest.fixture
@@ -271,6 +276,78 @@ def test_watch_after_a_seq_skips_what_the_caller_has(client: Client) -> None:
         assert next(watch).seq == events[2].seq
 
 
+# --- governance: tool approval, audit trail, budgets ---------------------------------------
+
+
+def test_a_permission_request_is_answered_once_and_audited(client: Client) -> None:
+    sid = client.create_session().session_id
+    events: list[Event] = []
+    for ev in client.send_message(sid, ASK):
+        events.append(ev)
+        if isinstance(ev, PermissionRequest):
+            assert ev.tool_name == "Bash" and json.loads(ev.input_json) == {"command": "use Bash"}
+            assert ev.deadline is not None and ev.tool_use_id and ev.request_id
+            decision = client.respond_to_permission(sid, ev.request_id, True)
+            assert decision.allow and decision.decider == session_pb2.DECIDER_CLIENT
+            with pytest.raises(FailedPreconditionError, match="already decided"):
+                client.respond_to_permission(sid, ev.request_id, False)
+    assert_one_turn(events)
+    done = events[-1]
+    assert isinstance(done, TurnCompleted) and "permission Bash: allow" in done.text
+    decided = [e for e in events if isinstance(e, PermissionDecided)]
+    assert [(d.tool_name, d.allow, d.decider) for d in decided] == [("Bash", True, "client")]
+    assert decided[0].to_dict()["decider"] == "client"
+    trail = list(client.list_audit_events(sid))
+    assert [(a.tool_name, a.allow, a.decider) for a in trail] == [
+        ("Bash", True, session_pb2.DECIDER_CLIENT)
+    ]
+    assert trail[0].kind == session_pb2.AUDIT_KIND_PERMISSION and len(trail[0].input_digest) == 64
+    with pytest.raises(NotFoundError):
+        client.respond_to_permission(sid, "no-such-request", True)
+
+
+def test_a_denial_carries_its_message_to_the_model(client: Client) -> None:
+    sid = client.create_session().session_id
+    events: list[Event] = []
+    for ev in client.send_message(sid, ASK):
+        events.append(ev)
+        if isinstance(ev, PermissionRequest):
+            client.respond_to_permission(sid, ev.request_id, False, message="not today")
+    done = events[-1]
+    assert isinstance(done, TurnCompleted) and "permission Bash: deny (not today)" in done.text
+    assert [d.tool_name for d in done.permission_denials] == ["Bash"]
+    (audited,) = client.list_audit_events(sid)
+    assert (audited.allow, audited.detail) == (False, "not today")
+
+
+def test_a_remembered_answer_is_not_asked_again(client: Client) -> None:
+    sid = client.create_session().session_id
+    for ev in client.send_message(sid, "[[ask:Bash]] first"):
+        if isinstance(ev, PermissionRequest):
+            client.respond_to_permission(sid, ev.request_id, True, remember=True)
+    again = list(client.send_message(sid, "[[ask:Bash]] second"))
+    assert not [e for e in again if isinstance(e, PermissionRequest)]
+    decided = [e for e in again if isinstance(e, PermissionDecided)]
+    assert [(d.allow, d.decider) for d in decided] == [(True, "rule")]
+    deciders = [a.decider for a in client.list_audit_events(sid, page_size=1)]  # two pages
+    assert deciders == [session_pb2.DECIDER_CLIENT, session_pb2.DECIDER_RULE]
+
+
+def test_a_session_at_its_spending_cap_refuses_messages(client: Client) -> None:
+    # The fake agent's turn costs $0.0001 per character of its reply and then some.
+    s = client.create_session(budget_usd=0.0001, turn_budget_usd=0.00005)
+    assert s.budget_usd == pytest.approx(0.0001) and s.turn_budget_usd == pytest.approx(0.00005)
+    list(client.send_message(s.session_id, "spend"))
+    with pytest.raises(ResourceExhaustedError, match="has spent"):
+        list(client.send_message(s.session_id, "and more"))
+    assert client.get_session(s.session_id).total_cost_usd >= 0.0001
+
+
+def test_a_budget_may_not_be_negative(client: Client) -> None:
+    with pytest.raises(InvalidArgumentError):
+        client.create_session(budget_usd=-1.0)
+
+
 # --- retries (a stub server: the daemon cannot be made to fail on cue) --------------------
 
 
@@ -294,6 +371,14 @@ class _Flaky(daemon_pb2_grpc.DaemonServiceServicer, session_pb2_grpc.SessionServ
         self._count("CreateSession", context)
         return session_pb2.CreateSessionResponse()
 
+    def ListAuditEvents(self, request, context):  # type: ignore[no-untyped-def]
+        self._count("ListAuditEvents", context)
+        return session_pb2.ListAuditEventsResponse(events=[session_pb2.AuditEvent(audit_id=1)])
+
+    def RespondToPermission(self, request, context):  # type: ignore[no-untyped-def]
+        self._count("RespondToPermission", context)
+        return session_pb2.RespondToPermissionResponse()
+
 
 @pytest.fixture
 def flaky(short_tmp: Path) -> Iterator[tuple[Path, _Flaky]]:
@@ -315,6 +400,13 @@ def test_read_only_calls_are_retried_on_unavailable(flaky: tuple[Path, _Flaky]) 
     assert servicer.calls["GetStatus"] == 3
 
 
+def test_the_audit_trail_is_retried_on_unavailable(flaky: tuple[Path, _Flaky]) -> None:
+    sock, servicer = flaky
+    with Client(sock, retry=RetryPolicy(initial_backoff=0.01)) as c:
+        assert [a.audit_id for a in c.list_audit_events("s")] == [1]
+    assert servicer.calls["ListAuditEvents"] == 3
+
+
 def test_writes_are_not_retried(flaky: tuple[Path, _Flaky]) -> None:
     sock, servicer = flaky
     with (
@@ -323,6 +415,16 @@ def test_writes_are_not_retried(flaky: tuple[Path, _Flaky]) -> None:
     ):
         c.create_session()
     assert servicer.calls["CreateSession"] == 1
+
+
+def test_an_answer_to_a_permission_request_is_not_retried(flaky: tuple[Path, _Flaky]) -> None:
+    sock, servicer = flaky
+    with (
+        Client(sock, retry=RetryPolicy(initial_backoff=0.01)) as c,
+        pytest.raises(UnavailableError),
+    ):
+        c.respond_to_permission("s", "r", True)
+    assert servicer.calls["RespondToPermission"] == 1
 
 
 def test_without_a_retry_policy_unavailable_is_raised_at_once(flaky: tuple[Path, _Flaky]) -> None:
@@ -393,5 +495,36 @@ def test_async_interrupt_and_watch(daemon: RunningDaemon) -> None:
             watch.cancel()
             assert [e.seq for e in watched] == [e.seq for e in events]
             assert [e async for e in watch] == []
+
+    asyncio.run(scenario())
+
+
+def test_async_permission_audit_and_budget(daemon: RunningDaemon) -> None:
+    async def scenario() -> None:
+        async with AsyncClient(daemon.socket) as c:
+            sid = (await c.create_session()).session_id
+            events: list[Event] = []
+            async for ev in c.send_message(sid, ASK):
+                events.append(ev)
+                if isinstance(ev, PermissionRequest):
+                    decision = await c.respond_to_permission(sid, ev.request_id, True)
+                    assert decision.allow and decision.decider == session_pb2.DECIDER_CLIENT
+                    with pytest.raises(FailedPreconditionError):
+                        await c.respond_to_permission(sid, ev.request_id, True)
+            assert_one_turn(events)
+            done = events[-1]
+            assert isinstance(done, TurnCompleted) and "permission Bash: allow" in done.text
+            trail = [a async for a in c.list_audit_events(sid)]
+            assert [(a.tool_name, a.decider) for a in trail] == [
+                ("Bash", session_pb2.DECIDER_CLIENT)
+            ]
+            with pytest.raises(NotFoundError):
+                await c.respond_to_permission(sid, "no-such-request", False)
+
+            capped = await c.create_session(budget_usd=0.0001)
+            assert capped.budget_usd == pytest.approx(0.0001)
+            [e async for e in c.send_message(capped.session_id, "spend")]
+            with pytest.raises(ResourceExhaustedError, match="has spent"):
+                [e async for e in c.send_message(capped.session_id, "and more")]
 
     asyncio.run(scenario())

@@ -404,6 +404,11 @@ class FakeAgent:
         message = {"role": "user", "content": [block]}
         return self.envelope("user", message=message, parent_tool_use_id=None)
 
+    def add_cost(self, turn_cost: float) -> float:
+        """Like the CLI, the result reports the conversation's cost so far, not the turn's."""
+        self.total_cost = getattr(self, "total_cost", 0.0) + turn_cost
+        return round(self.total_cost, 6)
+
     def result(self, text: str, *, is_error: bool = False, **extra: Any) -> None:
         emit(
             self.envelope(
@@ -415,7 +420,7 @@ class FakeAgent:
                 num_turns=self.api_calls,
                 result=text,
                 stop_reason="end_turn",
-                total_cost_usd=round(0.0001 * (1 + len(text)), 6),
+                total_cost_usd=self.add_cost(0.0001 * (1 + len(text))),
                 usage={
                     "input_tokens": 10 * self.api_calls,
                     "output_tokens": len(text.split()) or 1,

@@ -28,6 +28,8 @@ from atomizer_client.errors import (
 from atomizer_client.events import (
     Event,
     Notice,
+    PermissionDecided,
+    PermissionRequest,
     TextDelta,
     ThinkingDelta,
     ToolResult,
@@ -37,6 +39,7 @@ from atomizer_client.events import (
     TurnStarted,
     UnknownEvent,
     Usage,
+    decider_name,
 )
 
 __all__ = [
@@ -54,7 +57,9 @@ __all__ = [
     "InvalidArgumentError",
     "NotFoundError",
     "Notice",
+    "PermissionDecided",
     "PermissionDeniedError",
+    "PermissionRequest",
     "ResourceExhaustedError",
     "RetryPolicy",
     "TextDelta",
@@ -67,6 +72,7 @@ __all__ = [
     "UnavailableError",
     "UnknownEvent",
     "Usage",
+    "decider_name",
     "find_socket",
     "new_request_id",
 ]

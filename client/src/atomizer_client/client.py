@@ -7,9 +7,14 @@
                 print(ev.text, end="")
 
 Every unary call has a deadline (`timeout`, default 10 s). The read-only calls (GetSession,
-ListSessions, GetHistory, GetStatus) are retried on UNAVAILABLE with exponential backoff by
-gRPC itself, through the channel's service config; nothing else is retried, because a repeated
-write is not safe without an idempotency key. Failures raise the `errors` classes.
+ListSessions, GetHistory, ListAuditEvents, GetStatus) are retried on UNAVAILABLE with
+exponential backoff by gRPC itself, through the channel's service config; nothing else is
+retried, because a repeated write is not safe without an idempotency key (RespondToPermission
+included: a repeated answer is refused as already decided). Failures raise the `errors` classes.
+
+Tool approval: in user mode, a `PermissionRequest` event asks to run a tool outside the
+allowlist; answer it with `respond_to_permission` (the first answer wins), and read every
+outcome back with `list_audit_events`.
 
 Records (sessions, messages, status) are the generated protobuf messages, typed by their .pyi;
 stream events are the dataclasses of `events`.
@@ -42,6 +47,7 @@ RETRIED_METHODS = (
     (SESSION_SERVICE, "GetSession"),
     (SESSION_SERVICE, "ListSessions"),
     (SESSION_SERVICE, "GetHistory"),
+    (SESSION_SERVICE, "ListAuditEvents"),
     (DAEMON_SERVICE, "GetStatus"),
 )
 
@@ -49,6 +55,8 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Session = session_pb2.Session
 Message = session_pb2.Message
+AuditEvent = session_pb2.AuditEvent
+Decision = session_pb2.PermissionDecided
 Status = daemon_pb2.GetStatusResponse
 ModeLike = str | int
 """A mode: "user" / "power" (any case, with or without MODE_), or a `session_pb2.Mode` value."""
@@ -219,10 +227,18 @@ class Client(_Base):
         mode: ModeLike | None = None,
         study_id: str = "",
         session_id: str = "",
+        budget_usd: float = 0.0,
+        turn_budget_usd: float = 0.0,
         timeout: float | None = None,
     ) -> Session:
-        """Creates a session, or reopens `session_id` if it exists (mode None: unchanged)."""
-        req = _create_request(mode, study_id, session_id)
+        """Creates a session, or reopens `session_id` if it exists (mode None: unchanged).
+
+        `budget_usd` caps what the session may spend in all, `turn_budget_usd` one turn; 0
+        keeps the daemon's caps (`budget.session_usd`, `budget.turn_usd`), which these may only
+        lower (a higher one is InvalidArgumentError). A session at its cap refuses messages
+        with ResourceExhaustedError.
+        """
+        req = _create_request(mode, study_id, session_id, budget_usd, turn_budget_usd)
         return self._call(self._sessions.CreateSession, req, timeout).session
 
     def get_session(self, session_id: str, *, timeout: float | None = None) -> Session:
@@ -313,17 +329,63 @@ class Client(_Base):
         req = session_pb2.InterruptRequest(session_id=session_id)
         return self._call(self._sessions.Interrupt, req, timeout).turn_id
 
+    def respond_to_permission(
+        self,
+        session_id: str,
+        request_id: str,
+        allow: bool,
+        *,
+        message: str = "",
+        remember: bool = False,
+        timeout: float | None = None,
+    ) -> Decision:
+        """Answers a `PermissionRequest` event; returns the decision taken.
+
+        `message` is shown to the model with a denial; `remember` applies the same answer to
+        the same call (tool and input) for the rest of the session. The first answer wins: a
+        later one raises FailedPreconditionError, one for a request that is not pending (never
+        was, or its turn has ended) NotFoundError. Never retried.
+        """
+        req = _respond_request(session_id, request_id, allow, message, remember)
+        return self._call(self._sessions.RespondToPermission, req, timeout).decision
+
+    def list_audit_events(
+        self, session_id: str, *, page_size: int = 0, timeout: float | None = None
+    ) -> Iterator[AuditEvent]:
+        """The session's audit trail (permission outcomes, mode switches), oldest first,
+        fetching pages as the iteration goes."""
+        req = session_pb2.ListAuditEventsRequest(session_id=session_id, page_size=page_size)
+        return self._pages(self._sessions.ListAuditEvents, req, "events", timeout)
+
     def get_status(self, *, timeout: float | None = None) -> Status:
         return self._call(self._daemon.GetStatus, daemon_pb2.GetStatusRequest(), timeout)
 
 
 def _create_request(
-    mode: ModeLike | None, study_id: str, session_id: str
+    mode: ModeLike | None,
+    study_id: str,
+    session_id: str,
+    budget_usd: float,
+    turn_budget_usd: float,
 ) -> session_pb2.CreateSessionRequest:
     return session_pb2.CreateSessionRequest(
         mode=session_pb2.MODE_UNSPECIFIED if mode is None else mode_value(mode),
         study_id=study_id,
         session_id=session_id,
+        budget_usd=budget_usd,
+        turn_budget_usd=turn_budget_usd,
+    )
+
+
+def _respond_request(
+    session_id: str, request_id: str, allow: bool, message: str, remember: bool
+) -> session_pb2.RespondToPermissionRequest:
+    return session_pb2.RespondToPermissionRequest(
+        session_id=session_id,
+        request_id=request_id,
+        allow=allow,
+        message=message,
+        remember=remember,
     )
 
 
@@ -411,8 +473,10 @@ class AsyncClient(_Base):
         mode: ModeLike | None = None,
         study_id: str = "",
         session_id: str = "",
+        budget_usd: float = 0.0,
+        turn_budget_usd: float = 0.0,
     ) -> Session:
-        req = _create_request(mode, study_id, session_id)
+        req = _create_request(mode, study_id, session_id, budget_usd, turn_budget_usd)
         return (await self._call(self._sessions.CreateSession, req)).session
 
     async def get_session(self, session_id: str) -> Session:
@@ -482,6 +546,26 @@ class AsyncClient(_Base):
         req = session_pb2.InterruptRequest(session_id=session_id)
         return (await self._call(self._sessions.Interrupt, req)).turn_id
 
+    async def respond_to_permission(
+        self,
+        session_id: str,
+        request_id: str,
+        allow: bool,
+        *,
+        message: str = "",
+        remember: bool = False,
+    ) -> Decision:
+        """As `Client.respond_to_permission`; never retried."""
+        req = _respond_request(session_id, request_id, allow, message, remember)
+        return (await self._call(self._sessions.RespondToPermission, req)).decision
+
+    def list_audit_events(
+        self, session_id: str, *, page_size: int = 0
+    ) -> AsyncIterator[AuditEvent]:
+        """`async for a in client.list_audit_events(sid)`: the audit trail, oldest first."""
+        req = session_pb2.ListAuditEventsRequest(session_id=session_id, page_size=page_size)
+        return self._pages(self._sessions.ListAuditEvents, req, "events")
+
     async def get_status(self) -> Status:
         return await self._call(self._daemon.GetStatus, daemon_pb2.GetStatusRequest())
 
@@ -490,7 +574,9 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "AsyncClient",
     "AsyncEventStream",
+    "AuditEvent",
     "Client",
+    "Decision",
     "EventStream",
     "RetryPolicy",
     "mode_value",

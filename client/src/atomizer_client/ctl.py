@@ -6,15 +6,20 @@ import argparse
 import contextlib
 import json
 import os
+import queue
+import select
 import signal
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import UTC
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
+from atomizer.v1 import session_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message as ProtoMessage
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -33,6 +38,8 @@ from atomizer_client.errors import (
 from atomizer_client.events import (
     Event,
     Notice,
+    PermissionDecided,
+    PermissionRequest,
     TextDelta,
     ThinkingDelta,
     ToolResult,
@@ -40,6 +47,7 @@ from atomizer_client.events import (
     TurnCompleted,
     TurnFailed,
     TurnStarted,
+    decider_name,
 )
 
 EXIT_OK = 0
@@ -58,15 +66,23 @@ else /run/atomizerd/atomizerd.sock.
 
 --json prints one JSON object per line (per record, or per event of a turn) for scripts.
 
+tool approval: in user mode the agent asks before it uses a tool outside the allowlist. `send`
+and `chat` print the request and ask "allow? [y/N/a(lways)]" on the terminal (a: allow, and
+allow the same call for the rest of the session). With --json, or when stdin is not a
+terminal, nothing is asked: answer from anywhere with `approve`/`deny` (`watch` shows the
+requests too), else the daemon denies it when approvals.timeout runs out. --yes / --no answer
+every request of the turn with allow / deny. `audit` lists every outcome.
+
 exit codes:
   0    ok
   1    the turn failed, or the agent reported an error
   2    usage error
-  3    session not found
-  4    invalid argument, or not possible now (closed session, no running turn)
+  3    session (or pending permission request) not found
+  4    invalid argument, or not possible now (closed session, no running turn, a permission
+       request already answered)
   5    daemon unavailable (not running, draining, or not answering in time)
   6    permission denied (e.g. power mode disabled by the daemon's policy)
-  7    resource exhausted (session, queue or size limits)
+  7    resource exhausted (session, queue or size limits, the session's spending cap)
   130  interrupted (Ctrl-C)
 """
 
@@ -139,6 +155,22 @@ class Output:
         self.err.flush()
         self._err_open = not text.endswith("\n")
 
+    def ask(self, prompt: str) -> None:
+        """A question on stderr, the cursor left after it (the answer is typed there)."""
+        self._close_out()
+        self._close_err()
+        self.err.write(prompt)
+        self.err.flush()
+        self._err_open = True
+
+    def answered(self) -> None:
+        """The answer's Enter ended the prompt's line (the terminal echoed it)."""
+        self._err_open = False
+
+    def withdraw_prompt(self) -> None:
+        """Leaves a prompt that will get no answer, on a line of its own."""
+        self._close_err()
+
     def note(self, text: str) -> None:
         """A dim activity line on stderr (tool calls, retries, the turn's cost)."""
         self._close_out()
@@ -202,6 +234,14 @@ def _when(ts: Timestamp) -> str:
     return ts.ToDatetime(tzinfo=UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _clock(when: datetime | None) -> str:
+    return when.astimezone().strftime("%H:%M:%S") if when is not None else "-"
+
+
+def _usd(amount: float) -> str:
+    return f"${amount:.4f}"
+
+
 def _tokens(n: int) -> str:
     return f"{n:,}"
 
@@ -217,9 +257,11 @@ def _one_line(text: str, width: int = 100) -> str:
 class TurnRenderer:
     """Shows one turn's events as they arrive and remembers how it ended."""
 
-    def __init__(self, out: Output, *, show_prompt: bool) -> None:
+    def __init__(self, out: Output, *, show_prompt: bool, answer_hint: bool = False) -> None:
         self.out = out
         self.show_prompt = show_prompt
+        # Tell how to answer a permission request from elsewhere (nobody is asked here).
+        self.answer_hint = answer_hint
         self.streamed_text = False
 
     def show(self, ev: Event) -> None:
@@ -238,6 +280,8 @@ class TurnRenderer:
             ToolUse: self._tool_use,
             ToolResult: self._tool_result,
             Notice: self._notice,
+            PermissionRequest: self._permission_request,
+            PermissionDecided: self._permission_decided,
             TurnCompleted: self._completed,
             TurnFailed: self._failed,
         }
@@ -268,6 +312,21 @@ class TurnRenderer:
             self.out.note(ev.message)
         elif ev.kind == "API_RETRY":
             self.out.note(f"model API retry {ev.attempt} of {ev.max_retries} ({ev.error_status})")
+
+    def _permission_request(self, ev: PermissionRequest) -> None:
+        self.out.note(_one_line(f"? permission for {ev.tool_name}: {ev.input_json}"))
+        if ev.description:
+            self.out.note(_one_line("  " + ev.description))
+        if self.answer_hint:
+            self.out.note(
+                f"  answer with: atomizerctl approve {ev.session_id} {ev.request_id}"
+                f"  (or deny); denied at {_clock(ev.deadline)} without one"
+            )
+
+    def _permission_decided(self, ev: PermissionDecided) -> None:
+        verdict = "✓ allowed" if ev.allow else "✗ denied"
+        detail = f": {ev.message}" if ev.message else ""
+        self.out.note(_one_line(f"{verdict} {ev.tool_name} by {ev.decider}{detail}"))
 
     def _completed(self, ev: TurnCompleted) -> None:
         if ev.is_error and not self.streamed_text and ev.text:
@@ -363,14 +422,178 @@ class Interrupter:
             self.out.error(f"interrupt failed: {e}")
 
 
-def run_turn(client: Client, session_id: str, text: str, out: Output) -> int:
-    """Sends one message, shows the reply live, returns the exit code of its outcome."""
+class EventPump:
+    """Reads a turn's stream in a thread, so that a prompt can wait for the person at the
+    terminal and for the daemon (an answer from elsewhere, the timeout) at the same time."""
+
+    def __init__(self, stream: EventStream) -> None:
+        self._queue: queue.Queue[Event | AtomizerError | None] = queue.Queue()
+        self._back: deque[Event] = deque()
+        self._ended = False
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream: EventStream) -> None:
+        try:
+            for ev in stream:
+                self._queue.put(ev)
+        except AtomizerError as e:
+            self._queue.put(e)
+        except Exception as e:  # never leave the reader waiting for an end that never comes
+            self._queue.put(AtomizerError(f"reading the reply failed: {e!r}"))
+        finally:
+            self._queue.put(None)
+
+    def get(self, timeout: float | None = None) -> Event | None:
+        """The next event, None at the end of the stream; raises the stream's error, and
+        queue.Empty when `timeout` passes first."""
+        if self._back:
+            return self._back.popleft()
+        if self._ended:
+            return None
+        item = self._queue.get(timeout=timeout) if timeout != 0 else self._queue.get_nowait()
+        if item is None or isinstance(item, AtomizerError):
+            self._ended = True
+        if isinstance(item, AtomizerError):
+            raise item
+        return item
+
+    def put_back(self, events: Sequence[Event]) -> None:
+        """Events taken out early, to be read again first, in order."""
+        self._back.extendleft(reversed(events))
+
+    def __iter__(self) -> Iterator[Event]:
+        while (ev := self.get()) is not None:
+            yield ev
+
+
+@dataclass(frozen=True)
+class ApprovalPolicy:
+    """How `send` and `chat` answer permission requests."""
+
+    auto: bool | None = None
+    """--yes (True) / --no (False): answer every request so, without asking."""
+    interactive: bool = False
+    """Ask on the terminal (stdin is one, and not the message or --json)."""
+
+
+PROMPT = "allow? [y/N/a(lways)] "
+_ANSWERS = {
+    "y": (True, False),
+    "yes": (True, False),
+    "a": (True, True),
+    "always": (True, True),
+    "": (False, False),
+    "n": (False, False),
+    "no": (False, False),
+}
+
+
+class Approver:
+    """Answers a turn's permission requests: by --yes/--no, by asking, or not at all."""
+
+    def __init__(
+        self,
+        client: Client,
+        session_id: str,
+        out: Output,
+        policy: ApprovalPolicy,
+        pump: EventPump,
+        stdin: TextIO | None = None,
+    ) -> None:
+        self.client = client
+        self.session_id = session_id
+        self.out = out
+        self.policy = policy
+        self.pump = pump
+        self.stdin = stdin or sys.stdin
+
+    def handle(self, req: PermissionRequest) -> None:
+        if self.policy.auto is not None:
+            self._respond(req, self.policy.auto, remember=False)
+        elif self.policy.interactive:
+            answer = self._ask(req)
+            if answer is not None:
+                self._respond(req, *answer)
+
+    def _respond(self, req: PermissionRequest, allow: bool, remember: bool) -> None:
+        try:
+            self.client.respond_to_permission(
+                self.session_id, req.request_id, allow, remember=remember
+            )
+        except (NotFoundError, FailedPreconditionError) as e:
+            self.out.note(f"the answer came too late: {e.details}")
+        except UnavailableError:
+            raise
+        except AtomizerError as e:
+            self.out.error(f"answering the permission request failed: {e}")
+
+    def _ask(self, req: PermissionRequest) -> tuple[bool, bool] | None:
+        """The person's (allow, remember), or None when the request was settled meanwhile
+        (answered elsewhere, timed out, the turn interrupted or ended)."""
+        fd = self.stdin.fileno()
+        meanwhile: list[Event] = []
+        try:
+            if self._settled(req, meanwhile):  # already, e.g. by another client
+                return None
+            self.out.note(f"  the daemon denies it at {_clock(req.deadline)} without an answer")
+            self.out.ask(PROMPT)
+            while True:
+                if select.select([fd], [], [], 0.1)[0]:
+                    line = os.read(fd, 4096).decode(errors="replace")
+                    self.out.answered()
+                    answer = _ANSWERS.get(line.strip().lower()) if line else (False, False)
+                    if answer is not None:
+                        return answer
+                    self.out.ask("please answer y, n or a: ")
+                if self._settled(req, meanwhile):
+                    self._abandon_prompt(fd)
+                    return None
+        finally:
+            self.pump.put_back(meanwhile)
+
+    def _settled(self, req: PermissionRequest, meanwhile: list[Event]) -> bool:
+        while True:
+            try:
+                ev = self.pump.get(timeout=0)
+            except queue.Empty:
+                return False
+            if ev is None:
+                return True
+            meanwhile.append(ev)
+            if ev.terminal or (
+                isinstance(ev, PermissionDecided) and ev.request_id == req.request_id
+            ):
+                return True
+
+    def _abandon_prompt(self, fd: int) -> None:
+        self.out.withdraw_prompt()
+        try:
+            import termios
+
+            termios.tcflush(fd, termios.TCIFLUSH)  # drop what was typed at the dead prompt
+        except (ImportError, OSError):
+            pass
+
+
+def run_turn(
+    client: Client,
+    session_id: str,
+    text: str,
+    out: Output,
+    policy: ApprovalPolicy | None = None,
+) -> int:
+    """Sends one message, shows the reply live (answering permission requests as `policy`
+    says), returns the exit code of its outcome."""
+    policy = policy or ApprovalPolicy()
     interrupter = Interrupter(client, session_id, out)
-    renderer = TurnRenderer(out, show_prompt=False)
+    hint = policy.auto is None and not policy.interactive
+    renderer = TurnRenderer(out, show_prompt=False, answer_hint=hint)
     with interrupter.installed():
         stream = client.send_message(session_id, text)
+        pump = EventPump(stream)
+        approver = Approver(client, session_id, out, policy, pump)
         try:
-            last = _follow(stream, renderer, interrupter)
+            last = _follow(pump, renderer, interrupter, approver)
         except KeyboardInterrupt:
             stream.cancel()
             out.end_line()
@@ -383,11 +606,15 @@ def run_turn(client: Client, session_id: str, text: str, out: Output) -> int:
     return turn_exit_code(last)
 
 
-def _follow(stream: EventStream, renderer: TurnRenderer, interrupter: Interrupter) -> Event | None:
+def _follow(
+    pump: EventPump, renderer: TurnRenderer, interrupter: Interrupter, approver: Approver
+) -> Event | None:
     last: Event | None = None
-    for ev in stream:
+    for ev in pump:
         interrupter.saw(ev)
         renderer.show(ev)
+        if isinstance(ev, PermissionRequest):
+            approver.handle(ev)
         if ev.terminal:
             last = ev
     return last
@@ -400,7 +627,11 @@ Command = Callable[[Client, argparse.Namespace, Output], int]
 
 def cmd_new(client: Client, args: argparse.Namespace, out: Output) -> int:
     s = client.create_session(
-        mode="power" if args.power else None, study_id=args.study or "", session_id=args.id or ""
+        mode="power" if args.power else None,
+        study_id=args.study or "",
+        session_id=args.id or "",
+        budget_usd=args.budget,
+        turn_budget_usd=args.turn_budget,
     )
     if out.json:
         out.record(proto_dict(s))
@@ -453,12 +684,22 @@ def _show_session(out: Output, s: Any) -> None:
         ("created", _when(s.created_at)),
         ("last active", _when(s.last_active_at)),
         ("messages", str(s.message_count)),
-        ("cost", f"${s.total_cost_usd:.4f}"),
+        ("spent", _usd(s.total_cost_usd)),
+        ("budget", _budget(s.budget_usd, s.total_cost_usd)),
+        ("turn budget", _usd(s.turn_budget_usd) if s.turn_budget_usd > 0 else "none"),
         ("last seq", str(s.last_seq)),
         ("queued turns", str(s.queued_turns)),
         ("mcp servers", mcp),
     ]
     _pairs(out, pairs)
+
+
+def _budget(cap: float, spent: float) -> str:
+    if cap <= 0:
+        return "none"
+    if spent >= cap:
+        return f"{_usd(cap)} (reached: no more messages)"
+    return f"{_usd(cap)} ({_usd(cap - spent)} left)"
 
 
 def _pairs(out: Output, pairs: Iterable[tuple[str, str]]) -> None:
@@ -547,14 +788,76 @@ def cmd_status(client: Client, args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def _policy(args: argparse.Namespace, *, can_ask: bool) -> ApprovalPolicy:
+    auto = True if args.yes else False if args.no else None
+    return ApprovalPolicy(auto=auto, interactive=can_ask and _stdin_is_terminal())
+
+
+def _stdin_is_terminal() -> bool:
+    try:
+        return sys.stdin.isatty()
+    except (AttributeError, ValueError):  # closed or replaced
+        return False
+
+
 def cmd_send(client: Client, args: argparse.Namespace, out: Output) -> int:
-    text = sys.stdin.read() if args.text == "-" else args.text
-    return run_turn(client, args.id, text, out)
+    from_stdin = args.text == "-"
+    text = sys.stdin.read() if from_stdin else args.text
+    policy = _policy(args, can_ask=not out.json and not from_stdin)
+    return run_turn(client, args.id, text, out, policy)
+
+
+def cmd_approve(client: Client, args: argparse.Namespace, out: Output) -> int:
+    return _answer(client, args, out, allow=True)
+
+
+def cmd_deny(client: Client, args: argparse.Namespace, out: Output) -> int:
+    return _answer(client, args, out, allow=False)
+
+
+def _answer(client: Client, args: argparse.Namespace, out: Output, *, allow: bool) -> int:
+    d = client.respond_to_permission(
+        args.id,
+        args.request_id,
+        allow,
+        message=getattr(args, "message", None) or "",
+        remember=args.remember,
+    )
+    if out.json:
+        out.record(proto_dict(d))
+    else:
+        kept = " (remembered for this session)" if args.remember else ""
+        out.line(f"{'allowed' if d.allow else 'denied'} {args.request_id}{kept}")
+    return EXIT_OK
+
+
+def cmd_audit(client: Client, args: argparse.Namespace, out: Output) -> int:
+    rows = []
+    for a in client.list_audit_events(args.id):
+        if out.json:
+            out.record(proto_dict(a))
+            continue
+        kind = _enum_short(a, "kind").replace("_", " ")
+        permission = a.kind == session_pb2.AUDIT_KIND_PERMISSION
+        outcome = ("allowed" if a.allow else "denied") if permission else "-"
+        rows.append(
+            (
+                _when(a.time),
+                kind,
+                a.tool_name or "-",
+                outcome,
+                decider_name(a.decider),
+                _one_line(a.detail, 60) or "-",
+            )
+        )
+    if not out.json:
+        _table(out, ("TIME", "KIND", "TOOL", "OUTCOME", "BY", "DETAIL"), rows)
+    return EXIT_OK
 
 
 def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> int:
     stream = client.watch_session(args.id, after_seq=args.after)
-    renderer = TurnRenderer(out, show_prompt=True)
+    renderer = TurnRenderer(out, show_prompt=True, answer_hint=True)
     try:
         for ev in stream:
             renderer.show(ev)
@@ -571,13 +874,14 @@ def cmd_chat(client: Client, args: argparse.Namespace, out: Output) -> int:
     history = _load_readline_history()
     chat_out = Output(as_json=False, out=out.out, err=out.err)
     chat_out.note(f"chat with {s.session_id} — /quit or Ctrl-D leaves, Ctrl-C interrupts a reply")
+    policy = _policy(args, can_ask=True)
     try:
-        return _chat_loop(client, s.session_id, chat_out)
+        return _chat_loop(client, s.session_id, chat_out, policy)
     finally:
         _save_readline_history(history)
 
 
-def _chat_loop(client: Client, session_id: str, out: Output) -> int:
+def _chat_loop(client: Client, session_id: str, out: Output, policy: ApprovalPolicy) -> int:
     while True:
         try:
             line = input("you> ")
@@ -593,7 +897,7 @@ def _chat_loop(client: Client, session_id: str, out: Output) -> int:
         if text in ("/quit", "/exit"):
             return EXIT_OK
         try:
-            run_turn(client, session_id, text, out)
+            run_turn(client, session_id, text, out, policy)
         except UnavailableError:
             raise  # the daemon went away: nothing more to chat with
         except AtomizerError as e:
@@ -669,12 +973,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--power", action="store_true", help="power mode (if the daemon allows it)")
     p.add_argument("--study", metavar="S", help="attach study S")
     p.add_argument("--id", metavar="ID", help="the session id (default: generated)")
+    p.add_argument(
+        "--budget",
+        type=_usd_arg,
+        default=0.0,
+        metavar="USD",
+        help="spending cap of the session; at it, messages are refused (exit 7)",
+    )
+    p.add_argument(
+        "--turn-budget",
+        type=_usd_arg,
+        default=0.0,
+        metavar="USD",
+        help="spending cap of each turn (both may only lower the daemon's own caps)",
+    )
 
     p = add("ls", cmd_ls, "list sessions, newest first")
     p.add_argument("--study", metavar="S", help="only sessions attached to study S")
     p.add_argument("--state", choices=STATES, help="only sessions in this state")
 
-    add("show", cmd_show, "show one session").add_argument("id")
+    add("show", cmd_show, "show one session, with its spend and caps").add_argument("id")
     add("history", cmd_history, "print a session's stored messages").add_argument("id")
 
     p = add("mode", cmd_mode, "switch a session's mode")
@@ -692,16 +1010,62 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("status", cmd_status, "show the daemon's status")
 
-    p = add("send", cmd_send, "send a message and stream the reply (Ctrl-C interrupts)")
+    p = add(
+        "send",
+        cmd_send,
+        "send a message and stream the reply (Ctrl-C interrupts); asks before tools run",
+    )
     p.add_argument("id")
-    p.add_argument("text", help="the message; - reads it from stdin")
+    p.add_argument("text", help="the message; - reads it from stdin (then nothing is asked)")
+    _approval_options(p)
 
     p = add("watch", cmd_watch, "follow a session's events live (Ctrl-C stops)")
     p.add_argument("id")
     p.add_argument("--after", type=int, default=0, metavar="SEQ", help="replay after SEQ")
 
-    add("chat", cmd_chat, "interactive chat with a session").add_argument("id")
+    p = add("chat", cmd_chat, "interactive chat with a session; asks before tools run")
+    p.add_argument("id")
+    _approval_options(p)
+
+    p = add("approve", cmd_approve, "allow a pending tool use (a permission request)")
+    p.add_argument("id")
+    p.add_argument("request_id", help="the request_id of the permission request")
+    p.add_argument(
+        "--remember", action="store_true", help="allow the same call for the rest of the session"
+    )
+
+    p = add("deny", cmd_deny, "deny a pending tool use (a permission request)")
+    p.add_argument("id")
+    p.add_argument("request_id", help="the request_id of the permission request")
+    p.add_argument("--message", metavar="M", help="why, shown to the model")
+    p.add_argument(
+        "--remember", action="store_true", help="deny the same call for the rest of the session"
+    )
+
+    add("audit", cmd_audit, "a session's audit trail: tool approvals, mode switches").add_argument(
+        "id"
+    )
     return parser
+
+
+def _approval_options(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--yes", action="store_true", help="allow every tool use the agent asks for, unasked"
+    )
+    group.add_argument(
+        "--no", action="store_true", help="deny every tool use the agent asks for, unasked"
+    )
+
+
+def _usd_arg(value: str) -> float:
+    try:
+        amount = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an amount in USD: {value!r}") from None
+    if not amount >= 0 or amount == float("inf"):
+        raise argparse.ArgumentTypeError(f"not an amount in USD: {value!r}")
+    return amount
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:

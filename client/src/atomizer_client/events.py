@@ -3,6 +3,10 @@
 A turn is `TurnStarted`, then any number of deltas, tool calls and notices, then exactly one
 terminal event: `TurnCompleted` (also when interrupted or when the agent reported an error) or
 `TurnFailed` (the daemon could not run the turn to its end).
+
+In user mode a tool outside the allowlist shows up as `PermissionRequest` (answer it with
+`Client.respond_to_permission` before its `deadline`), and every outcome, also of requests that
+were decided without asking (a remembered rule, the policy), as `PermissionDecided`.
 """
 
 from __future__ import annotations
@@ -143,6 +147,33 @@ class Notice(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class PermissionRequest(Event):
+    """The agent asks to use a tool outside the mode's allowlist; the turn waits for an answer
+    (`Client.respond_to_permission`) until `deadline`, when it is denied."""
+
+    type: ClassVar[str] = "permission_request"
+    request_id: str = ""
+    tool_name: str = ""
+    input_json: str = ""
+    description: str = ""
+    tool_use_id: str = ""
+    deadline: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PermissionDecided(Event):
+    """How a permission request ended."""
+
+    type: ClassVar[str] = "permission_decided"
+    request_id: str = ""
+    tool_name: str = ""
+    allow: bool = False
+    decider: str = ""
+    """Who decided, lowercase: "client", "rule", "timeout", "policy" or "mode"."""
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class UnknownEvent(Event):
     """An event kind this client does not know (a newer daemon); safe to skip."""
 
@@ -155,6 +186,18 @@ def _enum_name(enum: Any, value: int, prefix: str) -> str:
     except ValueError:  # a value from a newer contract
         return str(value)
     return name.removeprefix(prefix)
+
+
+def decider_name(value: int) -> str:
+    """A `session_pb2.Decider` value as the lowercase word events use: DECIDER_CLIENT -> client."""
+    return _enum_name(session_pb2.Decider, value, "DECIDER_").lower()
+
+
+def _time(ts: Any) -> datetime | None:  # a Timestamp; unset (all zero) means none
+    if not ts.seconds and not ts.nanos:
+        return None
+    value: datetime = ts.ToDatetime(tzinfo=UTC)
+    return value
 
 
 def from_proto(ev: session_pb2.SessionEvent) -> Event:
@@ -186,6 +229,27 @@ def from_proto(ev: session_pb2.SessionEvent) -> Event:
         return TurnFailed(**base, code=code, message=f.message, stderr_tail=f.stderr_tail)
     if kind == "notice":
         return _notice(base, ev.notice)
+    if kind == "permission_request":
+        p = ev.permission_request
+        return PermissionRequest(
+            **base,
+            request_id=p.request_id,
+            tool_name=p.tool_name,
+            input_json=p.input_json,
+            description=p.description,
+            tool_use_id=p.tool_use_id,
+            deadline=_time(p.deadline) if p.HasField("deadline") else None,
+        )
+    if kind == "permission_decided":
+        d = ev.permission_decided
+        return PermissionDecided(
+            **base,
+            request_id=d.request_id,
+            tool_name=d.tool_name,
+            allow=d.allow,
+            decider=decider_name(d.decider),
+            message=d.message,
+        )
     return UnknownEvent(**base)
 
 
@@ -223,7 +287,9 @@ def _notice(base: dict[str, Any], n: session_pb2.Notice) -> Notice:
 __all__ = [
     "Event",
     "Notice",
+    "PermissionDecided",
     "PermissionDenial",
+    "PermissionRequest",
     "TextDelta",
     "ThinkingDelta",
     "ToolResult",
@@ -233,5 +299,6 @@ __all__ = [
     "TurnStarted",
     "UnknownEvent",
     "Usage",
+    "decider_name",
     "from_proto",
 ]
