@@ -156,10 +156,14 @@ class AgentPool:
 
     def _discard(self, agent: LiveAgent) -> None:
         """Forgets an agent that has already been stopped."""
-        self._agents.pop(agent.session_id, None)
+        sid = agent.session_id
+        # While it was being stopped, its session may have started a new agent: keep that one.
+        if self._agents.get(sid) is agent:
+            del self._agents[sid]
         if agent.process.start_time is not None:
             self.store.forget_agent_process(agent.process.pgid)
-        self.launcher.cleanup(agent.session_id)
+        if sid not in self._agents and sid not in self._spawning:
+            self.launcher.cleanup(sid)
 
     async def close(self) -> None:
         self._closed = True
