@@ -31,7 +31,7 @@ class ResumeFailed(Exception):
     """The agent could not resume the session's conversation (its transcript is gone)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class LiveAgent:
     session_id: str
     process: AgentProcess
@@ -54,12 +54,15 @@ class AgentPool:
         self._closed = False
         self._retiring: set[asyncio.Future[None]] = set()
         self._seeds: dict[str, str] = {}
+        self._stopping: set[LiveAgent] = set()
 
     # --- introspection -------------------------------------------------------------------
 
     @property
     def live_count(self) -> int:
-        return len(self._agents) + sum(1 for sid in self._spawning if sid not in self._agents)
+        # Processes being stopped still hold their memory: they count until they are gone.
+        starting = sum(1 for sid in self._spawning if sid not in self._agents)
+        return len(self._agents) + starting + len(self._stopping)
 
     @property
     def queued(self) -> int:
@@ -142,9 +145,11 @@ class AgentPool:
         agent = self._agents.pop(session_id, None)
         if agent is None:
             return
+        self._stopping.add(agent)
         try:
             await agent.process.stop(self.config.agent.stop_grace)
         finally:
+            self._stopping.discard(agent)
             self._discard(agent)
             log.info(
                 "agent process stopped",

@@ -52,6 +52,7 @@ class Reaper:
         started = time.monotonic()
         stopped, errors = await self._stop_idle_processes()
         purged, purge_errors = await self._purge_inactive_sessions()
+        self.registry.unload_idle(older_than=time.time() - self.config.reaper.interval)
         result = ReaperPass(
             finished_at=time.time(),
             processes_stopped=stopped,

@@ -213,6 +213,8 @@ class Registry:
         self, record: SessionRecord, mode: str | None, study_id: str | None
     ) -> SessionView:
         s = self._load(record.session_id)
+        if s.log.closed:
+            s.log = ev.EventLog(self.config.daemon.event_buffer)
         changes: dict[str, object] = {"closed": False, "last_active_at": time.time()}
         if mode and mode != s.record.mode:
             changes["mode"] = mode
@@ -293,6 +295,7 @@ class Registry:
             return None
         self.store.update_session(s.id, closed=True)
         self._refresh(s)
+        s.log.close()  # watchers of a closed session are done
         log.info("session terminated", session_id=s.id)
         return self.view(s)
 
@@ -554,6 +557,23 @@ class Registry:
 
     def loaded_session(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
+
+    def unload_idle(self, older_than: float) -> int:
+        """Forgets the in-memory state of sessions nobody uses (no turn, no watcher, no live
+        process, inactive since `older_than`): memory stays bounded however many sessions a
+        long-running daemon has served. They load again from the store on demand."""
+        idle = [
+            s
+            for s in self._sessions.values()
+            if s.current is None
+            and not s.waiting
+            and not s.watchers
+            and self.pool.state(s.id) == "idle"
+            and s.record.last_active_at < older_than
+        ]
+        for s in idle:
+            self.unload(s.id)
+        return len(idle)
 
     def unload(self, session_id: str) -> None:
         """Forgets a purged session's in-memory state."""

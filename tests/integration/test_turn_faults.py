@@ -200,3 +200,16 @@ def test_watch_replays_from_a_seq_then_follows_later_turns(faulty) -> None:
     followed = [next(watch).event for _ in range(len(second))]
     assert [e.seq for e in followed] == [e.seq for e in second]
     watch.cancel()
+
+
+def test_watchers_of_a_terminated_session_are_let_go(faulty) -> None:
+    stubs = faulty()
+    send(stubs, "f", "one")
+    watch = stubs.sessions.WatchSession(pb.WatchSessionRequest(session_id="f"), timeout=30)
+    replayed = [next(watch).event for _ in range(3)]
+    assert replayed[0].WhichOneof("kind") == "turn_started"
+    stubs.sessions.TerminateSession(pb.TerminateSessionRequest(session_id="f"))
+    rest = list(watch)  # ends (status OK) instead of waiting for its deadline
+    assert all(e.event.turn_id == replayed[0].turn_id for e in rest)
+    stubs.sessions.CreateSession(pb.CreateSessionRequest(session_id="f"))  # reopen
+    assert text_of(send(stubs, "f", "two")) == "echo: two"
