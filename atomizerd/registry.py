@@ -159,8 +159,7 @@ class Registry:
 
     def _view_record(self, record: SessionRecord) -> SessionView:
         s = self._sessions.get(record.session_id)
-        if s is not None:
-            s.record = record
+        if s is not None:  # loaded: its in-memory record is the one turns keep current
             return self.view(s)
         state = "closed" if record.closed else "idle"
         return SessionView(record=record, state=state, last_seq=record.seq_reserved)
@@ -412,7 +411,6 @@ class Registry:
                 finally:
                     s.current = None
                     s.finished.append(turn)
-                    self._refresh_quietly(s)
         except asyncio.CancelledError:
             if not turn.done.is_set():
                 turn.reject(Unavailable("atomizerd is shutting down; the message was not sent"))
@@ -432,11 +430,6 @@ class Registry:
         s.log.append(event)
         turn.log.append(event)
         return event
-
-    def _refresh_quietly(self, s: Session) -> None:
-        record = self.store.get_session(s.id)
-        if record is not None:
-            s.record = record
 
     def _replay_stored(self, s: Session, stored: list[MessageRecord]) -> list[ev.SessionEvent]:
         """A retried request whose turn is no longer in memory: its stored outcome."""

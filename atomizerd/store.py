@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import peewee as pw
-from playhouse.db_url import connect
 
 database_proxy = pw.DatabaseProxy()
 
@@ -410,24 +409,58 @@ class Store:
 
     # messages
 
+    # The two writes of every turn are plain parameterised SQL: they sit on the path to the
+    # first text, and building them through peewee's query objects costs more than SQLite.
+
+    def _sql(self, sql: str, params: tuple[Any, ...]) -> Any:
+        return self.db.execute_sql(sql.replace("?", self.db.param), params)  # type: ignore[no-untyped-call]
+
+    def _insert_message(self, values: dict[str, Any]) -> int:
+        columns = ", ".join(values)
+        marks = ", ".join("?" for _ in values)
+        sql = f"INSERT INTO messages ({columns}) VALUES ({marks})"
+        if isinstance(self.db, pw.PostgresqlDatabase):
+            return int(self._sql(sql + " RETURNING id", tuple(values.values())).fetchone()[0])
+        return int(self._sql(sql, tuple(values.values())).lastrowid)
+
     def add_user_message(
         self, session_id: str, turn_id: str, text: str, request_id: str | None
     ) -> MessageRecord:
         now = time.time()
+        values: dict[str, Any] = {
+            "session_id": session_id,
+            "turn_id": turn_id,
+            "role": "user",
+            "content": text,
+            "status": "pending",
+            "request_id": request_id,
+            "tool_calls": "[]",
+            "cost_usd": 0.0,
+            "usage": "{}",
+            "detail": "",
+            "created_at": now,
+        }
         with self.db.atomic():
-            row = MessageRow.create(
-                session=session_id,
-                turn_id=turn_id,
-                role="user",
-                content=text,
-                status="pending",
-                request_id=request_id,
-                created_at=now,
+            message_id = self._insert_message(values)
+            self._sql(
+                "UPDATE sessions SET message_count = message_count + 1, last_active_at = ? "
+                "WHERE session_id = ?",
+                (now, session_id),
             )
-            SessionRow.update(message_count=SessionRow.message_count + 1, last_active_at=now).where(
-                SessionRow.session_id == session_id
-            ).execute()
-        return MessageRecord.from_row(row)
+        return MessageRecord(
+            message_id,
+            session_id,
+            turn_id,
+            "user",
+            text,
+            "pending",
+            request_id,
+            [],
+            0.0,
+            {},
+            "",
+            now,
+        )
 
     def finish_turn(
         self,
@@ -438,34 +471,46 @@ class Store:
     ) -> MessageRecord:
         """Stores the assistant message and settles the user message, atomically."""
         now = time.time()
-        user_status = "complete" if outcome.status == "complete" else outcome.status
+        values: dict[str, Any] = {
+            "session_id": session_id,
+            "turn_id": turn_id,
+            "role": "assistant",
+            "content": outcome.text,
+            "status": outcome.status,
+            "request_id": None,
+            "tool_calls": json.dumps([tc.__dict__ for tc in outcome.tool_calls]),
+            "cost_usd": outcome.cost_usd,
+            "usage": json.dumps(outcome.usage),
+            "detail": outcome.detail,
+            "created_at": now,
+        }
         with self.db.atomic():
-            MessageRow.update(status=user_status).where(
-                (MessageRow.session == session_id)
-                & (MessageRow.turn_id == turn_id)
-                & (MessageRow.role == "user")
-            ).execute()
-            row = MessageRow.create(
-                session=session_id,
-                turn_id=turn_id,
-                role="assistant",
-                content=outcome.text,
-                status=outcome.status,
-                tool_calls=json.dumps([tc.__dict__ for tc in outcome.tool_calls]),
-                cost_usd=outcome.cost_usd,
-                usage=json.dumps(outcome.usage),
-                detail=outcome.detail,
-                created_at=now,
+            self._sql(
+                "UPDATE messages SET status = ? WHERE session_id = ? AND turn_id = ? "
+                "AND role = 'user'",
+                (outcome.status, session_id, turn_id),
             )
-            changes: dict[Any, Any] = {
-                SessionRow.message_count: SessionRow.message_count + 1,
-                SessionRow.total_cost_usd: SessionRow.total_cost_usd + outcome.cost_usd,
-                SessionRow.last_active_at: now,
-            }
-            if agent_cost_usd is not None:
-                changes[SessionRow.agent_cost_usd] = agent_cost_usd
-            SessionRow.update(changes).where(SessionRow.session_id == session_id).execute()
-        return MessageRecord.from_row(row)
+            message_id = self._insert_message(values)
+            self._sql(
+                "UPDATE sessions SET message_count = message_count + 1, "
+                "total_cost_usd = total_cost_usd + ?, last_active_at = ?, "
+                "agent_cost_usd = COALESCE(?, agent_cost_usd) WHERE session_id = ?",
+                (outcome.cost_usd, now, agent_cost_usd, session_id),
+            )
+        return MessageRecord(
+            message_id,
+            session_id,
+            turn_id,
+            "assistant",
+            outcome.text,
+            outcome.status,
+            None,
+            list(outcome.tool_calls),
+            outcome.cost_usd,
+            dict(outcome.usage),
+            outcome.detail,
+            now,
+        )
 
     def history(self, session_id: str, *, after_id: int, limit: int) -> list[MessageRecord]:
         q = (
@@ -581,5 +626,8 @@ def _connect(url: str) -> pw.Database:
                 "busy_timeout": 5000,
             },
         )
+    # Only other databases need the URL parser (it imports much of playhouse: slow start-up).
+    from playhouse.db_url import connect
+
     db: pw.Database = connect(url)
     return db

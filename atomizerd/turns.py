@@ -125,10 +125,7 @@ class TurnRunner:
             turn.reject(e)
             return
         except AgentSpawnError as e:
-            self.store.add_user_message(
-                record.session_id, turn.turn_id, turn.text, turn.request_id or None
-            )
-            emit(ev.TurnStarted(turn.text, turn.request_id))
+            self._start(record, turn, emit)
             self._finish(record, turn, emit, _Transcript(), ev.TurnFailed(ev.SPAWN_FAILED, str(e)))
             return
         try:
@@ -159,10 +156,7 @@ class TurnRunner:
     async def _run_on(
         self, agent: LiveAgent, record: SessionRecord, turn: Turn, emit: Emit, reseeded: bool
     ) -> None:
-        self.store.add_user_message(
-            record.session_id, turn.turn_id, turn.text, turn.request_id or None
-        )
-        emit(ev.TurnStarted(turn.text, turn.request_id))
+        self._start(record, turn, emit)
         if reseeded:
             emit(
                 ev.Notice(
@@ -215,6 +209,15 @@ class TurnRunner:
             else:
                 approvals.audit(call.name, digest, True, MODE, "allowed by the mode's rules")
 
+    def _start(self, record: SessionRecord, turn: Turn, emit: Emit) -> None:
+        """The user message is committed before the agent sees it, then announced."""
+        message = self.store.add_user_message(
+            record.session_id, turn.turn_id, turn.text, turn.request_id or None
+        )
+        record.message_count += 1
+        record.last_active_at = message.created_at
+        emit(ev.TurnStarted(turn.text, turn.request_id))
+
     def _finish(
         self,
         record: SessionRecord,
@@ -224,12 +227,18 @@ class TurnRunner:
         terminal: ev.TurnCompleted | ev.TurnFailed,
     ) -> None:
         """Commit first, then tell the clients: a client that saw the end can read history."""
-        self.store.finish_turn(
+        reply = self.store.finish_turn(
             record.session_id,
             turn.turn_id,
             _outcome(transcript, terminal),
             agent_cost_usd=transcript.agent_cost_usd,
         )
+        # The in-memory record follows what was just written (no re-read per turn).
+        record.message_count += 1
+        record.total_cost_usd += reply.cost_usd
+        record.last_active_at = reply.created_at
+        if transcript.agent_cost_usd is not None:
+            record.agent_cost_usd = transcript.agent_cost_usd
         emit(terminal)
         turn.log.close()
         turn.done.set()
@@ -270,37 +279,49 @@ class TurnRunner:
         receive: asyncio.Task[AgentItem] | None = None
         try:
             while True:
+                # What has arrived already is relayed without waiting (no task, no timer per
+                # line); only an empty mailbox means waiting, with the watchdogs armed.
+                item = process.receive_nowait() if receive is None else None
                 now = time.monotonic()
-                if interrupting_since is not None:
-                    budget = interrupting_since + cfg.stop_grace - now
-                    if budget <= 0:
-                        return await self._kill(agent, turn, transcript)
-                else:
-                    if turn.approvals is not None and turn.approvals.waiting:
-                        last_activity = now  # waiting for a person is busy, not stalled
-                    quiet_limit = cfg.first_event_timeout if first else cfg.stall_timeout
-                    budget = min(last_activity + quiet_limit, deadline) - now
-                    if budget <= 0:
-                        return await self._watchdog(agent, turn, first, now >= deadline)
-                if receive is None:
-                    receive = asyncio.ensure_future(process.receive())
-                waiting: set[asyncio.Future[Any]] = {receive}
-                if not interrupt_waiter.done():
-                    waiting.add(interrupt_waiter)
-                done, _ = await asyncio.wait(
-                    waiting, timeout=budget, return_when=asyncio.FIRST_COMPLETED
-                )
-                if interrupt_waiter in done and interrupting_since is None:
-                    interrupting_since = time.monotonic()
+                if turn.interrupt_requested.is_set() and interrupting_since is None:
+                    interrupting_since = now
                     await self._send_interrupt(agent)
-                if receive not in done:
-                    continue
-                item = receive.result()
-                receive = None
+                if item is None:
+                    if interrupting_since is not None:
+                        budget = interrupting_since + cfg.stop_grace - now
+                        if budget <= 0:
+                            return await self._kill(agent, turn, transcript)
+                    else:
+                        if turn.approvals is not None and turn.approvals.waiting:
+                            last_activity = now  # waiting for a person is busy, not stalled
+                        quiet_limit = cfg.first_event_timeout if first else cfg.stall_timeout
+                        budget = min(last_activity + quiet_limit, deadline) - now
+                        if budget <= 0:
+                            return await self._watchdog(agent, turn, first, now >= deadline)
+                    if receive is None:
+                        receive = asyncio.ensure_future(process.receive())
+                    waiting: set[asyncio.Future[Any]] = {receive}
+                    if not interrupt_waiter.done():
+                        waiting.add(interrupt_waiter)
+                    done, _ = await asyncio.wait(
+                        waiting, timeout=budget, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if receive not in done:
+                        continue
+                    item = receive.result()
+                    receive = None
+                elif now >= deadline and interrupting_since is None:
+                    return await self._watchdog(agent, turn, first, True)
                 first = False
                 last_activity = time.monotonic()
                 outcome = self._relay(
-                    agent, item, emit, transcript, interrupting_since is not None, turn.approvals
+                    agent,
+                    item,
+                    emit,
+                    transcript,
+                    interrupting_since is not None,
+                    turn.approvals,
+                    record.agent_cost_usd,
                 )
                 if outcome is not None:
                     return outcome
@@ -357,7 +378,8 @@ class TurnRunner:
         emit: Emit,
         transcript: _Transcript,
         interrupted: bool,
-        approvals: Approvals | None = None,
+        approvals: Approvals | None,
+        cost_base: float,
     ) -> ev.TurnCompleted | ev.TurnFailed | None:
         """Maps one agent message to session events; the turn's end when it is one."""
         match item:
@@ -403,7 +425,7 @@ class TurnRunner:
             case proto.ControlCancelRequest() if approvals is not None:
                 approvals.cancel(item.request_id, "the agent withdrew the request")
             case proto.Result():
-                return _completed(item, transcript, interrupted, self._cost_base(agent))
+                return _completed(item, transcript, interrupted, cost_base)
             case LineTooLong():
                 return ev.TurnFailed(
                     ev.LINE_TOO_LONG,
@@ -418,10 +440,6 @@ class TurnRunner:
                     item.stderr_tail,
                 )
         return None
-
-    def _cost_base(self, agent: LiveAgent) -> float:
-        record = self.store.get_session(agent.session_id)
-        return record.agent_cost_usd if record is not None else 0.0
 
     async def _watchdog(
         self, agent: LiveAgent, turn: Turn, first: bool, overall: bool

@@ -156,14 +156,16 @@ class _Mailbox:
     """A bounded FIFO of items that ends with a sticky final item.
 
     `put` waits while full (backpressure on the agent's stdout); after `close`, puts are
-    dropped and `get` returns the queued items, then the final item forever.
+    dropped and `get` returns the queued items, then the final item forever. Waiting sides
+    park on a future made only when they actually wait: nothing is allocated per item.
     """
 
     def __init__(self, maxsize: int) -> None:
         self._items: deque[AgentItem] = deque()
         self._maxsize = max(maxsize, 1)
         self._final: AgentExited | None = None
-        self._changed = asyncio.Event()
+        self._getters: list[asyncio.Future[None]] = []
+        self._putters: list[asyncio.Future[None]] = []
 
     @property
     def closed(self) -> bool:
@@ -171,29 +173,49 @@ class _Mailbox:
 
     async def put(self, item: AgentItem) -> None:
         while len(self._items) >= self._maxsize and self._final is None:
-            await self._changed.wait()
+            await self._park(self._putters)
         if self._final is None:
             self._items.append(item)
-            self._notify()
+            _wake(self._getters)
 
     def close(self, final: AgentExited) -> None:
         if self._final is None:
             self._final = final
-            self._notify()
+            _wake(self._getters)
+            _wake(self._putters)
+
+    def get_nowait(self) -> AgentItem | None:
+        """The next item if one is there (or the final one), else None."""
+        if self._items:
+            item = self._items.popleft()
+            if self._putters:
+                _wake(self._putters)
+            return item
+        return self._final
 
     async def get(self) -> AgentItem:
-        while not self._items:
-            if self._final is not None:
-                return self._final
-            await self._changed.wait()
-        item = self._items.popleft()
-        self._notify()
-        return item
+        while True:
+            item = self.get_nowait()
+            if item is not None:
+                return item
+            await self._park(self._getters)
 
-    def _notify(self) -> None:
-        # Wake everyone waiting on the old event; later waiters wait on a fresh one.
-        self._changed.set()
-        self._changed = asyncio.Event()
+    @staticmethod
+    async def _park(waiters: list[asyncio.Future[None]]) -> None:
+        future = asyncio.get_running_loop().create_future()
+        waiters.append(future)
+        try:
+            await future
+        finally:
+            if future in waiters:
+                waiters.remove(future)
+
+
+def _wake(waiters: list[asyncio.Future[None]]) -> None:
+    for future in waiters:
+        if not future.done():
+            future.set_result(None)
+    waiters.clear()
 
 
 class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
@@ -300,6 +322,10 @@ class AgentProcess:
     async def receive(self) -> AgentItem:
         """The next item; after the process ended, `AgentExited` (every time)."""
         return await self._mailbox.get()
+
+    def receive_nowait(self) -> AgentItem | None:
+        """The next item if one has arrived already, else None (never waits)."""
+        return self._mailbox.get_nowait()
 
     async def __aiter__(self) -> AsyncIterator[AgentItem]:
         """Items up to and including `AgentExited`."""
