@@ -13,7 +13,7 @@ import pytest
 from atomizer.v1 import session_pb2 as pb
 
 from tests.e2e.conftest import E2E
-from tests.e2e.test_turns_real_cli import kinds, reply_text, send
+from tests.support.turns import kinds, reply_text, send
 
 pytestmark = pytest.mark.e2e
 

@@ -7,25 +7,10 @@ import threading
 import pytest
 from atomizer.v1 import session_pb2 as pb
 
-from tests.conftest import Stubs
 from tests.e2e.conftest import E2E
+from tests.support.turns import kinds, reply_text, send
 
 pytestmark = pytest.mark.e2e
-
-
-def send(stubs: Stubs, session_id: str, text: str, **kw: str) -> list[pb.SessionEvent]:
-    stream = stubs.sessions.SendMessage(
-        pb.SendMessageRequest(session_id=session_id, text=text, **kw), timeout=120
-    )
-    return [r.event for r in stream]
-
-
-def kinds(events: list[pb.SessionEvent]) -> list[str]:
-    return [str(e.WhichOneof("kind")) for e in events]
-
-
-def reply_text(events: list[pb.SessionEvent]) -> str:
-    return "".join(e.text_delta.text for e in events if e.WhichOneof("kind") == "text_delta")
 
 
 def test_text_streams_in_order_with_increasing_seq(e2e: E2E) -> None:

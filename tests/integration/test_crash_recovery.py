@@ -14,7 +14,6 @@ import signal
 import sqlite3
 import subprocess
 import time
-from collections.abc import Callable
 from contextlib import closing
 from functools import partial
 from pathlib import Path
@@ -23,10 +22,11 @@ from typing import Any
 import grpc
 from atomizer.v1 import session_pb2 as pb
 
-from atomizerd.agent.procgroup import group_members, process_start_time, read_stat
+from atomizerd.agent.procgroup import group_members, process_start_time
 from atomizerd.store import AgentProcessRecord, Store
 from tests.conftest import Stubs, stubs_for
 from tests.support.daemon import RunningDaemon
+from tests.support.waiting import alive, wait_for
 
 TERMINAL_STATUSES = {"complete", "interrupted", "failed"}
 
@@ -46,19 +46,6 @@ def daemon(workdir: Path, name: str) -> RunningDaemon:
     d = RunningDaemon(workdir, crash_config(workdir))
     d.log_path = workdir / f"{name}.log"
     return d
-
-
-def wait_for(what: str, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)
-
-
-def alive(pid: int) -> bool:
-    stat = read_stat(pid)
-    return stat is not None and stat.state not in ("Z", "X")
 
 
 def agent_pids(d: RunningDaemon) -> list[int]:

@@ -12,7 +12,6 @@ import asyncio
 import sqlite3
 import sys
 import time
-from collections.abc import Callable
 from contextlib import closing
 from datetime import datetime
 from pathlib import Path
@@ -23,11 +22,12 @@ import pytest
 from atomizer.v1 import daemon_pb2
 from atomizer.v1 import session_pb2 as pb
 
-from atomizerd.agent.procgroup import group_members, read_stat
+from atomizerd.agent.procgroup import group_members
 from atomizerd.config import Config
 from atomizerd.reaper import Reaper
 from tests.conftest import Stubs, stubs_for
 from tests.support.daemon import FAKE_AGENT, RunningDaemon
+from tests.support.waiting import alive, wait_for
 
 INTERVAL = 0.5
 IDLE_TIMEOUT = 1.0
@@ -43,19 +43,6 @@ def reaper_config(workdir: Path, **reaper: Any) -> dict[str, dict[str, Any]]:
             "env": {"HOME": str(workdir / "home"), "FAKE_AGENT_TRANSCRIPT_DIR": str(transcripts)},
         },
     }
-
-
-def wait_for(what: str, predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)
-
-
-def alive(pid: int) -> bool:
-    stat = read_stat(pid)
-    return stat is not None and stat.state not in ("Z", "X")
 
 
 def state(stubs: Stubs, sid: str) -> int:

@@ -14,21 +14,8 @@ from atomizer.v1 import session_pb2 as pb
 
 from tests.conftest import Stubs, stubs_for
 from tests.support.daemon import RunningDaemon
-
-
-def send(stubs: Stubs, sid: str, text: str, **kw: Any) -> list[pb.SessionEvent]:
-    stream = stubs.sessions.SendMessage(
-        pb.SendMessageRequest(session_id=sid, text=text, **kw), timeout=60
-    )
-    return [r.event for r in stream]
-
-
-def kinds(events: list[pb.SessionEvent]) -> list[str]:
-    return [str(e.WhichOneof("kind")) for e in events]
-
-
-def text_of(events: list[pb.SessionEvent]) -> str:
-    return "".join(e.text_delta.text for e in events if e.WhichOneof("kind") == "text_delta")
+from tests.support.turns import kinds, send
+from tests.support.turns import reply_text as text_of
 
 
 def start(tmp: Path, **sections: dict[str, Any]) -> tuple[RunningDaemon, Stubs]:
