@@ -186,6 +186,8 @@ class Registry:
                 return await self._reopen(record, mode, study_id)
         else:
             session_id = ids.new_session_id()
+            # Every later log line of this request (and of the prewarm it starts) names it.
+            structlog.contextvars.bind_contextvars(session_id=session_id)
         if self.store.count_open_sessions() >= self.config.daemon.max_sessions:
             raise ResourceExhausted(
                 f"the daemon already holds {self.config.daemon.max_sessions} open sessions "
