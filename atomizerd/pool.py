@@ -170,6 +170,11 @@ class AgentPool:
         if sid not in self._agents and sid not in self._spawning:
             self.launcher.cleanup(sid)
 
+    def kill_all(self) -> None:
+        """SIGKILL every agent's process group now (shutdown past its grace period)."""
+        for agent in [*self._agents.values(), *self._stopping]:
+            agent.process.kill()
+
     async def close(self) -> None:
         self._closed = True
         for waiter in self._waiters:

@@ -47,6 +47,8 @@ MAX_PAGE = 1000
 DEFAULT_PAGE = 100
 # Finished turns remembered per session for request_id retries (older ones come from the store).
 RECENT_TURNS = 32
+# After killing the agents at shutdown: how long their turns get to be stored.
+KILL_SETTLE = 5.0
 
 
 @dataclass
@@ -107,13 +109,20 @@ class Registry:
                 turn_id=turn_id,
             )
 
-    async def drain(self) -> None:
-        """Stops accepting work, interrupts running turns and waits for them to be stored."""
+    async def drain(self, grace: float) -> None:
+        """Stops accepting work, interrupts running turns and waits for them to be stored;
+        agents still running after `grace` are killed so their turns end (and are stored)."""
         self.draining = True
         running = [s.current for s in self._sessions.values() if s.current is not None]
         for turn in running:
             turn.stop(ev.DAEMON_STOPPING, "the daemon is shutting down")
-        await asyncio.gather(*(t.done.wait() for t in running), return_exceptions=True)
+        if not await _all_done(running, grace):
+            log.warning(
+                "turns still running after the grace period; killing their agents",
+                turns=sum(1 for t in running if not t.done.is_set()),
+            )
+            self.pool.kill_all()
+            await _all_done(running, KILL_SETTLE)
         for s in self._sessions.values():
             s.log.close()
         for task in list(self._background):
@@ -627,3 +636,13 @@ def _cap(name: str, requested: float, daemon_cap: float) -> float:
             "it may only be lowered"
         )
     return requested
+
+
+async def _all_done(turns: list[Turn], timeout: float) -> bool:
+    if not turns:
+        return True
+    waits = [asyncio.ensure_future(t.done.wait()) for t in turns]
+    _, pending = await asyncio.wait(waits, timeout=timeout)
+    for w in pending:
+        w.cancel()
+    return not pending

@@ -235,8 +235,7 @@ class Daemon:
         if self.server is not None:
             await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.registry is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.registry.drain(), timeout=max(grace, 0.1) + 5)
+            await self.registry.drain(grace)
         if self.server is not None:
             await self.server.stop(grace)
         for task in self._tasks:

@@ -476,6 +476,10 @@ class AgentProcess:
 
     # --- stopping ---------------------------------------------------------------------------
 
+    def kill(self) -> None:
+        """SIGKILL the whole group at once (no grace); `stop()` still reaps it."""
+        self._kill_group(signal.SIGKILL)
+
     async def stop(self, grace: float = 3.0) -> int | None:
         """Stop the agent and everything in its process group, and reap it.
 

@@ -7,12 +7,14 @@ import signal
 import subprocess
 import sys
 
+import grpc
 import pytest
 from atomizer.v1 import session_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import stubs_for
 from tests.support.daemon import RunningDaemon
+from tests.support.waiting import wait_for
 
 
 def test_sigterm_exits_cleanly_and_removes_the_socket(short_tmp) -> None:
@@ -64,7 +66,7 @@ def test_health_is_serving_once_ready(daemon: RunningDaemon) -> None:
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_requests_during_drain_are_unavailable_and_health_says_not_serving(short_tmp) -> None:
+def test_a_draining_daemon_stores_the_running_turn_as_interrupted(short_tmp) -> None:
     # A slow reply keeps a turn running while the daemon drains.
     d = RunningDaemon(short_tmp, {"daemon": {"grace_period": 3.0}}).start()
     stubs = stubs_for(d.channel())
@@ -88,6 +90,32 @@ def test_requests_during_drain_are_unavailable_and_health_says_not_serving(short
         assert msgs[1].status == pb.MESSAGE_STATUS_INTERRUPTED
     finally:
         history_daemon.stop()
+
+
+def test_while_draining_health_is_not_serving_and_new_work_is_unavailable(short_tmp) -> None:
+    # An agent that ignores the interrupt (and SIGTERM) holds the drain open for a while.
+    d = RunningDaemon(short_tmp, {"agent": {"stop_grace": 3.0}}).start()
+    stubs = stubs_for(d.channel())
+    health = health_pb2_grpc.HealthStub(d.channel())
+    stubs.sessions.CreateSession(pb.CreateSessionRequest(session_id="stuck"))
+    stream = stubs.sessions.SendMessage(
+        pb.SendMessageRequest(session_id="stuck", text="[[hang]]"), timeout=60
+    )
+    next(stream)
+    d.signal(signal.SIGTERM)
+    wait_for(
+        "health NOT_SERVING",
+        lambda: (
+            health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            == health_pb2.HealthCheckResponse.NOT_SERVING
+        ),
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        stubs.sessions.CreateSession(pb.CreateSessionRequest(), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in (err.value.details() or "")
+    list(stream)
+    assert d.proc is not None and d.proc.wait(timeout=30) == 0
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
