@@ -479,6 +479,10 @@ class Registry:
                 f"after_seq {after_seq} is in the future: session {s.id!r} is at seq "
                 f"{s.next_seq - 1}"
             )
+        if s.record.closed:  # nothing more will happen: what is buffered, then the end
+            for event in s.log.after(after_seq):
+                yield event
+            return
         s.watchers += 1
         try:
             async for event in s.log.follow(after_seq):

@@ -200,3 +200,10 @@ def test_watchers_of_a_terminated_session_are_let_go(faulty) -> None:
     assert all(e.event.turn_id == replayed[0].turn_id for e in rest)
     stubs.sessions.CreateSession(pb.CreateSessionRequest(session_id="f"))  # reopen
     assert text_of(send(stubs, "f", "two")) == "echo: two"
+
+
+def test_watching_a_closed_session_ends_after_what_is_buffered(faulty) -> None:
+    stubs = faulty()
+    stubs.sessions.TerminateSession(pb.TerminateSessionRequest(session_id="f"))
+    watch = stubs.sessions.WatchSession(pb.WatchSessionRequest(session_id="f"), timeout=30)
+    assert list(watch) == []
