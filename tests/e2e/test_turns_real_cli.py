@@ -135,3 +135,15 @@ def test_a_watcher_sees_both_sides_and_a_disconnected_sender_loses_nothing(e2e: 
     history = stubs.sessions.GetHistory(pb.GetHistoryRequest(session_id="w")).messages
     assert history[1].content == "echo: bye"
     assert history[1].status == pb.MESSAGE_STATUS_COMPLETE
+
+
+def test_a_hung_model_stream_trips_the_stall_watchdog_and_the_session_resumes(e2e: E2E) -> None:
+    stubs = e2e.start({"agent": {"stall_timeout": 2.0, "stop_grace": 1.0}})
+    stubs.sessions.CreateSession(pb.CreateSessionRequest(session_id="h"))
+    send(stubs, "h", "remember the number 42")
+    events = send(stubs, "h", "[[hang]]")
+    assert kinds(events)[-1] == "turn_failed"
+    assert events[-1].turn_failed.code == pb.FAILURE_CODE_STALL_TIMEOUT
+    after = send(stubs, "h", "back?")
+    assert reply_text(after) == "echo: back?"
+    assert "remember the number 42" in " ".join(e2e.api.requests[-1].texts("user"))
