@@ -230,6 +230,8 @@ class Registry:
             changes["mode"] = mode
         if study_id and study_id != s.record.study_id:
             changes["study_id"] = study_id
+        if "mode" in changes or "study_id" in changes:
+            changes["context_stale"] = s.record.agent_started
         self.store.update_session(s.id, **changes)
         self._refresh(s)
         if "mode" in changes or "study_id" in changes:
@@ -319,7 +321,7 @@ class Registry:
             async with s.turn_lock:
                 previous = s.record.mode
                 with self.store.atomic():
-                    self.store.update_session(s.id, mode=mode)
+                    self.store.update_session(s.id, mode=mode, context_stale=s.record.agent_started)
                     self.store.add_audit(
                         AuditRecord(
                             session_id=s.id,
@@ -331,7 +333,6 @@ class Registry:
                     )
                 self._refresh(s)
                 await self.pool.retire(s.id)
-                self.runner.context_changed(s.id)
             log.info("mode switched", session_id=s.id, mode=mode)
             self._prewarm(s)
         return self.view(s)
@@ -344,10 +345,11 @@ class Registry:
         self._require_open(s)
         if (study_id or None) != s.record.study_id:
             async with s.turn_lock:
-                self.store.update_session(s.id, study_id=study_id or None)
+                self.store.update_session(
+                    s.id, study_id=study_id or None, context_stale=s.record.agent_started
+                )
                 self._refresh(s)
                 await self.pool.retire(s.id)
-                self.runner.context_changed(s.id)
             log.info("study context set", session_id=s.id, study_id=study_id)
             self._prewarm(s)
         return self.view(s)

@@ -51,6 +51,9 @@ class SessionRow(_Model):
     seq_reserved = pw.BigIntegerField(default=0)
     budget_usd = pw.DoubleField(default=0.0)  # 0: no cap
     turn_budget_usd = pw.DoubleField(default=0.0)
+    # The study or mode changed after the conversation began: the CLI keeps the first system
+    # prompt on --resume, so the next message must carry the new context.
+    context_stale = pw.BooleanField(default=False)
 
     class Meta:
         table_name = "sessions"
@@ -140,8 +143,16 @@ def _migrate_2(db: pw.Database) -> None:
     db.create_tables([AuditRow, PermissionRuleRow])
 
 
+def _migrate_3(db: pw.Database) -> None:
+    """A changed context survives a daemon restart until the model has been told."""
+    if "context_stale" not in {c.name for c in db.get_columns("sessions")}:
+        db.execute_sql(  # type: ignore[no-untyped-call]
+            "ALTER TABLE sessions ADD COLUMN context_stale BOOLEAN NOT NULL DEFAULT FALSE"
+        )
+
+
 # Forward migrations: index i migrates from version i to i + 1. Append, never edit.
-MIGRATIONS: list[Callable[[pw.Database], None]] = [_migrate_1, _migrate_2]
+MIGRATIONS: list[Callable[[pw.Database], None]] = [_migrate_1, _migrate_2, _migrate_3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # Sequence numbers are reserved this many at a time: one write per block, not per event.
@@ -167,6 +178,7 @@ class SessionRecord:
     seq_reserved: int
     budget_usd: float = 0.0
     turn_budget_usd: float = 0.0
+    context_stale: bool = False
 
     @classmethod
     def from_row(cls, row: SessionRow) -> SessionRecord:
@@ -185,6 +197,7 @@ class SessionRecord:
             seq_reserved=row.seq_reserved,
             budget_usd=row.budget_usd,
             turn_budget_usd=row.turn_budget_usd,
+            context_stale=row.context_stale,
         )
 
 

@@ -94,18 +94,14 @@ class TurnRunner:
         self.store = store
         self.pool = pool
         self._pending: set[asyncio.Future[None]] = set()
-        # Sessions whose context (study, mode) changed since their conversation began.
-        self._stale_context: set[str] = set()
-
-    def context_changed(self, session_id: str) -> None:
-        """The CLI keeps a conversation's first system prompt on --resume, so a changed
-        context reaches the model with the next user message instead."""
-        self._stale_context.add(session_id)
 
     def _agent_text(self, record: SessionRecord, turn: Turn) -> str:
-        if record.session_id not in self._stale_context or not record.agent_started:
+        """The CLI keeps a conversation's first system prompt on --resume, so a context
+        changed since then reaches the model with the next user message."""
+        if not (record.context_stale and record.agent_started):
             return turn.text
-        self._stale_context.discard(record.session_id)
+        record.context_stale = False
+        self.store.update_session(record.session_id, context_stale=False)
         context = self.pool.launcher.context_text(record)
         return f"<atomizer-context>\n{context}\n</atomizer-context>\n\n{turn.text}"
 

@@ -44,6 +44,22 @@ def test_the_system_prompt_carries_the_study_and_follows_set_study_context(e2e: 
     assert "hi" in " ".join(request.texts("user"))  # same conversation
 
 
+def test_a_study_set_before_a_daemon_restart_still_reaches_the_model(e2e: E2E) -> None:
+    stubs = e2e.start()
+    assert e2e.daemon is not None
+    make_study(e2e.daemon.root, "flange", "# Flange study\nbest mass 4.56 kg")
+    stubs.sessions.CreateSession(pb.CreateSessionRequest(session_id="rs"))
+    send(stubs, "rs", "hello")
+    stubs.sessions.SetStudyContext(pb.SetStudyContextRequest(session_id="rs", study_id="flange"))
+    e2e.stop()
+    stubs = e2e.start()
+    send(stubs, "rs", "which study?")
+    request = e2e.api.requests[-1]
+    assert "best mass 4.56 kg" in request.system_text + " ".join(request.texts("user"))
+    send(stubs, "rs", "and again?")  # told once: not repeated in every message
+    assert "best mass 4.56 kg" not in e2e.api.requests[-1].texts("user")[-1]
+
+
 def test_user_mode_denies_a_bash_write_outside_the_allowlist(e2e: E2E) -> None:
     # Without live approval the CLI denies on its own (approval: tests/e2e/test_governance.py).
     stubs = e2e.start({"approvals": {"enabled": False}})
