@@ -211,6 +211,12 @@ class McpConfig:
         "atomizer-tools/dist/index.js` when that file exists, otherwise no atomizer server.",
         default_factory=list,
     )
+    servers: dict[str, str] = _doc(
+        "Extra MCP servers for every session: name = JSON of the server's entry as in a "
+        'Claude Code MCP config, e.g. `docs = \'{"command": "node", "args": ["docs.js"]}\'`. '
+        "The name `atomizer` is reserved.",
+        default_factory=dict,
+    )
     strict: bool = _doc(
         "Pass --strict-mcp-config so a user's own MCP servers never leak into sessions.",
         default=True,
@@ -512,6 +518,22 @@ def resolve(cfg: Config) -> None:
     a.studies_root = str(Path(a.studies_root or Path(a.root) / "studies").expanduser().absolute())
 
 
+def mcp_server_entry(name: str, spec: str) -> dict[str, Any]:
+    """An `mcp.servers` value parsed and checked (a JSON object with a command or a url)."""
+    import json
+
+    key = f"mcp.servers.{name}"
+    if name == "atomizer":
+        raise ConfigError(f"{key}: the name 'atomizer' is reserved for Atomizer's own server")
+    try:
+        entry = json.loads(spec)
+    except ValueError as e:
+        raise ConfigError(f"{key}: not valid JSON ({e})") from None
+    if not isinstance(entry, dict) or not ({"command", "url"} & entry.keys()):
+        raise ConfigError(f'{key}: expected a JSON object with a "command" or a "url"')
+    return entry
+
+
 def socket_mode(cfg: Config) -> int:
     return int(cfg.daemon.socket_mode, 8)
 
@@ -569,6 +591,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"logging.format: expected auto, json or console ({cfg.logging.format!r})"
         )
+    for name, spec in cfg.mcp.servers.items():
+        mcp_server_entry(name, spec)
     if len(cfg.daemon.socket.encode()) > 107:
         raise ConfigError(
             f"daemon.socket: path longer than a Unix socket allows ({cfg.daemon.socket})"

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from atomizerd.agent.argv import AgentSpec, build_argv, build_env
-from atomizerd.config import Config
+from atomizerd.config import Config, mcp_server_entry
 from atomizerd.context import Studies
 from atomizerd.prompt import ContextBuilder
 from atomizerd.store import SessionRecord
@@ -79,6 +79,8 @@ class Launcher:
                     "ATOMIZER_STUDY": record.study_id or "",
                 },
             }
+        for name, spec in self.config.mcp.servers.items():
+            servers[name] = mcp_server_entry(name, spec)
         content = json.dumps({"mcpServers": servers}, indent=2)
         return self.studies.write_session_file(record.session_id, ".mcp.json", content)
 

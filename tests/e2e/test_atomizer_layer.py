@@ -3,6 +3,7 @@ per-session MCP config, and recovery when the agent's transcript is gone."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -123,7 +124,10 @@ def test_the_atomizer_mcp_server_gets_the_session_context(e2e: E2E) -> None:
     server = [sys.executable, str(Path(__file__).parents[1] / "support" / "fake_mcp_server.py")]
     stubs = e2e.start(
         {
-            "mcp": {"atomizer_command": server},
+            "mcp": {
+                "atomizer_command": server,
+                "servers": {"extra": json.dumps({"command": server[0], "args": server[1:]})},
+            },
             "modes.user": {"allowed_tools": ["Read", "mcp__atomizer__study_info"]},
         }
     )
@@ -134,7 +138,10 @@ def test_the_atomizer_mcp_server_gets_the_session_context(e2e: E2E) -> None:
     text = reply_text(events)
     assert '"ATOMIZER_MODE": "user"' in text and '"ATOMIZER_STUDY": "truss"' in text
     session = stubs.sessions.GetSession(pb.GetSessionRequest(session_id="mcp2")).session
-    assert [(m.name, m.status) for m in session.mcp_servers] == [("atomizer", "connected")]
+    assert sorted((m.name, m.status) for m in session.mcp_servers) == [
+        ("atomizer", "connected"),
+        ("extra", "connected"),
+    ]
 
 
 def test_a_crashing_mcp_server_degrades_the_session_but_never_breaks_it(e2e: E2E) -> None:

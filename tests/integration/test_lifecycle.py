@@ -145,6 +145,8 @@ def test_check_config_prints_the_effective_configuration(short_tmp) -> None:
         ("[pool]\nmax_live = 0\n", "pool.max_live: must be greater than 0"),
         ('[daemon]\nsocket_mode = "0666"\n', "must not grant access to others"),
         ("not toml [", "not valid TOML"),
+        ('[mcp.servers]\nx = "{oops"\n', "mcp.servers.x: not valid JSON"),
+        ('[mcp.servers]\natomizer = "{}"\n', "reserved"),
     ],
 )
 def test_bad_configuration_is_a_clear_startup_error(short_tmp, toml: str, words: str) -> None:
