@@ -222,8 +222,12 @@ class Daemon:
 
     def _on_signal(self, sig: int) -> None:
         if self.should_exit.is_set():
+            # A second signal: no more grace. Killing the agents ends their turns at once
+            # (still stored); the server then stops without waiting for streams.
             log.warning("second signal: stopping now", signal=signal.Signals(sig).name)
             self.force_exit = True
+            if self.pool is not None:
+                self.pool.kill_all()
         self.should_exit.set()
 
     # --- shutdown --------------------------------------------------------------------------
@@ -237,7 +241,7 @@ class Daemon:
         if self.registry is not None:
             await self.registry.drain(grace)
         if self.server is not None:
-            await self.server.stop(grace)
+            await self.server.stop(0 if self.force_exit else grace)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -185,3 +185,23 @@ def test_unknown_environment_variable_is_an_error() -> None:
     out = run_cli("--check-config", env={"ATOMIZERD_POOL_MAXLIVE": "3"})
     assert out.returncode == 2
     assert "ATOMIZERD_POOL_MAXLIVE" in out.stderr
+
+
+def test_a_second_signal_skips_the_grace_period(short_tmp) -> None:
+    # Long grace periods and an agent that ignores interrupts and SIGTERM: only the second
+    # signal makes the daemon stop without waiting them out.
+    d = RunningDaemon(
+        short_tmp, {"daemon": {"grace_period": 60.0}, "agent": {"stop_grace": 60.0}}
+    ).start()
+    stubs = stubs_for(d.channel())
+    stubs.sessions.CreateSession(pb.CreateSessionRequest(session_id="stuck"))
+    stream = stubs.sessions.SendMessage(
+        pb.SendMessageRequest(session_id="stuck", text="[[hang]]"), timeout=120
+    )
+    next(stream)
+    d.signal(signal.SIGTERM)
+    wait_for("the shutdown to begin", lambda: "atomizerd stopping" in d.log())
+    d.signal(signal.SIGTERM)
+    assert d.proc is not None and d.proc.wait(timeout=20) == 0
+    assert "second signal" in d.log()
+    assert not d.socket.exists()
