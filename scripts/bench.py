@@ -823,19 +823,7 @@ class Bench:
                 {"baseline_s": bo, "ours_s": oo},
             )
         )
-        a = med([t.to_started for t in split])
-        c = med([t.delta_to_client for t in split])
-        self.rows.append(
-            Row(
-                "  daemon's share of its warm first text",
-                "",
-                f"request→turn_started {ms(a)}, delta emit→client {ms(c)}",
-                f"agent {ms(med([t.started_to_delta for t in split]))}",
-                "(reported)",
-                "INFO",
-                {"to_started_s": a, "delta_to_client_s": c},
-            )
-        )
+        self.rows.append(_share_row("  daemon's share of its warm first text", split))
 
     # first turn of a pre-warmed session, and follow-ups -------------------------------------
 
@@ -950,18 +938,11 @@ class Bench:
                 {"baseline_s": p, "ours_s": o},
             )
         )
-        a = med([t.to_started for t in first_split])
-        c = med([t.delta_to_client for t in first_split])
         self.rows.append(
-            Row(
+            _share_row(
                 "  daemon's share of that first text",
-                "",
-                f"request→turn_started {ms(a)}, delta emit→client {ms(c)}",
-                f"agent {ms(med([t.started_to_delta for t in first_split]))}; CLI's own "
-                f"duration {ms(med(daemon_cli))} vs {ms(med(direct_cli))} direct",
-                "(reported)",
-                "INFO",
-                {"to_started_s": a, "delta_to_client_s": c},
+                first_split,
+                f"; CLI's own duration {ms(med(daemon_cli))} vs {ms(med(direct_cli))} direct",
             )
         )
 
@@ -1477,6 +1458,22 @@ async def amain(args: argparse.Namespace, names: Sequence[str], opts: Opts) -> i
 
 def write_json(path: str, report: dict[str, Any]) -> None:
     Path(path).write_text(json.dumps(jsonable(report), indent=1, ensure_ascii=False))
+
+
+def _share_row(label: str, splits: Sequence[Any], note: str = "") -> Row:
+    """How the daemon's part of a first text splits: request to turn_started, and the
+    delta's way from the daemon to the client (the rest is the agent's)."""
+    a = med([t.to_started for t in splits])
+    c = med([t.delta_to_client for t in splits])
+    return Row(
+        label,
+        "",
+        f"request→turn_started {ms(a)}, delta emit→client {ms(c)}",
+        f"agent {ms(med([t.started_to_delta for t in splits]))}{note}",
+        "(reported)",
+        "INFO",
+        {"to_started_s": a, "delta_to_client_s": c},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
