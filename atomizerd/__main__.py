@@ -5,6 +5,6 @@ import sys
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from atomizerd.main import main
+from atomizerd.daemon.main import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-"""Domain errors. Each kind maps to one gRPC status code in `atomizerd.servicers.status`;
+"""Domain errors. Each kind maps to one gRPC status code in `atomizerd.api.errormap`;
 the domain layer raises these and never sees gRPC."""
 
 

@@ -16,7 +16,7 @@ every process started here is stopped before exit.
 - getsession / events: the daemon with the scripted fake agent vs a bare grpc.aio server on a
   Unix socket (a separate process), called by the same raw-bytes client.
 - concurrent: 32 sessions streaming at once (pool.max_live 32).
-- scale / startup: 10,000 sessions inserted into the SQLite database with atomizerd.store.Store
+- scale / startup: 10,000 sessions inserted into the SQLite database with atomizerd.store.db.Store
   before the daemon starts; RSS, ListSessions pages, reaper passes; exec -> READY=1 on a
   NOTIFY_SOCKET datagram socket bound here.
 
@@ -295,10 +295,10 @@ class CliEnv:
     def _prepare_direct(self) -> None:
         """The daemon's own Launcher, on a copy of its config with another runtime dir, builds
         the direct processes' argv and env: the very command line the daemon uses."""
-        from atomizerd import config as config_mod
-        from atomizerd.context import Studies
-        from atomizerd.launcher import Launcher
-        from atomizerd.prompt import ContextBuilder
+        from atomizerd.atomizer.launcher import Launcher
+        from atomizerd.atomizer.prompt import ContextBuilder
+        from atomizerd.atomizer.studies import Studies
+        from atomizerd.daemon import config as config_mod
 
         assert self.daemon is not None
         cfg = config_mod.load(
@@ -314,7 +314,7 @@ class CliEnv:
         self.context = self._launcher.context_text(self._record())
 
     def _record(self) -> Any:
-        from atomizerd.store import SessionRecord
+        from atomizerd.store.db import SessionRecord
 
         now = time.time()
         return SessionRecord(
@@ -570,13 +570,13 @@ _IDLE_LEAVES = frozenset(
         "accept4",
     }
 )
-_BOOT = ("atomizerd/__main__.py", "atomizerd/main.py")
+_BOOT = ("atomizerd/__main__.py", "atomizerd/daemon/main.py")
 
 
 @dataclass(frozen=True)
 class Frame:
     name: str
-    file: str  # "atomizerd/turns.py", "libc.so.6", "grpc/_cython/cygrpc....so"
+    file: str  # "atomizerd/sessions/turns.py", "libc.so.6", "grpc/_cython/cygrpc....so"
 
     @property
     def label(self) -> str:
@@ -1230,7 +1230,7 @@ class Bench:
 
     def _populate(self, directory: Path, count: int) -> None:
         from atomizerd import ids
-        from atomizerd.store import Store
+        from atomizerd.store.db import Store
 
         state = directory / "state"
         state.mkdir(parents=True, exist_ok=True)

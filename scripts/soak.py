@@ -53,7 +53,7 @@ import grpc.aio  # noqa: E402
 from atomizer.v1 import daemon_pb2, daemon_pb2_grpc, session_pb2_grpc  # noqa: E402
 from atomizer.v1 import session_pb2 as pb  # noqa: E402
 
-from atomizerd.agent.procgroup import group_members, read_stat  # noqa: E402
+from atomizerd.agents.procgroup import group_members, read_stat  # noqa: E402
 from tests.support.daemon import RunningDaemon, real_claude  # noqa: E402
 
 T = TypeVar("T")

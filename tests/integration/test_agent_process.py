@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from atomizerd.agent import protocol as p
-from atomizerd.agent.argv import STREAM_JSON_FLAGS, AgentSpec, build_argv, build_env
-from atomizerd.agent.process import (
+from atomizerd.agents import protocol as p
+from atomizerd.agents.argv import STREAM_JSON_FLAGS, AgentSpec, build_argv, build_env
+from atomizerd.agents.process import (
     AgentExited,
     AgentItem,
     AgentProcess,
@@ -28,7 +28,7 @@ from atomizerd.agent.process import (
     LineTooLong,
     probe_version,
 )
-from atomizerd.agent.procgroup import (
+from atomizerd.agents.procgroup import (
     is_running,
     kill_group_if_same,
     process_start_time,
@@ -581,7 +581,7 @@ def test_crash_with_a_child_holding_stdout_still_ends(tmp_path: Path) -> None:
 def test_agent_dies_with_its_sigkilled_owner(tmp_path: Path) -> None:
     owner_code = (
         "import asyncio, os, sys\n"
-        "from atomizerd.agent.process import AgentProcess\n"
+        "from atomizerd.agents.process import AgentProcess\n"
         "async def main():\n"
         "    agent = await AgentProcess.spawn(['sleep', '300'], env=dict(os.environ), cwd='.')\n"
         "    print('AGENT_PID', agent.pid, flush=True)\n"

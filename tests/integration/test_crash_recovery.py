@@ -22,8 +22,8 @@ from typing import Any
 import grpc
 from atomizer.v1 import session_pb2 as pb
 
-from atomizerd.agent.procgroup import group_members, process_start_time
-from atomizerd.store import AgentProcessRecord, Store
+from atomizerd.agents.procgroup import group_members, process_start_time
+from atomizerd.store.db import AgentProcessRecord, Store
 from tests.conftest import Stubs, stubs_for
 from tests.support.daemon import RunningDaemon
 from tests.support.waiting import alive, wait_for

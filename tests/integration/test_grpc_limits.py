@@ -1,4 +1,4 @@
-"""The gRPC server's own limits (atomizerd/server.py `_build_server`).
+"""The gRPC server's own limits (atomizerd/daemon/server.py `_build_server`).
 
 The receive limit is twice `daemon.max_message_bytes` and at least 32 MiB: a message over
 `daemon.max_message_bytes` but under the receive limit reaches the daemon, which explains its

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from atomizerd import config
+from atomizerd.daemon import config
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEM_UNIT = REPO / "systemd" / "atomizerd.service"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from atomizerd.agent.procgroup import read_stat
+from atomizerd.agents.procgroup import read_stat
 
 
 def wait_for(what: str, predicate: Callable[[], bool], timeout: float = 15.0) -> None:

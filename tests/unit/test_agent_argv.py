@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from atomizerd.agent.argv import STREAM_JSON_FLAGS, AgentSpec, ArgvError, build_argv, build_env
+from atomizerd.agents.argv import STREAM_JSON_FLAGS, AgentSpec, ArgvError, build_argv, build_env
 
 CID = "3f2b8c1e-6a4d-4e0b-9f51-2c7d8e9a0b1c"
 

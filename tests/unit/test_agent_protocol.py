@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from atomizerd.agent import protocol as p
-from atomizerd.agent.lines import LineSplitter, Overflow
+from atomizerd.agents import protocol as p
+from atomizerd.agents.lines import LineSplitter, Overflow
 
 SID = "02c6efc1-ad15-498a-bd6b-4fb01de1bcf8"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from atomizerd.prompt import ContextBuilder, history_seed
-from atomizerd.store import MessageRecord
+from atomizerd.atomizer.prompt import ContextBuilder, history_seed
+from atomizerd.store.db import MessageRecord
 
 
 def study(tmp_path: Path) -> Path:

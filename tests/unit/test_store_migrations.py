@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from atomizerd.store import SCHEMA_VERSION, Store
+from atomizerd.store.db import SCHEMA_VERSION, Store
 
 V1_SCHEMA = """
 CREATE TABLE schema_version (id INTEGER NOT NULL PRIMARY KEY, version INTEGER NOT NULL);

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from atomizerd.store import MessageRecord
+from atomizerd.store.db import MessageRecord
 
 DEFAULT_BUDGET = 16 * 1024
 _TREE_ENTRIES = 60

@@ -46,14 +46,14 @@ from typing import Any, TypeAlias
 
 import structlog
 
-from atomizerd.agent import protocol
-from atomizerd.agent.lines import LineSplitter, Overflow
-from atomizerd.agent.procgroup import (
+from atomizerd.agents import protocol
+from atomizerd.agents.lines import LineSplitter, Overflow
+from atomizerd.agents.procgroup import (
     kill_group_if_same,
     pdeathsig_preexec,
     process_start_time,
 )
-from atomizerd.agent.protocol import AgentMessage, ControlResponse, ProtocolError
+from atomizerd.agents.protocol import AgentMessage, ControlResponse, ProtocolError
 
 __all__ = [
     "DEFAULT_MAX_LINE_BYTES",

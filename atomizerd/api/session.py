@@ -9,9 +9,9 @@ import grpc
 from atomizer.v1 import session_pb2 as pb
 from atomizer.v1 import session_pb2_grpc
 
-from atomizerd.registry import Registry
-from atomizerd.servicers import convert
-from atomizerd.servicers.status import streaming, unary
+from atomizerd.api import convert
+from atomizerd.api.errormap import streaming, unary
+from atomizerd.sessions.registry import Registry
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 

@@ -23,23 +23,23 @@ from atomizer.v1 import daemon_pb2, daemon_pb2_grpc, session_pb2, session_pb2_gr
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from atomizerd.agent.argv import build_env
-from atomizerd.agent.process import AgentError, probe_version
-from atomizerd.agent.procgroup import kill_group_if_same
-from atomizerd.config import Config, socket_mode
-from atomizerd.context import Studies
-from atomizerd.launcher import Launcher
-from atomizerd.pool import AgentPool
-from atomizerd.prompt import ContextBuilder
-from atomizerd.reaper import Reaper
-from atomizerd.registry import Registry
-from atomizerd.sdnotify import Notifier
-from atomizerd.servicers.daemon import DaemonServicer
-from atomizerd.servicers.session import SessionServicer
-from atomizerd.status import StatusReporter
-from atomizerd.store import Store
+from atomizerd.agents.argv import build_env
+from atomizerd.agents.pool import AgentPool
+from atomizerd.agents.process import AgentError, probe_version
+from atomizerd.agents.procgroup import kill_group_if_same
+from atomizerd.api.daemon import DaemonServicer
+from atomizerd.api.session import SessionServicer
+from atomizerd.atomizer.launcher import Launcher
+from atomizerd.atomizer.prompt import ContextBuilder
+from atomizerd.atomizer.studies import Studies
+from atomizerd.daemon.config import Config, socket_mode
+from atomizerd.daemon.report import StatusReporter
+from atomizerd.daemon.sdnotify import Notifier
+from atomizerd.sessions.reaper import Reaper
+from atomizerd.sessions.registry import Registry
+from atomizerd.store.db import Store
 
-log = structlog.get_logger("atomizerd.server")
+log = structlog.get_logger("atomizerd.daemon.server")
 
 SERVICE_NAMES = (
     session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,

@@ -8,11 +8,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from atomizerd.agent.argv import AgentSpec, build_argv, build_env
-from atomizerd.config import Config, mcp_server_entry
-from atomizerd.context import Studies
-from atomizerd.prompt import ContextBuilder
-from atomizerd.store import SessionRecord
+from atomizerd.agents.argv import AgentSpec, build_argv, build_env
+from atomizerd.atomizer.prompt import ContextBuilder
+from atomizerd.atomizer.studies import Studies
+from atomizerd.daemon.config import Config, mcp_server_entry
+from atomizerd.store.db import SessionRecord
 
 
 @dataclass(frozen=True)

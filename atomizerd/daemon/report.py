@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 from atomizerd import __version__
 
 if TYPE_CHECKING:
-    from atomizerd.config import Config
-    from atomizerd.pool import AgentPool
-    from atomizerd.reaper import Reaper, ReaperPass
-    from atomizerd.registry import Registry
-    from atomizerd.store import Store
+    from atomizerd.agents.pool import AgentPool
+    from atomizerd.daemon.config import Config
+    from atomizerd.sessions.reaper import Reaper, ReaperPass
+    from atomizerd.sessions.registry import Registry
+    from atomizerd.store.db import Store
 
 
 @dataclass

@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from atomizerd.config import Config
+from atomizerd.daemon.config import Config
 
 if TYPE_CHECKING:
-    from atomizerd.pool import AgentPool
-    from atomizerd.registry import Registry
-    from atomizerd.store import Store
+    from atomizerd.agents.pool import AgentPool
+    from atomizerd.sessions.registry import Registry
+    from atomizerd.store.db import Store
 
-log = structlog.get_logger("atomizerd.reaper")
+log = structlog.get_logger("atomizerd.sessions.reaper")
 
 PURGE_BATCH = 500
 

@@ -11,7 +11,7 @@ import sys
 
 import structlog
 
-from atomizerd.config import Config
+from atomizerd.daemon.config import Config
 
 
 def configure(config: Config) -> None:

@@ -19,12 +19,12 @@ from typing import Any
 
 import structlog
 
-from atomizerd import events as ev
-from atomizerd.agent import protocol as proto
+from atomizerd.agents import protocol as proto
 from atomizerd.errors import FailedPrecondition, NotFound
-from atomizerd.store import AuditRecord, Store
+from atomizerd.sessions import events as ev
+from atomizerd.store.db import AuditRecord, Store
 
-log = structlog.get_logger("atomizerd.governance")
+log = structlog.get_logger("atomizerd.sessions.approvals")
 
 CLIENT, RULE, TIMEOUT, POLICY, MODE = "client", "rule", "timeout", "policy", "mode"
 

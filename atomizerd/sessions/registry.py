@@ -21,10 +21,10 @@ from typing import Any
 
 import structlog
 
-from atomizerd import events as ev
 from atomizerd import ids
-from atomizerd.config import Config
-from atomizerd.context import Studies
+from atomizerd.agents.pool import AgentPool
+from atomizerd.atomizer.studies import Studies
+from atomizerd.daemon.config import Config
 from atomizerd.errors import (
     FailedPrecondition,
     Internal,
@@ -34,12 +34,12 @@ from atomizerd.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from atomizerd.governance import CLIENT, Approvals, Decision
-from atomizerd.pool import AgentPool
-from atomizerd.store import SEQ_BLOCK, AuditRecord, MessageRecord, SessionRecord, Store
-from atomizerd.turns import Turn, TurnRunner
+from atomizerd.sessions import events as ev
+from atomizerd.sessions.approvals import CLIENT, Approvals, Decision
+from atomizerd.sessions.turns import Turn, TurnRunner
+from atomizerd.store.db import SEQ_BLOCK, AuditRecord, MessageRecord, SessionRecord, Store
 
-log = structlog.get_logger("atomizerd.registry")
+log = structlog.get_logger("atomizerd.sessions.registry")
 
 MODES = ("user", "power")
 STATES = ("idle", "starting", "ready", "busy", "closed")

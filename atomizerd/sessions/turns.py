@@ -19,24 +19,24 @@ from typing import Any
 
 import structlog
 
-from atomizerd import events as ev
 from atomizerd import ids
-from atomizerd.agent import protocol as proto
-from atomizerd.agent.process import (
+from atomizerd.agents import protocol as proto
+from atomizerd.agents.pool import AgentPool, LiveAgent, ResumeFailed
+from atomizerd.agents.process import (
     AgentError,
     AgentExited,
     AgentItem,
     AgentSpawnError,
     LineTooLong,
 )
-from atomizerd.config import Config
+from atomizerd.atomizer.prompt import history_seed
+from atomizerd.daemon.config import Config
 from atomizerd.errors import AtomizerError
-from atomizerd.governance import MODE, POLICY, Approvals, input_digest
-from atomizerd.pool import AgentPool, LiveAgent, ResumeFailed
-from atomizerd.prompt import history_seed
-from atomizerd.store import SessionRecord, Store, ToolCallRecord, TurnOutcome
+from atomizerd.sessions import events as ev
+from atomizerd.sessions.approvals import MODE, POLICY, Approvals, input_digest
+from atomizerd.store.db import SessionRecord, Store, ToolCallRecord, TurnOutcome
 
-log = structlog.get_logger("atomizerd.turns")
+log = structlog.get_logger("atomizerd.sessions.turns")
 
 Emit = Callable[[ev.EventKind], ev.SessionEvent]
 

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from atomizerd.agent.process import AgentError, AgentProcess, AgentSpawnError
-from atomizerd.config import Config
+from atomizerd.agents.process import AgentError, AgentProcess, AgentSpawnError
+from atomizerd.atomizer.launcher import Launcher
+from atomizerd.daemon.config import Config
 from atomizerd.errors import ResourceExhausted, Unavailable
-from atomizerd.launcher import Launcher
-from atomizerd.store import AgentProcessRecord, SessionRecord, Store
+from atomizerd.store.db import AgentProcessRecord, SessionRecord, Store
 
-log = structlog.get_logger("atomizerd.pool")
+log = structlog.get_logger("atomizerd.agents.pool")
 
 # What the CLI says when --resume names a conversation whose transcript is gone.
 _NO_CONVERSATION = "No conversation found"

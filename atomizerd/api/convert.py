@@ -7,10 +7,10 @@ import json
 from atomizer.v1 import session_pb2 as pb
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from atomizerd import events as ev
 from atomizerd.errors import InvalidArgument
-from atomizerd.registry import SessionView
-from atomizerd.store import AuditRecord, MessageRecord
+from atomizerd.sessions import events as ev
+from atomizerd.sessions.registry import SessionView
+from atomizerd.store.db import AuditRecord, MessageRecord
 
 _MODE_TO_DOMAIN = {pb.MODE_USER: "user", pb.MODE_POWER: "power"}
 _MODE_TO_PB = {v: k for k, v in _MODE_TO_DOMAIN.items()}

@@ -8,9 +8,9 @@ import grpc
 from atomizer.v1 import daemon_pb2 as pb
 from atomizer.v1 import daemon_pb2_grpc
 
-from atomizerd.servicers.convert import timestamp
-from atomizerd.servicers.status import unary
-from atomizerd.status import StatusReporter
+from atomizerd.api.convert import timestamp
+from atomizerd.api.errormap import unary
+from atomizerd.daemon.report import StatusReporter
 
 
 class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):

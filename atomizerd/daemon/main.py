@@ -7,8 +7,9 @@ import asyncio
 import os
 import sys
 
-from atomizerd import __version__, logs
-from atomizerd import config as config_mod
+from atomizerd import __version__
+from atomizerd.daemon import config as config_mod
+from atomizerd.daemon import logs
 
 EXIT_CONFIG = 2
 EXIT_STARTUP = 1
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg: config_mod.Config) -> int:
-    from atomizerd.server import Daemon, StartupError
+    from atomizerd.daemon.server import Daemon, StartupError
 
     daemon = Daemon(cfg)
     try:

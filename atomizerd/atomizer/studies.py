@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from atomizerd import ids
-from atomizerd.config import Config
+from atomizerd.daemon.config import Config
 from atomizerd.errors import InvalidArgument
 
 
