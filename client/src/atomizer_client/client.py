@@ -28,6 +28,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -131,17 +132,26 @@ def new_request_id() -> str:
 
 
 class _Base:
-    def __init__(
+    socket: Path | None
+    """The daemon's socket; None for a client made with `from_channel`."""
+    target: str | None
+    """The gRPC target of that socket; None for a client made with `from_channel`."""
+
+    timeout: float
+
+    def _locate(
         self,
         socket: str | os.PathLike[str] | None,
         timeout: float,
         retry: RetryPolicy | None,
         options: Sequence[tuple[str, Any]],
-    ) -> None:
-        self.socket = find_socket(socket)
-        self.target = target_for(self.socket)
-        self.timeout = timeout
+    ) -> str:
+        """Finds the daemon's socket; returns the gRPC target to open a channel to."""
+        path = find_socket(socket)
+        target = target_for(path)
+        self.socket, self.target, self.timeout = path, target, timeout
         self._options = [*channel_options(retry), *options]
+        return target
 
     def _deadline(self, timeout: float | None) -> float:
         return self.timeout if timeout is None else timeout
@@ -197,10 +207,23 @@ class Client(_Base):
         retry: RetryPolicy | None = RetryPolicy(),
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        super().__init__(socket, timeout, retry, options)
-        self._channel = grpc.insecure_channel(self.target, options=self._options)
-        self._sessions = session_pb2_grpc.SessionServiceStub(self._channel)
-        self._daemon = daemon_pb2_grpc.DaemonServiceStub(self._channel)
+        target = self._locate(socket, timeout, retry, options)
+        self._attach(grpc.insecure_channel(target, options=self._options))
+
+    @classmethod
+    def from_channel(cls, channel: grpc.Channel, *, timeout: float = DEFAULT_TIMEOUT) -> Self:
+        """A client over a channel opened elsewhere (another transport, interceptors, a test
+        double), which it then owns: `close()` closes it. The channel's own options apply, so
+        the read-only calls are retried only if it was made with `channel_options(retry)`."""
+        client = cls.__new__(cls)
+        client.socket, client.target, client.timeout = None, None, timeout
+        client._attach(channel)
+        return client
+
+    def _attach(self, channel: grpc.Channel) -> None:
+        self._channel = channel
+        self._sessions = session_pb2_grpc.SessionServiceStub(channel)
+        self._daemon = daemon_pb2_grpc.DaemonServiceStub(channel)
 
     def close(self) -> None:
         self._channel.close()
@@ -445,8 +468,8 @@ class AsyncClient(_Base):
         retry: RetryPolicy | None = RetryPolicy(),
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        super().__init__(socket, timeout, retry, options)
-        self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
+        target = self._locate(socket, timeout, retry, options)
+        self._channel = grpc.aio.insecure_channel(target, options=self._options)
         self._sessions = session_pb2_grpc.SessionServiceStub(self._channel)
         self._daemon = daemon_pb2_grpc.DaemonServiceStub(self._channel)
 
@@ -579,6 +602,7 @@ __all__ = [
     "Decision",
     "EventStream",
     "RetryPolicy",
+    "channel_options",
     "mode_value",
     "new_request_id",
     "service_config",
