@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 import grpc
 import grpc.aio
@@ -66,12 +67,43 @@ StateLike = str | int
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """gRPC retry policy for the read-only calls. gRPC caps max_attempts at 5."""
+    """gRPC retry policy for the read-only calls. gRPC caps max_attempts at 5.
+
+    Backoffs are in seconds; gRPC counts them in whole milliseconds, so less than 1 ms is 1 ms.
+    What gRPC would refuse is refused here, with ValueError: fewer than 2 attempts (`retry=None`
+    retries nothing), backoffs not in (0, MAX_BACKOFF], a multiplier not above 0.
+    """
 
     max_attempts: int = 5
     initial_backoff: float = 0.1
     max_backoff: float = 2.0
     backoff_multiplier: float = 2.0
+
+    MAX_BACKOFF: ClassVar[float] = 315_576_000_000.0
+    """The longest google.protobuf.Duration (10,000 years), in seconds."""
+
+    def __post_init__(self) -> None:
+        if not self.max_attempts >= 2:
+            raise ValueError(
+                f"max_attempts must be at least 2, not {self.max_attempts!r} "
+                "(retry=None retries nothing)"
+            )
+        for name in ("initial_backoff", "max_backoff"):
+            value = getattr(self, name)
+            if not 0 < value <= self.MAX_BACKOFF:
+                raise ValueError(f"{name} must be above 0 and at most 10,000 years, not {value!r}")
+        if not (self.backoff_multiplier > 0 and math.isfinite(self.backoff_multiplier)):
+            raise ValueError(
+                f"backoff_multiplier must be a number above 0, not {self.backoff_multiplier!r}"
+            )
+
+
+def _duration(seconds: float) -> str:
+    """`seconds` as gRPC reads a JSON Duration, to the millisecond, at least 1 ms: "0.333s",
+    never "1e-05s" or "0.3333333333333333s" (both refused, and the channel with them)."""
+    millis = max(1, round(seconds * 1000))
+    whole, frac = divmod(millis, 1000)
+    return f"{whole}.{frac:03d}".rstrip("0").rstrip(".") + "s"
 
 
 def service_config(retry: RetryPolicy | None) -> str:
@@ -80,8 +112,8 @@ def service_config(retry: RetryPolicy | None) -> str:
         return json.dumps({"methodConfig": []})
     policy = {
         "maxAttempts": retry.max_attempts,
-        "initialBackoff": f"{retry.initial_backoff}s",
-        "maxBackoff": f"{retry.max_backoff}s",
+        "initialBackoff": _duration(retry.initial_backoff),
+        "maxBackoff": _duration(retry.max_backoff),
         "backoffMultiplier": retry.backoff_multiplier,
         "retryableStatusCodes": ["UNAVAILABLE"],
     }
