@@ -22,6 +22,11 @@ class ResourceExhausted(AtomizerError):
     pass
 
 
+class StorageFull(ResourceExhausted):
+    """The disk holding the daemon's database is full: writes fail until space is freed
+    (reads keep working). The message names the database and its disk."""
+
+
 class FailedPrecondition(AtomizerError):
     pass
 

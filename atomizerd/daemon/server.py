@@ -1,6 +1,7 @@
 """The daemon's lifecycle, top to bottom: startup, main loop, shutdown.
 
-Startup: private dirs → single-instance lock → store opened and reconciled → socket bound →
+Startup: private dirs → single-instance lock (runtime dir: the socket) → the database locked
+for this daemon alone, then opened and reconciled → socket bound →
 health SERVING → sd_notify READY=1. SIGTERM/SIGINT: STOPPING=1, health NOT_SERVING, running
 turns interrupted and stored, streams ended, `stop(grace)`, agents stopped, store closed,
 socket removed. A second signal skips the grace periods.
@@ -35,9 +36,11 @@ from atomizerd.atomizer.studies import Studies
 from atomizerd.daemon.config import Config, socket_mode
 from atomizerd.daemon.report import StatusReporter
 from atomizerd.daemon.sdnotify import Notifier
+from atomizerd.errors import StorageFull
 from atomizerd.sessions.reaper import Reaper
 from atomizerd.sessions.registry import Registry
 from atomizerd.store.db import Store
+from atomizerd.store.lock import DatabaseInUse
 
 log = structlog.get_logger("atomizerd.daemon.server")
 
@@ -81,12 +84,19 @@ class Daemon:
         self._prepare_runtime_dir()
         self._take_lock()
         self._clear_stale_socket()
-        self.store = Store(cfg.daemon.database)
+        try:
+            # Exclusive: the crash recovery below takes every row for this daemon's own.
+            self.store = Store(cfg.daemon.database, exclusive=True)
+        except (DatabaseInUse, StorageFull) as e:
+            raise StartupError(str(e)) from None
         studies = Studies(cfg)
         launcher = Launcher(cfg, studies, ContextBuilder())
         self.pool = AgentPool(cfg, self.store, launcher)
         self.registry = Registry(cfg, self.store, self.pool, studies)
-        self._reconcile(studies)
+        try:
+            self._reconcile(studies)
+        except StorageFull as e:
+            raise StartupError(f"cannot recover the previous run's state: {e}") from None
         reaper = Reaper(cfg, self.store, self.registry, self.pool)
         status = StatusReporter(cfg, self.store, self.registry, self.pool, reaper)
         self.server = self._build_server(SessionServicer(self.registry), DaemonServicer(status))
@@ -149,6 +159,11 @@ class Daemon:
         raise StartupError(f"another process is serving on {path}; stop it first")
 
     def _reconcile(self, studies: Studies) -> None:
+        """Crash recovery: agents a previous daemon left running are killed, its unfinished
+        turns settled. Everything here is this daemon's own to touch: it reads only its own
+        database, and holds that database exclusively (`Store(exclusive=True)`), so each
+        recorded agent and pending turn was left by an earlier daemon on this database that
+        is gone, never by one still running (whatever its runtime dir)."""
         assert self.store is not None and self.registry is not None
         for rec in self.store.agent_processes():
             if kill_group_if_same(rec.pgid, rec.start_time, signal.SIGKILL):

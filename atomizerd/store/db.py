@@ -18,6 +18,14 @@ from typing import Any
 
 import peewee as pw
 
+from atomizerd.store.diskfull import (
+    ReportsFullDisk,
+    SqliteDatabase,
+    reporting_full_disk,
+    without_password,
+)
+from atomizerd.store.lock import DatabaseLock, lock_database
+
 database_proxy = pw.DatabaseProxy()
 
 
@@ -295,16 +303,30 @@ class AgentProcessRecord:
 
 
 class Store:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, exclusive: bool = False) -> None:
+        """`exclusive`: the daemon's store. No other daemon may use this database meanwhile
+        (`atomizerd.store.lock`); taken before the database is opened or migrated, and
+        DatabaseInUse if another one has it. A full disk makes every write raise StorageFull
+        (`atomizerd.store.diskfull`)."""
         self.url = url
         self.db: pw.Database = _connect(url)
-        database_proxy.initialize(self.db)
-        self.db.connect(reuse_if_open=True)
-        self._migrate()
+        self._lock: DatabaseLock | None = None
+        try:
+            if exclusive:
+                self._lock = lock_database(self.db, without_password(url))
+            database_proxy.initialize(self.db)
+            self.db.connect(reuse_if_open=True)
+            self._migrate()
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         if not self.db.is_closed():
             self.db.close()
+        if self._lock is not None:  # after the close: its final checkpoint is still ours
+            self._lock.release()
+            self._lock = None
 
     @contextmanager
     def atomic(self) -> Iterator[None]:
@@ -326,6 +348,8 @@ class Store:
                     f"the database schema is version {current}, newer than this atomizerd "
                     f"understands ({SCHEMA_VERSION}); upgrade atomizerd"
                 )
+            if current == SCHEMA_VERSION:
+                return  # an ordinary start writes nothing (so a nearly full disk does not stop it)
             for step in MIGRATIONS[current:]:
                 step(self.db)
             SchemaVersion.delete().execute()
@@ -630,7 +654,7 @@ def _connect(url: str) -> pw.Database:
     if url.startswith("sqlite:///"):
         path = Path(url.removeprefix("sqlite:///"))
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return pw.SqliteDatabase(
+        return SqliteDatabase(
             str(path),
             pragmas={
                 "journal_mode": "wal",
@@ -643,4 +667,8 @@ def _connect(url: str) -> pw.Database:
     from playhouse.db_url import connect
 
     db: pw.Database = connect(url)
+    # The same object, its class with full-disk reporting mixed in (the URL picks the class).
+    db.__class__ = reporting_full_disk(type(db))
+    if isinstance(db, ReportsFullDisk):
+        db.full_disk_url = without_password(url)
     return db

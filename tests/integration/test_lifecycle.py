@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import stubs_for
 from tests.support.daemon import RunningDaemon
-from tests.support.waiting import wait_for
+from tests.support.waiting import alive, wait_for
 
 
 def test_sigterm_exits_cleanly_and_removes_the_socket(short_tmp) -> None:
@@ -49,6 +49,49 @@ def test_a_second_daemon_on_the_same_socket_refuses_to_start(short_tmp) -> None:
         assert "already running" in second.log()
         # The first one still serves.
         stubs_for(first.channel()).sessions.ListSessions(pb.ListSessionsRequest(), timeout=5)
+
+
+def test_a_second_daemon_on_the_same_database_refuses_to_start(short_tmp) -> None:
+    # Two runtime dirs (two sockets, two runtime locks), one database: the second daemon's
+    # crash recovery would kill the first one's agents and settle its running turn.
+    db = short_tmp / "shared" / "atomizerd.db"
+    config = {"daemon": {"database": f"sqlite:///{db}"}}
+    with RunningDaemon(short_tmp / "first", config) as first:
+        stubs = stubs_for(first.channel())
+        stubs.sessions.CreateSession(pb.CreateSessionRequest(session_id="busy"))
+        stream = stubs.sessions.SendMessage(
+            pb.SendMessageRequest(session_id="busy", text="[[slow:100]] [[deltas:30]]"),
+            timeout=60,
+        )
+        assert next(stream).event.WhichOneof("kind") == "turn_started"
+        records = first.log_records()
+        agents = [r["pid"] for r in records if r.get("event") == "agent process started"]
+        assert agents
+
+        second = RunningDaemon(short_tmp / "second", config)
+        second.start(wait=False)
+        proc = second.proc
+        assert proc is not None
+        try:
+            wait_for(
+                "the second daemon to exit or to serve",
+                lambda: proc.poll() is not None or "atomizerd ready" in second.log(),
+                timeout=30,
+            )
+            assert proc.poll() == 1, second.log()
+        finally:
+            second.stop()
+        message = second.log()
+        assert f"already using the database {db}" in message
+        assert first.proc is not None and f"pid {first.proc.pid}" in message
+        assert oct(db.with_name("atomizerd.db.lock").stat().st_mode & 0o777) == oct(0o600)
+
+        # The first daemon's agent was left alone: its turn goes on to the end.
+        assert all(alive(pid) for pid in agents)
+        events = [r.event for r in stream]
+        assert events[-1].WhichOneof("kind") == "turn_completed"
+        assert "".join(e.text_delta.text for e in events if e.HasField("text_delta")) == "x" * 30
+        stubs.sessions.ListSessions(pb.ListSessionsRequest(), timeout=5)
 
 
 def test_a_stale_socket_left_by_a_killed_daemon_is_replaced(short_tmp) -> None:
