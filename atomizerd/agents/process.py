@@ -2,12 +2,15 @@
 
 Spawning. The agent runs in a new session (so its own process group: stopping it signals the
 group, grandchildren included) and gets SIGKILL from the kernel when the daemon dies, even by
-SIGKILL (prctl PR_SET_PDEATHSIG in a `preexec_fn`; see `procgroup.pdeathsig_preexec` for why
-that is safe with asyncio and why agents must be spawned from the event loop's thread). A
-`setpriv --pdeathsig` wrapper would do the same without Python code between fork and exec, but
-adds an external dependency and an extra exec per spawn; the preexec function only calls a
-prctl resolved at import time. The agent's pid, pgid and start time (`identity`) let a later
-daemon kill leftovers with `kill_group_if_same` without hitting a reused pid.
+SIGKILL: its argv is prefixed with `setpriv --pdeathsig KILL --`, which sets the signal and
+execs the agent (so the pid is the agent's). Nothing of ours runs between fork and exec: no
+`preexec_fn`, which crashed children of the gRPC-threaded daemon (see
+`procgroup.pdeathsig_argv`, also for why agents must be spawned from the event loop's
+thread); `start_new_session` is done by subprocess in C. The program is looked up before the
+spawn (in the agent's PATH, or relative to its cwd), so a missing one is still an
+AgentSpawnError and not a setpriv exit status. The agent's pid, pgid and start time
+(`identity`) let a later daemon kill leftovers with `kill_group_if_same` without hitting a
+reused pid.
 
 Reading. Stdout is read in chunks and framed into whole lines by `LineSplitter` (multi-byte
 characters split across reads are only decoded once the line is complete); each line is decoded
@@ -36,6 +39,7 @@ import contextlib
 import itertools
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 from collections import deque
@@ -49,8 +53,9 @@ import structlog
 from atomizerd.agents import protocol
 from atomizerd.agents.lines import LineSplitter, Overflow
 from atomizerd.agents.procgroup import (
+    SetprivMissing,
     kill_group_if_same,
-    pdeathsig_preexec,
+    pdeathsig_argv,
     process_start_time,
 )
 from atomizerd.agents.protocol import AgentMessage, ControlResponse, ProtocolError
@@ -274,22 +279,27 @@ class AgentProcess:
         stderr_tail_bytes: int = DEFAULT_STDERR_TAIL_BYTES,
         mailbox_size: int = DEFAULT_MAILBOX_SIZE,
     ) -> AgentProcess:
-        """Start `argv` with exactly `env` in `cwd`. Raises AgentSpawnError if it cannot start."""
+        """Start `argv` with exactly `env` in `cwd`, under `setpriv --pdeathsig KILL`.
+
+        Must be called from the event loop's thread (see `procgroup.pdeathsig_argv`). Raises
+        AgentSpawnError if it cannot start (missing program, bad cwd, no setpriv).
+        """
         loop = asyncio.get_running_loop()
+        name = argv[0] if argv else ""
         try:
+            command = [*pdeathsig_argv(), _find_program(argv, env, cwd), *argv[1:]]
             transport, proto = await loop.subprocess_exec(
                 lambda: _Protocol(limit=_READ_CHUNK, loop=loop),
-                *argv,
+                *command,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 cwd=cwd,
                 env=dict(env),
                 start_new_session=True,
-                preexec_fn=pdeathsig_preexec(os.getpid()),
             )
-        except (OSError, subprocess.SubprocessError, ValueError) as exc:
-            raise AgentSpawnError(f"cannot start agent {argv[0] if argv else ''!r}: {exc}") from exc
+        except (OSError, subprocess.SubprocessError, ValueError, SetprivMissing) as exc:
+            raise AgentSpawnError(f"cannot start agent {name!r}: {exc}") from exc
         agent = cls(
             transport,
             proto,
@@ -536,6 +546,24 @@ class AgentProcess:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _find_program(argv: Sequence[str], env: Mapping[str, str], cwd: str | Path) -> str:
+    """The executable `argv[0]` names, found as exec would for the child: a name with a slash
+    relative to the child's `cwd`, a bare name in the child's PATH. Raises FileNotFoundError,
+    so a missing program fails the spawn instead of becoming setpriv's exit status 127."""
+    if not argv or not argv[0]:
+        raise ValueError("empty agent command")
+    name = argv[0]
+    if "/" in name:
+        path = os.path.join(cwd, name)  # an absolute name stays as it is
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return name if os.path.isabs(name) else os.path.abspath(path)
+        raise FileNotFoundError(f"no executable file {path!r}")
+    found = shutil.which(name, path=env.get("PATH", os.defpath))
+    if found is None:
+        raise FileNotFoundError(f"{name!r} not found in the agent's PATH")
+    return found
+
+
 async def _wait_quietly(awaitable: Any, seconds: float) -> bool:
     """Await with a timeout, without raising: True if it completed in time.
 
@@ -554,20 +582,23 @@ async def probe_version(
 ) -> str:
     """Run `<command> --version` and return its output, e.g. "2.1.332 (Claude Code)".
 
-    Raises AgentSpawnError if it cannot start, AgentError if it fails or takes too long.
+    Started as agents are (setpriv, a new session, from the loop's thread). Raises
+    AgentSpawnError if it cannot start, AgentError if it fails or takes too long.
     """
     argv = [*command, "--version"]
     try:
+        program = _find_program(argv, os.environ if env is None else env, os.getcwd())
         proc = await asyncio.create_subprocess_exec(
-            *argv,
+            *pdeathsig_argv(),
+            program,
+            *argv[1:],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=dict(env) if env is not None else None,
             start_new_session=True,
-            preexec_fn=pdeathsig_preexec(os.getpid()),
         )
-    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+    except (OSError, subprocess.SubprocessError, ValueError, SetprivMissing) as exc:
         raise AgentSpawnError(f"cannot run {argv[0]!r}: {exc}") from exc
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)

@@ -1,5 +1,6 @@
-"""OS-level lifecycle of an agent's process group: a parent-death signal at spawn, a stable
-identity (pid, pgid, start time) and signalling a group only while it is provably ours.
+"""OS-level lifecycle of an agent's process group: a parent-death signal at spawn (util-linux
+`setpriv`, see `pdeathsig_argv`), a stable identity (pid, pgid, start time) and signalling a
+group only while it is provably ours.
 
 Why the start time: a daemon that was SIGKILLed records its agents' pids; by the time a new
 daemon sweeps them, a pid may belong to someone else. A pid plus the process's start time
@@ -16,14 +17,12 @@ agent; a member older than the recorded start time proves the group is someone e
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
+import shutil
 import signal
-import sys
-from collections.abc import Callable, Iterator
+import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
-
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,49 +120,79 @@ def kill_group_if_same(pgid: int, start_time: int, sig: int = signal.SIGKILL) ->
 
 # --- parent-death signal ------------------------------------------------------------------------
 
+# util-linux's setpriv (Debian: package util-linux, /usr/bin/setpriv; --pdeathsig since 2.33).
+SETPRIV_CANDIDATES = ("/usr/bin/setpriv", "/bin/setpriv")
 
-def _load_prctl() -> Callable[..., int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
+
+class SetprivMissing(RuntimeError):
+    """No usable `setpriv --pdeathsig` on this machine: agents could outlive the daemon."""
+
+
+_setpriv: str | None = None
+
+
+def find_setpriv() -> str:
+    """The path of setpriv, looked up once (the fixed Debian paths, then PATH) and remembered.
+
+    Raises SetprivMissing if there is none.
+    """
+    global _setpriv
+    if _setpriv is None:
+        found = next((c for c in SETPRIV_CANDIDATES if os.access(c, os.X_OK)), None)
+        found = found or shutil.which("setpriv")
+        if found is None:
+            raise SetprivMissing(
+                "setpriv not found (looked in "
+                + ", ".join(SETPRIV_CANDIDATES)
+                + " and PATH); install util-linux: agents are started through "
+                "`setpriv --pdeathsig KILL` so they die with the daemon"
+            )
+        _setpriv = found
+    return _setpriv
+
+
+def check_setpriv(timeout: float = 10.0) -> str:
+    """Find setpriv and prove it sets a parent-death signal (`setpriv --pdeathsig KILL --
+    setpriv --version`), for the start-up check. Returns its path; raises SetprivMissing."""
+    path = find_setpriv()
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return None
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    prctl.restype = ctypes.c_int
-    return prctl  # type: ignore[no-any-return, unused-ignore]
+        done = subprocess.run(
+            [*pdeathsig_argv(), path, "--version"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise SetprivMissing(f"{path} cannot be run: {exc}") from exc
+    if done.returncode != 0:
+        err = done.stderr.decode("utf-8", "replace").strip()[-300:]
+        raise SetprivMissing(
+            f"{path} --pdeathsig failed (exit {done.returncode}: {err}); util-linux 2.33 or "
+            "later is needed"
+        )
+    return path
 
 
-# Resolved once at import, so the forked child only makes the call: between fork and exec it
-# must not import, load libraries or take locks another thread may have held at fork time.
-_PRCTL = _load_prctl()
+def pdeathsig_argv() -> list[str]:
+    """The argv prefix that runs a program with SIGKILL as its parent-death signal:
+    `setpriv --pdeathsig KILL --` (then the program's own argv).
 
-
-def pdeathsig_available() -> bool:
-    return _PRCTL is not None
-
-
-def pdeathsig_preexec(parent_pid: int) -> Callable[[], None] | None:
-    """A `preexec_fn` that makes the child receive SIGKILL when its parent dies.
+    Why a wrapper and not a `preexec_fn`: the daemon is full of gRPC threads, and Python code
+    between fork and exec in such a process crashed (SIGSEGV/SIGABRT) in up to a quarter of
+    the spawns under load, before the agent ever ran. Without a `preexec_fn`, subprocess forks
+    (vfork) and execs in C with nothing of ours in between; setpriv then calls
+    prctl(PR_SET_PDEATHSIG) and execs the program, so the pid the caller records is the
+    program's own.
 
     The kernel sends the signal when the *thread* that forked the child exits, not only when the
-    whole parent process does. asyncio forks in the thread that calls `create_subprocess_exec`,
-    i.e. the event loop's thread (its child watcher only waits for children, it never forks), so
-    an agent lives as long as the loop's thread — in the daemon the main thread, i.e. the daemon
+    whole parent process does. asyncio forks in the thread that calls `subprocess_exec`, i.e.
+    the event loop's thread (its child watcher only waits for children, it never forks), so an
+    agent lives as long as the loop's thread: in the daemon the main thread, i.e. the daemon
     itself. Never spawn agents from an executor thread.
 
-    If the parent died between fork and prctl the signal would never come, so the child checks
-    its parent pid afterwards and exits. Returns None where prctl is unavailable (non-Linux).
+    setpriv does not check whether its parent already died before its prctl, so a daemon
+    killed within that millisecond leaves the agent running; the agent then reads end of file
+    on its stdin (only the daemon held the pipe) and exits, as the CLI does at end of input.
     """
-    prctl = _PRCTL
-    if prctl is None:
-        return None
-
-    def preexec() -> None:
-        if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            os._exit(127)  # never run an agent that could outlive us
-        if os.getppid() != parent_pid:
-            os._exit(127)
-
-    return preexec
+    return [find_setpriv(), "--pdeathsig", "KILL", "--"]

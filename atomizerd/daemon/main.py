@@ -8,6 +8,7 @@ import os
 import sys
 
 from atomizerd import __version__
+from atomizerd.agents import procgroup
 from atomizerd.daemon import config as config_mod
 from atomizerd.daemon import logs
 
@@ -92,6 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     except config_mod.ConfigError as e:
         print(f"atomizerd: configuration error: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    # Agents are started through `setpriv --pdeathsig KILL` (so they die with the daemon):
+    # resolved and tried once here, before any thread exists, so that a machine without it
+    # fails now, clearly, and not at the first spawn.
+    try:
+        procgroup.check_setpriv()
+    except procgroup.SetprivMissing as e:
+        print(f"atomizerd: cannot start agents: {e}", file=sys.stderr)
+        return EXIT_STARTUP
     if args.check_config:
         sys.stdout.write(config_mod.render_toml(cfg))
         return 0

@@ -500,6 +500,57 @@ def test_spawning_a_missing_program_fails_clearly(tmp_path: Path) -> None:
     async def scenario() -> None:
         with pytest.raises(AgentSpawnError, match="no-such-agent"):
             await AgentProcess.spawn([str(tmp_path / "no-such-agent")], env={}, cwd=tmp_path)
+        with pytest.raises(AgentSpawnError, match="no-such-agent"):
+            await AgentProcess.spawn(["no-such-agent"], env={"PATH": str(tmp_path)}, cwd=tmp_path)
+        with pytest.raises(AgentSpawnError, match="missing-dir"):
+            await AgentProcess.spawn(["sleep", "1"], env={}, cwd=tmp_path / "missing-dir")
+
+    run(scenario)
+
+
+def test_the_program_is_found_as_exec_would_for_the_child(tmp_path: Path) -> None:
+    """A bare name in the agent's PATH (not the daemon's), a relative one in its cwd."""
+    bin_dir, work = tmp_path / "bin", tmp_path / "work"
+    bin_dir.mkdir()
+    work.mkdir()
+    for path in (bin_dir / "my-agent", work / "local-agent"):
+        path.write_text(f'#!/bin/sh\necho \'{{"type": "{path.name}"}}\'\n')
+        path.chmod(0o755)
+
+    async def first(argv: list[str], env: dict[str, str]) -> str:
+        proc = await AgentProcess.spawn(argv, env=env, cwd=work)
+        try:
+            item = await asyncio.wait_for(proc.receive(), 10)
+            assert isinstance(item, p.Unknown), item
+            return item.type
+        finally:
+            await proc.stop(1.0)
+
+    async def scenario() -> None:
+        assert await first(["my-agent"], {"PATH": f"{bin_dir}:/usr/bin:/bin"}) == "my-agent"
+        assert await first(["./local-agent"], {"PATH": "/usr/bin:/bin"}) == "local-agent"
+
+    run(scenario)
+
+
+def test_the_recorded_pid_is_the_agent_itself(tmp_path: Path) -> None:
+    """setpriv execs the agent in place: the pid is the agent's, a child of ours, in its own
+    session and group, and its start time is the one recorded."""
+
+    async def scenario() -> None:
+        argv = fake_argv()
+        proc = await spawn_fake(tmp_path, argv=argv)
+        try:
+            await turn(proc, "hello")  # it answered: the exec is done
+            with open(f"/proc/{proc.pid}/cmdline", "rb") as f:  # noqa: ASYNC230 - procfs
+                cmdline = f.read().split(b"\0")[:-1]
+            assert [a.decode() for a in cmdline] == argv
+            stat = read_stat(proc.pid)
+            assert stat is not None
+            assert (stat.ppid, stat.pgrp, stat.session) == (os.getpid(), proc.pid, proc.pid)
+            assert proc.identity.start_time == stat.start_time
+        finally:
+            await proc.stop(1.0)
 
     run(scenario)
 

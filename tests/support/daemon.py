@@ -2,6 +2,10 @@
 
 with RunningDaemon(tmp_path, config={"pool": {"max_live": 2}}) as d:
     stub = session_pb2_grpc.SessionServiceStub(d.channel())
+
+The daemon is started as what ships: the installed `atomizerd` console script next to the
+venv's python (what systemd runs), not `python -m atomizerd`, which takes another import path
+(`atomizerd/__main__.py`). `entry="module"` starts it with `-m` where a test needs that.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,6 +33,24 @@ def real_claude() -> str:
     if explicit:
         return explicit
     return str(Path(sys.executable).parent / "claude")
+
+
+def console_script() -> Path:
+    """The installed `atomizerd` entry point (pip's wrapper script in the venv's bin)."""
+    return Path(sys.executable).parent / "atomizerd"
+
+
+EntryPoint = Literal["script", "module"]
+
+
+def daemon_command(entry: EntryPoint = "script") -> list[str]:
+    """How to start the daemon: the console script, or `python -m atomizerd`."""
+    if entry == "module":
+        return [sys.executable, "-m", "atomizerd"]
+    script = console_script()
+    if not script.exists():
+        raise FileNotFoundError(f"no atomizerd console script at {script} (pip install -e .)")
+    return [str(script)]
 
 
 def fake_agent_command() -> list[str]:
@@ -73,8 +95,10 @@ class RunningDaemon:
         *,
         env: Mapping[str, str] | None = None,
         extra_args: list[str] | None = None,
+        entry: EntryPoint = "script",
     ) -> None:
         self.workdir = workdir
+        self.entry = entry
         self.runtime_dir = workdir / "run"
         self.state_dir = workdir / "state"
         self.root = workdir / "atomizer"
@@ -114,9 +138,7 @@ class RunningDaemon:
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "atomizerd",
+                *daemon_command(self.entry),
                 "--allow-root",
                 "--config",
                 str(self.config_path),
