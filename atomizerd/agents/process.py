@@ -26,6 +26,12 @@ that the reader routes to the waiting caller instead of the mailbox. The mailbox
 backpressure: whoever owns the process must keep receiving, or the reader stops reading, the
 agent blocks on its stdout, and control answers stop arriving too.
 
+Writing. A line written to stdin waits until the pipe takes it, at most `write_timeout`
+seconds: an agent that stops reading (hung, stopped) fills the pipe, and the write then fails
+with `WriteTimeout` instead of blocking its caller forever. Part of the line may already be in
+the pipe, so the input is unusable afterwards: later writes fail at once, and the owner should
+stop the process.
+
 Exit. asyncio's `Process.wait()` also waits for the pipes to close, which an orphaned grandchild
 holding the agent's stdout can postpone forever, so exit is observed from the protocol's
 `process_exited` callback instead; if stdout is still open a little after the agent exited, the
@@ -63,6 +69,7 @@ from atomizerd.agents.protocol import AgentMessage, ControlResponse, ProtocolErr
 __all__ = [
     "DEFAULT_MAX_LINE_BYTES",
     "DEFAULT_STDERR_TAIL_BYTES",
+    "DEFAULT_WRITE_TIMEOUT",
     "AgentError",
     "AgentExited",
     "AgentItem",
@@ -72,6 +79,7 @@ __all__ = [
     "ControlTimeout",
     "LineTooLong",
     "ProcessIdentity",
+    "WriteTimeout",
     "kill_group_if_same",
     "probe_version",
     "process_start_time",
@@ -82,6 +90,7 @@ log = structlog.get_logger()
 DEFAULT_MAX_LINE_BYTES = 32 * 1024 * 1024
 DEFAULT_STDERR_TAIL_BYTES = 64 * 1024
 DEFAULT_MAILBOX_SIZE = 4096
+DEFAULT_WRITE_TIMEOUT = 10.0  # agent.write_timeout
 _READ_CHUNK = 256 * 1024
 # After the agent exits: how long its pipes may stay open (held by an orphaned grandchild)
 # before the leftovers are killed, and how long to wait for the output to be delivered.
@@ -118,6 +127,15 @@ class ControlError(AgentError):
 
 class ControlTimeout(AgentError, TimeoutError):
     """The agent did not answer a control request in time."""
+
+
+class WriteTimeout(AgentError):
+    """The agent did not take a line written to its stdin in time (it is not reading).
+
+    Part of the line may be in the pipe already, so every later write to that process fails
+    with this too: stop the process. Not a TimeoutError, so it is never mistaken for a
+    caller's own `asyncio.timeout`.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +264,7 @@ class AgentProcess:
         max_line_bytes: int,
         stderr_tail_bytes: int,
         mailbox_size: int,
+        write_timeout: float | None,
     ) -> None:
         self._transport = transport
         self._proto = proto
@@ -260,6 +279,8 @@ class AgentProcess:
         self._ids = itertools.count(1)
         self._stdout_eof = asyncio.Event()
         self._stop_task: asyncio.Task[int | None] | None = None
+        self.write_timeout = write_timeout  # None: writes wait as long as it takes
+        self._input_broken: str | None = None  # why stdin is unusable (a write timed out)
         self.skipped_lines = 0  # not JSON
         self.invalid_utf8_lines = 0
         self._stderr_task = asyncio.create_task(self._drain_stderr())
@@ -278,6 +299,7 @@ class AgentProcess:
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         stderr_tail_bytes: int = DEFAULT_STDERR_TAIL_BYTES,
         mailbox_size: int = DEFAULT_MAILBOX_SIZE,
+        write_timeout: float | None = DEFAULT_WRITE_TIMEOUT,
     ) -> AgentProcess:
         """Start `argv` with exactly `env` in `cwd`, under `setpriv --pdeathsig KILL`.
 
@@ -306,6 +328,7 @@ class AgentProcess:
             max_line_bytes=max_line_bytes,
             stderr_tail_bytes=stderr_tail_bytes,
             mailbox_size=mailbox_size,
+            write_timeout=write_timeout,
         )
         agent._log.info("agent.spawned", argv0=argv[0], cwd=str(cwd))
         return agent
@@ -421,18 +444,33 @@ class AgentProcess:
 
     # --- writing ------------------------------------------------------------------------------
 
-    async def write_line(self, line: bytes) -> None:
-        """Write one newline-terminated line to stdin and wait until the pipe takes it."""
+    async def write_line(self, line: bytes, *, timeout: float | None = None) -> None:
+        """Write one newline-terminated line to stdin and wait until the pipe takes it.
+
+        Waits at most `timeout` seconds (default: the process's `write_timeout`), then raises
+        WriteTimeout, and so does every later write. AgentExited if the process has ended.
+        """
         if line.find(b"\n") != len(line) - 1:
             raise ValueError("write_line takes exactly one newline-terminated line")
+        if self._input_broken is not None:
+            raise WriteTimeout(self._input_broken)
         stdin = self._proto.stdin
         if stdin is None or stdin.is_closing() or not self.alive:
             raise self._exited("is not accepting input")
+        limit = self.write_timeout if timeout is None else timeout
         try:
             stdin.write(line)
-            await stdin.drain()
+            async with asyncio.timeout(limit):
+                await stdin.drain()
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise self._exited("closed its input") from exc
+        except TimeoutError:
+            self._input_broken = (
+                f"agent process {self.pid} did not read its input for {limit:g} s "
+                f"(a write of {len(line)} bytes timed out; its input is unusable)"
+            )
+            self._log.warning("agent.write_timeout", size=len(line), timeout=limit)
+            raise WriteTimeout(self._input_broken) from None
 
     async def send_user_message(self, text: str) -> None:
         await self.write_line(protocol.user_message_line(text))
@@ -451,16 +489,18 @@ class AgentProcess:
     async def request(self, subtype: str, *, timeout: float, **fields: Any) -> dict[str, Any]:
         """Send a control request and return the agent's answer.
 
-        Raises ControlError (the agent answered with an error), ControlTimeout, AgentExited.
+        Raises ControlError (the agent answered with an error), ControlTimeout, AgentExited,
+        WriteTimeout (the agent does not read its input).
         """
         request_id = f"atomizerd_{next(self._ids)}_{secrets.token_hex(4)}"
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
             await self.write_line(protocol.control_request_line(request_id, subtype, **fields))
-            return await asyncio.wait_for(future, timeout)
-        except TimeoutError:
-            raise ControlTimeout(f"no answer to {subtype!r} within {timeout:g} s") from None
+            try:
+                return await asyncio.wait_for(future, timeout)
+            except TimeoutError:
+                raise ControlTimeout(f"no answer to {subtype!r} within {timeout:g} s") from None
         finally:
             del self._pending[request_id]
 

@@ -139,6 +139,14 @@ class AgentConfig:
         "SIGTERM, before SIGKILL.",
         default=3.0,
     )
+    write_timeout: float = _doc(
+        "How long a write to the agent's stdin (a user message, a control request or answer) "
+        "may wait for the agent to take it; then the write fails (the agent is stuck and not "
+        "reading). 10 s: the CLI reads its input continuously, so even a message of "
+        "`daemon.max_message_bytes` is taken in milliseconds; without a bound a hung agent "
+        "would hold the turn forever.",
+        default=10.0,
+    )
     max_line_bytes: int = _doc(
         "Longest stdout line read from the agent. Tool results can carry base64 images of "
         "many MiB; a longer line fails that turn, not the daemon.",
@@ -562,6 +570,7 @@ def validate(cfg: Config) -> None:
         "agent.stall_timeout",
         "agent.turn_timeout",
         "agent.stop_grace",
+        "agent.write_timeout",
         "agent.max_line_bytes",
         "agent.stderr_tail_bytes",
         "agent.version_timeout",

@@ -26,6 +26,7 @@ from atomizerd.agents.process import (
     AgentSpawnError,
     ControlError,
     LineTooLong,
+    WriteTimeout,
     probe_version,
 )
 from atomizerd.agents.procgroup import (
@@ -549,6 +550,52 @@ def test_the_recorded_pid_is_the_agent_itself(tmp_path: Path) -> None:
             assert stat is not None
             assert (stat.ppid, stat.pgrp, stat.session) == (os.getpid(), proc.pid, proc.pid)
             assert proc.identity.start_time == stat.start_time
+        finally:
+            await proc.stop(1.0)
+
+    run(scenario)
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+def test_a_write_to_an_agent_that_does_not_read_times_out(tmp_path: Path) -> None:
+    """`sleep` never reads its stdin: a line bigger than the pipe and the transport's buffer
+    can never be taken, so the write fails after its timeout instead of waiting forever."""
+    line = b"x" * (4 * 1024 * 1024) + b"\n"
+
+    async def scenario() -> None:
+        proc = await AgentProcess.spawn(
+            ["sleep", "300"], env=build_env(os.environ, {}), cwd=tmp_path, write_timeout=0.2
+        )
+        try:
+            with pytest.raises(WriteTimeout, match="did not read its input"):
+                await proc.write_line(line)
+            assert proc.alive  # still running: stopping it is the owner's decision
+            # Part of that line may be in the pipe: nothing more can be written after it.
+            with pytest.raises(WriteTimeout):
+                await proc.send_user_message("next")
+            with pytest.raises(WriteTimeout):
+                await proc.interrupt(timeout=5)
+            with pytest.raises(WriteTimeout):
+                await proc.write_line(line, timeout=30)
+        finally:
+            assert await proc.stop(0.5) == -signal.SIGTERM
+
+    run(scenario)
+
+
+def test_a_big_write_to_a_reading_agent_completes(tmp_path: Path) -> None:
+    """The bound is on the agent not reading, not on the size: a message far over the pipe's
+    buffer reaches an agent that reads it (the fake echoes it back)."""
+    text = "y" * (2 * 1024 * 1024)
+
+    async def scenario() -> None:
+        proc = await spawn_fake(tmp_path)
+        try:
+            items = await turn(proc, text)
+            assert texts(items).endswith("y")
+            assert of_type(items, p.Result)
         finally:
             await proc.stop(1.0)
 
