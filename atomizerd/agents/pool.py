@@ -1,24 +1,40 @@
-"""The bounded pool of live agent processes.
+"""The bounded pool of live agents.
 
-At most `pool.max_live` processes (each costs ~200 MiB). A session keeps its process between
-turns; when the pool is full the least-recently-used idle process is evicted and its session
-resumes later with `--resume`. When every process is busy, a turn waits in a bounded queue
-(`pool.max_queued`, `pool.queue_timeout`) and beyond that fails with RESOURCE_EXHAUSTED.
+`pool.max_live` is the memory bound (a live `claude` costs ~200 MiB): it holds at every instant.
+A *slot* is held by every agent from the moment its spawn is decided until its process is gone,
+so an agent being started or stopped counts as much as a working one. When the pool is full, a
+lease waits in one FIFO queue (`pool.max_queued`, `pool.queue_timeout`); the queue is served by
+one synchronous function (`_dispatch`), which either grants a free slot or evicts the
+least-recently-used *idle* agent and hands its slot to the waiter the moment the process is
+gone. Only a READY agent can be evicted: never one that is spawning or leased to a turn.
+
+The agent lifecycle (docs/architecture.md, "Agent"):
+
+    SPAWNING ──▶ READY ◀──▶ LEASED
+        │          │           │
+        └──────────┴───────────┴──▶ STOPPING ──▶ GONE
+
+A session has at most one agent that is not GONE; its next agent is spawned only after the
+previous one is gone (two CLIs must never write one conversation's transcript).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections import OrderedDict, deque
+import contextlib
+import enum
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import structlog
 
-from atomizerd.agents.process import AgentError, AgentProcess, AgentSpawnError
-from atomizerd.atomizer.launcher import Launcher
+from atomizerd.agents.process import AgentError, AgentExited
+from atomizerd.agents.transport import AgentTransport, LaunchSpec, Spawner
 from atomizerd.daemon.config import Config
 from atomizerd.errors import ResourceExhausted, Unavailable
+from atomizerd.statemachine import Lifecycle
 from atomizerd.store.db import AgentProcessRecord, SessionRecord, Store
 
 log = structlog.get_logger("atomizerd.agents.pool")
@@ -31,61 +47,141 @@ class ResumeFailed(Exception):
     """The agent could not resume the session's conversation (its transcript is gone)."""
 
 
+class DiedAtStart(AgentError):
+    """The agent exited during its start-up handshake: it never saw a message, so starting it
+    again is safe."""
+
+    def __init__(self, message: str, returncode: int | None, stderr_tail: str) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+
+
+class AgentState(enum.Enum):
+    SPAWNING = "spawning"
+    READY = "ready"
+    LEASED = "leased"
+    STOPPING = "stopping"
+    GONE = "gone"
+
+
+S = AgentState
+AGENT_TRANSITIONS: dict[AgentState, frozenset[AgentState]] = {
+    S.SPAWNING: frozenset({S.READY, S.LEASED, S.STOPPING}),
+    S.READY: frozenset({S.LEASED, S.STOPPING}),
+    S.LEASED: frozenset({S.READY, S.STOPPING}),
+    S.STOPPING: frozenset({S.GONE}),
+    S.GONE: frozenset(),
+}
+
+
+class LaunchSource(Protocol):
+    """Where the pool gets a session's command line (the Atomizer layer's launcher)."""
+
+    def spec_for(self, record: SessionRecord, *, resume: bool, seed: str = "") -> LaunchSpec: ...
+
+    def cleanup(self, session_id: str) -> None: ...
+
+
 @dataclass(eq=False)
-class LiveAgent:
+class _Waiter:
+    """A lease waiting for a slot; `granted` resolves when the slot is its own."""
+
+    granted: asyncio.Future[None]
+
+
+@dataclass(eq=False)
+class Agent:
+    """One agent of one session. The pool is its only owner: nothing else moves its state."""
+
     session_id: str
-    process: AgentProcess
-    resumed: bool
-    busy: bool = False
-    idle_since: float = field(default_factory=time.monotonic)
+    lifecycle: Lifecycle[AgentState]
+    transport: AgentTransport | None = None
+    resumed: bool = False
+    idle_since: float = 0.0
     mcp_servers: list[tuple[str, str]] = field(default_factory=list)
-    # Cleared when a turn found the process unhealthy: it is stopped instead of reused.
-    reusable: bool = True
+    # The waiter this agent's slot passes to once it is gone (it was evicted for that waiter).
+    successor: _Waiter | None = None
+    # False once the lease that asked for this spawn gave up: the agent then becomes READY.
+    lease_wanted: bool = True
+    settled: asyncio.Event = field(default_factory=asyncio.Event)  # left SPAWNING
+    gone: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def state(self) -> AgentState:
+        return self.lifecycle.state
+
+    @property
+    def alive(self) -> bool:
+        return self.transport is not None and self.transport.alive
+
+    def transport_or_fail(self) -> AgentTransport:
+        """The running agent's transport (a leased agent always has one)."""
+        if self.transport is None:
+            raise RuntimeError(f"the agent of {self.session_id} has no process")
+        return self.transport
 
 
 class AgentPool:
-    def __init__(self, config: Config, store: Store, launcher: Launcher) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        launcher: LaunchSource,
+        spawner: Spawner,
+    ) -> None:
         self.config = config
         self.store = store
         self.launcher = launcher
-        self._agents: OrderedDict[str, LiveAgent] = OrderedDict()  # LRU order, oldest first
-        self._spawning: dict[str, asyncio.Future[LiveAgent]] = {}
-        self._waiters: deque[asyncio.Future[None]] = deque()
-        self._closed = False
-        self._retiring: set[asyncio.Future[None]] = set()
+        self._spawner = spawner
+        self._agents: dict[str, Agent] = {}  # session id -> its agent that is not GONE
+        self._used = 0  # slots held (see the module docstring)
+        self._waiters: deque[_Waiter] = deque()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._seeds: dict[str, str] = {}
-        self._stopping: set[LiveAgent] = set()
+        self._closed = False
+        # Highest number of slots ever held at once: tests and the soak check it against the cap.
+        self.peak_used = 0
 
     # --- introspection -------------------------------------------------------------------
 
     @property
     def live_count(self) -> int:
-        # Processes being stopped still hold their memory: they count until they are gone.
-        starting = sum(1 for sid in self._spawning if sid not in self._agents)
-        return len(self._agents) + starting + len(self._stopping)
+        """Agents that may have a process right now (every state but GONE)."""
+        return len(self._agents)
+
+    @property
+    def slots_used(self) -> int:
+        return self._used
 
     @property
     def queued(self) -> int:
-        return len(self._waiters)
+        return sum(1 for w in self._waiters if not w.granted.done())
+
+    def agent(self, session_id: str) -> Agent | None:
+        return self._agents.get(session_id)
 
     def state(self, session_id: str) -> str:
-        if session_id in self._spawning:
-            return "starting"
+        """The session's agent as the API shows it: idle (none), starting, ready or busy."""
         agent = self._agents.get(session_id)
-        if agent is None or not agent.process.alive:
+        if agent is None or agent.state is S.STOPPING:
             return "idle"
-        return "busy" if agent.busy else "ready"
+        if agent.state is S.SPAWNING:
+            return "starting"
+        if agent.state is S.LEASED:
+            return "busy"
+        return "ready" if agent.alive else "idle"
 
     def mcp_servers(self, session_id: str) -> list[tuple[str, str]]:
         agent = self._agents.get(session_id)
         return list(agent.mcp_servers) if agent else []
 
     def candidates(self) -> list[tuple[str, float, bool]]:
-        """(session_id, idle since (monotonic), alive) for every idle process, for the reaper."""
+        """(session_id, idle since (loop time), alive) of every idle agent, for the reaper."""
         return [
-            (a.session_id, a.idle_since, a.process.alive)
+            (a.session_id, a.idle_since, a.alive)
             for a in self._agents.values()
-            if not a.busy
+            if a.state is S.READY
         ]
 
     # --- leasing -------------------------------------------------------------------------
@@ -94,187 +190,308 @@ class AgentPool:
         """Earlier conversation to put in the next spawn's system prompt (a reseeded session)."""
         self._seeds[session_id] = seed
 
-    async def prewarm(self, record: SessionRecord) -> None:
-        """Starts the session's process if a slot is free; never evicts anyone for it."""
-        if self._closed or record.session_id in self._agents or record.session_id in self._spawning:
+    async def prewarm(self, record: SessionRecord, wanted: Callable[[], bool]) -> None:
+        """Starts the session's agent if a slot is free right now; never evicts or waits for it.
+        `wanted` is asked at the last moment, so a session closed meanwhile gets nothing."""
+        sid = record.session_id
+        if self._closed or sid in self._agents or not wanted():
             return
-        if self.live_count >= self.config.pool.max_live:
+        if self._waiters or self._used >= self.config.pool.max_live:
             return
+        self._take_free_slot()
+        agent = self._new_agent(sid)
+        agent.lease_wanted = False
         try:
-            await self._spawn(record)
-        except (AgentSpawnError, ResumeFailed) as e:
-            log.warning("prewarm failed", session_id=record.session_id, error=str(e))
+            await self._start(agent, record)
+        except (AgentError, ResumeFailed) as e:
+            log.warning("prewarm failed", session_id=sid, error=str(e))
 
-    async def acquire(self, record: SessionRecord) -> LiveAgent:
-        """The session's live process, marked busy; spawned (or resumed) when needed."""
+    async def lease(self, record: SessionRecord) -> Agent:
+        """The session's agent, LEASED to the caller: reused, or spawned (resumed) in a slot,
+        waiting for one if the pool is full. Cancelling the caller gives up cleanly: a spawn
+        already under way finishes and leaves an idle agent.
+
+        Raises ResourceExhausted (queue full, or no slot in time), Unavailable (closing),
+        AgentSpawnError, DiedAtStart, ResumeFailed, and what the launcher raises."""
         sid = record.session_id
         while True:
-            if self._closed:
-                raise Unavailable("atomizerd is shutting down; retry in a moment")
-            if sid in self._spawning:
-                await asyncio.shield(self._spawning[sid])
-                continue
+            self._check_open()
             agent = self._agents.get(sid)
-            if agent is not None:
-                if agent.process.alive and agent.reusable:
-                    agent.busy = True
-                    self._agents.move_to_end(sid)
+            if agent is None:
+                await self._take_slot()
+                if sid in self._agents:  # a prewarm got there first: use that one
+                    self._used -= 1
+                    self._dispatch()
+                    continue
+                return await self._spawn_for_lease(self._new_agent(sid), record)
+            if agent.state is S.READY:
+                if agent.alive:
+                    agent.lifecycle.move(S.LEASED)
                     return agent
-                await self.retire(sid)
-                continue
-            if self.live_count < self.config.pool.max_live or await self._evict_one():
-                agent = await self._spawn(record)
-                agent.busy = True
-                return agent
-            await self._wait_for_slot()
+                self._begin_stop(agent, "its process had exited")
+            elif agent.state is S.SPAWNING:
+                await agent.settled.wait()
+            elif agent.state is S.STOPPING:
+                await agent.gone.wait()
+            else:  # LEASED: the registry runs one turn per session at a time
+                raise RuntimeError(f"session {sid}'s agent is already leased")
 
-    def release(self, agent: LiveAgent) -> None:
-        agent.busy = False
-        agent.idle_since = time.monotonic()
-        if not (agent.process.alive and agent.reusable):
-            task = asyncio.ensure_future(self.retire(agent.session_id))
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
-        self._wake_one()
+    def release(self, agent: Agent, *, reusable: bool) -> None:
+        """The turn is done with the agent: it becomes idle, or is stopped if it is unfit."""
+        if agent.state is not S.LEASED:
+            return
+        if reusable and agent.alive and not self._closed:
+            agent.lifecycle.move(S.READY)
+            agent.idle_since = asyncio.get_running_loop().time()
+            self._dispatch()
+        else:
+            self._begin_stop(agent, "released unfit for reuse")
+
+    def stop_if_idle(self, session_id: str, why: str) -> bool:
+        """Begins stopping the session's agent if it is idle right now (the reaper's cull)."""
+        agent = self._agents.get(session_id)
+        if agent is None or agent.state is not S.READY:
+            return False
+        self._begin_stop(agent, why)
+        return True
 
     async def retire(self, session_id: str) -> None:
-        """Stops the session's process (if any); the session resumes on its next message."""
-        spawning = self._spawning.get(session_id)
-        if spawning is not None:
-            await asyncio.gather(asyncio.shield(spawning), return_exceptions=True)
-        agent = self._agents.pop(session_id, None)
-        if agent is None:
-            return
-        self._stopping.add(agent)
-        try:
-            await agent.process.stop(self.config.agent.stop_grace)
-        finally:
-            self._stopping.discard(agent)
-            self._discard(agent)
-            log.info(
-                "agent process stopped",
-                session_id=session_id,
-                pid=agent.process.pid,
-                returncode=agent.process.returncode,
-            )
-            self._wake_one()
-
-    def _discard(self, agent: LiveAgent) -> None:
-        """Forgets an agent that has already been stopped."""
-        sid = agent.session_id
-        # While it was being stopped, its session may have started a new agent: keep that one.
-        if self._agents.get(sid) is agent:
-            del self._agents[sid]
-        if agent.process.start_time is not None:
-            self.store.forget_agent_process(agent.process.pgid)
-        if sid not in self._agents and sid not in self._spawning:
-            self.launcher.cleanup(sid)
+        """Stops the session's agent (it resumes on its next message) and waits until it is
+        gone. A spawn under way finishes first; a leased agent is stopped once released."""
+        while (agent := self._agents.get(session_id)) is not None:
+            if agent.state is S.SPAWNING:
+                await agent.settled.wait()
+            elif agent.state is S.LEASED:
+                raise RuntimeError(f"session {session_id}'s agent is leased: end the turn first")
+            else:
+                if agent.state is S.READY:
+                    self._begin_stop(agent, "retired")
+                await agent.gone.wait()
 
     def kill_all(self) -> None:
         """SIGKILL every agent's process group now (shutdown past its grace period)."""
-        for agent in [*self._agents.values(), *self._stopping]:
-            agent.process.kill()
+        for agent in self._agents.values():
+            if agent.transport is not None:
+                agent.transport.kill()
 
     async def close(self) -> None:
+        """Refuses new leases, fails the waiting ones, stops every agent and waits for them."""
         self._closed = True
         for waiter in self._waiters:
-            if not waiter.done():
-                waiter.cancel()
-        await asyncio.gather(
-            *(self.retire(sid) for sid in list(self._agents)), return_exceptions=True
+            waiter.granted.cancel()
+        for agent in list(self._agents.values()):
+            if agent.state in (S.READY, S.LEASED):
+                self._begin_stop(agent, "the daemon is stopping")
+        while self._agents:
+            await next(iter(self._agents.values())).gone.wait()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # --- slots ---------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Unavailable("atomizerd is shutting down; retry in a moment")
+
+    def _take_free_slot(self) -> None:
+        self._used += 1
+        self.peak_used = max(self.peak_used, self._used)
+        assert self._used <= self.config.pool.max_live, "pool slot accounting is broken"
+
+    async def _take_slot(self) -> None:
+        """Returns once the caller holds a slot (it must then create an agent in it)."""
+        if not self._waiters and self._used < self.config.pool.max_live:
+            self._take_free_slot()
+            return
+        cfg = self.config.pool
+        if self.queued >= cfg.max_queued:
+            raise ResourceExhausted(
+                f"all {cfg.max_live} agent processes are busy and {self.queued} turns are "
+                "already waiting (pool.max_queued); retry later"
+            )
+        waiter = _Waiter(asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
+        self._dispatch()
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter.granted), cfg.queue_timeout)
+        except TimeoutError:
+            self._abandon(waiter)
+            raise ResourceExhausted(
+                f"no agent process became free within {cfg.queue_timeout:g} s "
+                "(pool.queue_timeout); retry later"
+            ) from None
+        except asyncio.CancelledError:
+            if self._closed:
+                self._abandon(waiter)
+                raise Unavailable("atomizerd is shutting down; retry in a moment") from None
+            self._abandon(waiter)
+            raise
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        """A waiter gave up: a slot it was already granted goes back to the pool."""
+        granted = waiter.granted.done() and not waiter.granted.cancelled()
+        if not waiter.granted.done():
+            waiter.granted.cancel()
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(waiter)
+        if granted:
+            self._used -= 1
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Serves the queue in order: a free slot, or an idle agent evicted for the waiter."""
+        while self._waiters:
+            head = self._waiters[0]
+            if head.granted.done():  # gave up (its slot, if any, was handled by _abandon)
+                self._waiters.popleft()
+                continue
+            if self._used < self.config.pool.max_live:
+                self._waiters.popleft()
+                self._take_free_slot()
+                head.granted.set_result(None)
+                continue
+            victim = self._eviction_victim()
+            if victim is None:
+                return
+            self._waiters.popleft()
+            victim.successor = head
+            log.info("evicting least-recently-used agent", session_id=victim.session_id)
+            self._begin_stop(victim, "evicted for another session")
+
+    def _eviction_victim(self) -> Agent | None:
+        idle = [a for a in self._agents.values() if a.state is S.READY and a.successor is None]
+        return min(idle, key=lambda a: a.idle_since, default=None)
+
+    def _free_slot_of(self, agent: Agent) -> None:
+        """The agent is gone: its slot passes to its successor, or back to the pool."""
+        successor, agent.successor = agent.successor, None
+        if successor is not None and not successor.granted.done():
+            successor.granted.set_result(None)  # the slot changes hands; _used is unchanged
+        else:
+            self._used -= 1
+        self._dispatch()
+
+    # --- spawning and stopping -----------------------------------------------------------
+
+    def _new_agent(self, session_id: str) -> Agent:
+        agent = Agent(
+            session_id, Lifecycle(f"agent of {session_id}", S.SPAWNING, AGENT_TRANSITIONS)
         )
+        self._agents[session_id] = agent
+        return agent
 
-    # --- internals -----------------------------------------------------------------------
+    async def _spawn_for_lease(self, agent: Agent, record: SessionRecord) -> Agent:
+        task = asyncio.ensure_future(self._start(agent, record))
+        task.add_done_callback(_retrieve)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            agent.lease_wanted = False
+            if task.done() and not task.cancelled() and task.exception() is None:
+                self.release(agent, reusable=True)
+            raise
+        return agent
 
-    async def _spawn(self, record: SessionRecord) -> LiveAgent:
-        sid = record.session_id
-        future: asyncio.Future[LiveAgent] = asyncio.get_running_loop().create_future()
-        self._spawning[sid] = future
+    async def _start(self, agent: Agent, record: SessionRecord) -> None:
+        """SPAWNING → READY or LEASED (or STOPPING and an exception)."""
+        sid = agent.session_id
         try:
             resume = record.agent_started
             seed = "" if resume else self._seeds.pop(sid, "")
             spec = self.launcher.spec_for(record, resume=resume, seed=seed)
-            process = await AgentProcess.spawn(
-                spec.argv,
-                env=spec.env,
-                cwd=spec.cwd,
-                max_line_bytes=self.config.agent.max_line_bytes,
-                stderr_tail_bytes=self.config.agent.stderr_tail_bytes,
+            agent.transport = await self._spawner(spec)
+            agent.resumed = resume
+            self._record_process(agent.transport, sid)
+            log.info(
+                "agent process started", session_id=sid, pid=agent.transport.pid, resume=resume
             )
-            if process.start_time is not None:
-                self.store.record_agent_process(
-                    AgentProcessRecord(
-                        pgid=process.pgid, session_id=sid, start_time=process.start_time
-                    )
-                )
-            agent = LiveAgent(session_id=sid, process=process, resumed=resume)
-            self._agents[sid] = agent
-            log.info("agent process started", session_id=sid, pid=process.pid, resume=resume)
-            if not await self._initialize(agent) and resume and await self._resume_failed(agent):
-                self._discard(agent)
-                raise ResumeFailed(
-                    f"the agent could not resume conversation {record.agent_session_id}"
-                )
-            future.set_result(agent)
-            return agent
-        except BaseException as e:
-            future.set_exception(e)
-            future.exception()  # retrieved: waiters re-check state, nobody else must see it
+            await self._handshake(agent, spec, record)
+        except BaseException:
+            self._begin_stop(agent, "its start failed")
+            agent.settled.set()
             raise
-        finally:
-            del self._spawning[sid]
-            self._wake_one()
+        agent.lifecycle.move(S.LEASED if agent.lease_wanted else S.READY)
+        agent.idle_since = asyncio.get_running_loop().time()
+        agent.settled.set()
+        if agent.state is S.READY:
+            self._dispatch()
 
-    async def _initialize(self, agent: LiveAgent) -> bool:
-        """The CLI's `initialize` handshake at spawn makes the first turn faster (DESIGN.md).
-        An agent that does not answer still gets its turns."""
+    async def _handshake(self, agent: Agent, spec: LaunchSpec, record: SessionRecord) -> None:
+        """The CLI's `initialize` at spawn readies it for the first turn and carries what must
+        not be in argv. An agent that does not answer still gets its turns; one that exited
+        could not resume its conversation, or died before any message (safe to retry)."""
+        transport = agent.transport
+        assert transport is not None
         try:
-            await agent.process.initialize(timeout=self.config.agent.first_event_timeout)
-            return True
+            await transport.initialize(
+                timeout=self.config.agent.first_event_timeout, **spec.initialize
+            )
+            return
         except AgentError as e:
-            log.warning(
-                "agent did not complete initialize",
-                session_id=agent.session_id,
-                error=str(e),
-                stderr_tail=agent.process.stderr_tail()[-500:],
-            )
-            return False
-
-    async def _resume_failed(self, agent: LiveAgent) -> bool:
-        """After a failed handshake: did the CLI refuse to resume? (It says so and exits.)"""
-        await agent.process.stop(self.config.agent.stop_grace)
-        return _NO_CONVERSATION in agent.process.stderr_tail()
-
-    async def _evict_one(self) -> bool:
-        for sid, agent in self._agents.items():  # oldest first
-            if not agent.busy:
-                log.info("evicting least-recently-used agent process", session_id=sid)
-                await self.retire(sid)
-                return True
-        return False
-
-    async def _wait_for_slot(self) -> None:
-        if len(self._waiters) >= self.config.pool.max_queued:
-            raise ResourceExhausted(
-                f"all {self.config.pool.max_live} agent processes are busy and "
-                f"{len(self._waiters)} turns are already waiting (pool.max_queued); retry later"
-            )
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            await asyncio.wait_for(waiter, self.config.pool.queue_timeout)
-        except TimeoutError:
-            raise ResourceExhausted(
-                f"no agent process became free within {self.config.pool.queue_timeout:g} s "
-                "(pool.queue_timeout); retry later"
-            ) from None
-        finally:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-
-    def _wake_one(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+            if transport.alive and not isinstance(e, AgentExited):
+                log.warning(
+                    "agent did not complete initialize", session_id=agent.session_id, error=str(e)
+                )
                 return
+        await transport.stop(self.config.agent.stop_grace)
+        tail = transport.stderr_tail()
+        if agent.resumed and _NO_CONVERSATION in tail:
+            raise ResumeFailed(f"the agent could not resume conversation {record.agent_session_id}")
+        raise DiedAtStart(
+            f"the agent exited during start-up (exit status {transport.returncode})",
+            transport.returncode,
+            tail,
+        )
+
+    def _record_process(self, transport: AgentTransport, session_id: str) -> None:
+        if transport.start_time is not None:
+            self.store.record_agent_process(
+                AgentProcessRecord(
+                    pgid=transport.pgid, session_id=session_id, start_time=transport.start_time
+                )
+            )
+
+    def _begin_stop(self, agent: Agent, why: str) -> None:
+        """→ STOPPING now (so nobody leases or evicts it), the process stopped in the
+        background, → GONE when it has exited."""
+        if agent.state is S.STOPPING or agent.state is S.GONE:
+            return
+        agent.lifecycle.move(S.STOPPING)
+        task = asyncio.ensure_future(self._stop(agent, why))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _stop(self, agent: Agent, why: str) -> None:
+        transport = agent.transport
+        try:
+            if transport is not None:
+                await transport.stop(self.config.agent.stop_grace)
+        except Exception:
+            log.exception("stopping an agent failed", session_id=agent.session_id)
+        finally:
+            self._gone(agent)
+            log.info(
+                "agent process stopped",
+                session_id=agent.session_id,
+                reason=why,
+                pid=transport.pid if transport else None,
+                returncode=transport.returncode if transport else None,
+            )
+
+    def _gone(self, agent: Agent) -> None:
+        agent.lifecycle.move(S.GONE)
+        sid = agent.session_id
+        if self._agents.get(sid) is agent:
+            del self._agents[sid]
+        transport = agent.transport
+        if transport is not None and transport.start_time is not None:
+            self.store.forget_agent_process(transport.pgid)
+        self.launcher.cleanup(sid)
+        agent.settled.set()
+        agent.gone.set()
+        self._free_slot_of(agent)
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    """A spawn whose lease gave up may still fail: its error is logged, not left unretrieved."""
+    if not task.cancelled() and task.exception() is not None:
+        log.info("a spawn nobody waits for failed", error=str(task.exception()))

@@ -146,6 +146,8 @@ def event_to_pb(e: ev.SessionEvent) -> pb.SessionEvent:
                     max_retries=k.max_retries,
                     retry_delay_ms=k.retry_delay_ms,
                     error_status=k.error_status,
+                    missed_from_seq=k.missed_from_seq,
+                    missed_to_seq=k.missed_to_seq,
                 )
             )
         case ev.PermissionRequest():

@@ -5,21 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from atomizerd.agents.argv import AgentSpec, build_argv, build_env
+from atomizerd.agents.transport import LaunchSpec
 from atomizerd.atomizer.prompt import ContextBuilder
 from atomizerd.atomizer.studies import Studies
 from atomizerd.daemon.config import Config, mcp_server_entry
 from atomizerd.store.db import SessionRecord
-
-
-@dataclass(frozen=True)
-class LaunchSpec:
-    argv: list[str]
-    env: dict[str, str]
-    cwd: str
 
 
 class Launcher:

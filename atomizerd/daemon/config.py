@@ -89,9 +89,29 @@ class DaemonConfig:
         default=10_000,
     )
     event_buffer: int = _doc(
-        "Events kept per session for WatchSession replay. A long reply is many deltas; "
-        "a reloading client replays from here.",
+        "Most events kept per session for WatchSession replay, whatever their size. A long "
+        "reply is many deltas; a re-attaching client replays from here.",
         default=4096,
+    )
+    replay_bytes: int = _doc(
+        "Bytes of events kept per session for clients that re-attach (WatchSession from a "
+        "seq): the oldest go first, the newest event always stays. 4 MiB holds a long reply's "
+        "deltas; a tool result of many MiB is dropped soon after it is delivered. A client "
+        "further behind gets an EVENTS_MISSED notice and reads the rest with GetHistory.",
+        default=4 * 1024 * 1024,
+    )
+    follower_lag_bytes: int = _doc(
+        "While a client is connected (SendMessage, WatchSession), events it has not read yet "
+        "are kept up to this many bytes per session, so a slow reader of a long reply misses "
+        "nothing; past it the client is told what it missed. 64 MiB: a multi-MiB reply "
+        "streamed as tens of thousands of deltas.",
+        default=64 * 1024 * 1024,
+    )
+    replay_bytes_total: int = _doc(
+        "Most bytes of events held for replay across all sessions, connected readers or not: "
+        "the hard bound on the replay buffers' share of the daemon's memory, whatever the "
+        "number of sessions and clients.",
+        default=256 * 1024 * 1024,
     )
     watchdog: bool = _doc(
         "Send WATCHDOG=1 to systemd when it asks (WATCHDOG_USEC is set).", default=True
@@ -154,6 +174,30 @@ class AgentConfig:
     )
     stderr_tail_bytes: int = _doc(
         "How much of the agent's stderr is kept (the newest bytes) for failure reports.",
+        default=64 * 1024,
+    )
+    spawn_retries: int = _doc(
+        "How many times an agent that dies before it received the turn's message (a crash at "
+        "start-up, an exit during its handshake, a closed stdin at the first write) is started "
+        "again before the turn fails. Safe because nothing was sent; each retry is a "
+        "NOTICE_KIND_AGENT_RESTARTED notice. 2: a transient crash is absorbed, a CLI that "
+        "always crashes fails the turn within seconds.",
+        default=2,
+    )
+    spawn_retry_backoff: float = _doc(
+        "Seconds before the first such restart; doubled for each later one, so a crashing CLI "
+        "is not restarted in a tight loop.",
+        default=0.5,
+    )
+    checkpoint_interval: float = _doc(
+        "While a reply streams, what it has said so far is stored at most this often (and "
+        "after every `checkpoint_bytes`), so a turn cut off by a crash or kill keeps its "
+        "partial reply. Never a write per delta: 0.5 s bounds both the writes and what a kill "
+        "can lose.",
+        default=0.5,
+    )
+    checkpoint_bytes: int = _doc(
+        "Reply text streamed since the last checkpoint that triggers the next one sooner.",
         default=64 * 1024,
     )
     history_seed_messages: int = _doc(
@@ -566,6 +610,11 @@ def validate(cfg: Config) -> None:
         "daemon.max_message_bytes",
         "daemon.max_sessions",
         "daemon.event_buffer",
+        "daemon.replay_bytes",
+        "daemon.replay_bytes_total",
+        "daemon.follower_lag_bytes",
+        "agent.checkpoint_interval",
+        "agent.checkpoint_bytes",
         "agent.first_event_timeout",
         "agent.stall_timeout",
         "agent.turn_timeout",
@@ -585,6 +634,8 @@ def validate(cfg: Config) -> None:
     for key in (
         "pool.max_queued",
         "pool.max_queued_per_session",
+        "agent.spawn_retries",
+        "agent.spawn_retry_backoff",
         "reaper.retention",
         "budget.session_usd",
         "budget.turn_usd",

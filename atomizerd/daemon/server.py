@@ -28,6 +28,7 @@ from atomizerd.agents.argv import build_env
 from atomizerd.agents.pool import AgentPool
 from atomizerd.agents.process import AgentError, probe_version
 from atomizerd.agents.procgroup import kill_group_if_same
+from atomizerd.agents.transport import process_spawner
 from atomizerd.api.daemon import DaemonServicer
 from atomizerd.api.session import SessionServicer
 from atomizerd.atomizer.launcher import Launcher
@@ -91,8 +92,13 @@ class Daemon:
             raise StartupError(str(e)) from None
         studies = Studies(cfg)
         launcher = Launcher(cfg, studies, ContextBuilder())
-        self.pool = AgentPool(cfg, self.store, launcher)
-        self.registry = Registry(cfg, self.store, self.pool, studies)
+        spawner = process_spawner(
+            max_line_bytes=cfg.agent.max_line_bytes,
+            stderr_tail_bytes=cfg.agent.stderr_tail_bytes,
+            write_timeout=cfg.agent.write_timeout,
+        )
+        self.pool = AgentPool(cfg, self.store, launcher, spawner)
+        self.registry = Registry(cfg, self.store, self.pool, studies, launcher.context_text)
         try:
             self._reconcile(studies)
         except StorageFull as e:

@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 
 from atomizerd.agents import protocol as proto
-from atomizerd.errors import FailedPrecondition, NotFound
+from atomizerd.errors import FailedPrecondition, NotFound, StorageFull
 from atomizerd.sessions import events as ev
 from atomizerd.store.db import AuditRecord, Store
 
@@ -76,6 +76,8 @@ class Approvals:
         self.pending: dict[str, PendingRequest] = {}
         self.decided: dict[str, Decision] = {}
         self.asked_tool_uses: set[str] = set()
+        # Set when the turn ends: every request is settled then, and nothing is emitted after.
+        self.closed = False
 
     @property
     def waiting(self) -> bool:
@@ -83,6 +85,8 @@ class Approvals:
 
     async def decide(self, request: proto.ControlRequest) -> Decision:
         """The outcome of one `can_use_tool` request (waits for a client when one is there)."""
+        if self.closed:  # the turn has ended: nobody can answer any more
+            return Decision(False, POLICY, "the turn has ended")
         payload = request.payload
         tool_name = str(payload.get("tool_name", ""))
         raw_input = payload.get("input")
@@ -125,6 +129,8 @@ class Approvals:
             )
         finally:
             self.pending.pop(request.request_id, None)
+        if request.request_id in self.decided:  # settled by close() at the turn's end
+            return self.decided[request.request_id]
         if decision.remember and decision.decider == CLIENT:
             self.store.remember_rule(self.session_id, tool_name, digest, decision.allow)
         return self._settle(request.request_id, tool_name, digest, decision)
@@ -151,9 +157,19 @@ class Approvals:
         if pending is not None and not pending.answer.done():
             pending.answer.set_result(Decision(False, POLICY, why))
 
-    def cancel_all(self, why: str) -> None:
-        for request_id in list(self.pending):
-            self.cancel(request_id, why)
+    def close(self, why: str) -> None:
+        """The turn is ending: every pending request is decided (denied) now, announced and
+        audited before the turn's terminal event; later requests are denied silently."""
+        self.closed = True
+        for request_id, pending in list(self.pending.items()):
+            digest = input_digest(pending.tool_input)
+            if pending.answer.done():  # a client answered an instant ago: that answer stands
+                decision = pending.answer.result()
+            else:
+                decision = Decision(False, POLICY, why)
+                pending.answer.set_result(decision)
+            self._settle(request_id, pending.tool_name, digest, decision)
+        self.pending.clear()
 
     def _settle(self, request_id: str, tool_name: str, digest: str, d: Decision) -> Decision:
         self.decided[request_id] = d
@@ -163,6 +179,14 @@ class Approvals:
         return d
 
     def audit(self, tool_name: str, digest: str, allow: bool, decider: str, detail: str) -> None:
+        try:
+            self._write_audit(tool_name, digest, allow, decider, detail)
+        except StorageFull as e:  # the decision stands; only its record is lost
+            log.error("audit event not stored", tool=tool_name, error=str(e))
+
+    def _write_audit(
+        self, tool_name: str, digest: str, allow: bool, decider: str, detail: str
+    ) -> None:
         self.store.add_audit(
             AuditRecord(
                 session_id=self.session_id,

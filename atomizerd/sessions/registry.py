@@ -1,9 +1,11 @@
 """The session registry: the domain API the servicers call.
 
-It owns the sessions (their records in the store and their live state in memory), orders
-turns per session, and hands turns to the runner. Sessions are loaded lazily: the daemon
-starts in constant time however many sessions are stored, and per-request work never scans
-all of them.
+It owns the sessions (their records in the store and their live state in memory) and every
+transition of their lifecycles (sessions/session.py): creating, reopening, changing mode or
+study, closing and purging, unloading. Work for one session runs in order on a worker task
+that exists only while there is work; `TurnRunner` runs each turn. Sessions are loaded
+lazily: the daemon starts in constant time however many sessions are stored, and per-request
+work never scans all of them.
 """
 
 from __future__ import annotations
@@ -14,10 +16,8 @@ import binascii
 import json
 import math
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import structlog
 
@@ -26,17 +26,20 @@ from atomizerd.agents.pool import AgentPool
 from atomizerd.atomizer.studies import Studies
 from atomizerd.daemon.config import Config
 from atomizerd.errors import (
+    AtomizerError,
     FailedPrecondition,
-    Internal,
     InvalidArgument,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
+    StorageFull,
     Unavailable,
 )
 from atomizerd.sessions import events as ev
-from atomizerd.sessions.approvals import CLIENT, Approvals, Decision
-from atomizerd.sessions.turns import Turn, TurnRunner
+from atomizerd.sessions.approvals import CLIENT, Decision
+from atomizerd.sessions.session import SESSION_TRANSITIONS, Change, Session, SessionState
+from atomizerd.sessions.turns import Turn, TurnRunner, TurnState
+from atomizerd.statemachine import Lifecycle
 from atomizerd.store.db import SEQ_BLOCK, AuditRecord, MessageRecord, SessionRecord, Store
 
 log = structlog.get_logger("atomizerd.sessions.registry")
@@ -45,8 +48,6 @@ MODES = ("user", "power")
 STATES = ("idle", "starting", "ready", "busy", "closed")
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
-# Finished turns remembered per session for request_id retries (older ones come from the store).
-RECENT_TURNS = 32
 # After killing the agents at shutdown: how long their turns get to be stored.
 KILL_SETTLE = 5.0
 
@@ -62,43 +63,26 @@ class SessionView:
     mcp_servers: list[tuple[str, str]] = field(default_factory=list)
 
 
-@dataclass
-class Session:
-    """A session loaded in memory: its record plus everything live about it."""
-
-    record: SessionRecord
-    log: ev.EventLog
-    next_seq: int
-    turn_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    waiting: int = 0
-    current: Turn | None = None
-    recent: dict[str, Turn] = field(default_factory=dict)  # request_id -> turn
-    watchers: int = 0
-    # Turns that ended lately, so a late answer to their permission requests is told it
-    # came too late (FAILED_PRECONDITION) instead of "unknown request".
-    finished: deque[Turn] = field(default_factory=lambda: deque(maxlen=RECENT_TURNS))
-
-    def approvals(self) -> list[Approvals]:
-        turns = [self.current, *reversed(self.finished)]
-        return [t.approvals for t in turns if t is not None and t.approvals is not None]
-
-    @property
-    def id(self) -> str:
-        return self.record.session_id
-
-
 class Registry:
-    def __init__(self, config: Config, store: Store, pool: AgentPool, studies: Studies) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        pool: AgentPool,
+        studies: Studies,
+        context_text: Callable[[SessionRecord], str],
+    ) -> None:
         self.config = config
         self.store = store
         self.pool = pool
         self.studies = studies
-        self.runner = TurnRunner(config, store, pool)
+        self.runner = TurnRunner(config, store, pool, context_text)
+        self.replay = ev.ReplayBudget(config.daemon.replay_bytes_total)
         self._sessions: dict[str, Session] = {}
         self._background: set[asyncio.Task[None]] = set()
         self.draining = False
 
-    # --- lifecycle ---------------------------------------------------------------------------
+    # --- daemon lifecycle ----------------------------------------------------------------
 
     def reconcile(self) -> None:
         """At start-up: settle turns a previous daemon left running."""
@@ -110,25 +94,33 @@ class Registry:
             )
 
     async def drain(self, grace: float) -> None:
-        """Stops accepting work, interrupts running turns and waits for them to be stored;
-        agents still running after `grace` are killed so their turns end (and are stored)."""
+        """Stops accepting work: queued turns are refused (never sent, safe to retry), running
+        ones interrupted and stored; agents still running after `grace` are killed so their
+        turns end (and are stored)."""
         self.draining = True
-        running = [s.current for s in self._sessions.values() if s.current is not None]
-        for turn in running:
-            turn.stop(ev.DAEMON_STOPPING, "the daemon is shutting down")
-        if not await _all_done(running, grace):
+        workers = []
+        for s in self._sessions.values():
+            for job in self._take_queue(s):
+                self._cancel_job(
+                    s, job, Unavailable("atomizerd is shutting down; the message was not sent")
+                )
+            if s.turn is not None:
+                s.turn.stop(ev.DAEMON_STOPPING, "the daemon is shutting down")
+            if s.worker is not None:
+                workers.append(s.worker)
+        if not await _all_done(workers, grace):
             log.warning(
                 "turns still running after the grace period; killing their agents",
-                turns=sum(1 for t in running if not t.done.is_set()),
+                turns=sum(1 for w in workers if not w.done()),
             )
             self.pool.kill_all()
-            await _all_done(running, KILL_SETTLE)
+            await _all_done(workers, KILL_SETTLE)
         for s in self._sessions.values():
             s.log.close()
         for task in list(self._background):
             task.cancel()
 
-    # --- lookups -----------------------------------------------------------------------------
+    # --- lookups -------------------------------------------------------------------------
 
     def _check_open(self) -> None:
         if self.draining:
@@ -142,18 +134,30 @@ class Registry:
         record = self.store.get_session(session_id)
         if record is None:
             raise NotFound(f"session {session_id!r} does not exist")
+        initial = SessionState.CLOSED if record.closed else SessionState.OPEN
         s = Session(
             record=record,
-            log=ev.EventLog(self.config.daemon.event_buffer),
+            log=self._new_log(session_id),
             next_seq=record.seq_reserved + 1,
+            lifecycle=Lifecycle(f"session {session_id}", initial, SESSION_TRANSITIONS),
         )
         self._sessions[session_id] = s
         return s
 
+    def _new_log(self, session_id: str) -> ev.EventLog:
+        d = self.config.daemon
+        return ev.EventLog(
+            session_id,
+            d.replay_bytes,
+            self.replay,
+            lag_bytes=d.follower_lag_bytes,
+            max_events=d.event_buffer,
+        )
+
     def state_of(self, s: Session) -> str:
-        if s.record.closed:
+        if s.state is not SessionState.OPEN:
             return "closed"
-        if s.current is not None:
+        if s.turn is not None:
             return "busy"
         return self.pool.state(s.id)
 
@@ -162,18 +166,26 @@ class Registry:
             record=s.record,
             state=self.state_of(s),
             last_seq=s.next_seq - 1,
-            queued_turns=s.waiting,
+            queued_turns=s.queued_turns,
             mcp_servers=self.pool.mcp_servers(s.id),
         )
 
     def _view_record(self, record: SessionRecord) -> SessionView:
         s = self._sessions.get(record.session_id)
-        if s is not None:  # loaded: its in-memory record is the one turns keep current
+        if s is not None:  # loaded: its in-memory record is the current one
             return self.view(s)
         state = "closed" if record.closed else "idle"
         return SessionView(record=record, state=state, last_seq=record.seq_reserved)
 
-    # --- sessions ----------------------------------------------------------------------------
+    def _require_open(self, s: Session) -> None:
+        if s.state is SessionState.CLOSING:
+            raise FailedPrecondition(f"session {s.id!r} is being terminated")
+        if s.state is SessionState.CLOSED:
+            raise FailedPrecondition(
+                f"session {s.id!r} is closed; CreateSession with session_id={s.id!r} reopens it"
+            )
+
+    # --- sessions ------------------------------------------------------------------------
 
     async def create_session(
         self,
@@ -187,26 +199,19 @@ class Registry:
         mode = self._check_mode(mode) if mode else None
         if study_id:
             self.studies.resolve(study_id)
-        record: SessionRecord | None = None
         if session_id:
             ids.check_session_id(session_id)
             record = self.store.get_session(session_id)
-            if record is not None and not record.closed:
-                return await self._reopen(record, mode, study_id)
+            if record is not None:
+                return await self._reopen(self._load(session_id), mode, study_id)
         else:
             session_id = ids.new_session_id()
             # Every later log line of this request (and of the prewarm it starts) names it.
             structlog.contextvars.bind_contextvars(session_id=session_id)
-        if self.store.count_open_sessions() >= self.config.daemon.max_sessions:
-            raise ResourceExhausted(
-                f"the daemon already holds {self.config.daemon.max_sessions} open sessions "
-                "(daemon.max_sessions); terminate some first"
-            )
-        if record is not None:  # a closed session: reopening it counts against the limit
-            return await self._reopen(record, mode, study_id)
+        self._check_session_limit()
         budget = _cap("budget_usd", budget_usd, self.config.budget.session_usd)
         turn_budget = _cap("turn_budget_usd", turn_budget_usd, self.config.budget.turn_usd)
-        record = self.store.create_session(
+        self.store.create_session(
             session_id,
             mode or "user",
             study_id or None,
@@ -214,43 +219,113 @@ class Registry:
             budget_usd=budget,
             turn_budget_usd=turn_budget,
         )
-        log.info("session created", session_id=session_id, mode=record.mode, study_id=study_id)
         s = self._load(session_id)
+        log.info("session created", session_id=session_id, mode=s.record.mode, study_id=study_id)
         self._prewarm(s)
         return self.view(s)
 
-    async def _reopen(
-        self, record: SessionRecord, mode: str | None, study_id: str | None
-    ) -> SessionView:
-        s = self._load(record.session_id)
-        if s.log.closed:
-            s.log = ev.EventLog(self.config.daemon.event_buffer)
-        changes: dict[str, object] = {"closed": False, "last_active_at": time.time()}
-        if mode and mode != s.record.mode:
-            changes["mode"] = mode
-        if study_id and study_id != s.record.study_id:
-            changes["study_id"] = study_id
-        if "mode" in changes or "study_id" in changes:
-            changes["context_stale"] = s.record.agent_started
-        self.store.update_session(s.id, **changes)
-        self._refresh(s)
-        if "mode" in changes or "study_id" in changes:
+    def _check_session_limit(self) -> None:
+        if self.store.count_open_sessions() >= self.config.daemon.max_sessions:
+            raise ResourceExhausted(
+                f"the daemon already holds {self.config.daemon.max_sessions} open sessions "
+                "(daemon.max_sessions); terminate some first"
+            )
+
+    async def _reopen(self, s: Session, mode: str | None, study_id: str | None) -> SessionView:
+        """CreateSession with the id of an existing session: reopens a closed one; a changed
+        mode or study is applied like SwitchMode/SetStudyContext, after the running turn."""
+        if s.state is SessionState.CLOSING:
+            raise FailedPrecondition(
+                f"session {s.id!r} is being terminated; retry when it is closed"
+            )
+        if s.state is SessionState.CLOSED:
+            self._check_session_limit()
+            s.record = self._write(s, closed=False, last_active_at=time.time())
+            s.lifecycle.move(SessionState.OPEN)
+            if s.log.closed:
+                s.log = self._new_log(s.id)
+            log.info("session reopened", session_id=s.id)
+        await self._reconfigure(s, mode, study_id, audit=False)
+        self._prewarm(s)
+        return self.view(s)
+
+    async def switch_mode(self, session_id: str, mode: str) -> SessionView:
+        self._check_open()
+        mode = self._check_mode(mode)
+        s = self._load(session_id)
+        self._require_open(s)
+        await self._reconfigure(s, mode, None, audit=True)
+        return self.view(s)
+
+    async def set_study(self, session_id: str, study_id: str) -> SessionView:
+        self._check_open()
+        if study_id:
+            self.studies.resolve(study_id)
+        s = self._load(session_id)
+        self._require_open(s)
+        await self._reconfigure(s, None, study_id if study_id else "", audit=False)
+        return self.view(s)
+
+    async def _reconfigure(
+        self, s: Session, mode: str | None, study_id: str | None, *, audit: bool
+    ) -> None:
+        """Changes the session's mode and/or study (None: unchanged; "" clears the study)
+        after the work queued before it; the agent is restarted with the new settings."""
+
+        def wanted() -> dict[str, object]:
+            changes: dict[str, object] = {}
+            if mode and mode != s.record.mode:
+                changes["mode"] = mode
+            if study_id is not None and (study_id or None) != s.record.study_id:
+                changes["study_id"] = study_id or None
+            return changes
+
+        if not wanted() and s.idle:
+            return
+
+        async def apply() -> None:
+            changes = wanted()
+            if not changes:
+                return
+            previous = s.record.mode
+            with self.store.atomic():
+                s.record = self._write(s, **changes, context_stale=s.record.agent_started)
+                if audit and "mode" in changes:
+                    self.store.add_audit(
+                        AuditRecord(
+                            session_id=s.id,
+                            kind="mode_switch",
+                            allow=True,
+                            decider=CLIENT,
+                            detail=f"{previous} -> {changes['mode']}",
+                        )
+                    )
             await self.pool.retire(s.id)
-        log.info("session reopened", session_id=s.id)
-        self._prewarm(s)
-        return self.view(s)
+            log.info(
+                "session settings changed",
+                session_id=s.id,
+                **{k: str(v) for k, v in changes.items()},
+            )
+            self._prewarm(s)
 
-    def _refresh(self, s: Session) -> None:
-        record = self.store.get_session(s.id)
+        change = Change(apply)
+        self._submit(s, change)
+        await asyncio.shield(change.done)
+
+    def _write(self, s: Session, **fields: object) -> SessionRecord:
+        record = self.store.update_session(s.id, **fields)
         if record is None:  # purged meanwhile
             raise NotFound(f"session {s.id!r} does not exist")
-        s.record = record
+        return record
 
     def _prewarm(self, s: Session) -> None:
-        if self.config.agent.prewarm and not s.record.closed:
-            self._spawn_background(self.pool.prewarm(s.record))
+        if not self.config.agent.prewarm or s.state is not SessionState.OPEN:
+            return
+        self._spawn_background(
+            self.pool.prewarm(s.record, lambda: s.state is SessionState.OPEN and s.idle)
+        )
 
-    def _spawn_background(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn_background(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -292,67 +367,65 @@ class Registry:
         return [self._view_record(r) for r in page], token
 
     async def terminate_session(self, session_id: str, purge: bool) -> SessionView | None:
+        """OPEN → CLOSING → CLOSED (or purged). Runs to its end whatever happens to the caller
+        (its deadline, a disconnect): a termination is never left half done."""
         s = self._load(session_id)
-        turn = s.current
-        if turn is not None:
-            turn.stop(ev.SESSION_TERMINATED, "the session was terminated")
-            await turn.done.wait()
-        await self.pool.retire(s.id)
-        self.studies.remove_session_files(s.id)
-        if purge:
-            self.store.delete_session(s.id)
-            s.log.close()
-            self._sessions.pop(s.id, None)
-            log.info("session purged", session_id=s.id)
+        if s.closing is None:
+            if s.state is SessionState.CLOSED and not purge:
+                return self.view(s)
+            s.lifecycle.move(SessionState.CLOSING)
+            s.closing = asyncio.ensure_future(self._close(s, purge))
+        await asyncio.shield(s.closing)
+        if purge or s.id not in self._sessions:
             return None
-        self.store.update_session(s.id, closed=True)
-        self._refresh(s)
-        s.log.close()  # watchers of a closed session are done
-        log.info("session terminated", session_id=s.id)
         return self.view(s)
 
-    async def switch_mode(self, session_id: str, mode: str) -> SessionView:
-        self._check_open()
-        mode = self._check_mode(mode)
-        s = self._load(session_id)
-        self._require_open(s)
-        if mode != s.record.mode:
-            # Waiting for the session's turn lock lets a running turn finish under its old mode.
-            async with s.turn_lock:
-                previous = s.record.mode
-                with self.store.atomic():
-                    self.store.update_session(s.id, mode=mode, context_stale=s.record.agent_started)
-                    self.store.add_audit(
-                        AuditRecord(
-                            session_id=s.id,
-                            kind="mode_switch",
-                            allow=True,
-                            decider=CLIENT,
-                            detail=f"{previous} -> {mode}",
-                        )
-                    )
-                self._refresh(s)
-                await self.pool.retire(s.id)
-            log.info("mode switched", session_id=s.id, mode=mode)
-            self._prewarm(s)
-        return self.view(s)
+    async def _close(self, s: Session, purge: bool) -> None:
+        try:
+            queued = self._take_queue(s)
+            if s.turn is not None:
+                s.turn.stop(ev.SESSION_TERMINATED, "the session was terminated")
+            if s.worker is not None:
+                await asyncio.shield(s.worker)
+            for job in queued:  # in order, after the turn that ran: history stays in order
+                self._cancel_job(s, job, None)
+            await self.pool.retire(s.id)
+            self.studies.remove_session_files(s.id)
+            if purge:
+                self.store.delete_session(s.id)
+                self._forget(s)
+                log.info("session purged", session_id=s.id)
+            else:
+                s.record = self._write(s, closed=True)
+                log.info("session terminated", session_id=s.id)
+            s.log.close()  # watchers of a closed session are done
+        finally:
+            s.closing = None
+            if s.state is SessionState.CLOSING:
+                s.lifecycle.move(SessionState.CLOSED)
 
-    async def set_study(self, session_id: str, study_id: str) -> SessionView:
-        self._check_open()
-        if study_id:
-            self.studies.resolve(study_id)
-        s = self._load(session_id)
-        self._require_open(s)
-        if (study_id or None) != s.record.study_id:
-            async with s.turn_lock:
-                self.store.update_session(
-                    s.id, study_id=study_id or None, context_stale=s.record.agent_started
+    def _take_queue(self, s: Session) -> list[Turn | Change]:
+        queued = list(s.inbox)
+        s.inbox.clear()
+        return queued
+
+    def _cancel_job(self, s: Session, job: Turn | Change, refusal: AtomizerError | None) -> None:
+        """Ends queued work without running it: a turn is refused (`refusal`) or recorded as
+        ended by the termination; a change is refused."""
+        if isinstance(job, Change):
+            if not job.done.done():
+                job.done.set_exception(
+                    refusal or FailedPrecondition(f"session {s.id!r} was terminated")
                 )
-                self._refresh(s)
-                await self.pool.retire(s.id)
-            log.info("study context set", session_id=s.id, study_id=study_id)
-            self._prewarm(s)
-        return self.view(s)
+                job.done.exception()  # retrieved: its caller may have gone
+            return
+        if refusal is not None:
+            job.reject(refusal)
+        else:
+            job.stop(ev.SESSION_TERMINATED, "the session was terminated before this message ran")
+            self.runner.end_early(s, job, lambda k: self._emit(s, job, k))
+        self._turn_done(s, job)
+        s.log.poke()
 
     def history(
         self, session_id: str, page_size: int, page_token: str
@@ -364,7 +437,56 @@ class Registry:
         token = _encode_id_token(page[-1].message_id) if len(rows) > limit else ""
         return page, token
 
-    # --- turns -------------------------------------------------------------------------------
+    # --- work queue ----------------------------------------------------------------------
+
+    def _submit(self, s: Session, job: Turn | Change) -> None:
+        s.inbox.append(job)
+        if s.worker is None:
+            s.worker = asyncio.ensure_future(self._work(s))
+
+    async def _work(self, s: Session) -> None:
+        """Runs the session's jobs one at a time, in order, then ends."""
+        try:
+            while s.inbox:
+                job = s.inbox.popleft()
+                s.current = job
+                try:
+                    await self._run_job(s, job)
+                finally:
+                    s.current = None
+        finally:
+            s.worker = None
+
+    async def _run_job(self, s: Session, job: Turn | Change) -> None:
+        if isinstance(job, Change):
+            try:
+                await job.apply()
+            except Exception as e:
+                if not isinstance(e, AtomizerError):
+                    log.exception("changing the session's settings failed", session_id=s.id)
+                if not job.done.done():
+                    job.done.set_exception(e)
+                    job.done.exception()
+            else:
+                if not job.done.done():
+                    job.done.set_result(None)
+            return
+        try:
+            await self.runner.run(s, job, lambda k: self._emit(s, job, k))
+        except Exception:
+            log.exception("turn could not run", session_id=s.id, turn_id=job.turn_id)
+            if job.state in (TurnState.QUEUED, TurnState.WAITING):
+                job.reject(Unavailable("atomizerd failed to run the turn; see its log"))
+        finally:
+            self._turn_done(s, job)
+            s.log.poke()
+
+    def _turn_done(self, s: Session, turn: Turn) -> None:
+        if s.by_request.get(turn.request_id) is turn:
+            del s.by_request[turn.request_id]
+        s.remember_decisions(turn)
+
+    # --- turns ---------------------------------------------------------------------------
 
     async def send_message(
         self, session_id: str, text: str, request_id: str
@@ -375,7 +497,7 @@ class Registry:
         self._check_text(text)
         s = self._load(session_id)
         self._require_open(s)
-        turn = self._find_turn(s, request_id) if request_id else None
+        turn = s.by_request.get(request_id) if request_id else None
         if turn is None:
             stored = self.store.find_turn_by_request(s.id, request_id) if request_id else []
             if stored:
@@ -386,63 +508,89 @@ class Registry:
             turn = self._enqueue(s, text, request_id)
         turn.listeners += 1
         try:
-            async for event in turn.log.follow(0, until=lambda e: e.terminal):
+            async for event in self._follow_turn(s, turn):
                 yield event
         finally:
             turn.listeners -= 1
-        if turn.rejected is not None:
-            raise turn.rejected
-
-    def _find_turn(self, s: Session, request_id: str) -> Turn | None:
-        return s.recent.get(request_id)
 
     def _enqueue(self, s: Session, text: str, request_id: str) -> Turn:
         limit = self.config.pool.max_queued_per_session
-        if s.current is not None and s.waiting >= limit:
+        waiting = s.queued_turns
+        if s.current is not None and waiting >= limit:
             raise ResourceExhausted(
-                f"session {s.id!r} already has {s.waiting} messages waiting "
+                f"session {s.id!r} already has {waiting} messages waiting "
                 f"(pool.max_queued_per_session = {limit})"
             )
-        turn = Turn(ids.new_turn_id(), text, request_id)
+        turn = Turn(ids.new_turn_id(), text, request_id, s.next_seq - 1)
         turn.audience = lambda: turn.listeners + s.watchers
         if request_id:
-            s.recent[request_id] = turn
-            while len(s.recent) > RECENT_TURNS:
-                s.recent.pop(next(iter(s.recent)))
-        self._spawn_background(self._run_when_ready(s, turn))
+            s.by_request[request_id] = turn
+        self._submit(s, turn)
         return turn
 
-    async def _run_when_ready(self, s: Session, turn: Turn) -> None:
-        """Runs the turn after the session's earlier turns, even if the client went away."""
-        s.waiting += 1
+    async def _follow_turn(self, s: Session, turn: Turn) -> AsyncIterator[ev.SessionEvent]:
+        """The turn's events from the session's log, up to its terminal one; a gap (events
+        dropped before this stream read them) is reported, never skipped silently."""
+        log_ = s.log
+        cursor = turn.start_cursor
+        token = log_.attach(cursor)
         try:
-            async with s.turn_lock:
-                s.waiting -= 1
-                s.current = turn
-                try:
-                    await self.runner.run(s.record, turn, lambda k: self._emit(s, turn, k))
-                finally:
-                    s.current = None
-                    s.finished.append(turn)
-        except asyncio.CancelledError:
-            if not turn.done.is_set():
-                turn.reject(Unavailable("atomizerd is shutting down; the message was not sent"))
-            raise
-        except Exception:
-            log.exception("turn could not run", session_id=s.id, turn_id=turn.turn_id)
-            if not turn.done.is_set():
-                turn.reject(Internal("atomizerd failed to run the turn; see its log"))
+            async for event in self._turn_events(log_, token, turn):
+                yield event
+        finally:
+            log_.detach(token)
+
+    async def _turn_events(
+        self, log_: ev.EventLog, token: object, turn: Turn
+    ) -> AsyncIterator[ev.SessionEvent]:
+        cursor = turn.start_cursor
+        while True:
+            gap = log_.missed_after(cursor)
+            if gap is not None:
+                yield ev.missed_notice(log_, gap)
+                cursor = gap[1]
+            for event in log_.after(cursor):
+                cursor = event.seq
+                if event.turn_id == turn.turn_id:
+                    yield event
+                    log_.advance(token, cursor)
+                    if event.terminal:
+                        return
+            log_.advance(token, cursor)
+            if turn.rejected is not None:
+                raise turn.rejected
+            if turn.terminal is not None and cursor >= turn.terminal.seq:
+                yield turn.terminal  # it was dropped from the buffer before this stream read it
+                return
+            if log_.closed:
+                if turn.done.is_set() and turn.terminal is not None:
+                    yield turn.terminal
+                    return
+                raise Unavailable("atomizerd is shutting down; the turn's end is in GetHistory")
+            await log_.wait_past(cursor)
 
     def _emit(self, s: Session, turn: Turn, kind: ev.EventKind) -> ev.SessionEvent:
         seq = s.next_seq
+        event = ev.SessionEvent(seq, s.id, turn.turn_id, time.time(), kind)
+        if turn.state is TurnState.DONE:  # a bug: nothing of a turn comes after its end
+            log.error(
+                "event after the turn's end dropped", turn_id=turn.turn_id, kind=type(kind).__name__
+            )
+            return event
         s.next_seq += 1
         if seq > s.record.seq_reserved:
-            s.record.seq_reserved = seq + SEQ_BLOCK
-            self.store.reserve_seq(s.id, s.record.seq_reserved)
-        event = ev.SessionEvent(seq, s.id, turn.turn_id, time.time(), kind)
+            self._reserve_seq(s, seq + SEQ_BLOCK)
         s.log.append(event)
-        turn.log.append(event)
         return event
+
+    def _reserve_seq(self, s: Session, upto: int) -> None:
+        try:
+            s.record = self._write(s, seq_reserved=upto)
+        except StorageFull as e:
+            # Numbering goes on in memory; only a crash before the disk recovers could reuse
+            # these numbers.
+            log.error("sequence numbers not reserved", session_id=s.id, error=str(e))
+            s.record.seq_reserved = upto
 
     def _replay_stored(self, s: Session, stored: list[MessageRecord]) -> list[ev.SessionEvent]:
         """A retried request whose turn is no longer in memory: its stored outcome."""
@@ -481,7 +629,7 @@ class Registry:
                 f"after_seq {after_seq} is in the future: session {s.id!r} is at seq "
                 f"{s.next_seq - 1}"
             )
-        if s.record.closed:  # nothing more will happen: what is buffered, then the end
+        if s.state is SessionState.CLOSED:  # nothing more will happen: what is kept, then the end
             for event in s.log.after(after_seq):
                 yield event
             return
@@ -494,10 +642,10 @@ class Registry:
 
     async def interrupt(self, session_id: str) -> str:
         s = self._load(session_id)
-        turn = s.current
+        turn = s.turn
         if turn is None:
             raise FailedPrecondition(f"session {s.id!r} has no turn running")
-        await self.runner.interrupt(turn)
+        turn.interrupt()
         return turn.turn_id
 
     def respond_to_permission(
@@ -507,9 +655,17 @@ class Registry:
         if not request_id:
             raise InvalidArgument("request_id is required")
         message = message or ("" if allow else "the user denied this tool use")
-        for approvals in s.approvals():
+        turn = s.turn
+        if turn is not None and turn.approvals is not None:
+            approvals = turn.approvals
             if request_id in approvals.pending or request_id in approvals.decided:
                 return approvals.answer(request_id, Decision(allow, CLIENT, message, remember))
+        earlier = s.decisions.get(request_id)
+        if earlier is not None:
+            raise FailedPrecondition(
+                f"permission request {request_id!r} was already decided "
+                f"({'allowed' if earlier.allow else 'denied'} by {earlier.decider})"
+            )
         raise NotFound(f"session {s.id!r} has no permission request {request_id!r}")
 
     def audit_events(
@@ -531,7 +687,7 @@ class Registry:
                 f"${cap:.4f} cap; it accepts no more messages"
             )
 
-    # --- checks ------------------------------------------------------------------------------
+    # --- checks --------------------------------------------------------------------------
 
     def _check_mode(self, mode: str) -> str:
         if mode not in MODES:
@@ -552,44 +708,42 @@ class Registry:
                 f"the message is {size} bytes; the limit is {limit} (daemon.max_message_bytes)"
             )
 
-    def _require_open(self, s: Session) -> None:
-        if s.record.closed:
-            raise FailedPrecondition(
-                f"session {s.id!r} is closed; CreateSession with session_id={s.id!r} reopens it"
-            )
-
-    # --- status ------------------------------------------------------------------------------
+    # --- status and memory ---------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
-        busy = sum(1 for s in self._sessions.values() if s.current is not None)
-        queued = sum(s.waiting for s in self._sessions.values())
+        busy = sum(1 for s in self._sessions.values() if s.turn is not None)
+        queued = sum(s.queued_turns for s in self._sessions.values())
         return {"busy": busy, "queued": queued + self.pool.queued}
 
     def loaded_session(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
 
     def unload_idle(self, older_than: float) -> int:
-        """Forgets the in-memory state of sessions nobody uses (no turn, no watcher, no live
-        process, inactive since `older_than`): memory stays bounded however many sessions a
+        """Forgets the in-memory state of sessions nobody uses (no work, no watcher, no live
+        agent, inactive since `older_than`): memory stays bounded however many sessions a
         long-running daemon has served. They load again from the store on demand."""
         idle = [
             s
             for s in self._sessions.values()
-            if s.current is None
-            and not s.waiting
+            if s.idle
             and not s.watchers
-            and self.pool.state(s.id) == "idle"
+            and self.pool.agent(s.id) is None
             and s.record.last_active_at < older_than
         ]
         for s in idle:
-            self.unload(s.id)
+            self._forget(s)
         return len(idle)
 
     def unload(self, session_id: str) -> None:
         """Forgets a purged session's in-memory state."""
-        s = self._sessions.pop(session_id, None)
+        s = self._sessions.get(session_id)
         if s is not None:
-            s.log.close()
+            self._forget(s)
+
+    def _forget(self, s: Session) -> None:
+        if self._sessions.get(s.id) is s:
+            del self._sessions[s.id]
+        s.log.close()
 
 
 def _page_size(value: int) -> int:
@@ -644,11 +798,8 @@ def _cap(name: str, requested: float, daemon_cap: float) -> float:
     return requested
 
 
-async def _all_done(turns: list[Turn], timeout: float) -> bool:
-    if not turns:
+async def _all_done(tasks: list[asyncio.Task[None]], timeout: float) -> bool:
+    if not tasks:
         return True
-    waits = [asyncio.ensure_future(t.done.wait()) for t in turns]
-    _, pending = await asyncio.wait(waits, timeout=timeout)
-    for w in pending:
-        w.cancel()
+    _, pending = await asyncio.wait(tasks, timeout=timeout)
     return not pending

@@ -1,76 +1,123 @@
 """Running one turn: user message in, agent events out, outcome stored.
 
-The order of a turn (DESIGN.md "How a turn flows"): a live process is leased from the pool
-(a bounded wait), the user message is committed, then written to the agent; its stdout becomes
-session events until the `result` line; the assistant message is committed, then the terminal
-event is emitted. A client going away changes none of this; `Interrupt`, the watchdogs,
-termination and shutdown end a turn early, and what was said so far is still stored.
+The turn lifecycle (docs/architecture.md, "Turn"):
+
+    QUEUED ──▶ WAITING ──▶ RUNNING ──▶ ENDING ──▶ DONE
+       │          │                      ▲          ▲
+       │          └──────────────────────┤          │
+       └─────────────────────────────────┴──────────┘ (rejected: nothing stored)
+
+QUEUED: behind the session's earlier work. WAITING: leasing an agent from the pool (a spawn,
+or a bounded wait for a slot); an interrupt, termination or shutdown ends it here at once.
+RUNNING: the user message is committed (before the agent sees it) and announced; the agent's
+output becomes session events until its `result` line. ENDING: pending permission requests
+are settled, the outcome is stored. DONE: the terminal event is out; nothing of this turn is
+emitted after it. A client going away changes none of this.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
-import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from atomizerd import ids
 from atomizerd.agents import protocol as proto
-from atomizerd.agents.pool import AgentPool, LiveAgent, ResumeFailed
+from atomizerd.agents.pool import Agent, AgentPool, DiedAtStart, ResumeFailed
 from atomizerd.agents.process import (
     AgentError,
     AgentExited,
     AgentItem,
     AgentSpawnError,
     LineTooLong,
+    WriteTimeout,
 )
+from atomizerd.agents.transport import AgentTransport
 from atomizerd.atomizer.prompt import history_seed
 from atomizerd.daemon.config import Config
 from atomizerd.errors import AtomizerError
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.approvals import MODE, POLICY, Approvals, input_digest
+from atomizerd.statemachine import Lifecycle
 from atomizerd.store.db import SessionRecord, Store, ToolCallRecord, TurnOutcome
+
+if TYPE_CHECKING:
+    from atomizerd.sessions.session import Session
 
 log = structlog.get_logger("atomizerd.sessions.turns")
 
 Emit = Callable[[ev.EventKind], ev.SessionEvent]
 
 
-class Turn:
-    """One message's turn. Its own event log holds every event of the turn, so the sender's
-    stream never loses any, however slow it reads."""
+class TurnState(enum.Enum):
+    QUEUED = "queued"
+    WAITING = "waiting"
+    RUNNING = "running"
+    ENDING = "ending"
+    DONE = "done"
 
-    def __init__(self, turn_id: str, text: str, request_id: str) -> None:
+
+T = TurnState
+TURN_TRANSITIONS: dict[TurnState, frozenset[TurnState]] = {
+    T.QUEUED: frozenset({T.WAITING, T.ENDING, T.DONE}),
+    T.WAITING: frozenset({T.RUNNING, T.ENDING, T.DONE}),
+    T.RUNNING: frozenset({T.ENDING}),
+    T.ENDING: frozenset({T.DONE}),
+    T.DONE: frozenset(),
+}
+
+
+class Turn:
+    """One message's turn. Its events are in the session's log; the sender follows them from
+    `start_cursor` (the session's last seq when the turn was accepted)."""
+
+    def __init__(self, turn_id: str, text: str, request_id: str, start_cursor: int) -> None:
         self.turn_id = turn_id
         self.text = text
         self.request_id = request_id
-        self.log = ev.EventLog()
+        self.start_cursor = start_cursor
+        self.lifecycle: Lifecycle[TurnState] = Lifecycle(
+            f"turn {turn_id}", T.QUEUED, TURN_TRANSITIONS
+        )
         self.done = asyncio.Event()
-        # Set when the turn was refused before it started (e.g. the pool queue is full):
-        # the sender gets this as its status instead of events.
+        # Set when the turn was refused before its message was stored (the pool is full, the
+        # disk is full, the daemon is stopping): the sender gets it as its status.
         self.rejected: AtomizerError | None = None
-        self.interrupt_requested = asyncio.Event()
+        self.stop_requested = asyncio.Event()
+        # Why the turn is being ended early, when it is not a user's interrupt (termination,
+        # shutdown): its terminal event is then TurnFailed with this code.
         self.stop_reason: tuple[str, str] | None = None
+        self.terminal: ev.SessionEvent | None = None
         # How many clients follow the turn (its sender, the session's watchers): a permission
         # request with nobody to answer it is denied at once.
         self.listeners = 0
         self.audience: Callable[[], int] = lambda: self.listeners
         self.approvals: Approvals | None = None
 
+    @property
+    def state(self) -> TurnState:
+        return self.lifecycle.state
+
+    def interrupt(self) -> None:
+        """A user's interrupt: the turn ends as interrupted, with what was said so far."""
+        self.stop_requested.set()
+
     def stop(self, code: str, message: str) -> None:
-        """Ends the turn early (termination, shutdown): interrupted, then stored."""
+        """Ends the turn early for the daemon's reasons (termination, shutdown)."""
         if self.stop_reason is None:
             self.stop_reason = (code, message)
-        self.interrupt_requested.set()
+        self.stop_requested.set()
 
     def reject(self, error: AtomizerError) -> None:
+        """Refuses a turn whose message was never stored."""
         self.rejected = error
-        self.log.close()
+        self.lifecycle.move(T.DONE)
         self.done.set()
 
 
@@ -78,112 +125,361 @@ class Turn:
 class _Transcript:
     """What the turn said so far, to store however it ends."""
 
-    text: list[str] = field(default_factory=list)
+    # (API message id, content block index, text): a block the CLI withdraws is dropped.
+    parts: list[tuple[str, int, str]] = field(default_factory=list)
     # Messages whose text came as deltas; their whole assistant lines repeat it.
     streamed: set[str] = field(default_factory=set)
     tool_calls: dict[str, ToolCallRecord] = field(default_factory=dict)
     agent_cost_usd: float | None = None  # the CLI's cumulative cost at the turn's end
+    unsaved: int = 0  # text bytes since the last checkpoint
+
+    def add(self, message_id: str, index: int, text: str) -> None:
+        self.parts.append((message_id, index, text))
+        self.unsaved += len(text)
+
+    def withdraw(self, message_id: str, from_index: int) -> None:
+        self.parts = [p for p in self.parts if p[0] != message_id or p[1] < from_index]
+        self.unsaved += 1  # the stored checkpoint must follow
 
     def full_text(self) -> str:
-        return "".join(self.text)
+        return "".join(p[2] for p in self.parts)
 
 
 class TurnRunner:
-    def __init__(self, config: Config, store: Store, pool: AgentPool) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        pool: AgentPool,
+        context_text: Callable[[SessionRecord], str],
+    ) -> None:
         self.config = config
         self.store = store
         self.pool = pool
-        self._pending: set[asyncio.Future[None]] = set()
+        self.context_text = context_text
+        self._pending: set[asyncio.Task[None]] = set()
+        # Outcomes the store could not take (a full disk), written once it can again.
+        self._unsettled: list[tuple[Session, str, TurnOutcome, float | None]] = []
+        self._settler: asyncio.Task[None] | None = None
 
-    def _agent_text(self, record: SessionRecord, turn: Turn) -> str:
-        """The CLI keeps a conversation's first system prompt on --resume, so a context
-        changed since then reaches the model with the next user message."""
-        if not (record.context_stale and record.agent_started):
-            return turn.text
-        record.context_stale = False
-        self.store.update_session(record.session_id, context_stale=False)
-        context = self.pool.launcher.context_text(record)
-        return f"<atomizer-context>\n{context}\n</atomizer-context>\n\n{turn.text}"
+    # --- the whole turn ------------------------------------------------------------------
 
-    async def interrupt(self, turn: Turn) -> None:
-        turn.interrupt_requested.set()
-
-    async def run(self, record: SessionRecord, turn: Turn, emit: Emit) -> None:
-        reseeded = False
+    async def run(self, s: Session, turn: Turn, emit: Emit) -> None:
+        """Runs a dequeued turn to its end. Never raises for the turn's own failures."""
+        turn.lifecycle.move(T.WAITING)
+        agent = await self._first_agent(s, turn, emit)
+        if agent is None:
+            return
+        reusable = False
         try:
+            reusable = await self._run_on(agent, s, turn, emit)
+        finally:
+            self.pool.release(agent, reusable=reusable)
+
+    async def _first_agent(self, s: Session, turn: Turn, emit: Emit) -> Agent | None:
+        """Leases an agent and delivers the user message to it. Agents that die before they
+        received it are started again (bounded, with backoff, announced); returns None when
+        the turn ended meanwhile (stopped, rejected or failed)."""
+        attempts = 0
+        reseeded = False
+        while True:
             try:
-                agent = await self.pool.acquire(record)
+                agent = await self._lease_or_stop(s, turn)
+            except _Stopped:
+                self.end_early(s, turn, emit)
+                return None
             except ResumeFailed:
-                self._reseed(record)
+                if reseeded:
+                    self._fail_before_send(
+                        s,
+                        turn,
+                        emit,
+                        ev.RESUME_FAILED,
+                        "the conversation could not be resumed or reseeded",
+                    )
+                    return None
+                self._reseed(s)
                 reseeded = True
-                agent = await self.pool.acquire(record)
+                continue
+            except AgentSpawnError as e:
+                self._fail_before_send(s, turn, emit, ev.SPAWN_FAILED, str(e))
+                return None
+            except DiedAtStart as e:
+                if not await self._retry_spawn(
+                    s, turn, emit, attempts, e.returncode, e.stderr_tail
+                ):
+                    return None
+                attempts += 1
+                continue
+            except AtomizerError as e:
+                self._refuse(s, turn, emit, e)
+                return None
+            if turn.state is T.WAITING and not self._open(s, turn, emit, reseeded):
+                self.pool.release(agent, reusable=True)
+                return None
+            try:
+                await agent.transport_or_fail().send_user_message(self._agent_text(s, turn))
+                return agent
+            except AgentExited as e:  # it took nothing: safe to start it again
+                self.pool.release(agent, reusable=False)
+                if not await self._retry_spawn(
+                    s, turn, emit, attempts, e.returncode, e.stderr_tail
+                ):
+                    return None
+                attempts += 1
+            except AgentError as e:  # e.g. WriteTimeout: part of it may have been taken
+                self.pool.release(agent, reusable=False)
+                code = ev.STALL_TIMEOUT if isinstance(e, WriteTimeout) else ev.AGENT_EXITED
+                self.finish(
+                    s,
+                    turn,
+                    emit,
+                    _Transcript(),
+                    ev.TurnFailed(code, f"the message could not be written to the agent: {e}"),
+                )
+                return None
+
+    async def _lease_or_stop(self, s: Session, turn: Turn) -> Agent:
+        """The pool's lease, unless the turn is stopped first (then the lease is given up)."""
+        if turn.stop_requested.is_set():
+            raise _Stopped
+        lease = asyncio.ensure_future(self.pool.lease(s.record))
+        stop = asyncio.ensure_future(turn.stop_requested.wait())
+        try:
+            await asyncio.wait({lease, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not lease.done():
+            lease.cancel()
+            with contextlib.suppress(BaseException):
+                await lease
+        if lease.cancelled():
+            raise _Stopped
+        agent = lease.result()  # raises the lease's own error
+        if turn.stop_requested.is_set():
+            self.pool.release(agent, reusable=True)
+            raise _Stopped
+        return agent
+
+    async def _retry_spawn(
+        self,
+        s: Session,
+        turn: Turn,
+        emit: Emit,
+        attempts: int,
+        returncode: int | None,
+        stderr_tail: str,
+    ) -> bool:
+        """After an agent died before it received the message: True to try again (after a
+        backoff), False when the turn has ended (retries used up, or stopped meanwhile)."""
+        if turn.state is T.WAITING and not self._open(s, turn, emit, False):
+            return False
+        cfg = self.config.agent
+        if attempts >= cfg.spawn_retries:
+            self.finish(
+                s,
+                turn,
+                emit,
+                _Transcript(),
+                ev.TurnFailed(
+                    ev.AGENT_EXITED,
+                    f"the agent exited before it received the message, {attempts + 1} times "
+                    f"(last exit status {returncode}; agent.spawn_retries = {cfg.spawn_retries})",
+                    stderr_tail,
+                ),
+            )
+            return False
+        delay = cfg.spawn_retry_backoff * 2**attempts
+        emit(
+            ev.Notice(
+                ev.AGENT_RESTARTED,
+                f"the agent exited before it received the message (exit status {returncode}); "
+                f"starting it again in {delay:g} s "
+                f"(attempt {attempts + 2} of {cfg.spawn_retries + 1})",
+                attempt=attempts + 2,
+                max_retries=cfg.spawn_retries + 1,
+                retry_delay_ms=int(delay * 1000),
+            )
+        )
+        log.warning(
+            "agent died before the message; restarting",
+            session_id=s.id,
+            returncode=returncode,
+            stderr_tail=stderr_tail[-300:],
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(turn.stop_requested.wait(), delay)
+        if turn.stop_requested.is_set():
+            self.end_early(s, turn, emit)
+            return False
+        return True
+
+    async def _run_on(self, agent: Agent, s: Session, turn: Turn, emit: Emit) -> bool:
+        """The message is with the agent: relay its output to the turn's end. Returns whether
+        the agent may serve another turn."""
+        if not s.record.agent_started:
+            # The CLI keeps a transcript from its first message on: every later process of
+            # this conversation must --resume it (a second --session-id is refused).
+            s.record = self._update(s, agent_started=True)
+        transcript = _Transcript()
+        turn.approvals = Approvals(
+            self.store, s.id, turn.turn_id, self.config.approvals.timeout, emit, turn.audience
+        )
+        try:
+            terminal = await self._converse(agent, s, turn, emit, transcript)
+        except Exception:
+            log.exception("turn crashed", turn_id=turn.turn_id)
+            terminal = ev.TurnFailed(ev.INTERNAL, "atomizerd failed while running the turn")
+        reusable = isinstance(terminal, ev.TurnCompleted) and agent.alive
+        if s.record.turn_budget_usd > 0:
+            reusable = False  # the CLI takes its cap at start-up: a fresh one per turn
+        self.finish(s, turn, emit, transcript, terminal)
+        return reusable
+
+    # --- beginnings and ends -------------------------------------------------------------
+
+    def _open(self, s: Session, turn: Turn, emit: Emit, reseeded: bool) -> bool:
+        """WAITING → RUNNING: the user message is committed before the agent sees it, then
+        announced. False (and the turn rejected) if the store refuses it."""
+        try:
+            _, s.record = self.store.add_user_message(
+                s.id, turn.turn_id, turn.text, turn.request_id or None
+            )
         except AtomizerError as e:
             turn.reject(e)
-            return
-        except AgentSpawnError as e:
-            self._start(record, turn, emit)
-            self._finish(record, turn, emit, _Transcript(), ev.TurnFailed(ev.SPAWN_FAILED, str(e)))
-            return
-        try:
-            await self._run_on(agent, record, turn, emit, reseeded)
-        finally:
-            self.pool.release(agent)
-
-    def _reseed(self, record: SessionRecord) -> None:
-        """The agent's transcript is gone: a new conversation, seeded from our own store."""
-        limit = self.config.agent.history_seed_messages
-        recent = self.store.recent_messages(record.session_id, limit)
-        record.agent_session_id = ids.new_agent_session_id()
-        record.agent_started = False
-        record.agent_cost_usd = 0.0
-        self.store.update_session(
-            record.session_id,
-            agent_session_id=record.agent_session_id,
-            agent_started=False,
-            agent_cost_usd=0.0,
-        )
-        self.pool.seed_next_spawn(record.session_id, history_seed(recent))
-        log.warning(
-            "agent conversation lost; reseeded from stored history",
-            session_id=record.session_id,
-            messages=len(recent),
-        )
-
-    async def _run_on(
-        self, agent: LiveAgent, record: SessionRecord, turn: Turn, emit: Emit, reseeded: bool
-    ) -> None:
-        self._start(record, turn, emit)
+            return False
+        turn.lifecycle.move(T.RUNNING)
+        emit(ev.TurnStarted(turn.text, turn.request_id))
         if reseeded:
             emit(
                 ev.Notice(
                     ev.CONTEXT_RESEEDED,
-                    "the agent's earlier conversation could not be "
-                    "resumed; it continues from the messages stored by atomizerd",
+                    "the agent's earlier conversation could not be resumed; it continues from "
+                    "the messages stored by atomizerd",
                 )
             )
-        transcript = _Transcript()
-        turn.approvals = Approvals(
-            self.store,
-            record.session_id,
-            turn.turn_id,
-            self.config.approvals.timeout,
-            emit,
-            turn.audience,
-        )
+        return True
+
+    def _refuse(self, s: Session, turn: Turn, emit: Emit, error: AtomizerError) -> None:
+        """A lease refused for a reason the client should see as its status (pool full,
+        shutting down, a precondition of the session's mode)."""
+        if turn.state is T.WAITING:
+            turn.reject(error)
+        else:
+            self.finish(s, turn, emit, _Transcript(), ev.TurnFailed(ev.SPAWN_FAILED, str(error)))
+
+    def _fail_before_send(
+        self, s: Session, turn: Turn, emit: Emit, code: str, message: str
+    ) -> None:
+        if turn.state is T.WAITING and not self._open(s, turn, emit, False):
+            return
+        self.finish(s, turn, emit, _Transcript(), ev.TurnFailed(code, message))
+
+    def end_early(self, s: Session, turn: Turn, emit: Emit) -> None:
+        """Ends a turn that is stopped before its agent got the message (queued, waiting, or
+        between restarts): recorded like any other turn, with no reply."""
+        if turn.state in (T.QUEUED, T.WAITING):
+            if turn.state is T.QUEUED:
+                turn.lifecycle.move(T.WAITING)
+            if not self._open(s, turn, emit, False):
+                return
+        if turn.stop_reason is not None:
+            terminal: ev.TurnCompleted | ev.TurnFailed = ev.TurnFailed(*turn.stop_reason)
+        else:
+            terminal = ev.TurnCompleted(
+                text="", interrupted=True, stop_reason="interrupted before the agent got it"
+            )
+        self.finish(s, turn, emit, _Transcript(), terminal)
+
+    def finish(
+        self,
+        s: Session,
+        turn: Turn,
+        emit: Emit,
+        transcript: _Transcript,
+        terminal: ev.TurnCompleted | ev.TurnFailed,
+    ) -> None:
+        """RUNNING → ENDING → DONE. Pending permission requests are settled and the outcome
+        committed before the terminal event, so a client that saw the end can read history;
+        nothing of the turn is emitted after it."""
+        turn.lifecycle.move(T.ENDING)
+        if turn.approvals is not None:
+            turn.approvals.close("the turn ended before an answer")
+            self._audit_unasked_tools(turn.approvals, transcript, terminal)
+        outcome = _outcome(transcript, terminal)
         try:
-            terminal = await self._converse(agent, record, turn, emit, transcript)
-        except Exception:
-            log.exception("turn crashed", turn_id=turn.turn_id)
-            agent.reusable = False
-            terminal = ev.TurnFailed(ev.INTERNAL, "atomizerd failed while running the turn")
-        finally:
-            turn.approvals.cancel_all("the turn ended before an answer")
-        if isinstance(terminal, ev.TurnFailed):
-            agent.reusable = False
-        if record.turn_budget_usd > 0:
-            agent.reusable = False  # the CLI takes its cap at start-up: a fresh one per turn
-        self._audit_unasked_tools(turn.approvals, transcript, terminal)
-        self._finish(record, turn, emit, transcript, terminal)
+            _, s.record = self.store.finish_turn(
+                s.id, turn.turn_id, outcome, agent_cost_usd=transcript.agent_cost_usd
+            )
+        except AtomizerError as e:
+            log.error(
+                "turn outcome not stored; retrying in the background",
+                turn_id=turn.turn_id,
+                error=str(e),
+            )
+            self._settle_later(s, turn.turn_id, outcome, transcript.agent_cost_usd)
+        turn.terminal = emit(terminal)
+        turn.lifecycle.move(T.DONE)
+        turn.done.set()
+        log.info(
+            "turn ended",
+            turn_id=turn.turn_id,
+            outcome=type(terminal).__name__,
+            interrupted=getattr(terminal, "interrupted", False),
+        )
+
+    def _settle_later(
+        self, s: Session, turn_id: str, outcome: TurnOutcome, agent_cost: float | None
+    ) -> None:
+        self._unsettled.append((s, turn_id, outcome, agent_cost))
+        if self._settler is None or self._settler.done():
+            self._settler = asyncio.ensure_future(self._settle_loop())
+
+    async def _settle_loop(self) -> None:
+        """Stores the outcomes a full disk refused, oldest first, once writes work again."""
+        while self._unsettled:
+            await asyncio.sleep(self.config.agent.checkpoint_interval * 4)
+            while self._unsettled:
+                s, turn_id, outcome, agent_cost = self._unsettled[0]
+                try:
+                    _, s.record = self.store.finish_turn(
+                        s.id, turn_id, outcome, agent_cost_usd=agent_cost
+                    )
+                except AtomizerError:
+                    break
+                self._unsettled.pop(0)
+                log.info("turn outcome stored after the store recovered", turn_id=turn_id)
+
+    def _update(self, s: Session, **fields: Any) -> SessionRecord:
+        record = self.store.update_session(s.id, **fields)
+        if record is None:
+            raise AtomizerError(f"session {s.id!r} vanished from the store")
+        return record
+
+    def _reseed(self, s: Session) -> None:
+        """The agent's transcript is gone: a new conversation, seeded from our own store."""
+        limit = self.config.agent.history_seed_messages
+        recent = self.store.recent_messages(s.id, limit)
+        s.record = self._update(
+            s, agent_session_id=ids.new_agent_session_id(), agent_started=False, agent_cost_usd=0.0
+        )
+        self.pool.seed_next_spawn(s.id, history_seed(recent))
+        log.warning(
+            "agent conversation lost; reseeded from stored history",
+            session_id=s.id,
+            messages=len(recent),
+        )
+
+    def _agent_text(self, s: Session, turn: Turn) -> str:
+        """The text written to the agent. The CLI keeps a resumed conversation's first system
+        prompt, so a study or mode that changed since then reaches the model with the next
+        user message."""
+        record = s.record
+        if not (record.context_stale and record.agent_started):
+            return turn.text
+        context = self.context_text(record)
+        s.record = self._update(s, context_stale=False)
+        return f"<atomizer-context>\n{context}\n</atomizer-context>\n\n{turn.text}"
 
     def _audit_unasked_tools(
         self,
@@ -205,72 +501,24 @@ class TurnRunner:
             else:
                 approvals.audit(call.name, digest, True, MODE, "allowed by the mode's rules")
 
-    def _start(self, record: SessionRecord, turn: Turn, emit: Emit) -> None:
-        """The user message is committed before the agent sees it, then announced."""
-        message = self.store.add_user_message(
-            record.session_id, turn.turn_id, turn.text, turn.request_id or None
-        )
-        record.message_count += 1
-        record.last_active_at = message.created_at
-        emit(ev.TurnStarted(turn.text, turn.request_id))
-
-    def _finish(
-        self,
-        record: SessionRecord,
-        turn: Turn,
-        emit: Emit,
-        transcript: _Transcript,
-        terminal: ev.TurnCompleted | ev.TurnFailed,
-    ) -> None:
-        """Commit first, then tell the clients: a client that saw the end can read history."""
-        reply = self.store.finish_turn(
-            record.session_id,
-            turn.turn_id,
-            _outcome(transcript, terminal),
-            agent_cost_usd=transcript.agent_cost_usd,
-        )
-        # The in-memory record follows what was just written (no re-read per turn).
-        record.message_count += 1
-        record.total_cost_usd += reply.cost_usd
-        record.last_active_at = reply.created_at
-        if transcript.agent_cost_usd is not None:
-            record.agent_cost_usd = transcript.agent_cost_usd
-        emit(terminal)
-        turn.log.close()
-        turn.done.set()
-        log.info(
-            "turn ended",
-            turn_id=turn.turn_id,
-            outcome=type(terminal).__name__,
-            interrupted=getattr(terminal, "interrupted", False),
-        )
+    # --- the conversation ----------------------------------------------------------------
 
     async def _converse(
         self,
-        agent: LiveAgent,
-        record: SessionRecord,
+        agent: Agent,
+        s: Session,
         turn: Turn,
         emit: Emit,
         transcript: _Transcript,
     ) -> ev.TurnCompleted | ev.TurnFailed:
         cfg = self.config.agent
-        process = agent.process
-        try:
-            await process.send_user_message(self._agent_text(record, turn))
-        except AgentExited as e:
-            return ev.TurnFailed(
-                ev.AGENT_EXITED, f"the agent exited before the turn: {e}", process.stderr_tail()
-            )
-        if not record.agent_started:
-            # The CLI keeps a transcript from its first message on: every later process of
-            # this conversation must --resume it (a second --session-id is refused).
-            self.store.update_session(record.session_id, agent_started=True)
-            record.agent_started = True
-        started = last_activity = time.monotonic()
+        process = agent.transport_or_fail()
+        loop = asyncio.get_running_loop()
+        started = last_activity = last_checkpoint = loop.time()
         deadline = started + cfg.turn_timeout
         first = True
         interrupting_since: float | None = None
-        interrupt_waiter = asyncio.ensure_future(turn.interrupt_requested.wait())
+        stop_waiter = asyncio.ensure_future(turn.stop_requested.wait())
         # One pending receive at a time, kept across timeouts: nothing read is ever dropped.
         receive: asyncio.Task[AgentItem] | None = None
         try:
@@ -278,10 +526,16 @@ class TurnRunner:
                 # What has arrived already is relayed without waiting (no task, no timer per
                 # line); only an empty mailbox means waiting, with the watchdogs armed.
                 item = process.receive_nowait() if receive is None else None
-                now = time.monotonic()
-                if turn.interrupt_requested.is_set() and interrupting_since is None:
+                now = loop.time()
+                if transcript.unsaved and (
+                    now - last_checkpoint >= cfg.checkpoint_interval
+                    or transcript.unsaved >= cfg.checkpoint_bytes
+                ):
+                    self._checkpoint(s, turn, transcript)
+                    last_checkpoint = now
+                if turn.stop_requested.is_set() and interrupting_since is None:
                     interrupting_since = now
-                    await self._send_interrupt(agent)
+                    self._send_interrupt(process)
                 if item is None:
                     if interrupting_since is not None:
                         budget = interrupting_since + cfg.stop_grace - now
@@ -294,11 +548,15 @@ class TurnRunner:
                         budget = min(last_activity + quiet_limit, deadline) - now
                         if budget <= 0:
                             return await self._watchdog(agent, turn, first, now >= deadline)
+                    if transcript.unsaved:
+                        budget = min(
+                            budget, max(last_checkpoint + cfg.checkpoint_interval - now, 0.0)
+                        )
                     if receive is None:
                         receive = asyncio.ensure_future(process.receive())
                     waiting: set[asyncio.Future[Any]] = {receive}
-                    if not interrupt_waiter.done():
-                        waiting.add(interrupt_waiter)
+                    if not stop_waiter.done():
+                        waiting.add(stop_waiter)
                     done, _ = await asyncio.wait(
                         waiting, timeout=budget, return_when=asyncio.FIRST_COMPLETED
                     )
@@ -309,7 +567,7 @@ class TurnRunner:
                 elif now >= deadline and interrupting_since is None:
                     return await self._watchdog(agent, turn, first, True)
                 first = False
-                last_activity = time.monotonic()
+                last_activity = loop.time()
                 outcome = self._relay(
                     agent,
                     item,
@@ -317,14 +575,23 @@ class TurnRunner:
                     transcript,
                     interrupting_since is not None,
                     turn.approvals,
-                    record.agent_cost_usd,
+                    s.record.agent_cost_usd,
                 )
                 if outcome is not None:
                     return outcome
         finally:
-            interrupt_waiter.cancel()
+            stop_waiter.cancel()
             if receive is not None:
                 receive.cancel()
+
+    def _checkpoint(self, s: Session, turn: Turn, transcript: _Transcript) -> None:
+        """Stores what the reply has said so far (bounded: at most every checkpoint_interval
+        or checkpoint_bytes); a full disk only costs the checkpoint."""
+        transcript.unsaved = 0
+        try:
+            self.store.checkpoint_reply(s.id, turn.turn_id, transcript.full_text())
+        except AtomizerError as e:
+            log.warning("reply checkpoint not stored", turn_id=turn.turn_id, error=str(e))
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -332,7 +599,7 @@ class TurnRunner:
         task.add_done_callback(self._pending.discard)
 
     async def _answer_permission(
-        self, agent: LiveAgent, approvals: Approvals, request: proto.ControlRequest
+        self, process: AgentTransport, approvals: Approvals, request: proto.ControlRequest
     ) -> None:
         decision = await approvals.decide(request)
         raw_input = request.payload.get("input")
@@ -342,34 +609,32 @@ class TurnRunner:
             else proto.permission_deny(decision.message or "denied")
         )
         try:
-            await agent.process.respond_control(request.request_id, answer)
+            await process.respond_control(request.request_id, answer)
         except AgentError as e:
             log.info("could not answer the agent's permission request", error=str(e))
 
-    async def _refuse_control(self, agent: LiveAgent, request: proto.ControlRequest) -> None:
+    async def _refuse_control(self, process: AgentTransport, request: proto.ControlRequest) -> None:
         """A control request we do not serve gets an error answer instead of silence."""
         with contextlib.suppress(AgentError):
-            await agent.process.respond_control_error(
+            await process.respond_control_error(
                 request.request_id, f"atomizerd does not handle {request.subtype!r}"
             )
 
-    async def _send_interrupt(self, agent: LiveAgent) -> None:
+    def _send_interrupt(self, process: AgentTransport) -> None:
         """Asks the agent to end the turn; its `result` line (or its exit) ends it. The
         acknowledgement is awaited aside: the turn must keep receiving meanwhile."""
 
         async def ask() -> None:
             try:
-                await agent.process.interrupt(timeout=self.config.agent.stop_grace)
+                await process.interrupt(timeout=self.config.agent.stop_grace)
             except AgentError as e:
                 log.info("interrupt not acknowledged", error=str(e))
 
-        task = asyncio.ensure_future(ask())
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self._background(ask())
 
     def _relay(
         self,
-        agent: LiveAgent,
+        agent: Agent,
         item: object,
         emit: Emit,
         transcript: _Transcript,
@@ -378,19 +643,24 @@ class TurnRunner:
         cost_base: float,
     ) -> ev.TurnCompleted | ev.TurnFailed | None:
         """Maps one agent message to session events; the turn's end when it is one."""
+        process = agent.transport_or_fail()
         match item:
             case proto.TextDelta(text=text) if item.parent_tool_use_id is None:
-                transcript.text.append(text)
+                transcript.add(item.message_id, item.index, text)
                 transcript.streamed.add(item.message_id)
                 emit(ev.TextDelta(text))
             case proto.ThinkingDelta(text=text):
                 emit(ev.ThinkingDelta(text))
+            case proto.AbandonedBlocks():
+                # The CLI dropped what it had streamed of these blocks (a broken stream it
+                # retries without streaming): the stored reply drops them too.
+                transcript.withdraw(item.message_id, item.from_block_index)
             case proto.AssistantMessage():
                 # A message whose deltas never came (e.g. retried without streaming after a
                 # broken stream) is only in the whole assistant line: take its text from there.
                 fresh = item.message_id not in transcript.streamed
                 if item.text and fresh and item.parent_tool_use_id is None:
-                    transcript.text.append(item.text)
+                    transcript.add(item.message_id, 0, item.text)
                     emit(ev.TextDelta(item.text))
                 for tu in item.tool_uses:
                     transcript.tool_calls[tu.id] = ToolCallRecord(tu.id, tu.name, tu.input_json)
@@ -415,9 +685,9 @@ class TurnRunner:
             case proto.Init():
                 agent.mcp_servers = list(item.mcp_servers)
             case proto.ControlRequest(subtype="can_use_tool") if approvals is not None:
-                self._background(self._answer_permission(agent, approvals, item))
+                self._background(self._answer_permission(process, approvals, item))
             case proto.ControlRequest():
-                self._background(self._refuse_control(agent, item))
+                self._background(self._refuse_control(process, item))
             case proto.ControlCancelRequest() if approvals is not None:
                 approvals.cancel(item.request_id, "the agent withdrew the request")
             case proto.Result():
@@ -427,7 +697,7 @@ class TurnRunner:
                     ev.LINE_TOO_LONG,
                     f"the agent wrote a line of more than {self.config.agent.max_line_bytes} "
                     "bytes (agent.max_line_bytes)",
-                    agent.process.stderr_tail(),
+                    process.stderr_tail(),
                 )
             case AgentExited():
                 return ev.TurnFailed(
@@ -438,7 +708,7 @@ class TurnRunner:
         return None
 
     async def _watchdog(
-        self, agent: LiveAgent, turn: Turn, first: bool, overall: bool
+        self, agent: Agent, turn: Turn, first: bool, overall: bool
     ) -> ev.TurnFailed:
         cfg = self.config.agent
         if overall:
@@ -460,27 +730,31 @@ class TurnRunner:
                 (f"the agent went silent for {cfg.stall_timeout:g} s (agent.stall_timeout)"),
             )
         log.warning("turn watchdog fired", turn_id=turn.turn_id, code=code)
-        agent.reusable = False
-        await self._send_interrupt(agent)
-        await agent.process.stop(cfg.stop_grace)
+        process = agent.transport_or_fail()
+        self._send_interrupt(process)
+        await process.stop(cfg.stop_grace)
         return ev.TurnFailed(
             code,
             why + "; the agent was stopped and resumes on the next message",
-            agent.process.stderr_tail(),
+            process.stderr_tail(),
         )
 
     async def _kill(
-        self, agent: LiveAgent, turn: Turn, transcript: _Transcript
+        self, agent: Agent, turn: Turn, transcript: _Transcript
     ) -> ev.TurnCompleted | ev.TurnFailed:
         """The agent did not end the turn after an interrupt: stop it, keep what was said."""
-        agent.reusable = False
-        await agent.process.stop(self.config.agent.stop_grace)
+        process = agent.transport_or_fail()
+        await process.stop(self.config.agent.stop_grace)
         if turn.stop_reason is not None:
             code, message = turn.stop_reason
-            return ev.TurnFailed(code, message, agent.process.stderr_tail())
+            return ev.TurnFailed(code, message, process.stderr_tail())
         return ev.TurnCompleted(
             text=transcript.full_text(), interrupted=True, stop_reason="interrupted"
         )
+
+
+class _Stopped(Exception):
+    """The turn was stopped while it waited for an agent."""
 
 
 def _completed(

@@ -159,8 +159,26 @@ def _migrate_3(db: pw.Database) -> None:
         )
 
 
+class TurnCheckpointRow(_Model):
+    """What a running turn's reply has said so far, stored every few hundred milliseconds: a
+    turn cut off by a crash is settled with this text instead of nothing."""
+
+    session = pw.ForeignKeyField(SessionRow, on_delete="CASCADE", backref="checkpoints")
+    turn_id = pw.CharField(max_length=64, primary_key=True)
+    content = pw.TextField()
+    updated_at = pw.DoubleField()
+
+    class Meta:
+        table_name = "turn_checkpoints"
+
+
+def _migrate_4(db: pw.Database) -> None:
+    """Partial replies survive a crash."""
+    db.create_tables([TurnCheckpointRow])
+
+
 # Forward migrations: index i migrates from version i to i + 1. Append, never edit.
-MIGRATIONS: list[Callable[[pw.Database], None]] = [_migrate_1, _migrate_2, _migrate_3]
+MIGRATIONS: list[Callable[[pw.Database], None]] = [_migrate_1, _migrate_2, _migrate_3, _migrate_4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # Sequence numbers are reserved this many at a time: one write per block, not per event.
@@ -299,6 +317,35 @@ class AgentProcessRecord:
     start_time: int
 
 
+_SESSION_COLUMNS = (
+    "session_id, mode, study_id, agent_session_id, agent_started, closed, created_at, "
+    "last_active_at, message_count, total_cost_usd, agent_cost_usd, seq_reserved, budget_usd, "
+    "turn_budget_usd, context_stale"
+)
+
+
+def _session_from_tuple(row: tuple[Any, ...]) -> SessionRecord:
+    (sid, mode, study, agent_sid, started, closed, created, active, count, cost, agent_cost,
+     seq, budget, turn_budget, stale) = row  # fmt: skip
+    return SessionRecord(
+        session_id=sid,
+        mode=mode,
+        study_id=study,
+        agent_session_id=agent_sid,
+        agent_started=bool(started),
+        closed=bool(closed),
+        created_at=created,
+        last_active_at=active,
+        message_count=count,
+        total_cost_usd=cost,
+        agent_cost_usd=agent_cost,
+        seq_reserved=seq,
+        budget_usd=budget,
+        turn_budget_usd=turn_budget,
+        context_stale=bool(stale),
+    )
+
+
 # --- the store --------------------------------------------------------------------------------
 
 
@@ -383,8 +430,18 @@ class Store:
         row = SessionRow.get_or_none(SessionRow.session_id == session_id)
         return SessionRecord.from_row(row) if row else None
 
-    def update_session(self, session_id: str, **fields: Any) -> None:
-        SessionRow.update(**fields).where(SessionRow.session_id == session_id).execute()
+    def update_session(self, session_id: str, **fields: Any) -> SessionRecord | None:
+        """Writes `fields` and returns the session as stored now (None: it does not exist)."""
+        with self.db.atomic():
+            SessionRow.update(**fields).where(SessionRow.session_id == session_id).execute()
+            return self._session_now(session_id)
+
+    def _session_now(self, session_id: str) -> SessionRecord | None:
+        """The session's row as a record, read with plain SQL (it follows every turn write)."""
+        row = self._sql(
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,)
+        ).fetchone()
+        return _session_from_tuple(tuple(row)) if row else None
 
     def count_open_sessions(self) -> int:
         return int(SessionRow.select().where(SessionRow.closed == False).count())  # noqa: E712
@@ -440,6 +497,7 @@ class Store:
     def delete_session(self, session_id: str) -> None:
         with self.db.atomic():
             MessageRow.delete().where(MessageRow.session == session_id).execute()
+            TurnCheckpointRow.delete().where(TurnCheckpointRow.session == session_id).execute()
             AuditRow.delete().where(AuditRow.session == session_id).execute()
             PermissionRuleRow.delete().where(PermissionRuleRow.session == session_id).execute()
             SessionRow.delete().where(SessionRow.session_id == session_id).execute()
@@ -462,7 +520,8 @@ class Store:
 
     def add_user_message(
         self, session_id: str, turn_id: str, text: str, request_id: str | None
-    ) -> MessageRecord:
+    ) -> tuple[MessageRecord, SessionRecord]:
+        """Commits a turn's user message (status pending); returns it and the session now."""
         now = time.time()
         values: dict[str, Any] = {
             "session_id": session_id,
@@ -484,6 +543,8 @@ class Store:
                 "WHERE session_id = ?",
                 (now, session_id),
             )
+            session = self._session_now(session_id)
+        assert session is not None, "a message was stored for a session that does not exist"
         return MessageRecord(
             message_id,
             session_id,
@@ -497,7 +558,7 @@ class Store:
             {},
             "",
             now,
-        )
+        ), session
 
     def finish_turn(
         self,
@@ -505,8 +566,9 @@ class Store:
         turn_id: str,
         outcome: TurnOutcome,
         agent_cost_usd: float | None = None,
-    ) -> MessageRecord:
-        """Stores the assistant message and settles the user message, atomically."""
+    ) -> tuple[MessageRecord, SessionRecord]:
+        """Stores the assistant message, settles the user message and drops the turn's
+        checkpoint, atomically; returns the reply and the session now."""
         now = time.time()
         values: dict[str, Any] = {
             "session_id": session_id,
@@ -534,6 +596,9 @@ class Store:
                 "agent_cost_usd = COALESCE(?, agent_cost_usd) WHERE session_id = ?",
                 (outcome.cost_usd, now, agent_cost_usd, session_id),
             )
+            self._sql("DELETE FROM turn_checkpoints WHERE turn_id = ?", (turn_id,))
+            session = self._session_now(session_id)
+        assert session is not None, "a turn ended in a session that does not exist"
         return MessageRecord(
             message_id,
             session_id,
@@ -547,6 +612,16 @@ class Store:
             dict(outcome.usage),
             outcome.detail,
             now,
+        ), session
+
+    def checkpoint_reply(self, session_id: str, turn_id: str, text: str) -> None:
+        """What the running turn's reply has said so far (replaces the previous checkpoint)."""
+        params = (session_id, turn_id, text, time.time())
+        self._sql(
+            "INSERT INTO turn_checkpoints (session_id, turn_id, content, updated_at) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (turn_id) DO UPDATE SET "
+            "content = excluded.content, updated_at = excluded.updated_at",
+            params,
         )
 
     def history(self, session_id: str, *, after_id: int, limit: int) -> list[MessageRecord]:
@@ -585,10 +660,15 @@ class Store:
         pending = list(MessageRow.select().where(MessageRow.status == "pending"))
         settled = []
         for row in pending:
+            checkpoint = TurnCheckpointRow.get_or_none(TurnCheckpointRow.turn_id == row.turn_id)
             self.finish_turn(
                 row.session_id,
                 row.turn_id,
-                TurnOutcome(status="interrupted", text="", detail="the daemon stopped mid-turn"),
+                TurnOutcome(
+                    status="interrupted",
+                    text=checkpoint.content if checkpoint else "",
+                    detail="the daemon stopped mid-turn",
+                ),
             )
             settled.append((row.session_id, row.turn_id))
         return settled

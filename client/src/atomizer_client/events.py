@@ -144,6 +144,9 @@ class Notice(Event):
     max_retries: int = 0
     retry_delay_ms: int = 0
     error_status: int = 0
+    missed_from_seq: int = 0
+    """EVENTS_MISSED: the first and last seq this stream did not get (read GetHistory)."""
+    missed_to_seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +284,8 @@ def _notice(base: dict[str, Any], n: session_pb2.Notice) -> Notice:
         max_retries=n.max_retries,
         retry_delay_ms=n.retry_delay_ms,
         error_status=n.error_status,
+        missed_from_seq=n.missed_from_seq,
+        missed_to_seq=n.missed_to_seq,
     )
 
 

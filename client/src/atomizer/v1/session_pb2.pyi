@@ -186,6 +186,15 @@ class _NoticeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NoticeKind
     """The agent's conversation could not be resumed; a new one was seeded from stored history."""
     NOTICE_KIND_AGENT_STARTED: _NoticeKind.ValueType  # 3
     """An agent process was started for the session (cold start or resume)."""
+    NOTICE_KIND_AGENT_RESTARTED: _NoticeKind.ValueType  # 4
+    """The agent exited before it received the message (nothing was sent); it is started again.
+    attempt / max_retries / retry_delay_ms say which attempt comes next and when.
+    """
+    NOTICE_KIND_EVENTS_MISSED: _NoticeKind.ValueType  # 5
+    """This stream fell behind the daemon's replay buffer: the events with seq missed_from_seq
+    to missed_to_seq were dropped before it read them (GetHistory has the stored conversation).
+    The notice's own seq is missed_to_seq, so re-attaching from it continues after the gap.
+    """
 
 class NoticeKind(_NoticeKind, metaclass=_NoticeKindEnumTypeWrapper): ...
 
@@ -196,6 +205,15 @@ NOTICE_KIND_CONTEXT_RESEEDED: NoticeKind.ValueType  # 2
 """The agent's conversation could not be resumed; a new one was seeded from stored history."""
 NOTICE_KIND_AGENT_STARTED: NoticeKind.ValueType  # 3
 """An agent process was started for the session (cold start or resume)."""
+NOTICE_KIND_AGENT_RESTARTED: NoticeKind.ValueType  # 4
+"""The agent exited before it received the message (nothing was sent); it is started again.
+attempt / max_retries / retry_delay_ms say which attempt comes next and when.
+"""
+NOTICE_KIND_EVENTS_MISSED: NoticeKind.ValueType  # 5
+"""This stream fell behind the daemon's replay buffer: the events with seq missed_from_seq
+to missed_to_seq were dropped before it read them (GetHistory has the stored conversation).
+The notice's own seq is missed_to_seq, so re-attaching from it continues after the gap.
+"""
 Global___NoticeKind: _TypeAlias = NoticeKind  # noqa: Y015
 
 class _Decider:
@@ -1204,12 +1222,17 @@ class Notice(_message.Message):
     MAX_RETRIES_FIELD_NUMBER: _builtins.int
     RETRY_DELAY_MS_FIELD_NUMBER: _builtins.int
     ERROR_STATUS_FIELD_NUMBER: _builtins.int
+    MISSED_FROM_SEQ_FIELD_NUMBER: _builtins.int
+    MISSED_TO_SEQ_FIELD_NUMBER: _builtins.int
     kind: Global___NoticeKind.ValueType
     message: _builtins.str
     attempt: _builtins.int
     max_retries: _builtins.int
     retry_delay_ms: _builtins.int
     error_status: _builtins.int
+    missed_from_seq: _builtins.int
+    """NOTICE_KIND_EVENTS_MISSED: the range of sequence numbers this stream did not get."""
+    missed_to_seq: _builtins.int
     def __init__(
         self,
         *,
@@ -1219,10 +1242,12 @@ class Notice(_message.Message):
         max_retries: _builtins.int = ...,
         retry_delay_ms: _builtins.int = ...,
         error_status: _builtins.int = ...,
+        missed_from_seq: _builtins.int = ...,
+        missed_to_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error_status", b"error_status", "kind", b"kind", "max_retries", b"max_retries", "message", b"message", "retry_delay_ms", b"retry_delay_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error_status", b"error_status", "kind", b"kind", "max_retries", b"max_retries", "message", b"message", "missed_from_seq", b"missed_from_seq", "missed_to_seq", b"missed_to_seq", "retry_delay_ms", b"retry_delay_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,83 @@
+"""What the pool and the turn runner need of one live agent, and how agents are started.
+
+`AgentProcess` (the real `claude` CLI over pipes) is the implementation; the in-process tests
+of the core drive a scripted one (`tests/support/scripted_agent.py`). Nothing above this line
+knows about pipes, pids or signals beyond what is declared here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from atomizerd.agents.process import AgentItem
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything fixed when an agent process starts."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    # Extra fields of the CLI's `initialize` control request sent right after the spawn
+    # (what must not be visible in argv, such as the system prompt).
+    initialize: dict[str, Any] = field(default_factory=dict)
+    umask: int | None = None
+
+
+class AgentTransport(Protocol):
+    """One running agent: its identity, its output, its input and its end."""
+
+    pid: int
+    pgid: int
+    start_time: int | None
+
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def stderr_tail(self) -> str: ...
+
+    async def receive(self) -> AgentItem: ...
+
+    def receive_nowait(self) -> AgentItem | None: ...
+
+    async def send_user_message(self, text: str) -> None: ...
+
+    async def respond_control(self, request_id: str, response: Mapping[str, Any]) -> None: ...
+
+    async def respond_control_error(self, request_id: str, error: str) -> None: ...
+
+    async def initialize(self, *, timeout: float, **fields: Any) -> dict[str, Any]: ...
+
+    async def interrupt(self, *, timeout: float) -> dict[str, Any]: ...
+
+    async def stop(self, grace: float) -> int | None: ...
+
+    def kill(self) -> None: ...
+
+
+Spawner = Callable[[LaunchSpec], Awaitable[AgentTransport]]
+
+
+def process_spawner(
+    *, max_line_bytes: int, stderr_tail_bytes: int, write_timeout: float
+) -> Spawner:
+    """Starts real agent processes."""
+    from atomizerd.agents.process import AgentProcess
+
+    async def spawn(spec: LaunchSpec) -> AgentTransport:
+        return await AgentProcess.spawn(
+            spec.argv,
+            env=spec.env,
+            cwd=spec.cwd,
+            max_line_bytes=max_line_bytes,
+            stderr_tail_bytes=stderr_tail_bytes,
+            write_timeout=write_timeout,
+        )
+
+    return spawn

@@ -1,0 +1,93 @@
+"""The pool under contention, from outside: the real daemon, the real pinned CLI against the
+fake Messages API, processes counted in /proc by a sampler thread (not the daemon's word)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from atomizer.v1 import session_pb2 as pb
+
+from tests.conftest import Stubs
+from tests.e2e.conftest import E2E
+from tests.support.turns import send
+
+pytestmark = pytest.mark.e2e
+
+
+def agents_of(runtime_dir: Path) -> int:
+    """Live agent processes of this daemon: their argv names its runtime dir (--mcp-config)."""
+    marker = f"--mcp-config={runtime_dir}".encode()
+    count = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+            with open(f"/proc/{name}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != b"Z" and any(a.startswith(marker) for a in args):
+            count += 1
+    return count
+
+
+@contextmanager
+def sampled(runtime_dir: Path) -> Iterator[list[int]]:
+    samples: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append(agents_of(runtime_dir))
+            done.wait(0.01)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        done.set()
+        thread.join()
+
+
+def outcome(stubs: Stubs, sid: str, text: str) -> str:
+    events = send(stubs, sid, text)
+    last = events[-1]
+    if last.WhichOneof("kind") == "turn_failed":
+        return f"failed: {last.turn_failed.message}"
+    return "interrupted" if last.turn_completed.interrupted else "ok"
+
+
+def test_four_new_sessions_sending_at_once_never_exceed_a_cap_of_two(e2e: E2E) -> None:
+    stubs = e2e.start({"pool": {"max_live": 2}})
+    assert e2e.daemon is not None
+    for round_ in range(3):
+        sids = [f"r{round_}s{i}" for i in range(4)]
+        with sampled(e2e.daemon.runtime_dir) as samples, ThreadPoolExecutor(4) as ex:
+            for sid in sids:
+                stubs.sessions.CreateSession(pb.CreateSessionRequest(session_id=sid))
+            results = list(ex.map(lambda sid: outcome(stubs, sid, "hello"), sids))
+        assert results == ["ok"] * 4
+        assert samples and max(samples) <= 2, f"round {round_}: up to {max(samples)} live agents"
+
+
+def test_one_slot_two_sessions_twenty_rounds_at_once_no_turn_fails(e2e: E2E) -> None:
+    stubs = e2e.start({"pool": {"max_live": 1}, "agent": {"prewarm": False}})
+    assert e2e.daemon is not None
+    for sid in ("a", "b"):
+        stubs.sessions.CreateSession(pb.CreateSessionRequest(session_id=sid))
+    with sampled(e2e.daemon.runtime_dir) as samples, ThreadPoolExecutor(2) as ex:
+        failures = []
+        for i in range(20):
+            results = list(ex.map(lambda sid: outcome(stubs, sid, f"round {i}"), ("a", "b")))
+            failures += [r for r in results if r != "ok"]
+    assert failures == []
+    assert max(samples) <= 1

@@ -1,0 +1,271 @@
+"""A scripted agent transport, in process: the faults the real CLI won't produce on demand.
+
+It implements the `AgentTransport` the pool and the turn runner use, speaking the domain form
+of the CLI's stream-json protocol (`atomizerd.agents.protocol` messages). What it does for a
+user message is read from directives in the text, like the fake agent program:
+
+  (none)          "echo: <text>" as one text delta, then a result.
+  [[hold]]        one text delta "partial ", then nothing until `release()` or an interrupt.
+  [[deltas:N]]    N text deltas "x", then a result.
+  [[ask:TOOL]]    a `can_use_tool` request for TOOL; the reply says how it was answered.
+  [[abandon]]     two deltas, withdrawn (abandoned_blocks), then the whole reply under a new id.
+  [[big:N]]       a tool result of N bytes, then the reply.
+
+`ScriptedSpawner` starts them and is where tests set faults (die during the handshake, die
+before reading the message, slow handshakes and stops) and read what happened (how many were
+alive at most at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from atomizerd.agents import protocol as proto
+from atomizerd.agents.process import AgentExited, AgentItem
+from atomizerd.agents.transport import LaunchSpec
+
+_pids = itertools.count(40000)
+_DIRECTIVE = re.compile(r"\[\[([a-z-]+)(?::([^\]]*))?\]\]")
+
+
+@dataclass
+class ScriptedSpawner:
+    """Starts scripted agents; faults are consumed one spawn at a time."""
+
+    die_during_handshake: int = 0  # this many next spawns exit during `initialize`
+    die_before_reading: int = 0  # this many next spawns exit at the first user message
+    handshake_seconds: float = 0.0  # virtual seconds each `initialize` takes
+    stop_seconds: float = 0.0  # virtual seconds each stop takes
+    agents: list[ScriptedAgent] = field(default_factory=list)
+    peak_alive: int = 0
+
+    async def __call__(self, spec: LaunchSpec) -> ScriptedAgent:
+        agent = ScriptedAgent(self, spec)
+        self.agents.append(agent)
+        self.peak_alive = max(self.peak_alive, self.alive_count)
+        await asyncio.sleep(0)
+        return agent
+
+    @property
+    def alive_count(self) -> int:
+        return sum(1 for a in self.agents if a.alive)
+
+    def alive(self) -> list[ScriptedAgent]:
+        return [a for a in self.agents if a.alive]
+
+
+class ScriptedAgent:
+    def __init__(self, spawner: ScriptedSpawner, spec: LaunchSpec) -> None:
+        self.spawner = spawner
+        self.spec = spec
+        self.pid = next(_pids)
+        self.pgid = self.pid
+        self.start_time: int | None = None  # not a real process: nothing to record
+        self.returncode: int | None = None
+        self.user_messages: list[str] = []
+        self.init_fields: dict[str, Any] | None = None
+        self.control_answers: dict[str, Mapping[str, Any]] = {}
+        self.interrupts = 0
+        self.stops = 0
+        self._items: deque[AgentItem] = deque()
+        self._final: AgentExited | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._release = asyncio.Event()
+        self._interrupt = asyncio.Event()
+        self._answered: dict[str, asyncio.Future[Mapping[str, Any]]] = {}
+        self._play_task: asyncio.Task[None] | None = None
+
+    # --- AgentTransport ---------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return self.returncode is None
+
+    def stderr_tail(self) -> str:
+        return "scripted agent stderr"
+
+    async def receive(self) -> AgentItem:
+        while True:
+            item = self.receive_nowait()
+            if item is not None:
+                return item
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+
+    def receive_nowait(self) -> AgentItem | None:
+        if self._items:
+            return self._items.popleft()
+        return self._final
+
+    async def send_user_message(self, text: str) -> None:
+        if not self.alive:
+            raise AgentExited("the scripted agent is not accepting input", self.returncode)
+        if self.spawner.die_before_reading > 0:
+            self.spawner.die_before_reading -= 1
+            self._exit(-11)
+            raise AgentExited("the scripted agent closed its input", -11, "")
+        self.user_messages.append(text)
+        self._interrupt.clear()
+        self._play_task = asyncio.ensure_future(self._play(text))
+
+    async def respond_control(self, request_id: str, response: Mapping[str, Any]) -> None:
+        if not self.alive:
+            raise AgentExited("gone", self.returncode)
+        self.control_answers[request_id] = response
+        future = self._answered.get(request_id)
+        if future is not None and not future.done():
+            future.set_result(response)
+
+    async def respond_control_error(self, request_id: str, error: str) -> None:
+        await self.respond_control(request_id, {"error": error})
+
+    async def initialize(self, *, timeout: float, **fields: Any) -> dict[str, Any]:
+        await asyncio.sleep(self.spawner.handshake_seconds)
+        if not self.alive:
+            raise AgentExited("exited before answering", self.returncode)
+        if self.spawner.die_during_handshake > 0:
+            self.spawner.die_during_handshake -= 1
+            self._exit(-11)
+            raise AgentExited("exited before answering", -11, "")
+        self.init_fields = fields
+        return {}
+
+    async def interrupt(self, *, timeout: float) -> dict[str, Any]:
+        self.interrupts += 1
+        self._interrupt.set()
+        return {}
+
+    async def stop(self, grace: float) -> int | None:
+        self.stops += 1
+        if self.alive:
+            await asyncio.sleep(self.spawner.stop_seconds)
+            self._exit(0 if self._play_task is None or self._play_task.done() else -15)
+        return self.returncode
+
+    def kill(self) -> None:
+        self._exit(-9)
+
+    # --- test controls ------------------------------------------------------------------
+
+    def release(self) -> None:
+        """Lets a [[hold]] turn finish."""
+        self._release.set()
+
+    def crash(self, returncode: int = -11) -> None:
+        self._exit(returncode)
+
+    # --- behaviour ------------------------------------------------------------------------
+
+    def _push(self, item: AgentItem) -> None:
+        if self._final is not None:
+            return
+        self._items.append(item)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _exit(self, returncode: int) -> None:
+        if self.returncode is not None:
+            return
+        self.returncode = returncode
+        self._final = AgentExited("exited", returncode, self.stderr_tail())
+        if self._play_task is not None:
+            self._play_task.cancel()
+        self._wake()
+
+    async def _play(self, text: str) -> None:
+        directives = {m.group(1): m.group(2) for m in _DIRECTIVE.finditer(text)}
+        plain = _DIRECTIVE.sub("", text).strip()
+        mid = f"msg_{len(self.user_messages)}"
+        reply = f"echo: {plain}"
+        interrupted = False
+        if "hold" in directives:
+            self._delta("partial ", mid)
+            interrupted = await self._held()
+            reply = "" if interrupted else "done"
+        elif "deltas" in directives:
+            for _ in range(int(directives["deltas"] or 0)):
+                self._delta("x", mid)
+                await asyncio.sleep(0)
+            reply = ""
+        elif "ask" in directives:
+            reply = await self._ask(directives["ask"] or "Bash")
+        elif "abandon" in directives:
+            self._delta("ech", mid)
+            self._delta("o", mid, index=1)
+            self._push(proto.AbandonedBlocks(message_id=mid, from_block_index=0))
+            self._push(_assistant(reply, mid + "_retry"))
+            reply = ""
+        elif "big" in directives:
+            size = int(directives["big"] or 0)
+            self._push(
+                proto.ToolResult(tool_use_id="toolu_big", content="b" * size, is_error=False)
+            )
+        if reply and "abandon" not in directives:
+            self._delta(reply, mid)
+        self._push(_result(interrupted))
+
+    def _delta(self, text: str, message_id: str, index: int = 0) -> None:
+        self._push(proto.TextDelta(text, None, message_id, index))
+
+    async def _held(self) -> bool:
+        """Waits for release or interrupt; True if interrupted."""
+        release = asyncio.ensure_future(self._release.wait())
+        interrupt = asyncio.ensure_future(self._interrupt.wait())
+        try:
+            await asyncio.wait({release, interrupt}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            release.cancel()
+            interrupt.cancel()
+        self._release.clear()
+        return self._interrupt.is_set()
+
+    async def _ask(self, tool: str) -> str:
+        request_id = f"req_{self.pid}_{len(self.user_messages)}"
+        future: asyncio.Future[Mapping[str, Any]] = asyncio.get_running_loop().create_future()
+        self._answered[request_id] = future
+        self._push(
+            proto.ControlRequest(
+                request_id,
+                "can_use_tool",
+                {"tool_name": tool, "input": {"command": "ls"}, "tool_use_id": f"tu_{request_id}"},
+            )
+        )
+        interrupt = asyncio.ensure_future(self._interrupt.wait())
+        try:
+            waits: set[asyncio.Future[Any]] = {future, interrupt}
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            interrupt.cancel()
+        if not future.done():
+            self._push(proto.ControlCancelRequest(request_id))
+            return ""
+        answer = future.result()
+        return f"permission {tool}: {answer.get('behavior', 'error')}"
+
+
+def _assistant(text: str, message_id: str) -> proto.AssistantMessage:
+    return proto.AssistantMessage(text=text, tool_uses=(), message_id=message_id)
+
+
+def _result(interrupted: bool) -> proto.Result:
+    return proto.Result(
+        subtype="error_during_execution" if interrupted else "success",
+        is_error=interrupted,
+        result_text="",
+        total_cost_usd=0.0,
+        usage={},
+        duration_ms=1,
+        num_turns=1,
+        session_id="scripted",
+        stop_reason=None,
+        permission_denials=(),
+    )
