@@ -15,13 +15,15 @@ from atomizer.v1 import session_pb2 as pb
 
 from tests.conftest import Stubs
 from tests.e2e.conftest import E2E
+from tests.support.daemon import RunningDaemon
 from tests.support.turns import send
 
 pytestmark = pytest.mark.e2e
 
 
-def agents_of(runtime_dir: Path) -> int:
-    """Live agent processes of this daemon: their argv names its runtime dir (--mcp-config)."""
+def agents_of(daemon_pid: int, runtime_dir: Path) -> int:
+    """Live agent processes of this daemon: its children whose argv names its runtime dir
+    (--mcp-config). Children of the CLI (its sandbox's socat, its own helpers) are not agents."""
     marker = f"--mcp-config={runtime_dir}".encode()
     count = 0
     for name in os.listdir("/proc"):
@@ -31,22 +33,24 @@ def agents_of(runtime_dir: Path) -> int:
             with open(f"/proc/{name}/cmdline", "rb") as f:
                 args = f.read().split(b"\0")
             with open(f"/proc/{name}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
+                state, ppid = f.read().rsplit(b")", 1)[1].split()[:2]
         except OSError:
             continue
-        if state != b"Z" and any(a.startswith(marker) for a in args):
+        if state != b"Z" and int(ppid) == daemon_pid and any(a.startswith(marker) for a in args):
             count += 1
     return count
 
 
 @contextmanager
-def sampled(runtime_dir: Path) -> Iterator[list[int]]:
+def sampled(daemon: RunningDaemon) -> Iterator[list[int]]:
+    assert daemon.proc is not None
+    pid, runtime_dir = daemon.proc.pid, daemon.runtime_dir
     samples: list[int] = []
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            samples.append(agents_of(runtime_dir))
+            samples.append(agents_of(pid, runtime_dir))
             done.wait(0.01)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -71,7 +75,7 @@ def test_four_new_sessions_sending_at_once_never_exceed_a_cap_of_two(e2e: E2E) -
     assert e2e.daemon is not None
     for round_ in range(3):
         sids = [f"r{round_}s{i}" for i in range(4)]
-        with sampled(e2e.daemon.runtime_dir) as samples, ThreadPoolExecutor(4) as ex:
+        with sampled(e2e.daemon) as samples, ThreadPoolExecutor(4) as ex:
             for sid in sids:
                 stubs.sessions.CreateSession(pb.CreateSessionRequest(session_id=sid))
             results = list(ex.map(lambda sid: outcome(stubs, sid, "hello"), sids))
@@ -84,7 +88,7 @@ def test_one_slot_two_sessions_twenty_rounds_at_once_no_turn_fails(e2e: E2E) -> 
     assert e2e.daemon is not None
     for sid in ("a", "b"):
         stubs.sessions.CreateSession(pb.CreateSessionRequest(session_id=sid))
-    with sampled(e2e.daemon.runtime_dir) as samples, ThreadPoolExecutor(2) as ex:
+    with sampled(e2e.daemon) as samples, ThreadPoolExecutor(2) as ex:
         failures = []
         for i in range(20):
             results = list(ex.map(lambda sid: outcome(stubs, sid, f"round {i}"), ("a", "b")))
