@@ -34,6 +34,8 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
             agent_command=s.agent_command,
             agent_version=s.agent_version,
             total_cost_usd=s.total_cost_usd,
+            loop_lag_max_ms=s.loop_lag_max_ms,
+            loop_lag_recent_max_ms=s.loop_lag_recent_max_ms,
         )
         if s.last_reaper_pass is not None:
             p = s.last_reaper_pass

@@ -116,6 +116,16 @@ class DaemonConfig:
     watchdog: bool = _doc(
         "Send WATCHDOG=1 to systemd when it asks (WATCHDOG_USEC is set).", default=True
     )
+    loop_probe_interval: float = _doc(
+        "How often the event-loop lag probe wakes up (seconds); 0 turns it off. Every stall "
+        "of the loop longer than this is seen; GetStatus reports the worst lag.",
+        default=0.05,
+    )
+    loop_stall_log_ms: float = _doc(
+        "An event-loop lag of at least this many milliseconds is logged as a warning "
+        "(`event loop stalled`, with the lag): every stream and the watchdog wait meanwhile.",
+        default=100.0,
+    )
 
 
 @dataclass
@@ -632,6 +642,8 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         positive(key, getattr(getattr(cfg, section), name))
     for key in (
+        "daemon.loop_probe_interval",
+        "daemon.loop_stall_log_ms",
         "pool.max_queued",
         "pool.max_queued_per_session",
         "agent.spawn_retries",

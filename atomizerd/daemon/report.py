@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from atomizerd import __version__
+from atomizerd.daemon.loopprobe import LoopProbe
 
 if TYPE_CHECKING:
     from atomizerd.agents.pool import AgentPool
@@ -30,6 +31,8 @@ class StatusSnapshot:
     agent_version: str
     total_cost_usd: float
     last_reaper_pass: ReaperPass | None
+    loop_lag_max_ms: float = 0.0
+    loop_lag_recent_max_ms: float = 0.0
 
 
 class StatusReporter:
@@ -44,6 +47,10 @@ class StatusReporter:
         self.started_at = time.time()
         self._started_mono = time.monotonic()
         self.agent_version = "unknown"
+        # Started by the daemon (`run()` as a task); here because GetStatus reports it.
+        self.loop_probe = LoopProbe(
+            config.daemon.loop_probe_interval, config.daemon.loop_stall_log_ms
+        )
 
     def snapshot(self) -> StatusSnapshot:
         counts = self.registry.counts()
@@ -60,4 +67,6 @@ class StatusReporter:
             agent_version=self.agent_version,
             total_cost_usd=self.store.total_cost(),
             last_reaper_pass=self.reaper.last_pass,
+            loop_lag_max_ms=self.loop_probe.max_ms,
+            loop_lag_recent_max_ms=self.loop_probe.recent_max_ms(),
         )

@@ -112,6 +112,7 @@ class Daemon:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self.notifier.notify("READY=1")
         log.info("atomizerd ready", socket=str(cfg.socket_path), pid=os.getpid())
+        self._tasks.append(asyncio.create_task(status.loop_probe.run()))
         self._tasks.append(asyncio.create_task(reaper.run_forever()))
         self._tasks.append(asyncio.create_task(self._probe_agent(status)))
         if cfg.daemon.watchdog and self.notifier.watchdog_interval:

@@ -48,6 +48,8 @@ class GetStatusResponse(_message.Message):
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     TOTAL_COST_USD_FIELD_NUMBER: _builtins.int
     LAST_REAPER_PASS_FIELD_NUMBER: _builtins.int
+    LOOP_LAG_MAX_MS_FIELD_NUMBER: _builtins.int
+    LOOP_LAG_RECENT_MAX_MS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     uptime_seconds: _builtins.float
     sessions_known: _builtins.int
@@ -58,6 +60,12 @@ class GetStatusResponse(_message.Message):
     agent_command: _builtins.str
     agent_version: _builtins.str
     total_cost_usd: _builtins.float
+    loop_lag_max_ms: _builtins.float
+    """The event loop's worst lag (how late its probe woke up) since start, and over the last
+    minute, in milliseconds: every stream and request waits while the loop is stalled.
+    0 when the probe is off (daemon.loop_probe_interval = 0).
+    """
+    loop_lag_recent_max_ms: _builtins.float
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -77,10 +85,12 @@ class GetStatusResponse(_message.Message):
         agent_version: _builtins.str = ...,
         total_cost_usd: _builtins.float = ...,
         last_reaper_pass: Global___ReaperPass | None = ...,
+        loop_lag_max_ms: _builtins.float = ...,
+        loop_lag_recent_max_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_reaper_pass", b"last_reaper_pass", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_command", b"agent_command", "agent_version", b"agent_version", "busy_sessions", b"busy_sessions", "last_reaper_pass", b"last_reaper_pass", "live_processes", b"live_processes", "pool_capacity", b"pool_capacity", "queued_turns", b"queued_turns", "sessions_known", b"sessions_known", "started_at", b"started_at", "total_cost_usd", b"total_cost_usd", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_command", b"agent_command", "agent_version", b"agent_version", "busy_sessions", b"busy_sessions", "last_reaper_pass", b"last_reaper_pass", "live_processes", b"live_processes", "loop_lag_max_ms", b"loop_lag_max_ms", "loop_lag_recent_max_ms", b"loop_lag_recent_max_ms", "pool_capacity", b"pool_capacity", "queued_turns", b"queued_turns", "sessions_known", b"sessions_known", "started_at", b"started_at", "total_cost_usd", b"total_cost_usd", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
