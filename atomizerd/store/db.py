@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -493,6 +493,38 @@ class Store:
 
     def reserve_seq(self, session_id: str, upto: int) -> None:
         self.update_session(session_id, seq_reserved=upto)
+
+    def delete_history_batch(self, session_ids: Sequence[str], before: float, limit: int) -> int:
+        """Deletes at most `limit` messages and audit events of those of `session_ids` still
+        inactive since `before` (last active earlier), in one transaction; returns how many.
+
+        For the retention purge: called until it returns less than `limit`, a long history
+        goes in short transactions (the purge runs them on a thread of its own, on that
+        thread's connection) and the sessions' own `delete_session` is then quick. With SQLite
+        a passive checkpoint follows, so that the checkpoints all this writing calls for run
+        on the calling thread, not in some later commit on the event loop."""
+        inactive = SessionRow.select(SessionRow.session_id).where(
+            SessionRow.session_id.in_(list(session_ids)) & (SessionRow.last_active_at < before)
+        )
+        with self.db.atomic():
+            messages = MessageRow.select(MessageRow.id).where(MessageRow.session.in_(inactive))
+            deleted = int(
+                MessageRow.delete().where(MessageRow.id.in_(messages.limit(limit))).execute()
+            )
+            if deleted < limit:
+                audit = AuditRow.select(AuditRow.id).where(AuditRow.session.in_(inactive))
+                deleted += int(
+                    AuditRow.delete().where(AuditRow.id.in_(audit.limit(limit - deleted))).execute()
+                )
+        if isinstance(self.db, pw.SqliteDatabase):
+            self.db.execute_sql("PRAGMA wal_checkpoint(PASSIVE)").fetchall()  # type: ignore[no-untyped-call]
+        return deleted
+
+    def close_thread_connection(self) -> None:
+        """Closes the calling thread's own connection (peewee keeps one per thread), e.g. when
+        a worker thread is done with the store; the store stays open for everyone else."""
+        if not self.db.is_closed():
+            self.db.close()
 
     def delete_session(self, session_id: str) -> None:
         with self.db.atomic():

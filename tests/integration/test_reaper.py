@@ -322,6 +322,12 @@ class _Store:
     def inactive_sessions(self, before: float, limit: int) -> list[str]:
         return ["x", "y", "z"]
 
+    def delete_history_batch(self, session_ids: list[str], before: float, limit: int) -> int:
+        return 0  # no messages
+
+    def close_thread_connection(self) -> None:
+        pass
+
 
 def test_a_failing_session_does_not_stop_the_pass_and_is_counted() -> None:
     config = Config()
