@@ -61,6 +61,7 @@ from atomizerd.agents.lines import LineSplitter, Overflow
 from atomizerd.agents.procgroup import (
     SetprivMissing,
     kill_group_if_same,
+    kill_group_if_same_async,
     pdeathsig_argv,
     process_start_time,
 )
@@ -425,7 +426,7 @@ class AgentProcess:
         # nobody receives and the mailbox is full (then stop() ends the reading).
         if not await _wait_quietly(self._stdout_eof.wait(), _EXIT_DRAIN_GRACE):
             self._log.warning("agent.output_not_drained_after_exit")
-            self._kill_group(signal.SIGKILL)
+            await self._kill_group_after_exit()
 
     def _close_mailbox(self) -> None:
         if self._mailbox.closed:
@@ -550,7 +551,7 @@ class AgentProcess:
                 self._kill_group(signal.SIGKILL)
                 if not await self._wait_exit(_KILL_WAIT):
                     self._log.error("agent.not_reaped_after_sigkill")
-        self._kill_group(signal.SIGKILL)  # descendants left behind by an agent that exited
+        await self._kill_group_after_exit()  # descendants left behind by an agent that exited
         await self._finish_io()
         return self.returncode
 
@@ -571,6 +572,14 @@ class AgentProcess:
             # Start time unknown (it exited at once): signal only the unreaped leader itself.
             with contextlib.suppress(ProcessLookupError):
                 self._transport.send_signal(sig)
+
+    async def _kill_group_after_exit(self) -> None:
+        """SIGKILL what is left of the group of an agent that exited. Proving a group without
+        its leader ours may take a scan of /proc: that runs in a thread, off the event loop."""
+        if self.start_time is None:
+            self._kill_group(signal.SIGKILL)
+        else:
+            await kill_group_if_same_async(self.pgid, self.start_time, signal.SIGKILL)
 
     async def _finish_io(self) -> None:
         """Let the reader deliver what is left, then make sure nothing stays pending."""

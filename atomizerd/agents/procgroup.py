@@ -12,10 +12,18 @@ process uses it as a process-group id, so if members of group P exist and no pro
 the group has existed continuously since its leader died. Every member of an agent's group is a
 descendant of the agent (the agent started a new session), hence started no earlier than the
 agent; a member older than the recorded start time proves the group is someone else's.
+
+Why the scan of /proc is rare, and never on the event loop when it matters: finding a group's
+members means reading every process's stat (milliseconds on a busy machine), but it is only
+needed when the leader is gone and the group still has members. While the leader is alive (or
+an unreaped zombie of ours) its own stat decides; once it is gone, signal 0 to the group tells
+whether any member is left, and usually none is. `kill_group_if_same_async` does the remaining
+case, a scan, in a worker thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -91,31 +99,71 @@ def _all_stats() -> Iterator[ProcStat]:
 
 
 def group_members(pgid: int) -> list[ProcStat]:
-    """Live (non-zombie) processes whose process group is `pgid`."""
+    """Live (non-zombie) processes whose process group is `pgid`: a scan of all of /proc,
+    milliseconds on a busy machine (run it off the event loop)."""
     return [s for s in _all_stats() if s.pgrp == pgid and s.state not in ("Z", "X")]
 
 
-def is_our_group(pgid: int, start_time: int) -> bool:
-    """True if group `pgid` has live members and is the group whose leader had `start_time`."""
+def group_exists(pgid: int) -> bool:
+    """True if some process (zombies included) is in process group `pgid`; no scan."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, and is not ours to signal
+    return True
+
+
+def _decided_without_scan(pgid: int, start_time: int) -> bool | None:
+    """is_our_group's answer where the leader's stat (or an empty group) settles it; None when
+    only the members' start times can tell (the leader is gone, members are left)."""
     leader = read_stat(pgid)
     if leader is not None and leader.state not in ("Z", "X"):
         return leader.start_time == start_time and leader.pgrp == pgid
-    if leader is not None and leader.start_time != start_time:
-        return False  # an unreaped zombie of some other process holds the number
+    if leader is not None:
+        # A zombie holds the number, so the group cannot have been recreated since: ours if
+        # the zombie is our leader (live members left or not), else someone else's.
+        return leader.start_time == start_time and leader.pgrp == pgid
+    if not group_exists(pgid):
+        return False  # nobody left to signal
+    return None
+
+
+def is_our_group(pgid: int, start_time: int) -> bool:
+    """True if group `pgid` has members and is the group whose leader had `start_time`.
+    Scans /proc only if the leader is gone and members are left."""
+    decided = _decided_without_scan(pgid, start_time)
+    if decided is not None:
+        return decided
     members = group_members(pgid)
     return bool(members) and all(m.start_time >= start_time for m in members)
 
 
-def kill_group_if_same(pgid: int, start_time: int, sig: int = signal.SIGKILL) -> bool:
-    """Signal process group `pgid` if it is still the one led by the process that had
-    `start_time` (see the module docstring). Returns True if the group was signalled."""
-    if not is_our_group(pgid, start_time):
-        return False
+def _signal_group(pgid: int, sig: int) -> bool:
     try:
         os.killpg(pgid, sig)
     except ProcessLookupError:
         return False
     return True
+
+
+def kill_group_if_same(pgid: int, start_time: int, sig: int = signal.SIGKILL) -> bool:
+    """Signal process group `pgid` if it is still the one led by the process that had
+    `start_time` (see the module docstring). Returns True if the group was signalled.
+
+    May scan /proc (see `is_our_group`): on the event loop use `kill_group_if_same_async`."""
+    return is_our_group(pgid, start_time) and _signal_group(pgid, sig)
+
+
+async def kill_group_if_same_async(pgid: int, start_time: int, sig: int = signal.SIGKILL) -> bool:
+    """`kill_group_if_same` for the event loop: decided and signalled at once while the
+    leader's stat (or an empty group) settles it; otherwise the scan of /proc, and the signal,
+    run in a worker thread."""
+    decided = _decided_without_scan(pgid, start_time)
+    if decided is None:
+        return await asyncio.to_thread(kill_group_if_same, pgid, start_time, sig)
+    return decided and _signal_group(pgid, sig)
 
 
 # --- parent-death signal ------------------------------------------------------------------------
