@@ -171,7 +171,40 @@ def event_to_pb(e: ev.SessionEvent) -> pb.SessionEvent:
                     message=k.message,
                 )
             )
+        case ev.Question():
+            out.question.CopyFrom(question_to_pb(k))
+        case ev.QuestionAnswered():
+            out.question_answered.CopyFrom(question_answered_to_pb(k))
     return out
+
+
+def question_to_pb(k: ev.Question) -> pb.Question:
+    return pb.Question(
+        request_id=k.request_id,
+        questions=[
+            pb.QuestionItem(
+                question=q.question,
+                header=q.header,
+                options=[
+                    pb.QuestionOption(label=o.label, description=o.description) for o in q.options
+                ],
+                multi_select=q.multi_select,
+            )
+            for q in k.questions
+        ],
+        tool_use_id=k.tool_use_id,
+        deadline=timestamp(k.deadline),
+    )
+
+
+def question_answered_to_pb(k: ev.QuestionAnswered) -> pb.QuestionAnswered:
+    return pb.QuestionAnswered(
+        request_id=k.request_id,
+        answers=dict(k.answers),
+        answered=k.answered,
+        decider=decider_to_pb(k.decider),
+        message=k.message,
+    )
 
 
 def decider_to_pb(decider: str) -> pb.Decider.ValueType:

@@ -134,6 +134,15 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         )
 
     @unary
+    async def AnswerQuestion(
+        self, request: pb.AnswerQuestionRequest, context: Ctx
+    ) -> pb.AnswerQuestionResponse:
+        outcome = self.registry.answer_question(
+            request.session_id, request.request_id, dict(request.answers)
+        )
+        return pb.AnswerQuestionResponse(answer=convert.question_answered_to_pb(outcome))
+
+    @unary
     async def ListAuditEvents(
         self, request: pb.ListAuditEventsRequest, context: Ctx
     ) -> pb.ListAuditEventsResponse:

@@ -36,9 +36,8 @@ class Launcher:
             resume=resume,
             allowed_tools=self._allowed_tools(record.mode),
             skip_permissions=record.mode == "power",
-            permission_prompt_tool=(
-                "stdio" if record.mode == "user" and self.config.approvals.enabled else None
-            ),
+            # Power mode too: there only tools that need a person (AskUserQuestion) ask.
+            permission_prompt_tool="stdio" if self.config.approvals.enabled else None,
             max_budget_usd=_allowance(record),
             mcp_config=str(self._write_mcp_config(record)),
             strict_mcp_config=self.config.mcp.strict,

@@ -335,13 +335,16 @@ class ReaperConfig:
 class ApprovalsConfig:
     enabled: bool = _doc(
         "In user mode, ask the session's clients before a tool outside the allowlist runs "
-        "(a permission_request event, answered by RespondToPermission). Off: such tools are "
-        "denied at once, as the CLI does by itself.",
+        "(a permission_request event, answered by RespondToPermission), and, in both modes, "
+        "let the agent ask the user questions (its AskUserQuestion tool: a question event, "
+        "answered by AnswerQuestion). Off: such tools are denied at once, as the CLI does by "
+        "itself, and the CLI disables AskUserQuestion.",
         default=True,
     )
     timeout: float = _doc(
-        "How long a permission request waits for an answer before it is denied. Long enough "
-        "for a person to read the request; the turn counts as busy, not stalled, meanwhile.",
+        "How long a permission request waits for an answer before it is denied, and a "
+        "question before it ends unanswered. Long enough for a person to read the request; "
+        "the turn counts as busy, not stalled, meanwhile.",
         default=60.0,
     )
 

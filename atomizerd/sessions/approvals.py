@@ -22,6 +22,7 @@ import structlog
 from atomizerd.agents import protocol as proto
 from atomizerd.errors import FailedPrecondition, NotFound, StorageFull
 from atomizerd.sessions import events as ev
+from atomizerd.sessions.questions import QUESTION_TOOL, Questions
 from atomizerd.store.db import AuditRecord, Store
 
 log = structlog.get_logger("atomizerd.sessions.approvals")
@@ -42,6 +43,8 @@ class Decision:
     message: str = ""
     remember: bool = False
     tool_name: str = ""
+    # What the tool runs with when allowed (None: the input it was asked with).
+    updated_input: dict[str, Any] | None = None
 
 
 @dataclass
@@ -78,10 +81,12 @@ class Approvals:
         self.asked_tool_uses: set[str] = set()
         # Set when the turn ends: every request is settled then, and nothing is emitted after.
         self.closed = False
+        # The agent's AskUserQuestion calls reach us as permission requests too.
+        self.questions = Questions(emit, audience, timeout)
 
     @property
     def waiting(self) -> bool:
-        return bool(self.pending)
+        return bool(self.pending) or bool(self.questions.pending)
 
     async def decide(self, request: proto.ControlRequest) -> Decision:
         """The outcome of one `can_use_tool` request (waits for a client when one is there)."""
@@ -94,6 +99,8 @@ class Approvals:
         tool_use_id = str(payload.get("tool_use_id", ""))
         self.asked_tool_uses.add(tool_use_id)
         digest = input_digest(tool_input)
+        if tool_name == QUESTION_TOOL:
+            return await self._ask(request.request_id, tool_input, tool_use_id, digest)
         remembered = self.store.find_rule(self.session_id, tool_name, digest)
         if remembered is not None:
             return self._settle(
@@ -135,6 +142,23 @@ class Approvals:
             self.store.remember_rule(self.session_id, tool_name, digest, decision.allow)
         return self._settle(request.request_id, tool_name, digest, decision)
 
+    async def _ask(
+        self, request_id: str, tool_input: dict[str, Any], tool_use_id: str, digest: str
+    ) -> Decision:
+        def audit(answered: bool, decider: str, detail: str) -> None:
+            self.audit(QUESTION_TOOL, digest, answered, decider, detail, kind="question")
+
+        outcome = await self.questions.ask(request_id, tool_input, tool_use_id, audit)
+        decision = Decision(
+            outcome.answered,
+            outcome.decider,
+            outcome.message,
+            tool_name=QUESTION_TOOL,
+            updated_input=outcome.updated_input,
+        )
+        self.decided[request_id] = decision
+        return decision
+
     def answer(self, request_id: str, decision: Decision) -> Decision:
         """A client's answer; the first one wins."""
         if request_id in self.decided:
@@ -153,6 +177,7 @@ class Approvals:
         return decision
 
     def cancel(self, request_id: str, why: str) -> None:
+        self.questions.cancel(request_id, why)
         pending = self.pending.get(request_id)
         if pending is not None and not pending.answer.done():
             pending.answer.set_result(Decision(False, POLICY, why))
@@ -161,6 +186,7 @@ class Approvals:
         """The turn is ending: every pending request is decided (denied) now, announced and
         audited before the turn's terminal event; later requests are denied silently."""
         self.closed = True
+        self.questions.close(why)
         for request_id, pending in list(self.pending.items()):
             digest = input_digest(pending.tool_input)
             if pending.answer.done():  # a client answered an instant ago: that answer stands
@@ -178,19 +204,28 @@ class Approvals:
         log.info("permission decided", tool=tool_name, allow=d.allow, decider=d.decider)
         return d
 
-    def audit(self, tool_name: str, digest: str, allow: bool, decider: str, detail: str) -> None:
+    def audit(
+        self,
+        tool_name: str,
+        digest: str,
+        allow: bool,
+        decider: str,
+        detail: str,
+        *,
+        kind: str = "permission",
+    ) -> None:
         try:
-            self._write_audit(tool_name, digest, allow, decider, detail)
+            self._write_audit(tool_name, digest, allow, decider, detail, kind)
         except StorageFull as e:  # the decision stands; only its record is lost
             log.error("audit event not stored", tool=tool_name, error=str(e))
 
     def _write_audit(
-        self, tool_name: str, digest: str, allow: bool, decider: str, detail: str
+        self, tool_name: str, digest: str, allow: bool, decider: str, detail: str, kind: str
     ) -> None:
         self.store.add_audit(
             AuditRecord(
                 session_id=self.session_id,
-                kind="permission",
+                kind=kind,
                 allow=allow,
                 decider=decider,
                 tool_name=tool_name,

@@ -135,6 +135,39 @@ class PermissionDecided:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class QuestionOption:
+    label: str
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class QuestionItem:
+    question: str
+    header: str = ""
+    options: tuple[QuestionOption, ...] = ()
+    multi_select: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Question:
+    """The agent asks the user (AskUserQuestion); see sessions/questions.py."""
+
+    request_id: str
+    questions: tuple[QuestionItem, ...]
+    tool_use_id: str
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True)
+class QuestionAnswered:
+    request_id: str
+    answers: tuple[tuple[str, str], ...]  # (question text, answer), in the questions' order
+    answered: bool
+    decider: str  # client | timeout | policy
+    message: str = ""
+
+
 EventKind = (
     TurnStarted
     | TextDelta
@@ -146,6 +179,8 @@ EventKind = (
     | Notice
     | PermissionRequest
     | PermissionDecided
+    | Question
+    | QuestionAnswered
 )
 TERMINAL = (TurnCompleted, TurnFailed)
 

@@ -668,6 +668,24 @@ class Registry:
             )
         raise NotFound(f"session {s.id!r} has no permission request {request_id!r}")
 
+    def answer_question(
+        self, session_id: str, request_id: str, answers: dict[str, str]
+    ) -> ev.QuestionAnswered:
+        """A client's answer to a question of the running turn (empty answers decline it)."""
+        s = self._load(session_id)
+        if not request_id:
+            raise InvalidArgument("request_id is required")
+        turn = s.turn
+        if turn is not None and turn.approvals is not None:
+            questions = turn.approvals.questions
+            if request_id in questions.pending:
+                return questions.answer(request_id, answers)
+            if request_id in questions.settled:
+                raise FailedPrecondition(f"question {request_id!r} has already ended")
+        if request_id in s.decisions:
+            raise FailedPrecondition(f"question {request_id!r} has already ended")
+        raise NotFound(f"session {s.id!r} has no pending question {request_id!r}")
+
     def audit_events(
         self, session_id: str, page_size: int, page_token: str
     ) -> tuple[list[AuditRecord], str]:

@@ -603,6 +603,8 @@ class TurnRunner:
     ) -> None:
         decision = await approvals.decide(request)
         raw_input = request.payload.get("input")
+        if decision.updated_input is not None:
+            raw_input = decision.updated_input
         answer = (
             proto.permission_allow(raw_input if isinstance(raw_input, dict) else {})
             if decision.allow

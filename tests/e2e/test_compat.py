@@ -4,6 +4,7 @@ against a real daemon running the real CLI (offline, the fake Messages API)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -200,3 +201,43 @@ def test_study_mode_and_resume_across_a_new_manager(e2e: E2E, manager: SessionMa
     assert "remember the word banana" in users  # the same conversation, continued
     assert "beam" in users  # the study attached since then reached the model
     assert info is not None and info["message_count"] == 4 and info["study_id"] == "beam"
+
+
+def test_a_question_handler_answers_the_agents_questions(e2e: E2E, manager: SessionManager) -> None:
+    questions = {
+        "questions": [
+            {
+                "question": "Which material?",
+                "header": "Material",
+                "options": [
+                    {"label": "Steel", "description": ""},
+                    {"label": "Oak", "description": ""},
+                ],
+                "multiSelect": False,
+            }
+        ]
+    }
+    asked: list[str] = []
+
+    def pick(question: Any) -> dict[str, str]:
+        asked.extend(q.question for q in question.questions)
+        return {"Which material?": "Oak"}
+
+    manager.question_handler = pick
+
+    async def scenario() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        session = await manager.create_session()
+        prompt = f"[[tool:AskUserQuestion {json.dumps(questions)}]]"
+        answered = await chunks_of(manager, session.session_id, prompt)
+        manager.question_handler = None  # without one, questions are declined at once
+        declined = await chunks_of(manager, session.session_id, "again " + prompt)
+        return answered, declined
+
+    answered, declined = run(scenario())
+    assert asked == ["Which material?"]
+    assert answered[-1]["tool_calls"][0]["name"] == "AskUserQuestion"
+    assert not answered[-1]["tool_calls"][0]["is_error"]
+    assert declined[-1]["tool_calls"][0]["is_error"]
+    first, second = e2e.api.requests[-1].tool_results  # the conversation so far
+    assert '"Which material?"="Oak"' in str(first["content"])
+    assert "chose not to answer" in str(second["content"])

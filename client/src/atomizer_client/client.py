@@ -27,7 +27,7 @@ import json
 import math
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -59,6 +59,7 @@ Session = session_pb2.Session
 Message = session_pb2.Message
 AuditEvent = session_pb2.AuditEvent
 Decision = session_pb2.PermissionDecided
+QuestionOutcome = session_pb2.QuestionAnswered
 Status = daemon_pb2.GetStatusResponse
 ModeLike = str | int
 """A mode: "user" / "power" (any case, with or without MODE_), or a `session_pb2.Mode` value."""
@@ -404,6 +405,24 @@ class Client(_Base):
         req = _respond_request(session_id, request_id, allow, message, remember)
         return self._call(self._sessions.RespondToPermission, req, timeout).decision
 
+    def answer_question(
+        self,
+        session_id: str,
+        request_id: str,
+        answers: Mapping[str, str],
+        *,
+        timeout: float | None = None,
+    ) -> QuestionOutcome:
+        """Answers a `Question` event: question text -> the chosen option's label (or the
+        person's own words; for a multi_select question the labels joined by ", "). Empty
+        `answers` declines the questions. The first answer wins (a later one raises
+        FailedPreconditionError; one for a question that is not pending NotFoundError; a key
+        that is not one of its questions InvalidArgumentError). Never retried."""
+        req = session_pb2.AnswerQuestionRequest(
+            session_id=session_id, request_id=request_id, answers=dict(answers)
+        )
+        return self._call(self._sessions.AnswerQuestion, req, timeout).answer
+
     def list_audit_events(
         self, session_id: str, *, page_size: int = 0, timeout: float | None = None
     ) -> Iterator[AuditEvent]:
@@ -614,6 +633,15 @@ class AsyncClient(_Base):
         req = _respond_request(session_id, request_id, allow, message, remember)
         return (await self._call(self._sessions.RespondToPermission, req)).decision
 
+    async def answer_question(
+        self, session_id: str, request_id: str, answers: Mapping[str, str]
+    ) -> QuestionOutcome:
+        """As `Client.answer_question`; never retried."""
+        req = session_pb2.AnswerQuestionRequest(
+            session_id=session_id, request_id=request_id, answers=dict(answers)
+        )
+        return (await self._call(self._sessions.AnswerQuestion, req)).answer
+
     def list_audit_events(
         self, session_id: str, *, page_size: int = 0
     ) -> AsyncIterator[AuditEvent]:
@@ -633,6 +661,7 @@ __all__ = [
     "Client",
     "Decision",
     "EventStream",
+    "QuestionOutcome",
     "RetryPolicy",
     "channel_options",
     "mode_value",

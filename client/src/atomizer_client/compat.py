@@ -22,7 +22,8 @@ the daemon) and `create_session(resume_session_id=…)` continues the same conve
 `{"id", "name", "input", "result", "is_error"}`.
 
 Tools the agent asks to use outside the user-mode allowlist (which the original's CLI denied by
-itself) are denied at once unless a `permission_handler` is given.
+itself) are denied at once unless a `permission_handler` is given; questions the agent asks
+(its AskUserQuestion tool) are declined at once unless a `question_handler` answers them.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import contextlib
 import inspect
 import json
 import os
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -47,6 +48,7 @@ from atomizer_client.errors import (
 )
 from atomizer_client.events import (
     PermissionRequest,
+    Question,
     TextDelta,
     ToolResult,
     ToolUse,
@@ -57,6 +59,8 @@ from atomizer_client.events import (
 Mode = Literal["user", "power"]
 Chunks = AsyncGenerator[dict[str, Any], None]
 PermissionHandler = Callable[[PermissionRequest], bool | Awaitable[bool]]
+# Question text -> answer; an empty mapping declines.
+QuestionHandler = Callable[[Question], Mapping[str, str] | Awaitable[Mapping[str, str]]]
 
 SESSION_NOT_FOUND = "Session not found"
 DENIED_UNASKED = "this tool is not available in this session's mode"
@@ -110,6 +114,8 @@ class SessionManager:
     `socket`: the daemon's socket (default: found as `AsyncClient` finds it, e.g. from
     $ATOMIZERD_SOCKET). `permission_handler(request) -> bool` (or an awaitable of one) answers
     the agent's requests to use tools outside the allowlist; without one they are denied.
+    `question_handler(question) -> {question text: answer}` (or an awaitable of one) answers
+    the agent's questions; without one (or with an empty answer) they are declined.
     """
 
     def __init__(
@@ -118,12 +124,14 @@ class SessionManager:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         permission_handler: PermissionHandler | None = None,
+        question_handler: QuestionHandler | None = None,
     ) -> None:
         self.sessions: dict[str, ClaudeSession] = {}
         self._socket = socket
         self._timeout = timeout
         self._client: AsyncClient | None = None
         self.permission_handler = permission_handler
+        self.question_handler = question_handler
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -194,6 +202,8 @@ class SessionManager:
                     calls[ev.tool_use_id].update(result=ev.content, is_error=ev.is_error)
                 elif isinstance(ev, PermissionRequest):
                     await self._answer_permission(ev)
+                elif isinstance(ev, Question):
+                    await self._answer_question(ev)
                 elif isinstance(ev, TurnFailed):
                     yield {"type": "error", "message": ev.message}
                 elif isinstance(ev, TurnCompleted) and ev.is_error:
@@ -286,6 +296,16 @@ class SessionManager:
                 session.record.state = session_pb2.SESSION_STATE_CLOSED
         except AtomizerError:
             pass  # the reply is already out; the snapshot is refreshed on the next call
+
+    async def _answer_question(self, question: Question) -> None:
+        answers: Mapping[str, str] = {}
+        if self.question_handler is not None:
+            answer = self.question_handler(question)
+            answers = await answer if inspect.isawaitable(answer) else answer
+        with contextlib.suppress(NotFoundError, FailedPreconditionError):
+            await self._connect().answer_question(
+                question.session_id, question.request_id, dict(answers)
+            )
 
     async def _answer_permission(self, request: PermissionRequest) -> None:
         client = self._connect()

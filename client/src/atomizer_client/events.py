@@ -177,6 +177,47 @@ class PermissionDecided(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class QuestionOption:
+    label: str
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class QuestionItem:
+    question: str
+    """The question's text: the key of its answer in `Client.answer_question`."""
+    header: str = ""
+    options: tuple[QuestionOption, ...] = ()
+    multi_select: bool = False
+    """More than one option may be chosen: answer their labels joined by ", "."""
+
+
+@dataclass(frozen=True, slots=True)
+class Question(Event):
+    """The agent asks the user (its AskUserQuestion tool); the turn waits for
+    `Client.answer_question` until `deadline`, then goes on unanswered."""
+
+    type: ClassVar[str] = "question"
+    request_id: str = ""
+    questions: tuple[QuestionItem, ...] = ()
+    tool_use_id: str = ""
+    deadline: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QuestionAnswered(Event):
+    """How a question ended: `answered` (the answers, question text -> answer) or not
+    (declined, timed out, nobody attached, the turn ended), with `message` saying why."""
+
+    type: ClassVar[str] = "question_answered"
+    request_id: str = ""
+    answers: dict[str, str] = field(default_factory=dict)
+    answered: bool = False
+    decider: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class UnknownEvent(Event):
     """An event kind this client does not know (a newer daemon); safe to skip."""
 
@@ -253,7 +294,42 @@ def from_proto(ev: session_pb2.SessionEvent) -> Event:
             decider=decider_name(d.decider),
             message=d.message,
         )
+    if kind == "question":
+        return question_from_proto(base, ev.question)
+    if kind == "question_answered":
+        return question_answered_from_proto(base, ev.question_answered)
     return UnknownEvent(**base)
+
+
+def question_from_proto(base: dict[str, Any], q: session_pb2.Question) -> Question:
+    return Question(
+        **base,
+        request_id=q.request_id,
+        questions=tuple(
+            QuestionItem(
+                question=i.question,
+                header=i.header,
+                options=tuple(QuestionOption(o.label, o.description) for o in i.options),
+                multi_select=i.multi_select,
+            )
+            for i in q.questions
+        ),
+        tool_use_id=q.tool_use_id,
+        deadline=_time(q.deadline) if q.HasField("deadline") else None,
+    )
+
+
+def question_answered_from_proto(
+    base: dict[str, Any], a: session_pb2.QuestionAnswered
+) -> QuestionAnswered:
+    return QuestionAnswered(
+        **base,
+        request_id=a.request_id,
+        answers=dict(a.answers),
+        answered=a.answered,
+        decider=decider_name(a.decider),
+        message=a.message,
+    )
 
 
 def _turn_completed(base: dict[str, Any], c: session_pb2.TurnCompleted) -> TurnCompleted:
@@ -295,6 +371,10 @@ __all__ = [
     "PermissionDecided",
     "PermissionDenial",
     "PermissionRequest",
+    "Question",
+    "QuestionAnswered",
+    "QuestionItem",
+    "QuestionOption",
     "TextDelta",
     "ThinkingDelta",
     "ToolResult",

@@ -258,12 +258,16 @@ class _AuditKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditKind.V
     AUDIT_KIND_UNSPECIFIED: _AuditKind.ValueType  # 0
     AUDIT_KIND_PERMISSION: _AuditKind.ValueType  # 1
     AUDIT_KIND_MODE_SWITCH: _AuditKind.ValueType  # 2
+    AUDIT_KIND_QUESTION: _AuditKind.ValueType  # 3
+    """A question the agent asked (AskUserQuestion): allow is whether it was answered."""
 
 class AuditKind(_AuditKind, metaclass=_AuditKindEnumTypeWrapper): ...
 
 AUDIT_KIND_UNSPECIFIED: AuditKind.ValueType  # 0
 AUDIT_KIND_PERMISSION: AuditKind.ValueType  # 1
 AUDIT_KIND_MODE_SWITCH: AuditKind.ValueType  # 2
+AUDIT_KIND_QUESTION: AuditKind.ValueType  # 3
+"""A question the agent asked (AskUserQuestion): allow is whether it was answered."""
 Global___AuditKind: _TypeAlias = AuditKind  # noqa: Y015
 
 @_typing.final
@@ -944,6 +948,8 @@ class SessionEvent(_message.Message):
     NOTICE_FIELD_NUMBER: _builtins.int
     PERMISSION_REQUEST_FIELD_NUMBER: _builtins.int
     PERMISSION_DECIDED_FIELD_NUMBER: _builtins.int
+    QUESTION_FIELD_NUMBER: _builtins.int
+    QUESTION_ANSWERED_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     turn_id: _builtins.str
     session_id: _builtins.str
@@ -969,6 +975,10 @@ class SessionEvent(_message.Message):
     def permission_request(self) -> Global___PermissionRequest: ...
     @_builtins.property
     def permission_decided(self) -> Global___PermissionDecided: ...
+    @_builtins.property
+    def question(self) -> Global___Question: ...
+    @_builtins.property
+    def question_answered(self) -> Global___QuestionAnswered: ...
     def __init__(
         self,
         *,
@@ -986,12 +996,14 @@ class SessionEvent(_message.Message):
         notice: Global___Notice | None = ...,
         permission_request: Global___PermissionRequest | None = ...,
         permission_decided: Global___PermissionDecided | None = ...,
+        question: Global___Question | None = ...,
+        question_answered: Global___QuestionAnswered | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "notice", b"notice", "permission_decided", b"permission_decided", "permission_request", b"permission_request", "text_delta", b"text_delta", "thinking_delta", b"thinking_delta", "time", b"time", "tool_result", b"tool_result", "tool_use", b"tool_use", "turn_completed", b"turn_completed", "turn_failed", b"turn_failed", "turn_started", b"turn_started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "notice", b"notice", "permission_decided", b"permission_decided", "permission_request", b"permission_request", "question", b"question", "question_answered", b"question_answered", "text_delta", b"text_delta", "thinking_delta", b"thinking_delta", "time", b"time", "tool_result", b"tool_result", "tool_use", b"tool_use", "turn_completed", b"turn_completed", "turn_failed", b"turn_failed", "turn_started", b"turn_started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "notice", b"notice", "permission_decided", b"permission_decided", "permission_request", b"permission_request", "seq", b"seq", "session_id", b"session_id", "text_delta", b"text_delta", "thinking_delta", b"thinking_delta", "time", b"time", "tool_result", b"tool_result", "tool_use", b"tool_use", "turn_completed", b"turn_completed", "turn_failed", b"turn_failed", "turn_id", b"turn_id", "turn_started", b"turn_started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "notice", b"notice", "permission_decided", b"permission_decided", "permission_request", b"permission_request", "question", b"question", "question_answered", b"question_answered", "seq", b"seq", "session_id", b"session_id", "text_delta", b"text_delta", "thinking_delta", b"thinking_delta", "time", b"time", "tool_result", b"tool_result", "tool_use", b"tool_use", "turn_completed", b"turn_completed", "turn_failed", b"turn_failed", "turn_id", b"turn_id", "turn_started", b"turn_started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["turn_started", "text_delta", "thinking_delta", "tool_use", "tool_result", "turn_completed", "turn_failed", "notice", "permission_request", "permission_decided"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["turn_started", "text_delta", "thinking_delta", "tool_use", "tool_result", "turn_completed", "turn_failed", "notice", "permission_request", "permission_decided", "question", "question_answered"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -1375,6 +1387,226 @@ class RespondToPermissionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RespondToPermissionResponse: _TypeAlias = RespondToPermissionResponse  # noqa: Y015
+
+@_typing.final
+class Question(_message.Message):
+    """The agent asks the user (its AskUserQuestion tool); answer with AnswerQuestion before the
+    deadline, or the agent is told nobody answered.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    QUESTIONS_FIELD_NUMBER: _builtins.int
+    TOOL_USE_ID_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    tool_use_id: _builtins.str
+    @_builtins.property
+    def questions(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuestionItem]: ...
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """When the question ends unanswered if nobody answers (approvals.timeout)."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        questions: _abc.Iterable[Global___QuestionItem] | None = ...,
+        tool_use_id: _builtins.str = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "questions", b"questions", "request_id", b"request_id", "tool_use_id", b"tool_use_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Question: _TypeAlias = Question  # noqa: Y015
+
+@_typing.final
+class QuestionItem(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUESTION_FIELD_NUMBER: _builtins.int
+    HEADER_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    MULTI_SELECT_FIELD_NUMBER: _builtins.int
+    question: _builtins.str
+    """The question's text: the key of its answer in AnswerQuestionRequest.answers."""
+    header: _builtins.str
+    """A short label of the question (a chip or tag)."""
+    multi_select: _builtins.bool
+    """More than one option may be chosen (answer them joined by ", ")."""
+    @_builtins.property
+    def options(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuestionOption]: ...
+    def __init__(
+        self,
+        *,
+        question: _builtins.str = ...,
+        header: _builtins.str = ...,
+        options: _abc.Iterable[Global___QuestionOption] | None = ...,
+        multi_select: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "multi_select", b"multi_select", "options", b"options", "question", b"question"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuestionItem: _TypeAlias = QuestionItem  # noqa: Y015
+
+@_typing.final
+class QuestionOption(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABEL_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    label: _builtins.str
+    description: _builtins.str
+    def __init__(
+        self,
+        *,
+        label: _builtins.str = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "label", b"label"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuestionOption: _TypeAlias = QuestionOption  # noqa: Y015
+
+@_typing.final
+class QuestionAnswered(_message.Message):
+    """How a question ended: answered (by a client), declined, or unanswered (timeout, nobody
+    attached, the turn ended first).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class AnswersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ANSWERS_FIELD_NUMBER: _builtins.int
+    ANSWERED_FIELD_NUMBER: _builtins.int
+    DECIDER_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    answered: _builtins.bool
+    decider: Global___Decider.ValueType
+    message: _builtins.str
+    """Why it was not answered."""
+    @_builtins.property
+    def answers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Question text -> the chosen label (or the user's own words); empty unless answered."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        answers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        answered: _builtins.bool = ...,
+        decider: Global___Decider.ValueType = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answered", b"answered", "answers", b"answers", "decider", b"decider", "message", b"message", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuestionAnswered: _TypeAlias = QuestionAnswered  # noqa: Y015
+
+@_typing.final
+class AnswerQuestionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class AnswersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ANSWERS_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    request_id: _builtins.str
+    @_builtins.property
+    def answers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Question text -> the chosen option's label (or free text); for a multi_select question
+        the labels joined by ", ". Every key must be one of the request's questions. Empty
+        declines the question: the agent is told the user chose not to answer.
+        """
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        answers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "request_id", b"request_id", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnswerQuestionRequest: _TypeAlias = AnswerQuestionRequest  # noqa: Y015
+
+@_typing.final
+class AnswerQuestionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ANSWER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def answer(self) -> Global___QuestionAnswered: ...
+    def __init__(
+        self,
+        *,
+        answer: Global___QuestionAnswered | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnswerQuestionResponse: _TypeAlias = AnswerQuestionResponse  # noqa: Y015
 
 @_typing.final
 class AuditEvent(_message.Message):

@@ -90,6 +90,11 @@ class SessionServiceStub:
                 request_serializer=atomizer_dot_v1_dot_session__pb2.RespondToPermissionRequest.SerializeToString,
                 response_deserializer=atomizer_dot_v1_dot_session__pb2.RespondToPermissionResponse.FromString,
                 _registered_method=True)
+        self.AnswerQuestion = channel.unary_unary(
+                '/atomizer.v1.SessionService/AnswerQuestion',
+                request_serializer=atomizer_dot_v1_dot_session__pb2.AnswerQuestionRequest.SerializeToString,
+                response_deserializer=atomizer_dot_v1_dot_session__pb2.AnswerQuestionResponse.FromString,
+                _registered_method=True)
         self.ListAuditEvents = channel.unary_unary(
                 '/atomizer.v1.SessionService/ListAuditEvents',
                 request_serializer=atomizer_dot_v1_dot_session__pb2.ListAuditEventsRequest.SerializeToString,
@@ -177,6 +182,13 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AnswerQuestion(self, request, context):
+        """Answers a question event (the agent's AskUserQuestion); the first answer wins.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListAuditEvents(self, request, context):
         """The session's audit trail (permission outcomes, mode switches), oldest first.
         """
@@ -241,6 +253,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.RespondToPermission,
                     request_deserializer=atomizer_dot_v1_dot_session__pb2.RespondToPermissionRequest.FromString,
                     response_serializer=atomizer_dot_v1_dot_session__pb2.RespondToPermissionResponse.SerializeToString,
+            ),
+            'AnswerQuestion': grpc.unary_unary_rpc_method_handler(
+                    servicer.AnswerQuestion,
+                    request_deserializer=atomizer_dot_v1_dot_session__pb2.AnswerQuestionRequest.FromString,
+                    response_serializer=atomizer_dot_v1_dot_session__pb2.AnswerQuestionResponse.SerializeToString,
             ),
             'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAuditEvents,
@@ -546,6 +563,33 @@ class SessionService:
             '/atomizer.v1.SessionService/RespondToPermission',
             atomizer_dot_v1_dot_session__pb2.RespondToPermissionRequest.SerializeToString,
             atomizer_dot_v1_dot_session__pb2.RespondToPermissionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AnswerQuestion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atomizer.v1.SessionService/AnswerQuestion',
+            atomizer_dot_v1_dot_session__pb2.AnswerQuestionRequest.SerializeToString,
+            atomizer_dot_v1_dot_session__pb2.AnswerQuestionResponse.FromString,
             options,
             channel_credentials,
             insecure,

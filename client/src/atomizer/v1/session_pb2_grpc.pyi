@@ -54,6 +54,8 @@ class SessionServiceStub:
     """Interrupts the running turn; it completes with interrupted = true."""
     RespondToPermission: _grpc.UnaryUnaryMultiCallable[_session_pb2.RespondToPermissionRequest, _session_pb2.RespondToPermissionResponse]
     """Answers a permission_request event; the first answer wins."""
+    AnswerQuestion: _grpc.UnaryUnaryMultiCallable[_session_pb2.AnswerQuestionRequest, _session_pb2.AnswerQuestionResponse]
+    """Answers a question event (the agent's AskUserQuestion); the first answer wins."""
     ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_session_pb2.ListAuditEventsRequest, _session_pb2.ListAuditEventsResponse]
     """The session's audit trail (permission outcomes, mode switches), oldest first."""
 
@@ -83,6 +85,8 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """Interrupts the running turn; it completes with interrupted = true."""
     RespondToPermission: _aio.UnaryUnaryMultiCallable[_session_pb2.RespondToPermissionRequest, _session_pb2.RespondToPermissionResponse]  # type: ignore[assignment]
     """Answers a permission_request event; the first answer wins."""
+    AnswerQuestion: _aio.UnaryUnaryMultiCallable[_session_pb2.AnswerQuestionRequest, _session_pb2.AnswerQuestionResponse]  # type: ignore[assignment]
+    """Answers a question event (the agent's AskUserQuestion); the first answer wins."""
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_session_pb2.ListAuditEventsRequest, _session_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
     """The session's audit trail (permission outcomes, mode switches), oldest first."""
 
@@ -175,6 +179,14 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_session_pb2.RespondToPermissionResponse, _abc.Awaitable[_session_pb2.RespondToPermissionResponse]]:
         """Answers a permission_request event; the first answer wins."""
+
+    @_abc_1.abstractmethod
+    def AnswerQuestion(
+        self,
+        request: _session_pb2.AnswerQuestionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.AnswerQuestionResponse, _abc.Awaitable[_session_pb2.AnswerQuestionResponse]]:
+        """Answers a question event (the agent's AskUserQuestion); the first answer wins."""
 
     @_abc_1.abstractmethod
     def ListAuditEvents(
