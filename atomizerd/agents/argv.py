@@ -5,7 +5,8 @@ Every value goes in as a single `--flag=value` token. The CLI's option parser (c
 like an option, and variadic flags (`--allowedTools <tools...>`, `--add-dir`, `--mcp-config`)
 keep swallowing the tokens that follow them. In the `=` form a value can start with `-` and a
 variadic flag takes exactly that one token. Checked against Claude Code 2.1.332 for every flag
-used here. The prompt never goes in argv: turns are written to stdin.
+used here. The prompt never goes in argv: turns are written to stdin, and the launcher sends
+the system prompt in the `initialize` request (argv is visible to every user in `ps`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ _MAX_ARG_BYTES = 128 * 1024 - 1
 # CLI's own configuration. Anything else (secrets of other services...) stays out.
 _ENV_NAMES = frozenset({"PATH", "HOME", "LANG", "TERM", "TMPDIR", "USER", "LOGNAME", "SHELL"})
 _ENV_PREFIXES = ("LC_", "XDG_", "ANTHROPIC_", "CLAUDE_")
+# Passed only when the config's agent env sets them: XDG_RUNTIME_DIR leads to the daemon's
+# own socket (`$XDG_RUNTIME_DIR/atomizerd/`), which an agent has no business finding.
+_ENV_NOT_PASSED = frozenset({"XDG_RUNTIME_DIR"})
 # A nested-session guard: a CLI that sees it believes it runs inside another Claude Code.
 _ENV_REMOVED = frozenset({"CLAUDECODE"})
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -58,6 +62,7 @@ class AgentSpec:
     permission_prompt_tool: str | None = None  # "stdio": ask us with control requests
     skip_permissions: bool = False  # --dangerously-skip-permissions (refused as root)
     mcp_config: str | None = None  # a file path
+    settings: str | None = None  # --settings: a file path (or JSON), e.g. the sandbox policy
     strict_mcp_config: bool = True  # with mcp_config: ignore every other MCP configuration
     append_system_prompt: str | None = None
     append_system_prompt_file: str | None = None  # for prompts too long for one argument
@@ -142,6 +147,8 @@ def _context_flags(spec: AgentSpec) -> list[str]:
         out.append(f"--mcp-config={spec.mcp_config}")
         if spec.strict_mcp_config:
             out.append("--strict-mcp-config")
+    if spec.settings:
+        out.append(f"--settings={spec.settings}")
     if spec.append_system_prompt is not None:
         out.append(f"--append-system-prompt={spec.append_system_prompt}")
     if spec.append_system_prompt_file:
@@ -179,7 +186,8 @@ def build_env(
     base_env: Mapping[str, str], extra: Mapping[str, str] | None = None
 ) -> dict[str, str]:
     """The agent's environment: the allowlisted part of `base_env` (normally the daemon's),
-    then `extra` (the config's agent env) on top; `CLAUDECODE` is always removed."""
+    then `extra` (the config's agent env) on top; `CLAUDECODE` is always removed.
+    `XDG_RUNTIME_DIR` only comes from `extra`."""
     env = {k: v for k, v in base_env.items() if _env_allowed(k)}
     for key, value in (extra or {}).items():
         if not _ENV_NAME_RE.fullmatch(key) or "\x00" in value:
@@ -191,4 +199,6 @@ def build_env(
 
 
 def _env_allowed(name: str) -> bool:
+    if name in _ENV_NOT_PASSED:
+        return False
     return name in _ENV_NAMES or name.startswith(_ENV_PREFIXES)

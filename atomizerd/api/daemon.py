@@ -37,6 +37,10 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
             loop_lag_max_ms=s.loop_lag_max_ms,
             loop_lag_recent_max_ms=s.loop_lag_recent_max_ms,
         )
+        if s.sandbox is not None:
+            resp.sandbox_enabled = s.sandbox.enabled
+            resp.sandbox_available = s.sandbox.available
+            resp.sandbox_detail = s.sandbox.detail
         if s.last_reaper_pass is not None:
             p = s.last_reaper_pass
             resp.last_reaper_pass.CopyFrom(

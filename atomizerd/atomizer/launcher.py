@@ -1,5 +1,15 @@
 """What an agent process is started with, for one session: the mode's permission policy, the
-study folder, the system-prompt context, and the command line built from them."""
+study folder, the system-prompt context, and the command line built from them.
+
+User mode is least privilege (docs/security.md): the allowlist's rules are scoped to the
+Atomizer root and the session's study, and Bash runs in Claude Code's sandbox with the
+session's policy (`atomizerd.atomizer.sandbox`), written 0600 to the runtime dir and passed
+with `--settings`; when the sandbox cannot run, the agent is not started (FAILED_PRECONDITION).
+Power mode is full access by policy. In both, nothing secret is in argv, which every user on
+the machine sees in `ps`: the system prompt (study summary, seeded history) goes in the
+`initialize` request on stdin. Each agent gets a private TMPDIR, the configured umask, and an
+environment that does not lead to the daemon's socket.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +17,61 @@ import json
 import os
 from pathlib import Path
 
+import structlog
+
 from atomizerd.agents.argv import AgentSpec, build_argv, build_env
 from atomizerd.agents.transport import LaunchSpec
+from atomizerd.atomizer import sandbox
 from atomizerd.atomizer.prompt import ContextBuilder
 from atomizerd.atomizer.studies import Studies
-from atomizerd.daemon.config import Config, mcp_server_entry
+from atomizerd.daemon.config import Config, agent_umask, mcp_server_entry
+from atomizerd.errors import FailedPrecondition
 from atomizerd.store.db import SessionRecord
+
+log = structlog.get_logger("atomizerd.atomizer.launcher")
 
 
 class Launcher:
-    def __init__(self, config: Config, studies: Studies, context: ContextBuilder) -> None:
+    def __init__(
+        self,
+        config: Config,
+        studies: Studies,
+        context: ContextBuilder,
+        probe: sandbox.SandboxProbe | None = None,
+    ) -> None:
         self.config = config
         self.studies = studies
         self.context = context
+        self.probe = probe or sandbox.PROBE
 
     def context_text(self, record: SessionRecord) -> str:
         study_dir = self.studies.resolve(record.study_id) if record.study_id else None
         return self.context.build(record.mode, record.study_id, study_dir)
 
     def spec_for(self, record: SessionRecord, *, resume: bool, seed: str = "") -> LaunchSpec:
+        """Raises FailedPrecondition when a user-mode agent cannot be sandboxed (and the
+        sandbox is on): nothing is started or written then."""
         study_dir = self.studies.resolve(record.study_id) if record.study_id else None
+        env = build_env(os.environ, self.config.agent.env)
+        sandboxed = record.mode == "user" and self.config.sandbox.enabled
+        if sandboxed:
+            status = self.probe.status(True, env.get("PATH") or os.defpath)
+            if not status.available:
+                log.warning(
+                    "user-mode agent not started: no sandbox",
+                    session_id=record.session_id,
+                    detail=status.detail,
+                )
+                raise FailedPrecondition(status.refusal())
+        tmp = self.studies.session_tmp(record.session_id)
+        env["TMPDIR"] = str(tmp)
+        settings = None
+        if sandboxed:
+            policy = sandbox.user_policy(self.config, env=env, study=study_dir, tmp=tmp)
+            content = json.dumps(policy.settings, indent=2)
+            settings = str(
+                self.studies.write_session_file(record.session_id, ".settings.json", content)
+            )
         prompt = self.context_text(record)
         if seed:
             prompt += "\n\n" + seed
@@ -34,23 +79,29 @@ class Launcher:
             command=tuple(self.config.agent.command),
             conversation_id=record.agent_session_id,
             resume=resume,
-            allowed_tools=self._allowed_tools(record.mode),
+            allowed_tools=self._allowed_tools(record.mode, study_dir),
             skip_permissions=record.mode == "power",
             # Power mode too: there only tools that need a person (AskUserQuestion) ask.
             permission_prompt_tool="stdio" if self.config.approvals.enabled else None,
             max_budget_usd=_allowance(record),
             mcp_config=str(self._write_mcp_config(record)),
             strict_mcp_config=self.config.mcp.strict,
-            append_system_prompt=prompt,
+            settings=settings,
             add_dirs=(str(study_dir),) if study_dir else (),
             model=self.config.agent.model or None,
             extra_args=tuple(self.config.agent.args),
         )
         return LaunchSpec(
             argv=build_argv(spec),
-            env=build_env(os.environ, self.config.agent.env),
+            env=env,
             cwd=str(self.config.atomizer_root),
+            initialize={"appendSystemPrompt": prompt},
+            umask=agent_umask(self.config),
         )
+
+    def sandbox_status(self) -> sandbox.SandboxStatus:
+        """Whether user-mode agents can be sandboxed here (GetStatus)."""
+        return self.probe.status(self.config.sandbox.enabled, sandbox.agent_path(self.config))
 
     def cleanup(self, session_id: str) -> None:
         """Removes the session's runtime files (its process is gone)."""
@@ -82,8 +133,29 @@ class Launcher:
         default = self.config.atomizer_root / "mcp-server" / "atomizer-tools" / "dist" / "index.js"
         return ["node", str(default)] if default.is_file() else []
 
-    def _allowed_tools(self, mode: str) -> tuple[str, ...]:
-        return () if mode == "power" else tuple(self.config.modes.user.allowed_tools)
+    def _allowed_tools(self, mode: str, study_dir: Path | None) -> tuple[str, ...]:
+        if mode == "power":
+            return ()
+        return tuple(
+            expand_rules(self.config.modes.user.allowed_tools, self.config.atomizer_root, study_dir)
+        )
+
+
+def expand_rules(rules: list[str], root: Path, study: Path | None) -> list[str]:
+    """`{root}` and `{study}` as absolute rule paths (`//...`), in both spellings when a
+    symlink is on the way; rules naming `{study}` are left out without a study."""
+    out: list[str] = []
+    for rule in rules:
+        if "{study}" in rule and study is None:
+            continue
+        variants = [rule]
+        for name, path in (("{root}", root), ("{study}", study)):
+            if path is None or not any(name in v for v in variants):
+                continue
+            spellings = list(dict.fromkeys([path, path.resolve()]))
+            variants = [v.replace(name, sandbox.rule_path(p)) for v in variants for p in spellings]
+        out += [v for v in variants if v not in out]
+    return out
 
 
 def _allowance(record: SessionRecord) -> float | None:

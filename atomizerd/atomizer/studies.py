@@ -1,18 +1,22 @@
 """Studies on disk and the per-session files in the runtime dir.
 
 A study id is a plain name resolved inside `atomizer.studies_root` after symlinks are
-resolved; nothing outside that root is ever read. Per-session runtime files (MCP config)
-live in `<runtime_dir>/sessions/` with mode 0600.
+resolved; nothing outside that root is ever read. Per-session runtime files (MCP config,
+settings) live in `<runtime_dir>/sessions/` with mode 0600; each agent's private temporary dir
+(its TMPDIR) is `<sandbox.tmp_dir>/<session id>/`, 0700.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import stat
 from pathlib import Path
 
 from atomizerd import ids
 from atomizerd.daemon.config import Config
-from atomizerd.errors import InvalidArgument
+from atomizerd.errors import FailedPrecondition, InvalidArgument
 
 
 class Studies:
@@ -20,6 +24,7 @@ class Studies:
         self.config = config
         self.root = config.studies_root
         self.session_dir = config.runtime_dir / "sessions"
+        self.tmp_root = Path(config.sandbox.tmp_dir)
 
     def resolve(self, study_id: str) -> Path:
         """The study's folder; INVALID_ARGUMENT for anything but a real folder in the root."""
@@ -47,20 +52,73 @@ class Studies:
         os.replace(tmp, path)
         return path
 
+    def session_tmp(self, session_id: str) -> Path:
+        """The session's private temporary dir (made 0700 if missing). FAILED_PRECONDITION
+        when its parent is not a private folder of the daemon's user."""
+        ids.check_session_id(session_id)
+        self.tmp_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _check_private(self.tmp_root)
+        path = self.tmp_root / session_id
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o700)
+        _check_private(path)
+        return path
+
     def remove_session_files(self, session_id: str) -> None:
+        ids.check_session_id(session_id)
+        _remove_tree(self.tmp_root / session_id)
         if not self.session_dir.is_dir():
             return
-        for path in self.session_dir.glob(f"{ids.check_session_id(session_id)}.*"):
+        for path in self.session_dir.glob(f"{session_id}.*"):
             path.unlink(missing_ok=True)
 
     def remove_stale_files(self, keep: set[str]) -> int:
-        """Start-up sweep: files of sessions that no longer exist (or half-written ones)."""
-        if not self.session_dir.is_dir():
-            return 0
+        """Start-up sweep: files of sessions that no longer exist (or half-written ones), and
+        temporary dirs of agents that are gone."""
         removed = 0
+        if self.tmp_root.is_dir() and not self.tmp_root.is_symlink():
+            for path in self.tmp_root.iterdir():
+                if path.name not in keep:
+                    _remove_tree(path)
+                    removed += 1
+        if not self.session_dir.is_dir():
+            return removed
         for path in self.session_dir.iterdir():
             owner = path.name.split(".", 1)[0]
             if owner not in keep or path.name.endswith(".tmp"):
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+
+def _check_private(path: Path) -> None:
+    """A real folder (not a link), owned by us, closed to others: nobody else can plant files
+    in an agent's TMPDIR or read what it leaves there."""
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise FailedPrecondition(
+            f"{path} (an agent's temporary dir) is not a folder owned by the daemon's user; "
+            "remove it or choose another sandbox.tmp_dir"
+        )
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(path, 0o700)
+
+
+def _remove_tree(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+
+        def writable_again(func: object, failed: str, exc: object) -> None:
+            # A tool may leave read-only folders behind: open them to us, try once more.
+            try:
+                os.chmod(os.path.dirname(failed), 0o700)
+                os.chmod(failed, 0o700)
+                if os.path.isdir(failed) and not os.path.islink(failed):
+                    os.rmdir(failed)
+                else:
+                    os.unlink(failed)
+            except OSError:
+                pass
+
+        shutil.rmtree(path, onerror=writable_again)

@@ -219,6 +219,13 @@ class AgentConfig:
         "How long `<command> --version` may take at start-up (reported by GetStatus).",
         default=10.0,
     )
+    umask: str = _doc(
+        "File-mode mask (octal) of agent processes and the tools they run. 0027, as the "
+        "system unit: what a study's scripts write is readable by the daemon's group and "
+        "never by others. Not inherited from the daemon's own private 0077, which would make "
+        "study results unreadable to the group that shares them.",
+        default="0027",
+    )
 
 
 @dataclass
@@ -240,11 +247,17 @@ class AtomizerConfig:
 class UserModeConfig:
     allowed_tools: list[str] = _doc(
         "Tools the agent may use in user mode without asking (Claude Code permission-rule "
-        "syntax). Everything else is denied.",
+        "syntax); anything else asks the session's clients (or is denied, see `approvals`). "
+        "`{root}` and `{study}` stand for the Atomizer root and the session's study folder as "
+        "absolute rule paths (`//...`); a rule naming `{study}` is left out when the session "
+        "has no study. Default: read the root and the study, write the study's report and "
+        "its Markdown results (`Edit` rules cover the Write tool too; `Write(...)` rules "
+        "match nothing), run Python.",
         default_factory=lambda: [
-            "Read",
-            "Write(**/STUDY_REPORT.md)",
-            "Write(**/3_results/*.md)",
+            "Read({root}/**)",
+            "Read({study}/**)",
+            "Edit({study}/STUDY_REPORT.md)",
+            "Edit({study}/3_results/*.md)",
             "Bash(python:*)",
         ],
     )
@@ -263,6 +276,60 @@ class PowerModeConfig:
 class ModesConfig:
     user: UserModeConfig = field(default_factory=UserModeConfig)
     power: PowerModeConfig = field(default_factory=PowerModeConfig)
+
+
+@dataclass
+class SandboxConfig:
+    enabled: bool = _doc(
+        "Run user-mode agents' Bash commands inside Claude Code's sandbox (bubblewrap and "
+        "seccomp on Linux: install the Debian packages `bubblewrap` and `socat`). It fails "
+        "closed: when the sandbox cannot run, a user-mode session does not start its agent "
+        "and the client gets FAILED_PRECONDITION; `--check-config` and GetStatus say whether "
+        "it is available. Off: user mode is then advisory only (the allowlist and approvals "
+        "steer the agent, but `python -c` in Bash is arbitrary code as the daemon's user). "
+        "Power mode is never sandboxed.",
+        default=True,
+    )
+    auto_allow_bash: bool = _doc(
+        "Sandboxed Bash commands run without asking (the CLI's autoAllowBashIfSandboxed): the "
+        "sandbox bounds what they can touch, and the allowlist's `Bash(python:*)` already "
+        "runs arbitrary code. Off: a command outside the allowlist still asks the session's "
+        "clients first, and then runs sandboxed.",
+        default=True,
+    )
+    allowed_domains: list[str] = _doc(
+        "Hosts Bash commands may reach (through the sandbox's proxy; `*.example.com` "
+        "wildcards), e.g. a package index. Empty: no network from tools at all, and nobody "
+        "is asked for more: a study's scripts compute on local files. The CLI's own calls to "
+        "the model API are not affected.",
+        default_factory=list,
+    )
+    allow_write: list[str] = _doc(
+        "Paths Bash may write besides the session's study folder and its private "
+        "temporary dir (e.g. a shared scratch volume); `~` is the agent's HOME. Everything "
+        "else, the rest of the Atomizer root included, is read-only to Bash.",
+        default_factory=list,
+    )
+    deny_read: list[str] = _doc(
+        "Paths user-mode tools may not read; `~` is the agent's HOME, where credentials "
+        "and the CLI's transcripts live. The Atomizer root and the session's study stay "
+        "readable inside them. Always denied on top: the daemon's state and runtime dirs, "
+        "the CLI's config dir (every session's transcripts) and other sessions' temporary "
+        "dirs.",
+        default_factory=lambda: ["~"],
+    )
+    allow_read: list[str] = _doc(
+        "Paths readable again inside `deny_read` (e.g. a Python installed under HOME); "
+        "never the always-denied ones.",
+        default_factory=list,
+    )
+    tmp_dir: str = _doc(
+        "Where each agent gets its private temporary dir (TMPDIR, created 0700, removed "
+        "when the agent stops): the only place besides its study where a user-mode agent's "
+        "Bash may write. Empty: `<state_dir>/agent-tmp` (on disk, private to this daemon; "
+        "not /run, whose small tmpfs a big temporary file would fill).",
+        default="",
+    )
 
 
 @dataclass
@@ -378,6 +445,7 @@ class Config:
     agent: AgentConfig = field(default_factory=AgentConfig)
     atomizer: AtomizerConfig = field(default_factory=AtomizerConfig)
     modes: ModesConfig = field(default_factory=ModesConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     mcp: McpConfig = field(default_factory=McpConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     reaper: ReaperConfig = field(default_factory=ReaperConfig)
@@ -581,6 +649,8 @@ def resolve(cfg: Config) -> None:
     a = cfg.atomizer
     a.root = str(Path(a.root or os.getcwd()).expanduser().absolute())
     a.studies_root = str(Path(a.studies_root or Path(a.root) / "studies").expanduser().absolute())
+    sb = cfg.sandbox
+    sb.tmp_dir = str(Path(sb.tmp_dir or Path(d.state_dir) / "agent-tmp").expanduser().absolute())
 
 
 def mcp_server_entry(name: str, spec: str) -> dict[str, Any]:
@@ -603,6 +673,10 @@ def socket_mode(cfg: Config) -> int:
     return int(cfg.daemon.socket_mode, 8)
 
 
+def agent_umask(cfg: Config) -> int:
+    return int(cfg.agent.umask, 8)
+
+
 def validate(cfg: Config) -> None:
     def positive(key: str, value: float) -> None:
         if value <= 0:
@@ -618,6 +692,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError("daemon.socket_mode: must not grant access to others (e.g. 0600, 0660)")
     if not cfg.agent.command:
         raise ConfigError("agent.command: must name the agent program")
+    try:
+        umask = agent_umask(cfg)
+    except ValueError:
+        raise ConfigError(
+            f"agent.umask: expected an octal mask like 0027 (got {cfg.agent.umask!r})"
+        ) from None
+    if not 0 <= umask <= 0o777:
+        raise ConfigError(
+            f"agent.umask: expected an octal mask like 0027 (got {cfg.agent.umask!r})"
+        )
     for key in (
         "daemon.grace_period",
         "daemon.max_message_bytes",
@@ -668,6 +752,10 @@ def validate(cfg: Config) -> None:
         )
     for name, spec in cfg.mcp.servers.items():
         mcp_server_entry(name, spec)
+    for key in ("sandbox.allow_write", "sandbox.deny_read", "sandbox.allow_read"):
+        for path in _get(cfg, key):
+            if not (path == "~" or path.startswith(("~/", "/"))):
+                raise ConfigError(f"{key}: {path!r} must be an absolute path or start with ~/")
     if len(cfg.daemon.socket.encode()) > 107:
         raise ConfigError(
             f"daemon.socket: path longer than a Unix socket allows ({cfg.daemon.socket})"
@@ -736,7 +824,7 @@ def render_docs() -> str:
         default = _get(defaults, key)
         shown = (
             "(see text)"
-            if key in ("daemon.runtime_dir", "daemon.state_dir")
+            if key in ("daemon.runtime_dir", "daemon.state_dir", "sandbox.tmp_dir")
             else _toml_value(default)
         )
         doc = f.metadata.get("doc", "")
@@ -747,6 +835,7 @@ def render_docs() -> str:
 __all__ = [
     "Config",
     "ConfigError",
+    "agent_umask",
     "iter_keys",
     "load",
     "render_docs",

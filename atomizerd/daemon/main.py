@@ -103,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_STARTUP
     if args.check_config:
         sys.stdout.write(config_mod.render_toml(cfg))
+        from atomizerd.atomizer import sandbox
+
+        status = sandbox.check(cfg)
+        sys.stdout.write(f"\n# sandbox (user mode): {status.summary()}\n")
+        if status.enabled and not status.available:
+            print(f"atomizerd: warning: sandbox {status.summary()}", file=sys.stderr)
         return 0
     if os.geteuid() == 0 and not args.allow_root:
         print(

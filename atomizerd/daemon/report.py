@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from atomizerd import __version__
+from atomizerd.atomizer import sandbox
+from atomizerd.atomizer.sandbox import SandboxStatus
 from atomizerd.daemon.loopprobe import LoopProbe
 
 if TYPE_CHECKING:
@@ -33,6 +35,7 @@ class StatusSnapshot:
     last_reaper_pass: ReaperPass | None
     loop_lag_max_ms: float = 0.0
     loop_lag_recent_max_ms: float = 0.0
+    sandbox: SandboxStatus | None = None
 
 
 class StatusReporter:
@@ -69,4 +72,5 @@ class StatusReporter:
             last_reaper_pass=self.reaper.last_pass,
             loop_lag_max_ms=self.loop_probe.max_ms,
             loop_lag_recent_max_ms=self.loop_probe.recent_max_ms(),
+            sandbox=sandbox.check(self.config),
         )

@@ -63,7 +63,9 @@ def test_a_study_set_before_a_daemon_restart_still_reaches_the_model(e2e: E2E) -
 
 def test_user_mode_denies_a_bash_write_outside_the_allowlist(e2e: E2E) -> None:
     # Without live approval the CLI denies on its own (approval: tests/e2e/test_governance.py).
-    stubs = e2e.start({"approvals": {"enabled": False}})
+    # The permission layer alone, with the sandbox off (advisory user mode); the sandbox, on by
+    # default, confines even allowed commands: tests/e2e/test_sandbox.py.
+    stubs = e2e.start({"approvals": {"enabled": False}, "sandbox": {"enabled": False}})
     assert e2e.daemon is not None
     target = e2e.workdir / "pwned.txt"
     stubs.sessions.CreateSession(pb.CreateSessionRequest(session_id="safe"))

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.e2e
 
 
 def touch(path: Path) -> str:
-    return f'[[tool:Bash {{"command": "touch {path}"}}]]'
+    """A tool use outside the user-mode allowlist that asks: the Write tool (sandboxed Bash
+    runs without asking, tests/e2e/test_sandbox.py)."""
+    return f'[[tool:Write {{"file_path": "{path}", "content": ""}}]]'
 
 
 def send_answering(
@@ -73,7 +75,7 @@ def test_approve_runs_the_tool_and_deny_does_not(e2e: E2E) -> None:
     request = next(
         e.permission_request for e in events if e.WhichOneof("kind") == "permission_request"
     )
-    assert request.tool_name == "Bash" and str(allowed) in request.input_json
+    assert request.tool_name == "Write" and str(allowed) in request.input_json
     assert [(d.allow, d.decider) for d in decided(events)] == [(True, pb.DECIDER_CLIENT)]
 
     events = send_answering(
@@ -86,8 +88,8 @@ def test_approve_runs_the_tool_and_deny_does_not(e2e: E2E) -> None:
 
     trail = audit(stubs, "g")
     assert [(a.tool_name, a.allow, a.decider) for a in trail] == [
-        ("Bash", True, pb.DECIDER_CLIENT),
-        ("Bash", False, pb.DECIDER_CLIENT),
+        ("Write", True, pb.DECIDER_CLIENT),
+        ("Write", False, pb.DECIDER_CLIENT),
     ]
     assert all(len(a.input_digest) == 64 and str(allowed) not in a.detail for a in trail)
 

@@ -152,7 +152,6 @@ def test_build_env_is_an_allowlist() -> None:
         "TERM": "xterm",
         "TMPDIR": "/tmp",
         "USER": "u",
-        "XDG_RUNTIME_DIR": "/run/user/1000",
         "ANTHROPIC_BASE_URL": "http://127.0.0.1:1",
         "CLAUDE_CODE_MAX_RETRIES": "1",
         "IS_SANDBOX": "1",
@@ -173,3 +172,12 @@ def test_build_env_refuses_bad_names(name: str) -> None:
 def test_build_env_refuses_nul_values() -> None:
     with pytest.raises(ArgvError):
         build_env({}, {"X": "a\x00b"})
+
+
+def test_settings_are_one_token_after_the_mcp_flags() -> None:
+    argv = build_argv(spec(mcp_config="/run/m.json", settings="/run/atomizerd/s1.settings.json"))
+    assert argv[-3:] == [
+        "--mcp-config=/run/m.json",
+        "--strict-mcp-config",
+        "--settings=/run/atomizerd/s1.settings.json",
+    ]

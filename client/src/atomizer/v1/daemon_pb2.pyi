@@ -50,6 +50,9 @@ class GetStatusResponse(_message.Message):
     LAST_REAPER_PASS_FIELD_NUMBER: _builtins.int
     LOOP_LAG_MAX_MS_FIELD_NUMBER: _builtins.int
     LOOP_LAG_RECENT_MAX_MS_FIELD_NUMBER: _builtins.int
+    SANDBOX_ENABLED_FIELD_NUMBER: _builtins.int
+    SANDBOX_AVAILABLE_FIELD_NUMBER: _builtins.int
+    SANDBOX_DETAIL_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     uptime_seconds: _builtins.float
     sessions_known: _builtins.int
@@ -66,6 +69,14 @@ class GetStatusResponse(_message.Message):
     0 when the probe is off (daemon.loop_probe_interval = 0).
     """
     loop_lag_recent_max_ms: _builtins.float
+    sandbox_enabled: _builtins.bool
+    """Claude Code's sandbox for user-mode agents: on (sandbox.enabled), able to run here
+    (bubblewrap and socat on the agents' PATH, and bubblewrap able to sandbox), and what was
+    found or what is missing. On but unavailable: user-mode sessions do not start their agent
+    (FAILED_PRECONDITION). Off: user mode is advisory only.
+    """
+    sandbox_available: _builtins.bool
+    sandbox_detail: _builtins.str
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -87,10 +98,13 @@ class GetStatusResponse(_message.Message):
         last_reaper_pass: Global___ReaperPass | None = ...,
         loop_lag_max_ms: _builtins.float = ...,
         loop_lag_recent_max_ms: _builtins.float = ...,
+        sandbox_enabled: _builtins.bool = ...,
+        sandbox_available: _builtins.bool = ...,
+        sandbox_detail: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_reaper_pass", b"last_reaper_pass", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_command", b"agent_command", "agent_version", b"agent_version", "busy_sessions", b"busy_sessions", "last_reaper_pass", b"last_reaper_pass", "live_processes", b"live_processes", "loop_lag_max_ms", b"loop_lag_max_ms", "loop_lag_recent_max_ms", b"loop_lag_recent_max_ms", "pool_capacity", b"pool_capacity", "queued_turns", b"queued_turns", "sessions_known", b"sessions_known", "started_at", b"started_at", "total_cost_usd", b"total_cost_usd", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_command", b"agent_command", "agent_version", b"agent_version", "busy_sessions", b"busy_sessions", "last_reaper_pass", b"last_reaper_pass", "live_processes", b"live_processes", "loop_lag_max_ms", b"loop_lag_max_ms", "loop_lag_recent_max_ms", b"loop_lag_recent_max_ms", "pool_capacity", b"pool_capacity", "queued_turns", b"queued_turns", "sandbox_available", b"sandbox_available", "sandbox_detail", b"sandbox_detail", "sandbox_enabled", b"sandbox_enabled", "sessions_known", b"sessions_known", "started_at", b"started_at", "total_cost_usd", b"total_cost_usd", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
