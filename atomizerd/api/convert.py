@@ -73,6 +73,7 @@ def session_to_pb(view: SessionView) -> pb.Session:
         queued_turns=view.queued_turns,
         budget_usd=r.budget_usd,
         turn_budget_usd=r.turn_budget_usd,
+        host_id=r.host_id,
     )
 
 

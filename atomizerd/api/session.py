@@ -49,6 +49,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             page_token=request.page_token,
             study_id=request.study_id or None,
             state=convert.state_from_pb(request.state),
+            host_id=request.host_id or None,
         )
         return pb.ListSessionsResponse(
             sessions=[convert.session_to_pb(v) for v in views], next_page_token=token

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import tomllib
 import typing
 from collections.abc import Iterator, Mapping
@@ -71,7 +72,18 @@ class DaemonConfig:
     )
     database: str = _doc(
         "Database URL in peewee's form. Empty: `sqlite:///<state_dir>/atomizerd.db`. "
-        "`postgresql://...` works without code changes (install psycopg2).",
+        "`postgresql://user@host/dbname` (or `postgresql://user@/dbname?host=/socket/dir`) "
+        "needs the driver: `pip install 'atomizerd[postgresql]'` (psycopg 3). Several "
+        "hosts' daemons may share one PostgreSQL database (docs/operations.md).",
+        default="",
+    )
+    host_id: str = _doc(
+        "This daemon's name among the daemons sharing one database: recorded on every "
+        "session it creates; it serves only sessions of its own host_id (others are "
+        "FAILED_PRECONDITION naming their host) and its start-up recovery touches only its "
+        "host's turns and agents. Agents, the CLI's transcripts and credentials are local to "
+        "a machine, hence one host_id per machine and daemon, stable across restarts. "
+        "Empty: the machine's hostname.",
         default="",
     )
     grace_period: float = _doc(
@@ -646,6 +658,7 @@ def resolve(cfg: Config) -> None:
     d.socket = str(Path(d.socket or Path(d.runtime_dir) / "atomizerd.sock").expanduser().absolute())
     if not d.database:
         d.database = f"sqlite:///{Path(d.state_dir) / 'atomizerd.db'}"
+    d.host_id = d.host_id or socket.gethostname()
     a = cfg.atomizer
     a.root = str(Path(a.root or os.getcwd()).expanduser().absolute())
     a.studies_root = str(Path(a.studies_root or Path(a.root) / "studies").expanduser().absolute())
@@ -690,6 +703,12 @@ def validate(cfg: Config) -> None:
         ) from None
     if mode & 0o007:
         raise ConfigError("daemon.socket_mode: must not grant access to others (e.g. 0600, 0660)")
+    host_id = cfg.daemon.host_id
+    if not host_id or len(host_id) > 255 or not host_id.isprintable() or host_id != host_id.strip():
+        raise ConfigError(
+            f"daemon.host_id: expected a name of 1 to 255 printable characters without leading "
+            f"or trailing spaces (got {host_id!r})"
+        )
     if not cfg.agent.command:
         raise ConfigError("agent.command: must name the agent program")
     try:

@@ -86,8 +86,9 @@ class Daemon:
         self._take_lock()
         self._clear_stale_socket()
         try:
-            # Exclusive: the crash recovery below takes every row for this daemon's own.
-            self.store = Store(cfg.daemon.database, exclusive=True)
+            # Exclusive (among this host's daemons): the crash recovery below takes every row
+            # of this host for this daemon's own.
+            self.store = Store(cfg.daemon.database, exclusive=True, host_id=cfg.daemon.host_id)
         except (DatabaseInUse, StorageFull) as e:
             raise StartupError(str(e)) from None
         studies = Studies(cfg)
@@ -111,7 +112,12 @@ class Daemon:
         os.chmod(cfg.socket_path, socket_mode(cfg))
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self.notifier.notify("READY=1")
-        log.info("atomizerd ready", socket=str(cfg.socket_path), pid=os.getpid())
+        log.info(
+            "atomizerd ready",
+            socket=str(cfg.socket_path),
+            pid=os.getpid(),
+            host_id=cfg.daemon.host_id,
+        )
         self._tasks.append(asyncio.create_task(status.loop_probe.run()))
         self._tasks.append(asyncio.create_task(reaper.run_forever()))
         self._tasks.append(asyncio.create_task(self._probe_agent(status)))
@@ -166,11 +172,13 @@ class Daemon:
         raise StartupError(f"another process is serving on {path}; stop it first")
 
     def _reconcile(self, studies: Studies) -> None:
-        """Crash recovery: agents a previous daemon left running are killed, its unfinished
-        turns settled. Everything here is this daemon's own to touch: it reads only its own
-        database, and holds that database exclusively (`Store(exclusive=True)`), so each
-        recorded agent and pending turn was left by an earlier daemon on this database that
-        is gone, never by one still running (whatever its runtime dir)."""
+        """Crash recovery: agents a previous daemon of this host left running are killed, its
+        unfinished turns settled. Everything here is this daemon's own to touch: the store
+        reads only this host's agents and sessions (`daemon.host_id`; other hosts sharing the
+        database keep theirs, running turns included), and this daemon holds the database
+        exclusively among its host's daemons (`Store(exclusive=True)`), so each recorded agent
+        and pending turn was left by an earlier daemon of this host that is gone, never by
+        one still running (whatever its runtime dir)."""
         assert self.store is not None and self.registry is not None
         for rec in self.store.agent_processes():
             if kill_group_if_same(rec.pgid, rec.start_time, signal.SIGKILL):

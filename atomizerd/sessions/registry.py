@@ -141,8 +141,26 @@ class Registry:
             next_seq=record.seq_reserved + 1,
             lifecycle=Lifecycle(f"session {session_id}", initial, SESSION_TRANSITIONS),
         )
+        if not self._owns(record):
+            # Another host's session: read as stored, never kept (its own daemon changes it).
+            return s
         self._sessions[session_id] = s
         return s
+
+    def _owns(self, record: SessionRecord) -> bool:
+        """Whether this daemon serves the session (its host's; a store without a host: all)."""
+        return self.store.host_id is None or record.host_id == self.store.host_id
+
+    def _require_own(self, s: Session) -> None:
+        """Work that needs the session's agent or its live events runs on its own host only."""
+        if self._owns(s.record):
+            return
+        owner = s.record.host_id
+        raise FailedPrecondition(
+            f"session {s.id!r} belongs to host {owner!r}, not to this daemon's host "
+            f"{self.store.host_id!r}: use the atomizerd on {owner!r} (its socket there), or move "
+            "the session (docs/operations.md)"
+        )
 
     def _new_log(self, session_id: str) -> ev.EventLog:
         d = self.config.daemon
@@ -203,7 +221,12 @@ class Registry:
             ids.check_session_id(session_id)
             record = self.store.get_session(session_id)
             if record is not None:
-                return await self._reopen(self._load(session_id), mode, study_id)
+                cached = self._sessions.get(session_id)
+                if cached is not None and cached.idle and not self._owns(record):
+                    self._forget(cached)  # moved to another host after it was closed here
+                s = self._load(session_id)
+                self._require_own(s)
+                return await self._reopen(s, mode, study_id)
         else:
             session_id = ids.new_session_id()
             # Every later log line of this request (and of the prewarm it starts) names it.
@@ -253,6 +276,7 @@ class Registry:
         self._check_open()
         mode = self._check_mode(mode)
         s = self._load(session_id)
+        self._require_own(s)
         self._require_open(s)
         await self._reconfigure(s, mode, None, audit=True)
         return self.view(s)
@@ -262,6 +286,7 @@ class Registry:
         if study_id:
             self.studies.resolve(study_id)
         s = self._load(session_id)
+        self._require_own(s)
         self._require_open(s)
         await self._reconfigure(s, None, study_id if study_id else "", audit=False)
         return self.view(s)
@@ -334,7 +359,12 @@ class Registry:
         return self.view(self._load(session_id))
 
     def list_sessions(
-        self, page_size: int, page_token: str, study_id: str | None, state: str | None
+        self,
+        page_size: int,
+        page_token: str,
+        study_id: str | None,
+        state: str | None,
+        host_id: str | None = None,
     ) -> tuple[list[SessionView], str]:
         limit = _page_size(page_size)
         after = _decode_token(page_token)
@@ -358,6 +388,7 @@ class Registry:
             closed=closed,
             only_ids=only,
             exclude_ids=exclude,
+            host_id=host_id,
         )
         page = records[:limit]
         token = ""
@@ -370,6 +401,7 @@ class Registry:
         """OPEN → CLOSING → CLOSED (or purged). Runs to its end whatever happens to the caller
         (its deadline, a disconnect): a termination is never left half done."""
         s = self._load(session_id)
+        self._require_own(s)
         if s.closing is None:
             if s.state is SessionState.CLOSED and not purge:
                 return self.view(s)
@@ -496,6 +528,7 @@ class Registry:
         ids.check_request_id(request_id)
         self._check_text(text)
         s = self._load(session_id)
+        self._require_own(s)
         self._require_open(s)
         turn = s.by_request.get(request_id) if request_id else None
         if turn is None:
@@ -585,7 +618,10 @@ class Registry:
 
     def _reserve_seq(self, s: Session, upto: int) -> None:
         try:
-            s.record = self._write(s, seq_reserved=upto)
+            record = self.store.reserve_seq(s.id, upto)
+            if record is None:  # purged meanwhile
+                raise NotFound(f"session {s.id!r} does not exist")
+            s.record = record
         except StorageFull as e:
             # Numbering goes on in memory; only a crash before the disk recovers could reuse
             # these numbers.
@@ -622,6 +658,7 @@ class Registry:
 
     async def watch(self, session_id: str, after_seq: int) -> AsyncIterator[ev.SessionEvent]:
         s = self._load(session_id)
+        self._require_own(s)  # its events exist only in its host's daemon
         if after_seq < 0:
             raise InvalidArgument("after_seq must not be negative")
         if after_seq >= s.next_seq:
@@ -642,6 +679,7 @@ class Registry:
 
     async def interrupt(self, session_id: str) -> str:
         s = self._load(session_id)
+        self._require_own(s)
         turn = s.turn
         if turn is None:
             raise FailedPrecondition(f"session {s.id!r} has no turn running")
@@ -652,6 +690,7 @@ class Registry:
         self, session_id: str, request_id: str, allow: bool, message: str, remember: bool
     ) -> Decision:
         s = self._load(session_id)
+        self._require_own(s)
         if not request_id:
             raise InvalidArgument("request_id is required")
         message = message or ("" if allow else "the user denied this tool use")
@@ -673,6 +712,7 @@ class Registry:
     ) -> ev.QuestionAnswered:
         """A client's answer to a question of the running turn (empty answers decline it)."""
         s = self._load(session_id)
+        self._require_own(s)
         if not request_id:
             raise InvalidArgument("request_id is required")
         turn = s.turn

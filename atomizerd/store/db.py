@@ -8,6 +8,7 @@ write happens per text delta.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import peewee as pw
+import structlog
 
 from atomizerd.store.diskfull import (
     ReportsFullDisk,
@@ -25,6 +27,8 @@ from atomizerd.store.diskfull import (
     without_password,
 )
 from atomizerd.store.lock import DatabaseLock, lock_database
+
+log = structlog.get_logger("atomizerd.store.db")
 
 database_proxy = pw.DatabaseProxy()
 
@@ -62,6 +66,9 @@ class SessionRow(_Model):
     # The study or mode changed after the conversation began: the CLI keeps the first system
     # prompt on --resume, so the next message must carry the new context.
     context_stale = pw.BooleanField(default=False)
+    # The daemon that serves the session's turns (`daemon.host_id`): a fleet of daemons,
+    # one per host, shares one database; each runs only its own sessions' agents.
+    host_id = pw.CharField(max_length=255, default="", index=True)
 
     class Meta:
         table_name = "sessions"
@@ -89,15 +96,18 @@ class MessageRow(_Model):
 
 
 class AgentProcessRow(_Model):
-    """Agent processes this daemon started and has not yet seen exit (for the crash sweep)."""
+    """Agent processes a daemon started and has not yet seen exit (for the crash sweep), by
+    host: process group ids are per machine."""
 
-    pgid = pw.IntegerField(primary_key=True)
+    host_id = pw.CharField(max_length=255, default="")
+    pgid = pw.IntegerField()
     session_id = pw.CharField(max_length=64)
     start_time = pw.BigIntegerField()  # /proc/<pid>/stat starttime: tells a reused pid apart
     started_at = pw.DoubleField()
 
     class Meta:
         table_name = "agent_processes"
+        primary_key = pw.CompositeKey("host_id", "pgid")
 
 
 class AuditRow(_Model):
@@ -177,12 +187,48 @@ def _migrate_4(db: pw.Database) -> None:
     db.create_tables([TurnCheckpointRow])
 
 
+def _migrate_5(db: pw.Database) -> None:
+    """Several hosts, one database: sessions and recorded agents name their host. Rows from
+    before have none (''); the first daemon to open the database takes them (`Store`)."""
+    if "host_id" not in {c.name for c in db.get_columns("sessions")}:
+        db.execute_sql(  # type: ignore[no-untyped-call]
+            "ALTER TABLE sessions ADD COLUMN host_id VARCHAR(255) NOT NULL DEFAULT ''"
+        )
+    db.execute_sql("CREATE INDEX IF NOT EXISTS sessions_host_id ON sessions (host_id)")  # type: ignore[no-untyped-call]
+    if "host_id" not in {c.name for c in db.get_columns("agent_processes")}:
+        # The key becomes (host_id, pgid): two hosts may have process groups of one number.
+        # A new table, filled from the old (no other table refers to it), on both engines.
+        for sql in (
+            "CREATE TABLE agent_processes_v5 (host_id VARCHAR(255) NOT NULL DEFAULT '', "
+            "pgid INTEGER NOT NULL, session_id VARCHAR(64) NOT NULL, start_time BIGINT NOT NULL, "
+            "started_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (host_id, pgid))",
+            "INSERT INTO agent_processes_v5 (host_id, pgid, session_id, start_time, started_at) "
+            "SELECT '', pgid, session_id, start_time, started_at FROM agent_processes",
+            "DROP TABLE agent_processes",
+            "ALTER TABLE agent_processes_v5 RENAME TO agent_processes",
+        ):
+            db.execute_sql(sql)  # type: ignore[no-untyped-call]
+
+
 # Forward migrations: index i migrates from version i to i + 1. Append, never edit.
-MIGRATIONS: list[Callable[[pw.Database], None]] = [_migrate_1, _migrate_2, _migrate_3, _migrate_4]
+MIGRATIONS: list[Callable[[pw.Database], None]] = [
+    _migrate_1,
+    _migrate_2,
+    _migrate_3,
+    _migrate_4,
+    _migrate_5,
+]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # Sequence numbers are reserved this many at a time: one write per block, not per event.
 SEQ_BLOCK = 1024
+
+# PostgreSQL: the transaction-level advisory lock that serialises migrations between daemons.
+MIGRATION_LOCK_KEY = int.from_bytes(
+    hashlib.blake2b(b"atomizerd: schema migration", digest_size=8).digest(), "big", signed=True
+)
+# The URL schemes whose peewee class takes `prefer_psycopg3`.
+_PSYCOPG_SCHEMES = frozenset({"postgres", "postgresql", "postgres+pool", "postgresql+pool"})
 
 
 # --- domain records ---------------------------------------------------------------------------
@@ -205,6 +251,7 @@ class SessionRecord:
     budget_usd: float = 0.0
     turn_budget_usd: float = 0.0
     context_stale: bool = False
+    host_id: str = ""
 
     @classmethod
     def from_row(cls, row: SessionRow) -> SessionRecord:
@@ -224,6 +271,7 @@ class SessionRecord:
             budget_usd=row.budget_usd,
             turn_budget_usd=row.turn_budget_usd,
             context_stale=row.context_stale,
+            host_id=row.host_id,
         )
 
 
@@ -320,13 +368,13 @@ class AgentProcessRecord:
 _SESSION_COLUMNS = (
     "session_id, mode, study_id, agent_session_id, agent_started, closed, created_at, "
     "last_active_at, message_count, total_cost_usd, agent_cost_usd, seq_reserved, budget_usd, "
-    "turn_budget_usd, context_stale"
+    "turn_budget_usd, context_stale, host_id"
 )
 
 
 def _session_from_tuple(row: tuple[Any, ...]) -> SessionRecord:
     (sid, mode, study, agent_sid, started, closed, created, active, count, cost, agent_cost,
-     seq, budget, turn_budget, stale) = row  # fmt: skip
+     seq, budget, turn_budget, stale, host) = row  # fmt: skip
     return SessionRecord(
         session_id=sid,
         mode=mode,
@@ -343,6 +391,7 @@ def _session_from_tuple(row: tuple[Any, ...]) -> SessionRecord:
         budget_usd=budget,
         turn_budget_usd=turn_budget,
         context_stale=bool(stale),
+        host_id=host,
     )
 
 
@@ -350,20 +399,30 @@ def _session_from_tuple(row: tuple[Any, ...]) -> SessionRecord:
 
 
 class Store:
-    def __init__(self, url: str, *, exclusive: bool = False) -> None:
+    def __init__(self, url: str, *, exclusive: bool = False, host_id: str | None = None) -> None:
         """`exclusive`: the daemon's store. No other daemon may use this database meanwhile
-        (`atomizerd.store.lock`); taken before the database is opened or migrated, and
-        DatabaseInUse if another one has it. A full disk makes every write raise StorageFull
-        (`atomizerd.store.diskfull`)."""
+        (`atomizerd.store.lock`; with PostgreSQL: no other daemon of the same `host_id`);
+        taken before the database is opened or migrated, and DatabaseInUse if another one has
+        it. A full disk makes every write raise StorageFull (`atomizerd.store.diskfull`).
+
+        `host_id`: the daemon's host. Sessions it creates and agents it records carry it; what
+        concerns one host's daemon (the crash sweep, unfinished turns, the retention purge,
+        the session limit, its status counts) reads only its host's rows, while sessions,
+        histories and audit trails of every host stay readable. Rows with no host yet (made
+        before hosts were recorded) are taken by the first daemon that opens the database.
+        None (tools, tests): no host, every row."""
         self.url = url
+        self.host_id = host_id
         self.db: pw.Database = _connect(url)
         self._lock: DatabaseLock | None = None
         try:
             if exclusive:
-                self._lock = lock_database(self.db, without_password(url))
+                self._lock = lock_database(self.db, without_password(url), host_id or "")
             database_proxy.initialize(self.db)
             self.db.connect(reuse_if_open=True)
             self._migrate()
+            if host_id:
+                self._adopt_unowned(host_id)
         except BaseException:
             self.close()
             raise
@@ -388,6 +447,11 @@ class Store:
 
     def _migrate(self) -> None:
         with self.db.atomic():
+            if isinstance(self.db, pw.PostgresqlDatabase):
+                # Daemons of several hosts may start at once: one migrates, the others wait
+                # for its commit and then find the schema current (the lock ends with the
+                # transaction).
+                self._sql("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK_KEY,))
             self.db.create_tables([SchemaVersion])
             current = self.schema_version()
             if current > SCHEMA_VERSION:
@@ -401,6 +465,29 @@ class Store:
                 step(self.db)
             SchemaVersion.delete().execute()
             SchemaVersion.create(version=SCHEMA_VERSION)
+
+    def _adopt_unowned(self, host_id: str) -> None:
+        """Sessions and recorded agents without a host (from before hosts were recorded, or
+        from a tool) become this host's: once, at the first open by a daemon. Looked for
+        first, so an ordinary start writes nothing. With several hosts starting at once each
+        row goes to exactly one of them (the UPDATE re-checks the row it waited for)."""
+        unowned = self._sql(
+            "SELECT EXISTS (SELECT 1 FROM sessions WHERE host_id = ?) "
+            "OR EXISTS (SELECT 1 FROM agent_processes WHERE host_id = ?)",
+            ("", ""),
+        ).fetchone()[0]
+        if not unowned:
+            return
+        with self.db.atomic():
+            taken = self._sql(
+                "UPDATE sessions SET host_id = ? WHERE host_id = ?", (host_id, "")
+            ).rowcount
+            self._sql("UPDATE agent_processes SET host_id = ? WHERE host_id = ?", (host_id, ""))
+        log.info("sessions without a host taken by this one", host_id=host_id, sessions=taken)
+
+    def _own(self, column: Any) -> Any:
+        """A condition: the row is this host's (always true for a store without a host)."""
+        return pw.SQL("1 = 1") if self.host_id is None else (column == self.host_id)
 
     # sessions
 
@@ -416,6 +503,7 @@ class Store:
         now = time.time()
         row = SessionRow.create(
             session_id=session_id,
+            host_id=self.host_id or "",
             mode=mode,
             study_id=study_id,
             agent_session_id=agent_session_id,
@@ -444,13 +532,16 @@ class Store:
         return _session_from_tuple(tuple(row)) if row else None
 
     def count_open_sessions(self) -> int:
-        return int(SessionRow.select().where(SessionRow.closed == False).count())  # noqa: E712
+        """This host's open sessions (daemon.max_sessions bounds what one daemon holds)."""
+        q = SessionRow.select().where(SessionRow.closed == False)  # noqa: E712
+        return int(q.where(self._own(SessionRow.host_id)).count())
 
     def count_sessions(self) -> int:
-        return int(SessionRow.select().count())
+        return int(SessionRow.select().where(self._own(SessionRow.host_id)).count())
 
     def total_cost(self) -> float:
-        value = SessionRow.select(pw.fn.SUM(SessionRow.total_cost_usd)).scalar()
+        q = SessionRow.select(pw.fn.SUM(SessionRow.total_cost_usd))
+        value = q.where(self._own(SessionRow.host_id)).scalar()
         return float(value or 0.0)
 
     def list_sessions(
@@ -462,9 +553,13 @@ class Store:
         closed: bool | None,
         only_ids: set[str] | None = None,
         exclude_ids: set[str] | None = None,
+        host_id: str | None = None,
     ) -> list[SessionRecord]:
-        """Newest first, keyset-paginated on (created_at, session_id)."""
+        """Newest first, keyset-paginated on (created_at, session_id); every host's sessions
+        unless `host_id` names one."""
         q = SessionRow.select()
+        if host_id is not None:
+            q = q.where(SessionRow.host_id == host_id)
         if after is not None:
             created, sid = after
             q = q.where(
@@ -483,16 +578,24 @@ class Store:
         return [SessionRecord.from_row(r) for r in q]
 
     def inactive_sessions(self, before: float, limit: int) -> list[str]:
+        """This host's sessions last active before `before` (each host purges its own)."""
         q = (
             SessionRow.select(SessionRow.session_id)
-            .where(SessionRow.last_active_at < before)
+            .where((SessionRow.last_active_at < before) & self._own(SessionRow.host_id))
             .order_by(SessionRow.last_active_at)
             .limit(limit)
         )
         return [r.session_id for r in q]
 
-    def reserve_seq(self, session_id: str, upto: int) -> None:
-        self.update_session(session_id, seq_reserved=upto)
+    def reserve_seq(self, session_id: str, upto: int) -> SessionRecord | None:
+        """Raises the session's reserved sequence numbers to `upto`, never lowers them (a
+        writer with an older view cannot move them back); returns the session now."""
+        with self.db.atomic():
+            self._sql(
+                "UPDATE sessions SET seq_reserved = ? WHERE session_id = ? AND seq_reserved < ?",
+                (upto, session_id, upto),
+            )
+            return self._session_now(session_id)
 
     def delete_history_batch(self, session_ids: Sequence[str], before: float, limit: int) -> int:
         """Deletes at most `limit` messages and audit events of those of `session_ids` still
@@ -688,8 +791,14 @@ class Store:
 
     def settle_unfinished_turns(self) -> list[tuple[str, str]]:
         """After a crash: user messages whose turn never ended become interrupted, each with an
-        (empty) interrupted assistant record so every user message has a terminal reply."""
-        pending = list(MessageRow.select().where(MessageRow.status == "pending"))
+        (empty) interrupted assistant record so every user message has a terminal reply. Only
+        this host's sessions: another host's pending turns may be running right now."""
+        pending = list(
+            MessageRow.select(MessageRow)
+            .join(SessionRow)
+            .where((MessageRow.status == "pending") & self._own(SessionRow.host_id))
+            .order_by(MessageRow.id)
+        )
         settled = []
         for row in pending:
             checkpoint = TurnCheckpointRow.get_or_none(TurnCheckpointRow.turn_id == row.turn_id)
@@ -730,8 +839,16 @@ class Store:
         return [AuditRecord.from_row(r) for r in q]
 
     def remember_rule(self, session_id: str, tool_name: str, digest: str, allow: bool) -> None:
-        PermissionRuleRow.replace(  # type: ignore[no-untyped-call]
+        # An upsert both engines take (PostgreSQL has no REPLACE).
+        PermissionRuleRow.insert(
             session=session_id, tool_name=tool_name, input_digest=digest, allow=allow
+        ).on_conflict(
+            conflict_target=[
+                PermissionRuleRow.session,
+                PermissionRuleRow.tool_name,
+                PermissionRuleRow.input_digest,
+            ],
+            update={PermissionRuleRow.allow: allow},
         ).execute()
 
     def find_rule(self, session_id: str, tool_name: str, digest: str) -> bool | None:
@@ -745,20 +862,32 @@ class Store:
     # agent processes (crash sweep)
 
     def record_agent_process(self, rec: AgentProcessRecord) -> None:
-        AgentProcessRow.replace(  # type: ignore[no-untyped-call]
+        now = time.time()
+        AgentProcessRow.insert(
+            host_id=self.host_id or "",
             pgid=rec.pgid,
             session_id=rec.session_id,
             start_time=rec.start_time,
-            started_at=time.time(),
+            started_at=now,
+        ).on_conflict(
+            conflict_target=[AgentProcessRow.host_id, AgentProcessRow.pgid],
+            update={
+                AgentProcessRow.session_id: rec.session_id,
+                AgentProcessRow.start_time: rec.start_time,
+                AgentProcessRow.started_at: now,
+            },
         ).execute()
 
     def forget_agent_process(self, pgid: int) -> None:
-        AgentProcessRow.delete().where(AgentProcessRow.pgid == pgid).execute()
+        AgentProcessRow.delete().where(
+            (AgentProcessRow.pgid == pgid) & self._own(AgentProcessRow.host_id)
+        ).execute()
 
     def agent_processes(self) -> list[AgentProcessRecord]:
+        """This host's recorded agents (process group ids mean nothing on another machine)."""
         return [
             AgentProcessRecord(pgid=r.pgid, session_id=r.session_id, start_time=r.start_time)
-            for r in AgentProcessRow.select()
+            for r in AgentProcessRow.select().where(self._own(AgentProcessRow.host_id))
         ]
 
 
@@ -776,11 +905,22 @@ def _connect(url: str) -> pw.Database:
             },
         )
     # Only other databases need the URL parser (it imports much of playhouse: slow start-up).
-    from playhouse.db_url import connect
+    from urllib.parse import urlparse
 
-    db: pw.Database = connect(url)
-    # The same object, its class with full-disk reporting mixed in (the URL picks the class).
-    db.__class__ = reporting_full_disk(type(db))
+    from playhouse import db_url
+
+    parsed = urlparse(url)
+    base = db_url.schemes.get(parsed.scheme)
+    if base is None:
+        raise RuntimeError(f"unsupported database URL scheme {parsed.scheme!r} in {url!r}")
+    params = db_url.parseresult_to_dict(parsed)
+    if parsed.scheme in _PSYCOPG_SCHEMES:
+        # psycopg 3 (the `postgresql` extra), also where psycopg2 happens to be installed too:
+        # peewee would otherwise prefer psycopg2, which the store is not tested with.
+        params["prefer_psycopg3"] = True
+    # The URL's class with full-disk reporting mixed in, built as such (a peewee database's
+    # class cannot be swapped after the fact: the layouts differ).
+    db: pw.Database = reporting_full_disk(base)(**params)
     if isinstance(db, ReportsFullDisk):
         db.full_disk_url = without_password(url)
     return db

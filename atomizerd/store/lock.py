@@ -1,17 +1,20 @@
-"""One daemon per database: its crash recovery takes every row it finds for its own.
+"""One daemon per database and host: its crash recovery takes every row of its host for its own.
 
-At start-up the daemon kills the agents recorded in `agent_processes` and settles the turns
-left pending (`Daemon._reconcile`). That is right only if no other live daemon uses the same
-database. The runtime-dir lock protects the socket, not the state: two daemons with different
-runtime dirs and one `daemon.database` would both start, and the second would kill the first
-one's agents. So the daemon's store also locks what is shared, the database, before it is
-opened, migrated or reconciled:
+At start-up the daemon kills the agents its host recorded in `agent_processes` and settles its
+host's turns left pending (`Daemon._reconcile`). That is right only if no other live daemon of
+the same host uses the same database. The runtime-dir lock protects the socket, not the state:
+two daemons with different runtime dirs and one `daemon.database` would both start, and the
+second would kill the first one's agents. So the daemon's store also locks what is shared, the
+database, before it is opened, migrated or reconciled:
 
 - SQLite: an exclusive `flock` on `<database file>.lock` beside the file (mode 0600, holding
   the owner's pid for the message the next daemon prints). The kernel drops it with the file
   descriptor, at the latest when the process dies, so a crashed daemon never leaves it held.
 - PostgreSQL: a session-level advisory lock (`pg_try_advisory_lock`) on the store's
   connection; it lasts as long as that connection, which the daemon keeps open while it runs.
+  Its key is derived from `daemon.host_id`: daemons of several hosts share one server (a
+  fleet, docs/operations.md), each recovering only what its host recorded, while a second
+  daemon with the same host_id is refused. An SQLite file is one machine's: one daemon.
 - Other databases: no lock (a warning at start-up).
 """
 
@@ -29,13 +32,14 @@ import structlog
 
 log = structlog.get_logger("atomizerd.store.lock")
 
-# The advisory lock's key: one per database for now. A later change adds per-host keys (this
-# constant combined with the host's identity) so a fleet of daemons can share one database,
-# each recovering only the agents and turns it recorded itself.
 ADVISORY_LOCK_NAME = b"atomizerd: one daemon per database"
-ADVISORY_LOCK_KEY = int.from_bytes(
-    hashlib.blake2b(ADVISORY_LOCK_NAME, digest_size=8).digest(), "big", signed=True
-)
+
+
+def advisory_lock_key(host_id: str) -> int:
+    """The advisory lock's key for one host: a signed 64-bit digest of this name and the
+    host_id (a collision of two host ids would only make their daemons refuse each other)."""
+    name = ADVISORY_LOCK_NAME + b"\0" + host_id.encode()
+    return int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "big", signed=True)
 
 
 class DatabaseInUse(RuntimeError):
@@ -63,15 +67,16 @@ class _AdvisoryLock(DatabaseLock):
     """Ends with the connection's session (the store closes it at shutdown)."""
 
 
-def lock_database(db: pw.Database, shown_as: str) -> DatabaseLock:
-    """Takes the database for this daemon alone, or raises DatabaseInUse. For SQLite this
-    happens before the file is opened; for PostgreSQL it opens the store's connection."""
+def lock_database(db: pw.Database, shown_as: str, host_id: str = "") -> DatabaseLock:
+    """Takes the database for this daemon alone (PostgreSQL: alone among the daemons of
+    `host_id`), or raises DatabaseInUse. For SQLite this happens before the file is opened;
+    for PostgreSQL it opens the store's connection."""
     if isinstance(db, pw.SqliteDatabase):
         if db.database in ("", ":memory:"):
             return DatabaseLock()  # private to this process: nothing shared to protect
         return _lock_sqlite_file(Path(db.database))
     if isinstance(db, pw.PostgresqlDatabase):
-        return _lock_postgresql(db, shown_as)
+        return _lock_postgresql(db, shown_as, host_id)
     log.warning(
         "no single-daemon lock for this kind of database: make sure no other atomizerd uses it",
         database=shown_as,
@@ -113,32 +118,34 @@ def _sql(db: pw.Database, sql: str, params: tuple[object, ...]) -> Any:
     return db.execute_sql(sql.replace("?", db.param), params)  # type: ignore[no-untyped-call]
 
 
-def _lock_postgresql(db: pw.PostgresqlDatabase, shown_as: str) -> DatabaseLock:
-    # Not exercised by the test suite (no PostgreSQL server there); kept to plain SQL.
+def _lock_postgresql(db: pw.PostgresqlDatabase, shown_as: str, host_id: str) -> DatabaseLock:
     db.connect(reuse_if_open=True)
-    (got,) = _sql(db, "SELECT pg_try_advisory_lock(?)", (ADVISORY_LOCK_KEY,)).fetchone()
+    key = advisory_lock_key(host_id)
+    (got,) = _sql(db, "SELECT pg_try_advisory_lock(?)", (key,)).fetchone()
     if not got:
         raise DatabaseInUse(
-            f"another atomizerd ({_advisory_lock_holder(db)}) is already using the database "
-            f"{shown_as}; stop it first, or give this daemon its own daemon.database"
+            f"another atomizerd with host_id {host_id!r} ({_advisory_lock_holder(db, key)}) is "
+            f"already using the database {shown_as}; stop it first, or give this daemon its "
+            "own daemon.host_id (one per machine) or daemon.database"
         )
     # How the next daemon (above) and the server's own views name us.
-    name = f"atomizerd pid {os.getpid()} on {socket.gethostname()}"[:63]
+    name = f"atomizerd {host_id} pid {os.getpid()} on {socket.gethostname()}"[:63]
     _sql(db, "SELECT set_config('application_name', ?, false)", (name,))
     return _AdvisoryLock()
 
 
-def _advisory_lock_holder(db: pw.PostgresqlDatabase) -> str:
-    """Who holds our advisory lock, as far as the server can tell (best effort)."""
+def _advisory_lock_holder(db: pw.PostgresqlDatabase, signed_key: int) -> str:
+    """Who holds the advisory lock `signed_key`, as far as the server can tell (best effort)."""
     # A bigint advisory key shows in pg_locks as classid (high 32 bits), objid (low 32 bits)
     # and objsubid 1.
-    key = ADVISORY_LOCK_KEY & 0xFFFF_FFFF_FFFF_FFFF
+    key = signed_key & 0xFFFF_FFFF_FFFF_FFFF
     try:
         row = _sql(
             db,
             "SELECT a.application_name, host(a.client_addr), a.pid FROM pg_locks l "
             "JOIN pg_stat_activity a ON a.pid = l.pid "
             "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
             "AND l.classid::bigint = ? AND l.objid::bigint = ?",
             (key >> 32, key & 0xFFFF_FFFF),
         ).fetchone()

@@ -8,6 +8,7 @@ import sqlite3
 from pathlib import Path
 
 import peewee as pw
+import psycopg
 import pytest
 
 from atomizerd.errors import ResourceExhausted, StorageFull
@@ -56,6 +57,9 @@ def test_full_disk_errors_are_recognised(tmp_path: Path) -> None:
     assert is_full_disk(wrapped(sqlite_error("database or disk is full", 13)))
     assert is_full_disk(OSError(errno.ENOSPC, "No space left on device"))
     assert is_full_disk(wrapped(FakePgError("could not extend file")))
+    # The driver of the `postgresql` extra (psycopg 3) names it sqlstate.
+    assert is_full_disk(wrapped(psycopg.errors.DiskFull("could not extend file")))
+    assert not is_full_disk(wrapped(psycopg.errors.UniqueViolation("duplicate key")))
     # An I/O error is only a full disk where the disk has no space left.
     assert not is_full_disk(sqlite_error("disk I/O error", 4874), tmp_path)
     # SQLite rolled back on its own: the failed ROLLBACK carries the full disk as its context.

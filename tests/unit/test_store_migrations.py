@@ -1,11 +1,24 @@
-"""The store migrates a version-1 database forward without losing anything."""
+"""The store migrates databases of earlier schema versions forward without losing anything,
+on SQLite and on PostgreSQL, from the same migration definitions."""
 
 from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
 
-from atomizerd.store.db import SCHEMA_VERSION, Store
+import peewee as pw
+import pytest
+
+from atomizerd.store.db import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    AgentProcessRecord,
+    SchemaVersion,
+    Store,
+    TurnOutcome,
+    _connect,
+    database_proxy,
+)
 
 V1_SCHEMA = """
 CREATE TABLE schema_version (id INTEGER NOT NULL PRIMARY KEY, version INTEGER NOT NULL);
@@ -46,11 +59,126 @@ def test_a_version_1_database_is_migrated_forward(tmp_path: Path) -> None:
 
 
 def test_a_database_from_a_newer_daemon_is_refused(tmp_path: Path) -> None:
-    import pytest
-
     path = tmp_path / "future.db"
     Store(f"sqlite:///{path}").close()
     with sqlite3.connect(path) as conn:
         conn.execute("UPDATE schema_version SET version = 99")
     with pytest.raises(RuntimeError, match="newer than this atomizerd"):
         Store(f"sqlite:///{path}")
+
+
+# --- the previous schema versions, on both engines ----------------------------------------------
+
+
+# What later migrations add, undone to recreate the shape a database of an earlier version
+# really has (MIGRATIONS[0] creates today's tables, so running MIGRATIONS[:n] alone leaves them
+# newer than version n).
+def _undo_5(db: pw.Database) -> None:
+    db.execute_sql("DROP INDEX IF EXISTS sessions_host_id")
+    db.execute_sql("ALTER TABLE sessions DROP COLUMN host_id")
+    db.execute_sql("DROP TABLE agent_processes")
+    db.execute_sql(
+        "CREATE TABLE agent_processes (pgid INTEGER NOT NULL PRIMARY KEY, "
+        "session_id VARCHAR(64) NOT NULL, start_time BIGINT NOT NULL, "
+        "started_at DOUBLE PRECISION NOT NULL)"
+    )
+
+
+# By the migration that added it (versions 3 and 4 added nothing to the first three tables).
+UNDO = {5: _undo_5}
+
+
+def make_version(url: str, version: int) -> None:
+    """A database as a daemon of schema `version` left it, holding a session with a finished
+    turn, a turn cut off by a crash and a recorded agent."""
+    db = _connect(url)
+    database_proxy.initialize(db)
+    db.connect()
+    try:
+        with db.atomic():
+            db.create_tables([SchemaVersion])
+            for step in MIGRATIONS[:version]:
+                step(db)
+            for later in sorted(UNDO, reverse=True):
+                if later > version:
+                    UNDO[later](db)
+            SchemaVersion.create(version=version)
+            for sql, params in [
+                (
+                    "INSERT INTO sessions (session_id, mode, study_id, agent_session_id, "
+                    "agent_started, closed, created_at, last_active_at, message_count, "
+                    "total_cost_usd, agent_cost_usd, seq_reserved, budget_usd, turn_budget_usd, "
+                    "context_stale) VALUES (?, 'user', NULL, 'agent-old', ?, ?, 1.0, 2.0, 3, 0.5, "
+                    "0.5, 1024, 0, 0, ?)",
+                    ("old", True, False, False),
+                ),
+                (
+                    "INSERT INTO messages (session_id, turn_id, role, content, status, "
+                    "request_id, tool_calls, cost_usd, usage, detail, created_at) VALUES "
+                    "('old', ?, ?, ?, ?, NULL, '[]', 0, '{}', '', 1.0)",
+                    ("t1", "user", "hello", "complete"),
+                ),
+                (
+                    "INSERT INTO messages (session_id, turn_id, role, content, status, "
+                    "request_id, tool_calls, cost_usd, usage, detail, created_at) VALUES "
+                    "('old', ?, ?, ?, ?, NULL, '[]', 0, '{}', '', 1.0)",
+                    ("t1", "assistant", "hi", "complete"),
+                ),
+                (
+                    "INSERT INTO messages (session_id, turn_id, role, content, status, "
+                    "request_id, tool_calls, cost_usd, usage, detail, created_at) VALUES "
+                    "('old', ?, ?, ?, ?, NULL, '[]', 0, '{}', '', 1.0)",
+                    ("t2", "user", "cut off", "pending"),
+                ),
+                (
+                    "INSERT INTO agent_processes (pgid, session_id, start_time, started_at) "
+                    "VALUES (?, 'old', ?, 1.0)",
+                    (4242, 99),
+                ),
+            ]:
+                db.execute_sql(sql.replace("?", db.param), params)
+        columns = {c.name for c in db.get_columns("sessions")}
+        assert ("host_id" in columns) == (version >= 5)
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("version", sorted({3, 4, SCHEMA_VERSION - 1}))
+def test_a_database_of_an_earlier_version_is_migrated_on_each_engine(
+    store_url: str, version: int
+) -> None:
+    make_version(store_url, version)
+    store = Store(store_url, host_id="host-a")
+    try:
+        assert store.schema_version() == SCHEMA_VERSION
+        old = store.get_session("old")
+        assert old is not None
+        assert (old.message_count, old.total_cost_usd, old.seq_reserved) == (3, 0.5, 1024)
+        assert old.agent_started and not old.closed
+        # Rows from before hosts were recorded: taken by the first daemon that opens them.
+        assert old.host_id == "host-a"
+        assert [(p.pgid, p.start_time) for p in store.agent_processes()] == [(4242, 99)]
+        assert [m.content for m in store.history("old", after_id=0, limit=10)] == [
+            "hello",
+            "hi",
+            "cut off",
+        ]
+        # The crash recovery works on what was migrated; new writes take the new columns.
+        assert store.settle_unfinished_turns() == [("old", "t2")]
+        store.checkpoint_reply("old", "t3", "partial")
+        store.add_user_message("old", "t3", "again", "r3")
+        _, session = store.finish_turn("old", "t3", TurnOutcome("complete", "ok", cost_usd=0.25))
+        assert session.message_count == 6 and session.total_cost_usd == 0.75
+        store.remember_rule("old", "Bash", "d" * 64, True)
+        assert store.find_rule("old", "Bash", "d" * 64) is True
+        store.record_agent_process(AgentProcessRecord(4242, "old", 100))
+        assert [p.start_time for p in store.agent_processes()] == [100]
+    finally:
+        store.close()
+    # Opened again: nothing left to migrate, nothing changed.
+    again = Store(store_url, host_id="host-b")
+    try:
+        assert again.schema_version() == SCHEMA_VERSION
+        assert again.get_session("old").host_id == "host-a"  # type: ignore[union-attr]
+    finally:
+        again.close()

@@ -308,10 +308,12 @@ class Client(_Base):
         state: StateLike | None = None,
         page_size: int = 0,
         timeout: float | None = None,
+        host_id: str = "",
     ) -> Iterator[Session]:
-        """Every matching session, newest first, fetching pages as the iteration goes."""
+        """Every matching session, newest first, fetching pages as the iteration goes;
+        `host_id`: only that host's (daemons sharing one database)."""
         req = session_pb2.ListSessionsRequest(
-            page_size=page_size, study_id=study_id, state=state_value(state)
+            page_size=page_size, study_id=study_id, state=state_value(state), host_id=host_id
         )
         return self._pages(self._sessions.ListSessions, req, "sessions", timeout)
 
@@ -563,10 +565,12 @@ class AsyncClient(_Base):
         study_id: str = "",
         state: StateLike | None = None,
         page_size: int = 0,
+        host_id: str = "",
     ) -> AsyncIterator[Session]:
-        """`async for s in client.list_sessions()`: every matching session, newest first."""
+        """`async for s in client.list_sessions()`: every matching session, newest first;
+        `host_id`: only that host's."""
         req = session_pb2.ListSessionsRequest(
-            page_size=page_size, study_id=study_id, state=state_value(state)
+            page_size=page_size, study_id=study_id, state=state_value(state), host_id=host_id
         )
         return self._pages(self._sessions.ListSessions, req, "sessions")
 

@@ -641,13 +641,15 @@ def cmd_new(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_ls(client: Client, args: argparse.Namespace, out: Output) -> int:
-    sessions = client.list_sessions(study_id=args.study or "", state=args.state)
+    sessions = client.list_sessions(
+        study_id=args.study or "", state=args.state, host_id=args.host_id or ""
+    )
     if out.json:
         for s in sessions:
             out.record(proto_dict(s))
         return EXIT_OK
     rows = [_session_row(s) for s in sessions]
-    header = ("SESSION", "MODE", "STATE", "STUDY", "MSGS", "COST", "LAST ACTIVE")
+    header = ("SESSION", "MODE", "STATE", "STUDY", "MSGS", "COST", "LAST ACTIVE", "HOST")
     _table(out, header, rows)
     return EXIT_OK
 
@@ -661,6 +663,7 @@ def _session_row(s: Any) -> tuple[str, ...]:
         str(s.message_count),
         f"${s.total_cost_usd:.4f}",
         _when(s.last_active_at),
+        s.host_id or "-",
     )
 
 
@@ -680,6 +683,7 @@ def _show_session(out: Output, s: Any) -> None:
         ("mode", _enum_short(s, "mode")),
         ("state", _enum_short(s, "state")),
         ("study", s.study_id or "-"),
+        ("host", s.host_id or "-"),
         ("agent session", s.agent_session_id or "-"),
         ("created", _when(s.created_at)),
         ("last active", _when(s.last_active_at)),
@@ -991,6 +995,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("ls", cmd_ls, "list sessions, newest first")
     p.add_argument("--study", metavar="S", help="only sessions attached to study S")
     p.add_argument("--state", choices=STATES, help="only sessions in this state")
+    p.add_argument(
+        "--host-id", metavar="H", help="only sessions of host H (daemons sharing one database)"
+    )
 
     add("show", cmd_show, "show one session, with its spend and caps").add_argument("id")
     add("history", cmd_history, "print a session's stored messages").add_argument("id")

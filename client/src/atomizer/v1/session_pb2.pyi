@@ -288,6 +288,7 @@ class Session(_message.Message):
     QUEUED_TURNS_FIELD_NUMBER: _builtins.int
     BUDGET_USD_FIELD_NUMBER: _builtins.int
     TURN_BUDGET_USD_FIELD_NUMBER: _builtins.int
+    HOST_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     mode: Global___Mode.ValueType
     study_id: _builtins.str
@@ -305,6 +306,13 @@ class Session(_message.Message):
     """Spending cap of the session in USD (0: none); total_cost_usd is what it has spent."""
     turn_budget_usd: _builtins.float
     """Spending cap of one turn in USD (0: none)."""
+    host_id: _builtins.str
+    """The host whose daemon serves the session (its daemon.host_id). Daemons of several hosts
+    may share one database: every host lists, reads and audits every session, but only this
+    host runs its turns (elsewhere SendMessage and the other calls that need its agent or its
+    live events are FAILED_PRECONDITION naming this host). state is live only there; another
+    host shows it as stored (IDLE or CLOSED).
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -330,10 +338,11 @@ class Session(_message.Message):
         queued_turns: _builtins.int = ...,
         budget_usd: _builtins.float = ...,
         turn_budget_usd: _builtins.float = ...,
+        host_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "last_active_at", b"last_active_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_session_id", b"agent_session_id", "budget_usd", b"budget_usd", "created_at", b"created_at", "last_active_at", b"last_active_at", "last_seq", b"last_seq", "mcp_servers", b"mcp_servers", "message_count", b"message_count", "mode", b"mode", "queued_turns", b"queued_turns", "session_id", b"session_id", "state", b"state", "study_id", b"study_id", "total_cost_usd", b"total_cost_usd", "turn_budget_usd", b"turn_budget_usd"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_session_id", b"agent_session_id", "budget_usd", b"budget_usd", "created_at", b"created_at", "host_id", b"host_id", "last_active_at", b"last_active_at", "last_seq", b"last_seq", "mcp_servers", b"mcp_servers", "message_count", b"message_count", "mode", b"mode", "queued_turns", b"queued_turns", "session_id", b"session_id", "state", b"state", "study_id", b"study_id", "total_cost_usd", b"total_cost_usd", "turn_budget_usd", b"turn_budget_usd"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -465,6 +474,7 @@ class ListSessionsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     STUDY_ID_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    HOST_ID_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """At most 1000; 0 means 100."""
     page_token: _builtins.str
@@ -472,6 +482,8 @@ class ListSessionsRequest(_message.Message):
     """Only sessions attached to this study."""
     state: Global___SessionState.ValueType
     """Only sessions in this state; SESSION_STATE_UNSPECIFIED means any."""
+    host_id: _builtins.str
+    """Only sessions of this host (Session.host_id); empty means every host's."""
     def __init__(
         self,
         *,
@@ -479,10 +491,11 @@ class ListSessionsRequest(_message.Message):
         page_token: _builtins.str = ...,
         study_id: _builtins.str = ...,
         state: Global___SessionState.ValueType = ...,
+        host_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "state", b"state", "study_id", b"study_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_id", b"host_id", "page_size", b"page_size", "page_token", b"page_token", "state", b"state", "study_id", b"study_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
