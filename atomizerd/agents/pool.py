@@ -32,6 +32,7 @@ import structlog
 
 from atomizerd.agents.process import AgentError, AgentExited
 from atomizerd.agents.transport import AgentTransport, LaunchSpec, Spawner
+from atomizerd.daemon import metrics
 from atomizerd.daemon.config import Config
 from atomizerd.errors import ResourceExhausted, Unavailable
 from atomizerd.statemachine import Lifecycle
@@ -355,6 +356,7 @@ class AgentPool:
             self._waiters.popleft()
             victim.successor = head
             log.info("evicting least-recently-used agent", session_id=victim.session_id)
+            metrics.of(self.store).agent_evicted()
             self._begin_stop(victim, "evicted for another session")
 
     def _eviction_victim(self) -> Agent | None:
@@ -406,6 +408,7 @@ class AgentPool:
             )
             await self._handshake(agent, spec, record)
         except BaseException:
+            metrics.of(self.store).spawn_failed()
             self._begin_stop(agent, "its start failed")
             agent.settled.set()
             raise

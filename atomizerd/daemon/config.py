@@ -10,6 +10,7 @@ and a few shortcuts). Unknown keys and bad values are startup errors that name t
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import socket
 import tomllib
@@ -452,6 +453,21 @@ class LoggingConfig:
 
 
 @dataclass
+class MetricsConfig:
+    listen: str = _doc(
+        "Where Prometheus metrics are served, at `/metrics` over HTTP (docs/metrics.md lists "
+        "them). Empty: no endpoint, the default, so that nothing listens that was not asked "
+        "for. Either a loopback `host:port` (`127.0.0.1:9464`, `[::1]:9464`, "
+        "`localhost:9464`; port 0 picks a free one, logged at start): the endpoint has no "
+        "authentication and every local user can reach a port, so any other address is "
+        "refused (put a proxy in front to scrape from elsewhere). Or a Unix socket path "
+        "(anything with a `/`), created with `daemon.socket_mode`: only the daemon's user (or "
+        "group) can read it.",
+        default="",
+    )
+
+
+@dataclass
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
@@ -464,6 +480,7 @@ class Config:
     approvals: ApprovalsConfig = field(default_factory=ApprovalsConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     # Derived paths, resolved once by `resolve()`.
     @property
@@ -658,6 +675,8 @@ def resolve(cfg: Config) -> None:
     d.socket = str(Path(d.socket or Path(d.runtime_dir) / "atomizerd.sock").expanduser().absolute())
     if not d.database:
         d.database = f"sqlite:///{Path(d.state_dir) / 'atomizerd.db'}"
+    if "/" in cfg.metrics.listen:
+        cfg.metrics.listen = str(Path(cfg.metrics.listen).expanduser().absolute())
     d.host_id = d.host_id or socket.gethostname()
     a = cfg.atomizer
     a.root = str(Path(a.root or os.getcwd()).expanduser().absolute())
@@ -680,6 +699,56 @@ def mcp_server_entry(name: str, spec: str) -> dict[str, Any]:
     if not isinstance(entry, dict) or not ({"command", "url"} & entry.keys()):
         raise ConfigError(f'{key}: expected a JSON object with a "command" or a "url"')
     return entry
+
+
+@dataclass(frozen=True)
+class MetricsAddress:
+    """Where the metrics endpoint listens: a loopback `host` and `port`, or a Unix `path`."""
+
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+
+def metrics_address(cfg: Config) -> MetricsAddress | None:
+    """`metrics.listen` parsed and checked; None when the endpoint is off."""
+    listen = cfg.metrics.listen.strip()
+    if not listen:
+        return None
+    if "/" in listen:
+        if len(listen.encode()) > 107:
+            raise ConfigError(f"metrics.listen: path longer than a Unix socket allows ({listen})")
+        return MetricsAddress(path=listen)
+    expected = "expected a loopback host:port (e.g. 127.0.0.1:9464) or a Unix socket path"
+    if listen.startswith("["):
+        host, sep, port = listen[1:].partition("]:")
+    else:
+        host, sep, port = listen.rpartition(":")
+        if ":" in host:
+            raise ConfigError(
+                f"metrics.listen: write an IPv6 address in brackets, as [::1]:9464 (got {listen!r})"
+            )
+    if not sep or not host:
+        raise ConfigError(f"metrics.listen: {expected} (got {listen!r})")
+    try:
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not 0 <= number <= 65535:
+        raise ConfigError(f"metrics.listen: port must be 0 to 65535 (got {listen!r})")
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ConfigError(
+            f"metrics.listen: {host} is not a loopback address. The metrics endpoint has no "
+            "authentication, so it listens only on loopback (127.0.0.1, ::1, localhost) or on a "
+            "Unix socket path; put a proxy in front of it to scrape from another machine"
+        )
+    return MetricsAddress(host=host, port=number)
 
 
 def socket_mode(cfg: Config) -> int:
@@ -779,6 +848,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"daemon.socket: path longer than a Unix socket allows ({cfg.daemon.socket})"
         )
+    metrics_address(cfg)
 
 
 # --- presentation --------------------------------------------------------------------------

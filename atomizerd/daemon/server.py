@@ -1,10 +1,11 @@
 """The daemon's lifecycle, top to bottom: startup, main loop, shutdown.
 
 Startup: private dirs → single-instance lock (runtime dir: the socket) → the database locked
-for this daemon alone, then opened and reconciled → socket bound →
-health SERVING → sd_notify READY=1. SIGTERM/SIGINT: STOPPING=1, health NOT_SERVING, running
-turns interrupted and stored, streams ended, `stop(grace)`, agents stopped, store closed,
-socket removed. A second signal skips the grace periods.
+for this daemon alone, then opened and reconciled → socket bound → metrics endpoint (when
+`metrics.listen` is set) → health SERVING → sd_notify READY=1. SIGTERM/SIGINT: STOPPING=1,
+health NOT_SERVING, running turns interrupted and stored, streams ended, `stop(grace)`, agents
+stopped, metrics endpoint closed, store closed, socket removed. A second signal skips the grace
+periods.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from atomizerd.atomizer.launcher import Launcher
 from atomizerd.atomizer.prompt import ContextBuilder
 from atomizerd.atomizer.studies import Studies
 from atomizerd.daemon.config import Config, socket_mode
+from atomizerd.daemon.metrics import MetricsEndpoint, MetricsError, start_endpoint
 from atomizerd.daemon.report import StatusReporter
 from atomizerd.daemon.sdnotify import Notifier
 from atomizerd.errors import StorageFull
@@ -67,6 +69,7 @@ class Daemon:
         self.store: Store | None = None
         self.pool: AgentPool | None = None
         self.registry: Registry | None = None
+        self.metrics: MetricsEndpoint | None = None
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
 
     async def serve(self) -> None:
@@ -110,6 +113,10 @@ class Daemon:
         self.server.add_insecure_port(f"unix:{cfg.socket_path}")
         await self.server.start()
         os.chmod(cfg.socket_path, socket_mode(cfg))
+        try:
+            self.metrics = await start_endpoint(cfg, self.store, status)
+        except MetricsError as e:
+            raise StartupError(str(e)) from None
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self.notifier.notify("READY=1")
         log.info(
@@ -277,6 +284,8 @@ class Daemon:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.pool is not None:
             await self.pool.close()
+        if self.metrics is not None:
+            await self.metrics.close()
         if self.store is not None:
             self.store.close()
         self._remove_socket()

@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 
 from atomizerd.agents import protocol as proto
+from atomizerd.daemon import metrics
 from atomizerd.errors import FailedPrecondition, NotFound, StorageFull
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.questions import QUESTION_TOOL, Questions
@@ -202,6 +203,7 @@ class Approvals:
         self.emit(ev.PermissionDecided(request_id, tool_name, d.allow, d.decider, d.message))
         self.audit(tool_name, digest, d.allow, d.decider, d.message)
         log.info("permission decided", tool=tool_name, allow=d.allow, decider=d.decider)
+        metrics.of(self.store).permission_decided(d.decider, d.allow)
         return d
 
     def audit(

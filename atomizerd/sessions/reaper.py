@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import structlog
 
+from atomizerd.daemon import metrics
 from atomizerd.daemon.config import Config
 
 if TYPE_CHECKING:
@@ -83,6 +84,7 @@ class Reaper:
             duration_ms=(time.monotonic() - started) * 1000,
         )
         self.last_pass = result
+        metrics.of(self.store).reaper_pass(result)
         log.info(
             "reaper pass",
             stopped=stopped,

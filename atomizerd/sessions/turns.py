@@ -40,6 +40,7 @@ from atomizerd.agents.process import (
 )
 from atomizerd.agents.transport import AgentTransport
 from atomizerd.atomizer.prompt import history_seed
+from atomizerd.daemon import metrics
 from atomizerd.daemon.config import Config
 from atomizerd.errors import AtomizerError
 from atomizerd.sessions import events as ev
@@ -421,6 +422,7 @@ class TurnRunner:
         turn.terminal = emit(terminal)
         turn.lifecycle.move(T.DONE)
         turn.done.set()
+        metrics.of(self.store).turn_ended(turn, terminal)
         log.info(
             "turn ended",
             turn_id=turn.turn_id,
@@ -515,6 +517,7 @@ class TurnRunner:
         process = agent.transport_or_fail()
         loop = asyncio.get_running_loop()
         started = last_activity = last_checkpoint = loop.time()
+        metrics.of(self.store).turn_running(turn, started)
         deadline = started + cfg.turn_timeout
         first = True
         interrupting_since: float | None = None
@@ -566,6 +569,8 @@ class TurnRunner:
                     receive = None
                 elif now >= deadline and interrupting_since is None:
                     return await self._watchdog(agent, turn, first, True)
+                if first:
+                    metrics.of(self.store).first_event(turn, loop.time())
                 first = False
                 last_activity = loop.time()
                 outcome = self._relay(

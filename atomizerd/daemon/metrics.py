@@ -1,0 +1,470 @@
+"""Prometheus metrics on an optional `/metrics` endpoint (`metrics.listen`, off by default).
+
+Two kinds of figures (docs/metrics.md lists every one):
+
+- What is true right now (live, spare and queued agents, busy sessions, queued turns, the event
+  loop's lag) is read from the pool, the registry and the loop probe when a scrape asks for it:
+  nothing is kept up to date between scrapes.
+- What happened (turns by outcome, their timings, spend, evictions, failed spawns, permission
+  decisions, reaper actions) is counted where it happens, by one-line hooks:
+  `metrics.of(self.store).turn_ended(...)`. Every part that reports one holds the daemon's one
+  `Store`, so the store finds the daemon's `Metrics`; a store without them (no endpoint, or a
+  test building the parts by hand) gets `NULL`, whose hooks do nothing.
+
+Each daemon has its own `CollectorRegistry`, never prometheus_client's global one: two daemons
+(or tests) in one process do not mix their figures or collide on names. prometheus_client is
+imported only when the endpoint is on.
+
+The endpoint is a minimal HTTP/1.1 responder on the daemon's own asyncio loop (one request per
+connection, `GET`/`HEAD /metrics`), over loopback TCP or a Unix socket, rather than
+prometheus_client's threaded server: the scrape-time figures live in loop-owned objects (the
+pool's dict of agents, the sessions, the probe's deque), which a thread would read while the
+loop changes them, and a thread would hold the GIL for the same work anyway. Generating the
+exposition is cheap enough to do on the loop: about 2 ms of CPU for a hundred samples on the
+2-core development machine (docs/metrics.md, "Cost of a scrape"). A request must arrive
+within `REQUEST_TIMEOUT` and fit in `MAX_REQUEST_BYTES`; at most `MAX_CONNECTIONS` are open at
+once, more are closed unanswered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import stat
+import sys
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+import structlog
+
+from atomizerd import __version__
+from atomizerd.daemon.config import Config, MetricsAddress, metrics_address, socket_mode
+from atomizerd.sessions import events as ev
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.registry import Collector
+
+    from atomizerd.daemon.report import StatusReporter
+    from atomizerd.sessions.reaper import ReaperPass
+    from atomizerd.sessions.turns import Turn
+    from atomizerd.store.db import Store
+
+log = structlog.get_logger("atomizerd.daemon.metrics")
+
+PREFIX = "atomizerd_"
+# Seconds from the user message written to the agent to its first output line: the CLI opens a
+# turn with its `init` line, within milliseconds when all is well; slow MCP servers or a loaded
+# machine show here, and agent.first_event_timeout (120 s by default) ends the wait.
+FIRST_EVENT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+# Seconds from the message written to the agent to the turn's end: a chat answer takes
+# seconds, a study's tool runs minutes; agent.turn_timeout (an hour by default) is the backstop.
+DURATION_BUCKETS = (
+    *(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+    *(120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0),
+)
+DECIDERS = ("client", "rule", "timeout", "policy")
+SPAWN_REASONS = ("died_at_start", "resume_failed", "spawn_error", "refused", "error")
+
+REQUEST_TIMEOUT = 10.0  # seconds for a client to send its request, and to take the answer
+MAX_REQUEST_BYTES = 16 * 1024
+MAX_CONNECTIONS = 16
+
+
+class MetricsError(RuntimeError):
+    """The endpoint cannot listen where `metrics.listen` says; worded for the operator."""
+
+
+# --- hooks ---------------------------------------------------------------------------------
+
+
+class Hooks:
+    """What the daemon's parts report as it happens. These do nothing: `Metrics` counts."""
+
+    def turn_running(self, turn: Turn, started: float) -> None:
+        """The turn's message is with the agent (`started`: the loop's clock)."""
+
+    def first_event(self, turn: Turn, now: float) -> None:
+        """The agent's first output line of the turn arrived (`now`: the loop's clock)."""
+
+    def turn_ended(self, turn: Turn, terminal: ev.TurnCompleted | ev.TurnFailed) -> None:
+        """The turn is over (stored); `terminal` is its last event."""
+
+    def agent_evicted(self) -> None:
+        """An idle agent is being stopped to free its slot for a waiting lease."""
+
+    def spawn_failed(self) -> None:
+        """Called in the `except` of a failed agent start (reads the exception being handled)."""
+
+    def permission_decided(self, decider: str, allow: bool) -> None:
+        """A permission request was decided (by a client, a rule, the timeout, the policy)."""
+
+    def reaper_pass(self, result: ReaperPass) -> None:
+        """A reaper pass finished."""
+
+
+NULL = Hooks()
+_BY_STORE: weakref.WeakKeyDictionary[Store, Hooks] = weakref.WeakKeyDictionary()
+
+
+def of(store: Store) -> Hooks:
+    """The metrics of the daemon that owns `store`, or `NULL` when it counts none."""
+    return _BY_STORE.get(store, NULL)
+
+
+def _spawn_reason(exc: BaseException) -> str:
+    # Imported here: the pool imports this module.
+    from atomizerd.agents.pool import DiedAtStart, ResumeFailed
+    from atomizerd.agents.process import AgentSpawnError
+    from atomizerd.errors import AtomizerError
+
+    if isinstance(exc, DiedAtStart):
+        return "died_at_start"
+    if isinstance(exc, ResumeFailed):
+        return "resume_failed"
+    if isinstance(exc, AgentSpawnError):
+        return "spawn_error"
+    if isinstance(exc, AtomizerError):
+        return "refused"
+    return "error"
+
+
+class Metrics(Hooks):
+    """One daemon's metrics: its own registry, the counters its hooks feed, and the figures
+    read from `status` (the GetStatus reporter: pool, registry, loop probe) at each scrape."""
+
+    def __init__(self, status: StatusReporter | None = None) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry: CollectorRegistry = CollectorRegistry()
+        self.status = status
+        self._running: weakref.WeakKeyDictionary[Turn, float] = weakref.WeakKeyDictionary()
+        reg = self.registry
+        self.turns: Counter = Counter(
+            PREFIX + "turns",
+            "Turns ended, by outcome (completed, interrupted, failed) and failure code.",
+            ["outcome", "code"],
+            registry=reg,
+        )
+        self.first_event_seconds: Histogram = Histogram(
+            PREFIX + "turn_first_event_seconds",
+            "Seconds from a turn's message written to the agent to the agent's first output.",
+            buckets=FIRST_EVENT_BUCKETS,
+            registry=reg,
+        )
+        self.duration_seconds: Histogram = Histogram(
+            PREFIX + "turn_duration_seconds",
+            "Seconds from a turn's message written to the agent to the turn's end.",
+            buckets=DURATION_BUCKETS,
+            registry=reg,
+        )
+        self.spend_usd: Counter = Counter(
+            PREFIX + "spend_usd", "Cost of the turns ended by this daemon, in USD.", registry=reg
+        )
+        self.evictions: Counter = Counter(
+            PREFIX + "agent_evictions",
+            "Idle agents stopped to give their slot to a waiting turn (pool.max_live reached).",
+            registry=reg,
+        )
+        self.spawn_failures: Counter = Counter(
+            PREFIX + "agent_spawn_failures",
+            "Agent starts that failed, by reason.",
+            ["reason"],
+            registry=reg,
+        )
+        self.permission_decisions: Counter = Counter(
+            PREFIX + "permission_decisions",
+            "Permission requests decided, by decider and decision.",
+            ["decider", "decision"],
+            registry=reg,
+        )
+        self.reaper_passes: Counter = Counter(
+            PREFIX + "reaper_passes", "Reaper passes run.", registry=reg
+        )
+        self.reaper_stopped: Counter = Counter(
+            PREFIX + "reaper_processes_stopped",
+            "Agent processes the reaper stopped (idle past reaper.idle_timeout, or dead).",
+            registry=reg,
+        )
+        self.reaper_purged: Counter = Counter(
+            PREFIX + "reaper_sessions_purged",
+            "Sessions the reaper purged (inactive past reaper.retention).",
+            registry=reg,
+        )
+        self.reaper_errors: Counter = Counter(
+            PREFIX + "reaper_errors",
+            "Agents the reaper failed to stop and sessions it failed to purge (each is logged).",
+            registry=reg,
+        )
+        # Every label value known in advance is shown from the start, at 0.
+        for outcome in ("completed", "interrupted"):
+            self.turns.labels(outcome, "")
+        for decider in DECIDERS:
+            for decision in ("allow", "deny"):
+                self.permission_decisions.labels(decider, decision)
+        for reason in SPAWN_REASONS:
+            self.spawn_failures.labels(reason)
+        if status is not None:
+            reg.register(cast("Collector", _StateCollector(status)))
+
+    def attach(self, store: Store) -> None:
+        """The hooks of the parts holding `store` report here from now on."""
+        _BY_STORE[store] = self
+
+    def detach(self, store: Store) -> None:
+        if _BY_STORE.get(store) is self:
+            del _BY_STORE[store]
+
+    def turn_running(self, turn: Turn, started: float) -> None:
+        self._running[turn] = started
+
+    def first_event(self, turn: Turn, now: float) -> None:
+        started = self._running.get(turn)
+        if started is not None:
+            self.first_event_seconds.observe(max(now - started, 0.0))
+
+    def turn_ended(self, turn: Turn, terminal: ev.TurnCompleted | ev.TurnFailed) -> None:
+        if isinstance(terminal, ev.TurnFailed):
+            self.turns.labels("failed", terminal.code).inc()
+        else:
+            self.turns.labels("interrupted" if terminal.interrupted else "completed", "").inc()
+            if terminal.cost_usd > 0:
+                self.spend_usd.inc(terminal.cost_usd)
+        started = self._running.pop(turn, None)
+        if started is not None:
+            now = asyncio.get_running_loop().time()
+            self.duration_seconds.observe(max(now - started, 0.0))
+
+    def agent_evicted(self) -> None:
+        self.evictions.inc()
+
+    def spawn_failed(self) -> None:
+        exc = sys.exc_info()[1]
+        if exc is None or not isinstance(exc, Exception):
+            return  # a cancelled start (the daemon stopping) is not a failure
+        self.spawn_failures.labels(_spawn_reason(exc)).inc()
+
+    def permission_decided(self, decider: str, allow: bool) -> None:
+        self.permission_decisions.labels(decider, "allow" if allow else "deny").inc()
+
+    def reaper_pass(self, result: ReaperPass) -> None:
+        self.reaper_passes.inc()
+        self.reaper_stopped.inc(result.processes_stopped)
+        self.reaper_purged.inc(result.sessions_purged)
+        self.reaper_errors.inc(result.errors)
+
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """The metrics in the format `accept` asks for (Prometheus text by default), and its
+        content type."""
+        from prometheus_client.exposition import choose_encoder
+
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+
+class _StateCollector:
+    """The figures that are read, not counted: asked of their owners at each scrape."""
+
+    def __init__(self, status: StatusReporter) -> None:
+        self.status = status
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            InfoMetricFamily,
+        )
+
+        status = self.status
+        pool = status.pool
+        counts = status.registry.counts()
+        probe = status.loop_probe
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(PREFIX + name, doc, value=value)
+
+        yield InfoMetricFamily(PREFIX + "build", "The daemon's version.", {"version": __version__})
+        yield gauge("start_time_seconds", "When the daemon started (Unix time).", status.started_at)
+        yield gauge(
+            "agents_live",
+            "Agent processes that hold a slot (starting, ready, busy or stopping).",
+            pool.live_count,
+        )
+        yield gauge(
+            "agents_spare",
+            "Agents started ahead of need, not yet given to a session.",
+            int(getattr(pool, "spare_count", 0)),
+        )
+        yield gauge(
+            "agents_queued", "Turns waiting for a free agent slot (pool.max_queued).", pool.queued
+        )
+        yield gauge(
+            "agents_capacity", "Agent slots at most (pool.max_live).", status.config.pool.max_live
+        )
+        yield gauge(
+            "sessions_busy",
+            "Sessions with a turn under way (waiting for an agent or running).",
+            counts["busy"],
+        )
+        yield gauge(
+            "turns_queued",
+            "Turns accepted and not yet running: behind their session's earlier work or "
+            "waiting for an agent slot (GetStatus queued_turns).",
+            counts["queued"],
+        )
+        yield gauge(
+            "event_loop_lag_max_seconds",
+            "The event loop's worst lag since the daemon started.",
+            probe.max_ms / 1000,
+        )
+        yield gauge(
+            "event_loop_lag_recent_max_seconds",
+            "The event loop's worst lag of the last minute.",
+            probe.recent_max_ms() / 1000,
+        )
+        yield CounterMetricFamily(
+            PREFIX + "event_loop_stalls",
+            "Event-loop lags of at least daemon.loop_stall_log_ms (each is logged).",
+            value=probe.stalls_logged,
+        )
+
+
+# --- the endpoint --------------------------------------------------------------------------
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+
+
+class MetricsEndpoint:
+    """`/metrics` over HTTP on loopback TCP or a Unix socket, served on the running loop."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        address: MetricsAddress,
+        mode: int = 0o600,
+        store: Store | None = None,
+    ) -> None:
+        self.metrics = metrics
+        self.address = address
+        self.mode = mode
+        self.store = store  # whose parts' hooks report to `metrics` while it is open
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.where = ""  # what it listens on, once started
+
+    async def start(self) -> None:
+        a = self.address
+        try:
+            if a.path:
+                self._claim_socket_path(Path(a.path))
+                self._server = await asyncio.start_unix_server(
+                    self._serve, path=a.path, limit=MAX_REQUEST_BYTES
+                )
+                os.chmod(a.path, self.mode)
+                self.where = a.path
+            else:
+                self._server = await asyncio.start_server(
+                    self._serve, a.host, a.port, limit=MAX_REQUEST_BYTES
+                )
+                host, port = self._server.sockets[0].getsockname()[:2]
+                self.where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        except OSError as e:
+            where = a.path or f"{a.host}:{a.port}"
+            raise MetricsError(
+                f"the metrics endpoint cannot listen on {where} (metrics.listen): {e.strerror or e}"
+            ) from None
+        if self.store is not None:
+            self.metrics.attach(self.store)
+        log.info("metrics endpoint listening", address=self.where, path="/metrics")
+
+    def _claim_socket_path(self, path: Path) -> None:
+        """Replaces a dead daemon's socket; refuses to take a live one or another file."""
+        if not path.exists() and not path.is_symlink():
+            return
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise MetricsError(f"{path} exists and is not a socket (metrics.listen)")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                path.unlink()
+                return
+        raise MetricsError(f"another process is serving on {path} (metrics.listen)")
+
+    async def close(self) -> None:
+        if self.store is not None:
+            self.metrics.detach(self.store)
+        if self._server is None:
+            return
+        self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        await self._server.wait_closed()
+        self._server = None
+        if self.address.path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.address.path)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._writers) >= MAX_CONNECTIONS:
+            writer.close()
+            return
+        self._writers.add(writer)
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+                return  # incomplete, too big or too slow: closed unanswered
+            code, headers, body = self._answer(head)
+            lines = [f"HTTP/1.1 {code} {_REASONS[code]}", *headers, "Connection: close"]
+            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+            await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
+        except (ConnectionError, TimeoutError):
+            writer.transport.abort()  # gone, or not taking the answer: nothing left to flush
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    def _answer(self, head: bytes) -> tuple[int, list[str], bytes]:
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            return _text(400, "bad request\n")
+        method, target, _ = parts
+        if target.split("?", 1)[0] != "/metrics":
+            return _text(404, "not found: the metrics are at /metrics\n")
+        if method not in ("GET", "HEAD"):
+            code, headers, body = _text(405, "only GET and HEAD\n")
+            return code, [*headers, "Allow: GET, HEAD"], body
+        accept = ""
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "accept":
+                accept = value.strip()
+        body, content_type = self.metrics.exposition(accept)
+        headers = [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
+        return 200, headers, b"" if method == "HEAD" else body
+
+
+def _text(code: int, text: str) -> tuple[int, list[str], bytes]:
+    body = text.encode()
+    return code, ["Content-Type: text/plain; charset=utf-8", f"Content-Length: {len(body)}"], body
+
+
+async def start_endpoint(
+    config: Config, store: Store, status: StatusReporter
+) -> MetricsEndpoint | None:
+    """The daemon's metrics, counted and served, when `metrics.listen` is set; else None.
+    Raises MetricsError when it cannot listen there."""
+    address = metrics_address(config)
+    if address is None:
+        return None
+    endpoint = MetricsEndpoint(Metrics(status), address, socket_mode(config), store)
+    await endpoint.start()
+    return endpoint
