@@ -527,9 +527,15 @@ def control_error_response(request_id: str, error: str) -> bytes:
     )
 
 
-def permission_allow(tool_input: Mapping[str, Any]) -> dict[str, Any]:
-    """The `can_use_tool` answer that runs the tool with this input (usually the asked one)."""
-    return {"behavior": "allow", "updatedInput": dict(tool_input)}
+def permission_allow(
+    tool_input: Mapping[str, Any], updated_permissions: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The `can_use_tool` answer that runs the tool with this input (usually the asked one);
+    `updated_permissions` (permission updates, e.g. rules for the session) go with it."""
+    answer: dict[str, Any] = {"behavior": "allow", "updatedInput": dict(tool_input)}
+    if updated_permissions:
+        answer["updatedPermissions"] = updated_permissions
+    return answer
 
 
 def permission_deny(message: str, *, interrupt: bool = False) -> dict[str, Any]:

@@ -160,6 +160,7 @@ def event_to_pb(e: ev.SessionEvent) -> pb.SessionEvent:
                     description=k.description,
                     tool_use_id=k.tool_use_id,
                     deadline=timestamp(k.deadline),
+                    suggestions=[suggestion_to_pb(s) for s in k.suggestions],
                 )
             )
         case ev.PermissionDecided():
@@ -205,6 +206,19 @@ def question_answered_to_pb(k: ev.QuestionAnswered) -> pb.QuestionAnswered:
         answered=k.answered,
         decider=decider_to_pb(k.decider),
         message=k.message,
+    )
+
+
+def suggestion_to_pb(s: ev.PermissionSuggestion) -> pb.PermissionSuggestion:
+    return pb.PermissionSuggestion(
+        type=s.type,
+        rules=[
+            pb.PermissionRule(tool_name=r.tool_name, rule_content=r.rule_content) for r in s.rules
+        ],
+        behavior=s.behavior,
+        mode=s.mode,
+        directories=s.directories,
+        destination=s.destination,
     )
 
 

@@ -123,6 +123,10 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             request.allow,
             request.message,
             request.remember,
+            request.updated_input_json,
+            (request.rule.tool_name, request.rule.rule_content)
+            if request.HasField("rule")
+            else None,
         )
         return pb.RespondToPermissionResponse(
             decision=pb.PermissionDecided(

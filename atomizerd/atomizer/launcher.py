@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -38,11 +39,14 @@ class Launcher:
         studies: Studies,
         context: ContextBuilder,
         probe: sandbox.SandboxProbe | None = None,
+        remembered_rules: Callable[[str], list[str]] | None = None,
     ) -> None:
         self.config = config
         self.studies = studies
         self.context = context
         self.probe = probe or sandbox.PROBE
+        # Rules a client allowed for the rest of a session (RespondToPermission's rule).
+        self.remembered_rules = remembered_rules
 
     def context_text(self, record: SessionRecord) -> str:
         study_dir = self.studies.resolve(record.study_id) if record.study_id else None
@@ -79,7 +83,7 @@ class Launcher:
             command=tuple(self.config.agent.command),
             conversation_id=record.agent_session_id,
             resume=resume,
-            allowed_tools=self._allowed_tools(record.mode, study_dir),
+            allowed_tools=self._allowed_tools(record.mode, study_dir) + self._remembered(record),
             skip_permissions=record.mode == "power",
             # Power mode too: there only tools that need a person (AskUserQuestion) ask.
             permission_prompt_tool="stdio" if self.config.approvals.enabled else None,
@@ -132,6 +136,11 @@ class Launcher:
             return list(self.config.mcp.atomizer_command)
         default = self.config.atomizer_root / "mcp-server" / "atomizer-tools" / "dist" / "index.js"
         return ["node", str(default)] if default.is_file() else []
+
+    def _remembered(self, record: SessionRecord) -> tuple[str, ...]:
+        if record.mode == "power" or self.remembered_rules is None:
+            return ()
+        return tuple(self.remembered_rules(record.session_id))
 
     def _allowed_tools(self, mode: str, study_dir: Path | None) -> tuple[str, ...]:
         if mode == "power":

@@ -95,7 +95,7 @@ class Daemon:
         except (DatabaseInUse, StorageFull) as e:
             raise StartupError(str(e)) from None
         studies = Studies(cfg)
-        launcher = Launcher(cfg, studies, ContextBuilder())
+        launcher = Launcher(cfg, studies, ContextBuilder(), remembered_rules=self.store.patterns)
         spawner = process_spawner(
             max_line_bytes=cfg.agent.max_line_bytes,
             stderr_tail_bytes=cfg.agent.stderr_tail_bytes,

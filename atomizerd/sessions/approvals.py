@@ -21,9 +21,15 @@ import structlog
 
 from atomizerd.agents import protocol as proto
 from atomizerd.daemon import metrics
-from atomizerd.errors import FailedPrecondition, NotFound, StorageFull
+from atomizerd.errors import FailedPrecondition, InvalidArgument, NotFound, StorageFull
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.questions import QUESTION_TOOL, Questions
+from atomizerd.sessions.rules import (
+    check_rule,
+    format_rule,
+    parse_suggestions,
+    session_rule_update,
+)
 from atomizerd.store.db import AuditRecord, Store
 
 log = structlog.get_logger("atomizerd.sessions.approvals")
@@ -46,6 +52,43 @@ class Decision:
     tool_name: str = ""
     # What the tool runs with when allowed (None: the input it was asked with).
     updated_input: dict[str, Any] | None = None
+    # A client's rule to remember instead of the exact call: (tool name, rule content).
+    rule: tuple[str, str] | None = None
+
+    def permission_updates(self) -> list[dict[str, Any]]:
+        """What the running agent is told to remember along with an allow."""
+        return [session_rule_update(*self.rule)] if self.allow and self.rule else []
+
+
+def client_decision(
+    allow: bool,
+    message: str,
+    remember: bool,
+    updated_input_json: str = "",
+    rule: tuple[str, str] | None = None,
+) -> Decision:
+    """A client's answer, checked: an edited input must be a JSON object and, like a rule,
+    goes only with an allow; a rule is in Claude Code's syntax (sessions/rules.py)."""
+    decision = Decision(allow, CLIENT, message, remember)
+    if updated_input_json:
+        if not allow:
+            raise InvalidArgument("updated_input_json goes only with allow")
+        try:
+            edited = json.loads(updated_input_json)
+        except ValueError as e:
+            raise InvalidArgument(f"updated_input_json is not valid JSON: {e}") from None
+        if not isinstance(edited, dict):
+            raise InvalidArgument(
+                f"updated_input_json must be a JSON object (the tool's input), "
+                f"not {type(edited).__name__}"
+            )
+        decision.updated_input = edited
+    if rule is not None:
+        if not allow:
+            raise InvalidArgument("a rule goes only with allow (remember a denial with remember)")
+        check_rule(*rule)
+        decision.rule = (rule[0], rule[1].strip())
+    return decision
 
 
 @dataclass
@@ -127,6 +170,7 @@ class Approvals:
                 description=str(payload.get("description", "")),
                 tool_use_id=tool_use_id,
                 deadline=time.time() + self.timeout,
+                suggestions=parse_suggestions(payload.get("permission_suggestions")),
             )
         )
         try:
@@ -139,9 +183,24 @@ class Approvals:
             self.pending.pop(request.request_id, None)
         if request.request_id in self.decided:  # settled by close() at the turn's end
             return self.decided[request.request_id]
-        if decision.remember and decision.decider == CLIENT:
-            self.store.remember_rule(self.session_id, tool_name, digest, decision.allow)
+        if decision.decider == CLIENT:
+            decision.message = self._remember(tool_name, digest, decision)
         return self._settle(request.request_id, tool_name, digest, decision)
+
+    def _remember(self, tool_name: str, digest: str, decision: Decision) -> str:
+        """Stores what a client's answer asks to remember; the detail its audit row gets."""
+        notes = [decision.message] if decision.message else []
+        if decision.updated_input is not None:
+            notes.append(
+                f"allowed with an edited input (sha256 {input_digest(decision.updated_input)})"
+            )
+        if decision.rule is not None and decision.allow:
+            rule = format_rule(*decision.rule)
+            self.store.remember_pattern(self.session_id, rule)
+            notes.append(f"the rule {rule} is allowed for the rest of the session")
+        elif decision.remember:
+            self.store.remember_rule(self.session_id, tool_name, digest, decision.allow)
+        return "; ".join(notes)
 
     async def _ask(
         self, request_id: str, tool_input: dict[str, Any], tool_use_id: str, digest: str

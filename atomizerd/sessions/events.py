@@ -117,6 +117,24 @@ class Notice:
 
 
 @dataclass(frozen=True, slots=True)
+class PermissionRule:
+    tool_name: str
+    rule_content: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PermissionSuggestion:
+    """One of the CLI's `permission_suggestions` (sessions/rules.py)."""
+
+    type: str
+    rules: tuple[PermissionRule, ...] = ()
+    behavior: str = ""
+    mode: str = ""
+    directories: tuple[str, ...] = ()
+    destination: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class PermissionRequest:
     request_id: str
     tool_name: str
@@ -124,6 +142,7 @@ class PermissionRequest:
     description: str
     tool_use_id: str
     deadline: float
+    suggestions: tuple[PermissionSuggestion, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

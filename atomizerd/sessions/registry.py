@@ -36,7 +36,7 @@ from atomizerd.errors import (
     Unavailable,
 )
 from atomizerd.sessions import events as ev
-from atomizerd.sessions.approvals import CLIENT, Decision
+from atomizerd.sessions.approvals import CLIENT, Decision, client_decision
 from atomizerd.sessions.session import SESSION_TRANSITIONS, Change, Session, SessionState
 from atomizerd.sessions.turns import Turn, TurnRunner, TurnState
 from atomizerd.statemachine import Lifecycle
@@ -687,18 +687,26 @@ class Registry:
         return turn.turn_id
 
     def respond_to_permission(
-        self, session_id: str, request_id: str, allow: bool, message: str, remember: bool
+        self,
+        session_id: str,
+        request_id: str,
+        allow: bool,
+        message: str,
+        remember: bool,
+        updated_input_json: str = "",
+        rule: tuple[str, str] | None = None,
     ) -> Decision:
         s = self._load(session_id)
         self._require_own(s)
         if not request_id:
             raise InvalidArgument("request_id is required")
         message = message or ("" if allow else "the user denied this tool use")
+        decision = client_decision(allow, message, remember, updated_input_json, rule)
         turn = s.turn
         if turn is not None and turn.approvals is not None:
             approvals = turn.approvals
             if request_id in approvals.pending or request_id in approvals.decided:
-                return approvals.answer(request_id, Decision(allow, CLIENT, message, remember))
+                return approvals.answer(request_id, decision)
         earlier = s.decisions.get(request_id)
         if earlier is not None:
             raise FailedPrecondition(

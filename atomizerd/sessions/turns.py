@@ -611,7 +611,9 @@ class TurnRunner:
         if decision.updated_input is not None:
             raw_input = decision.updated_input
         answer = (
-            proto.permission_allow(raw_input if isinstance(raw_input, dict) else {})
+            proto.permission_allow(
+                raw_input if isinstance(raw_input, dict) else {}, decision.permission_updates()
+            )
             if decision.allow
             else proto.permission_deny(decision.message or "denied")
         )

@@ -142,6 +142,19 @@ class PermissionRuleRow(_Model):
         primary_key = pw.CompositeKey("session", "tool_name", "input_digest")
 
 
+class PermissionPatternRow(_Model):
+    """A rule a client allowed for the rest of the session (Claude Code's syntax, `Tool` or
+    `Tool(content)`): every later agent of the session gets it on --allowedTools."""
+
+    session = pw.ForeignKeyField(SessionRow, on_delete="CASCADE", backref="patterns")
+    rule = pw.CharField(max_length=256)
+    created_at = pw.DoubleField()
+
+    class Meta:
+        table_name = "permission_patterns"
+        primary_key = pw.CompositeKey("session", "rule")
+
+
 def _migrate_1(db: pw.Database) -> None:
     # A fresh database gets the current shape of these tables; later migrations only add
     # what an older database lacks.
@@ -210,6 +223,11 @@ def _migrate_5(db: pw.Database) -> None:
             db.execute_sql(sql)  # type: ignore[no-untyped-call]
 
 
+def _migrate_permission_patterns(db: pw.Database) -> None:
+    """Rules a client allowed for the rest of a session (RespondToPermission's rule)."""
+    db.create_tables([PermissionPatternRow])
+
+
 # Forward migrations: index i migrates from version i to i + 1. Append, never edit.
 MIGRATIONS: list[Callable[[pw.Database], None]] = [
     _migrate_1,
@@ -217,6 +235,7 @@ MIGRATIONS: list[Callable[[pw.Database], None]] = [
     _migrate_3,
     _migrate_4,
     _migrate_5,
+    _migrate_permission_patterns,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -635,6 +654,9 @@ class Store:
             TurnCheckpointRow.delete().where(TurnCheckpointRow.session == session_id).execute()
             AuditRow.delete().where(AuditRow.session == session_id).execute()
             PermissionRuleRow.delete().where(PermissionRuleRow.session == session_id).execute()
+            PermissionPatternRow.delete().where(
+                PermissionPatternRow.session == session_id
+            ).execute()
             SessionRow.delete().where(SessionRow.session_id == session_id).execute()
 
     # messages
@@ -850,6 +872,20 @@ class Store:
             ],
             update={PermissionRuleRow.allow: allow},
         ).execute()
+
+    def remember_pattern(self, session_id: str, rule: str) -> None:
+        PermissionPatternRow.insert(
+            session=session_id, rule=rule, created_at=time.time()
+        ).on_conflict_ignore().execute()
+
+    def patterns(self, session_id: str) -> list[str]:
+        """The rules allowed for the rest of the session, oldest first."""
+        q = (
+            PermissionPatternRow.select(PermissionPatternRow.rule)
+            .where(PermissionPatternRow.session == session_id)
+            .order_by(PermissionPatternRow.created_at, PermissionPatternRow.rule)
+        )
+        return [r.rule for r in q]
 
     def find_rule(self, session_id: str, tool_name: str, digest: str) -> bool | None:
         row = PermissionRuleRow.get_or_none(

@@ -103,13 +103,15 @@ def make_version(url: str, version: int) -> None:
                 if later > version:
                     UNDO[later](db)
             SchemaVersion.create(version=version)
+            # A daemon of version 5 or later names the host of every session and agent.
+            host_col, host_val = (", host_id", ", ''") if version >= 5 else ("", "")
             for sql, params in [
                 (
                     "INSERT INTO sessions (session_id, mode, study_id, agent_session_id, "
                     "agent_started, closed, created_at, last_active_at, message_count, "
                     "total_cost_usd, agent_cost_usd, seq_reserved, budget_usd, turn_budget_usd, "
-                    "context_stale) VALUES (?, 'user', NULL, 'agent-old', ?, ?, 1.0, 2.0, 3, 0.5, "
-                    "0.5, 1024, 0, 0, ?)",
+                    f"context_stale{host_col}) VALUES (?, 'user', NULL, 'agent-old', ?, ?, 1.0, "
+                    f"2.0, 3, 0.5, 0.5, 1024, 0, 0, ?{host_val})",
                     ("old", True, False, False),
                 ),
                 (
@@ -131,8 +133,8 @@ def make_version(url: str, version: int) -> None:
                     ("t2", "user", "cut off", "pending"),
                 ),
                 (
-                    "INSERT INTO agent_processes (pgid, session_id, start_time, started_at) "
-                    "VALUES (?, 'old', ?, 1.0)",
+                    f"INSERT INTO agent_processes (pgid, session_id, start_time, started_at"
+                    f"{host_col}) VALUES (?, 'old', ?, 1.0{host_val})",
                     (4242, 99),
                 ),
             ]:

@@ -39,7 +39,7 @@ from atomizer.v1 import daemon_pb2, daemon_pb2_grpc, session_pb2, session_pb2_gr
 
 from atomizer_client.discovery import find_socket, target_for
 from atomizer_client.errors import from_rpc_error
-from atomizer_client.events import Event, from_proto
+from atomizer_client.events import Event, PermissionRule, from_proto
 
 DEFAULT_TIMEOUT = 10.0
 SESSION_SERVICE = "atomizer.v1.SessionService"
@@ -60,6 +60,9 @@ Message = session_pb2.Message
 AuditEvent = session_pb2.AuditEvent
 Decision = session_pb2.PermissionDecided
 QuestionOutcome = session_pb2.QuestionAnswered
+RuleLike = PermissionRule | tuple[str, str]
+"""A permission rule: a suggestion's (`PermissionRequest.suggestions[i].rules[j]`) or
+(tool_name, rule_content), e.g. ("Edit", "//srv/studies/beam/**"); "" content: the whole tool."""
 Status = daemon_pb2.GetStatusResponse
 ModeLike = str | int
 """A mode: "user" / "power" (any case, with or without MODE_), or a `session_pb2.Mode` value."""
@@ -395,16 +398,23 @@ class Client(_Base):
         *,
         message: str = "",
         remember: bool = False,
+        updated_input: Mapping[str, Any] | None = None,
+        rule: RuleLike | None = None,
         timeout: float | None = None,
     ) -> Decision:
         """Answers a `PermissionRequest` event; returns the decision taken.
 
         `message` is shown to the model with a denial; `remember` applies the same answer to
-        the same call (tool and input) for the rest of the session. The first answer wins: a
-        later one raises FailedPreconditionError, one for a request that is not pending (never
-        was, or its turn has ended) NotFoundError. Never retried.
+        the same call (tool and input) for the rest of the session. With an allow,
+        `updated_input` runs the tool with that input instead, and `rule` (a suggestion's rule,
+        or `(tool_name, rule_content)`) allows every matching call for the rest of the session
+        instead of this one only. The first answer wins: a later one raises
+        FailedPreconditionError, one for a request that is not pending (never was, or its turn
+        has ended) NotFoundError. Never retried.
         """
-        req = _respond_request(session_id, request_id, allow, message, remember)
+        req = _respond_request(
+            session_id, request_id, allow, message, remember, updated_input, rule
+        )
         return self._call(self._sessions.RespondToPermission, req, timeout).decision
 
     def answer_question(
@@ -454,15 +464,29 @@ def _create_request(
 
 
 def _respond_request(
-    session_id: str, request_id: str, allow: bool, message: str, remember: bool
+    session_id: str,
+    request_id: str,
+    allow: bool,
+    message: str,
+    remember: bool,
+    updated_input: Mapping[str, Any] | None = None,
+    rule: RuleLike | None = None,
 ) -> session_pb2.RespondToPermissionRequest:
-    return session_pb2.RespondToPermissionRequest(
+    req = session_pb2.RespondToPermissionRequest(
         session_id=session_id,
         request_id=request_id,
         allow=allow,
         message=message,
         remember=remember,
     )
+    if updated_input is not None:
+        req.updated_input_json = json.dumps(dict(updated_input), ensure_ascii=False)
+    if rule is not None:
+        tool_name, content = (
+            (rule.tool_name, rule.rule_content) if isinstance(rule, PermissionRule) else rule
+        )
+        req.rule.CopyFrom(session_pb2.PermissionRule(tool_name=tool_name, rule_content=content))
+    return req
 
 
 # --- asyncio client ------------------------------------------------------------------------
@@ -632,9 +656,13 @@ class AsyncClient(_Base):
         *,
         message: str = "",
         remember: bool = False,
+        updated_input: Mapping[str, Any] | None = None,
+        rule: RuleLike | None = None,
     ) -> Decision:
         """As `Client.respond_to_permission`; never retried."""
-        req = _respond_request(session_id, request_id, allow, message, remember)
+        req = _respond_request(
+            session_id, request_id, allow, message, remember, updated_input, rule
+        )
         return (await self._call(self._sessions.RespondToPermission, req)).decision
 
     async def answer_question(

@@ -150,6 +150,28 @@ class Notice(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class PermissionRule:
+    """A Claude Code permission rule: `tool_name` alone, or `tool_name(rule_content)`."""
+
+    tool_name: str
+    rule_content: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PermissionSuggestion:
+    """What the agent suggests remembering with an allow; pass one of its `rules` as
+    `respond_to_permission(..., rule=...)` to allow matching calls for the session."""
+
+    type: str
+    """addRules, replaceRules, removeRules, setMode, addDirectories or removeDirectories."""
+    rules: tuple[PermissionRule, ...] = ()
+    behavior: str = ""
+    mode: str = ""
+    directories: tuple[str, ...] = ()
+    destination: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class PermissionRequest(Event):
     """The agent asks to use a tool outside the mode's allowlist; the turn waits for an answer
     (`Client.respond_to_permission`) until `deadline`, when it is denied."""
@@ -161,6 +183,7 @@ class PermissionRequest(Event):
     description: str = ""
     tool_use_id: str = ""
     deadline: datetime | None = None
+    suggestions: tuple[PermissionSuggestion, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +306,17 @@ def from_proto(ev: session_pb2.SessionEvent) -> Event:
             description=p.description,
             tool_use_id=p.tool_use_id,
             deadline=_time(p.deadline) if p.HasField("deadline") else None,
+            suggestions=tuple(
+                PermissionSuggestion(
+                    type=s.type,
+                    rules=tuple(PermissionRule(r.tool_name, r.rule_content) for r in s.rules),
+                    behavior=s.behavior,
+                    mode=s.mode,
+                    directories=tuple(s.directories),
+                    destination=s.destination,
+                )
+                for s in p.suggestions
+            ),
         )
     if kind == "permission_decided":
         d = ev.permission_decided
@@ -371,6 +405,8 @@ __all__ = [
     "PermissionDecided",
     "PermissionDenial",
     "PermissionRequest",
+    "PermissionRule",
+    "PermissionSuggestion",
     "Question",
     "QuestionAnswered",
     "QuestionItem",

@@ -1290,6 +1290,7 @@ class PermissionRequest(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     TOOL_USE_ID_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
+    SUGGESTIONS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     tool_name: _builtins.str
     input_json: _builtins.str
@@ -1298,6 +1299,13 @@ class PermissionRequest(_message.Message):
     @_builtins.property
     def deadline(self) -> _timestamp_pb2.Timestamp:
         """When the request is denied if nobody answers."""
+
+    @_builtins.property
+    def suggestions(self) -> _containers.RepeatedCompositeFieldContainer[Global___PermissionSuggestion]:
+        """What the agent suggests remembering along with an allow (the CLI's
+        permission_suggestions); a suggestion's rule can be passed back in
+        RespondToPermissionRequest.rule.
+        """
 
     def __init__(
         self,
@@ -1308,14 +1316,83 @@ class PermissionRequest(_message.Message):
         description: _builtins.str = ...,
         tool_use_id: _builtins.str = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
+        suggestions: _abc.Iterable[Global___PermissionSuggestion] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "description", b"description", "input_json", b"input_json", "request_id", b"request_id", "tool_name", b"tool_name", "tool_use_id", b"tool_use_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "description", b"description", "input_json", b"input_json", "request_id", b"request_id", "suggestions", b"suggestions", "tool_name", b"tool_name", "tool_use_id", b"tool_use_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PermissionRequest: _TypeAlias = PermissionRequest  # noqa: Y015
+
+@_typing.final
+class PermissionSuggestion(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    RULES_FIELD_NUMBER: _builtins.int
+    BEHAVIOR_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    DIRECTORIES_FIELD_NUMBER: _builtins.int
+    DESTINATION_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    """addRules, replaceRules, removeRules, setMode, addDirectories or removeDirectories."""
+    behavior: _builtins.str
+    """allow, deny or ask (the rule kinds)."""
+    mode: _builtins.str
+    """setMode: the permission mode, e.g. acceptEdits."""
+    destination: _builtins.str
+    """Where the agent would keep it: session, localSettings, projectSettings, userSettings."""
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___PermissionRule]: ...
+    @_builtins.property
+    def directories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """addDirectories / removeDirectories."""
+
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        rules: _abc.Iterable[Global___PermissionRule] | None = ...,
+        behavior: _builtins.str = ...,
+        mode: _builtins.str = ...,
+        directories: _abc.Iterable[_builtins.str] | None = ...,
+        destination: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["behavior", b"behavior", "destination", b"destination", "directories", b"directories", "mode", b"mode", "rules", b"rules", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PermissionSuggestion: _TypeAlias = PermissionSuggestion  # noqa: Y015
+
+@_typing.final
+class PermissionRule(_message.Message):
+    """A Claude Code permission rule: `tool_name` alone covers every use of the tool,
+    `tool_name(rule_content)` the matching ones, e.g. Edit with `//srv/studies/beam/**`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOOL_NAME_FIELD_NUMBER: _builtins.int
+    RULE_CONTENT_FIELD_NUMBER: _builtins.int
+    tool_name: _builtins.str
+    rule_content: _builtins.str
+    def __init__(
+        self,
+        *,
+        tool_name: _builtins.str = ...,
+        rule_content: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rule_content", b"rule_content", "tool_name", b"tool_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PermissionRule: _TypeAlias = PermissionRule  # noqa: Y015
 
 @_typing.final
 class PermissionDecided(_message.Message):
@@ -1357,6 +1434,8 @@ class RespondToPermissionRequest(_message.Message):
     ALLOW_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     REMEMBER_FIELD_NUMBER: _builtins.int
+    UPDATED_INPUT_JSON_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     request_id: _builtins.str
     allow: _builtins.bool
@@ -1364,6 +1443,14 @@ class RespondToPermissionRequest(_message.Message):
     """Shown to the model with a denial."""
     remember: _builtins.bool
     """Apply the same answer to the same call for the rest of the session."""
+    updated_input_json: _builtins.str
+    """With allow: run the tool with this input instead of the one asked for (a JSON object)."""
+    @_builtins.property
+    def rule(self) -> Global___PermissionRule:
+        """With allow: remember this rule for the rest of the session instead of the exact call,
+        so matching calls run without asking (also after the agent restarts).
+        """
+
     def __init__(
         self,
         *,
@@ -1372,10 +1459,12 @@ class RespondToPermissionRequest(_message.Message):
         allow: _builtins.bool = ...,
         message: _builtins.str = ...,
         remember: _builtins.bool = ...,
+        updated_input_json: _builtins.str = ...,
+        rule: Global___PermissionRule | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rule", b"rule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "message", b"message", "remember", b"remember", "request_id", b"request_id", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "message", b"message", "remember", b"remember", "request_id", b"request_id", "rule", b"rule", "session_id", b"session_id", "updated_input_json", b"updated_input_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
