@@ -74,6 +74,7 @@ def session_to_pb(view: SessionView) -> pb.Session:
         budget_usd=r.budget_usd,
         turn_budget_usd=r.turn_budget_usd,
         host_id=r.host_id,
+        model=r.model,
     )
 
 

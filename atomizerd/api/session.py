@@ -30,6 +30,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             session_id=request.session_id or None,
             budget_usd=request.budget_usd,
             turn_budget_usd=request.turn_budget_usd,
+            model=request.model,
         )
         return pb.CreateSessionResponse(session=convert.session_to_pb(view))
 
@@ -79,6 +80,11 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     ) -> pb.SetStudyContextResponse:
         view = await self.registry.set_study(request.session_id, request.study_id)
         return pb.SetStudyContextResponse(session=convert.session_to_pb(view))
+
+    @unary
+    async def SetModel(self, request: pb.SetModelRequest, context: Ctx) -> pb.SetModelResponse:
+        view = await self.registry.set_model(request.session_id, request.model)
+        return pb.SetModelResponse(session=convert.session_to_pb(view))
 
     @unary
     async def GetHistory(

@@ -92,7 +92,7 @@ class Launcher:
             strict_mcp_config=self.config.mcp.strict,
             settings=settings,
             add_dirs=(str(study_dir),) if study_dir else (),
-            model=self.config.agent.model or None,
+            model=record.model or self.config.agent.model or None,
             extra_args=tuple(self.config.agent.args),
         )
         return LaunchSpec(

@@ -157,6 +157,13 @@ class AgentConfig:
         default_factory=dict,
     )
     model: str = _doc("Model name passed as --model; empty lets the CLI choose.", default="")
+    models: list[str] = _doc(
+        "The models clients may choose for a session (CreateSession / SetModel `model`), as "
+        "the CLI names them (aliases such as `sonnet`, or full model ids). Empty: any name "
+        "the CLI takes; a name outside a non-empty list is INVALID_ARGUMENT, so whoever runs "
+        "the daemon decides what sessions may cost.",
+        default_factory=list,
+    )
     prewarm: bool = _doc(
         "Start the agent process when a session is created, so the first turn skips the "
         "~0.4 s CLI start-up.",
@@ -780,6 +787,9 @@ def validate(cfg: Config) -> None:
         )
     if not cfg.agent.command:
         raise ConfigError("agent.command: must name the agent program")
+    for name in cfg.agent.models:
+        if not name.strip() or len(name) > 128 or any(ch.isspace() for ch in name):
+            raise ConfigError(f"agent.models: {name!r} is not a model name")
     try:
         umask = agent_umask(cfg)
     except ValueError:

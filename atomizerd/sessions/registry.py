@@ -15,6 +15,7 @@ import base64
 import binascii
 import json
 import math
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,8 @@ from dataclasses import dataclass, field
 import structlog
 
 from atomizerd import ids
-from atomizerd.agents.pool import AgentPool
+from atomizerd.agents.pool import AgentPool, AgentState
+from atomizerd.agents.process import AgentError
 from atomizerd.atomizer.studies import Studies
 from atomizerd.daemon.config import Config
 from atomizerd.errors import (
@@ -45,6 +47,8 @@ from atomizerd.store.db import SEQ_BLOCK, AuditRecord, MessageRecord, SessionRec
 log = structlog.get_logger("atomizerd.sessions.registry")
 
 MODES = ("user", "power")
+# A model as the CLI takes it: an alias (sonnet, opus[1m]) or a model id.
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/\[\]-]{0,127}")
 STATES = ("idle", "starting", "ready", "busy", "closed")
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
@@ -212,9 +216,11 @@ class Registry:
         session_id: str | None,
         budget_usd: float = 0.0,
         turn_budget_usd: float = 0.0,
+        model: str = "",
     ) -> SessionView:
         self._check_open()
         mode = self._check_mode(mode) if mode else None
+        model = self._check_model(model) if model else ""
         if study_id:
             self.studies.resolve(study_id)
         if session_id:
@@ -226,7 +232,11 @@ class Registry:
                     self._forget(cached)  # moved to another host after it was closed here
                 s = self._load(session_id)
                 self._require_own(s)
-                return await self._reopen(s, mode, study_id)
+                view = await self._reopen(s, mode, study_id)
+                if model and model != s.record.model:
+                    await self._change_model(s, model)
+                    view = self.view(s)
+                return view
         else:
             session_id = ids.new_session_id()
             # Every later log line of this request (and of the prewarm it starts) names it.
@@ -241,6 +251,7 @@ class Registry:
             ids.new_agent_session_id(),
             budget_usd=budget,
             turn_budget_usd=turn_budget,
+            model=model,
         )
         s = self._load(session_id)
         log.info("session created", session_id=session_id, mode=s.record.mode, study_id=study_id)
@@ -280,6 +291,45 @@ class Registry:
         self._require_open(s)
         await self._reconfigure(s, mode, None, audit=True)
         return self.view(s)
+
+    async def set_model(self, session_id: str, model: str) -> SessionView:
+        """The session's model ("": the daemon's default), after the work queued before it."""
+        self._check_open()
+        model = self._check_model(model) if model else ""
+        s = self._load(session_id)
+        self._require_own(s)
+        self._require_open(s)
+        await self._change_model(s, model)
+        return self.view(s)
+
+    async def _change_model(self, s: Session, model: str) -> None:
+        """A job in the session's queue: the record first (every later spawn or resume runs
+        `--model`), then the live agent, which switches with the CLI's `set_model`; an agent
+        that cannot (starting, or refusing) is restarted instead."""
+
+        async def apply() -> None:
+            if model == s.record.model:
+                return
+            s.record = self._write(s, model=model)
+            agent = self.pool.agent(s.id)
+            if agent is not None and agent.state is AgentState.READY and agent.alive:
+                try:
+                    await agent.transport_or_fail().request(
+                        "set_model",
+                        timeout=self.config.agent.stop_grace,
+                        model=model or self.config.agent.model or "default",
+                    )
+                    log.info("model changed on the live agent", session_id=s.id, model=model)
+                    return
+                except AgentError as e:
+                    log.warning("the agent refused set_model; restarting it", error=str(e))
+            await self.pool.retire(s.id)
+            log.info("model changed", session_id=s.id, model=model)
+            self._prewarm(s)
+
+        change = Change(apply)
+        self._submit(s, change)
+        await asyncio.shield(change.done)
 
     async def set_study(self, session_id: str, study_id: str) -> SessionView:
         self._check_open()
@@ -754,6 +804,19 @@ class Registry:
             )
 
     # --- checks --------------------------------------------------------------------------
+
+    def _check_model(self, model: str) -> str:
+        allowed = self.config.agent.models
+        if allowed and model not in allowed:
+            raise InvalidArgument(
+                f"model {model[:130]!r} is not one this daemon offers (agent.models): "
+                + ", ".join(allowed)
+            )
+        if not _MODEL_NAME.fullmatch(model):
+            raise InvalidArgument(
+                f"model {model[:130]!r} is not a model name (letters, digits and . _ - : @ / [ ])"
+            )
+        return model
 
     def _check_mode(self, mode: str) -> str:
         if mode not in MODES:

@@ -69,6 +69,8 @@ class SessionRow(_Model):
     # The daemon that serves the session's turns (`daemon.host_id`): a fleet of daemons,
     # one per host, shares one database; each runs only its own sessions' agents.
     host_id = pw.CharField(max_length=255, default="", index=True)
+    # The model the session's agents run (--model / set_model); "": the daemon's default.
+    model = pw.CharField(max_length=128, default="")
 
     class Meta:
         table_name = "sessions"
@@ -228,6 +230,14 @@ def _migrate_permission_patterns(db: pw.Database) -> None:
     db.create_tables([PermissionPatternRow])
 
 
+def _migrate_session_model(db: pw.Database) -> None:
+    """Each session has its model (CreateSession / SetModel)."""
+    if "model" not in {c.name for c in db.get_columns("sessions")}:
+        db.execute_sql(  # type: ignore[no-untyped-call]
+            "ALTER TABLE sessions ADD COLUMN model VARCHAR(128) NOT NULL DEFAULT ''"
+        )
+
+
 # Forward migrations: index i migrates from version i to i + 1. Append, never edit.
 MIGRATIONS: list[Callable[[pw.Database], None]] = [
     _migrate_1,
@@ -236,6 +246,7 @@ MIGRATIONS: list[Callable[[pw.Database], None]] = [
     _migrate_4,
     _migrate_5,
     _migrate_permission_patterns,
+    _migrate_session_model,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -271,6 +282,7 @@ class SessionRecord:
     turn_budget_usd: float = 0.0
     context_stale: bool = False
     host_id: str = ""
+    model: str = ""
 
     @classmethod
     def from_row(cls, row: SessionRow) -> SessionRecord:
@@ -291,6 +303,7 @@ class SessionRecord:
             turn_budget_usd=row.turn_budget_usd,
             context_stale=row.context_stale,
             host_id=row.host_id,
+            model=row.model,
         )
 
 
@@ -387,13 +400,13 @@ class AgentProcessRecord:
 _SESSION_COLUMNS = (
     "session_id, mode, study_id, agent_session_id, agent_started, closed, created_at, "
     "last_active_at, message_count, total_cost_usd, agent_cost_usd, seq_reserved, budget_usd, "
-    "turn_budget_usd, context_stale, host_id"
+    "turn_budget_usd, context_stale, host_id, model"
 )
 
 
 def _session_from_tuple(row: tuple[Any, ...]) -> SessionRecord:
     (sid, mode, study, agent_sid, started, closed, created, active, count, cost, agent_cost,
-     seq, budget, turn_budget, stale, host) = row  # fmt: skip
+     seq, budget, turn_budget, stale, host, model) = row  # fmt: skip
     return SessionRecord(
         session_id=sid,
         mode=mode,
@@ -411,6 +424,7 @@ def _session_from_tuple(row: tuple[Any, ...]) -> SessionRecord:
         turn_budget_usd=turn_budget,
         context_stale=bool(stale),
         host_id=host,
+        model=model,
     )
 
 
@@ -518,9 +532,11 @@ class Store:
         agent_session_id: str,
         budget_usd: float = 0.0,
         turn_budget_usd: float = 0.0,
+        model: str = "",
     ) -> SessionRecord:
         now = time.time()
         row = SessionRow.create(
+            model=model,
             session_id=session_id,
             host_id=self.host_id or "",
             mode=mode,

@@ -72,6 +72,7 @@ class ScriptedAgent:
         self.init_fields: dict[str, Any] | None = None
         self.control_answers: dict[str, Mapping[str, Any]] = {}
         self.interrupts = 0
+        self.requests: list[tuple[str, dict[str, Any]]] = []  # other control requests
         self.stops = 0
         self._items: deque[AgentItem] = deque()
         self._final: AgentExited | None = None
@@ -134,6 +135,10 @@ class ScriptedAgent:
             self._exit(-11)
             raise AgentExited("exited before answering", -11, "")
         self.init_fields = fields
+        return {}
+
+    async def request(self, subtype: str, *, timeout: float, **fields: Any) -> dict[str, Any]:
+        self.requests.append((subtype, fields))
         return {}
 
     async def interrupt(self, *, timeout: float) -> dict[str, Any]:

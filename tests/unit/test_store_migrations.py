@@ -17,6 +17,7 @@ from atomizerd.store.db import (
     Store,
     TurnOutcome,
     _connect,
+    _migrate_session_model,
     database_proxy,
 )
 
@@ -86,6 +87,13 @@ def _undo_5(db: pw.Database) -> None:
 
 # By the migration that added it (versions 3 and 4 added nothing to the first three tables).
 UNDO = {5: _undo_5}
+
+
+def _undo_session_model(db: pw.Database) -> None:
+    db.execute_sql("ALTER TABLE sessions DROP COLUMN model")
+
+
+UNDO[MIGRATIONS.index(_migrate_session_model) + 1] = _undo_session_model
 
 
 def make_version(url: str, version: int) -> None:

@@ -288,6 +288,7 @@ class Client(_Base):
         session_id: str = "",
         budget_usd: float = 0.0,
         turn_budget_usd: float = 0.0,
+        model: str = "",
         timeout: float | None = None,
     ) -> Session:
         """Creates a session, or reopens `session_id` if it exists (mode None: unchanged).
@@ -295,9 +296,11 @@ class Client(_Base):
         `budget_usd` caps what the session may spend in all, `turn_budget_usd` one turn; 0
         keeps the daemon's caps (`budget.session_usd`, `budget.turn_usd`), which these may only
         lower (a higher one is InvalidArgumentError). A session at its cap refuses messages
-        with ResourceExhaustedError.
+        with ResourceExhaustedError. `model` picks the session's model (one of the daemon's
+        `agent.models` when it lists them); empty: the daemon's default (unchanged when
+        reopening).
         """
-        req = _create_request(mode, study_id, session_id, budget_usd, turn_budget_usd)
+        req = _create_request(mode, study_id, session_id, budget_usd, turn_budget_usd, model)
         return self._call(self._sessions.CreateSession, req, timeout).session
 
     def get_session(self, session_id: str, *, timeout: float | None = None) -> Session:
@@ -340,6 +343,12 @@ class Client(_Base):
         """Attaches a study; None or "" detaches."""
         req = session_pb2.SetStudyContextRequest(session_id=session_id, study_id=study_id or "")
         return self._call(self._sessions.SetStudyContext, req, timeout).session
+
+    def set_model(self, session_id: str, model: str, *, timeout: float | None = None) -> Session:
+        """Changes the session's model ("" : the daemon's default) once its running turn has
+        finished; InvalidArgumentError for a model the daemon does not offer."""
+        req = session_pb2.SetModelRequest(session_id=session_id, model=model)
+        return self._call(self._sessions.SetModel, req, timeout).session
 
     def get_history(
         self, session_id: str, *, page_size: int = 0, timeout: float | None = None
@@ -453,6 +462,7 @@ def _create_request(
     session_id: str,
     budget_usd: float,
     turn_budget_usd: float,
+    model: str = "",
 ) -> session_pb2.CreateSessionRequest:
     return session_pb2.CreateSessionRequest(
         mode=session_pb2.MODE_UNSPECIFIED if mode is None else mode_value(mode),
@@ -460,6 +470,7 @@ def _create_request(
         session_id=session_id,
         budget_usd=budget_usd,
         turn_budget_usd=turn_budget_usd,
+        model=model,
     )
 
 
@@ -575,8 +586,9 @@ class AsyncClient(_Base):
         session_id: str = "",
         budget_usd: float = 0.0,
         turn_budget_usd: float = 0.0,
+        model: str = "",
     ) -> Session:
-        req = _create_request(mode, study_id, session_id, budget_usd, turn_budget_usd)
+        req = _create_request(mode, study_id, session_id, budget_usd, turn_budget_usd, model)
         return (await self._call(self._sessions.CreateSession, req)).session
 
     async def get_session(self, session_id: str) -> Session:
@@ -610,6 +622,10 @@ class AsyncClient(_Base):
     async def set_study_context(self, session_id: str, study_id: str | None) -> Session:
         req = session_pb2.SetStudyContextRequest(session_id=session_id, study_id=study_id or "")
         return (await self._call(self._sessions.SetStudyContext, req)).session
+
+    async def set_model(self, session_id: str, model: str) -> Session:
+        req = session_pb2.SetModelRequest(session_id=session_id, model=model)
+        return (await self._call(self._sessions.SetModel, req)).session
 
     def get_history(self, session_id: str, *, page_size: int = 0) -> AsyncIterator[Message]:
         """`async for m in client.get_history(sid)`: every stored message, oldest first."""

@@ -289,6 +289,7 @@ class Session(_message.Message):
     BUDGET_USD_FIELD_NUMBER: _builtins.int
     TURN_BUDGET_USD_FIELD_NUMBER: _builtins.int
     HOST_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     mode: Global___Mode.ValueType
     study_id: _builtins.str
@@ -312,6 +313,10 @@ class Session(_message.Message):
     host runs its turns (elsewhere SendMessage and the other calls that need its agent or its
     live events are FAILED_PRECONDITION naming this host). state is live only there; another
     host shows it as stored (IDLE or CLOSED).
+    """
+    model: _builtins.str
+    """The model the session's agents use (CreateSession / SetModel); empty: the daemon's
+    agent.model, else the CLI's own default.
     """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
@@ -339,10 +344,11 @@ class Session(_message.Message):
         budget_usd: _builtins.float = ...,
         turn_budget_usd: _builtins.float = ...,
         host_id: _builtins.str = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "last_active_at", b"last_active_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_session_id", b"agent_session_id", "budget_usd", b"budget_usd", "created_at", b"created_at", "host_id", b"host_id", "last_active_at", b"last_active_at", "last_seq", b"last_seq", "mcp_servers", b"mcp_servers", "message_count", b"message_count", "mode", b"mode", "queued_turns", b"queued_turns", "session_id", b"session_id", "state", b"state", "study_id", b"study_id", "total_cost_usd", b"total_cost_usd", "turn_budget_usd", b"turn_budget_usd"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_session_id", b"agent_session_id", "budget_usd", b"budget_usd", "created_at", b"created_at", "host_id", b"host_id", "last_active_at", b"last_active_at", "last_seq", b"last_seq", "mcp_servers", b"mcp_servers", "message_count", b"message_count", "mode", b"mode", "model", b"model", "queued_turns", b"queued_turns", "session_id", b"session_id", "state", b"state", "study_id", b"study_id", "total_cost_usd", b"total_cost_usd", "turn_budget_usd", b"turn_budget_usd"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -380,6 +386,7 @@ class CreateSessionRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     BUDGET_USD_FIELD_NUMBER: _builtins.int
     TURN_BUDGET_USD_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     mode: Global___Mode.ValueType
     """MODE_UNSPECIFIED means MODE_USER for a new session and "unchanged" for a reopened one."""
     study_id: _builtins.str
@@ -390,6 +397,11 @@ class CreateSessionRequest(_message.Message):
     0 keeps the daemon's; a value above the daemon's cap is refused.
     """
     turn_budget_usd: _builtins.float
+    model: _builtins.str
+    """The model for the session's agents, as the CLI names it (an alias such as "sonnet" or a
+    full model id); one of the daemon's agent.models when that list is set. Empty: the
+    daemon's default for a new session, unchanged for a reopened one.
+    """
     def __init__(
         self,
         *,
@@ -398,10 +410,11 @@ class CreateSessionRequest(_message.Message):
         session_id: _builtins.str = ...,
         budget_usd: _builtins.float = ...,
         turn_budget_usd: _builtins.float = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_usd", b"budget_usd", "mode", b"mode", "session_id", b"session_id", "study_id", b"study_id", "turn_budget_usd", b"turn_budget_usd"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_usd", b"budget_usd", "mode", b"mode", "model", b"model", "session_id", b"session_id", "study_id", b"study_id", "turn_budget_usd", b"turn_budget_usd"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -654,6 +667,49 @@ class SetStudyContextResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetStudyContextResponse: _TypeAlias = SetStudyContextResponse  # noqa: Y015
+
+@_typing.final
+class SetModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    model: _builtins.str
+    """As CreateSessionRequest.model; empty goes back to the daemon's default."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetModelRequest: _TypeAlias = SetModelRequest  # noqa: Y015
+
+@_typing.final
+class SetModelResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def session(self) -> Global___Session: ...
+    def __init__(
+        self,
+        *,
+        session: Global___Session | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetModelResponse: _TypeAlias = SetModelResponse  # noqa: Y015
 
 @_typing.final
 class GetHistoryRequest(_message.Message):

@@ -65,6 +65,11 @@ class SessionServiceStub:
                 request_serializer=atomizer_dot_v1_dot_session__pb2.SetStudyContextRequest.SerializeToString,
                 response_deserializer=atomizer_dot_v1_dot_session__pb2.SetStudyContextResponse.FromString,
                 _registered_method=True)
+        self.SetModel = channel.unary_unary(
+                '/atomizer.v1.SessionService/SetModel',
+                request_serializer=atomizer_dot_v1_dot_session__pb2.SetModelRequest.SerializeToString,
+                response_deserializer=atomizer_dot_v1_dot_session__pb2.SetModelResponse.FromString,
+                _registered_method=True)
         self.GetHistory = channel.unary_unary(
                 '/atomizer.v1.SessionService/GetHistory',
                 request_serializer=atomizer_dot_v1_dot_session__pb2.GetHistoryRequest.SerializeToString,
@@ -142,6 +147,14 @@ class SessionServiceServicer:
 
     def SetStudyContext(self, request, context):
         """Attaches a study (or detaches with an empty study_id); the next turn carries its context.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetModel(self, request, context):
+        """Changes the session's model; a running turn finishes first. A live agent switches at
+        once (the CLI's set_model), and every later agent of the session starts with it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -228,6 +241,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.SetStudyContext,
                     request_deserializer=atomizer_dot_v1_dot_session__pb2.SetStudyContextRequest.FromString,
                     response_serializer=atomizer_dot_v1_dot_session__pb2.SetStudyContextResponse.SerializeToString,
+            ),
+            'SetModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetModel,
+                    request_deserializer=atomizer_dot_v1_dot_session__pb2.SetModelRequest.FromString,
+                    response_serializer=atomizer_dot_v1_dot_session__pb2.SetModelResponse.SerializeToString,
             ),
             'GetHistory': grpc.unary_unary_rpc_method_handler(
                     servicer.GetHistory,
@@ -428,6 +446,33 @@ class SessionService:
             '/atomizer.v1.SessionService/SetStudyContext',
             atomizer_dot_v1_dot_session__pb2.SetStudyContextRequest.SerializeToString,
             atomizer_dot_v1_dot_session__pb2.SetStudyContextResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atomizer.v1.SessionService/SetModel',
+            atomizer_dot_v1_dot_session__pb2.SetModelRequest.SerializeToString,
+            atomizer_dot_v1_dot_session__pb2.SetModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

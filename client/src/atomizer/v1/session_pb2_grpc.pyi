@@ -44,6 +44,10 @@ class SessionServiceStub:
     """Restarts the agent under the new mode's permissions; a running turn finishes first."""
     SetStudyContext: _grpc.UnaryUnaryMultiCallable[_session_pb2.SetStudyContextRequest, _session_pb2.SetStudyContextResponse]
     """Attaches a study (or detaches with an empty study_id); the next turn carries its context."""
+    SetModel: _grpc.UnaryUnaryMultiCallable[_session_pb2.SetModelRequest, _session_pb2.SetModelResponse]
+    """Changes the session's model; a running turn finishes first. A live agent switches at
+    once (the CLI's set_model), and every later agent of the session starts with it.
+    """
     GetHistory: _grpc.UnaryUnaryMultiCallable[_session_pb2.GetHistoryRequest, _session_pb2.GetHistoryResponse]
     """Stored messages, oldest first."""
     SendMessage: _grpc.UnaryStreamMultiCallable[_session_pb2.SendMessageRequest, _session_pb2.SendMessageResponse]
@@ -75,6 +79,10 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """Restarts the agent under the new mode's permissions; a running turn finishes first."""
     SetStudyContext: _aio.UnaryUnaryMultiCallable[_session_pb2.SetStudyContextRequest, _session_pb2.SetStudyContextResponse]  # type: ignore[assignment]
     """Attaches a study (or detaches with an empty study_id); the next turn carries its context."""
+    SetModel: _aio.UnaryUnaryMultiCallable[_session_pb2.SetModelRequest, _session_pb2.SetModelResponse]  # type: ignore[assignment]
+    """Changes the session's model; a running turn finishes first. A live agent switches at
+    once (the CLI's set_model), and every later agent of the session starts with it.
+    """
     GetHistory: _aio.UnaryUnaryMultiCallable[_session_pb2.GetHistoryRequest, _session_pb2.GetHistoryResponse]  # type: ignore[assignment]
     """Stored messages, oldest first."""
     SendMessage: _aio.UnaryStreamMultiCallable[_session_pb2.SendMessageRequest, _session_pb2.SendMessageResponse]  # type: ignore[assignment]
@@ -139,6 +147,16 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_session_pb2.SetStudyContextResponse, _abc.Awaitable[_session_pb2.SetStudyContextResponse]]:
         """Attaches a study (or detaches with an empty study_id); the next turn carries its context."""
+
+    @_abc_1.abstractmethod
+    def SetModel(
+        self,
+        request: _session_pb2.SetModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.SetModelResponse, _abc.Awaitable[_session_pb2.SetModelResponse]]:
+        """Changes the session's model; a running turn finishes first. A live agent switches at
+        once (the CLI's set_model), and every later agent of the session starts with it.
+        """
 
     @_abc_1.abstractmethod
     def GetHistory(
