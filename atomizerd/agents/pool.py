@@ -16,6 +16,12 @@ The agent lifecycle (docs/architecture.md, "Agent"):
 
 A session has at most one agent that is not GONE; its next agent is spawned only after the
 previous one is gone (two CLIs must never write one conversation's transcript).
+
+Spares (`pool.spares` per mode in `pool.spare_modes`) are READY agents started ahead of need
+for a session id reserved in advance, with exactly what a normal spawn of a new session of that
+mode (no study, default model and budgets) would get; `adopt_spare` hands one to a new session,
+which then takes the reserved ids. They hold slots like any agent, are evicted first, and are
+started only from free slots no turn is waiting for; a spare that dies is replaced.
 """
 
 from __future__ import annotations
@@ -30,11 +36,11 @@ from typing import Protocol
 
 import structlog
 
-from atomizerd.agents.process import AgentError, AgentExited
+from atomizerd.agents.process import AgentError
 from atomizerd.agents.transport import AgentTransport, LaunchSpec, Spawner
 from atomizerd.daemon import metrics
 from atomizerd.daemon.config import Config
-from atomizerd.errors import ResourceExhausted, Unavailable
+from atomizerd.errors import AtomizerError, ResourceExhausted, Unavailable
 from atomizerd.statemachine import Lifecycle
 from atomizerd.store.db import AgentProcessRecord, SessionRecord, Store
 
@@ -107,6 +113,10 @@ class Agent:
     lease_wanted: bool = True
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # left SPAWNING
     gone: asyncio.Event = field(default_factory=asyncio.Event)
+    # The mode this agent is a spare for (no session has adopted it yet); None otherwise.
+    spare_for: str | None = None
+    # A spare's reserved conversation id (the adopting session takes it).
+    agent_session_id: str = ""
 
     @property
     def state(self) -> AgentState:
@@ -130,6 +140,7 @@ class AgentPool:
         store: Store,
         launcher: LaunchSource,
         spawner: Spawner,
+        spare_record: Callable[[str], SessionRecord] | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -143,6 +154,9 @@ class AgentPool:
         self._closed = False
         # Highest number of slots ever held at once: tests and the soak check it against the cap.
         self.peak_used = 0
+        # Builds the record a spare of a mode is spawned for (reserved ids); None: no spares.
+        self._spare_record = spare_record
+        self.spares_adopted = 0
 
     # --- introspection -------------------------------------------------------------------
 
@@ -154,6 +168,10 @@ class AgentPool:
     @property
     def slots_used(self) -> int:
         return self._used
+
+    @property
+    def spare_count(self) -> int:
+        return sum(1 for a in self._agents.values() if a.spare_for is not None)
 
     @property
     def queued(self) -> int:
@@ -182,8 +200,57 @@ class AgentPool:
         return [
             (a.session_id, a.idle_since, a.alive)
             for a in self._agents.values()
-            if a.state is S.READY
+            if a.state is S.READY and a.spare_for is None
         ]
+
+    # --- spares --------------------------------------------------------------------------
+
+    def replenish_spares(self) -> None:
+        """Starts spares up to `pool.spares` per mode, from free slots only."""
+        cfg = self.config.pool
+        if self._closed or self._spare_record is None or cfg.spares <= 0:
+            return
+        for mode in cfg.spare_modes:
+            if mode == "power" and not self.config.modes.power.enabled:
+                continue
+            have = sum(1 for a in self._agents.values() if a.spare_for == mode)
+            for _ in range(cfg.spares - have):
+                if self._waiters or self._used >= cfg.max_live:
+                    return
+                record = self._spare_record(mode)
+                self._take_free_slot()
+                agent = self._new_agent(record.session_id)
+                agent.spare_for, agent.agent_session_id = mode, record.agent_session_id
+                agent.lease_wanted = False
+                task = asyncio.ensure_future(self._start_spare(agent, record))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _start_spare(self, agent: Agent, record: SessionRecord) -> None:
+        try:
+            await self._start(agent, record)
+            log.info("spare agent ready", mode=agent.spare_for, spare=agent.session_id)
+        except (AgentError, ResumeFailed, AtomizerError) as e:
+            log.warning("spare agent failed to start", mode=agent.spare_for, error=str(e))
+
+    def adopt_spare(self, mode: str) -> tuple[str, str] | None:
+        """Hands a READY spare of `mode` to a new session: returns the (session id,
+        conversation id) it was started for, which the session must take; None if none."""
+        for agent in self._agents.values():
+            # One still in its handshake is taken too: the first lease waits for the rest.
+            ready = agent.state is S.READY and agent.alive
+            if agent.spare_for == mode and (ready or agent.state is S.SPAWNING):
+                agent.spare_for = None
+                agent.idle_since = asyncio.get_running_loop().time()
+                self.spares_adopted += 1
+                log.info("spare agent adopted", session_id=agent.session_id, mode=mode)
+                self._soon(self.replenish_spares)
+                return agent.session_id, agent.agent_session_id
+        return None
+
+    def _soon(self, callback: Callable[[], None]) -> None:
+        if not self._closed:
+            asyncio.get_running_loop().call_soon(callback)
 
     # --- leasing -------------------------------------------------------------------------
 
@@ -191,11 +258,17 @@ class AgentPool:
         """Earlier conversation to put in the next spawn's system prompt (a reseeded session)."""
         self._seeds[session_id] = seed
 
-    async def prewarm(self, record: SessionRecord, wanted: Callable[[], bool]) -> None:
+    async def prewarm(
+        self, current: Callable[[], SessionRecord], wanted: Callable[[], bool]
+    ) -> None:
         """Starts the session's agent if a slot is free right now; never evicts or waits for it.
-        `wanted` is asked at the last moment, so a session closed meanwhile gets nothing."""
+        `wanted` and the record (`current`) are read at the last moment, so a session closed
+        or changed meanwhile gets nothing, or an agent for what it is now."""
+        if self._closed or not wanted():
+            return
+        record = current()
         sid = record.session_id
-        if self._closed or sid in self._agents or not wanted():
+        if sid in self._agents:
             return
         if self._waiters or self._used >= self.config.pool.max_live:
             return
@@ -204,7 +277,7 @@ class AgentPool:
         agent.lease_wanted = False
         try:
             await self._start(agent, record)
-        except (AgentError, ResumeFailed) as e:
+        except (AgentError, ResumeFailed, AtomizerError) as e:
             log.warning("prewarm failed", session_id=sid, error=str(e))
 
     async def lease(self, record: SessionRecord) -> Agent:
@@ -248,12 +321,14 @@ class AgentPool:
         else:
             self._begin_stop(agent, "released unfit for reuse")
 
-    def stop_if_idle(self, session_id: str, why: str) -> bool:
-        """Begins stopping the session's agent if it is idle right now (the reaper's cull)."""
+    async def stop_if_idle(self, session_id: str, why: str) -> bool:
+        """Stops the session's agent if it is idle right now (the reaper's cull) and waits
+        until it is gone; False (and nothing done) if it is not idle."""
         agent = self._agents.get(session_id)
         if agent is None or agent.state is not S.READY:
             return False
         self._begin_stop(agent, why)
+        await agent.gone.wait()
         return True
 
     async def retire(self, session_id: str) -> None:
@@ -280,6 +355,9 @@ class AgentPool:
         self._closed = True
         for waiter in self._waiters:
             waiter.granted.cancel()
+        for agent in self._agents.values():  # waiters already promised an evicted agent's slot
+            if agent.successor is not None:
+                agent.successor.granted.cancel()
         for agent in list(self._agents.values()):
             if agent.state in (S.READY, S.LEASED):
                 self._begin_stop(agent, "the daemon is stopping")
@@ -313,7 +391,9 @@ class AgentPool:
         self._waiters.append(waiter)
         self._dispatch()
         try:
-            await asyncio.wait_for(asyncio.shield(waiter.granted), cfg.queue_timeout)
+            # (asyncio.timeout, not wait_for: a cancel that comes with the grant must win.)
+            async with asyncio.timeout(cfg.queue_timeout):
+                await asyncio.shield(waiter.granted)
         except TimeoutError:
             self._abandon(waiter)
             raise ResourceExhausted(
@@ -360,8 +440,10 @@ class AgentPool:
             self._begin_stop(victim, "evicted for another session")
 
     def _eviction_victim(self) -> Agent | None:
+        """A spare first (no session loses its warm agent for it), else the idle agent used
+        least recently."""
         idle = [a for a in self._agents.values() if a.state is S.READY and a.successor is None]
-        return min(idle, key=lambda a: a.idle_since, default=None)
+        return min(idle, key=lambda a: (a.spare_for is None, a.idle_since), default=None)
 
     def _free_slot_of(self, agent: Agent) -> None:
         """The agent is gone: its slot passes to its successor, or back to the pool."""
@@ -403,6 +485,7 @@ class AgentPool:
             agent.transport = await self._spawner(spec)
             agent.resumed = resume
             self._record_process(agent.transport, sid)
+            self._watch_exit(agent)
             log.info(
                 "agent process started", session_id=sid, pid=agent.transport.pid, resume=resume
             )
@@ -416,12 +499,16 @@ class AgentPool:
         agent.idle_since = asyncio.get_running_loop().time()
         agent.settled.set()
         if agent.state is S.READY:
-            self._dispatch()
+            if self._closed:  # the daemon began stopping during the spawn
+                self._begin_stop(agent, "the daemon is stopping")
+            else:
+                self._dispatch()
 
     async def _handshake(self, agent: Agent, spec: LaunchSpec, record: SessionRecord) -> None:
         """The CLI's `initialize` at spawn readies it for the first turn and carries what must
-        not be in argv. An agent that does not answer still gets its turns; one that exited
-        could not resume its conversation, or died before any message (safe to retry)."""
+        not be in argv (the system prompt): an agent that does not complete it is stopped and
+        never serves. It could not resume its conversation, or it failed before any message
+        was sent (safe to start again: DiedAtStart)."""
         transport = agent.transport
         assert transport is not None
         try:
@@ -430,20 +517,32 @@ class AgentPool:
             )
             return
         except AgentError as e:
-            if transport.alive and not isinstance(e, AgentExited):
-                log.warning(
-                    "agent did not complete initialize", session_id=agent.session_id, error=str(e)
-                )
-                return
+            log.warning(
+                "agent did not complete initialize", session_id=agent.session_id, error=str(e)
+            )
         await transport.stop(self.config.agent.stop_grace)
         tail = transport.stderr_tail()
         if agent.resumed and _NO_CONVERSATION in tail:
             raise ResumeFailed(f"the agent could not resume conversation {record.agent_session_id}")
         raise DiedAtStart(
-            f"the agent exited during start-up (exit status {transport.returncode})",
+            "the agent did not complete its start-up handshake "
+            f"(exit status {transport.returncode})",
             transport.returncode,
             tail,
         )
+
+    def _watch_exit(self, agent: Agent) -> None:
+        """An agent whose process exits while idle (a spare, or a session's warm agent) is
+        forgotten at once: its slot frees and a spare is replaced."""
+
+        async def watch() -> None:
+            await agent.transport_or_fail().wait_exit()
+            if agent.state is S.READY:
+                self._begin_stop(agent, "its process exited while idle")
+
+        task = asyncio.ensure_future(watch())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _record_process(self, transport: AgentTransport, session_id: str) -> None:
         if transport.start_time is not None:
@@ -492,6 +591,9 @@ class AgentPool:
         agent.settled.set()
         agent.gone.set()
         self._free_slot_of(agent)
+        if agent.spare_for is not None:
+            log.info("spare agent gone; replacing it", mode=agent.spare_for)
+        self._soon(self.replenish_spares)
 
 
 def _retrieve(task: asyncio.Future[None]) -> None:

@@ -301,6 +301,7 @@ class AgentProcess:
         stderr_tail_bytes: int = DEFAULT_STDERR_TAIL_BYTES,
         mailbox_size: int = DEFAULT_MAILBOX_SIZE,
         write_timeout: float | None = DEFAULT_WRITE_TIMEOUT,
+        umask: int | None = None,
     ) -> AgentProcess:
         """Start `argv` with exactly `env` in `cwd`, under `setpriv --pdeathsig KILL`.
 
@@ -320,6 +321,9 @@ class AgentProcess:
                 cwd=cwd,
                 env=dict(env),
                 start_new_session=True,
+                # Set by subprocess's C code in the child, like the new session: no Python
+                # runs between fork and exec. None keeps the daemon's own (private) umask.
+                umask=-1 if umask is None else umask,
             )
         except (OSError, subprocess.SubprocessError, ValueError, SetprivMissing) as exc:
             raise AgentSpawnError(f"cannot start agent {name!r}: {exc}") from exc
@@ -350,6 +354,10 @@ class AgentProcess:
 
     def stderr_tail(self) -> str:
         return self._stderr.text()
+
+    async def wait_exit(self) -> None:
+        """Returns once the process has exited (it may still have output to deliver)."""
+        await self._proto.exited.wait()
 
     # --- reading ------------------------------------------------------------------------------
 

@@ -42,6 +42,8 @@ class AgentTransport(Protocol):
 
     def stderr_tail(self) -> str: ...
 
+    async def wait_exit(self) -> None: ...
+
     async def receive(self) -> AgentItem: ...
 
     def receive_nowait(self) -> AgentItem | None: ...
@@ -82,6 +84,7 @@ def process_spawner(
             max_line_bytes=max_line_bytes,
             stderr_tail_bytes=stderr_tail_bytes,
             write_timeout=write_timeout,
+            umask=spec.umask,
         )
 
     return spawn

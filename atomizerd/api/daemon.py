@@ -28,6 +28,8 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
             uptime_seconds=s.uptime_seconds,
             sessions_known=s.sessions_known,
             live_processes=s.live_processes,
+            spare_agents=s.spare_agents,
+            spares_adopted=s.spares_adopted,
             busy_sessions=s.busy_sessions,
             queued_turns=s.queued_turns,
             pool_capacity=s.pool_capacity,

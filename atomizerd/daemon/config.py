@@ -391,6 +391,19 @@ class PoolConfig:
         "Messages that may wait behind a session's running turn; beyond it RESOURCE_EXHAUSTED.",
         default=8,
     )
+    spares: int = _doc(
+        "Agents kept started and initialized ahead of need, per mode in `pool.spare_modes`, "
+        "counted inside `max_live`: a new session adopts one at CreateSession, so its first "
+        "message skips the CLI's start-up (~0.4 s). Only a session a spare fits adopts one "
+        "(no client-chosen id, no study, default model and budgets: what is fixed at spawn); "
+        "others spawn as before. Spares are the first agents evicted "
+        "when the pool is full and are never started while a turn waits. 0 turns them off.",
+        default=1,
+    )
+    spare_modes: list[str] = _doc(
+        "The modes spares are kept for (`user`, `power`; power only when enabled).",
+        default_factory=lambda: ["user"],
+    )
 
 
 @dataclass
@@ -682,9 +695,9 @@ def resolve(cfg: Config) -> None:
     d.socket = str(Path(d.socket or Path(d.runtime_dir) / "atomizerd.sock").expanduser().absolute())
     if not d.database:
         d.database = f"sqlite:///{Path(d.state_dir) / 'atomizerd.db'}"
+    d.host_id = d.host_id or socket.gethostname()
     if "/" in cfg.metrics.listen:
         cfg.metrics.listen = str(Path(cfg.metrics.listen).expanduser().absolute())
-    d.host_id = d.host_id or socket.gethostname()
     a = cfg.atomizer
     a.root = str(Path(a.root or os.getcwd()).expanduser().absolute())
     a.studies_root = str(Path(a.studies_root or Path(a.root) / "studies").expanduser().absolute())
@@ -790,6 +803,9 @@ def validate(cfg: Config) -> None:
     for name in cfg.agent.models:
         if not name.strip() or len(name) > 128 or any(ch.isspace() for ch in name):
             raise ConfigError(f"agent.models: {name!r} is not a model name")
+    for spare_mode in cfg.pool.spare_modes:
+        if spare_mode not in ("user", "power"):
+            raise ConfigError(f"pool.spare_modes: unknown mode {spare_mode!r} (use user or power)")
     try:
         umask = agent_umask(cfg)
     except ValueError:
@@ -831,6 +847,7 @@ def validate(cfg: Config) -> None:
         "daemon.loop_stall_log_ms",
         "pool.max_queued",
         "pool.max_queued_per_session",
+        "pool.spares",
         "agent.spawn_retries",
         "agent.spawn_retry_backoff",
         "reaper.retention",

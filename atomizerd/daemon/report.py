@@ -34,6 +34,8 @@ class StatusSnapshot:
     total_cost_usd: float
     last_reaper_pass: ReaperPass | None
     loop_lag_max_ms: float = 0.0
+    spare_agents: int = 0
+    spares_adopted: int = 0
     loop_lag_recent_max_ms: float = 0.0
     sandbox: SandboxStatus | None = None
 
@@ -63,6 +65,8 @@ class StatusReporter:
             uptime_seconds=time.monotonic() - self._started_mono,
             sessions_known=self.store.count_sessions(),
             live_processes=self.pool.live_count,
+            spare_agents=self.pool.spare_count,
+            spares_adopted=self.pool.spares_adopted,
             busy_sessions=counts["busy"],
             queued_turns=counts["queued"],
             pool_capacity=self.config.pool.max_live,

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
+import gc
 import os
 import signal
 import socket
@@ -41,7 +43,7 @@ from atomizerd.daemon.report import StatusReporter
 from atomizerd.daemon.sdnotify import Notifier
 from atomizerd.errors import StorageFull
 from atomizerd.sessions.reaper import Reaper
-from atomizerd.sessions.registry import Registry
+from atomizerd.sessions.registry import Registry, spare_record
 from atomizerd.store.db import Store
 from atomizerd.store.lock import DatabaseInUse
 
@@ -101,7 +103,9 @@ class Daemon:
             stderr_tail_bytes=cfg.agent.stderr_tail_bytes,
             write_timeout=cfg.agent.write_timeout,
         )
-        self.pool = AgentPool(cfg, self.store, launcher, spawner)
+        self.pool = AgentPool(
+            cfg, self.store, launcher, spawner, spare_record=functools.partial(spare_record, cfg)
+        )
         self.registry = Registry(cfg, self.store, self.pool, studies, launcher.context_text)
         try:
             self._reconcile(studies)
@@ -125,6 +129,10 @@ class Daemon:
             pid=os.getpid(),
             host_id=cfg.daemon.host_id,
         )
+        self.pool.replenish_spares()
+        # What start-up built lives as long as the daemon: out of the collector's way, so a
+        # full collection later does not walk it (a pause of ~15-25 ms on the loop otherwise).
+        gc.freeze()
         self._tasks.append(asyncio.create_task(status.loop_probe.run()))
         self._tasks.append(asyncio.create_task(reaper.run_forever()))
         self._tasks.append(asyncio.create_task(self._probe_agent(status)))

@@ -174,11 +174,19 @@ class Approvals:
             )
         )
         try:
-            decision = await asyncio.wait_for(asyncio.shield(pending.answer), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                decision = await asyncio.shield(pending.answer)
         except TimeoutError:
-            decision = Decision(
-                False, TIMEOUT, f"nobody answered within {self.timeout:g} s (approvals.timeout)"
-            )
+            # An answer taken in the instant the timeout fired stands: its client was told so.
+            if pending.answer.done():
+                decision = pending.answer.result()
+            else:
+                decision = Decision(
+                    False,
+                    TIMEOUT,
+                    f"nobody answered within {self.timeout:g} s (approvals.timeout)",
+                )
+                pending.answer.set_result(decision)
         finally:
             self.pending.pop(request.request_id, None)
         if request.request_id in self.decided:  # settled by close() at the turn's end
@@ -194,12 +202,16 @@ class Approvals:
             notes.append(
                 f"allowed with an edited input (sha256 {input_digest(decision.updated_input)})"
             )
-        if decision.rule is not None and decision.allow:
-            rule = format_rule(*decision.rule)
-            self.store.remember_pattern(self.session_id, rule)
-            notes.append(f"the rule {rule} is allowed for the rest of the session")
-        elif decision.remember:
-            self.store.remember_rule(self.session_id, tool_name, digest, decision.allow)
+        try:
+            if decision.rule is not None and decision.allow:
+                rule = format_rule(*decision.rule)
+                self.store.remember_pattern(self.session_id, rule)
+                notes.append(f"the rule {rule} is allowed for the rest of the session")
+            elif decision.remember:
+                self.store.remember_rule(self.session_id, tool_name, digest, decision.allow)
+        except StorageFull as e:  # the answer stands for this call; only the rule is lost
+            log.error("permission rule not remembered", tool=tool_name, error=str(e))
+            notes.append("not remembered: the disk is full")
         return "; ".join(notes)
 
     async def _ask(

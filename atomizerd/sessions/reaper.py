@@ -103,13 +103,16 @@ class Reaper:
         return not (session.watchers and not self.config.reaper.cull_connected)
 
     async def _stop_idle_processes(self) -> tuple[int, int]:
-        cutoff = time.monotonic() - self.config.reaper.idle_timeout
+        # The pool's idle times are on the loop's clock.
+        cutoff = asyncio.get_running_loop().time() - self.config.reaper.idle_timeout
         stopped = errors = 0
         for session_id, idle_since, alive in self.pool.candidates():
             if alive and (idle_since > cutoff or not self._may_cull(session_id)):
                 continue
             try:
-                await self.pool.retire(session_id)
+                # Only while it is still idle: a turn may have leased it since the list was made.
+                if not await self.pool.stop_if_idle(session_id, "reaped" if alive else "dead"):
+                    continue
                 stopped += 1
                 log.info(
                     "agent process reaped",

@@ -237,18 +237,24 @@ class Registry:
                     await self._change_model(s, model)
                     view = self.view(s)
                 return view
-        else:
-            session_id = ids.new_session_id()
-            # Every later log line of this request (and of the prewarm it starts) names it.
-            structlog.contextvars.bind_contextvars(session_id=session_id)
         self._check_session_limit()
         budget = _cap("budget_usd", budget_usd, self.config.budget.session_usd)
         turn_budget = _cap("turn_budget_usd", turn_budget_usd, self.config.budget.turn_usd)
+        mode = mode or "user"
+        agent_session_id = ids.new_agent_session_id()
+        if not session_id:
+            spare = None
+            if not budget_usd and not turn_budget_usd and not study_id and not model:
+                spare = self.pool.adopt_spare(mode)
+            # A spare was started for a session id reserved in advance: the session takes it.
+            session_id, agent_session_id = spare or (ids.new_session_id(), agent_session_id)
+            # Every later log line of this request (and of the prewarm it starts) names it.
+            structlog.contextvars.bind_contextvars(session_id=session_id)
         self.store.create_session(
             session_id,
-            mode or "user",
+            mode,
             study_id or None,
-            ids.new_agent_session_id(),
+            agent_session_id,
             budget_usd=budget,
             turn_budget_usd=turn_budget,
             model=model,
@@ -397,7 +403,7 @@ class Registry:
         if not self.config.agent.prewarm or s.state is not SessionState.OPEN:
             return
         self._spawn_background(
-            self.pool.prewarm(s.record, lambda: s.state is SessionState.OPEN and s.idle)
+            self.pool.prewarm(lambda: s.record, lambda: s.state is SessionState.OPEN and s.idle)
         )
 
     def _spawn_background(self, coro: Awaitable[None]) -> None:
@@ -474,6 +480,7 @@ class Registry:
             await self.pool.retire(s.id)
             self.studies.remove_session_files(s.id)
             if purge:
+                self.runner.forget_session(s)
                 self.store.delete_session(s.id)
                 self._forget(s)
                 log.info("session purged", session_id=s.id)
@@ -559,6 +566,9 @@ class Registry:
             log.exception("turn could not run", session_id=s.id, turn_id=job.turn_id)
             if job.state in (TurnState.QUEUED, TurnState.WAITING):
                 job.reject(Unavailable("atomizerd failed to run the turn; see its log"))
+            elif job.state is TurnState.RUNNING:  # a bug: still, every turn ends
+                failed = ev.TurnFailed(ev.INTERNAL, "atomizerd failed while running the turn")
+                self.runner.finish_failed(s, job, lambda k: self._emit(s, job, k), failed)
         finally:
             self._turn_done(s, job)
             s.log.poke()
@@ -873,6 +883,28 @@ class Registry:
         if self._sessions.get(s.id) is s:
             del self._sessions[s.id]
         s.log.close()
+
+
+def spare_record(config: Config, mode: str) -> SessionRecord:
+    """The record a spare agent of `mode` is started for: what a new session of that mode
+    with no study, the default model and the default budgets will be, under ids reserved now."""
+    now = time.time()
+    return SessionRecord(
+        session_id=ids.new_session_id(),
+        mode=mode,
+        study_id=None,
+        agent_session_id=ids.new_agent_session_id(),
+        agent_started=False,
+        closed=False,
+        created_at=now,
+        last_active_at=now,
+        message_count=0,
+        total_cost_usd=0.0,
+        agent_cost_usd=0.0,
+        seq_reserved=0,
+        budget_usd=config.budget.session_usd,
+        turn_budget_usd=config.budget.turn_usd,
+    )
 
 
 def _page_size(value: int) -> int:

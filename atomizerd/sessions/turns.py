@@ -42,9 +42,9 @@ from atomizerd.agents.transport import AgentTransport
 from atomizerd.atomizer.prompt import history_seed
 from atomizerd.daemon import metrics
 from atomizerd.daemon.config import Config
-from atomizerd.errors import AtomizerError
+from atomizerd.errors import AtomizerError, StorageFull
 from atomizerd.sessions import events as ev
-from atomizerd.sessions.approvals import MODE, POLICY, Approvals, input_digest
+from atomizerd.sessions.approvals import MODE, POLICY, Approvals, Decision, input_digest
 from atomizerd.statemachine import Lifecycle
 from atomizerd.store.db import SessionRecord, Store, ToolCallRecord, TurnOutcome
 
@@ -133,6 +133,8 @@ class _Transcript:
     tool_calls: dict[str, ToolCallRecord] = field(default_factory=dict)
     agent_cost_usd: float | None = None  # the CLI's cumulative cost at the turn's end
     unsaved: int = 0  # text bytes since the last checkpoint
+    saved_parts: int = 0  # parts already in the stored checkpoint
+    rewrite: bool = False  # text was withdrawn: the next checkpoint stores the whole reply
 
     def add(self, message_id: str, index: int, text: str) -> None:
         self.parts.append((message_id, index, text))
@@ -140,7 +142,16 @@ class _Transcript:
 
     def withdraw(self, message_id: str, from_index: int) -> None:
         self.parts = [p for p in self.parts if p[0] != message_id or p[1] < from_index]
+        self.rewrite = True
         self.unsaved += 1  # the stored checkpoint must follow
+
+    def unsaved_text(self) -> tuple[str, bool]:
+        """What the next checkpoint stores, and whether it replaces the earlier ones."""
+        start = 0 if self.rewrite else self.saved_parts
+        text = "".join(p[2] for p in self.parts[start:])
+        replace, self.rewrite = self.rewrite, False
+        self.saved_parts, self.unsaved = len(self.parts), 0
+        return text, replace
 
     def full_text(self) -> str:
         return "".join(p[2] for p in self.parts)
@@ -318,15 +329,15 @@ class TurnRunner:
     async def _run_on(self, agent: Agent, s: Session, turn: Turn, emit: Emit) -> bool:
         """The message is with the agent: relay its output to the turn's end. Returns whether
         the agent may serve another turn."""
-        if not s.record.agent_started:
-            # The CLI keeps a transcript from its first message on: every later process of
-            # this conversation must --resume it (a second --session-id is refused).
-            s.record = self._update(s, agent_started=True)
         transcript = _Transcript()
         turn.approvals = Approvals(
             self.store, s.id, turn.turn_id, self.config.approvals.timeout, emit, turn.audience
         )
         try:
+            if not s.record.agent_started:
+                # The CLI keeps a transcript from its first message on: every later process
+                # of this conversation must --resume it (a second --session-id is refused).
+                s.record = self._update(s, agent_started=True)
             terminal = await self._converse(agent, s, turn, emit, transcript)
         except Exception:
             log.exception("turn crashed", turn_id=turn.turn_id)
@@ -343,6 +354,9 @@ class TurnRunner:
         """WAITING → RUNNING: the user message is committed before the agent sees it, then
         announced. False (and the turn rejected) if the store refuses it."""
         try:
+            # Outcomes a full disk refused go first: history stays in order, and the session's
+            # cost base (agent_cost_usd) is current before the agent's next report.
+            self._settle_pending(s)
             _, s.record = self.store.add_user_message(
                 s.id, turn.turn_id, turn.text, turn.request_id or None
             )
@@ -430,6 +444,10 @@ class TurnRunner:
             interrupted=getattr(terminal, "interrupted", False),
         )
 
+    def finish_failed(self, s: Session, turn: Turn, emit: Emit, failed: ev.TurnFailed) -> None:
+        """Ends a RUNNING turn whose run broke (a bug) with nothing more said."""
+        self.finish(s, turn, emit, _Transcript(), failed)
+
     def _settle_later(
         self, s: Session, turn_id: str, outcome: TurnOutcome, agent_cost: float | None
     ) -> None:
@@ -441,16 +459,33 @@ class TurnRunner:
         """Stores the outcomes a full disk refused, oldest first, once writes work again."""
         while self._unsettled:
             await asyncio.sleep(self.config.agent.checkpoint_interval * 4)
-            while self._unsettled:
-                s, turn_id, outcome, agent_cost = self._unsettled[0]
-                try:
-                    _, s.record = self.store.finish_turn(
-                        s.id, turn_id, outcome, agent_cost_usd=agent_cost
-                    )
-                except AtomizerError:
-                    break
-                self._unsettled.pop(0)
+            with contextlib.suppress(StorageFull):
+                self._settle_entries(list(self._unsettled))
+
+    def _settle_pending(self, s: Session) -> None:
+        """Stores the session's refused outcomes now (raises StorageFull if it still can't)."""
+        self._settle_entries([e for e in self._unsettled if e[0] is s])
+
+    def _settle_entries(
+        self, entries: list[tuple[Session, str, TurnOutcome, float | None]]
+    ) -> None:
+        for entry in entries:
+            s, turn_id, outcome, agent_cost = entry
+            try:
+                _, s.record = self.store.finish_turn(
+                    s.id, turn_id, outcome, agent_cost_usd=agent_cost
+                )
+            except StorageFull:
+                raise
+            except Exception:  # e.g. the session was purged meanwhile: nothing to store
+                log.exception("turn outcome dropped", turn_id=turn_id)
+            else:
                 log.info("turn outcome stored after the store recovered", turn_id=turn_id)
+            self._unsettled.remove(entry)
+
+    def forget_session(self, s: Session) -> None:
+        """The session is being purged: outcomes waiting for the disk are no longer wanted."""
+        self._unsettled = [e for e in self._unsettled if e[0] is not s]
 
     def _update(self, s: Session, **fields: Any) -> SessionRecord:
         record = self.store.update_session(s.id, **fields)
@@ -479,8 +514,12 @@ class TurnRunner:
         record = s.record
         if not (record.context_stale and record.agent_started):
             return turn.text
-        context = self.context_text(record)
-        s.record = self._update(s, context_stale=False)
+        try:
+            context = self.context_text(record)
+            s.record = self._update(s, context_stale=False)
+        except AtomizerError as e:  # e.g. the study folder is gone: the next message retries
+            log.warning("changed context not sent", session_id=s.id, error=str(e))
+            return turn.text
         return f"<atomizer-context>\n{context}\n</atomizer-context>\n\n{turn.text}"
 
     def _audit_unasked_tools(
@@ -590,11 +629,11 @@ class TurnRunner:
                 receive.cancel()
 
     def _checkpoint(self, s: Session, turn: Turn, transcript: _Transcript) -> None:
-        """Stores what the reply has said so far (bounded: at most every checkpoint_interval
-        or checkpoint_bytes); a full disk only costs the checkpoint."""
-        transcript.unsaved = 0
+        """Stores what the reply said since the last checkpoint (at most every
+        checkpoint_interval or checkpoint_bytes); a full disk only costs the checkpoint."""
+        text, replace = transcript.unsaved_text()
         try:
-            self.store.checkpoint_reply(s.id, turn.turn_id, transcript.full_text())
+            self.store.checkpoint_reply(s.id, turn.turn_id, text, replace=replace)
         except AtomizerError as e:
             log.warning("reply checkpoint not stored", turn_id=turn.turn_id, error=str(e))
 
@@ -606,7 +645,11 @@ class TurnRunner:
     async def _answer_permission(
         self, process: AgentTransport, approvals: Approvals, request: proto.ControlRequest
     ) -> None:
-        decision = await approvals.decide(request)
+        try:
+            decision = await approvals.decide(request)
+        except Exception:  # the agent must get an answer whatever happened here
+            log.exception("permission request could not be decided; denied")
+            decision = Decision(False, POLICY, "atomizerd could not decide this request")
         raw_input = request.payload.get("input")
         if decision.updated_input is not None:
             raw_input = decision.updated_input

@@ -185,11 +185,13 @@ def _migrate_3(db: pw.Database) -> None:
 
 
 class TurnCheckpointRow(_Model):
-    """What a running turn's reply has said so far, stored every few hundred milliseconds: a
-    turn cut off by a crash is settled with this text instead of nothing."""
+    """What a running turn's reply has said so far, stored every few hundred milliseconds as
+    the text added since the last checkpoint (rows in id order make the reply: a long reply is
+    never rewritten whole): a turn cut off by a crash is settled with it instead of nothing."""
 
+    id = pw.BigAutoField()
     session = pw.ForeignKeyField(SessionRow, on_delete="CASCADE", backref="checkpoints")
-    turn_id = pw.CharField(max_length=64, primary_key=True)
+    turn_id = pw.CharField(max_length=64, index=True)
     content = pw.TextField()
     updated_at = pw.DoubleField()
 
@@ -239,6 +241,14 @@ def _migrate_session_model(db: pw.Database) -> None:
 
 
 # Forward migrations: index i migrates from version i to i + 1. Append, never edit.
+def _migrate_checkpoint_pieces(db: pw.Database) -> None:
+    """Reply checkpoints are stored in pieces (one row per checkpoint) instead of one row per
+    turn rewritten whole. They only matter while a turn runs: the old table is replaced."""
+    if "id" not in {c.name for c in db.get_columns("turn_checkpoints")}:
+        db.drop_tables([TurnCheckpointRow])
+        db.create_tables([TurnCheckpointRow])
+
+
 MIGRATIONS: list[Callable[[pw.Database], None]] = [
     _migrate_1,
     _migrate_2,
@@ -246,6 +256,7 @@ MIGRATIONS: list[Callable[[pw.Database], None]] = [
     _migrate_4,
     _migrate_5,
     _migrate_permission_patterns,
+    _migrate_checkpoint_pieces,
     _migrate_session_model,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -787,15 +798,25 @@ class Store:
             now,
         ), session
 
-    def checkpoint_reply(self, session_id: str, turn_id: str, text: str) -> None:
-        """What the running turn's reply has said so far (replaces the previous checkpoint)."""
-        params = (session_id, turn_id, text, time.time())
-        self._sql(
-            "INSERT INTO turn_checkpoints (session_id, turn_id, content, updated_at) "
-            "VALUES (?, ?, ?, ?) ON CONFLICT (turn_id) DO UPDATE SET "
-            "content = excluded.content, updated_at = excluded.updated_at",
-            params,
-        )
+    def checkpoint_reply(
+        self, session_id: str, turn_id: str, text: str, *, replace: bool = False
+    ) -> None:
+        """Adds `text` to what the running turn's reply has said so far (with `replace`, it is
+        the whole reply so far: text was withdrawn)."""
+        with self.db.atomic():
+            if replace:
+                self._sql("DELETE FROM turn_checkpoints WHERE turn_id = ?", (turn_id,))
+            self._sql(
+                "INSERT INTO turn_checkpoints (session_id, turn_id, content, updated_at) "
+                "VALUES (?, ?, ?, ?)",
+                (session_id, turn_id, text, time.time()),
+            )
+
+    def checkpointed_reply(self, turn_id: str) -> str:
+        rows = self._sql(
+            "SELECT content FROM turn_checkpoints WHERE turn_id = ? ORDER BY id", (turn_id,)
+        ).fetchall()
+        return "".join(r[0] for r in rows)
 
     def history(self, session_id: str, *, after_id: int, limit: int) -> list[MessageRecord]:
         q = (
@@ -839,13 +860,13 @@ class Store:
         )
         settled = []
         for row in pending:
-            checkpoint = TurnCheckpointRow.get_or_none(TurnCheckpointRow.turn_id == row.turn_id)
+            partial = self.checkpointed_reply(row.turn_id)
             self.finish_turn(
                 row.session_id,
                 row.turn_id,
                 TurnOutcome(
                     status="interrupted",
-                    text=checkpoint.content if checkpoint else "",
+                    text=partial,
                     detail="the daemon stopped mid-turn",
                 ),
             )

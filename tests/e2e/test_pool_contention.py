@@ -91,7 +91,8 @@ def test_one_slot_two_sessions_twenty_rounds_at_once_no_turn_fails(e2e: E2E) -> 
     with sampled(e2e.daemon) as samples, ThreadPoolExecutor(2) as ex:
         failures = []
         for i in range(20):
-            results = list(ex.map(lambda sid: outcome(stubs, sid, f"round {i}"), ("a", "b")))
+            texts = [f"round {i}"] * 2
+            results = list(ex.map(lambda sid, text: outcome(stubs, sid, text), ("a", "b"), texts))
             failures += [r for r in results if r != "ok"]
     assert failures == []
     assert max(samples) <= 1

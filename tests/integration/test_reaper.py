@@ -221,7 +221,8 @@ def test_sessions_inactive_beyond_retention_are_purged_with_history_and_files(
             stubs.sessions.CreateSession(pb.CreateSessionRequest(session_id=sid))
             completed_text(turn(stubs, sid, f"hello from {sid}"))
         sessions_dir = d.runtime_dir / "sessions"
-        assert sorted(p.name for p in sessions_dir.iterdir()) == ["old.mcp.json", "recent.mcp.json"]
+        owners = sorted({p.name.split(".", 1)[0] for p in sessions_dir.iterdir()})
+        assert owners == ["old", "recent"]  # their MCP config and sandbox settings
         [old_pid] = agent_pids(d, "old")
         db = d.state_dir / "atomizerd.db"
         # Two hours without activity, as far as the store knows.
@@ -245,7 +246,7 @@ def test_sessions_inactive_beyond_retention_are_purged_with_history_and_files(
                 " (SELECT COUNT(*) FROM messages WHERE session_id = 'old')"
             ).fetchone()
         assert rows == (0, 0)
-        assert [p.name for p in sessions_dir.iterdir()] == ["recent.mcp.json"]
+        assert {p.name.split(".", 1)[0] for p in sessions_dir.iterdir()} == {"recent"}
         assert not alive(old_pid)
         assert records(d, "session purged after retention", "old")
 
@@ -294,10 +295,11 @@ class _Pool:
         long_ago = time.monotonic() - 1000
         return [(sid, long_ago, True) for sid in self.sessions]
 
-    async def retire(self, session_id: str) -> None:
+    async def stop_if_idle(self, session_id: str, why: str) -> bool:
         self.retired.append(session_id)
         if session_id == self.failing:
             raise OSError("cannot signal the process group")
+        return True
 
 
 class _Registry:

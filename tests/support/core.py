@@ -5,6 +5,7 @@ clock. No sockets, no subprocesses: every interleaving is reproducible."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from atomizerd.atomizer.studies import Studies
 from atomizerd.daemon import config as config_mod
 from atomizerd.errors import AtomizerError
 from atomizerd.sessions import events as ev
-from atomizerd.sessions.registry import Registry
+from atomizerd.sessions.registry import Registry, spare_record
 from atomizerd.store.db import Store
 from tests.support.scripted_agent import ScriptedSpawner
 
@@ -43,6 +44,9 @@ def build(tmp: Path, settings: Mapping[str, Any] | None = None, **spawner: Any) 
         "atomizer.root": str(tmp / "root"),
         "agent.prewarm": "false",
         "agent.stop_grace": "1",
+        "pool.spares": "0",
+        # Scripted agents run no Bash: the sandbox (and its probe of bubblewrap) is not theirs.
+        "sandbox.enabled": "false",
     }
     overrides.update({k: str(v) for k, v in (settings or {}).items()})
     (tmp / "root" / "studies").mkdir(parents=True, exist_ok=True)
@@ -51,7 +55,9 @@ def build(tmp: Path, settings: Mapping[str, Any] | None = None, **spawner: Any) 
     studies = Studies(cfg)
     launcher = Launcher(cfg, studies, ContextBuilder())
     scripted = ScriptedSpawner(**spawner)
-    pool = AgentPool(cfg, store, launcher, scripted)
+    pool = AgentPool(
+        cfg, store, launcher, scripted, spare_record=functools.partial(spare_record, cfg)
+    )
     registry = Registry(cfg, store, pool, studies, launcher.context_text)
     return Core(cfg, store, pool, registry, scripted)
 

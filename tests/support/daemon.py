@@ -119,6 +119,9 @@ class RunningDaemon:
             },
             "atomizer": {"root": str(self.root)},
             "logging": {"level": "debug", "format": "json"},
+            # Spares change how many agents run and when: the tests that are about them turn
+            # them on (tests/e2e/test_spare_agents.py); the rest count only their own agents.
+            "pool": {"spares": 0},
         }
         merge(cfg, config or {})
         self.config = cfg

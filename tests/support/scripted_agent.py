@@ -81,6 +81,7 @@ class ScriptedAgent:
         self._interrupt = asyncio.Event()
         self._answered: dict[str, asyncio.Future[Mapping[str, Any]]] = {}
         self._play_task: asyncio.Task[None] | None = None
+        self._exited = asyncio.Event()
 
     # --- AgentTransport ---------------------------------------------------------------
 
@@ -90,6 +91,9 @@ class ScriptedAgent:
 
     def stderr_tail(self) -> str:
         return "scripted agent stderr"
+
+    async def wait_exit(self) -> None:
+        await self._exited.wait()
 
     async def receive(self) -> AgentItem:
         while True:
@@ -181,6 +185,7 @@ class ScriptedAgent:
         if self.returncode is not None:
             return
         self.returncode = returncode
+        self._exited.set()
         self._final = AgentExited("exited", returncode, self.stderr_tail())
         if self._play_task is not None:
             self._play_task.cancel()

@@ -293,7 +293,9 @@ def test_shutdown_refuses_queued_turns_and_records_the_waiting_one(tmp_path: Pat
 def test_a_write_the_agent_never_takes_fails_the_turn_instead_of_hanging(tmp_path: Path) -> None:
     async def test(core: Core) -> None:
         await create(core, "a")
-        await core.pool.prewarm(core.store.get_session("a"), lambda: True)  # type: ignore[arg-type]
+        record = core.store.get_session("a")
+        assert record is not None
+        await core.pool.prewarm(lambda: record, lambda: True)
         agent = core.spawner.agents[0]
 
         async def stuck(text: str) -> None:
@@ -416,6 +418,25 @@ def test_replay_memory_is_bounded_in_bytes_per_session_and_in_total(tmp_path: Pa
 # --- what a killed turn had streamed (item 14) -------------------------------------------------
 
 
+def test_a_long_reply_is_checkpointed_in_pieces_never_rewritten_whole(tmp_path: Path) -> None:
+    async def test(core: Core) -> None:
+        await create(core, "a")
+        writes: list[tuple[str, bool]] = []
+        real = core.store.checkpoint_reply
+
+        def record(sid: str, turn_id: str, text: str, *, replace: bool = False) -> None:
+            writes.append((text, replace))
+            real(sid, turn_id, text, replace=replace)
+
+        core.store.checkpoint_reply = record  # type: ignore[method-assign, assignment]
+        sent = await send(core, "a", "[[deltas:5000]]").wait()
+        assert completed(sent).text == "x" * 5000
+        assert len(writes) >= 2 and not any(replace for _, replace in writes)
+        assert sum(len(t) for t, _ in writes) <= 5000, "each byte is stored once"
+
+    run(tmp_path, test, {"agent.checkpoint_bytes": 1000})
+
+
 def test_a_streaming_reply_is_checkpointed_and_survives_a_crash(tmp_path: Path) -> None:
     async def test(core: Core) -> None:
         await create(core, "a")
@@ -454,3 +475,69 @@ def test_a_turn_whose_outcome_cannot_be_stored_still_ends_and_is_settled_later(
         assert stored(core, "a")[-1] == ("assistant", "complete", "echo: hello")
 
     run(tmp_path, test)
+
+
+# --- spare agents (issue 14) -------------------------------------------------------------------
+
+
+def test_a_new_session_adopts_a_ready_spare_and_the_spare_is_replaced(tmp_path: Path) -> None:
+    async def test(core: Core) -> None:
+        core.pool.replenish_spares()
+        await asyncio.sleep(1)
+        [spare] = core.spawner.agents
+        assert spare.init_fields is not None, "a spare is initialized before anyone asks"
+        view = await core.registry.create_session(None, None, None)
+        assert core.pool.agent(view.record.session_id) is not None
+        sent = await send(core, view.record.session_id, "hello").wait()
+        assert text_of(sent) == "echo: hello"
+        assert spare.user_messages == ["hello"], "the first message went to the spare"
+        assert view.record.agent_session_id in spare.spec.argv[-1] or any(
+            view.record.agent_session_id in arg for arg in spare.spec.argv
+        )
+        await asyncio.sleep(1)
+        assert core.pool.spare_count == 1 and len(core.spawner.agents) == 2
+        assert core.store.count_sessions() == 1, "spares are not sessions"
+
+    run(tmp_path, test, {"pool.spares": 1})
+
+
+def test_sessions_a_spare_cannot_fit_spawn_their_own_agent(tmp_path: Path) -> None:
+    (tmp_path / "root" / "studies" / "beam").mkdir(parents=True)
+
+    async def test(core: Core) -> None:
+        core.pool.replenish_spares()
+        await asyncio.sleep(1)
+        [spare] = core.spawner.agents
+        await core.registry.create_session(None, None, "chosen")  # a client-chosen id
+        await core.registry.create_session(None, "beam", None)  # a study
+        await send(core, "chosen", "hi").wait()
+        assert spare.user_messages == [] and spare.alive
+        assert core.pool.spare_count == 1
+
+    run(tmp_path, test, {"pool.spares": 1, "pool.max_live": 4})
+
+
+def test_spares_are_evicted_before_any_session_loses_its_agent(tmp_path: Path) -> None:
+    async def test(core: Core) -> None:
+        await create(core, "a", "b")
+        await send(core, "a", "first").wait()
+        core.pool.replenish_spares()
+        await asyncio.sleep(1)
+        assert core.pool.spare_count == 1 and core.pool.slots_used == 2
+        await send(core, "b", "second").wait()
+        assert core.pool.agent("a") is not None, "a's idle agent stayed; the spare went"
+        assert core.pool.spare_count == 0 and core.spawner.peak_alive == 2
+
+    run(tmp_path, test, {"pool.spares": 1, "pool.max_live": 2})
+
+
+def test_a_spare_that_dies_idle_is_replaced(tmp_path: Path) -> None:
+    async def test(core: Core) -> None:
+        core.pool.replenish_spares()
+        await asyncio.sleep(1)
+        core.spawner.agents[0].crash()
+        await asyncio.sleep(5)
+        assert core.pool.spare_count == 1 and len(core.spawner.agents) == 2
+        assert core.spawner.agents[1].alive
+
+    run(tmp_path, test, {"pool.spares": 1})

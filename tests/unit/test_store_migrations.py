@@ -17,6 +17,7 @@ from atomizerd.store.db import (
     Store,
     TurnOutcome,
     _connect,
+    _migrate_checkpoint_pieces,
     _migrate_session_model,
     database_proxy,
 )
@@ -85,8 +86,22 @@ def _undo_5(db: pw.Database) -> None:
     )
 
 
+def _undo_checkpoint_pieces(db: pw.Database) -> None:
+    if "turn_checkpoints" not in db.get_tables():  # a version before the table existed
+        return
+    db.execute_sql("DROP TABLE turn_checkpoints")
+    db.execute_sql(
+        "CREATE TABLE turn_checkpoints (session_id VARCHAR(64) NOT NULL REFERENCES sessions "
+        "(session_id) ON DELETE CASCADE, turn_id VARCHAR(64) NOT NULL PRIMARY KEY, "
+        "content TEXT NOT NULL, updated_at DOUBLE PRECISION NOT NULL)"
+    )
+
+
 # By the migration that added it (versions 3 and 4 added nothing to the first three tables).
-UNDO = {5: _undo_5}
+UNDO = {
+    5: _undo_5,
+    MIGRATIONS.index(_migrate_checkpoint_pieces) + 1: _undo_checkpoint_pieces,
+}
 
 
 def _undo_session_model(db: pw.Database) -> None:

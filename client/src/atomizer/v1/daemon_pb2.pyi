@@ -53,6 +53,8 @@ class GetStatusResponse(_message.Message):
     SANDBOX_ENABLED_FIELD_NUMBER: _builtins.int
     SANDBOX_AVAILABLE_FIELD_NUMBER: _builtins.int
     SANDBOX_DETAIL_FIELD_NUMBER: _builtins.int
+    SPARE_AGENTS_FIELD_NUMBER: _builtins.int
+    SPARES_ADOPTED_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     uptime_seconds: _builtins.float
     sessions_known: _builtins.int
@@ -77,6 +79,10 @@ class GetStatusResponse(_message.Message):
     """
     sandbox_available: _builtins.bool
     sandbox_detail: _builtins.str
+    spare_agents: _builtins.int
+    """Agents started ahead of need (pool.spares), counted in live_processes, not in sessions."""
+    spares_adopted: _builtins.int
+    """New sessions that took a spare since the daemon started."""
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -101,10 +107,12 @@ class GetStatusResponse(_message.Message):
         sandbox_enabled: _builtins.bool = ...,
         sandbox_available: _builtins.bool = ...,
         sandbox_detail: _builtins.str = ...,
+        spare_agents: _builtins.int = ...,
+        spares_adopted: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_reaper_pass", b"last_reaper_pass", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_command", b"agent_command", "agent_version", b"agent_version", "busy_sessions", b"busy_sessions", "last_reaper_pass", b"last_reaper_pass", "live_processes", b"live_processes", "loop_lag_max_ms", b"loop_lag_max_ms", "loop_lag_recent_max_ms", b"loop_lag_recent_max_ms", "pool_capacity", b"pool_capacity", "queued_turns", b"queued_turns", "sandbox_available", b"sandbox_available", "sandbox_detail", b"sandbox_detail", "sandbox_enabled", b"sandbox_enabled", "sessions_known", b"sessions_known", "started_at", b"started_at", "total_cost_usd", b"total_cost_usd", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_command", b"agent_command", "agent_version", b"agent_version", "busy_sessions", b"busy_sessions", "last_reaper_pass", b"last_reaper_pass", "live_processes", b"live_processes", "loop_lag_max_ms", b"loop_lag_max_ms", "loop_lag_recent_max_ms", b"loop_lag_recent_max_ms", "pool_capacity", b"pool_capacity", "queued_turns", b"queued_turns", "sandbox_available", b"sandbox_available", "sandbox_detail", b"sandbox_detail", "sandbox_enabled", b"sandbox_enabled", "sessions_known", b"sessions_known", "spare_agents", b"spare_agents", "spares_adopted", b"spares_adopted", "started_at", b"started_at", "total_cost_usd", b"total_cost_usd", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
