@@ -61,6 +61,8 @@ class AgentSpec:
     permission_mode: str | None = None
     permission_prompt_tool: str | None = None  # "stdio": ask us with control requests
     skip_permissions: bool = False  # --dangerously-skip-permissions (refused as root)
+    # --allow-dangerously-skip-permissions: may switch to bypassPermissions later (setMode)
+    allow_skip_permissions: bool = False
     mcp_config: str | None = None  # a file path
     settings: str | None = None  # --settings: a file path (or JSON), e.g. the sandbox policy
     strict_mcp_config: bool = True  # with mcp_config: ignore every other MCP configuration
@@ -113,6 +115,8 @@ def _permission_flags(spec: AgentSpec) -> list[str]:
         out.append(f"--permission-mode={spec.permission_mode}")
     if spec.permission_prompt_tool:
         out.append(f"--permission-prompt-tool={spec.permission_prompt_tool}")
+    if spec.allow_skip_permissions:
+        out.append("--allow-dangerously-skip-permissions")
     if spec.skip_permissions:
         out.append("--dangerously-skip-permissions")
     return out

@@ -12,7 +12,7 @@ from atomizerd.sessions import events as ev
 from atomizerd.sessions.registry import SessionView
 from atomizerd.store.db import AuditRecord, MessageRecord
 
-_MODE_TO_DOMAIN = {pb.MODE_USER: "user", pb.MODE_POWER: "power"}
+_MODE_TO_DOMAIN = {pb.MODE_USER: "user", pb.MODE_POWER: "power", pb.MODE_PLAN: "plan"}
 _MODE_TO_PB = {v: k for k, v in _MODE_TO_DOMAIN.items()}
 _STATE_TO_PB = {
     "idle": pb.SESSION_STATE_IDLE,
@@ -43,7 +43,9 @@ def mode_from_pb(value: int, *, required: bool) -> str | None:
         return None
     mode = _MODE_TO_DOMAIN.get(value)  # type: ignore[call-overload]
     if mode is None:
-        raise InvalidArgument(f"unknown mode {value}: use MODE_USER (1) or MODE_POWER (2)")
+        raise InvalidArgument(
+            f"unknown mode {value}: use MODE_USER (1), MODE_POWER (2) or MODE_PLAN (3)"
+        )
     return str(mode)
 
 
@@ -162,6 +164,7 @@ def event_to_pb(e: ev.SessionEvent) -> pb.SessionEvent:
                     tool_use_id=k.tool_use_id,
                     deadline=timestamp(k.deadline),
                     suggestions=[suggestion_to_pb(s) for s in k.suggestions],
+                    plan=k.plan,
                 )
             )
         case ev.PermissionDecided():

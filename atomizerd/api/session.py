@@ -133,6 +133,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             (request.rule.tool_name, request.rule.rule_content)
             if request.HasField("rule")
             else None,
+            convert.mode_from_pb(request.mode, required=False),
         )
         return pb.RespondToPermissionResponse(
             decision=pb.PermissionDecided(

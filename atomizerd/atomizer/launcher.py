@@ -17,12 +17,14 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from atomizerd.agents.argv import AgentSpec, build_argv, build_env
 from atomizerd.agents.transport import LaunchSpec
 from atomizerd.atomizer import sandbox
+from atomizerd.atomizer.planfiles import plans_folder
 from atomizerd.atomizer.prompt import ContextBuilder
 from atomizerd.atomizer.studies import Studies
 from atomizerd.daemon.config import Config, agent_umask, mcp_server_entry
@@ -57,7 +59,8 @@ class Launcher:
         sandbox is on): nothing is started or written then."""
         study_dir = self.studies.resolve(record.study_id) if record.study_id else None
         env = build_env(os.environ, self.config.agent.env)
-        sandboxed = record.mode == "user" and self.config.sandbox.enabled
+        # Plan mode is user mode's allowlist and sandbox, planning first (sessions/plans.py).
+        sandboxed = record.mode in ("user", "plan") and self.config.sandbox.enabled
         if sandboxed:
             status = self.probe.status(True, env.get("PATH") or os.defpath)
             if not status.available:
@@ -70,9 +73,14 @@ class Launcher:
         tmp = self.studies.session_tmp(record.session_id)
         env["TMPDIR"] = str(tmp)
         settings = None
+        document: dict[str, Any] = {}
         if sandboxed:
             policy = sandbox.user_policy(self.config, env=env, study=study_dir, tmp=tmp)
-            content = json.dumps(policy.settings, indent=2)
+            document = policy.settings
+        if record.mode == "plan":
+            document = {**document, "plansDirectory": plans_folder(self.config, record.session_id)}
+        if document:
+            content = json.dumps(document, indent=2)
             settings = str(
                 self.studies.write_session_file(record.session_id, ".settings.json", content)
             )
@@ -85,6 +93,9 @@ class Launcher:
             resume=resume,
             allowed_tools=self._allowed_tools(record.mode, study_dir) + self._remembered(record),
             skip_permissions=record.mode == "power",
+            permission_mode="plan" if record.mode == "plan" else None,
+            # An approved plan may go on in power mode where the policy allows it.
+            allow_skip_permissions=record.mode == "plan" and self.config.modes.power.enabled,
             # Power mode too: there only tools that need a person (AskUserQuestion) ask.
             permission_prompt_tool="stdio" if self.config.approvals.enabled else None,
             max_budget_usd=_allowance(record),

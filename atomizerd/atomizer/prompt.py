@@ -50,6 +50,10 @@ _MODES = {
         "request needs them, and suggest the user switch to power mode."
     ),
     "power": "Mode: power. You have full tool access; act carefully on study data.",
+    "plan": (
+        "Mode: plan. Study what is needed and write a plan first; nothing is changed until the "
+        "user approves it. When the plan is ready, present it with ExitPlanMode."
+    ),
 }
 
 

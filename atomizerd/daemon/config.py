@@ -293,9 +293,22 @@ class PowerModeConfig:
 
 
 @dataclass
+class PlanModeConfig:
+    plans_dir: str = _doc(
+        "Where plan-mode agents write their plans, relative to the Atomizer root (each "
+        "session its own folder in it, removed when the session is purged). Inside the root "
+        "because the CLI takes a plans folder only there (`plansDirectory`), and not the CLI's "
+        "own `~/.claude/plans`, which the sandbox closes to user-mode tools with the rest of "
+        "the CLI's config dir (every session's transcripts).",
+        default=".atomizerd/plans",
+    )
+
+
+@dataclass
 class ModesConfig:
     user: UserModeConfig = field(default_factory=UserModeConfig)
     power: PowerModeConfig = field(default_factory=PowerModeConfig)
+    plan: PlanModeConfig = field(default_factory=PlanModeConfig)
 
 
 @dataclass
@@ -800,6 +813,12 @@ def validate(cfg: Config) -> None:
         )
     if not cfg.agent.command:
         raise ConfigError("agent.command: must name the agent program")
+    plans = Path(cfg.modes.plan.plans_dir)
+    if plans.is_absolute() or ".." in plans.parts or not plans.parts:
+        raise ConfigError(
+            f"modes.plan.plans_dir: a folder inside the Atomizer root, as a relative path "
+            f"without '..' (got {cfg.modes.plan.plans_dir!r})"
+        )
     for name in cfg.agent.models:
         if not name.strip() or len(name) > 128 or any(ch.isspace() for ch in name):
             raise ConfigError(f"agent.models: {name!r} is not a model name")

@@ -35,6 +35,11 @@ from atomizerd.store.db import AuditRecord, Store
 log = structlog.get_logger("atomizerd.sessions.approvals")
 
 CLIENT, RULE, TIMEOUT, POLICY, MODE = "client", "rule", "timeout", "policy", "mode"
+# The tool a plan-mode agent calls to carry out its plan.
+EXIT_PLAN_TOOL = "ExitPlanMode"
+PLAN_MODE_DENIAL = (
+    "plan mode: nothing is changed before the plan is approved; present it with ExitPlanMode"
+)
 
 
 def input_digest(tool_input: Any) -> str:
@@ -54,10 +59,17 @@ class Decision:
     updated_input: dict[str, Any] | None = None
     # A client's rule to remember instead of the exact call: (tool name, rule content).
     rule: tuple[str, str] | None = None
+    # ExitPlanMode: the mode the session goes on in (a client's choice), and the CLI's
+    # permission mode the agent is switched to once it is applied.
+    next_mode: str | None = None
+    cli_mode: str | None = None
 
     def permission_updates(self) -> list[dict[str, Any]]:
         """What the running agent is told to remember along with an allow."""
-        return [session_rule_update(*self.rule)] if self.allow and self.rule else []
+        updates = [session_rule_update(*self.rule)] if self.allow and self.rule else []
+        if self.allow and self.cli_mode:
+            updates.append({"type": "setMode", "mode": self.cli_mode, "destination": "session"})
+        return updates
 
 
 def client_decision(
@@ -113,8 +125,15 @@ class Approvals:
         timeout: float,
         emit: Callable[[ev.EventKind], ev.SessionEvent],
         audience: Callable[[], int],
+        leave_plan: Callable[[str], str | None] | None = None,
+        in_plan: Callable[[], bool] = lambda: False,
     ) -> None:
         self.store = store
+        # Whether the session is in plan mode now: then no tool that changes anything runs.
+        self.in_plan = in_plan
+        # Applies an allowed ExitPlanMode: the session's new mode in, the CLI's mode out (None:
+        # the session is not in plan mode).
+        self.leave_plan = leave_plan
         self.session_id = session_id
         self.turn_id = turn_id
         self.timeout = timeout
@@ -145,7 +164,16 @@ class Approvals:
         digest = input_digest(tool_input)
         if tool_name == QUESTION_TOOL:
             return await self._ask(request.request_id, tool_input, tool_use_id, digest)
-        remembered = self.store.find_rule(self.session_id, tool_name, digest)
+        # A plan is always put to a person: no rule decides it.
+        plan = tool_name == EXIT_PLAN_TOOL
+        if not plan and self.in_plan():
+            return self._settle(
+                request.request_id,
+                tool_name,
+                digest,
+                Decision(False, MODE, PLAN_MODE_DENIAL),
+            )
+        remembered = None if plan else self.store.find_rule(self.session_id, tool_name, digest)
         if remembered is not None:
             return self._settle(
                 request.request_id,
@@ -171,6 +199,7 @@ class Approvals:
                 tool_use_id=tool_use_id,
                 deadline=time.time() + self.timeout,
                 suggestions=parse_suggestions(payload.get("permission_suggestions")),
+                plan=str(tool_input.get("plan") or "") if plan else "",
             )
         )
         try:
@@ -191,7 +220,9 @@ class Approvals:
             self.pending.pop(request.request_id, None)
         if request.request_id in self.decided:  # settled by close() at the turn's end
             return self.decided[request.request_id]
-        if decision.decider == CLIENT:
+        if plan and decision.allow and self.leave_plan is not None:
+            decision.cli_mode = self.leave_plan(decision.next_mode or "user")
+        if decision.decider == CLIENT and not plan:
             decision.message = self._remember(tool_name, digest, decision)
         return self._settle(request.request_id, tool_name, digest, decision)
 
@@ -242,6 +273,8 @@ class Approvals:
         pending = self.pending.get(request_id)
         if pending is None:
             raise NotFound(f"no pending permission request {request_id!r} in this session")
+        if decision.next_mode is not None and pending.tool_name != EXIT_PLAN_TOOL:
+            raise InvalidArgument("mode goes only with an answer to ExitPlanMode")
         if pending.answer.done():  # answered an instant ago, not yet settled
             raise FailedPrecondition(f"permission request {request_id!r} was already answered")
         decision.tool_name = pending.tool_name

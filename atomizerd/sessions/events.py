@@ -143,6 +143,7 @@ class PermissionRequest:
     tool_use_id: str
     deadline: float
     suggestions: tuple[PermissionSuggestion, ...] = ()
+    plan: str = ""  # ExitPlanMode: the plan the agent asks to carry out
 
 
 @dataclass(frozen=True, slots=True)

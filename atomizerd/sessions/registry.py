@@ -25,6 +25,7 @@ import structlog
 from atomizerd import ids
 from atomizerd.agents.pool import AgentPool, AgentState
 from atomizerd.agents.process import AgentError
+from atomizerd.atomizer.planfiles import remove_plans
 from atomizerd.atomizer.studies import Studies
 from atomizerd.daemon.config import Config
 from atomizerd.errors import (
@@ -46,7 +47,7 @@ from atomizerd.store.db import SEQ_BLOCK, AuditRecord, MessageRecord, SessionRec
 
 log = structlog.get_logger("atomizerd.sessions.registry")
 
-MODES = ("user", "power")
+MODES = ("user", "power", "plan")
 # A model as the CLI takes it: an alias (sonnet, opus[1m]) or a model id.
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/\[\]-]{0,127}")
 STATES = ("idle", "starting", "ready", "busy", "closed")
@@ -480,6 +481,7 @@ class Registry:
             await self.pool.retire(s.id)
             self.studies.remove_session_files(s.id)
             if purge:
+                remove_plans(self.config, s.id)
                 self.runner.forget_session(s)
                 self.store.delete_session(s.id)
                 self._forget(s)
@@ -755,6 +757,7 @@ class Registry:
         remember: bool,
         updated_input_json: str = "",
         rule: tuple[str, str] | None = None,
+        next_mode: str | None = None,
     ) -> Decision:
         s = self._load(session_id)
         self._require_own(s)
@@ -762,6 +765,12 @@ class Registry:
             raise InvalidArgument("request_id is required")
         message = message or ("" if allow else "the user denied this tool use")
         decision = client_decision(allow, message, remember, updated_input_json, rule)
+        if next_mode is not None:
+            if next_mode not in ("user", "power") or not allow:
+                raise InvalidArgument(
+                    "mode goes with an allow of ExitPlanMode: MODE_USER or MODE_POWER"
+                )
+            decision.next_mode = self._check_mode(next_mode)
         turn = s.turn
         if turn is not None and turn.approvals is not None:
             approvals = turn.approvals

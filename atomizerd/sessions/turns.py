@@ -45,6 +45,7 @@ from atomizerd.daemon.config import Config
 from atomizerd.errors import AtomizerError, StorageFull
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.approvals import MODE, POLICY, Approvals, Decision, input_digest
+from atomizerd.sessions.plans import PLAN, leave_plan
 from atomizerd.statemachine import Lifecycle
 from atomizerd.store.db import SessionRecord, Store, ToolCallRecord, TurnOutcome
 
@@ -100,6 +101,8 @@ class Turn:
         self.listeners = 0
         self.audience: Callable[[], int] = lambda: self.listeners
         self.approvals: Approvals | None = None
+        # The mode an allowed ExitPlanMode switched the session to during this turn.
+        self.left_plan: str | None = None
 
     @property
     def state(self) -> TurnState:
@@ -331,7 +334,14 @@ class TurnRunner:
         the agent may serve another turn."""
         transcript = _Transcript()
         turn.approvals = Approvals(
-            self.store, s.id, turn.turn_id, self.config.approvals.timeout, emit, turn.audience
+            self.store,
+            s.id,
+            turn.turn_id,
+            self.config.approvals.timeout,
+            emit,
+            turn.audience,
+            leave_plan=lambda mode: leave_plan(self.store, s, turn, mode),
+            in_plan=lambda: s.record.mode == PLAN,
         )
         try:
             if not s.record.agent_started:
@@ -343,6 +353,8 @@ class TurnRunner:
             log.exception("turn crashed", turn_id=turn.turn_id)
             terminal = ev.TurnFailed(ev.INTERNAL, "atomizerd failed while running the turn")
         reusable = isinstance(terminal, ev.TurnCompleted) and agent.alive
+        if turn.left_plan == "power":
+            reusable = False  # started sandboxed, as a plan: power's own agent next time
         if s.record.turn_budget_usd > 0:
             reusable = False  # the CLI takes its cap at start-up: a fresh one per turn
         self.finish(s, turn, emit, transcript, terminal)

@@ -41,6 +41,9 @@ Reply content (default: ``echo: <prompt text with the directives removed>``):
                           Several tool directives run one after another, one call per request.
                           When all have their ``tool_result``, the reply is one line per result:
                           ``tool_result NAME is_error=true|false: CONTENT``.
+``[[plan:TEXT]]``         plan mode: write TEXT to the plan file the CLI's plan-mode reminder names
+                          (a ``Write`` call), then call ``ExitPlanMode``; both run before the
+                          ``[[tool:...]]`` calls, which are the plan's execution.
 ``[[stop:REASON]]``       the ``stop_reason`` of the final reply (default ``end_turn``).
 ``[[usage:IN:OUT]]``      report IN input and OUT output tokens (default: about bytes / 4).
 
@@ -153,6 +156,7 @@ class Directives:
     error_times: int | None = None
     no_retry: bool = False
     sse_error: bool = False
+    plan: str | None = None
     unknown: list[str] = field(default_factory=list)
 
 
@@ -227,6 +231,8 @@ def parse_directives(text: str) -> Directives:
                 d.no_retry = True
             elif name == "sse-error":
                 d.sse_error = True
+            elif name == "plan":
+                d.plan = arg or "the plan"
             else:
                 d.unknown.append(m.group(0))
                 return m.group(0)
@@ -416,6 +422,22 @@ class _Plan:
     slow_ms: int = 0
     hang: bool = False
     sse_error: bool = False
+
+
+# Where the CLI's plan-mode reminder tells the model to keep its plan.
+_PLAN_FILE_RE = re.compile(r"plan[^\n]{0,60}? at (/[^\s\"'`]+?\.md)")
+
+
+def _plan_calls(rec: RecordedRequest, text: str) -> list[ToolCall]:
+    """The calls of ``[[plan:TEXT]]``: the plan written to its file, then ExitPlanMode."""
+    found = _PLAN_FILE_RE.search(json.dumps(rec.body, ensure_ascii=False))
+    if found is None:
+        log.warning("[[plan]] without a plan-mode reminder naming the plan file")
+        return [ToolCall("ExitPlanMode", {"plan": text})]
+    return [
+        ToolCall("Write", {"file_path": found.group(1), "content": text}),
+        ToolCall("ExitPlanMode", {}),
+    ]
 
 
 def _estimate_tokens(n_chars: int) -> int:
@@ -890,6 +912,8 @@ class FakeMessagesAPI:
         pi = _prompt_index(messages)
         prompt = rec.prompt_text
         d = parse_directives(prompt)
+        if d.plan is not None:
+            d.tools[:0] = _plan_calls(rec, d.plan)
         plan = _Plan(chunks=d.chunks, slow_ms=d.slow_ms)
         if d.unknown:
             log.warning("unknown or malformed directives: %s", d.unknown)

@@ -409,6 +409,7 @@ class Client(_Base):
         remember: bool = False,
         updated_input: Mapping[str, Any] | None = None,
         rule: RuleLike | None = None,
+        mode: ModeLike | None = None,
         timeout: float | None = None,
     ) -> Decision:
         """Answers a `PermissionRequest` event; returns the decision taken.
@@ -417,12 +418,14 @@ class Client(_Base):
         the same call (tool and input) for the rest of the session. With an allow,
         `updated_input` runs the tool with that input instead, and `rule` (a suggestion's rule,
         or `(tool_name, rule_content)`) allows every matching call for the rest of the session
-        instead of this one only. The first answer wins: a later one raises
+        instead of this one only. Allowing an ExitPlanMode request (a plan-mode session's
+        plan) switches the session to `mode`: "user" (the default) or "power" (where the
+        daemon allows it). The first answer wins: a later one raises
         FailedPreconditionError, one for a request that is not pending (never was, or its turn
         has ended) NotFoundError. Never retried.
         """
         req = _respond_request(
-            session_id, request_id, allow, message, remember, updated_input, rule
+            session_id, request_id, allow, message, remember, updated_input, rule, mode
         )
         return self._call(self._sessions.RespondToPermission, req, timeout).decision
 
@@ -482,6 +485,7 @@ def _respond_request(
     remember: bool,
     updated_input: Mapping[str, Any] | None = None,
     rule: RuleLike | None = None,
+    mode: ModeLike | None = None,
 ) -> session_pb2.RespondToPermissionRequest:
     req = session_pb2.RespondToPermissionRequest(
         session_id=session_id,
@@ -497,6 +501,8 @@ def _respond_request(
             (rule.tool_name, rule.rule_content) if isinstance(rule, PermissionRule) else rule
         )
         req.rule.CopyFrom(session_pb2.PermissionRule(tool_name=tool_name, rule_content=content))
+    if mode is not None:
+        req.mode = mode_value(mode)
     return req
 
 
@@ -674,10 +680,11 @@ class AsyncClient(_Base):
         remember: bool = False,
         updated_input: Mapping[str, Any] | None = None,
         rule: RuleLike | None = None,
+        mode: ModeLike | None = None,
     ) -> Decision:
         """As `Client.respond_to_permission`; never retried."""
         req = _respond_request(
-            session_id, request_id, allow, message, remember, updated_input, rule
+            session_id, request_id, allow, message, remember, updated_input, rule, mode
         )
         return (await self._call(self._sessions.RespondToPermission, req)).decision
 
