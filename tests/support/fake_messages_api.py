@@ -16,6 +16,20 @@ Usage::
 Standalone (benchmarks, demos); prints its base URL, then serves until SIGINT/SIGTERM::
 
     python -m tests.support.fake_messages_api --port 0 [--quiet] [--dump-dir DIR]
+        [--ttft-ms MS] [--tokens-per-s N]
+
+Latency model
+-------------
+By default the "model" answers at once. ``FakeMessagesAPI(ttft_ms=800, tokens_per_s=60)``
+(standalone: ``--ttft-ms 800 --tokens-per-s 60``) makes every model call behave like a real
+model's: nothing of the reply (``message_start`` included; the HTTP headers go at once) is
+sent before ``ttft_ms`` after the request arrived, the first content delta goes at that
+time, and the output then streams at ``tokens_per_s``: each later delta is sent once the
+tokens before it have been "generated" (a token is about 4 characters, as the usage estimate;
+text, thinking and tool input alike), the end of the message once all of them have. A
+non-streaming reply is sent whole after the time to first token plus all its tokens. 0 turns
+either part off. Error answers and ``count_tokens`` are not delayed; ``[[slow:MS]]`` adds its
+pause on top.
 
 Which text is the prompt
 ------------------------
@@ -406,6 +420,30 @@ class RecordedRequest:
 # --------------------------------------------------------------------------------------------
 
 
+class _Pacer:
+    """When each part of one reply may go out under the API's latency model."""
+
+    def __init__(self, api: FakeMessagesAPI, started: float) -> None:
+        self.api = api
+        self.first_at = started + api.ttft_ms / 1000  # time.monotonic()
+        self.tokens = 0.0  # output tokens sent so far
+
+    def due(self) -> float:
+        rate = self.api.tokens_per_s
+        return self.first_at + (self.tokens / rate if rate > 0 else 0.0)
+
+    def wait(self, tokens_next: float = 0.0) -> None:
+        """Waits until the next part may be sent; it carries `tokens_next` tokens."""
+        left = self.due() - time.monotonic()
+        if left > 0 and self.api._stopping.wait(left):
+            raise _ClientGone("server stopping")
+        self.tokens += tokens_next
+
+
+def _tokens(text: str) -> float:
+    return len(text) / 4
+
+
 @dataclass
 class _Plan:
     """What to answer to one model call."""
@@ -560,6 +598,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, {})
 
     def do_POST(self) -> None:
+        started = time.monotonic()
         rec = self._record()
         if rec.path == "/v1/messages/count_tokens":
             n = _estimate_tokens(len(rec.raw_body))
@@ -577,12 +616,23 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if rec.stream:
             try:
-                self._stream(rec, plan)
+                self._stream(rec, plan, started)
             except (_ClientGone, OSError):
                 log.info("client went away during a streamed reply")
                 self.close_connection = True
         else:
-            self._send_json(200, self._whole_message(rec, plan))
+            message = self._whole_message(rec, plan)
+            out = plan.text + (plan.thinking or "")
+            if plan.tool is not None:
+                out += json.dumps(plan.tool.input, ensure_ascii=False)
+            pacer = _Pacer(self.api, started)
+            try:
+                pacer.wait(_tokens(out))  # the time to first token
+                pacer.wait()  # every token generated
+            except _ClientGone:
+                self.close_connection = True
+                return
+            self._send_json(200, message)
 
     # -- message content -------------------------------------------------------------------
 
@@ -644,9 +694,11 @@ class _Handler(BaseHTTPRequestHandler):
         data = json.dumps(payload, ensure_ascii=False)
         self._write_chunk(f"event: {name}\ndata: {data}\n\n".encode())
 
-    def _pause(self, plan: _Plan) -> None:
+    def _pause(self, plan: _Plan, pacer: _Pacer | None = None, tokens: float = 0.0) -> None:
         if plan.slow_ms > 0 and self.api._stopping.wait(plan.slow_ms / 1000):
             raise _ClientGone("server stopping")
+        if pacer is not None:
+            pacer.wait(tokens)
 
     def _pieces(self, text: str, plan: _Plan) -> Iterator[str]:
         if not text:
@@ -658,13 +710,15 @@ class _Handler(BaseHTTPRequestHandler):
         for i in range(0, len(text), size):
             yield text[i : i + size]
 
-    def _stream(self, rec: RecordedRequest, plan: _Plan) -> None:
+    def _stream(self, rec: RecordedRequest, plan: _Plan, started: float) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.send_header("request-id", self.api._next_id("req_fake_"))
         self.end_headers()
+        pacer = _Pacer(self.api, started)
+        pacer.wait()  # the time to first token
         n_in, n_out = self._usage(rec, plan)
         self._event(
             "message_start",
@@ -693,7 +747,7 @@ class _Handler(BaseHTTPRequestHandler):
                 {"index": index, "content_block": {"type": "thinking", "thinking": ""}},
             )
             for piece in self._pieces(plan.thinking, plan):
-                self._pause(plan)
+                self._pause(plan, pacer, _tokens(piece))
                 self._event(
                     "content_block_delta",
                     {"index": index, "delta": {"type": "thinking_delta", "thinking": piece}},
@@ -710,6 +764,7 @@ class _Handler(BaseHTTPRequestHandler):
                 {"index": index, "content_block": {"type": "text", "text": ""}},
             )
             if plan.hang:
+                pacer.wait()
                 self._event(
                     "content_block_delta",
                     {"index": index, "delta": {"type": "text_delta", "text": plan.text}},
@@ -718,7 +773,7 @@ class _Handler(BaseHTTPRequestHandler):
                     self._event("ping", {})
                 raise _ClientGone("server stopping")
             for piece in self._pieces(plan.text, plan):
-                self._pause(plan)
+                self._pause(plan, pacer, _tokens(piece))
                 self._event(
                     "content_block_delta",
                     {"index": index, "delta": {"type": "text_delta", "text": piece}},
@@ -746,19 +801,18 @@ class _Handler(BaseHTTPRequestHandler):
                     },
                 },
             )
-            self._pause(plan)
+            partial = json.dumps(plan.tool.input, ensure_ascii=False)
+            self._pause(plan, pacer, _tokens(partial))
             self._event(
                 "content_block_delta",
                 {
                     "index": index,
-                    "delta": {
-                        "type": "input_json_delta",
-                        "partial_json": json.dumps(plan.tool.input, ensure_ascii=False),
-                    },
+                    "delta": {"type": "input_json_delta", "partial_json": partial},
                 },
             )
             self._event("content_block_stop", {"index": index})
             index += 1
+        pacer.wait()  # every token generated
         self._event(
             "message_delta",
             {
@@ -778,7 +832,13 @@ class _Handler(BaseHTTPRequestHandler):
 class FakeMessagesAPI:
     """A scripted Anthropic Messages API on 127.0.0.1, served from a background thread."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, *, ttft_ms: float = 0.0, tokens_per_s: float = 0.0) -> None:
+        """`ttft_ms`, `tokens_per_s`: the latency model (see the module docstring); 0 (the
+        default) answers at once."""
+        if ttft_ms < 0 or tokens_per_s < 0:
+            raise ValueError("ttft_ms and tokens_per_s must not be negative")
+        self.ttft_ms = float(ttft_ms)
+        self.tokens_per_s = float(tokens_per_s)
         self._requested_port = port
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -989,13 +1049,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dump-dir", default=None, help="write every request body as JSON into this directory"
     )
+    parser.add_argument(
+        "--ttft-ms", type=float, default=0.0, help="time to first token of every reply (ms)"
+    )
+    parser.add_argument(
+        "--tokens-per-s", type=float, default=0.0, help="output rate after it (0: at once)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(name)s %(message)s",
         stream=sys.stderr,
     )
-    api = FakeMessagesAPI(port=args.port)
+    api = FakeMessagesAPI(port=args.port, ttft_ms=args.ttft_ms, tokens_per_s=args.tokens_per_s)
     done = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

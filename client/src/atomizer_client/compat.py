@@ -56,7 +56,7 @@ from atomizer_client.events import (
     TurnFailed,
 )
 
-Mode = Literal["user", "power"]
+Mode = Literal["user", "power", "plan"]
 Chunks = AsyncGenerator[dict[str, Any], None]
 PermissionHandler = Callable[[PermissionRequest], bool | Awaitable[bool]]
 # Question text -> answer; an empty mapping declines.
@@ -74,7 +74,11 @@ def _local(ts: Any) -> datetime:
     return value
 
 
-_MODES: dict[int, Mode] = {session_pb2.MODE_USER: "user", session_pb2.MODE_POWER: "power"}
+_MODES: dict[int, Mode] = {
+    session_pb2.MODE_USER: "user",
+    session_pb2.MODE_POWER: "power",
+    session_pb2.MODE_PLAN: "plan",
+}
 
 
 @dataclass

@@ -184,6 +184,9 @@ class PermissionRequest(Event):
     tool_use_id: str = ""
     deadline: datetime | None = None
     suggestions: tuple[PermissionSuggestion, ...] = ()
+    plan: str = ""
+    """tool_name ExitPlanMode: the plan a plan-mode agent asks to carry out (Markdown);
+    allowing it switches the session to user (or power) mode."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,6 +320,7 @@ def from_proto(ev: session_pb2.SessionEvent) -> Event:
                 )
                 for s in p.suggestions
             ),
+            plan=p.plan,
         )
     if kind == "permission_decided":
         d = ev.permission_decided

@@ -31,6 +31,11 @@ class _ModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Mode.ValueType],
     """Safe mode: only the configured tool allowlist; everything else is denied."""
     MODE_POWER: _Mode.ValueType  # 2
     """Full access; only when the daemon's policy enables it."""
+    MODE_PLAN: _Mode.ValueType  # 3
+    """Plan first: the agent only reads and writes its plan, then asks to carry it out (a
+    permission_request for ExitPlanMode with the plan); allowing it switches the session to
+    MODE_USER (or MODE_POWER, see RespondToPermissionRequest.mode) and the agent goes on.
+    """
 
 class Mode(_Mode, metaclass=_ModeEnumTypeWrapper): ...
 
@@ -39,6 +44,11 @@ MODE_USER: Mode.ValueType  # 1
 """Safe mode: only the configured tool allowlist; everything else is denied."""
 MODE_POWER: Mode.ValueType  # 2
 """Full access; only when the daemon's policy enables it."""
+MODE_PLAN: Mode.ValueType  # 3
+"""Plan first: the agent only reads and writes its plan, then asks to carry it out (a
+permission_request for ExitPlanMode with the plan); allowing it switches the session to
+MODE_USER (or MODE_POWER, see RespondToPermissionRequest.mode) and the agent goes on.
+"""
 Global___Mode: _TypeAlias = Mode  # noqa: Y015
 
 class _SessionState:
@@ -1347,11 +1357,14 @@ class PermissionRequest(_message.Message):
     TOOL_USE_ID_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
     SUGGESTIONS_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     tool_name: _builtins.str
     input_json: _builtins.str
     description: _builtins.str
     tool_use_id: _builtins.str
+    plan: _builtins.str
+    """tool_name ExitPlanMode: the plan the agent asks to carry out (Markdown)."""
     @_builtins.property
     def deadline(self) -> _timestamp_pb2.Timestamp:
         """When the request is denied if nobody answers."""
@@ -1373,10 +1386,11 @@ class PermissionRequest(_message.Message):
         tool_use_id: _builtins.str = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
         suggestions: _abc.Iterable[Global___PermissionSuggestion] | None = ...,
+        plan: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "description", b"description", "input_json", b"input_json", "request_id", b"request_id", "suggestions", b"suggestions", "tool_name", b"tool_name", "tool_use_id", b"tool_use_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "description", b"description", "input_json", b"input_json", "plan", b"plan", "request_id", b"request_id", "suggestions", b"suggestions", "tool_name", b"tool_name", "tool_use_id", b"tool_use_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1492,6 +1506,7 @@ class RespondToPermissionRequest(_message.Message):
     REMEMBER_FIELD_NUMBER: _builtins.int
     UPDATED_INPUT_JSON_FIELD_NUMBER: _builtins.int
     RULE_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     request_id: _builtins.str
     allow: _builtins.bool
@@ -1501,6 +1516,10 @@ class RespondToPermissionRequest(_message.Message):
     """Apply the same answer to the same call for the rest of the session."""
     updated_input_json: _builtins.str
     """With allow: run the tool with this input instead of the one asked for (a JSON object)."""
+    mode: Global___Mode.ValueType
+    """With an allow of ExitPlanMode: the mode the session goes on in, MODE_USER (also when
+    unspecified) or MODE_POWER (only when the daemon's policy enables it).
+    """
     @_builtins.property
     def rule(self) -> Global___PermissionRule:
         """With allow: remember this rule for the rest of the session instead of the exact call,
@@ -1517,10 +1536,11 @@ class RespondToPermissionRequest(_message.Message):
         remember: _builtins.bool = ...,
         updated_input_json: _builtins.str = ...,
         rule: Global___PermissionRule | None = ...,
+        mode: Global___Mode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["rule", b"rule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "message", b"message", "remember", b"remember", "request_id", b"request_id", "rule", b"rule", "session_id", b"session_id", "updated_input_json", b"updated_input_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "message", b"message", "mode", b"mode", "remember", b"remember", "request_id", b"request_id", "rule", b"rule", "session_id", b"session_id", "updated_input_json", b"updated_input_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,35 @@
+"""Where plan-mode agents keep their plans (`modes.plan.plans_dir`, sessions/plans.py).
+
+The CLI takes a plans folder only inside its project root (its `plansDirectory` setting,
+relative to the working directory, which is the Atomizer root), and its default,
+`~/.claude/plans`, is closed to user-mode tools by the sandbox with the rest of the CLI's
+config dir. So each plan-mode session gets `<root>/<plans_dir>/<session_id>/`, made before its
+agent starts (the CLI wants it to exist) and removed when the session is purged.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from atomizerd import ids
+from atomizerd.daemon.config import Config
+
+
+def plans_path(config: Config, session_id: str) -> Path:
+    ids.check_session_id(session_id)
+    return config.atomizer_root / config.modes.plan.plans_dir / session_id
+
+
+def plans_folder(config: Config, session_id: str) -> str:
+    """The session's plans folder, made if missing, as the CLI's `plansDirectory` (relative
+    to the Atomizer root)."""
+    path = plans_path(config, session_id)
+    path.mkdir(mode=0o750, parents=True, exist_ok=True)
+    return str(Path(config.modes.plan.plans_dir) / session_id)
+
+
+def remove_plans(config: Config, session_id: str) -> None:
+    path = plans_path(config, session_id)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
