@@ -2,6 +2,7 @@
 """Soak test: many clients hammering one daemon for a while, then checks that nothing leaked.
 
     scripts/soak [--seconds 60] [--clients 32] [--agent fake|real] [--seed N] [--keep]
+                 [--tracemalloc]
 
 Starts its own daemon on a temporary socket (the scripted fake agent, or the pinned `claude`
 CLI against the fake Messages API run in its own process), then runs N concurrent clients, each
@@ -13,14 +14,22 @@ checks:
 - every RPC ended with an expected status (never INTERNAL, UNKNOWN, UNAVAILABLE; never
   DEADLINE_EXCEEDED except for WatchSession, which follows a session until the deadline) and
   within its deadline; every turn stream read to its end had exactly one terminal event, last;
+- the pool's cap holds: the daemon's own agent processes (its children, counted from /proc
+  every 10 ms by a sampler process of its own) never exceed `pool.max_live`, with far more
+  sessions than that (evictions and resumes all along);
 - no agent process (nor anything in its process group) outlives the daemon;
 - the daemon's open file descriptors with everything idle: before vs after, within a small
   constant;
-- the daemon's RSS, sampled through the run, stays roughly flat after warm-up;
+- the daemon's RSS, sampled through the run, stays roughly flat after warm-up (printed as a
+  table over time, with the live agents of each stretch);
 - every committed user message has a terminal assistant record, and the SQLite file passes
   `PRAGMA integrity_check`.
 
 Prints one summary table; exits 1 if a check failed (2 on a usage or set-up error).
+
+--tracemalloc runs the daemon with tracemalloc on (PYTHONTRACEMALLOC) and has it dump a snapshot
+at SIGUSR1 (once the load has warmed up, and at the end): the report then lists where the
+Python heap grew in between, by allocating line. For finding a leak; it slows the daemon.
 """
 
 from __future__ import annotations
@@ -54,6 +63,8 @@ from atomizer.v1 import daemon_pb2, daemon_pb2_grpc, session_pb2_grpc  # noqa: E
 from atomizer.v1 import session_pb2 as pb  # noqa: E402
 
 from atomizerd.agents.procgroup import group_members, read_stat  # noqa: E402
+from atomizerd.daemon.config import Config  # noqa: E402
+from scripts.soak_children import ChildCount, ChildSampler  # noqa: E402
 from tests.support.daemon import RunningDaemon, real_claude  # noqa: E402
 
 T = TypeVar("T")
@@ -119,13 +130,23 @@ def percentile(values: list[float], p: float) -> float:
 
 
 def rss_mib(pid: int) -> float | None:
+    parts = rss_parts_mib(pid)
+    return None if parts is None else parts["VmRSS"]
+
+
+def rss_parts_mib(pid: int) -> dict[str, float] | None:
+    """VmRSS and its parts (RssAnon: the heaps; RssFile: mapped files, the code of Python and
+    its libraries among them; RssShmem: shared memory, SQLite's WAL index), in MiB."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     except OSError:
         return None
-    return None
+    out: dict[str, float] = {}
+    for line in lines:
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+            out[key] = int(rest.split()[0]) / 1024
+    return out if "VmRSS" in out else None
 
 
 def fd_count(pid: int) -> int:
@@ -164,6 +185,7 @@ class Client:
         self.stats = stats
         self.texts = texts
         self.sessions: list[str] = []
+        self.created = 0
         self.sent = 0
         self.channel = grpc.aio.insecure_channel(target)
         self.stub = session_pb2_grpc.SessionServiceStub(self.channel)
@@ -211,6 +233,7 @@ class Client:
         )
         if resp is not None:
             self.sessions.append(resp.session.session_id)
+            self.created += 1
 
     async def _turn(self, sid: str, text: str, disconnect_after: int | None = None) -> None:
         """One SendMessage stream read to its end (or cancelled after some events)."""
@@ -364,23 +387,32 @@ REAL_TEXTS = [
 @dataclass
 class Outcome:
     rss: list[tuple[float, float]] = field(default_factory=list)  # (seconds, MiB)
+    rss_parts: list[dict[str, float]] = field(default_factory=list)  # beside each sample
     fds_before: int = 0
     fds_after: int = 0
     agents_started: int = 0
+    resumed: int = 0  # agents started with --resume (a session's conversation continued)
+    evictions: int = 0
+    max_live: int = 0
+    children: ChildCount = field(default_factory=ChildCount)
+    sessions: int = 0  # sessions created
     leaked: list[int] = field(default_factory=list)
     exit_code: int | None = None
     messages: int = 0
     store_problems: list[str] = field(default_factory=list)
     daemon_died: bool = False
+    heap_growth: list[str] = field(default_factory=list)  # --tracemalloc
+    children_offset: float = 0.0  # seconds from the child sampler's start to the run's t0
 
 
 async def sample_rss(pid: int, out: Outcome, stop: asyncio.Event, t0: float) -> None:
     while not stop.is_set():
-        value = rss_mib(pid)
-        if value is None:
+        parts = rss_parts_mib(pid)
+        if parts is None:
             out.daemon_died = True
             return
-        out.rss.append((time.monotonic() - t0, value))
+        out.rss.append((time.monotonic() - t0, parts["VmRSS"]))
+        out.rss_parts.append(parts)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.5)
 
@@ -401,7 +433,8 @@ async def all_sessions(
 
 
 async def settle(target: str, stats: Stats) -> None:
-    """Everything idle: every open session terminated (its agent stopped), no connection."""
+    """Everything idle: every open session terminated (its agent stopped; spares stay), no
+    connection."""
     async with grpc.aio.insecure_channel(target) as channel:
         stub = session_pb2_grpc.SessionServiceStub(channel)
         status = daemon_pb2_grpc.DaemonServiceStub(channel)
@@ -413,7 +446,9 @@ async def settle(target: str, stats: Stats) -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             resp = await status.GetStatus(daemon_pb2.GetStatusRequest(), timeout=UNARY_TIMEOUT)
-            if resp.live_processes == 0 and resp.busy_sessions == 0:
+            # Spare agents (pool.spares) belong to no session: they stay.
+            spares = int(getattr(resp, "spare_agents", 0))
+            if resp.live_processes - spares == 0 and resp.busy_sessions == 0:
                 return
             await asyncio.sleep(0.2)
         stats.finding(f"agents still live 30 s after terminating every session: {resp}")
@@ -424,11 +459,32 @@ async def drive(
 ) -> None:
     assert d.proc is not None
     pid = d.proc.pid
+    children = ChildSampler(pid).start()
+    try:
+        await _drive(d, args, stats, out, texts, children)
+    finally:
+        children.stop()  # a no-op once stopped
+
+
+async def _drive(
+    d: RunningDaemon,
+    args: argparse.Namespace,
+    stats: Stats,
+    out: Outcome,
+    texts: list[str],
+    children: ChildSampler,
+) -> None:
+    assert d.proc is not None
+    pid = d.proc.pid
+    sampling_since = time.monotonic()
     await asyncio.sleep(1.0)  # the start-up `--version` probe is done
     out.fds_before = fd_count(pid)
     t0 = time.monotonic()
+    out.children_offset = t0 - sampling_since
     stop = asyncio.Event()
     sampler = asyncio.ensure_future(sample_rss(pid, out, stop, t0))
+    if args.tracemalloc:
+        asyncio.get_running_loop().call_later(0.2 * args.seconds, d.signal, signal.SIGUSR1)
     master = random.Random(args.seed)
     clients = [
         Client(i, d.target, random.Random(master.random()), stats, texts)
@@ -443,12 +499,16 @@ async def drive(
     for task in done:
         if task.exception() is not None:
             stats.finding(f"a client crashed: {task.exception()!r}")
+    out.sessions = sum(c.created for c in clients)
     try:
         await settle(d.target, stats)
     except grpc.aio.AioRpcError as e:
         stats.finding(f"could not terminate the sessions at the end: {e.code().name}")
+    out.children = children.stop()
     stop.set()
     await sampler
+    if args.tracemalloc:
+        d.signal(signal.SIGUSR1)
     await asyncio.sleep(1.0)  # the daemon notices the closed connections
     try:
         out.fds_after = fd_count(pid)
@@ -459,6 +519,70 @@ async def drive(
 
 def agent_pids(d: RunningDaemon) -> list[int]:
     return [int(r["pid"]) for r in d.log_records() if r.get("event") == "agent process started"]
+
+
+def pool_churn(d: RunningDaemon) -> tuple[int, int]:
+    """(agents started with --resume, evictions) from the daemon's log."""
+    records = d.log_records()
+    resumed = sum(
+        1 for r in records if r.get("event") == "agent process started" and r.get("resume")
+    )
+    evicted = sum(1 for r in records if r.get("event") == "evicting least-recently-used agent")
+    return resumed, evicted
+
+
+# Loaded into the daemon with --tracemalloc (a sitecustomize on its PYTHONPATH): SIGUSR1
+# dumps a tracemalloc snapshot into SOAK_SNAPSHOT_DIR.
+SITECUSTOMIZE = """
+import os, signal, tracemalloc
+
+def _dump(signum, frame):
+    where = os.environ["SOAK_SNAPSHOT_DIR"]
+    n = len(os.listdir(where))
+    tracemalloc.take_snapshot().dump(os.path.join(where, f"{n}.snapshot.tmp"))
+    os.rename(os.path.join(where, f"{n}.snapshot.tmp"), os.path.join(where, f"{n}.snapshot"))
+
+if os.environ.get("SOAK_SNAPSHOT_DIR"):
+    signal.signal(signal.SIGUSR1, _dump)
+"""
+
+
+def tracemalloc_env(workdir: Path) -> dict[str, str]:
+    site = workdir / "tracemalloc-site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    snapshots = workdir / "snapshots"
+    snapshots.mkdir()
+    return {
+        "PYTHONPATH": str(site),
+        "PYTHONTRACEMALLOC": "1",  # the allocating line only: cheaper
+        "SOAK_SNAPSHOT_DIR": str(snapshots),
+    }
+
+
+def heap_growth(snapshots: Path, top: int = 12) -> list[str]:
+    """Where the Python heap grew between the first and the last snapshot, by line."""
+    import tracemalloc
+
+    deadline = time.monotonic() + 60
+    while len(list(snapshots.glob("*.snapshot"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    files = sorted(snapshots.glob("*.snapshot"), key=lambda f: int(f.name.split(".")[0]))
+    if len(files) < 2:
+        return [f"(only {len(files)} snapshot(s) written)"]
+    first, last = (tracemalloc.Snapshot.load(str(f)) for f in (files[0], files[-1]))
+    skip = [tracemalloc.Filter(False, tracemalloc.__file__)]
+    first, last = first.filter_traces(skip), last.filter_traces(skip)
+    total = sum(st.size for st in last.statistics("filename")) / 2**20
+    before = sum(st.size for st in first.statistics("filename")) / 2**20
+    lines = [f"Python heap (traced) {before:.1f} MiB after warm-up -> {total:.1f} MiB at the end"]
+    for st in last.compare_to(first, "lineno")[:top]:
+        frame = st.traceback[0]
+        where = "/".join(frame.filename.split("/")[-3:])
+        lines.append(
+            f"{st.size_diff / 1024:+9.0f} KiB {st.count_diff:+8d} blocks  {where}:{frame.lineno}"
+        )
+    return lines
 
 
 def store_problems(db: Path) -> tuple[int, list[str]]:
@@ -496,12 +620,20 @@ def daemon_config(args: argparse.Namespace, workdir: Path, api_env: dict[str, st
         pool["max_live"] = 4
     else:
         pool["max_live"] = 8
+    # Spare agents (pool.spares) as shipped: they count inside max_live too.
+    spares = getattr(Config().pool, "spares", None)
+    if spares is not None:
+        pool["spares"] = spares
     return {
         "agent": agent,
         "pool": pool,
         "reaper": {"interval": 5.0, "idle_timeout": 10.0, "retention": 0},
         "logging": {"level": "info", "format": "json"},
     }
+
+
+def max_live(args: argparse.Namespace) -> int:
+    return int(daemon_config(args, Path("."), {})["pool"]["max_live"])
 
 
 @contextlib.contextmanager
@@ -537,15 +669,21 @@ def run(args: argparse.Namespace, workdir: Path) -> tuple[Stats, Outcome, Runnin
     stats, out = Stats(), Outcome()
     with contextlib.ExitStack() as stack:
         api_env: dict[str, str] = stack.enter_context(fake_api()) if args.agent == "real" else {}
-        d = RunningDaemon(workdir, daemon_config(args, workdir, api_env))
-        d.start()
+        env = tracemalloc_env(workdir) if args.tracemalloc else {}
+        d = RunningDaemon(workdir, daemon_config(args, workdir, api_env), env=env)
+        out.max_live = max_live(args)
         try:
+            d.start(wait=False)  # inside the try: a daemon that never serves is stopped too
+            d.wait_serving(timeout=120 if args.tracemalloc else 30)
             texts = REAL_TEXTS if args.agent == "real" else FAKE_TEXTS
             asyncio.run(drive(d, args, stats, out, texts))
+            if args.tracemalloc:
+                out.heap_growth = heap_growth(workdir / "snapshots")
         finally:
             out.exit_code = d.stop(timeout=60)
         pids = agent_pids(d)
         out.agents_started = len(pids)
+        out.resumed, out.evictions = pool_churn(d)
         deadline = time.monotonic() + 10
         while True:
             out.leaked = [p for p in pids if alive(p) or group_members(p)]
@@ -567,12 +705,19 @@ def checks(stats: Stats, out: Outcome) -> list[tuple[bool, str]]:
     rss = f"{warm[0]:.1f} -> {warm[-1]:.1f} MiB" if warm else "not sampled"
     fds = f"{out.fds_before} / {out.fds_after} (allowance {FD_ALLOWANCE})"
     leaked = f"{len(out.leaked)} of {out.agents_started} left"
+    c = out.children
+    cap = (
+        f"most live agents sampled {c.most_agents} ≤ pool.max_live {out.max_live}"
+        if c.ok
+        else "live agents: the sampler reported nothing"
+    )
     return [
         (not stats.findings, f"RPCs ended as expected, in time ({len(stats.findings)} findings)"),
         (
             not out.daemon_died and out.exit_code == 0,
             f"the daemon ran throughout and stopped cleanly (exit {out.exit_code})",
         ),
+        (c.ok and c.most_agents <= out.max_live, f"the pool's cap held: {cap}"),
         (not out.leaked, f"no agent process outlived the daemon ({leaked})"),
         (out.fds_after - out.fds_before <= FD_ALLOWANCE, f"daemon fds idle before / after: {fds}"),
         (flat, f"daemon RSS flat after warm-up: {rss}"),
@@ -592,9 +737,55 @@ def _counts(counter: Counter[str]) -> str:
     return ", ".join(f"{k} {v}" for k, v in counter.most_common()) or "0"
 
 
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int = 60) -> str:
+    if not values:
+        return ""
+    step = max(1, math.ceil(len(values) / width))
+    points = [max(values[i : i + step]) for i in range(0, len(values), step)]
+    lo, hi = min(points), max(points)
+    scale = (len(SPARK) - 1) / (hi - lo) if hi > lo else 0.0
+    return "".join(SPARK[round((v - lo) * scale)] for v in points)
+
+
+def rss_table(out: Outcome) -> list[str]:
+    """The RSS samples by stretch of the run (a minute each in a long run, so no more than
+    a dozen lines), with the most live agents of each stretch."""
+    if not out.rss:
+        return []
+    span = out.rss[-1][0]
+    step = next((b for b in (10, 15, 20, 30, 60, 120, 300, 600) if span / b <= 12), 1200)
+    agents = out.children.per_second
+    lines = [
+        f"{'seconds':>11}  {'RSS min':>8}  {'max':>7}  {'last':>7}  "
+        f"{'(anon':>6} {'file':>6} {'shmem)':>7}  most live agents"
+    ]
+    for start in range(0, math.ceil(span) or 1, step):
+        chunk = [i for i, (t, _) in enumerate(out.rss) if start <= t < start + step]
+        if not chunk:
+            continue
+        values = [out.rss[i][1] for i in chunk]
+        last = out.rss_parts[chunk[-1]] if len(out.rss_parts) > chunk[-1] else {}
+        # The sampler's seconds count from its own start, `children_offset` before t0.
+        lo = int(start + out.children_offset)
+        live = agents[lo : lo + step]
+        lines.append(
+            f"{start:>5}-{start + step:<5}  {min(values):>8.1f}  {max(values):>7.1f}  "
+            f"{values[-1]:>7.1f}  {last.get('RssAnon', math.nan):>6.1f} "
+            f"{last.get('RssFile', math.nan):>6.1f} {last.get('RssShmem', math.nan):>7.1f}  "
+            f"{max(live) if live else '-'}"
+        )
+    rss = [mib for _, mib in out.rss]
+    lines.append(f"RSS {min(rss):.1f}-{max(rss):.1f} MiB  {sparkline(rss)}")
+    return lines
+
+
 def report(args: argparse.Namespace, stats: Stats, out: Outcome) -> bool:
     rpcs = sum(stats.codes.values())
     rss = [mib for _, mib in out.rss]
+    c = out.children
     rows = [
         ("agent", f"{args.agent}, {args.clients} clients, {args.seconds:g} s, seed {args.seed}"),
         ("turns", f"{sum(stats.turns.values())} ({_counts(stats.turns)})"),
@@ -607,11 +798,21 @@ def report(args: argparse.Namespace, stats: Stats, out: Outcome) -> bool:
         ("time to first event p50 / p99", _p50_p99(stats.first_event_ms)),
         ("time to first text p50 / p99", _p50_p99(stats.first_text_ms)),
         (
+            "most live agents / pool.max_live",
+            f"{c.most_agents} / {out.max_live} (at {c.most_agents_at_s:.1f} s; "
+            f"other children at most {c.most_other_children})",
+        ),
+        ("  sampled from /proc", c.describe()),
+        (
+            "pool churn",
+            f"{out.sessions} sessions for {out.max_live} slots: {out.agents_started} agents "
+            f"started ({out.resumed} resumed), {out.evictions} evictions",
+        ),
+        (
             "daemon RSS first / peak / last",
             f"{rss[0]:.1f} / {max(rss):.1f} / {rss[-1]:.1f} MiB" if rss else "n/a",
         ),
         ("daemon fds idle before / after", f"{out.fds_before} / {out.fds_after}"),
-        ("agent processes started", str(out.agents_started)),
         ("user messages stored", str(out.messages)),
     ]
     width = max(len(k) for k, _ in rows)
@@ -620,6 +821,16 @@ def report(args: argparse.Namespace, stats: Stats, out: Outcome) -> bool:
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     print(rule)
+    print("daemon RSS (MiB) over the run")
+    for line in rss_table(out):
+        print(f"  {line}")
+    if out.heap_growth:
+        print("Python heap growth, warm-up (20% of the run) -> end, by allocating line")
+        for line in out.heap_growth:
+            print(f"  {line}")
+    print(rule)
+    if out.evictions == 0:
+        print("note: no agent was evicted: the pool never filled, so its cap was not tested")
     results = checks(stats, out)
     for ok, what in results:
         print(f"[{'ok' if ok else 'FAIL'}] {what}")
@@ -639,6 +850,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--agent", choices=("fake", "real"), default="fake")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary dir (printed)")
+    parser.add_argument(
+        "--tracemalloc",
+        action="store_true",
+        help="trace the daemon's Python heap; report where it grew after warm-up",
+    )
     args = parser.parse_args(argv)
     if args.seconds <= 0 or args.clients <= 0:
         parser.error("--seconds and --clients must be positive")

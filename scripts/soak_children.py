@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""The daemon's live agents, counted from /proc often, by a process of its own.
+
+    python scripts/soak_children.py DAEMON_PID [--interval 0.01]
+
+Used by scripts/soak and scripts/bench (`ChildSampler`) to check the pool's cap from outside:
+every `interval` it counts the daemon's own children (ppid = the daemon; the CLI's own
+children, its sandbox helpers and tools, are not counted), split into agents (an argv with
+AGENT_MARKER, which every agent's has, or a fork not yet exec'd: the daemon's own command
+line) and others (the start-up `--version` probe, the sandbox probe). A zombie counts as what
+it was: a zombie agent still holds its pool slot until the daemon reaps it.
+
+Prints "ready" once it has taken its first sample, then runs until its stdin closes and
+writes one JSON line: how often it sampled, the most agents seen and when, the most agents of
+each second, and every change of the count. Standard library only, so it starts in tens of
+milliseconds; in its own process it neither waits for the caller's event loop nor holds its
+GIL.
+
+One scan lists /proc and reads the stat of new pids only (a process never becomes the
+daemon's child later, and no pid is reused within one interval), then the few children's
+cmdline: a fraction of a millisecond.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+AGENT_MARKER = b"--mcp-config="  # every agent's argv has it (its private MCP config)
+SAMPLE_INTERVAL = 0.01
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    # comm (field 2) may hold spaces and ')': fields after the last ')' start at state.
+    fields = raw[raw.rfind(b")") + 1 :].split()
+    try:
+        return int(fields[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def count_children(daemon_pid: int, interval: float, out: IO[str]) -> None:
+    own = _cmdline(daemon_pid)
+    children: dict[int, str] = {}  # pid -> "agent" | "other"
+    strangers: set[int] = set()
+    t0 = time.monotonic()
+    last = t0
+    gaps: list[float] = []
+    changes: list[tuple[float, int]] = []  # (seconds, agents) whenever the count changed
+    per_second: dict[int, int] = {}  # whole second -> most agents in it
+    most = most_other = samples = 0
+    most_at = 0.0
+    current = -1
+    stdin = sys.stdin.buffer
+    while True:
+        if samples:
+            readable, _, _ = select.select([stdin], [], [], interval)
+            if readable and not os.read(stdin.fileno(), 4096):
+                break
+        now = time.monotonic()
+        gaps.append(now - last)
+        last = now
+        pids = {int(n) for n in os.listdir("/proc") if n.isdigit()}
+        if daemon_pid not in pids:
+            break
+        strangers &= pids
+        for pid in [p for p in children if p not in pids]:
+            del children[pid]
+        for pid in pids - strangers - children.keys():
+            ppid = _ppid(pid)
+            if ppid == daemon_pid:
+                children[pid] = "agent"
+            elif ppid is not None:
+                strangers.add(pid)
+        for pid in children:
+            cmd = _cmdline(pid)
+            if cmd:  # empty: a zombie, which keeps what it was
+                children[pid] = "agent" if AGENT_MARKER in cmd or cmd == own else "other"
+        agents = sum(1 for kind in children.values() if kind == "agent")
+        second = int(now - t0)
+        per_second[second] = max(per_second.get(second, 0), agents)
+        most_other = max(most_other, len(children) - agents)
+        if agents > most:
+            most, most_at = agents, now - t0
+        if agents != current:
+            changes.append((round(now - t0, 3), agents))
+            current = agents
+        if not samples:
+            out.write("ready\n")
+            out.flush()
+        samples += 1
+    gaps_ms = sorted(g * 1000 for g in gaps[1:]) or [0.0]
+    summary = {
+        "samples": samples,
+        "seconds": last - t0,
+        "gap_ms": {
+            "p50": gaps_ms[len(gaps_ms) // 2],
+            "p99": gaps_ms[min(len(gaps_ms) - 1, int(len(gaps_ms) * 0.99))],
+            "max": gaps_ms[-1],
+        },
+        "most_agents": most,
+        "most_agents_at_s": most_at,
+        "most_other_children": most_other,
+        "per_second": [per_second.get(i, 0) for i in range(max(per_second, default=-1) + 1)],
+        "changes": changes,
+    }
+    out.write(json.dumps(summary) + "\n")
+    out.flush()
+
+
+@dataclass
+class ChildCount:
+    """What the sampler saw."""
+
+    samples: int = 0
+    seconds: float = 0.0
+    gap_ms: dict[str, float] = field(default_factory=dict)
+    most_agents: int = 0
+    most_agents_at_s: float = 0.0
+    most_other_children: int = 0
+    per_second: list[int] = field(default_factory=list)
+    changes: list[tuple[float, int]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """The sampler ran and reported."""
+        return self.samples > 0
+
+    def describe(self) -> str:
+        g = self.gap_ms
+        return (
+            f"{self.samples} samples in {self.seconds:.0f} s, one every "
+            f"{g.get('p50', 0):.1f} ms (p99 {g.get('p99', 0):.1f}, max {g.get('max', 0):.0f})"
+        )
+
+
+class ChildSampler:
+    """`count_children` for one daemon pid in a process of its own, from start() to stop()."""
+
+    def __init__(self, daemon_pid: int, interval: float = SAMPLE_INTERVAL) -> None:
+        self.daemon_pid = daemon_pid
+        self.interval = interval
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ChildSampler:
+        argv = [sys.executable, str(Path(__file__).resolve()), str(self.daemon_pid)]
+        self.proc = subprocess.Popen(
+            [*argv, "--interval", str(self.interval)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != b"ready":
+            self.proc.kill()
+            self.proc.wait()
+            raise RuntimeError(f"the child sampler did not start for pid {self.daemon_pid}")
+        return self
+
+    def stop(self) -> ChildCount:
+        """Ends the sampling; what it saw (empty if it failed)."""
+        if self.proc is None:
+            return ChildCount()
+        try:
+            out, _ = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return ChildCount()
+        finally:
+            self.proc = None
+        lines = out.decode().strip().splitlines()
+        if not lines:
+            return ChildCount()
+        data = json.loads(lines[-1])
+        data["changes"] = [(float(t), int(n)) for t, n in data["changes"]]
+        return ChildCount(**data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("pid", type=int, help="the daemon's pid")
+    parser.add_argument("--interval", type=float, default=SAMPLE_INTERVAL)
+    args = parser.parse_args(argv)
+    count_children(args.pid, args.interval, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
