@@ -5,9 +5,12 @@
   server-streaming handler that sends N payloads of S bytes (the events/s baseline). It runs
   in its own process (`bench.py --serve-baseline SOCKET`), as the daemon does.
 - `DirectAgent`: the `claude` CLI driven directly over stdin, one persistent stream-json
-  process (the warm-turn and pre-warmed-first-turn baselines).
-- `one_shot`: one `claude -p` process per message with the prompt over stdin and plain text
-  output, as the original web backend did (the cold and follow-up baselines).
+  process (the warm-turn, pre-warmed-first-turn and spawned-for-the-message baselines).
+- `one_shot`: one `claude -p` process per message with the prompt over stdin, as the original
+  web backend did (the cold and follow-up baselines). The original read plain text, so its
+  user saw nothing before the whole answer; here the output is stream-json with partial
+  messages, so the baseline's first text is its first text delta (the best a one-shot process
+  can do), and its exit is reported beside it.
 """
 
 from __future__ import annotations
@@ -103,13 +106,27 @@ class TurnTiming:
 class DirectAgent:
     """One persistent `claude` stream-json process that we drive ourselves."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, spawned_at: float) -> None:
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        spawned_at: float,
+        initialize: Mapping[str, Any] | None = None,
+    ) -> None:
         self.proc = proc
         self.spawned_at = spawned_at
+        self.init_fields = dict(initialize or {})
         self._ids = 0
 
     @classmethod
-    async def spawn(cls, argv: Sequence[str], env: Mapping[str, str], cwd: str) -> DirectAgent:
+    async def spawn(
+        cls,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        cwd: str,
+        initialize: Mapping[str, Any] | None = None,
+    ) -> DirectAgent:
+        """Starts the process; `initialize`: the extra fields of its `initialize` request (the
+        daemon's LaunchSpec.initialize, e.g. the system prompt)."""
         started = time.perf_counter()
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -121,7 +138,7 @@ class DirectAgent:
             start_new_session=True,
             limit=_LINE_LIMIT,
         )
-        return cls(proc, started)
+        return cls(proc, started, initialize)
 
     async def _write(self, data: bytes) -> None:
         assert self.proc.stdin is not None
@@ -138,11 +155,11 @@ class DirectAgent:
         return line
 
     async def initialize(self, timeout: float = 60.0) -> float:
-        """The `initialize` control request; returns seconds from spawn to its answer."""
+        """The `initialize` control request, as the daemon sends it at spawn (its fields
+        given at spawn); returns seconds from spawn to its answer."""
         self._ids += 1
         rid = f"bench_{self._ids}"
-        # The very request the daemon sends at spawn.
-        request = {"subtype": "initialize", "hooks": None}
+        request = {"subtype": "initialize", "hooks": None, **self.init_fields}
         req = {"type": "control_request", "request_id": rid, "request": request}
         await self._write(json.dumps(req).encode() + b"\n")
         deadline = time.monotonic() + timeout
@@ -185,12 +202,16 @@ class DirectAgent:
         _kill_group(self.proc.pid)  # anything it left in its group
 
 
+ONE_SHOT_FLAGS = ("--output-format=stream-json", "--verbose", "--include-partial-messages")
+
+
 async def one_shot(
     argv: Sequence[str], env: Mapping[str, str], cwd: str, prompt: str, timeout: float = 60.0
 ) -> tuple[float, float, str]:
-    """One `claude -p` process for one message (prompt over stdin, text out).
+    """One `claude -p` process for one message (prompt over stdin; `argv` should carry
+    ONE_SHOT_FLAGS, so the reply streams as stream-json lines).
 
-    Returns (seconds to the first stdout byte, seconds to exit, output)."""
+    Returns (seconds to the first text delta, seconds to exit, the output)."""
     t0 = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(
         *argv,
@@ -200,25 +221,30 @@ async def one_shot(
         env=dict(env),
         cwd=cwd,
         start_new_session=True,
+        limit=_LINE_LIMIT,
     )
     try:
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
         proc.stdin.write(prompt.encode())
         await proc.stdin.drain()
         proc.stdin.close()
+        first: float | None = None
+        lines: list[bytes] = []
         async with asyncio.timeout(timeout):
             errors = asyncio.ensure_future(proc.stderr.read())
-            first_chunk = await proc.stdout.read(65536)
-            first = time.perf_counter() - t0
-            rest = await proc.stdout.read()
+            while line := await proc.stdout.readline():
+                if first is None and b'"text_delta"' in line:
+                    first = time.perf_counter() - t0
+                lines.append(line)
             await proc.wait()
             total = time.perf_counter() - t0
             err = await errors
-        if proc.returncode != 0 or not first_chunk:
+        if proc.returncode != 0 or first is None:
             raise RuntimeError(
-                f"claude -p exited {proc.returncode}: {err.decode(errors='replace')[-500:]}"
+                f"claude -p exited {proc.returncode} (text seen: {first is not None}): "
+                f"{err.decode(errors='replace')[-500:]}"
             )
-        return first, total, (first_chunk + rest).decode(errors="replace")
+        return first, total, b"".join(lines).decode(errors="replace")
     finally:
         if proc.returncode is None:
             _kill_group(proc.pid)
