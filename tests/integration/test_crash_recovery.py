@@ -2,8 +2,9 @@
 
 docs/architecture.md "Durability and safety invariants": a user message is committed before
 the agent sees it; turns left running by a dead daemon are settled as interrupted at the next
-start, with an assistant record; agents die with the daemon (parent-death signal) and leftovers recorded in
-the store are killed at the next start, but only while their pid still names the same process.
+start, with an assistant record; agents die with the daemon (parent-death signal) and leftovers
+recorded in the store are killed at the next start, but only while their pid still names the
+same process.
 """
 
 from __future__ import annotations
