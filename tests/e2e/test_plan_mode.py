@@ -12,6 +12,7 @@ import grpc
 import pytest
 from atomizer.v1 import session_pb2 as pb
 
+from tests.conftest import Stubs
 from tests.e2e.conftest import E2E
 from tests.e2e.test_governance import audit, decided, send_answering
 from tests.support.turns import kinds, send
@@ -28,7 +29,7 @@ def execute(target: Path) -> str:
 
 
 def answering(
-    stubs, sid: str, seen: list[pb.PermissionRequest], **exit_answer: object
+    stubs: Stubs, sid: str, seen: list[pb.PermissionRequest], **exit_answer: object
 ) -> Callable[[pb.PermissionRequest], None]:
     def answer(req: pb.PermissionRequest) -> None:
         seen.append(req)
@@ -41,7 +42,7 @@ def answering(
     return answer
 
 
-def mode_of(stubs, sid: str) -> int:
+def mode_of(stubs: Stubs, sid: str) -> int:
     return stubs.sessions.GetSession(pb.GetSessionRequest(session_id=sid)).session.mode
 
 
