@@ -204,10 +204,10 @@ CASES: list[tuple[str, Callable[[Stubs], Any], grpc.StatusCode, str]] = [
         "unknown mode -1",
     ),
     (
-        "SwitchMode mode 3",
-        lambda s: s.sessions.SwitchMode(pb.SwitchModeRequest(session_id="known", mode=3)),
+        "SwitchMode mode 9",
+        lambda s: s.sessions.SwitchMode(pb.SwitchModeRequest(session_id="known", mode=9)),
         C.INVALID_ARGUMENT,
-        "unknown mode 3",
+        "unknown mode 9",
     ),
     (
         "SwitchMode negative mode",
