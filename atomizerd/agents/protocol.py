@@ -101,6 +101,26 @@ class AssistantMessage:
     parent_tool_use_id: str | None = None
     error: str | None = None  # e.g. "server_error" on a synthetic API-error message
     aborted: bool = False  # the partial block of an interrupted turn
+    # The model call's input tokens, cache included (its output comes in MessageDelta).
+    input_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class MessageDelta:
+    """A streamed message's end (`message_delta`): its final output token count."""
+
+    output_tokens: int
+    parent_tool_use_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CompactBoundary:
+    """`system`/`compact_boundary`: the CLI compacted the conversation (`trigger` manual or
+    auto) from `pre_tokens` to `post_tokens`."""
+
+    trigger: str
+    pre_tokens: int
+    post_tokens: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +211,8 @@ AgentMessage: TypeAlias = (
     | AssistantMessage
     | ToolResult
     | ApiRetry
+    | CompactBoundary
+    | MessageDelta
     | Result
     | ControlRequest
     | ControlResponse
@@ -257,6 +279,8 @@ def _parse_stream_event(data: dict[str, Any]) -> AgentMessage:
             return TextDelta(_str(delta, "text"), parent, message_id, index)
         if delta_type == "thinking_delta":
             return ThinkingDelta(_str(delta, "thinking"), parent, message_id, index)
+    if event_type == "message_delta":
+        return MessageDelta(_int(_dict(event, "usage"), "output_tokens"), parent)
     abandoned = _dict(data, "abandoned_blocks") or _dict(event, "abandoned_blocks")
     if event_type == "message_stop" and abandoned:
         return AbandonedBlocks(
@@ -291,7 +315,20 @@ def _parse_assistant(data: dict[str, Any]) -> AssistantMessage:
         parent_tool_use_id=_opt_str(data, "parent_tool_use_id"),
         error=error if isinstance(error, str) else None,
         aborted=data.get("aborted") is True,
+        input_tokens=_input_tokens(_dict(message, "usage")),
     )
+
+
+def _input_tokens(usage: dict[str, Any]) -> int:
+    keys = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+    return sum(_int(usage, k) for k in keys)
+
+
+def context_window(result: Result) -> int:
+    """The model's context window from a `result` line's `modelUsage` (0 if absent)."""
+    usage = result.raw.get("modelUsage")
+    models = usage.values() if isinstance(usage, dict) else ()
+    return max((_int(m, "contextWindow") for m in models if isinstance(m, dict)), default=0)
 
 
 def _tool_use(block: dict[str, Any]) -> ToolUse:
@@ -345,6 +382,13 @@ def _parse_system(data: dict[str, Any]) -> AgentMessage:
     subtype = _str(data, "subtype")
     if subtype == "init":
         return _parse_init(data)
+    if subtype == "compact_boundary":
+        meta = _dict(data, "compact_metadata")
+        return CompactBoundary(
+            trigger=_str(meta, "trigger"),
+            pre_tokens=_int(meta, "pre_tokens"),
+            post_tokens=_int(meta, "post_tokens"),
+        )
     if subtype == "api_retry":
         status = data.get("error_status")
         return ApiRetry(

@@ -77,6 +77,8 @@ def session_to_pb(view: SessionView) -> pb.Session:
         turn_budget_usd=r.turn_budget_usd,
         host_id=r.host_id,
         model=r.model,
+        context_tokens=r.context_tokens,
+        context_window=r.context_window,
     )
 
 
@@ -152,6 +154,8 @@ def event_to_pb(e: ev.SessionEvent) -> pb.SessionEvent:
                     error_status=k.error_status,
                     missed_from_seq=k.missed_from_seq,
                     missed_to_seq=k.missed_to_seq,
+                    tokens_before=k.tokens_before,
+                    tokens_after=k.tokens_after,
                 )
             )
         case ev.PermissionRequest():

@@ -101,6 +101,8 @@ AGENT_STARTED = "AGENT_STARTED"
 AGENT_RESTARTED = "AGENT_RESTARTED"
 # Events a follower fell behind on were dropped from the replay buffer.
 EVENTS_MISSED = "EVENTS_MISSED"
+# The agent compacted the conversation (the CLI's compact_boundary).
+CONTEXT_COMPACTED = "CONTEXT_COMPACTED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +116,9 @@ class Notice:
     # EVENTS_MISSED: the range of sequence numbers the follower did not get.
     missed_from_seq: int = 0
     missed_to_seq: int = 0
+    # CONTEXT_COMPACTED: the conversation's tokens before and after.
+    tokens_before: int = 0
+    tokens_after: int = 0
 
 
 @dataclass(frozen=True, slots=True)

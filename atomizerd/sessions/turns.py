@@ -135,6 +135,10 @@ class _Transcript:
     streamed: set[str] = field(default_factory=set)
     tool_calls: dict[str, ToolCallRecord] = field(default_factory=dict)
     agent_cost_usd: float | None = None  # the CLI's cumulative cost at the turn's end
+    # How full the context is (the last model call, or a compaction) and its window; 0: unknown.
+    context_tokens: int = 0
+    context_window: int = 0
+    context_input: int = 0  # the last model call's input tokens
     unsaved: int = 0  # text bytes since the last checkpoint
     saved_parts: int = 0  # parts already in the stored checkpoint
     rewrite: bool = False  # text was withdrawn: the next checkpoint stores the whole reply
@@ -729,6 +733,23 @@ class TurnRunner:
                 for tu in item.tool_uses:
                     transcript.tool_calls[tu.id] = ToolCallRecord(tu.id, tu.name, tu.input_json)
                     emit(ev.ToolUse(tu.id, tu.name, tu.input_json))
+                if item.input_tokens and item.parent_tool_use_id is None:
+                    transcript.context_input = item.input_tokens
+                    transcript.context_tokens = item.input_tokens
+            case proto.MessageDelta() if item.parent_tool_use_id is None:
+                if transcript.context_input:  # the call's output is in the context too
+                    transcript.context_tokens = transcript.context_input + item.output_tokens
+            case proto.CompactBoundary():
+                transcript.context_tokens = item.post_tokens
+                emit(
+                    ev.Notice(
+                        ev.CONTEXT_COMPACTED,
+                        f"the conversation was compacted ({item.trigger or 'auto'}): "
+                        f"{item.pre_tokens} tokens before, {item.post_tokens} after",
+                        tokens_before=item.pre_tokens,
+                        tokens_after=item.post_tokens,
+                    )
+                )
             case proto.ToolResult():
                 call = transcript.tool_calls.get(item.tool_use_id)
                 if call is not None:
@@ -825,6 +846,7 @@ def _completed(
     result: proto.Result, transcript: _Transcript, interrupted: bool, cost_base: float
 ) -> ev.TurnCompleted:
     transcript.agent_cost_usd = result.total_cost_usd
+    transcript.context_window = proto.context_window(result) or transcript.context_window
     # The CLI reports the conversation's cost so far (carried over --resume). A figure below
     # the last one means the count started again (a CLI that does not carry it over): then
     # the whole figure is this turn's.
@@ -859,6 +881,8 @@ def _outcome(transcript: _Transcript, terminal: ev.TurnCompleted | ev.TurnFailed
             text=transcript.full_text(),
             tool_calls=calls,
             detail=f"{terminal.code}: {terminal.message}",
+            context_tokens=transcript.context_tokens or None,
+            context_window=transcript.context_window or None,
         )
     return TurnOutcome(
         status="interrupted" if terminal.interrupted else "complete",
@@ -867,6 +891,8 @@ def _outcome(transcript: _Transcript, terminal: ev.TurnCompleted | ev.TurnFailed
         cost_usd=terminal.cost_usd,
         usage=terminal.usage,
         detail=terminal.stop_reason,
+        context_tokens=transcript.context_tokens or None,
+        context_window=transcript.context_window or None,
     )
 
 

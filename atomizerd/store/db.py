@@ -71,6 +71,9 @@ class SessionRow(_Model):
     host_id = pw.CharField(max_length=255, default="", index=True)
     # The model the session's agents run (--model / set_model); "": the daemon's default.
     model = pw.CharField(max_length=128, default="")
+    # How full the conversation's context was at the last turn's end, and the model's window.
+    context_tokens = pw.BigIntegerField(default=0)
+    context_window = pw.BigIntegerField(default=0)
 
     class Meta:
         table_name = "sessions"
@@ -240,6 +243,16 @@ def _migrate_session_model(db: pw.Database) -> None:
         )
 
 
+def _migrate_session_context(db: pw.Database) -> None:
+    """How full each session's context is (Session.context_tokens / context_window)."""
+    have = {c.name for c in db.get_columns("sessions")}
+    for name in ("context_tokens", "context_window"):
+        if name not in have:
+            db.execute_sql(  # type: ignore[no-untyped-call]
+                f"ALTER TABLE sessions ADD COLUMN {name} BIGINT NOT NULL DEFAULT 0"
+            )
+
+
 # Forward migrations: index i migrates from version i to i + 1. Append, never edit.
 def _migrate_checkpoint_pieces(db: pw.Database) -> None:
     """Reply checkpoints are stored in pieces (one row per checkpoint) instead of one row per
@@ -258,6 +271,7 @@ MIGRATIONS: list[Callable[[pw.Database], None]] = [
     _migrate_permission_patterns,
     _migrate_checkpoint_pieces,
     _migrate_session_model,
+    _migrate_session_context,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -294,6 +308,8 @@ class SessionRecord:
     context_stale: bool = False
     host_id: str = ""
     model: str = ""
+    context_tokens: int = 0
+    context_window: int = 0
 
     @classmethod
     def from_row(cls, row: SessionRow) -> SessionRecord:
@@ -315,6 +331,8 @@ class SessionRecord:
             context_stale=row.context_stale,
             host_id=row.host_id,
             model=row.model,
+            context_tokens=row.context_tokens,
+            context_window=row.context_window,
         )
 
 
@@ -370,6 +388,9 @@ class TurnOutcome:
     cost_usd: float = 0.0
     usage: dict[str, int] = field(default_factory=dict)
     detail: str = ""
+    # How full the conversation's context is now, and its window (None: not reported).
+    context_tokens: int | None = None
+    context_window: int | None = None
 
 
 @dataclass
@@ -411,13 +432,13 @@ class AgentProcessRecord:
 _SESSION_COLUMNS = (
     "session_id, mode, study_id, agent_session_id, agent_started, closed, created_at, "
     "last_active_at, message_count, total_cost_usd, agent_cost_usd, seq_reserved, budget_usd, "
-    "turn_budget_usd, context_stale, host_id, model"
+    "turn_budget_usd, context_stale, host_id, model, context_tokens, context_window"
 )
 
 
 def _session_from_tuple(row: tuple[Any, ...]) -> SessionRecord:
     (sid, mode, study, agent_sid, started, closed, created, active, count, cost, agent_cost,
-     seq, budget, turn_budget, stale, host, model) = row  # fmt: skip
+     seq, budget, turn_budget, stale, host, model, context, window) = row  # fmt: skip
     return SessionRecord(
         session_id=sid,
         mode=mode,
@@ -436,6 +457,8 @@ def _session_from_tuple(row: tuple[Any, ...]) -> SessionRecord:
         context_stale=bool(stale),
         host_id=host,
         model=model,
+        context_tokens=context,
+        context_window=window,
     )
 
 
@@ -777,8 +800,17 @@ class Store:
             self._sql(
                 "UPDATE sessions SET message_count = message_count + 1, "
                 "total_cost_usd = total_cost_usd + ?, last_active_at = ?, "
-                "agent_cost_usd = COALESCE(?, agent_cost_usd) WHERE session_id = ?",
-                (outcome.cost_usd, now, agent_cost_usd, session_id),
+                "agent_cost_usd = COALESCE(?, agent_cost_usd), "
+                "context_tokens = COALESCE(?, context_tokens), "
+                "context_window = COALESCE(?, context_window) WHERE session_id = ?",
+                (
+                    outcome.cost_usd,
+                    now,
+                    agent_cost_usd,
+                    outcome.context_tokens,
+                    outcome.context_window,
+                    session_id,
+                ),
             )
             self._sql("DELETE FROM turn_checkpoints WHERE turn_id = ?", (turn_id,))
             session = self._session_now(session_id)

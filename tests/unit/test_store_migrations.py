@@ -18,6 +18,7 @@ from atomizerd.store.db import (
     TurnOutcome,
     _connect,
     _migrate_checkpoint_pieces,
+    _migrate_session_context,
     _migrate_session_model,
     database_proxy,
 )
@@ -111,6 +112,14 @@ def _undo_session_model(db: pw.Database) -> None:
 UNDO[MIGRATIONS.index(_migrate_session_model) + 1] = _undo_session_model
 
 
+def _undo_session_context(db: pw.Database) -> None:
+    db.execute_sql("ALTER TABLE sessions DROP COLUMN context_tokens")
+    db.execute_sql("ALTER TABLE sessions DROP COLUMN context_window")
+
+
+UNDO[MIGRATIONS.index(_migrate_session_context) + 1] = _undo_session_context
+
+
 def make_version(url: str, version: int) -> None:
     """A database as a daemon of schema `version` left it, holding a session with a finished
     turn, a turn cut off by a crash and a recorded agent."""
@@ -128,13 +137,17 @@ def make_version(url: str, version: int) -> None:
             SchemaVersion.create(version=version)
             # A daemon of version 5 or later names the host of every session and agent.
             host_col, host_val = (", host_id", ", ''") if version >= 5 else ("", "")
+            # And later ones the session's model (a column without a default in today's table).
+            session_col, session_val = host_col, host_val
+            if version > MIGRATIONS.index(_migrate_session_model):
+                session_col, session_val = session_col + ", model", session_val + ", ''"
             for sql, params in [
                 (
                     "INSERT INTO sessions (session_id, mode, study_id, agent_session_id, "
                     "agent_started, closed, created_at, last_active_at, message_count, "
                     "total_cost_usd, agent_cost_usd, seq_reserved, budget_usd, turn_budget_usd, "
-                    f"context_stale{host_col}) VALUES (?, 'user', NULL, 'agent-old', ?, ?, 1.0, "
-                    f"2.0, 3, 0.5, 0.5, 1024, 0, 0, ?{host_val})",
+                    f"context_stale{session_col}) VALUES (?, 'user', NULL, 'agent-old', ?, ?, "
+                    f"1.0, 2.0, 3, 0.5, 0.5, 1024, 0, 0, ?{session_val})",
                     ("old", True, False, False),
                 ),
                 (

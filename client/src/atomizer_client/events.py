@@ -147,6 +147,9 @@ class Notice(Event):
     missed_from_seq: int = 0
     """EVENTS_MISSED: the first and last seq this stream did not get (read GetHistory)."""
     missed_to_seq: int = 0
+    tokens_before: int = 0
+    """CONTEXT_COMPACTED: the conversation's tokens before and after the compaction."""
+    tokens_after: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,6 +403,8 @@ def _notice(base: dict[str, Any], n: session_pb2.Notice) -> Notice:
         error_status=n.error_status,
         missed_from_seq=n.missed_from_seq,
         missed_to_seq=n.missed_to_seq,
+        tokens_before=n.tokens_before,
+        tokens_after=n.tokens_after,
     )
 
 

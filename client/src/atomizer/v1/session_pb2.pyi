@@ -205,6 +205,10 @@ class _NoticeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NoticeKind
     to missed_to_seq were dropped before it read them (GetHistory has the stored conversation).
     The notice's own seq is missed_to_seq, so re-attaching from it continues after the gap.
     """
+    NOTICE_KIND_CONTEXT_COMPACTED: _NoticeKind.ValueType  # 6
+    """The agent compacted the conversation (summarised its earlier part, on its own when the
+    context was full, or asked with /compact): tokens_before and tokens_after say how much.
+    """
 
 class NoticeKind(_NoticeKind, metaclass=_NoticeKindEnumTypeWrapper): ...
 
@@ -223,6 +227,10 @@ NOTICE_KIND_EVENTS_MISSED: NoticeKind.ValueType  # 5
 """This stream fell behind the daemon's replay buffer: the events with seq missed_from_seq
 to missed_to_seq were dropped before it read them (GetHistory has the stored conversation).
 The notice's own seq is missed_to_seq, so re-attaching from it continues after the gap.
+"""
+NOTICE_KIND_CONTEXT_COMPACTED: NoticeKind.ValueType  # 6
+"""The agent compacted the conversation (summarised its earlier part, on its own when the
+context was full, or asked with /compact): tokens_before and tokens_after say how much.
 """
 Global___NoticeKind: _TypeAlias = NoticeKind  # noqa: Y015
 
@@ -300,6 +308,8 @@ class Session(_message.Message):
     TURN_BUDGET_USD_FIELD_NUMBER: _builtins.int
     HOST_ID_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    CONTEXT_TOKENS_FIELD_NUMBER: _builtins.int
+    CONTEXT_WINDOW_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     mode: Global___Mode.ValueType
     study_id: _builtins.str
@@ -328,6 +338,12 @@ class Session(_message.Message):
     """The model the session's agents use (CreateSession / SetModel); empty: the daemon's
     agent.model, else the CLI's own default.
     """
+    context_tokens: _builtins.int
+    """How full the conversation's context was at the end of the last turn (the last model
+    call's input and output tokens; after a compaction, what is left), and the model's context
+    window; 0 until a turn has reported them.
+    """
+    context_window: _builtins.int
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -355,10 +371,12 @@ class Session(_message.Message):
         turn_budget_usd: _builtins.float = ...,
         host_id: _builtins.str = ...,
         model: _builtins.str = ...,
+        context_tokens: _builtins.int = ...,
+        context_window: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "last_active_at", b"last_active_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_session_id", b"agent_session_id", "budget_usd", b"budget_usd", "created_at", b"created_at", "host_id", b"host_id", "last_active_at", b"last_active_at", "last_seq", b"last_seq", "mcp_servers", b"mcp_servers", "message_count", b"message_count", "mode", b"mode", "model", b"model", "queued_turns", b"queued_turns", "session_id", b"session_id", "state", b"state", "study_id", b"study_id", "total_cost_usd", b"total_cost_usd", "turn_budget_usd", b"turn_budget_usd"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_session_id", b"agent_session_id", "budget_usd", b"budget_usd", "context_tokens", b"context_tokens", "context_window", b"context_window", "created_at", b"created_at", "host_id", b"host_id", "last_active_at", b"last_active_at", "last_seq", b"last_seq", "mcp_servers", b"mcp_servers", "message_count", b"message_count", "mode", b"mode", "model", b"model", "queued_turns", b"queued_turns", "session_id", b"session_id", "state", b"state", "study_id", b"study_id", "total_cost_usd", b"total_cost_usd", "turn_budget_usd", b"turn_budget_usd"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1315,6 +1333,8 @@ class Notice(_message.Message):
     ERROR_STATUS_FIELD_NUMBER: _builtins.int
     MISSED_FROM_SEQ_FIELD_NUMBER: _builtins.int
     MISSED_TO_SEQ_FIELD_NUMBER: _builtins.int
+    TOKENS_BEFORE_FIELD_NUMBER: _builtins.int
+    TOKENS_AFTER_FIELD_NUMBER: _builtins.int
     kind: Global___NoticeKind.ValueType
     message: _builtins.str
     attempt: _builtins.int
@@ -1324,6 +1344,9 @@ class Notice(_message.Message):
     missed_from_seq: _builtins.int
     """NOTICE_KIND_EVENTS_MISSED: the range of sequence numbers this stream did not get."""
     missed_to_seq: _builtins.int
+    tokens_before: _builtins.int
+    """NOTICE_KIND_CONTEXT_COMPACTED: the conversation's tokens before and after."""
+    tokens_after: _builtins.int
     def __init__(
         self,
         *,
@@ -1335,10 +1358,12 @@ class Notice(_message.Message):
         error_status: _builtins.int = ...,
         missed_from_seq: _builtins.int = ...,
         missed_to_seq: _builtins.int = ...,
+        tokens_before: _builtins.int = ...,
+        tokens_after: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error_status", b"error_status", "kind", b"kind", "max_retries", b"max_retries", "message", b"message", "missed_from_seq", b"missed_from_seq", "missed_to_seq", b"missed_to_seq", "retry_delay_ms", b"retry_delay_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error_status", b"error_status", "kind", b"kind", "max_retries", b"max_retries", "message", b"message", "missed_from_seq", b"missed_from_seq", "missed_to_seq", b"missed_to_seq", "retry_delay_ms", b"retry_delay_ms", "tokens_after", b"tokens_after", "tokens_before", b"tokens_before"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
