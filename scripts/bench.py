@@ -14,7 +14,8 @@ an instant model every ratio of first texts compares the CLI's and the daemon's 
 only, which a real model's first token (about a second) dwarfs; so the headline rows are
 measured twice, side by side: `instant` (the fake answers at once) and `800 ms + 60 tok/s` (its
 latency model: 800 ms to the first token, then 60 tokens a second). Each model has its own
-fake API and its own daemon.
+fake API and its own daemon. --quick runs fewer repetitions, and the real model's latency only
+for a new session's first message (warm turns and the pool under pressure: instant only).
 
 - warm: a warm turn's first text (SendMessage sent -> first text_delta received) through the
   daemon vs the same CLI, same argv, same environment, same `initialize` (built by the daemon's
@@ -1042,9 +1043,11 @@ class Bench:
         return run
 
     async def sec_warm(self) -> None:
-        runs = {m.key: await self._warm(m) for m in MODELS}
+        # --quick: the instant model only (a real model's warm turn is a second each).
+        models = MODELS if not self.opts.quick else (INSTANT,)
+        runs = {m.key: await self._warm(m) for m in models}
         self.samples["warm"] = {k: dataclasses.asdict(r) for k, r in runs.items()}
-        for m in MODELS:
+        for m in models:
             r = runs[m.key]
             ours = [t.first_text for t in r.daemon]
             b, o = med([t.first_text for t in r.direct]), med(ours)
@@ -1063,7 +1066,7 @@ class Bench:
                     model=m.label,
                 )
             )
-        for m in MODELS:
+        for m in models:
             r = runs[m.key]
             bare = med([t.first_text for t in r.bare])
             same = med([t.first_text for t in r.direct])
@@ -1333,7 +1336,7 @@ class Bench:
     # a pool under pressure --------------------------------------------------------------------
 
     async def sec_pressure(self) -> None:
-        model = REALISTIC
+        model = REALISTIC if not self.opts.quick else INSTANT  # --quick: shorter turns
         sessions, cap = self.n(12, 4), self.n(4, 2)
         rounds = self.n(3, 1)
         env = CliEnv(
