@@ -484,6 +484,9 @@ class AgentProcess:
     async def send_user_message(self, text: str) -> None:
         await self.write_line(protocol.user_message_line(text))
 
+    async def send_user_content(self, content: list[dict[str, Any]]) -> None:
+        await self.write_line(protocol.user_message_line(content))
+
     async def respond_control(self, request_id: str, response: Mapping[str, Any]) -> None:
         """Answer a `ControlRequest` from the agent (e.g. `protocol.permission_allow(...)`)."""
         await self.write_line(protocol.control_response(request_id, response))

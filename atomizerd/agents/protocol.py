@@ -516,12 +516,13 @@ def encode_line(obj: Mapping[str, Any]) -> bytes:
     return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
 
 
-def user_message_line(text: str) -> bytes:
-    """A user turn. The CLI assigns the conversation id itself, so `session_id` stays empty."""
+def user_message_line(content: str | list[dict[str, Any]]) -> bytes:
+    """A user turn: its text, or its content blocks (text, image, document). The CLI assigns
+    the conversation id itself, so `session_id` stays empty."""
     return encode_line(
         {
             "type": "user",
-            "message": {"role": "user", "content": text},
+            "message": {"role": "user", "content": content},
             "parent_tool_use_id": None,
             "session_id": "",
         }

@@ -112,7 +112,14 @@ def message_to_pb(m: MessageRecord) -> pb.Message:
         usage=usage_to_pb(m.usage),
         created_at=timestamp(m.created_at),
         detail=m.detail,
+        attachments=[
+            attachment_info_to_pb(a.name, a.media_type, a.size, a.sha256) for a in m.attachments
+        ],
     )
+
+
+def attachment_info_to_pb(name: str, media_type: str, size: int, sha256: str) -> pb.AttachmentInfo:
+    return pb.AttachmentInfo(name=name, media_type=media_type, size_bytes=size, sha256=sha256)
 
 
 def event_to_pb(e: ev.SessionEvent) -> pb.SessionEvent:
@@ -126,7 +133,16 @@ def event_to_pb(e: ev.SessionEvent) -> pb.SessionEvent:
         case ev.ThinkingDelta():
             out.thinking_delta.text = k.text
         case ev.TurnStarted():
-            out.turn_started.CopyFrom(pb.TurnStarted(text=k.text, request_id=k.request_id))
+            out.turn_started.CopyFrom(
+                pb.TurnStarted(
+                    text=k.text,
+                    request_id=k.request_id,
+                    attachments=[
+                        attachment_info_to_pb(a.name, a.media_type, a.size, a.sha256)
+                        for a in k.attachments
+                    ],
+                )
+            )
         case ev.ToolUse():
             out.tool_use.CopyFrom(pb.ToolUse(id=k.id, name=k.name, input_json=k.input_json))
         case ev.ToolResult():

@@ -97,13 +97,23 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             messages=[convert.message_to_pb(m) for m in messages], next_page_token=token
         )
 
+    @unary
+    async def GetAttachment(
+        self, request: pb.GetAttachmentRequest, context: Ctx
+    ) -> pb.GetAttachmentResponse:
+        record, data = self.registry.get_attachment(request.session_id, request.sha256)
+        return pb.GetAttachmentResponse(
+            attachment=pb.Attachment(name=record.name, media_type=record.media_type, data=data)
+        )
+
     @streaming
     async def SendMessage(
         self, request: pb.SendMessageRequest, context: Ctx
     ) -> AsyncIterator[pb.SendMessageResponse]:
         # A client that goes away cancels only this stream; the turn runs on and is stored.
+        files = [(a.name, a.media_type, a.data) for a in request.attachments]
         async for event in self.registry.send_message(
-            request.session_id, request.text, request.request_id
+            request.session_id, request.text, request.request_id, files
         ):
             yield pb.SendMessageResponse(event=convert.event_to_pb(event))
 

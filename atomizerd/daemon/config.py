@@ -477,6 +477,25 @@ class BudgetConfig:
 
 
 @dataclass
+class AttachmentsConfig:
+    max_bytes: int = _doc(
+        "Largest file sent with a message (SendMessage `attachments`), in bytes; bigger is "
+        "INVALID_ARGUMENT. 5 MiB: the model API's limit for one image; a PDF or a data file "
+        "of a study's size fits too.",
+        default=5 * 1024 * 1024,
+    )
+    max_message_bytes: int = _doc(
+        "The most bytes of attachments one message may carry, all together. 20 MiB stays "
+        "under the model API's request limit once base64 has grown it by a third.",
+        default=20 * 1024 * 1024,
+    )
+    max_count: int = _doc(
+        "The most attachments one message may carry.",
+        default=20,
+    )
+
+
+@dataclass
 class LoggingConfig:
     level: str = _doc("Log level: debug, info, warning, error.", default="info")
     format: str = _doc(
@@ -512,6 +531,7 @@ class Config:
     reaper: ReaperConfig = field(default_factory=ReaperConfig)
     approvals: ApprovalsConfig = field(default_factory=ApprovalsConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    attachments: AttachmentsConfig = field(default_factory=AttachmentsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
@@ -858,6 +878,9 @@ def validate(cfg: Config) -> None:
         "reaper.interval",
         "reaper.idle_timeout",
         "approvals.timeout",
+        "attachments.max_bytes",
+        "attachments.max_message_bytes",
+        "attachments.max_count",
     ):
         section, name = key.split(".")
         positive(key, getattr(getattr(cfg, section), name))

@@ -212,7 +212,9 @@ class Daemon:
     def _build_server(self, sessions: SessionServicer, daemon: DaemonServicer) -> grpc.aio.Server:
         # Well above daemon.max_message_bytes, so an oversized text reaches the registry and
         # gets its INVALID_ARGUMENT with the limit spelled out; far beyond it gRPC refuses.
-        max_receive = max(32 * 1024 * 1024, 2 * self.config.daemon.max_message_bytes)
+        # The same for attachments (attachments.max_message_bytes).
+        most = self.config.daemon.max_message_bytes + self.config.attachments.max_message_bytes
+        max_receive = max(32 * 1024 * 1024, 2 * most)
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", max_receive),

@@ -23,9 +23,20 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
+class AttachmentInfo:
+    """A file sent with the message (its bytes: GetAttachment by sha256)."""
+
+    name: str
+    media_type: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
 class TurnStarted:
     text: str
     request_id: str = ""
+    attachments: tuple[AttachmentInfo, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

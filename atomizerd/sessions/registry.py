@@ -17,7 +17,7 @@ import json
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -40,10 +40,19 @@ from atomizerd.errors import (
 )
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.approvals import CLIENT, Decision, client_decision
+from atomizerd.sessions.attachments import check as check_attachments
+from atomizerd.sessions.attachments import check_sha256
 from atomizerd.sessions.session import SESSION_TRANSITIONS, Change, Session, SessionState
 from atomizerd.sessions.turns import Turn, TurnRunner, TurnState
 from atomizerd.statemachine import Lifecycle
-from atomizerd.store.db import SEQ_BLOCK, AuditRecord, MessageRecord, SessionRecord, Store
+from atomizerd.store.db import (
+    SEQ_BLOCK,
+    AttachmentRecord,
+    AuditRecord,
+    MessageRecord,
+    SessionRecord,
+    Store,
+)
 
 log = structlog.get_logger("atomizerd.sessions.registry")
 
@@ -412,6 +421,14 @@ class Registry:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def get_attachment(self, session_id: str, sha256: str) -> tuple[AttachmentRecord, bytes]:
+        """A file sent in the session, by its sha256."""
+        s = self._load(session_id)
+        found = self.store.attachment(s.id, check_sha256(sha256))
+        if found is None:
+            raise NotFound(f"session {s.id!r} has no attachment {sha256}")
+        return found
+
     def get_session(self, session_id: str) -> SessionView:
         return self.view(self._load(session_id))
 
@@ -583,12 +600,17 @@ class Registry:
     # --- turns ---------------------------------------------------------------------------
 
     async def send_message(
-        self, session_id: str, text: str, request_id: str
+        self,
+        session_id: str,
+        text: str,
+        request_id: str,
+        attachments: Sequence[tuple[str, str, bytes]] = (),
     ) -> AsyncIterator[ev.SessionEvent]:
         """Starts (or re-attaches to) a turn and yields its events up to the terminal one."""
         self._check_open()
         ids.check_request_id(request_id)
-        self._check_text(text)
+        files = check_attachments(attachments, self.config.attachments)
+        self._check_text(text, empty_ok=bool(files))
         s = self._load(session_id)
         self._require_own(s)
         self._require_open(s)
@@ -601,6 +623,7 @@ class Registry:
                 return
             self._check_budget(s)
             turn = self._enqueue(s, text, request_id)
+            turn.attachments = files
         turn.listeners += 1
         try:
             async for event in self._follow_turn(s, turn):
@@ -699,7 +722,14 @@ class Registry:
                 s.id,
                 user.turn_id,
                 user.created_at,
-                ev.TurnStarted(user.content, user.request_id or ""),
+                ev.TurnStarted(
+                    user.content,
+                    user.request_id or "",
+                    tuple(
+                        ev.AttachmentInfo(a.name, a.media_type, a.size, a.sha256)
+                        for a in user.attachments
+                    ),
+                ),
             )
         ]
         reply = next((m for m in stored if m.role == "assistant"), None)
@@ -846,8 +876,8 @@ class Registry:
             )
         return mode
 
-    def _check_text(self, text: str) -> None:
-        if not text.strip():
+    def _check_text(self, text: str, *, empty_ok: bool = False) -> None:
+        if not text.strip() and not empty_ok:
             raise InvalidArgument("the message text is empty")
         size = len(text.encode("utf-8", "surrogatepass"))
         limit = self.config.daemon.max_message_bytes

@@ -45,6 +45,7 @@ from atomizerd.daemon.config import Config
 from atomizerd.errors import AtomizerError, StorageFull
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.approvals import MODE, POLICY, Approvals, Decision, input_digest
+from atomizerd.sessions.attachments import Attachment, content_blocks, to_store
 from atomizerd.sessions.plans import PLAN, leave_plan
 from atomizerd.statemachine import Lifecycle
 from atomizerd.store.db import SessionRecord, Store, ToolCallRecord, TurnOutcome
@@ -101,6 +102,8 @@ class Turn:
         self.listeners = 0
         self.audience: Callable[[], int] = lambda: self.listeners
         self.approvals: Approvals | None = None
+        # Files sent with the message (checked: sessions/attachments.py).
+        self.attachments: tuple[Attachment, ...] = ()
         # The mode an allowed ExitPlanMode switched the session to during this turn.
         self.left_plan: str | None = None
 
@@ -237,7 +240,12 @@ class TurnRunner:
                 self.pool.release(agent, reusable=True)
                 return None
             try:
-                await agent.transport_or_fail().send_user_message(self._agent_text(s, turn))
+                transport = agent.transport_or_fail()
+                if turn.attachments:
+                    blocks = content_blocks(self._agent_text(s, turn), turn.attachments)
+                    await transport.send_user_content(blocks)
+                else:
+                    await transport.send_user_message(self._agent_text(s, turn))
                 return agent
             except AgentExited as e:  # it took nothing: safe to start it again
                 self.pool.release(agent, reusable=False)
@@ -374,13 +382,18 @@ class TurnRunner:
             # cost base (agent_cost_usd) is current before the agent's next report.
             self._settle_pending(s)
             _, s.record = self.store.add_user_message(
-                s.id, turn.turn_id, turn.text, turn.request_id or None
+                s.id,
+                turn.turn_id,
+                turn.text,
+                turn.request_id or None,
+                [to_store(a) for a in turn.attachments],
             )
         except AtomizerError as e:
             turn.reject(e)
             return False
         turn.lifecycle.move(T.RUNNING)
-        emit(ev.TurnStarted(turn.text, turn.request_id))
+        files = tuple(a.info() for a in turn.attachments)
+        emit(ev.TurnStarted(turn.text, turn.request_id, files))
         if reseeded:
             emit(
                 ev.Notice(

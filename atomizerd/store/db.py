@@ -94,10 +94,30 @@ class MessageRow(_Model):
     usage = pw.TextField(default="{}")
     detail = pw.TextField(default="")
     created_at = pw.DoubleField()
+    # The files sent with a user message: [{name, media_type, size, sha256}] (bytes in
+    # attachment_blobs).
+    attachments = pw.TextField(default="[]")
 
     class Meta:
         table_name = "messages"
         indexes = ((("session", "request_id"), False),)
+
+
+class AttachmentBlobRow(_Model):
+    """The bytes of the files sent in a session, once per content (sha256) and session: purged
+    with the session, never shared with another one."""
+
+    session = pw.ForeignKeyField(SessionRow, on_delete="CASCADE", backref="blobs")
+    sha256 = pw.CharField(max_length=64)
+    name = pw.CharField(max_length=255)  # as first sent
+    media_type = pw.CharField(max_length=64)
+    size = pw.BigIntegerField()
+    data = pw.BlobField()
+    created_at = pw.DoubleField()
+
+    class Meta:
+        table_name = "attachment_blobs"
+        primary_key = pw.CompositeKey("session", "sha256")
 
 
 class AgentProcessRow(_Model):
@@ -253,6 +273,15 @@ def _migrate_session_context(db: pw.Database) -> None:
             )
 
 
+def _migrate_attachments(db: pw.Database) -> None:
+    """Files sent with messages: their records in the message, their bytes once per session."""
+    if "attachments" not in {c.name for c in db.get_columns("messages")}:
+        db.execute_sql(  # type: ignore[no-untyped-call]
+            "ALTER TABLE messages ADD COLUMN attachments TEXT NOT NULL DEFAULT '[]'"
+        )
+    db.create_tables([AttachmentBlobRow])
+
+
 # Forward migrations: index i migrates from version i to i + 1. Append, never edit.
 def _migrate_checkpoint_pieces(db: pw.Database) -> None:
     """Reply checkpoints are stored in pieces (one row per checkpoint) instead of one row per
@@ -272,6 +301,7 @@ MIGRATIONS: list[Callable[[pw.Database], None]] = [
     _migrate_checkpoint_pieces,
     _migrate_session_model,
     _migrate_session_context,
+    _migrate_attachments,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -359,6 +389,7 @@ class MessageRecord:
     usage: dict[str, int]
     detail: str
     created_at: float
+    attachments: list[AttachmentRecord] = field(default_factory=list)
 
     @classmethod
     def from_row(cls, row: MessageRow) -> MessageRecord:
@@ -375,7 +406,26 @@ class MessageRecord:
             usage=json.loads(row.usage),
             detail=row.detail,
             created_at=row.created_at,
+            attachments=[AttachmentRecord(**a) for a in json.loads(row.attachments)],
         )
+
+
+@dataclass
+class AttachmentRecord:
+    """A file sent with a user message, as the history keeps it."""
+
+    name: str
+    media_type: str
+    size: int
+    sha256: str
+
+
+@dataclass
+class StoredAttachment:
+    """A file to store with a user message: its record and its bytes."""
+
+    record: AttachmentRecord
+    data: bytes
 
 
 @dataclass
@@ -704,6 +754,7 @@ class Store:
             TurnCheckpointRow.delete().where(TurnCheckpointRow.session == session_id).execute()
             AuditRow.delete().where(AuditRow.session == session_id).execute()
             PermissionRuleRow.delete().where(PermissionRuleRow.session == session_id).execute()
+            AttachmentBlobRow.delete().where(AttachmentBlobRow.session == session_id).execute()
             PermissionPatternRow.delete().where(
                 PermissionPatternRow.session == session_id
             ).execute()
@@ -726,10 +777,17 @@ class Store:
         return int(self._sql(sql, tuple(values.values())).lastrowid)
 
     def add_user_message(
-        self, session_id: str, turn_id: str, text: str, request_id: str | None
+        self,
+        session_id: str,
+        turn_id: str,
+        text: str,
+        request_id: str | None,
+        attachments: Sequence[StoredAttachment] = (),
     ) -> tuple[MessageRecord, SessionRecord]:
-        """Commits a turn's user message (status pending); returns it and the session now."""
+        """Commits a turn's user message (status pending) and the bytes of its attachments
+        (once per content in the session); returns it and the session now."""
         now = time.time()
+        records = [a.record for a in attachments]
         values: dict[str, Any] = {
             "session_id": session_id,
             "turn_id": turn_id,
@@ -743,8 +801,11 @@ class Store:
             "detail": "",
             "created_at": now,
         }
+        values["attachments"] = json.dumps([r.__dict__ for r in records]) if records else "[]"
         with self.db.atomic():
             message_id = self._insert_message(values)
+            for a in attachments:
+                self._store_blob(session_id, a, now)
             self._sql(
                 "UPDATE sessions SET message_count = message_count + 1, last_active_at = ? "
                 "WHERE session_id = ?",
@@ -765,7 +826,25 @@ class Store:
             {},
             "",
             now,
+            records,
         ), session
+
+    def _store_blob(self, session_id: str, a: StoredAttachment, now: float) -> None:
+        r = a.record
+        self._sql(
+            "INSERT INTO attachment_blobs (session_id, sha256, name, media_type, size, data, "
+            "created_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (session_id, sha256) DO NOTHING",
+            (session_id, r.sha256, r.name, r.media_type, r.size, a.data, now),
+        )
+
+    def attachment(self, session_id: str, sha256: str) -> tuple[AttachmentRecord, bytes] | None:
+        """A file sent in the session, by its sha256 (its name as first sent)."""
+        row = AttachmentBlobRow.get_or_none(
+            (AttachmentBlobRow.session == session_id) & (AttachmentBlobRow.sha256 == sha256)
+        )
+        if row is None:
+            return None
+        return AttachmentRecord(row.name, row.media_type, row.size, row.sha256), bytes(row.data)
 
     def finish_turn(
         self,
@@ -789,6 +868,7 @@ class Store:
             "usage": json.dumps(outcome.usage),
             "detail": outcome.detail,
             "created_at": now,
+            "attachments": "[]",
         }
         with self.db.atomic():
             self._sql(

@@ -48,13 +48,17 @@ def refused_by_the_daemon(d: RunningDaemon) -> list[str]:
 
 @pytest.mark.parametrize(
     ("max_message_mib", "receive_limit_mib"),
-    [(None, 32), (20, 40)],
+    [(None, 32), (20, 42)],
     ids=["default limit", "derived from daemon.max_message_bytes"],
 )
 def test_a_message_beyond_the_receive_limit_is_refused_by_grpc_itself(
     short_tmp: Path, max_message_mib: int | None, receive_limit_mib: int
 ) -> None:
-    config: dict[str, dict[str, Any]] = {"agent": {"prewarm": False}}
+    # Twice the text and the attachments a message may carry (here 1 MiB of attachments).
+    config: dict[str, dict[str, Any]] = {
+        "agent": {"prewarm": False},
+        "attachments": {"max_message_bytes": MIB},
+    }
     if max_message_mib is not None:
         config["daemon"] = {"max_message_bytes": max_message_mib * MIB}
     with RunningDaemon(short_tmp, config) as d:

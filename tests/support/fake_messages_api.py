@@ -137,6 +137,8 @@ _TOOL_START = "[[tool:"
 _WRAPPED_NOTE_RE = re.compile(r"\s*<([A-Za-z][\w-]*)(?:\s[^>]*)?>.*</\1>\s*", re.DOTALL)
 # Sent by the CLI at the start of the next user turn after an interrupt.
 _INTERRUPTED_NOTE_RE = re.compile(r"\s*\[Request interrupted by user[^\]\n]*\]\s*")
+# Added by the CLI after a user message with an image: where it saved the image.
+_IMAGE_NOTE_RE = re.compile(r"\s*\[Image: source: [^\]\n]*\]\s*")
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,6 +280,7 @@ def _is_wrapped_note(text: str) -> bool:
     return (
         _WRAPPED_NOTE_RE.fullmatch(text) is not None
         or _INTERRUPTED_NOTE_RE.fullmatch(text) is not None
+        or _IMAGE_NOTE_RE.fullmatch(text) is not None
     )
 
 

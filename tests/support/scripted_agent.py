@@ -69,6 +69,7 @@ class ScriptedAgent:
         self.start_time: int | None = None  # not a real process: nothing to record
         self.returncode: int | None = None
         self.user_messages: list[str] = []
+        self.user_contents: list[list[dict[str, Any]]] = []  # messages with attachments
         self.init_fields: dict[str, Any] | None = None
         self.control_answers: dict[str, Mapping[str, Any]] = {}
         self.interrupts = 0
@@ -118,6 +119,11 @@ class ScriptedAgent:
         self.user_messages.append(text)
         self._interrupt.clear()
         self._play_task = asyncio.ensure_future(self._play(text))
+
+    async def send_user_content(self, content: list[dict[str, Any]]) -> None:
+        self.user_contents.append(content)
+        texts = [b["text"] for b in content if b.get("type") == "text"]
+        await self.send_user_message("\n".join(texts))
 
     async def respond_control(self, request_id: str, response: Mapping[str, Any]) -> None:
         if not self.alive:

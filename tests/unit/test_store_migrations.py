@@ -17,6 +17,7 @@ from atomizerd.store.db import (
     Store,
     TurnOutcome,
     _connect,
+    _migrate_attachments,
     _migrate_checkpoint_pieces,
     _migrate_session_context,
     _migrate_session_model,
@@ -120,6 +121,13 @@ def _undo_session_context(db: pw.Database) -> None:
 UNDO[MIGRATIONS.index(_migrate_session_context) + 1] = _undo_session_context
 
 
+def _undo_attachments(db: pw.Database) -> None:
+    db.execute_sql("ALTER TABLE messages DROP COLUMN attachments")
+
+
+UNDO[MIGRATIONS.index(_migrate_attachments) + 1] = _undo_attachments
+
+
 def make_version(url: str, version: int) -> None:
     """A database as a daemon of schema `version` left it, holding a session with a finished
     turn, a turn cut off by a crash and a recorded agent."""
@@ -141,6 +149,9 @@ def make_version(url: str, version: int) -> None:
             session_col, session_val = host_col, host_val
             if version > MIGRATIONS.index(_migrate_session_model):
                 session_col, session_val = session_col + ", model", session_val + ", ''"
+            if version > MIGRATIONS.index(_migrate_session_context):
+                session_col += ", context_tokens, context_window"
+                session_val += ", 0, 0"
             for sql, params in [
                 (
                     "INSERT INTO sessions (session_id, mode, study_id, agent_session_id, "

@@ -60,6 +60,8 @@ Message = session_pb2.Message
 AuditEvent = session_pb2.AuditEvent
 Decision = session_pb2.PermissionDecided
 QuestionOutcome = session_pb2.QuestionAnswered
+AttachmentLike = session_pb2.Attachment | tuple[str, str, bytes]
+"""A file to send: a `session_pb2.Attachment`, or (name, media_type, data)."""
 RuleLike = PermissionRule | tuple[str, str]
 """A permission rule: a suggestion's (`PermissionRequest.suggestions[i].rules[j]`) or
 (tool_name, rule_content), e.g. ("Edit", "//srv/studies/beam/**"); "" content: the whole tool."""
@@ -350,6 +352,13 @@ class Client(_Base):
         req = session_pb2.SetModelRequest(session_id=session_id, model=model)
         return self._call(self._sessions.SetModel, req, timeout).session
 
+    def get_attachment(
+        self, session_id: str, sha256: str, *, timeout: float | None = None
+    ) -> session_pb2.Attachment:
+        """The bytes of a file sent in the session (`Message.attachments[i].sha256`)."""
+        req = session_pb2.GetAttachmentRequest(session_id=session_id, sha256=sha256)
+        return self._call(self._sessions.GetAttachment, req, timeout).attachment
+
     def get_history(
         self, session_id: str, *, page_size: int = 0, timeout: float | None = None
     ) -> Iterator[Message]:
@@ -378,15 +387,18 @@ class Client(_Base):
         *,
         request_id: str | None = None,
         timeout: float | None = None,
+        attachments: Sequence[AttachmentLike] = (),
     ) -> EventStream:
         """Starts a turn and returns its events; the last one is TurnCompleted or TurnFailed.
 
         `request_id` defaults to a fresh id (`stream.request_id`); pass it again to re-attach
         to the same turn after a broken connection instead of starting a second one.
         `timeout` bounds the whole turn (default: none; the daemon has its own turn timeout).
+        `attachments`: files for the model (`attachment_from_path(path)`, or `(name,
+        media_type, data)`): images, PDFs, text; the daemon's `attachments` limits apply.
         """
         rid = request_id or new_request_id()
-        req = session_pb2.SendMessageRequest(session_id=session_id, text=text, request_id=rid)
+        req = _send_request(session_id, text, rid, attachments)
         return EventStream(self._sessions.SendMessage(req, timeout=timeout), rid)
 
     def watch_session(self, session_id: str, *, after_seq: int = 0) -> EventStream:
@@ -457,6 +469,50 @@ class Client(_Base):
 
     def get_status(self, *, timeout: float | None = None) -> Status:
         return self._call(self._daemon.GetStatus, daemon_pb2.GetStatusRequest(), timeout)
+
+
+def _send_request(
+    session_id: str, text: str, request_id: str, attachments: Sequence[AttachmentLike]
+) -> session_pb2.SendMessageRequest:
+    files = [
+        a
+        if isinstance(a, session_pb2.Attachment)
+        else session_pb2.Attachment(name=a[0], media_type=a[1], data=a[2])
+        for a in attachments
+    ]
+    return session_pb2.SendMessageRequest(
+        session_id=session_id, text=text, request_id=request_id, attachments=files
+    )
+
+
+# Media types by file extension for `attachment_from_path` (what the daemon takes).
+MEDIA_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".gif": "image/gif",
+    ".webp": "image/webp",
+    ".pdf": "application/pdf",
+    ".txt": "text/plain",
+    ".log": "text/plain",
+    ".md": "text/markdown",
+    ".markdown": "text/markdown",
+    ".csv": "text/csv",
+    ".json": "application/json",
+}
+
+
+def attachment_from_path(
+    path: str | os.PathLike[str], media_type: str | None = None
+) -> session_pb2.Attachment:
+    """A file as an attachment: its name, its media type (from its extension unless given;
+    ValueError for one the daemon does not take) and its bytes."""
+    p = Path(path)
+    kind = media_type or MEDIA_TYPES.get(p.suffix.lower())
+    if kind is None:
+        known = ", ".join(sorted(MEDIA_TYPES))
+        raise ValueError(f"{p.name}: no media type for {p.suffix or 'no extension'!r} ({known})")
+    return session_pb2.Attachment(name=p.name, media_type=kind, data=p.read_bytes())
 
 
 def _create_request(
@@ -633,6 +689,10 @@ class AsyncClient(_Base):
         req = session_pb2.SetModelRequest(session_id=session_id, model=model)
         return (await self._call(self._sessions.SetModel, req)).session
 
+    async def get_attachment(self, session_id: str, sha256: str) -> session_pb2.Attachment:
+        req = session_pb2.GetAttachmentRequest(session_id=session_id, sha256=sha256)
+        return (await self._call(self._sessions.GetAttachment, req)).attachment
+
     def get_history(self, session_id: str, *, page_size: int = 0) -> AsyncIterator[Message]:
         """`async for m in client.get_history(sid)`: every stored message, oldest first."""
         req = session_pb2.GetHistoryRequest(session_id=session_id, page_size=page_size)
@@ -656,10 +716,11 @@ class AsyncClient(_Base):
         *,
         request_id: str | None = None,
         timeout: float | None = None,
+        attachments: Sequence[AttachmentLike] = (),
     ) -> AsyncEventStream:
         """As `Client.send_message`; the call starts when the event loop next runs."""
         rid = request_id or new_request_id()
-        req = session_pb2.SendMessageRequest(session_id=session_id, text=text, request_id=rid)
+        req = _send_request(session_id, text, rid, attachments)
         return AsyncEventStream(self._sessions.SendMessage(req, timeout=timeout), rid)
 
     def watch_session(self, session_id: str, *, after_seq: int = 0) -> AsyncEventStream:
@@ -712,12 +773,14 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "AsyncClient",
     "AsyncEventStream",
+    "AttachmentLike",
     "AuditEvent",
     "Client",
     "Decision",
     "EventStream",
     "QuestionOutcome",
     "RetryPolicy",
+    "attachment_from_path",
     "channel_options",
     "mode_value",
     "new_request_id",

@@ -24,7 +24,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message as ProtoMessage
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from atomizer_client.client import DEFAULT_TIMEOUT, Client, EventStream
+from atomizer_client.client import DEFAULT_TIMEOUT, Client, EventStream, attachment_from_path
 from atomizer_client.errors import (
     AtomizerError,
     DeadlineExceededError,
@@ -581,15 +581,16 @@ def run_turn(
     text: str,
     out: Output,
     policy: ApprovalPolicy | None = None,
+    attachments: Sequence[session_pb2.Attachment] = (),
 ) -> int:
-    """Sends one message, shows the reply live (answering permission requests as `policy`
-    says), returns the exit code of its outcome."""
+    """Sends one message (with `attachments`), shows the reply live (answering permission
+    requests as `policy` says), returns the exit code of its outcome."""
     policy = policy or ApprovalPolicy()
     interrupter = Interrupter(client, session_id, out)
     hint = policy.auto is None and not policy.interactive
     renderer = TurnRenderer(out, show_prompt=False, answer_hint=hint)
     with interrupter.installed():
-        stream = client.send_message(session_id, text)
+        stream = client.send_message(session_id, text, attachments=attachments)
         pump = EventPump(stream)
         approver = Approver(client, session_id, out, policy, pump)
         try:
@@ -808,7 +809,12 @@ def cmd_send(client: Client, args: argparse.Namespace, out: Output) -> int:
     from_stdin = args.text == "-"
     text = sys.stdin.read() if from_stdin else args.text
     policy = _policy(args, can_ask=not out.json and not from_stdin)
-    return run_turn(client, args.id, text, out, policy)
+    try:
+        files = [attachment_from_path(path) for path in args.attach]
+    except (OSError, ValueError) as e:
+        out.error(f"cannot attach: {e}")
+        return EXIT_USAGE
+    return run_turn(client, args.id, text, out, policy, files)
 
 
 def cmd_approve(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -1024,6 +1030,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("id")
     p.add_argument("text", help="the message; - reads it from stdin (then nothing is asked)")
+    p.add_argument(
+        "--attach",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="send FILE with the message (an image, a PDF, text, Markdown, CSV or JSON; "
+        "the type from its extension); repeatable",
+    )
     _approval_options(p)
 
     p = add("watch", cmd_watch, "follow a session's events live (Ctrl-C stops)")

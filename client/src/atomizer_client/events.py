@@ -74,10 +74,21 @@ def _jsonable(value: Any) -> Any:
 
 
 @dataclass(frozen=True, slots=True)
+class AttachmentInfo:
+    """A file sent with a message; its bytes: `Client.get_attachment(session_id, sha256)`."""
+
+    name: str
+    media_type: str
+    size_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
 class TurnStarted(Event):
     type: ClassVar[str] = "turn_started"
     text: str = ""
     request_id: str = ""
+    attachments: tuple[AttachmentInfo, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,7 +294,14 @@ def from_proto(ev: session_pb2.SessionEvent) -> Event:
     }
     kind = ev.WhichOneof("kind")
     if kind == "turn_started":
-        return TurnStarted(**base, text=ev.turn_started.text, request_id=ev.turn_started.request_id)
+        started = ev.turn_started
+        files = tuple(
+            AttachmentInfo(a.name, a.media_type, a.size_bytes, a.sha256)
+            for a in started.attachments
+        )
+        return TurnStarted(
+            **base, text=started.text, request_id=started.request_id, attachments=files
+        )
     if kind == "text_delta":
         return TextDelta(**base, text=ev.text_delta.text)
     if kind == "thinking_delta":
@@ -409,6 +427,7 @@ def _notice(base: dict[str, Any], n: session_pb2.Notice) -> Notice:
 
 
 __all__ = [
+    "AttachmentInfo",
     "Event",
     "Notice",
     "PermissionDecided",

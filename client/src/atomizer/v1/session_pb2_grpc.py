@@ -75,6 +75,11 @@ class SessionServiceStub:
                 request_serializer=atomizer_dot_v1_dot_session__pb2.GetHistoryRequest.SerializeToString,
                 response_deserializer=atomizer_dot_v1_dot_session__pb2.GetHistoryResponse.FromString,
                 _registered_method=True)
+        self.GetAttachment = channel.unary_unary(
+                '/atomizer.v1.SessionService/GetAttachment',
+                request_serializer=atomizer_dot_v1_dot_session__pb2.GetAttachmentRequest.SerializeToString,
+                response_deserializer=atomizer_dot_v1_dot_session__pb2.GetAttachmentResponse.FromString,
+                _registered_method=True)
         self.SendMessage = channel.unary_stream(
                 '/atomizer.v1.SessionService/SendMessage',
                 request_serializer=atomizer_dot_v1_dot_session__pb2.SendMessageRequest.SerializeToString,
@@ -167,6 +172,13 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAttachment(self, request, context):
+        """The bytes of a file sent in the session (Message.attachments), by its sha256.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SendMessage(self, request, context):
         """Runs one turn and streams its events live; ends after the turn's terminal event.
         """
@@ -251,6 +263,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.GetHistory,
                     request_deserializer=atomizer_dot_v1_dot_session__pb2.GetHistoryRequest.FromString,
                     response_serializer=atomizer_dot_v1_dot_session__pb2.GetHistoryResponse.SerializeToString,
+            ),
+            'GetAttachment': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAttachment,
+                    request_deserializer=atomizer_dot_v1_dot_session__pb2.GetAttachmentRequest.FromString,
+                    response_serializer=atomizer_dot_v1_dot_session__pb2.GetAttachmentResponse.SerializeToString,
             ),
             'SendMessage': grpc.unary_stream_rpc_method_handler(
                     servicer.SendMessage,
@@ -500,6 +517,33 @@ class SessionService:
             '/atomizer.v1.SessionService/GetHistory',
             atomizer_dot_v1_dot_session__pb2.GetHistoryRequest.SerializeToString,
             atomizer_dot_v1_dot_session__pb2.GetHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAttachment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atomizer.v1.SessionService/GetAttachment',
+            atomizer_dot_v1_dot_session__pb2.GetAttachmentRequest.SerializeToString,
+            atomizer_dot_v1_dot_session__pb2.GetAttachmentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,8 @@ class SessionServiceStub:
     """
     GetHistory: _grpc.UnaryUnaryMultiCallable[_session_pb2.GetHistoryRequest, _session_pb2.GetHistoryResponse]
     """Stored messages, oldest first."""
+    GetAttachment: _grpc.UnaryUnaryMultiCallable[_session_pb2.GetAttachmentRequest, _session_pb2.GetAttachmentResponse]
+    """The bytes of a file sent in the session (Message.attachments), by its sha256."""
     SendMessage: _grpc.UnaryStreamMultiCallable[_session_pb2.SendMessageRequest, _session_pb2.SendMessageResponse]
     """Runs one turn and streams its events live; ends after the turn's terminal event."""
     WatchSession: _grpc.UnaryStreamMultiCallable[_session_pb2.WatchSessionRequest, _session_pb2.WatchSessionResponse]
@@ -85,6 +87,8 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """
     GetHistory: _aio.UnaryUnaryMultiCallable[_session_pb2.GetHistoryRequest, _session_pb2.GetHistoryResponse]  # type: ignore[assignment]
     """Stored messages, oldest first."""
+    GetAttachment: _aio.UnaryUnaryMultiCallable[_session_pb2.GetAttachmentRequest, _session_pb2.GetAttachmentResponse]  # type: ignore[assignment]
+    """The bytes of a file sent in the session (Message.attachments), by its sha256."""
     SendMessage: _aio.UnaryStreamMultiCallable[_session_pb2.SendMessageRequest, _session_pb2.SendMessageResponse]  # type: ignore[assignment]
     """Runs one turn and streams its events live; ends after the turn's terminal event."""
     WatchSession: _aio.UnaryStreamMultiCallable[_session_pb2.WatchSessionRequest, _session_pb2.WatchSessionResponse]  # type: ignore[assignment]
@@ -165,6 +169,14 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_session_pb2.GetHistoryResponse, _abc.Awaitable[_session_pb2.GetHistoryResponse]]:
         """Stored messages, oldest first."""
+
+    @_abc_1.abstractmethod
+    def GetAttachment(
+        self,
+        request: _session_pb2.GetAttachmentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.GetAttachmentResponse, _abc.Awaitable[_session_pb2.GetAttachmentResponse]]:
+        """The bytes of a file sent in the session (Message.attachments), by its sha256."""
 
     @_abc_1.abstractmethod
     def SendMessage(
