@@ -72,6 +72,10 @@ class AgentSpec:
     model: str | None = None
     max_budget_usd: float | None = None
     extra_args: tuple[str, ...] = field(default=())
+    # A fork's first spawn: the conversation it copies (--resume=<fork_of> --fork-session,
+    # the fork's own id on --session-id) and the last message it keeps (--resume-session-at).
+    fork_of: str | None = None
+    fork_at: str | None = None
 
     def __post_init__(self) -> None:
         # Accept lists from callers but keep the spec immutable and hashable.
@@ -83,7 +87,7 @@ def build_argv(spec: AgentSpec) -> list[str]:
     """The agent's argv: command, fixed stream-json flags, conversation, options, extra args."""
     if not spec.command or not spec.command[0]:
         raise ArgvError("agent command is empty")
-    argv = [*spec.command, *STREAM_JSON_FLAGS, _conversation_flag(spec)]
+    argv = [*spec.command, *STREAM_JSON_FLAGS, _conversation_flag(spec), *_fork_flags(spec)]
     argv += _permission_flags(spec)
     argv += _context_flags(spec)
     argv += _model_flags(spec)
@@ -103,6 +107,27 @@ def _conversation_flag(spec: AgentSpec) -> str:
         raise ArgvError(f"conversation id is not a canonical UUID: {spec.conversation_id!r}")
     flag = "--resume" if spec.resume else "--session-id"
     return f"{flag}={parsed}"
+
+
+def _fork_flags(spec: AgentSpec) -> list[str]:
+    if not spec.fork_of:
+        return []
+    if spec.resume:
+        raise ArgvError("a fork starts once, with --session-id: it cannot also --resume")
+    out = [f"--resume={_uuid(spec.fork_of, 'fork_of')}", "--fork-session"]
+    if spec.fork_at:
+        out.append(f"--resume-session-at={_uuid(spec.fork_at, 'fork_at')}")
+    return out
+
+
+def _uuid(value: str, what: str) -> str:
+    try:
+        parsed = uuid.UUID(value)
+    except (ValueError, TypeError, AttributeError):
+        raise ArgvError(f"{what} is not a UUID: {value!r}") from None
+    if str(parsed) != value.lower():
+        raise ArgvError(f"{what} is not a canonical UUID: {value!r}")
+    return str(parsed)
 
 
 def _permission_flags(spec: AgentSpec) -> list[str]:

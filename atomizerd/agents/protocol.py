@@ -103,6 +103,7 @@ class AssistantMessage:
     aborted: bool = False  # the partial block of an interrupted turn
     # The model call's input tokens, cache included (its output comes in MessageDelta).
     input_tokens: int = 0
+    uuid: str = ""  # the line's own uuid in the CLI's transcript (--resume-session-at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,6 +317,7 @@ def _parse_assistant(data: dict[str, Any]) -> AssistantMessage:
         error=error if isinstance(error, str) else None,
         aborted=data.get("aborted") is True,
         input_tokens=_input_tokens(_dict(message, "usage")),
+        uuid=_str(data, "uuid"),
     )
 
 

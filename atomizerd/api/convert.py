@@ -79,6 +79,7 @@ def session_to_pb(view: SessionView) -> pb.Session:
         model=r.model,
         context_tokens=r.context_tokens,
         context_window=r.context_window,
+        forked_from=r.forked_from,
     )
 
 

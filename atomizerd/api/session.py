@@ -82,6 +82,15 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         return pb.SetStudyContextResponse(session=convert.session_to_pb(view))
 
     @unary
+    async def ForkSession(
+        self, request: pb.ForkSessionRequest, context: Ctx
+    ) -> pb.ForkSessionResponse:
+        view = await self.registry.fork_session(
+            request.session_id, request.new_session_id, request.at_message_id
+        )
+        return pb.ForkSessionResponse(session=convert.session_to_pb(view))
+
+    @unary
     async def SetModel(self, request: pb.SetModelRequest, context: Ctx) -> pb.SetModelResponse:
         view = await self.registry.set_model(request.session_id, request.model)
         return pb.SetModelResponse(session=convert.session_to_pb(view))

@@ -91,6 +91,9 @@ class Launcher:
             command=tuple(self.config.agent.command),
             conversation_id=record.agent_session_id,
             resume=resume,
+            # A fork's first agent copies the original's conversation (Registry.fork_session).
+            fork_of=record.fork_of if record.fork_of and not resume else None,
+            fork_at=record.fork_at if record.fork_of and not resume else None,
             allowed_tools=self._allowed_tools(record.mode, study_dir) + self._remembered(record),
             skip_permissions=record.mode == "power",
             permission_mode="plan" if record.mode == "plan" else None,

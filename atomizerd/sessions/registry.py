@@ -308,6 +308,51 @@ class Registry:
         await self._reconfigure(s, mode, None, audit=True)
         return self.view(s)
 
+    async def fork_session(
+        self, session_id: str, new_session_id: str, at_message_id: int
+    ) -> SessionView:
+        """A new session continuing `session_id`'s conversation up to a stored reply (the
+        last one when `at_message_id` is 0). Its first agent forks the CLI's conversation
+        (--resume --fork-session, --resume-session-at that reply); the original is untouched."""
+        self._check_open()
+        s = self._load(session_id)
+        self._require_own(s)
+        if at_message_id < 0:
+            raise InvalidArgument("at_message_id must not be negative")
+        if at_message_id:
+            reply = self.store.message(s.id, at_message_id)
+            if reply is None:
+                raise NotFound(f"session {s.id!r} has no message {at_message_id}")
+            if reply.role != "assistant":
+                raise InvalidArgument(
+                    f"message {at_message_id} is the user's: at_message_id names a reply "
+                    "(an assistant message), after which the fork goes on"
+                )
+            if not reply.agent_uuid:
+                raise FailedPrecondition(
+                    f"reply {at_message_id} cannot be forked at: it was interrupted or failed"
+                )
+        else:
+            reply = self.store.last_reply(s.id)
+            if reply is None:
+                raise FailedPrecondition(f"session {s.id!r} has no finished reply to fork")
+        if new_session_id:
+            ids.check_session_id(new_session_id)
+            if self.store.get_session(new_session_id) is not None:
+                raise FailedPrecondition(f"session {new_session_id!r} already exists")
+        else:
+            new_session_id = ids.new_session_id()
+        self._check_session_limit()
+        self.store.fork_session(
+            s.record, new_session_id, ids.new_agent_session_id(), reply.message_id
+        )
+        fork = self._load(new_session_id)
+        log.info(
+            "session forked", session_id=fork.id, forked_from=s.id, at_message=reply.message_id
+        )
+        self._prewarm(fork)
+        return self.view(fork)
+
     async def set_model(self, session_id: str, model: str) -> SessionView:
         """The session's model ("": the daemon's default), after the work queued before it."""
         self._check_open()

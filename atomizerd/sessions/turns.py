@@ -142,6 +142,7 @@ class _Transcript:
     context_tokens: int = 0
     context_window: int = 0
     context_input: int = 0  # the last model call's input tokens
+    agent_uuid: str = ""  # the CLI's uuid of the reply's last assistant line
     unsaved: int = 0  # text bytes since the last checkpoint
     saved_parts: int = 0  # parts already in the stored checkpoint
     rewrite: bool = False  # text was withdrawn: the next checkpoint stores the whole reply
@@ -746,6 +747,8 @@ class TurnRunner:
                 for tu in item.tool_uses:
                     transcript.tool_calls[tu.id] = ToolCallRecord(tu.id, tu.name, tu.input_json)
                     emit(ev.ToolUse(tu.id, tu.name, tu.input_json))
+                if item.uuid and item.parent_tool_use_id is None and not item.aborted:
+                    transcript.agent_uuid = item.uuid
                 if item.input_tokens and item.parent_tool_use_id is None:
                     transcript.context_input = item.input_tokens
                     transcript.context_tokens = item.input_tokens
@@ -906,6 +909,7 @@ def _outcome(transcript: _Transcript, terminal: ev.TurnCompleted | ev.TurnFailed
         detail=terminal.stop_reason,
         context_tokens=transcript.context_tokens or None,
         context_window=transcript.context_window or None,
+        agent_uuid=transcript.agent_uuid if not terminal.interrupted else "",
     )
 
 

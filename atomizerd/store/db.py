@@ -74,6 +74,12 @@ class SessionRow(_Model):
     # How full the conversation's context was at the last turn's end, and the model's window.
     context_tokens = pw.BigIntegerField(default=0)
     context_window = pw.BigIntegerField(default=0)
+    # A fork (ForkSession): the session it was forked from, and until its first agent has
+    # started, the conversation to fork (--resume=<fork_of> --fork-session) and where
+    # (--resume-session-at=<fork_at>, the CLI's uuid of the last reply it keeps).
+    forked_from = pw.CharField(max_length=64, default="")
+    fork_of = pw.CharField(max_length=64, default="")
+    fork_at = pw.CharField(max_length=64, default="")
 
     class Meta:
         table_name = "sessions"
@@ -97,6 +103,8 @@ class MessageRow(_Model):
     # The files sent with a user message: [{name, media_type, size, sha256}] (bytes in
     # attachment_blobs).
     attachments = pw.TextField(default="[]")
+    # Assistant messages: the CLI's uuid of the reply's last line (ForkSession's at_message_id).
+    agent_uuid = pw.CharField(max_length=64, default="")
 
     class Meta:
         table_name = "messages"
@@ -282,6 +290,20 @@ def _migrate_attachments(db: pw.Database) -> None:
     db.create_tables([AttachmentBlobRow])
 
 
+def _migrate_forks(db: pw.Database) -> None:
+    """Forked sessions (ForkSession) and the CLI's uuid of every reply."""
+    have = {c.name for c in db.get_columns("sessions")}
+    for name in ("forked_from", "fork_of", "fork_at"):
+        if name not in have:
+            db.execute_sql(  # type: ignore[no-untyped-call]
+                f"ALTER TABLE sessions ADD COLUMN {name} VARCHAR(64) NOT NULL DEFAULT ''"
+            )
+    if "agent_uuid" not in {c.name for c in db.get_columns("messages")}:
+        db.execute_sql(  # type: ignore[no-untyped-call]
+            "ALTER TABLE messages ADD COLUMN agent_uuid VARCHAR(64) NOT NULL DEFAULT ''"
+        )
+
+
 # Forward migrations: index i migrates from version i to i + 1. Append, never edit.
 def _migrate_checkpoint_pieces(db: pw.Database) -> None:
     """Reply checkpoints are stored in pieces (one row per checkpoint) instead of one row per
@@ -302,6 +324,7 @@ MIGRATIONS: list[Callable[[pw.Database], None]] = [
     _migrate_session_model,
     _migrate_session_context,
     _migrate_attachments,
+    _migrate_forks,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -340,6 +363,9 @@ class SessionRecord:
     model: str = ""
     context_tokens: int = 0
     context_window: int = 0
+    forked_from: str = ""
+    fork_of: str = ""
+    fork_at: str = ""
 
     @classmethod
     def from_row(cls, row: SessionRow) -> SessionRecord:
@@ -363,6 +389,9 @@ class SessionRecord:
             model=row.model,
             context_tokens=row.context_tokens,
             context_window=row.context_window,
+            forked_from=row.forked_from,
+            fork_of=row.fork_of,
+            fork_at=row.fork_at,
         )
 
 
@@ -390,6 +419,7 @@ class MessageRecord:
     detail: str
     created_at: float
     attachments: list[AttachmentRecord] = field(default_factory=list)
+    agent_uuid: str = ""
 
     @classmethod
     def from_row(cls, row: MessageRow) -> MessageRecord:
@@ -407,6 +437,7 @@ class MessageRecord:
             detail=row.detail,
             created_at=row.created_at,
             attachments=[AttachmentRecord(**a) for a in json.loads(row.attachments)],
+            agent_uuid=row.agent_uuid,
         )
 
 
@@ -441,6 +472,7 @@ class TurnOutcome:
     # How full the conversation's context is now, and its window (None: not reported).
     context_tokens: int | None = None
     context_window: int | None = None
+    agent_uuid: str = ""  # the CLI's uuid of the reply's last line
 
 
 @dataclass
@@ -482,13 +514,15 @@ class AgentProcessRecord:
 _SESSION_COLUMNS = (
     "session_id, mode, study_id, agent_session_id, agent_started, closed, created_at, "
     "last_active_at, message_count, total_cost_usd, agent_cost_usd, seq_reserved, budget_usd, "
-    "turn_budget_usd, context_stale, host_id, model, context_tokens, context_window"
+    "turn_budget_usd, context_stale, host_id, model, context_tokens, context_window, "
+    "forked_from, fork_of, fork_at"
 )
 
 
 def _session_from_tuple(row: tuple[Any, ...]) -> SessionRecord:
     (sid, mode, study, agent_sid, started, closed, created, active, count, cost, agent_cost,
-     seq, budget, turn_budget, stale, host, model, context, window) = row  # fmt: skip
+     seq, budget, turn_budget, stale, host, model, context, window, forked_from, fork_of,
+     fork_at) = row  # fmt: skip
     return SessionRecord(
         session_id=sid,
         mode=mode,
@@ -509,6 +543,9 @@ def _session_from_tuple(row: tuple[Any, ...]) -> SessionRecord:
         model=model,
         context_tokens=context,
         context_window=window,
+        forked_from=forked_from,
+        fork_of=fork_of,
+        fork_at=fork_at,
     )
 
 
@@ -632,6 +669,56 @@ class Store:
             turn_budget_usd=turn_budget_usd,
         )
         return SessionRecord.from_row(row)
+
+    def fork_session(
+        self, original: SessionRecord, session_id: str, agent_session_id: str, upto: int
+    ) -> SessionRecord:
+        """A new session forked from `original`: its settings, its stored messages up to
+        message `upto` (finished turns only) and the bytes of its files; its first agent forks
+        the original's conversation (`fork_of`, at the reply `fork_at`)."""
+        now = time.time()
+        with self.db.atomic():
+            last = MessageRow.get_by_id(upto)
+            SessionRow.create(
+                session_id=session_id,
+                host_id=self.host_id or "",
+                mode=original.mode,
+                study_id=original.study_id,
+                agent_session_id=agent_session_id,
+                created_at=now,
+                last_active_at=now,
+                budget_usd=original.budget_usd,
+                turn_budget_usd=original.turn_budget_usd,
+                model=original.model,
+                agent_cost_usd=original.agent_cost_usd,
+                context_window=original.context_window,
+                forked_from=original.session_id,
+                fork_of=original.agent_session_id,
+                fork_at=last.agent_uuid,
+            )
+            columns = [
+                "turn_id", "role", "content", "status", "request_id", "tool_calls", "cost_usd",
+                "usage", "detail", "created_at", "attachments", "agent_uuid",
+            ]  # fmt: skip
+            names = ", ".join(columns)
+            self._sql(
+                f"INSERT INTO messages (session_id, {names}) SELECT ?, {names} FROM messages "
+                "WHERE session_id = ? AND id <= ? AND status != 'pending' ORDER BY id",
+                (session_id, original.session_id, upto),
+            )
+            self._sql(
+                "INSERT INTO attachment_blobs (session_id, sha256, name, media_type, size, data, "
+                "created_at) SELECT ?, sha256, name, media_type, size, data, created_at "
+                "FROM attachment_blobs WHERE session_id = ?",
+                (session_id, original.session_id),
+            )
+            count = MessageRow.select().where(MessageRow.session == session_id).count()
+            SessionRow.update(message_count=count).where(
+                SessionRow.session_id == session_id
+            ).execute()
+            record = self._session_now(session_id)
+        assert record is not None
+        return record
 
     def get_session(self, session_id: str) -> SessionRecord | None:
         row = SessionRow.get_or_none(SessionRow.session_id == session_id)
@@ -802,6 +889,7 @@ class Store:
             "created_at": now,
         }
         values["attachments"] = json.dumps([r.__dict__ for r in records]) if records else "[]"
+        values["agent_uuid"] = ""
         with self.db.atomic():
             message_id = self._insert_message(values)
             for a in attachments:
@@ -869,6 +957,7 @@ class Store:
             "detail": outcome.detail,
             "created_at": now,
             "attachments": "[]",
+            "agent_uuid": outcome.agent_uuid,
         }
         with self.db.atomic():
             self._sql(
@@ -947,6 +1036,26 @@ class Store:
             .limit(limit)
         )
         return [MessageRecord.from_row(r) for r in reversed(list(q))]
+
+    def message(self, session_id: str, message_id: int) -> MessageRecord | None:
+        row = MessageRow.get_or_none(
+            (MessageRow.session == session_id) & (MessageRow.id == message_id)
+        )
+        return MessageRecord.from_row(row) if row else None
+
+    def last_reply(self, session_id: str) -> MessageRecord | None:
+        """The newest reply a fork can continue from (one the CLI's uuid is known of)."""
+        row = (
+            MessageRow.select()
+            .where(
+                (MessageRow.session == session_id)
+                & (MessageRow.role == "assistant")
+                & (MessageRow.agent_uuid != "")
+            )
+            .order_by(MessageRow.id.desc())
+            .first()
+        )
+        return MessageRecord.from_row(row) if row else None
 
     def find_turn_by_request(self, session_id: str, request_id: str) -> list[MessageRecord]:
         q = MessageRow.select().where(

@@ -219,6 +219,7 @@ UNARY: dict[str, Callable[..., Any]] = {
     "RespondToPermission": lambda c, **kw: c.respond_to_permission("s1", "r1", True, **kw),
     "ListAuditEvents": lambda c, **kw: list(c.list_audit_events("s1", **kw)),
     "GetAttachment": lambda c, **kw: c.get_attachment("s1", "0" * 64, **kw),
+    "ForkSession": lambda c, **kw: c.fork_session("s1", **kw),
     "SetModel": lambda c, **kw: c.set_model("s1", "sonnet", **kw),
     "AnswerQuestion": lambda c, **kw: c.answer_question("s1", "q1", {"Which?": "A"}, **kw),
     "GetStatus": lambda c, **kw: c.get_status(**kw),

@@ -19,6 +19,7 @@ from atomizerd.store.db import (
     _connect,
     _migrate_attachments,
     _migrate_checkpoint_pieces,
+    _migrate_forks,
     _migrate_session_context,
     _migrate_session_model,
     database_proxy,
@@ -128,6 +129,15 @@ def _undo_attachments(db: pw.Database) -> None:
 UNDO[MIGRATIONS.index(_migrate_attachments) + 1] = _undo_attachments
 
 
+def _undo_forks(db: pw.Database) -> None:
+    for column in ("forked_from", "fork_of", "fork_at"):
+        db.execute_sql(f"ALTER TABLE sessions DROP COLUMN {column}")
+    db.execute_sql("ALTER TABLE messages DROP COLUMN agent_uuid")
+
+
+UNDO[MIGRATIONS.index(_migrate_forks) + 1] = _undo_forks
+
+
 def make_version(url: str, version: int) -> None:
     """A database as a daemon of schema `version` left it, holding a session with a finished
     turn, a turn cut off by a crash and a recorded agent."""
@@ -152,6 +162,9 @@ def make_version(url: str, version: int) -> None:
             if version > MIGRATIONS.index(_migrate_session_context):
                 session_col += ", context_tokens, context_window"
                 session_val += ", 0, 0"
+            message_col = message_val = ""
+            if version > MIGRATIONS.index(_migrate_attachments):
+                message_col, message_val = ", attachments", ", '[]'"
             for sql, params in [
                 (
                     "INSERT INTO sessions (session_id, mode, study_id, agent_session_id, "
@@ -163,20 +176,20 @@ def make_version(url: str, version: int) -> None:
                 ),
                 (
                     "INSERT INTO messages (session_id, turn_id, role, content, status, "
-                    "request_id, tool_calls, cost_usd, usage, detail, created_at) VALUES "
-                    "('old', ?, ?, ?, ?, NULL, '[]', 0, '{}', '', 1.0)",
+                    f"request_id, tool_calls, cost_usd, usage, detail, created_at{message_col}) "
+                    f"VALUES ('old', ?, ?, ?, ?, NULL, '[]', 0, '{{}}', '', 1.0{message_val})",
                     ("t1", "user", "hello", "complete"),
                 ),
                 (
                     "INSERT INTO messages (session_id, turn_id, role, content, status, "
-                    "request_id, tool_calls, cost_usd, usage, detail, created_at) VALUES "
-                    "('old', ?, ?, ?, ?, NULL, '[]', 0, '{}', '', 1.0)",
+                    f"request_id, tool_calls, cost_usd, usage, detail, created_at{message_col}) "
+                    f"VALUES ('old', ?, ?, ?, ?, NULL, '[]', 0, '{{}}', '', 1.0{message_val})",
                     ("t1", "assistant", "hi", "complete"),
                 ),
                 (
                     "INSERT INTO messages (session_id, turn_id, role, content, status, "
-                    "request_id, tool_calls, cost_usd, usage, detail, created_at) VALUES "
-                    "('old', ?, ?, ?, ?, NULL, '[]', 0, '{}', '', 1.0)",
+                    f"request_id, tool_calls, cost_usd, usage, detail, created_at{message_col}) "
+                    f"VALUES ('old', ?, ?, ?, ?, NULL, '[]', 0, '{{}}', '', 1.0{message_val})",
                     ("t2", "user", "cut off", "pending"),
                 ),
                 (

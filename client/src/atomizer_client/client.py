@@ -346,6 +346,22 @@ class Client(_Base):
         req = session_pb2.SetStudyContextRequest(session_id=session_id, study_id=study_id or "")
         return self._call(self._sessions.SetStudyContext, req, timeout).session
 
+    def fork_session(
+        self,
+        session_id: str,
+        *,
+        new_session_id: str = "",
+        at_message_id: int = 0,
+        timeout: float | None = None,
+    ) -> Session:
+        """A new session that goes on from `session_id`'s conversation: up to the reply
+        `at_message_id` (an assistant `Message.message_id`), or its last reply (0). The
+        original is unchanged. Never retried."""
+        req = session_pb2.ForkSessionRequest(
+            session_id=session_id, new_session_id=new_session_id, at_message_id=at_message_id
+        )
+        return self._call(self._sessions.ForkSession, req, timeout).session
+
     def set_model(self, session_id: str, model: str, *, timeout: float | None = None) -> Session:
         """Changes the session's model ("" : the daemon's default) once its running turn has
         finished; InvalidArgumentError for a model the daemon does not offer."""
@@ -684,6 +700,14 @@ class AsyncClient(_Base):
     async def set_study_context(self, session_id: str, study_id: str | None) -> Session:
         req = session_pb2.SetStudyContextRequest(session_id=session_id, study_id=study_id or "")
         return (await self._call(self._sessions.SetStudyContext, req)).session
+
+    async def fork_session(
+        self, session_id: str, *, new_session_id: str = "", at_message_id: int = 0
+    ) -> Session:
+        req = session_pb2.ForkSessionRequest(
+            session_id=session_id, new_session_id=new_session_id, at_message_id=at_message_id
+        )
+        return (await self._call(self._sessions.ForkSession, req)).session
 
     async def set_model(self, session_id: str, model: str) -> Session:
         req = session_pb2.SetModelRequest(session_id=session_id, model=model)

@@ -310,6 +310,7 @@ class Session(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     CONTEXT_TOKENS_FIELD_NUMBER: _builtins.int
     CONTEXT_WINDOW_FIELD_NUMBER: _builtins.int
+    FORKED_FROM_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     mode: Global___Mode.ValueType
     study_id: _builtins.str
@@ -344,6 +345,8 @@ class Session(_message.Message):
     window; 0 until a turn has reported them.
     """
     context_window: _builtins.int
+    forked_from: _builtins.str
+    """A fork (ForkSession): the session it was forked from."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -373,10 +376,11 @@ class Session(_message.Message):
         model: _builtins.str = ...,
         context_tokens: _builtins.int = ...,
         context_window: _builtins.int = ...,
+        forked_from: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "last_active_at", b"last_active_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_session_id", b"agent_session_id", "budget_usd", b"budget_usd", "context_tokens", b"context_tokens", "context_window", b"context_window", "created_at", b"created_at", "host_id", b"host_id", "last_active_at", b"last_active_at", "last_seq", b"last_seq", "mcp_servers", b"mcp_servers", "message_count", b"message_count", "mode", b"mode", "model", b"model", "queued_turns", b"queued_turns", "session_id", b"session_id", "state", b"state", "study_id", b"study_id", "total_cost_usd", b"total_cost_usd", "turn_budget_usd", b"turn_budget_usd"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_session_id", b"agent_session_id", "budget_usd", b"budget_usd", "context_tokens", b"context_tokens", "context_window", b"context_window", "created_at", b"created_at", "forked_from", b"forked_from", "host_id", b"host_id", "last_active_at", b"last_active_at", "last_seq", b"last_seq", "mcp_servers", b"mcp_servers", "message_count", b"message_count", "mode", b"mode", "model", b"model", "queued_turns", b"queued_turns", "session_id", b"session_id", "state", b"state", "study_id", b"study_id", "total_cost_usd", b"total_cost_usd", "turn_budget_usd", b"turn_budget_usd"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -738,6 +742,60 @@ class SetModelResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetModelResponse: _TypeAlias = SetModelResponse  # noqa: Y015
+
+@_typing.final
+class ForkSessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    NEW_SESSION_ID_FIELD_NUMBER: _builtins.int
+    AT_MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """The session to fork (open or closed)."""
+    new_session_id: _builtins.str
+    """The fork's id, as CreateSessionRequest.session_id; generated when empty."""
+    at_message_id: _builtins.int
+    """Fork after this reply (an assistant Message.message_id of the session): the fork holds
+    the conversation up to it. 0: up to the last reply stored now.
+    """
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        new_session_id: _builtins.str = ...,
+        at_message_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_message_id", b"at_message_id", "new_session_id", b"new_session_id", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForkSessionRequest: _TypeAlias = ForkSessionRequest  # noqa: Y015
+
+@_typing.final
+class ForkSessionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def session(self) -> Global___Session:
+        """The new session: the original's mode, study, model and caps, and its history up to the
+        fork point.
+        """
+
+    def __init__(
+        self,
+        *,
+        session: Global___Session | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForkSessionResponse: _TypeAlias = ForkSessionResponse  # noqa: Y015
 
 @_typing.final
 class GetHistoryRequest(_message.Message):

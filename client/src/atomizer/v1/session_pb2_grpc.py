@@ -70,6 +70,11 @@ class SessionServiceStub:
                 request_serializer=atomizer_dot_v1_dot_session__pb2.SetModelRequest.SerializeToString,
                 response_deserializer=atomizer_dot_v1_dot_session__pb2.SetModelResponse.FromString,
                 _registered_method=True)
+        self.ForkSession = channel.unary_unary(
+                '/atomizer.v1.SessionService/ForkSession',
+                request_serializer=atomizer_dot_v1_dot_session__pb2.ForkSessionRequest.SerializeToString,
+                response_deserializer=atomizer_dot_v1_dot_session__pb2.ForkSessionResponse.FromString,
+                _registered_method=True)
         self.GetHistory = channel.unary_unary(
                 '/atomizer.v1.SessionService/GetHistory',
                 request_serializer=atomizer_dot_v1_dot_session__pb2.GetHistoryRequest.SerializeToString,
@@ -160,6 +165,14 @@ class SessionServiceServicer:
     def SetModel(self, request, context):
         """Changes the session's model; a running turn finishes first. A live agent switches at
         once (the CLI's set_model), and every later agent of the session starts with it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForkSession(self, request, context):
+        """A new session that continues the conversation so far (or up to a reply) on its own; the
+        original goes on unchanged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -258,6 +271,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.SetModel,
                     request_deserializer=atomizer_dot_v1_dot_session__pb2.SetModelRequest.FromString,
                     response_serializer=atomizer_dot_v1_dot_session__pb2.SetModelResponse.SerializeToString,
+            ),
+            'ForkSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkSession,
+                    request_deserializer=atomizer_dot_v1_dot_session__pb2.ForkSessionRequest.FromString,
+                    response_serializer=atomizer_dot_v1_dot_session__pb2.ForkSessionResponse.SerializeToString,
             ),
             'GetHistory': grpc.unary_unary_rpc_method_handler(
                     servicer.GetHistory,
@@ -490,6 +508,33 @@ class SessionService:
             '/atomizer.v1.SessionService/SetModel',
             atomizer_dot_v1_dot_session__pb2.SetModelRequest.SerializeToString,
             atomizer_dot_v1_dot_session__pb2.SetModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atomizer.v1.SessionService/ForkSession',
+            atomizer_dot_v1_dot_session__pb2.ForkSessionRequest.SerializeToString,
+            atomizer_dot_v1_dot_session__pb2.ForkSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

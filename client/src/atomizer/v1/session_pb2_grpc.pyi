@@ -48,6 +48,10 @@ class SessionServiceStub:
     """Changes the session's model; a running turn finishes first. A live agent switches at
     once (the CLI's set_model), and every later agent of the session starts with it.
     """
+    ForkSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.ForkSessionRequest, _session_pb2.ForkSessionResponse]
+    """A new session that continues the conversation so far (or up to a reply) on its own; the
+    original goes on unchanged.
+    """
     GetHistory: _grpc.UnaryUnaryMultiCallable[_session_pb2.GetHistoryRequest, _session_pb2.GetHistoryResponse]
     """Stored messages, oldest first."""
     GetAttachment: _grpc.UnaryUnaryMultiCallable[_session_pb2.GetAttachmentRequest, _session_pb2.GetAttachmentResponse]
@@ -84,6 +88,10 @@ class SessionServiceAsyncStub(SessionServiceStub):
     SetModel: _aio.UnaryUnaryMultiCallable[_session_pb2.SetModelRequest, _session_pb2.SetModelResponse]  # type: ignore[assignment]
     """Changes the session's model; a running turn finishes first. A live agent switches at
     once (the CLI's set_model), and every later agent of the session starts with it.
+    """
+    ForkSession: _aio.UnaryUnaryMultiCallable[_session_pb2.ForkSessionRequest, _session_pb2.ForkSessionResponse]  # type: ignore[assignment]
+    """A new session that continues the conversation so far (or up to a reply) on its own; the
+    original goes on unchanged.
     """
     GetHistory: _aio.UnaryUnaryMultiCallable[_session_pb2.GetHistoryRequest, _session_pb2.GetHistoryResponse]  # type: ignore[assignment]
     """Stored messages, oldest first."""
@@ -160,6 +168,16 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_session_pb2.SetModelResponse, _abc.Awaitable[_session_pb2.SetModelResponse]]:
         """Changes the session's model; a running turn finishes first. A live agent switches at
         once (the CLI's set_model), and every later agent of the session starts with it.
+        """
+
+    @_abc_1.abstractmethod
+    def ForkSession(
+        self,
+        request: _session_pb2.ForkSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.ForkSessionResponse, _abc.Awaitable[_session_pb2.ForkSessionResponse]]:
+        """A new session that continues the conversation so far (or up to a reply) on its own; the
+        original goes on unchanged.
         """
 
     @_abc_1.abstractmethod
