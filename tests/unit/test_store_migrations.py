@@ -162,9 +162,14 @@ def make_version(url: str, version: int) -> None:
             if version > MIGRATIONS.index(_migrate_session_context):
                 session_col += ", context_tokens, context_window"
                 session_val += ", 0, 0"
+            if version > MIGRATIONS.index(_migrate_forks):
+                session_col += ", forked_from, fork_of, fork_at"
+                session_val += ", '', '', ''"
             message_col = message_val = ""
             if version > MIGRATIONS.index(_migrate_attachments):
                 message_col, message_val = ", attachments", ", '[]'"
+            if version > MIGRATIONS.index(_migrate_forks):
+                message_col, message_val = message_col + ", agent_uuid", message_val + ", ''"
             for sql, params in [
                 (
                     "INSERT INTO sessions (session_id, mode, study_id, agent_session_id, "
