@@ -28,9 +28,6 @@ class Lifecycle(Generic[S]):
         self.state = initial
         self._table = table
 
-    def can(self, to: S) -> bool:
-        return to in self._table[self.state]
-
     def move(self, to: S) -> None:
         if to not in self._table[self.state]:
             raise IllegalTransition(f"{self.name}: {self.state.name} -> {to.name} is not allowed")

@@ -957,12 +957,6 @@ class Registry:
             self._forget(s)
         return len(idle)
 
-    def unload(self, session_id: str) -> None:
-        """Forgets a purged session's in-memory state."""
-        s = self._sessions.get(session_id)
-        if s is not None:
-            self._forget(s)
-
     def _forget(self, s: Session) -> None:
         if self._sessions.get(s.id) is s:
             del self._sessions[s.id]
