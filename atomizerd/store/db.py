@@ -8,6 +8,7 @@ write happens per text delta.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -378,30 +379,21 @@ class SessionRecord:
 
     @classmethod
     def from_row(cls, row: SessionRow) -> SessionRecord:
-        return cls(
-            session_id=row.session_id,
-            mode=row.mode,
-            study_id=row.study_id,
-            agent_session_id=row.agent_session_id,
-            agent_started=row.agent_started,
-            closed=row.closed,
-            created_at=row.created_at,
-            last_active_at=row.last_active_at,
-            message_count=row.message_count,
-            total_cost_usd=row.total_cost_usd,
-            agent_cost_usd=row.agent_cost_usd,
-            seq_reserved=row.seq_reserved,
-            budget_usd=row.budget_usd,
-            turn_budget_usd=row.turn_budget_usd,
-            context_stale=row.context_stale,
-            host_id=row.host_id,
-            model=row.model,
-            context_tokens=row.context_tokens,
-            context_window=row.context_window,
-            forked_from=row.forked_from,
-            fork_of=row.fork_of,
-            fork_at=row.fork_at,
-        )
+        return cls(**{name: getattr(row, name) for name in _SESSION_FIELDS})
+
+    @classmethod
+    def from_tuple(cls, row: tuple[Any, ...]) -> SessionRecord:
+        """From a plain-SQL row of `SESSION_COLUMNS` (SQLite gives booleans as 0/1)."""
+        values = dict(zip(_SESSION_FIELDS, row, strict=True))
+        for name in _SESSION_BOOLS:
+            values[name] = bool(values[name])
+        return cls(**values)
+
+
+# The record's fields are the sessions table's columns: one list, derived, never copied.
+_SESSION_FIELDS = tuple(f.name for f in dataclasses.fields(SessionRecord))
+_SESSION_BOOLS = tuple(f.name for f in dataclasses.fields(SessionRecord) if f.type == "bool")
+SESSION_COLUMNS = ", ".join(_SESSION_FIELDS)
 
 
 @dataclass
@@ -518,44 +510,6 @@ class AgentProcessRecord:
     pgid: int
     session_id: str
     start_time: int
-
-
-_SESSION_COLUMNS = (
-    "session_id, mode, study_id, agent_session_id, agent_started, closed, created_at, "
-    "last_active_at, message_count, total_cost_usd, agent_cost_usd, seq_reserved, budget_usd, "
-    "turn_budget_usd, context_stale, host_id, model, context_tokens, context_window, "
-    "forked_from, fork_of, fork_at"
-)
-
-
-def _session_from_tuple(row: tuple[Any, ...]) -> SessionRecord:
-    (sid, mode, study, agent_sid, started, closed, created, active, count, cost, agent_cost,
-     seq, budget, turn_budget, stale, host, model, context, window, forked_from, fork_of,
-     fork_at) = row  # fmt: skip
-    return SessionRecord(
-        session_id=sid,
-        mode=mode,
-        study_id=study,
-        agent_session_id=agent_sid,
-        agent_started=bool(started),
-        closed=bool(closed),
-        created_at=created,
-        last_active_at=active,
-        message_count=count,
-        total_cost_usd=cost,
-        agent_cost_usd=agent_cost,
-        seq_reserved=seq,
-        budget_usd=budget,
-        turn_budget_usd=turn_budget,
-        context_stale=bool(stale),
-        host_id=host,
-        model=model,
-        context_tokens=context,
-        context_window=window,
-        forked_from=forked_from,
-        fork_of=fork_of,
-        fork_at=fork_at,
-    )
 
 
 # --- the store --------------------------------------------------------------------------------
@@ -742,9 +696,9 @@ class Store:
     def _session_now(self, session_id: str) -> SessionRecord | None:
         """The session's row as a record, read with plain SQL (it follows every turn write)."""
         row = self._sql(
-            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,)
+            f"SELECT {SESSION_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,)
         ).fetchone()
-        return _session_from_tuple(tuple(row)) if row else None
+        return SessionRecord.from_tuple(tuple(row)) if row else None
 
     def count_open_sessions(self) -> int:
         """This host's open sessions (daemon.max_sessions bounds what one daemon holds)."""
