@@ -22,26 +22,41 @@ class Overflow:
 
 
 class LineSplitter:
-    """Turns chunks into whole lines (without the newline); empty lines are skipped."""
+    """Turns chunks into whole lines (without the newline); empty lines are skipped.
 
-    def __init__(self, max_line_bytes: int) -> None:
+    `offset` is the stream position of the first byte fed (a reader that starts in the middle
+    of a stream, such as a daemon re-attaching to an agent, gives where it starts);
+    `feed_ends` also tells the stream position just after each line's newline.
+    """
+
+    def __init__(self, max_line_bytes: int, offset: int = 0) -> None:
         if max_line_bytes < 1:
             raise ValueError("max_line_bytes must be positive")
         self._limit = max_line_bytes
         self._buf = bytearray()
         self._discarding = False  # inside a line that is already over the limit
         self._discarded = 0
+        self.fed = offset  # stream position after the last byte fed
 
     def feed(self, chunk: bytes) -> list[bytes | Overflow]:
+        return [line for line, _ in self.feed_ends(chunk)]
+
+    def feed_ends(self, chunk: bytes) -> list[tuple[bytes | Overflow, int]]:
+        """Whole lines, each with the stream position just after its newline."""
         out: list[bytes | Overflow] = []
+        ends: list[tuple[bytes | Overflow, int]] = []
+        base = self.fed
+        self.fed += len(chunk)
         view = memoryview(chunk)
         start = 0
         while True:
             newline = chunk.find(b"\n", start)
             if newline < 0:
                 self._hold(view[start:])
-                return out
+                return ends
             self._end_line(view[start:newline], out)
+            if len(out) > len(ends):
+                ends.append((out[-1], base + newline + 1))
             start = newline + 1
 
     def finish(self) -> list[bytes | Overflow]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 from collections import deque
 from collections.abc import Callable
@@ -157,6 +158,8 @@ class AgentPool:
         # Builds the record a spare of a mode is spawned for (reserved ids); None: no spares.
         self._spare_record = spare_record
         self.spares_adopted = 0
+        # Set by a planned restart: the agents are handed to the next daemon, not stopped.
+        self._handed_over = False
 
     # --- introspection -------------------------------------------------------------------
 
@@ -312,7 +315,7 @@ class AgentPool:
 
     def release(self, agent: Agent, *, reusable: bool) -> None:
         """The turn is done with the agent: it becomes idle, or is stopped if it is unfit."""
-        if agent.state is not S.LEASED:
+        if agent.state is not S.LEASED or self._handed_over:
             return
         if reusable and agent.alive and not self._closed:
             agent.lifecycle.move(S.READY)
@@ -343,6 +346,46 @@ class AgentPool:
                 if agent.state is S.READY:
                     self._begin_stop(agent, "retired")
                 await agent.gone.wait()
+
+    def adopt(self, session_id: str, transport: AgentTransport, *, leased: bool) -> Agent | None:
+        """An agent a previous daemon left running (under its shim) joins the pool: LEASED to
+        the turn it is running, or READY. None (the caller stops it) if the session has an
+        agent already or no slot is free."""
+        if session_id in self._agents or self._used >= self.config.pool.max_live:
+            return None
+        self._take_free_slot()
+        agent = self._new_agent(session_id)
+        agent.transport = transport
+        agent.resumed = True
+        agent.lifecycle.move(S.LEASED if leased else S.READY)
+        agent.idle_since = asyncio.get_running_loop().time()
+        agent.settled.set()
+        self._record_process(transport, session_id)
+        self._watch_exit(agent)
+        log.info("agent adopted", session_id=session_id, pid=transport.pid, running=leased)
+        return agent
+
+    def hand_over(self) -> None:
+        """A planned restart: every agent that outlives the daemon is let go as it is, for the
+        next daemon to adopt (its store rows stay, naming it); the others are stopped by
+        `close`. No lease is granted any more."""
+        self._handed_over = True
+        self._closed = True
+        for agent in list(self._agents.values()):
+            transport = agent.transport
+            if transport is None or not transport.durable or agent.state is S.STOPPING:
+                continue
+            if agent.state is S.SPAWNING:  # not labelled for a next daemon yet: stopped
+                continue
+            with contextlib.suppress(AgentError, OSError):
+                transport.detach()
+            agent.lifecycle.move(S.STOPPING)
+            agent.lifecycle.move(S.GONE)
+            del self._agents[agent.session_id]
+            agent.settled.set()
+            agent.gone.set()
+            self._used -= 1
+        log.info("agents handed over to the next daemon")
 
     def kill_all(self) -> None:
         """SIGKILL every agent's process group now (shutdown past its grace period)."""
@@ -482,7 +525,8 @@ class AgentPool:
             resume = record.agent_started
             seed = "" if resume else self._seeds.pop(sid, "")
             spec = self.launcher.spec_for(record, resume=resume, seed=seed)
-            agent.transport = await self._spawner(spec)
+            label = {"session_id": sid, "agent_session_id": record.agent_session_id}
+            agent.transport = await self._spawner(dataclasses.replace(spec, label=label))
             agent.resumed = resume
             self._record_process(agent.transport, sid)
             self._watch_exit(agent)
@@ -545,11 +589,11 @@ class AgentPool:
         task.add_done_callback(self._tasks.discard)
 
     def _record_process(self, transport: AgentTransport, session_id: str) -> None:
-        if transport.start_time is not None:
+        # The agent's group, and its shim's when it has one: a later daemon that does not
+        # adopt them kills them by these (pid + start time: never a reused pid).
+        for pgid, start_time in _groups(transport):
             self.store.record_agent_process(
-                AgentProcessRecord(
-                    pgid=transport.pgid, session_id=session_id, start_time=transport.start_time
-                )
+                AgentProcessRecord(pgid=pgid, session_id=session_id, start_time=start_time)
             )
 
     def _begin_stop(self, agent: Agent, why: str) -> None:
@@ -585,8 +629,9 @@ class AgentPool:
         if self._agents.get(sid) is agent:
             del self._agents[sid]
         transport = agent.transport
-        if transport is not None and transport.start_time is not None:
-            self.store.forget_agent_process(transport.pgid)
+        if transport is not None:
+            for pgid, _ in _groups(transport):
+                self.store.forget_agent_process(pgid)
         self.launcher.cleanup(sid)
         agent.settled.set()
         agent.gone.set()
@@ -594,6 +639,17 @@ class AgentPool:
         if agent.spare_for is not None:
             log.info("spare agent gone; replacing it", mode=agent.spare_for)
         self._soon(self.replenish_spares)
+
+
+def _groups(transport: AgentTransport) -> list[tuple[int, int]]:
+    """(pgid, start time) of the agent's process group and its shim's, where known."""
+    groups = []
+    if transport.start_time is not None:
+        groups.append((transport.pgid, transport.start_time))
+    helper = transport.helper
+    if helper is not None and helper.start_time is not None:
+        groups.append((helper.pgid, helper.start_time))
+    return groups
 
 
 def _retrieve(task: asyncio.Future[None]) -> None:

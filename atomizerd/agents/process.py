@@ -52,7 +52,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import structlog
 
@@ -176,6 +176,12 @@ class _StderrTail:
         return self._buf.decode("utf-8", "replace")
 
 
+# An item with its place in the agent's output: its index among the messages parsed (counted
+# from the reader's start) and, for the last message of a line, the stream position after the
+# line's newline (-1 otherwise).
+_Entry: TypeAlias = tuple[AgentItem, int, int]
+
+
 class _Mailbox:
     """A bounded FIFO of items that ends with a sticky final item.
 
@@ -185,7 +191,7 @@ class _Mailbox:
     """
 
     def __init__(self, maxsize: int) -> None:
-        self._items: deque[AgentItem] = deque()
+        self._items: deque[_Entry] = deque()
         self._maxsize = max(maxsize, 1)
         self._final: AgentExited | None = None
         self._getters: list[asyncio.Future[None]] = []
@@ -195,11 +201,15 @@ class _Mailbox:
     def closed(self) -> bool:
         return self._final is not None
 
-    async def put(self, item: AgentItem) -> None:
+    @property
+    def empty(self) -> bool:
+        return not self._items
+
+    async def put(self, entry: _Entry) -> None:
         while len(self._items) >= self._maxsize and self._final is None:
             await self._park(self._putters)
         if self._final is None:
-            self._items.append(item)
+            self._items.append(entry)
             _wake(self._getters)
 
     def close(self, final: AgentExited) -> None:
@@ -208,20 +218,20 @@ class _Mailbox:
             _wake(self._getters)
             _wake(self._putters)
 
-    def get_nowait(self) -> AgentItem | None:
-        """The next item if one is there (or the final one), else None."""
+    def get_nowait(self) -> _Entry | None:
+        """The next entry if one is there (or the final one), else None."""
         if self._items:
-            item = self._items.popleft()
+            entry = self._items.popleft()
             if self._putters:
                 _wake(self._putters)
-            return item
-        return self._final
+            return entry
+        return None if self._final is None else (self._final, -1, -1)
 
-    async def get(self) -> AgentItem:
+    async def get(self) -> _Entry:
         while True:
-            item = self.get_nowait()
-            if item is not None:
-                return item
+            entry = self.get_nowait()
+            if entry is not None:
+                return entry
             await self._park(self._getters)
 
     @staticmethod
@@ -254,26 +264,132 @@ class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
         self.exited.set()
 
 
+class AgentLink(Protocol):
+    """How one agent's byte streams and exit reach us: its own pipes (`PipeLink`), or the
+    socket of the shim that holds them (`agents/shim_client.py`)."""
+
+    pid: int
+    exited: asyncio.Event  # set once the agent process has ended
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def read_stdout(self) -> bytes:
+        """The next bytes of stdout; b"" at its end."""
+        ...
+
+    async def read_stderr(self) -> bytes: ...
+
+    def write(self, data: bytes) -> None:
+        """Queues bytes for stdin (BrokenPipeError / ConnectionResetError once it is closed)."""
+        ...
+
+    async def drain(self) -> None: ...
+
+    def input_closing(self) -> bool: ...
+
+    def close_input(self) -> None: ...
+
+    def signal_leader(self, sig: signal.Signals) -> None:
+        """Signals the agent itself (used only while its start time is unknown)."""
+        ...
+
+    def close(self) -> None: ...
+
+    # A link to an agent that outlives the daemon keeps what a restart needs (shim_client.py).
+    durable: bool
+
+    def record(self, payload: bytes) -> None: ...
+
+    def forget_before(self, offset: int) -> None: ...
+
+    def detach(self) -> None: ...
+
+
+class PipeLink:
+    """An agent started by this daemon with pipes of its own: it ends with the daemon."""
+
+    def __init__(self, transport: asyncio.SubprocessTransport, proto: _Protocol) -> None:
+        self._transport = transport
+        self._proto = proto
+        self.pid: int = transport.get_pid()
+        self.exited = proto.exited
+
+    @property
+    def returncode(self) -> int | None:
+        return self._transport.get_returncode()
+
+    async def read_stdout(self) -> bytes:
+        assert self._proto.stdout is not None
+        return await self._proto.stdout.read(_READ_CHUNK)
+
+    async def read_stderr(self) -> bytes:
+        assert self._proto.stderr is not None
+        return await self._proto.stderr.read(65536)
+
+    def write(self, data: bytes) -> None:
+        assert self._proto.stdin is not None
+        self._proto.stdin.write(data)
+
+    async def drain(self) -> None:
+        assert self._proto.stdin is not None
+        await self._proto.stdin.drain()
+
+    def input_closing(self) -> bool:
+        stdin = self._proto.stdin
+        return stdin is None or stdin.is_closing()
+
+    def close_input(self) -> None:
+        stdin = self._proto.stdin
+        if stdin is not None and not stdin.is_closing():
+            stdin.close()
+
+    def signal_leader(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self._transport.send_signal(sig)
+
+    def close(self) -> None:
+        self._transport.close()
+
+    durable = False  # the agent dies with this daemon: nothing to keep for the next one
+
+    def record(self, payload: bytes) -> None:
+        pass
+
+    def forget_before(self, offset: int) -> None:
+        pass
+
+    def detach(self) -> None:
+        raise AgentError("an agent on the daemon's own pipes cannot be handed over")
+
+
 class AgentProcess:
-    """One running agent. Create it with `await AgentProcess.spawn(...)`."""
+    """One running agent. Create it with `await AgentProcess.spawn(...)` (its own pipes) or
+    over a shim (`agents/shim_client.py`)."""
 
     def __init__(
         self,
-        transport: asyncio.SubprocessTransport,
-        proto: _Protocol,
+        link: AgentLink,
         *,
         max_line_bytes: int,
         stderr_tail_bytes: int,
         mailbox_size: int,
         write_timeout: float | None,
+        start_time: int | None = None,
+        stdout_offset: int = 0,
     ) -> None:
-        self._transport = transport
-        self._proto = proto
-        self.pid: int = transport.get_pid()
+        self._link = link
+        self.pid: int = link.pid
         self.pgid: int = self.pid  # a new session: the agent leads its own group
-        self.start_time = process_start_time(self.pid)
+        self.start_time = start_time if start_time is not None else process_start_time(self.pid)
         self._log = log.bind(agent_pid=self.pid)
-        self._splitter = LineSplitter(max_line_bytes)
+        self._splitter = LineSplitter(max_line_bytes, stdout_offset)
+        # Where the agent's output stands (see `boundary`): messages parsed, the index just
+        # past the last one received, and the last line end nothing unreceived precedes.
+        self._parsed = 0
+        self.received = 0
+        self._boundary = (stdout_offset, 0)
+        self.helper: ProcessIdentity | None = getattr(link, "shim", None)
         self._stderr = _StderrTail(stderr_tail_bytes)
         self._mailbox = _Mailbox(mailbox_size)
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -328,8 +444,7 @@ class AgentProcess:
         except (OSError, subprocess.SubprocessError, ValueError, SetprivMissing) as exc:
             raise AgentSpawnError(f"cannot start agent {name!r}: {exc}") from exc
         agent = cls(
-            transport,
-            proto,
+            PipeLink(transport, proto),
             max_line_bytes=max_line_bytes,
             stderr_tail_bytes=stderr_tail_bytes,
             mailbox_size=mailbox_size,
@@ -345,8 +460,29 @@ class AgentProcess:
         return ProcessIdentity(pid=self.pid, pgid=self.pgid, start_time=self.start_time)
 
     @property
+    def link(self) -> AgentLink:
+        return self._link
+
+    @property
+    def durable(self) -> bool:
+        """Whether the agent outlives this daemon (it runs under a shim)."""
+        return self._link.durable
+
+    def record(self, payload: bytes) -> None:
+        """Leaves `payload` with the agent's shim for the next daemon (durable agents)."""
+        self._link.record(payload)
+
+    def forget_before(self, offset: int) -> None:
+        """What the shim kept before `offset` (and its records) is no longer needed."""
+        self._link.forget_before(offset)
+
+    def detach(self) -> None:
+        """Lets go of a durable agent without stopping it: the next daemon adopts it."""
+        self._link.detach()
+
+    @property
     def returncode(self) -> int | None:
-        return self._transport.get_returncode()
+        return self._link.returncode
 
     @property
     def alive(self) -> bool:
@@ -357,47 +493,61 @@ class AgentProcess:
 
     async def wait_exit(self) -> None:
         """Returns once the process has exited (it may still have output to deliver)."""
-        await self._proto.exited.wait()
+        await self._link.exited.wait()
 
     # --- reading ------------------------------------------------------------------------------
 
     async def receive(self) -> AgentItem:
         """The next item; after the process ended, `AgentExited` (every time)."""
-        return await self._mailbox.get()
+        return self._took(await self._mailbox.get())
 
     def receive_nowait(self) -> AgentItem | None:
         """The next item if one has arrived already, else None (never waits)."""
-        return self._mailbox.get_nowait()
+        entry = self._mailbox.get_nowait()
+        return None if entry is None else self._took(entry)
+
+    def _took(self, entry: _Entry) -> AgentItem:
+        item, index, end = entry
+        if index >= 0:
+            self.received = index + 1
+            if end >= 0:
+                self._boundary = (end, index + 1)
+        return item
+
+    @property
+    def boundary(self) -> tuple[int, int]:
+        """(stream position, message index) of the last line end before which every message
+        has been received or answered: a reader starting at that position again sees exactly
+        the messages from that index on."""
+        return self._boundary
 
     async def __aiter__(self) -> AsyncIterator[AgentItem]:
         """Items up to and including `AgentExited`."""
         while True:
-            item = await self._mailbox.get()
+            item = await self.receive()
             yield item
             if isinstance(item, AgentExited):
                 return
 
     async def _read_stdout(self) -> None:
-        stdout = self._proto.stdout
-        assert stdout is not None
         try:
-            while chunk := await stdout.read(_READ_CHUNK):
-                for line in self._splitter.feed(chunk):
-                    await self._deliver(line)
+            while chunk := await self._link.read_stdout():
+                for line, end in self._splitter.feed_ends(chunk):
+                    await self._deliver(line, end)
             for line in self._splitter.finish():
-                await self._deliver(line)
+                await self._deliver(line, self._splitter.fed)
         except Exception:  # a pipe error must still end with AgentExited
             self._log.exception("agent.stdout_read_failed")
         finally:
             self._stdout_eof.set()
-        await self._proto.exited.wait()
+        await self._link.exited.wait()
         await _wait_quietly(self._stderr_task, _EXIT_DRAIN_GRACE)
         self._close_mailbox()
 
-    async def _deliver(self, line: bytes | Overflow) -> None:
+    async def _deliver(self, line: bytes | Overflow, end: int) -> None:
         if isinstance(line, Overflow):
             self._log.warning("agent.line_too_long", size=line.size, limit=line.limit)
-            await self._mailbox.put(LineTooLong(size=line.size, limit=line.limit))
+            await self._put(LineTooLong(size=line.size, limit=line.limit), end)
             return
         try:
             messages = protocol.parse_line(self._decode(line))
@@ -405,11 +555,29 @@ class AgentProcess:
             self.skipped_lines += 1
             preview = line[:200].decode("utf-8", "replace")
             self._log.warning("agent.stdout_not_json", error=str(exc), preview=preview)
+            self._passed(end)
             return
-        for message in messages:
+        if not messages:
+            self._passed(end)
+        for n, message in enumerate(messages, 1):
+            last = n == len(messages)
             if isinstance(message, ControlResponse) and self._answer(message):
+                self._parsed += 1
+                if last:
+                    self._passed(end)
                 continue
-            await self._mailbox.put(message)
+            await self._put(message, end if last else -1)
+
+    async def _put(self, item: AgentItem, end: int) -> None:
+        index = self._parsed
+        self._parsed += 1
+        await self._mailbox.put((item, index, end))
+
+    def _passed(self, end: int) -> None:
+        """A line that reached nobody (answered a request of ours, or not JSON): the boundary
+        moves past it if nothing before it is still unreceived."""
+        if self._mailbox.empty:
+            self._boundary = (end, self._parsed)
 
     def _decode(self, line: bytes) -> str:
         try:
@@ -420,14 +588,12 @@ class AgentProcess:
             return line.decode("utf-8", "replace")
 
     async def _drain_stderr(self) -> None:
-        stderr = self._proto.stderr
-        assert stderr is not None
         with contextlib.suppress(Exception):
-            while chunk := await stderr.read(65536):
+            while chunk := await self._link.read_stderr():
                 self._stderr.add(chunk)
 
     async def _watch_exit(self) -> None:
-        await self._proto.exited.wait()
+        await self._link.exited.wait()
         self._log.info("agent.exited", returncode=self.returncode)
         # Output written before the exit is still in the pipe: give the reader time to get it.
         # No end of file after that: an orphaned descendant holds stdout (killed here), or
@@ -463,14 +629,13 @@ class AgentProcess:
             raise ValueError("write_line takes exactly one newline-terminated line")
         if self._input_broken is not None:
             raise WriteTimeout(self._input_broken)
-        stdin = self._proto.stdin
-        if stdin is None or stdin.is_closing() or not self.alive:
+        if self._link.input_closing() or not self.alive:
             raise self._exited("is not accepting input")
         limit = self.write_timeout if timeout is None else timeout
         try:
-            stdin.write(line)
+            self._link.write(line)
             async with asyncio.timeout(limit):
-                await stdin.drain()
+                await self._link.drain()
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise self._exited("closed its input") from exc
         except TimeoutError:
@@ -567,12 +732,10 @@ class AgentProcess:
         return self.returncode
 
     async def _wait_exit(self, seconds: float) -> bool:
-        return await _wait_quietly(self._proto.exited.wait(), seconds)
+        return await _wait_quietly(self._link.exited.wait(), seconds)
 
     def _close_stdin(self) -> None:
-        stdin = self._proto.stdin
-        if stdin is not None and not stdin.is_closing():
-            stdin.close()
+        self._link.close_input()
 
     def _kill_group(self, sig: signal.Signals) -> None:
         if self.alive or sig != signal.SIGKILL:
@@ -581,8 +744,7 @@ class AgentProcess:
             kill_group_if_same(self.pgid, self.start_time, sig)
         elif self.alive:
             # Start time unknown (it exited at once): signal only the unreaped leader itself.
-            with contextlib.suppress(ProcessLookupError):
-                self._transport.send_signal(sig)
+            self._link.signal_leader(sig)
 
     async def _kill_group_after_exit(self) -> None:
         """SIGKILL what is left of the group of an agent that exited. Proving a group without
@@ -600,7 +762,7 @@ class AgentProcess:
         # Nobody is receiving (mailbox full) or a pipe is held open: end it from our side.
         self._log.warning("agent.io_forced_closed")
         self._close_mailbox()
-        self._transport.close()
+        self._link.close()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

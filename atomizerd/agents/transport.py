@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from atomizerd.agents.process import AgentItem
+from atomizerd.agents.process import AgentItem, ProcessIdentity
+
+if TYPE_CHECKING:
+    from atomizerd.agents.shim_client import ShimSettings
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,8 @@ class LaunchSpec:
     # (what must not be visible in argv, such as the system prompt).
     initialize: dict[str, Any] = field(default_factory=dict)
     umask: int | None = None
+    # Whose agent this is, for a daemon that adopts it after a restart (agents under a shim).
+    label: dict[str, Any] = field(default_factory=dict)
 
 
 class AgentTransport(Protocol):
@@ -70,6 +75,22 @@ class AgentTransport(Protocol):
 
     def kill(self) -> None: ...
 
+    # Agents that outlive the daemon (agent.survive_restart; sessions/journal.py).
+    received: int  # messages taken from this agent's output so far
+    helper: ProcessIdentity | None  # the shim that holds the agent's pipes, if any
+
+    @property
+    def durable(self) -> bool: ...
+
+    @property
+    def boundary(self) -> tuple[int, int]: ...
+
+    def record(self, payload: bytes) -> None: ...
+
+    def forget_before(self, offset: int) -> None: ...
+
+    def detach(self) -> None: ...
+
 
 Spawner = Callable[[LaunchSpec], Awaitable[AgentTransport]]
 
@@ -90,5 +111,21 @@ def process_spawner(
             write_timeout=write_timeout,
             umask=spec.umask,
         )
+
+    return spawn
+
+
+def shim_spawner(settings: ShimSettings) -> Spawner:
+    """Starts agents under shims of their own, so they outlive the daemon (shim_client.py)."""
+    from atomizerd.agents import shim_client
+
+    async def spawn(spec: LaunchSpec) -> AgentTransport:
+        process = await shim_client.spawn(
+            settings, spec.argv, env=spec.env, cwd=spec.cwd, umask=spec.umask
+        )
+        link = process.link
+        assert isinstance(link, shim_client.ShimLink)
+        link.set_label(spec.label)
+        return process
 
     return spawn

@@ -246,6 +246,27 @@ class AgentConfig:
         "study results unreadable to the group that shares them.",
         default="0027",
     )
+    survive_restart: bool = _doc(
+        "Start every agent under a small shim of its own (docs/restart.md) that holds its "
+        "pipes, so agents and their running turns outlive a restart or a crash of the daemon "
+        "and the next daemon adopts them. Costs ~10 MiB and a few tens of ms at spawn per "
+        "agent; off: agents are the daemon's children and die with it.",
+        default=True,
+    )
+    orphan_timeout: float = _doc(
+        "How long an agent's shim waits for a daemon to come back before it stops the agent "
+        "(its turn is then recorded as interrupted by the next daemon). 10 minutes: long "
+        "enough for an upgrade or a crash loop to settle, short enough that a daemon that is "
+        "gone for good does not leave agents (~200 MiB each) behind for long.",
+        default=600.0,
+    )
+    spool_bytes: int = _doc(
+        "Most a shim keeps, on disk under `<state_dir>/agent-spool`, of a running turn's "
+        "output and events for the next daemon. A turn that writes more before a restart "
+        "cannot be adopted (it ends as interrupted, as without a shim); the agent is never "
+        "slowed for it. 256 MiB: far above any realistic turn, a bound on the disk it takes.",
+        default=256 * 1024 * 1024,
+    )
 
 
 @dataclass
@@ -873,6 +894,8 @@ def validate(cfg: Config) -> None:
         "agent.max_line_bytes",
         "agent.stderr_tail_bytes",
         "agent.version_timeout",
+        "agent.orphan_timeout",
+        "agent.spool_bytes",
         "pool.max_live",
         "pool.queue_timeout",
         "reaper.interval",

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg: config_mod.Config) -> int:
-    from atomizerd.daemon.server import Daemon, StartupError
+    from atomizerd.daemon.server import RESTART_EXIT_STATUS, Daemon, StartupError
 
     daemon = Daemon(cfg)
     try:
@@ -129,4 +129,17 @@ def run(cfg: config_mod.Config) -> int:
     except StartupError as e:
         print(f"atomizerd: cannot start: {e}", file=sys.stderr)
         return EXIT_STARTUP
+    if daemon.restart:
+        if os.environ.get("INVOCATION_ID"):
+            # Under systemd: the unit starts the next daemon (RestartForceExitStatus=).
+            return RESTART_EXIT_STATUS
+        restart_in_place()
     return 0
+
+
+def restart_in_place() -> None:
+    """The next daemon replaces this one in the same process (same pid, same arguments):
+    whoever started it keeps supervising it. Every descriptor of ours is close-on-exec."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])

@@ -1,11 +1,18 @@
 """The daemon's lifecycle, top to bottom: startup, main loop, shutdown.
 
 Startup: private dirs → single-instance lock (runtime dir: the socket) → the database locked
-for this daemon alone, then opened and reconciled → socket bound → metrics endpoint (when
-`metrics.listen` is set) → health SERVING → sd_notify READY=1. SIGTERM/SIGINT: STOPPING=1,
-health NOT_SERVING, running turns interrupted and stored, streams ended, `stop(grace)`, agents
-stopped, metrics endpoint closed, store closed, socket removed. A second signal skips the grace
-periods.
+for this daemon alone, then opened → agents a previous daemon left under their shims adopted
+(daemon/adoption.py), with their running turns → the rest reconciled → socket bound → metrics
+endpoint (when `metrics.listen` is set) → health SERVING → sd_notify READY=1.
+
+SIGTERM/SIGINT (a stop): STOPPING=1, health NOT_SERVING, running turns interrupted and stored,
+streams ended, `stop(grace)`, agents stopped, metrics endpoint closed, store closed, socket
+removed. A second signal skips the grace periods.
+
+SIGUSR2 (a planned restart, docs/restart.md): the same, except that running turns and idle
+agents are handed over instead of stopped (agents under shims outlive the daemon); then the
+daemon starts again in place (exec; under systemd it exits with RESTART_EXIT_STATUS and the
+unit restarts it), and the new one adopts them.
 """
 
 from __future__ import annotations
@@ -31,12 +38,13 @@ from atomizerd.agents.argv import build_env
 from atomizerd.agents.pool import AgentPool
 from atomizerd.agents.process import AgentError, probe_version
 from atomizerd.agents.procgroup import kill_group_if_same
-from atomizerd.agents.transport import process_spawner
+from atomizerd.agents.transport import process_spawner, shim_spawner
 from atomizerd.api.daemon import DaemonServicer
 from atomizerd.api.session import SessionServicer
 from atomizerd.atomizer.launcher import Launcher
 from atomizerd.atomizer.prompt import ContextBuilder
 from atomizerd.atomizer.studies import Studies
+from atomizerd.daemon.adoption import Adopted, adopt_agents, shim_settings
 from atomizerd.daemon.config import Config, socket_mode
 from atomizerd.daemon.metrics import MetricsEndpoint, MetricsError, start_endpoint
 from atomizerd.daemon.report import StatusReporter
@@ -48,6 +56,9 @@ from atomizerd.store.db import Store
 from atomizerd.store.lock import DatabaseInUse
 
 log = structlog.get_logger("atomizerd.daemon.server")
+
+# The exit status of a planned restart under systemd (the unit's RestartForceExitStatus=).
+RESTART_EXIT_STATUS = 75
 
 SERVICE_NAMES = (
     session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
@@ -65,6 +76,8 @@ class Daemon:
         self.notifier = Notifier()
         self.should_exit = asyncio.Event()
         self.force_exit = False
+        self.restart = False  # a planned restart: agents handed over, not stopped
+        self.adopted = Adopted()
         self._lock_fd: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.server: grpc.aio.Server | None = None
@@ -98,15 +111,19 @@ class Daemon:
             raise StartupError(str(e)) from None
         studies = Studies(cfg)
         launcher = Launcher(cfg, studies, ContextBuilder(), remembered_rules=self.store.patterns)
-        spawner = process_spawner(
-            max_line_bytes=cfg.agent.max_line_bytes,
-            stderr_tail_bytes=cfg.agent.stderr_tail_bytes,
-            write_timeout=cfg.agent.write_timeout,
-        )
+        if cfg.agent.survive_restart:
+            spawner = shim_spawner(shim_settings(cfg))
+        else:
+            spawner = process_spawner(
+                max_line_bytes=cfg.agent.max_line_bytes,
+                stderr_tail_bytes=cfg.agent.stderr_tail_bytes,
+                write_timeout=cfg.agent.write_timeout,
+            )
         self.pool = AgentPool(
             cfg, self.store, launcher, spawner, spare_record=functools.partial(spare_record, cfg)
         )
         self.registry = Registry(cfg, self.store, self.pool, studies, launcher.context_text)
+        self.adopted = await adopt_agents(cfg, self.store, self.pool, self.registry)
         try:
             self._reconcile(studies)
         except StorageFull as e:
@@ -196,6 +213,8 @@ class Daemon:
         one still running (whatever its runtime dir)."""
         assert self.store is not None and self.registry is not None
         for rec in self.store.agent_processes():
+            if rec.pgid in self.adopted.pgids:
+                continue  # adopted: it goes on under this daemon
             if kill_group_if_same(rec.pgid, rec.start_time, signal.SIGKILL):
                 log.warning(
                     "killed agent left by a previous daemon",
@@ -203,9 +222,9 @@ class Daemon:
                     pgid=rec.pgid,
                 )
             self.store.forget_agent_process(rec.pgid)
-        self.registry.reconcile()
-        # Per-session files are rewritten at every agent spawn; none is live at start-up.
-        removed = studies.remove_stale_files(keep=set())
+        self.registry.reconcile(keep=self.adopted.turns)
+        # Per-session files are rewritten at every agent spawn: only adopted agents' are live.
+        removed = studies.remove_stale_files(keep=self.adopted.sessions)
         if removed:
             log.info("removed stale runtime files", count=removed)
 
@@ -266,6 +285,15 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGUSR2, self.request_restart)
+
+    def request_restart(self) -> None:
+        """A planned restart (SIGUSR2, `atomizerctl daemon restart`, `systemctl reload`)."""
+        if self.should_exit.is_set():
+            return
+        log.info("planned restart requested")
+        self.restart = True
+        self.should_exit.set()
 
     def _on_signal(self, sig: int) -> None:
         if self.should_exit.is_set():
@@ -286,7 +314,11 @@ class Daemon:
         if self.server is not None:
             await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.registry is not None:
-            await self.registry.drain(grace)
+            if self.restart and self.config.agent.survive_restart:
+                await self.registry.hand_over()
+                grace = min(grace, 1.0)  # streams have ended; clients re-attach to the next one
+            else:
+                await self.registry.drain(grace)
         if self.server is not None:
             await self.server.stop(0 if self.force_exit else grace)
         for task in self._tasks:

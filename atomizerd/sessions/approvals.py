@@ -151,8 +151,14 @@ class Approvals:
     def waiting(self) -> bool:
         return bool(self.pending) or bool(self.questions.pending)
 
-    async def decide(self, request: proto.ControlRequest) -> Decision:
-        """The outcome of one `can_use_tool` request (waits for a client when one is there)."""
+    async def decide(
+        self, request: proto.ControlRequest, restored: float | None = None
+    ) -> Decision:
+        """The outcome of one `can_use_tool` request (waits for a client when one is there).
+
+        `restored`: the request was put to clients by the daemon before a restart, with this
+        deadline (its event is back in the session's log): it is waited for, not asked again.
+        """
         if self.closed:  # the turn has ended: nobody can answer any more
             return Decision(False, POLICY, "the turn has ended")
         payload = request.payload
@@ -163,9 +169,13 @@ class Approvals:
         self.asked_tool_uses.add(tool_use_id)
         digest = input_digest(tool_input)
         if tool_name == QUESTION_TOOL:
-            return await self._ask(request.request_id, tool_input, tool_use_id, digest)
+            return await self._ask(request.request_id, tool_input, tool_use_id, digest, restored)
         # A plan is always put to a person: no rule decides it.
         plan = tool_name == EXIT_PLAN_TOOL
+        if restored is not None:
+            pending = PendingRequest(request.request_id, tool_name, tool_input, tool_use_id)
+            self.pending[request.request_id] = pending
+            return await self._wait(request, pending, plan, digest, restored - time.time())
         if not plan and self.in_plan():
             return self._settle(
                 request.request_id,
@@ -202,8 +212,20 @@ class Approvals:
                 plan=str(tool_input.get("plan") or "") if plan else "",
             )
         )
+        return await self._wait(request, pending, plan, digest, self.timeout)
+
+    async def _wait(
+        self,
+        request: proto.ControlRequest,
+        pending: PendingRequest,
+        plan: bool,
+        digest: str,
+        timeout: float,
+    ) -> Decision:
+        """A client's answer to a request they were asked, or the timeout's denial."""
+        tool_name = pending.tool_name
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(max(timeout, 0.0)):
                 decision = await asyncio.shield(pending.answer)
         except TimeoutError:
             # An answer taken in the instant the timeout fired stands: its client was told so.
@@ -246,12 +268,17 @@ class Approvals:
         return "; ".join(notes)
 
     async def _ask(
-        self, request_id: str, tool_input: dict[str, Any], tool_use_id: str, digest: str
+        self,
+        request_id: str,
+        tool_input: dict[str, Any],
+        tool_use_id: str,
+        digest: str,
+        restored: float | None,
     ) -> Decision:
         def audit(answered: bool, decider: str, detail: str) -> None:
             self.audit(QUESTION_TOOL, digest, answered, decider, detail, kind="question")
 
-        outcome = await self.questions.ask(request_id, tool_input, tool_use_id, audit)
+        outcome = await self.questions.ask(request_id, tool_input, tool_use_id, audit, restored)
         decision = Decision(
             outcome.answered,
             outcome.decider,

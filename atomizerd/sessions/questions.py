@@ -105,22 +105,32 @@ class Questions:
         self.closed = False
 
     async def ask(
-        self, request_id: str, tool_input: dict[str, Any], tool_use_id: str, audit: Audit
+        self,
+        request_id: str,
+        tool_input: dict[str, Any],
+        tool_use_id: str,
+        audit: Audit,
+        restored: float | None = None,
     ) -> Outcome:
-        """Asks the session's clients and waits for the first answer (or the timeout)."""
+        """Asks the session's clients and waits for the first answer (or the timeout).
+        `restored`: asked before a restart with this deadline; only waited for now."""
         if self.closed:  # the turn has ended: nothing more is emitted for it
             return Outcome(False, POLICY, "the turn has ended")
         items = parse_questions(tool_input)
-        if not items:
+        timeout = self.timeout
+        if restored is not None:
+            timeout = max(restored - time.time(), 0.0)
+        elif not items:
             return self._settle(request_id, Outcome(False, POLICY, "no question to ask"), audit)
-        if self.audience() == 0:
+        elif self.audience() == 0:
             outcome = Outcome(False, POLICY, "no client is attached to answer the questions")
             return self._settle(request_id, outcome, audit)
         pending = _Pending(request_id, tool_input, items, audit)
         self.pending[request_id] = pending
-        self.emit(ev.Question(request_id, items, tool_use_id, time.time() + self.timeout))
+        if restored is None:
+            self.emit(ev.Question(request_id, items, tool_use_id, time.time() + timeout))
         try:
-            outcome = await asyncio.wait_for(asyncio.shield(pending.answer), self.timeout)
+            outcome = await asyncio.wait_for(asyncio.shield(pending.answer), timeout)
         except TimeoutError:
             outcome = Outcome(
                 False, TIMEOUT, f"nobody answered within {self.timeout:g} s (approvals.timeout)"

@@ -17,13 +17,13 @@ import json
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import structlog
 
 from atomizerd import ids
-from atomizerd.agents.pool import AgentPool, AgentState
+from atomizerd.agents.pool import Agent, AgentPool, AgentState
 from atomizerd.agents.process import AgentError
 from atomizerd.atomizer.planfiles import remove_plans
 from atomizerd.atomizer.studies import Studies
@@ -42,6 +42,7 @@ from atomizerd.sessions import events as ev
 from atomizerd.sessions.approvals import CLIENT, Decision, client_decision
 from atomizerd.sessions.attachments import check as check_attachments
 from atomizerd.sessions.attachments import check_sha256
+from atomizerd.sessions.journal import Resumed, TurnJournal
 from atomizerd.sessions.session import SESSION_TRANSITIONS, Change, Session, SessionState
 from atomizerd.sessions.turns import Turn, TurnRunner, TurnState
 from atomizerd.statemachine import Lifecycle
@@ -98,14 +99,64 @@ class Registry:
 
     # --- daemon lifecycle ----------------------------------------------------------------
 
-    def reconcile(self) -> None:
-        """At start-up: settle turns a previous daemon left running."""
-        for session_id, turn_id in self.store.settle_unfinished_turns():
+    def reconcile(self, keep: Collection[str] = ()) -> None:
+        """At start-up: settle turns a previous daemon left running, but those in `keep`
+        (adopted with their agents: they go on)."""
+        for session_id, turn_id in self.store.settle_unfinished_turns(keep):
             log.warning(
                 "turn left running by a previous daemon marked interrupted",
                 session_id=session_id,
                 turn_id=turn_id,
             )
+
+    def resume_turn(self, agent: Agent, resumed: Resumed) -> None:
+        """A turn the previous daemon left running on `agent` (adopted at start-up) goes on
+        here: its events so far are back in the session's log with their own numbers, and
+        the runner reads the agent's output on from where they end (sessions/journal.py)."""
+        s = self._load(agent.session_id)
+        first = resumed.events[0].seq
+        turn = Turn(resumed.turn_id, resumed.started.text, resumed.started.request_id, first - 1)
+        turn.audience = lambda: turn.listeners + s.watchers
+        turn.resumed = (agent, resumed)
+        turn.journal = TurnJournal(agent.transport_or_fail(), 0)
+        for event in resumed.events:
+            s.log.append(event)
+        s.next_seq = resumed.events[-1].seq + 1
+        if turn.request_id:
+            s.by_request[turn.request_id] = turn
+        self._submit(s, turn)
+        log.info(
+            "turn resumed after a restart",
+            session_id=s.id,
+            turn_id=turn.turn_id,
+            events=len(resumed.events),
+            last_seq=s.next_seq - 1,
+        )
+
+    async def hand_over(self) -> None:
+        """A planned restart: no new work is taken; queued turns are refused (never sent, safe
+        to retry); running turns are left to their agents, which the next daemon adopts with
+        them. Streams end with UNAVAILABLE; clients re-attach from their last seq."""
+        self.draining = True
+        workers = []
+        for s in self._sessions.values():
+            for job in self._take_queue(s):
+                self._cancel_job(
+                    s, job, Unavailable("atomizerd is restarting; the message was not sent")
+                )
+            if s.worker is not None:
+                workers.append(s.worker)
+            if s.turn is not None and s.turn.journal is not None:
+                s.turn.journal.flush()  # everything emitted is with the shim before it is let go
+        self.runner.hand_over()
+        self.pool.hand_over()
+        for worker in workers:
+            worker.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        for s in self._sessions.values():
+            s.log.close()
+        for task in list(self._background):
+            task.cancel()
 
     async def drain(self, grace: float) -> None:
         """Stops accepting work: queued turns are refused (never sent, safe to retry), running
@@ -743,6 +794,7 @@ class Registry:
         s.next_seq += 1
         if seq > s.record.seq_reserved:
             self._reserve_seq(s, seq + SEQ_BLOCK)
+        turn.noted(event)
         s.log.append(event)
         return event
 

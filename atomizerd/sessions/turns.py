@@ -46,6 +46,7 @@ from atomizerd.errors import AtomizerError, StorageFull
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.approvals import MODE, POLICY, Approvals, Decision, input_digest
 from atomizerd.sessions.attachments import Attachment, content_blocks, to_store
+from atomizerd.sessions.journal import Resumed, TurnJournal
 from atomizerd.sessions.plans import PLAN, leave_plan
 from atomizerd.statemachine import Lifecycle
 from atomizerd.store.db import SessionRecord, Store, ToolCallRecord, TurnOutcome
@@ -56,6 +57,10 @@ if TYPE_CHECKING:
 log = structlog.get_logger("atomizerd.sessions.turns")
 
 Emit = Callable[[ev.EventKind], ev.SessionEvent]
+
+
+# Events a turn emits before its message reaches the agent: its start and a few notices.
+_OPENING_MAX = 16
 
 
 class TurnState(enum.Enum):
@@ -106,6 +111,19 @@ class Turn:
         self.attachments: tuple[Attachment, ...] = ()
         # The mode an allowed ExitPlanMode switched the session to during this turn.
         self.left_plan: str | None = None
+        # Its events left with the agent's shim, when the agent outlives the daemon; before the
+        # message reaches such an agent, the events so far wait in `opening`.
+        self.journal: TurnJournal | None = None
+        self.opening: list[ev.SessionEvent] = []
+        # A turn a previous daemon left running, adopted with its agent at start-up.
+        self.resumed: tuple[Agent, Resumed] | None = None
+
+    def noted(self, event: ev.SessionEvent) -> None:
+        """Every event of the turn passes here before any client can see it."""
+        if self.journal is not None:
+            self.journal.note(event)
+        elif self.state is T.RUNNING and len(self.opening) < _OPENING_MAX:
+            self.opening.append(event)
 
     @property
     def state(self) -> TurnState:
@@ -190,13 +208,19 @@ class TurnRunner:
     async def run(self, s: Session, turn: Turn, emit: Emit) -> None:
         """Runs a dequeued turn to its end. Never raises for the turn's own failures."""
         turn.lifecycle.move(T.WAITING)
-        agent = await self._first_agent(s, turn, emit)
+        if turn.resumed is not None:
+            agent: Agent | None = turn.resumed[0]
+            turn.lifecycle.move(T.RUNNING)  # its message is stored and with the agent already
+        else:
+            agent = await self._first_agent(s, turn, emit)
         if agent is None:
             return
         reusable = False
         try:
             reusable = await self._run_on(agent, s, turn, emit)
         finally:
+            if turn.journal is not None:  # handed over mid-turn: the record goes out whole
+                turn.journal.flush()
             self.pool.release(agent, reusable=reusable)
 
     async def _first_agent(self, s: Session, turn: Turn, emit: Emit) -> Agent | None:
@@ -242,6 +266,8 @@ class TurnRunner:
                 return None
             try:
                 transport = agent.transport_or_fail()
+                if transport.durable:
+                    turn.journal = TurnJournal.begin(transport, turn.opening)
                 if turn.attachments:
                     blocks = content_blocks(self._agent_text(s, turn), turn.attachments)
                     await transport.send_user_content(blocks)
@@ -249,6 +275,7 @@ class TurnRunner:
                     await transport.send_user_message(self._agent_text(s, turn))
                 return agent
             except AgentExited as e:  # it took nothing: safe to start it again
+                turn.journal = None  # the next agent gets the turn's opening events again
                 self.pool.release(agent, reusable=False)
                 if not await self._retry_spawn(
                     s, turn, emit, attempts, e.returncode, e.stderr_tail
@@ -464,6 +491,9 @@ class TurnRunner:
             )
             self._settle_later(s, turn.turn_id, outcome, transcript.agent_cost_usd)
         turn.terminal = emit(terminal)
+        if turn.journal is not None:
+            turn.journal.end()
+            turn.journal = None
         turn.lifecycle.move(T.DONE)
         turn.done.set()
         metrics.of(self.store).turn_ended(turn, terminal)
@@ -590,6 +620,15 @@ class TurnRunner:
         deadline = started + cfg.turn_timeout
         first = True
         interrupting_since: float | None = None
+        # A turn adopted after a restart: its output so far is read again quietly (its events
+        # are in the log already), the permission requests it held are taken up after that.
+        replay = _Replay(turn.resumed[1]) if turn.resumed is not None else None
+        if replay is not None:
+            first = False
+            transcript.rewrite = True  # the stored checkpoint is rewritten whole
+            if replay.resumed.interrupted:
+                turn.interrupt()
+            self._end_replay(process, turn, replay)
         stop_waiter = asyncio.ensure_future(turn.stop_requested.wait())
         # One pending receive at a time, kept across timeouts: nothing read is ever dropped.
         receive: asyncio.Task[AgentItem] | None = None
@@ -642,21 +681,57 @@ class TurnRunner:
                     metrics.of(self.store).first_event(turn, loop.time())
                 first = False
                 last_activity = loop.time()
+                quiet = replay is not None and not replay.done
                 outcome = self._relay(
                     agent,
                     item,
-                    emit,
+                    _quiet if quiet else emit,
                     transcript,
                     interrupting_since is not None,
                     turn.approvals,
                     s.record.agent_cost_usd,
+                    replay.held if quiet and replay is not None else None,
+                    turn.journal,
                 )
+                if turn.journal is not None:
+                    turn.journal.flush()
+                if replay is not None and not replay.done:
+                    self._end_replay(process, turn, replay)
                 if outcome is not None:
                     return outcome
         finally:
             stop_waiter.cancel()
             if receive is not None:
                 receive.cancel()
+
+    def _end_replay(self, process: AgentTransport, turn: Turn, replay: _Replay) -> None:
+        """Once the messages the previous daemon accounted for are read again, the permission
+        requests they held are taken up: answered already (nothing to do), asked (waited for
+        again, until their own deadline), or never asked (decided now)."""
+        if process.received < replay.resumed.consumed:
+            return
+        replay.done = True
+        approvals = turn.approvals
+        if approvals is None:
+            return
+        asked, settled = replay.resumed.asked(), replay.resumed.settled()
+        for request in replay.held:
+            rid = request.request_id
+            approvals.asked_tool_uses.add(str(request.payload.get("tool_use_id", "")))
+            if rid in replay.resumed.answered:
+                continue
+            if rid in settled:  # decided, but the daemon went before the answer was written
+                log.warning("a decided permission request is asked again", request_id=rid)
+            restored = asked.get(rid)
+            self._background(
+                self._answer_permission(
+                    process,
+                    approvals,
+                    request,
+                    turn.journal,
+                    restored.deadline if restored is not None else None,
+                )
+            )
 
     def _checkpoint(self, s: Session, turn: Turn, transcript: _Transcript) -> None:
         """Stores what the reply said since the last checkpoint (at most every
@@ -667,16 +742,27 @@ class TurnRunner:
         except AtomizerError as e:
             log.warning("reply checkpoint not stored", turn_id=turn.turn_id, error=str(e))
 
+    def hand_over(self) -> None:
+        """A planned restart: permission requests waiting for an answer are left as they are
+        (the next daemon asks again); nothing more is written to the agents."""
+        for task in list(self._pending):
+            task.cancel()
+
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
     async def _answer_permission(
-        self, process: AgentTransport, approvals: Approvals, request: proto.ControlRequest
+        self,
+        process: AgentTransport,
+        approvals: Approvals,
+        request: proto.ControlRequest,
+        journal: TurnJournal | None,
+        restored: float | None = None,
     ) -> None:
         try:
-            decision = await approvals.decide(request)
+            decision = await approvals.decide(request, restored)
         except Exception:  # the agent must get an answer whatever happened here
             log.exception("permission request could not be decided; denied")
             decision = Decision(False, POLICY, "atomizerd could not decide this request")
@@ -690,6 +776,8 @@ class TurnRunner:
             if decision.allow
             else proto.permission_deny(decision.message or "denied")
         )
+        if journal is not None:
+            journal.flush()  # the decision's event is recorded before the agent has the answer
         try:
             await process.respond_control(request.request_id, answer)
         except AgentError as e:
@@ -723,8 +811,12 @@ class TurnRunner:
         interrupted: bool,
         approvals: Approvals | None,
         cost_base: float,
+        held: list[proto.ControlRequest] | None = None,
+        journal: TurnJournal | None = None,
     ) -> ev.TurnCompleted | ev.TurnFailed | None:
-        """Maps one agent message to session events; the turn's end when it is one."""
+        """Maps one agent message to session events; the turn's end when it is one.
+        `held`: the message is read again after a restart: permission requests are kept
+        there (taken up by `_end_replay`) instead of being decided."""
         process = agent.transport_or_fail()
         match item:
             case proto.TextDelta(text=text) if item.parent_tool_use_id is None:
@@ -785,10 +877,14 @@ class TurnRunner:
                 )
             case proto.Init():
                 agent.mcp_servers = list(item.mcp_servers)
+            case proto.ControlRequest(subtype="can_use_tool") if held is not None:
+                held.append(item)
             case proto.ControlRequest(subtype="can_use_tool") if approvals is not None:
-                self._background(self._answer_permission(process, approvals, item))
-            case proto.ControlRequest():
+                self._background(self._answer_permission(process, approvals, item, journal))
+            case proto.ControlRequest() if held is None:
                 self._background(self._refuse_control(process, item))
+            case proto.ControlCancelRequest() if held is not None:
+                held[:] = [r for r in held if r.request_id != item.request_id]
             case proto.ControlCancelRequest() if approvals is not None:
                 approvals.cancel(item.request_id, "the agent withdrew the request")
             case proto.Result():
@@ -856,6 +952,20 @@ class TurnRunner:
 
 class _Stopped(Exception):
     """The turn was stopped while it waited for an agent."""
+
+
+@dataclass
+class _Replay:
+    """Reading an adopted turn's output again (see `TurnRunner._end_replay`)."""
+
+    resumed: Resumed
+    done: bool = False
+    held: list[proto.ControlRequest] = field(default_factory=list)
+
+
+def _quiet(kind: ev.EventKind) -> ev.SessionEvent:
+    """The emit of a message read again: its events are in the session's log already."""
+    return ev.SessionEvent(0, "", "", 0.0, kind)
 
 
 def _completed(

@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1032,10 +1032,20 @@ class Store:
         )
         return [MessageRecord.from_row(r) for r in rows.order_by(MessageRow.id)]
 
-    def settle_unfinished_turns(self) -> list[tuple[str, str]]:
+    def unfinished_turns(self) -> dict[str, str]:
+        """This host's turns whose user message has no reply yet: turn id -> session id."""
+        rows = (
+            MessageRow.select(MessageRow.turn_id, MessageRow.session)
+            .join(SessionRow)
+            .where((MessageRow.status == "pending") & self._own(SessionRow.host_id))
+        )
+        return {row.turn_id: row.session_id for row in rows}
+
+    def settle_unfinished_turns(self, keep: Collection[str] = ()) -> list[tuple[str, str]]:
         """After a crash: user messages whose turn never ended become interrupted, each with an
         (empty) interrupted assistant record so every user message has a terminal reply. Only
-        this host's sessions: another host's pending turns may be running right now."""
+        this host's sessions: another host's pending turns may be running right now. `keep`:
+        turns this daemon adopted with their agents (they go on)."""
         pending = list(
             MessageRow.select(MessageRow)
             .join(SessionRow)
@@ -1044,6 +1054,8 @@ class Store:
         )
         settled = []
         for row in pending:
+            if row.turn_id in keep:
+                continue
             partial = self.checkpointed_reply(row.turn_id)
             self.finish_turn(
                 row.session_id,

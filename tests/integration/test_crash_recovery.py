@@ -1,10 +1,13 @@
-"""A daemon killed with SIGKILL: no agent outlives it, and the next start recovers.
+"""A daemon killed with SIGKILL: no agent outlives its orphan timeout, and the next start
+recovers.
 
 docs/architecture.md "Durability and safety invariants": a user message is committed before
-the agent sees it; turns left running by a dead daemon are settled as interrupted at the next
-start, with an assistant record; agents die with the daemon (parent-death signal) and leftovers
-recorded in the store are killed at the next start, but only while their pid still names the
-same process.
+the agent sees it; turns left running by a dead daemon that no daemon adopts are settled as
+interrupted at the next start, with an assistant record; an agent under its shim stops by
+itself once no daemon has come back within `agent.orphan_timeout` (without a shim it dies with
+the daemon, by its parent-death signal); leftovers recorded in the store are killed at the next
+start, but only while their pid still names the same process. (Adoption by a daemon that does
+come back: tests/e2e/test_restart.py, and the random kills below.)
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from atomizer.v1 import session_pb2 as pb
 
 from atomizerd.agents.procgroup import group_members, process_start_time
@@ -32,19 +36,26 @@ from tests.support.waiting import alive, wait_for
 TERMINAL_STATUSES = {"complete", "interrupted", "failed"}
 
 
-def crash_config(workdir: Path) -> dict[str, dict[str, Any]]:
+# Agents under shims (the default) and on the daemon's own pipes.
+SHIMS = pytest.mark.parametrize("shim", [True, False], ids=["shim", "pipes"])
+ORPHAN_TIMEOUT = 2.0
+
+
+def crash_config(workdir: Path, shim: bool) -> dict[str, dict[str, Any]]:
     transcripts = workdir / "transcripts"
     transcripts.mkdir(exist_ok=True)
     return {
         "agent": {
             "env": {"HOME": str(workdir / "home"), "FAKE_AGENT_TRANSCRIPT_DIR": str(transcripts)},
+            "survive_restart": shim,
+            "orphan_timeout": ORPHAN_TIMEOUT,
         },
     }
 
 
-def daemon(workdir: Path, name: str) -> RunningDaemon:
+def daemon(workdir: Path, name: str, shim: bool = True) -> RunningDaemon:
     """A daemon on the shared workdir, with its own log (so pids are per incarnation)."""
-    d = RunningDaemon(workdir, crash_config(workdir))
+    d = RunningDaemon(workdir, crash_config(workdir, shim))
     d.log_path = workdir / f"{name}.log"
     return d
 
@@ -98,10 +109,11 @@ def consistency_problems(db: Path) -> list[str]:
     return problems
 
 
-def test_sigkill_mid_turn_kills_the_agents_and_the_next_start_settles_the_turn(
-    short_tmp: Path,
+@SHIMS
+def test_after_a_sigkill_mid_turn_no_agent_outlives_its_orphan_timeout_and_the_turn_is_settled(
+    short_tmp: Path, shim: bool
 ) -> None:
-    first = daemon(short_tmp, "first").start()
+    first = daemon(short_tmp, "first", shim).start()
     try:
         stubs = stubs_for(first.channel())
         stubs.sessions.CreateSession(pb.CreateSessionRequest(session_id="crash"))
@@ -120,14 +132,18 @@ def test_sigkill_mid_turn_kills_the_agents_and_the_next_start_settles_the_turn(
         assert len(pids) == 2 and all(alive(p) for p in pids)
     finally:
         first.kill()
-    wait_for("every agent of the killed daemon to be gone", lambda: agents_gone(pids))
+    wait_for(
+        "every agent of the killed daemon to be gone",
+        lambda: agents_gone(pids),
+        timeout=ORPHAN_TIMEOUT + 15,
+    )
     try:
         list(stream)
         raise AssertionError("the stream of a killed daemon ended without an error")
     except grpc.RpcError as e:
         assert e.code() == grpc.StatusCode.UNAVAILABLE
 
-    with daemon(short_tmp, "second") as second:
+    with daemon(short_tmp, "second", shim) as second:
         stubs = stubs_for(second.channel())
         history = stubs.sessions.GetHistory(pb.GetHistoryRequest(session_id="crash")).messages
         assert [(m.role, m.status) for m in history] == [
@@ -214,16 +230,29 @@ def test_a_leftover_agent_recorded_in_the_store_is_killed_at_start_unless_its_pi
                 proc.wait()
 
 
-def test_repeated_sigkills_during_turns_leave_a_consistent_store(short_tmp: Path) -> None:
+def settled(db: Path, shim: bool, when: str) -> None:
+    """The store is consistent; with shims, once the turns the daemon adopted have ended."""
+    if shim:
+        wait_for(f"adopted turns to end {when}", lambda: consistency_problems(db) == [], 30)
+    assert consistency_problems(db) == [], when
+
+
+@SHIMS
+def test_repeated_sigkills_during_turns_leave_a_consistent_store(
+    short_tmp: Path, shim: bool
+) -> None:
+    """Without shims each kill takes its agents along; with them the next daemon adopts
+    whatever was running (a turn killed at any moment, its records half written or not)."""
     rng = random.Random(20261127)
     sessions = ["k0", "k1", "k2"]
     db = short_tmp / "state" / "atomizerd.db"
     words = " ".join(f"w{i}" for i in range(60))
+    every_pid: list[int] = []
     for round_no in range(5):
-        d = daemon(short_tmp, f"round{round_no}").start()
+        d = daemon(short_tmp, f"round{round_no}", shim).start()
         streams = []
         try:
-            assert consistency_problems(db) == [], f"after restart {round_no}"
+            settled(db, shim, f"after restart {round_no}")
             stubs = stubs_for(d.channel())
             for sid in sessions:
                 stubs.sessions.CreateSession(pb.CreateSessionRequest(session_id=sid), timeout=10)
@@ -241,12 +270,16 @@ def test_repeated_sigkills_during_turns_leave_a_consistent_store(short_tmp: Path
         for stream in streams:
             stream.cancel()
         pids = agent_pids(d)
-        wait_for(f"the agents of round {round_no} to be gone", partial(agents_gone, pids))
-    with daemon(short_tmp, "final") as d:
-        assert consistency_problems(db) == []
+        every_pid += pids
+        if not shim:
+            wait_for(f"the agents of round {round_no} to be gone", partial(agents_gone, pids))
+    with daemon(short_tmp, "final", shim) as d:
+        settled(db, shim, "at the final start")
         stubs = stubs_for(d.channel())
         for sid in sessions:
             history = stubs.sessions.GetHistory(pb.GetHistoryRequest(session_id=sid)).messages
             assert all(m.status != pb.MESSAGE_STATUS_PENDING for m in history)
             assert turn(stubs, sid, "still there?")[-1].HasField("turn_completed")
     assert consistency_problems(db) == []
+    # The final daemon stopped what it adopted; the shims of the others timed out.
+    wait_for("every agent to be gone", partial(agents_gone, every_pid), ORPHAN_TIMEOUT + 15)

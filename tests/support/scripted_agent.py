@@ -168,6 +168,21 @@ class ScriptedAgent:
 
     # --- test controls ------------------------------------------------------------------
 
+    # Not durable: the journal of a restart is exercised with the real CLI under its shim.
+    durable = False
+    helper = None
+    received = 0
+    boundary = (0, 0)
+
+    def record(self, payload: bytes) -> None:
+        pass
+
+    def forget_before(self, offset: int) -> None:
+        pass
+
+    def detach(self) -> None:
+        raise AssertionError("a scripted agent is never handed over")
+
     def release(self) -> None:
         """Lets a [[hold]] turn finish."""
         self._release.set()

@@ -1,0 +1,393 @@
+"""Agents that outlive the daemon: the daemon's side of the agent shim.
+
+With `agent.survive_restart` on, every agent is started by a shim (`agents/shim.py`, a small
+stdlib-only process in its own session, one per agent) that holds the agent's pipes. The
+daemon talks to the shim over a private Unix socket in `<runtime_dir>/agents/` with the frames
+of docs/shim-protocol.md; `ShimLink` turns that socket into an `AgentLink`, so an
+`AgentProcess` reads, writes and stops the agent exactly as over its own pipes.
+
+What the socket adds is what a restart needs: the shim keeps the agent's output since the
+last `forget_before` (the start of the turn in progress) and the records the daemon left with
+it (`record`: the turn's events), and replays both to the next daemon that attaches
+(`Replay`). A daemon that goes away, planned or killed, just closes the socket: the agent keeps
+running. A shim left alone past `agent.orphan_timeout` stops its agent and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import signal
+import struct
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from atomizerd.agents.process import (
+    AgentProcess,
+    AgentSpawnError,
+    ProcessIdentity,
+    _find_program,
+)
+from atomizerd.agents.procgroup import SetprivMissing, process_start_time
+
+log = structlog.get_logger("atomizerd.agents.shim_client")
+
+SHIM_PATH = Path(__file__).with_name("shim.py")
+PROTOCOL_VERSION = 1
+_HEADER = struct.Struct(">cI")
+_OFFSET = struct.Struct(">Q")
+_RETURNCODE = struct.Struct(">i")
+_MAX_FRAME = 64 * 1024 * 1024 + 16
+# Stdout chunks read from the socket but not yet parsed: the bound on what the daemon holds
+# per agent; beyond it the socket (then the shim, then the agent) waits.
+_QUEUED_CHUNKS = 16
+_READY_TIMEOUT = 30.0
+
+
+class ShimError(Exception):
+    """The shim could not be started or reached, or broke the protocol."""
+
+
+def frame(kind: bytes, payload: bytes = b"") -> bytes:
+    return _HEADER.pack(kind, len(payload)) + payload
+
+
+@dataclass
+class Replay:
+    """What a shim sent on attach, before anything live."""
+
+    hello: dict[str, Any]
+    records: list[bytes] = field(default_factory=list)  # `record` payloads, in order
+    inputs: list[bytes] = field(default_factory=list)  # what was written to the agent's stdin
+
+    @property
+    def base(self) -> int:
+        """Stream position of the first stdout byte replayed."""
+        return int(self.hello.get("base") or 0)
+
+    @property
+    def lost(self) -> bool:
+        """Output was dropped (over agent.spool_bytes): the turn cannot be rebuilt."""
+        return bool(self.hello.get("lost"))
+
+    @property
+    def label(self) -> dict[str, Any]:
+        label = self.hello.get("label")
+        return label if isinstance(label, dict) else {}
+
+
+class ShimLink:
+    """One agent behind its shim, as an `AgentLink`."""
+
+    durable = True
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        hello: dict[str, Any],
+        socket_path: Path,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self.socket_path = socket_path
+        self.pid = int(hello["agent_pid"])
+        self.shim = ProcessIdentity(
+            int(hello["shim_pid"]), int(hello["shim_pid"]), process_start_time(hello["shim_pid"])
+        )
+        self.exited = asyncio.Event()
+        self._returncode: int | None = None
+        self._stdout: asyncio.Queue[bytes] = asyncio.Queue(_QUEUED_CHUNKS)
+        self._stderr: asyncio.Queue[bytes] = asyncio.Queue()
+        self._input_closed = False
+        self._detached = False
+        self._next_offset = int(hello.get("base") or 0)
+        self._reading: asyncio.Task[None] | None = None
+
+    # --- AgentLink ---------------------------------------------------------------------------
+
+    @property
+    def returncode(self) -> int | None:
+        return self._returncode
+
+    async def read_stdout(self) -> bytes:
+        return await self._stdout.get()
+
+    async def read_stderr(self) -> bytes:
+        return await self._stderr.get()
+
+    def write(self, data: bytes) -> None:
+        self._send(b"I", data)
+
+    async def drain(self) -> None:
+        try:
+            await self._writer.drain()
+        except (ConnectionError, RuntimeError) as e:
+            raise BrokenPipeError(str(e)) from e
+
+    def input_closing(self) -> bool:
+        return self._input_closed or self._writer.is_closing()
+
+    def close_input(self) -> None:
+        if not self._input_closed and not self._writer.is_closing():
+            self._send(b"E")
+        self._input_closed = True
+
+    def signal_leader(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(self.pid, sig)
+
+    def close(self) -> None:
+        self._writer.close()
+
+    # --- what the shim adds ------------------------------------------------------------------
+
+    def record(self, payload: bytes) -> None:
+        """Leaves `payload` with the shim, replayed to the next daemon that attaches."""
+        if not self._writer.is_closing():
+            self._send(b"J", payload)
+
+    def forget_before(self, offset: int) -> None:
+        """The shim may drop the output before `offset` and every record so far."""
+        if not self._writer.is_closing():
+            self._send(b"A", _OFFSET.pack(offset))
+
+    def set_label(self, label: Mapping[str, Any]) -> None:
+        """What the next daemon needs to know whose agent this is."""
+        if not self._writer.is_closing():
+            self._send(b"L", json.dumps(dict(label)).encode())
+
+    def detach(self) -> None:
+        """Lets go of the agent without stopping it (a restart hands it over)."""
+        self._detached = True
+        self._writer.close()
+
+    def _send(self, kind: bytes, payload: bytes = b"") -> None:
+        if self._writer.is_closing():
+            raise BrokenPipeError("the agent's shim connection is closed")
+        self._writer.write(frame(kind, payload))
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._reading = asyncio.ensure_future(self._read_frames())
+
+    async def _read_frames(self) -> None:
+        try:
+            while True:
+                kind, payload = await read_frame(self._reader)
+                if kind == b"O":
+                    await self._stdout.put(self._chunk(payload))
+                elif kind == b"S":
+                    self._stderr.put_nowait(payload)
+                elif kind == b"X":
+                    (self._returncode,) = _RETURNCODE.unpack(payload)
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError, ShimError) as e:
+            if not self._detached:
+                # The shim is gone, and so is the agent (it dies with its shim).
+                log.warning("agent shim connection lost", agent_pid=self.pid, error=str(e))
+                self._returncode = -signal.SIGKILL
+        finally:
+            self._input_closed = True
+            await self._stdout.put(b"")
+            self._stderr.put_nowait(b"")
+            self.exited.set()
+            if not self._detached:
+                self._writer.close()  # the shim exits once its daemon has let go
+
+    def _chunk(self, payload: bytes) -> bytes:
+        (offset,) = _OFFSET.unpack_from(payload)
+        data = payload[_OFFSET.size :]
+        if offset != self._next_offset:
+            raise ShimError(f"stdout offset {offset} where {self._next_offset} was expected")
+        self._next_offset += len(data)
+        return data
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    header = await reader.readexactly(_HEADER.size)
+    kind, size = _HEADER.unpack(header)
+    if size > _MAX_FRAME:
+        raise ShimError(f"a frame of {size} bytes from the shim")
+    return kind, await reader.readexactly(size)
+
+
+async def attach(
+    socket_path: Path, *, timeout: float, limit: int = 2**20
+) -> tuple[ShimLink, Replay, list[bytes]]:
+    """Connects to a shim and reads its replay: the link (not started), the replay, and the
+    replayed stdout chunks (to feed the reader before anything live)."""
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_unix_connection(str(socket_path), limit=limit)
+            kind, payload = await read_frame(reader)
+            if kind != b"H":
+                raise ShimError(f"the shim at {socket_path} did not say hello")
+            hello = json.loads(payload)
+            if hello.get("version") != PROTOCOL_VERSION:
+                writer.close()
+                raise ShimError(f"shim protocol version {hello.get('version')} is not ours")
+            replay = Replay(hello)
+            chunks: list[bytes] = []
+            link = ShimLink(reader, writer, hello, socket_path)
+            while True:
+                kind, payload = await read_frame(reader)
+                if kind == b"R":
+                    break
+                if kind == b"J":
+                    replay.records.append(payload)
+                elif kind == b"I":
+                    replay.inputs.append(payload)
+                elif kind == b"O":
+                    chunks.append(link._chunk(payload))
+                elif kind == b"S":
+                    link._stderr.put_nowait(payload)
+    except (OSError, ValueError, asyncio.IncompleteReadError, TimeoutError) as e:
+        raise ShimError(f"cannot attach to the agent shim at {socket_path}: {e}") from e
+    return link, replay, chunks
+
+
+def adopted_process(
+    link: ShimLink,
+    replay: Replay,
+    chunks: list[bytes],
+    *,
+    max_line_bytes: int,
+    stderr_tail_bytes: int,
+    write_timeout: float,
+) -> AgentProcess:
+    """An `AgentProcess` over an attached shim, its replayed output first in line."""
+    queue = link._stdout
+    for chunk in chunks:
+        queue._queue.append(chunk)  # type: ignore[attr-defined]  # before the reader starts
+    start_time = replay.hello.get("agent_start_time")
+    process = AgentProcess(
+        link,
+        max_line_bytes=max_line_bytes,
+        stderr_tail_bytes=stderr_tail_bytes,
+        mailbox_size=4096,
+        write_timeout=write_timeout,
+        start_time=int(start_time) if start_time is not None else None,
+        stdout_offset=replay.base,
+    )
+    link.start()
+    return process
+
+
+@dataclass(frozen=True)
+class ShimSettings:
+    """Where shims live and how long they wait for a daemon."""
+
+    sockets: Path  # <runtime_dir>/agents
+    spools: Path  # <state_dir>/agent-spool
+    orphan_timeout: float
+    spool_bytes: int
+    stop_grace: float
+    max_line_bytes: int
+    stderr_tail_bytes: int
+    write_timeout: float
+
+
+async def spawn(
+    settings: ShimSettings,
+    argv: list[str],
+    *,
+    env: Mapping[str, str],
+    cwd: str,
+    umask: int | None,
+) -> AgentProcess:
+    """Starts a shim that starts the agent, and attaches to it."""
+    name = secrets.token_hex(6)
+    for folder in (settings.sockets, settings.spools):
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    socket_path = settings.sockets / f"{name}.sock"
+    try:
+        program = _find_program(argv, env, cwd)
+        command = [
+            sys.executable,
+            "-I",
+            "-S",
+            str(SHIM_PATH),
+            "--socket",
+            str(socket_path),
+            "--spool",
+            str(settings.spools / f"{name}.out"),
+            "--orphan-timeout",
+            f"{settings.orphan_timeout:g}",
+            "--spool-bytes",
+            str(settings.spool_bytes),
+            "--stop-grace",
+            f"{settings.stop_grace:g}",
+            *(["--umask", f"{umask:o}"] if umask is not None else []),
+            "--",
+            program,
+            *argv[1:],
+        ]
+        shim = await asyncio.create_subprocess_exec(
+            *command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            cwd=cwd,
+            env=dict(env),
+            start_new_session=True,  # not in the daemon's group: it outlives the daemon
+            umask=0o077,
+        )
+    except (OSError, subprocess.SubprocessError, ValueError, SetprivMissing) as exc:
+        raise AgentSpawnError(f"cannot start agent {argv[0] if argv else ''!r}: {exc}") from exc
+    assert shim.stdout is not None
+    try:
+        ready = json.loads(await asyncio.wait_for(shim.stdout.readline(), _READY_TIMEOUT) or b"{}")
+    except (TimeoutError, ValueError) as e:
+        with contextlib.suppress(ProcessLookupError):
+            shim.kill()
+        raise AgentSpawnError(f"the agent's shim did not start: {e}") from e
+    finally:
+        _reap_later(shim)
+    if "error" in ready or "agent_pid" not in ready:
+        raise AgentSpawnError(
+            f"cannot start agent {argv[0]!r}: {ready.get('error', 'the shim exited')}"
+        )
+    try:
+        link, replay, chunks = await attach(socket_path, timeout=_READY_TIMEOUT)
+    except ShimError as e:
+        raise AgentSpawnError(str(e)) from e
+    process = adopted_process(
+        link,
+        replay,
+        chunks,
+        max_line_bytes=settings.max_line_bytes,
+        stderr_tail_bytes=settings.stderr_tail_bytes,
+        write_timeout=settings.write_timeout,
+    )
+    log.info("agent.spawned", argv0=argv[0], cwd=cwd, agent_pid=process.pid, shim=name)
+    return process
+
+
+_reapers: set[asyncio.Task[Any]] = set()
+
+
+def _reap_later(shim: asyncio.subprocess.Process) -> None:
+    """The shim is our child while we run: reap it when it exits (no zombie)."""
+    task = asyncio.ensure_future(shim.wait())
+    _reapers.add(task)
+    task.add_done_callback(_reapers.discard)
+
+
+def shim_sockets(folder: Path) -> list[Path]:
+    """The sockets of the shims a previous daemon left (oldest first)."""
+    try:
+        found = [p for p in folder.iterdir() if p.suffix == ".sock"]
+    except FileNotFoundError:
+        return []
+    return sorted(found, key=lambda p: p.stat().st_mtime if p.exists() else 0.0)

@@ -1,0 +1,214 @@
+"""A running turn's record, left with the agent's shim, so the next daemon can finish the turn.
+
+While a turn runs on an agent that outlives the daemon (`agent.survive_restart`), every event
+the turn emits is also sent to the agent's shim (`TurnJournal`), before any client can see it:
+the shim then holds, from the turn's first byte on, what the agent said (its stdout), what it
+was told (its stdin) and what the daemon made of it (the events, each record carrying how many
+of the agent's messages had been taken when it was written). A daemon that starts while the
+turn is still running reads that back (`Resumed.from_replay`) and
+
+- puts the recorded events back into the session's log, with their own sequence numbers, so a
+  client that re-attaches from its last seq misses nothing and sees nothing twice;
+- feeds the agent's output again through the same code, quietly up to the messages already
+  accounted for (rebuilding the reply, the tool calls, the pending permission requests), and
+  live from there on;
+- knows which permission requests the agent already got an answer to (from its stdin), so no
+  request is answered twice, and a request still open is offered to clients again.
+
+Records are flushed at the end of each agent message's handling, before a write to the agent,
+and otherwise on the next turn of the event loop: each goes to the shim before the event
+reaches a follower, so nothing a client saw can be missing from the record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from atomizerd.agents.process import AgentError
+from atomizerd.sessions import events as ev
+
+log = structlog.get_logger("atomizerd.sessions.journal")
+
+_KINDS: dict[str, type] = {cls.__name__: cls for cls in typing.get_args(ev.EventKind)}
+
+
+# --- events as JSON ----------------------------------------------------------------------------
+
+
+def encode_event(event: ev.SessionEvent) -> dict[str, Any]:
+    return {
+        "seq": event.seq,
+        "turn": event.turn_id,
+        "t": event.time,
+        "kind": type(event.kind).__name__,
+        "f": _plain(event.kind),
+    }
+
+
+def decode_event(data: dict[str, Any], session_id: str) -> ev.SessionEvent:
+    cls = _KINDS[data["kind"]]
+    kind = _build(cls, data["f"])
+    return ev.SessionEvent(int(data["seq"]), session_id, str(data["turn"]), float(data["t"]), kind)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _build(hint: Any, value: Any) -> Any:
+    """`value` (plain JSON) as the type `hint` says: dataclasses and tuples rebuilt."""
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        hints = typing.get_type_hints(hint)
+        return hint(**{k: _build(hints[k], v) for k, v in value.items() if k in hints})
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_build(args[0], v) for v in value)
+        return tuple(_build(a, v) for a, v in zip(args, value, strict=False))
+    if origin in (typing.Union, types.UnionType):
+        return value
+    return value
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+class Recorder(typing.Protocol):
+    """The part of an agent transport the journal needs."""
+
+    received: int
+
+    @property
+    def boundary(self) -> tuple[int, int]: ...
+
+    def record(self, payload: bytes) -> None: ...
+
+    def forget_before(self, offset: int) -> None: ...
+
+
+class TurnJournal:
+    """The running turn's events, left with the agent's shim as they are emitted."""
+
+    def __init__(self, agent: Recorder, base: int) -> None:
+        self._agent = agent
+        self._base = base  # the index of the turn's first message in the agent's output
+        self._pending: list[dict[str, Any]] = []
+        self._scheduled = False
+
+    @classmethod
+    def begin(cls, agent: Recorder, opening: list[ev.SessionEvent]) -> TurnJournal:
+        """A turn starts on `agent`: what the shim held for earlier turns is let go, and the
+        turn's events so far (its start, notices) are the first record."""
+        offset, base = agent.boundary
+        agent.forget_before(offset)
+        journal = cls(agent, base)
+        for event in opening:
+            journal.note(event)
+        journal.flush()
+        return journal
+
+    def note(self, event: ev.SessionEvent) -> None:
+        self._pending.append(encode_event(event))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._pending:
+            return
+        record = {"c": self._agent.received - self._base, "e": self._pending}
+        self._pending = []
+        try:
+            self._agent.record(json.dumps(record, separators=(",", ":")).encode())
+        except (AgentError, OSError) as e:  # the agent is gone: nothing to resume anyway
+            log.debug("turn record not left with the shim", error=str(e))
+
+    def end(self) -> None:
+        """The turn's outcome is stored: its record is no longer needed."""
+        self.flush()
+        with contextlib.suppress(AgentError, OSError):
+            self._agent.forget_before(self._agent.boundary[0])
+
+
+# --- reading back ------------------------------------------------------------------------------
+
+
+@dataclass
+class Resumed:
+    """A running turn as the previous daemon left it."""
+
+    turn_id: str
+    started: ev.TurnStarted
+    events: list[ev.SessionEvent]  # every event of the turn so far, in seq order
+    consumed: int  # the agent messages (from the turn's start) those events account for
+    answered: set[str] = field(default_factory=set)  # requests the agent got an answer to
+    interrupted: bool = False  # the previous daemon asked the agent to stop the turn
+
+    @classmethod
+    def from_replay(
+        cls, session_id: str, records: list[bytes], inputs: list[bytes]
+    ) -> Resumed | None:
+        """None when the shim holds no turn (the agent was idle)."""
+        events: list[ev.SessionEvent] = []
+        consumed = 0
+        for payload in records:
+            record = json.loads(payload)
+            consumed = max(consumed, int(record["c"]))
+            events.extend(decode_event(e, session_id) for e in record["e"])
+        if not events or not isinstance(events[0].kind, ev.TurnStarted):
+            return None
+        events.sort(key=lambda e: e.seq)
+        resumed = cls(events[0].turn_id, events[0].kind, events, consumed)
+        for line in b"".join(inputs).splitlines():
+            resumed._saw_input(line)
+        return resumed
+
+    def _saw_input(self, line: bytes) -> None:
+        with contextlib.suppress(ValueError, AttributeError, TypeError):
+            message = json.loads(line)
+            if message.get("type") == "control_response":
+                self.answered.add(str(message["response"]["request_id"]))
+            elif (
+                message.get("type") == "control_request"
+                and message["request"].get("subtype") == "interrupt"
+            ):
+                self.interrupted = True
+
+    @property
+    def terminal(self) -> bool:
+        return any(e.terminal for e in self.events)
+
+    def asked(self) -> dict[str, ev.PermissionRequest | ev.Question]:
+        """The requests clients were asked and that no recorded event settled."""
+        open_: dict[str, ev.PermissionRequest | ev.Question] = {}
+        for event in self.events:
+            kind = event.kind
+            if isinstance(kind, ev.PermissionRequest | ev.Question):
+                open_[kind.request_id] = kind
+            elif isinstance(kind, ev.PermissionDecided | ev.QuestionAnswered):
+                open_.pop(kind.request_id, None)
+        return open_
+
+    def settled(self) -> set[str]:
+        return {
+            e.kind.request_id
+            for e in self.events
+            if isinstance(e.kind, ev.PermissionDecided | ev.QuestionAnswered)
+        }
