@@ -129,8 +129,14 @@ SECTIONS = (
     "scale",
     "startup",
     "purge",
+    "restart",
 )
 CLI_SECTIONS = {"warm", "first", "followup"}
+# Restart rows: live agents with a running turn each, and the restart target (turns go on
+# within this of the daemon being back), the extra warm-turn cost allowed for the shim.
+RESTART_AGENTS = 8
+SHIM_WARM_TARGET_S = 0.0005
+SHIM_RSS_TARGET_KIB = 20 * 1024
 REPLY = "Here is a short answer for the benchmark."
 GET_SESSION = "/atomizer.v1.SessionService/GetSession"
 SEND_MESSAGE = "/atomizer.v1.SessionService/SendMessage"
@@ -281,6 +287,19 @@ class Children:
             self.stop_popen(p)
 
 
+def shim_pids(under: Path) -> list[int]:
+    """The agent shims whose socket is under `under` (a bench daemon's dir)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if any(a.endswith(b"shim.py") for a in argv) and str(under).encode() in b" ".join(argv):
+                found.append(int(proc.name))
+    return found
+
+
 def rss_kib(pid: int) -> tuple[int, int]:
     """(VmRSS, VmHWM) of a process, in KiB."""
     values: dict[str, int] = {}
@@ -410,8 +429,10 @@ class CliEnv:
         model: Model,
         name: str,
         pool: dict[str, Any] | None = None,
+        agent: dict[str, Any] | None = None,
     ) -> None:
         self.opts = opts
+        self.agent_extra = agent or {}
         self.children = children
         self.model = model
         self.dir = opts.workdir / name
@@ -463,6 +484,7 @@ class CliEnv:
                     "env": self.agent_env,
                     "first_event_timeout": 60.0,
                     "stop_grace": 3.0,
+                    **self.agent_extra,
                 },
                 "pool": self.pool,
             }
@@ -1101,6 +1123,163 @@ class Bench:
         self.rows.append(
             _share_row("  daemon's share of its warm first text", r.daemon, model=INSTANT.label)
         )
+
+    # agents under shims: their cost, and a restart under 8 running turns -----------------------
+
+    async def sec_restart(self) -> None:
+        if config_default("agent", "survive_restart") is None:
+            note("this daemon has no agent shims: restart rows skipped")
+            return
+        shim = CliEnv(self.opts, self.children, INSTANT, "restart-shim", pool=no_spares())
+        pipes = CliEnv(
+            self.opts,
+            self.children,
+            INSTANT,
+            "restart-pipes",
+            pool=no_spares(),
+            agent={"survive_restart": False},
+        )
+        try:
+            await asyncio.gather(shim.start(), pipes.start())
+            await self._shim_warm(shim, pipes)
+            await pipes.close()
+            await self._restart_under_turns(shim)
+        finally:
+            await shim.close()
+            await pipes.close()
+
+    async def _shim_warm(self, shim: CliEnv, pipes: CliEnv) -> None:
+        """Warm turns of the same daemon with agents under shims and on its own pipes,
+        alternating, and the shims' memory."""
+        warmups, n = self.n(3, 1), self.n(30, 6)
+        sids = {env: await env.create_session() for env in (shim, pipes)}
+        for env, sid in sids.items():
+            await env.wait_prewarmed(sid, time.perf_counter(), 30)
+        await asyncio.sleep(PREWARM_WAIT)
+        got: dict[CliEnv, list[float]] = {shim: [], pipes: []}
+        for i in range(warmups + n):
+            for env in (shim, pipes) if i % 2 else (pipes, shim):
+                turn = await env.daemon_turn(sids[env], prompt(i))
+                if i >= warmups:
+                    got[env].append(turn.first_text)
+                await asyncio.sleep(TURN_GAP)
+        b, o = med(got[pipes]), med(got[shim])
+        paired = med([x - y for x, y in zip(got[shim], got[pipes], strict=True)])
+        self.rows.append(
+            Row(
+                f"first text, warm turn, agent under its shim (median of {n})",
+                f"{ms(b)} agent on the daemon's pipes",
+                f"{ms(o)} (p90 {ms(pct(got[shim], 90))})",
+                f"{o / b:.3f}× ({(o - b) * 1000:+.2f} ms; paired {paired * 1000:+.2f} ms)",
+                "≤ baseline + 0.5 ms",
+                verdict(o <= b + SHIM_WARM_TARGET_S),
+                {"baseline_s": b, "ours_s": o, "paired_difference_s": paired},
+                model=INSTANT.label,
+            )
+        )
+        rss = [rss_kib(pid)[0] for pid in shim_pids(shim.dir)]
+        self.rows.append(
+            Row(
+                "memory of an agent's shim (VmRSS)",
+                "(none without a shim)",
+                f"{med(rss) / 1024:.1f} MiB ({len(rss)} shims)" if rss else "-",
+                "-",
+                "≤ 20 MiB per live agent",
+                verdict(bool(rss) and max(rss) <= SHIM_RSS_TARGET_KIB),
+                {"rss_kib": rss},
+            )
+        )
+        for env, sid in sids.items():
+            await env.terminate(sid)
+
+    async def _restart_under_turns(self, env: CliEnv) -> None:
+        """A planned restart while RESTART_AGENTS turns stream: from the signal to the first
+        event of each turn seen by a client re-attached from its last seq, against the same
+        daemon's restart with no agent at all (its floor: a process start and a bound socket)."""
+        assert env.daemon is not None and env.stub is not None
+        text = " ".join(f"w{i}" for i in range(400))
+        sids = [await env.create_session() for _ in range(RESTART_AGENTS)]
+        last: dict[str, int] = {}
+        calls = []
+        streaming = asyncio.Event()
+
+        async def stream(sid: str, call: Any) -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                async for resp in call:
+                    last[sid] = resp.event.seq
+                    if resp.event.WhichOneof("kind") == "text_delta" and len(last) == len(sids):
+                        streaming.set()
+
+        for sid in sids:
+            call = env.stub.SendMessage(
+                pb.SendMessageRequest(session_id=sid, text=f"[[slow:40]] {text}"), timeout=120
+            )
+            calls.append(asyncio.ensure_future(stream(sid, call)))
+        await asyncio.wait_for(streaming.wait(), 60)
+        before = await self._started_at(env)
+        t0 = time.perf_counter()
+        env.daemon.signal(signal.SIGUSR2)
+        await asyncio.gather(*calls)
+        serving = asyncio.ensure_future(self._serving_after(env, t0, before))
+        firsts = await asyncio.gather(*(self._first_after(env, sid, last[sid], t0) for sid in sids))
+        served = await serving
+        status = await env.status_stub.GetStatus(daemon_pb2.GetStatusRequest(), timeout=10)  # type: ignore[union-attr]
+        for sid in sids:
+            await env.terminate(sid)
+        floors = []
+        for _ in range(self.n(3, 1)):
+            before = await self._started_at(env)
+            t1 = time.perf_counter()
+            env.daemon.signal(signal.SIGUSR2)
+            floors.append(await self._serving_after(env, t1, before))
+        floor = med(floors)
+        worst = max(firsts)
+        self.rows.append(
+            Row(
+                f"restart under {RESTART_AGENTS} running turns: signal → each turn's next event",
+                f"{ms(floor)} restart with no agent",
+                f"{ms(med(firsts))} median, {ms(worst)} last ({status.agents_adopted} adopted "
+                f"in {status.adoption_seconds * 1000:.0f} ms; serving after {ms(served)})",
+                times(worst, floor),
+                "every turn goes on",
+                verdict(status.turns_resumed == RESTART_AGENTS),
+                {"floor_s": floor, "first_event_s": firsts, "serving_s": served},
+                model=INSTANT.label,
+            )
+        )
+
+    async def _first_after(self, env: CliEnv, sid: str, after: int, t0: float) -> float:
+        """Seconds from t0 to the first event after `after` that a re-attaching client gets."""
+        assert env.stub is not None
+        deadline = time.perf_counter() + 60
+        while time.perf_counter() < deadline:
+            call = env.stub.WatchSession(
+                pb.WatchSessionRequest(session_id=sid, after_seq=after), timeout=60
+            )
+            try:
+                async for _ in call:
+                    call.cancel()
+                    return time.perf_counter() - t0
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+            await asyncio.sleep(0.01)
+        raise TimeoutError("no event after the restart")
+
+    async def _started_at(self, env: CliEnv) -> int:
+        assert env.status_stub is not None
+        status = await env.status_stub.GetStatus(daemon_pb2.GetStatusRequest(), timeout=5)
+        return int(status.started_at.ToNanoseconds())
+
+    async def _serving_after(self, env: CliEnv, t0: float, before: int) -> float:
+        """Seconds from t0 until a daemon started after `before` answers."""
+        deadline = time.perf_counter() + 60
+        while time.perf_counter() < deadline:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                if await self._started_at(env) != before:
+                    return time.perf_counter() - t0
+            await asyncio.sleep(0.005)
+        raise TimeoutError("the daemon did not come back")
 
     # a new session's first message, and follow-ups --------------------------------------------
 

@@ -112,6 +112,9 @@ class ShimLink:
         self._detached = False
         self._next_offset = int(hello.get("base") or 0)
         self._reading: asyncio.Task[None] | None = None
+        # An adopted shim may still be our child (started by this process before it exec'd
+        # itself for a restart), which nobody else would reap: reaped here once it exits.
+        self.reap = False
 
     # --- AgentLink ---------------------------------------------------------------------------
 
@@ -204,6 +207,8 @@ class ShimLink:
             self.exited.set()
             if not self._detached:
                 self._writer.close()  # the shim exits once its daemon has let go
+                if self.reap:
+                    _reap_soon(self.shim.pid)
 
     def _chunk(self, payload: bytes) -> bytes:
         (offset,) = _OFFSET.unpack_from(payload)
@@ -382,6 +387,17 @@ def _reap_later(shim: asyncio.subprocess.Process) -> None:
     task = asyncio.ensure_future(shim.wait())
     _reapers.add(task)
     task.add_done_callback(_reapers.discard)
+
+
+def _reap_soon(pid: int, attempts: int = 20) -> None:
+    """Reaps `pid` if it is a child of ours that has exited (checked every half second for a
+    while: a shim exits right after its daemon let go)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return  # not our child: its parent (init) reaps it
+    if not done and attempts > 0:
+        asyncio.get_running_loop().call_later(0.5, _reap_soon, pid, attempts - 1)
 
 
 def shim_sockets(folder: Path) -> list[Path]:

@@ -1,7 +1,9 @@
-"""DaemonService: the daemon's own status."""
+"""DaemonService: the daemon's own status, and its planned restart."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -14,8 +16,23 @@ from atomizerd.daemon.report import StatusReporter
 
 
 class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
-    def __init__(self, status: StatusReporter) -> None:
+    def __init__(self, status: StatusReporter, restart: Callable[[], bool]) -> None:
         self.status = status
+        # Begins a planned restart (after this answer is sent); whether agents are handed over.
+        self.restart = restart
+
+    @unary
+    async def RestartDaemon(
+        self, request: pb.RestartDaemonRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RestartDaemonResponse:
+        s = self.status.snapshot()
+        hand_over = self.restart()
+        return pb.RestartDaemonResponse(
+            pid=os.getpid(),
+            hand_over=hand_over,
+            live_processes=s.live_processes,
+            busy_sessions=s.busy_sessions,
+        )
 
     @unary
     async def GetStatus(
@@ -38,6 +55,9 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
             total_cost_usd=s.total_cost_usd,
             loop_lag_max_ms=s.loop_lag_max_ms,
             loop_lag_recent_max_ms=s.loop_lag_recent_max_ms,
+            agents_adopted=s.agents_adopted,
+            turns_resumed=s.turns_resumed,
+            adoption_seconds=s.adoption_seconds,
         )
         if s.sandbox is not None:
             resp.sandbox_enabled = s.sandbox.enabled

@@ -74,6 +74,7 @@ async def adopt_agents(cfg: Config, store: Store, pool: AgentPool, registry: Reg
             # stored); this daemon reads on from after it.
             replay.hello["base"] = replay.base + sum(len(c) for c in chunks)
             chunks = []
+        link.reap = True
         process = shim_client.adopted_process(
             link,
             replay,

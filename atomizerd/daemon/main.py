@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg: config_mod.Config) -> int:
-    from atomizerd.daemon.server import RESTART_EXIT_STATUS, Daemon, StartupError
+    from atomizerd.daemon.server import RESTART_EXIT_STATUS, Daemon, StartupError, under_systemd
 
     daemon = Daemon(cfg)
     try:
@@ -130,7 +130,7 @@ def run(cfg: config_mod.Config) -> int:
         print(f"atomizerd: cannot start: {e}", file=sys.stderr)
         return EXIT_STARTUP
     if daemon.restart:
-        if os.environ.get("INVOCATION_ID"):
+        if under_systemd():
             # Under systemd: the unit starts the next daemon (RestartForceExitStatus=).
             return RESTART_EXIT_STATUS
         restart_in_place()

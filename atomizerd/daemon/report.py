@@ -13,6 +13,7 @@ from atomizerd.daemon.loopprobe import LoopProbe
 
 if TYPE_CHECKING:
     from atomizerd.agents.pool import AgentPool
+    from atomizerd.daemon.adoption import Adopted
     from atomizerd.daemon.config import Config
     from atomizerd.sessions.reaper import Reaper, ReaperPass
     from atomizerd.sessions.registry import Registry
@@ -38,6 +39,9 @@ class StatusSnapshot:
     spares_adopted: int = 0
     loop_lag_recent_max_ms: float = 0.0
     sandbox: SandboxStatus | None = None
+    agents_adopted: int = 0
+    turns_resumed: int = 0
+    adoption_seconds: float = 0.0
 
 
 class StatusReporter:
@@ -52,6 +56,8 @@ class StatusReporter:
         self.started_at = time.time()
         self._started_mono = time.monotonic()
         self.agent_version = "unknown"
+        # What start-up adopted from the previous daemon (daemon/adoption.py).
+        self.adopted: Adopted | None = None
         # Started by the daemon (`run()` as a task); here because GetStatus reports it.
         self.loop_probe = LoopProbe(
             config.daemon.loop_probe_interval, config.daemon.loop_stall_log_ms
@@ -77,4 +83,7 @@ class StatusReporter:
             loop_lag_max_ms=self.loop_probe.max_ms,
             loop_lag_recent_max_ms=self.loop_probe.recent_max_ms(),
             sandbox=sandbox.check(self.config),
+            agents_adopted=len(self.adopted.sessions) if self.adopted else 0,
+            turns_resumed=len(self.adopted.turns) if self.adopted else 0,
+            adoption_seconds=self.adopted.seconds if self.adopted else 0.0,
         )

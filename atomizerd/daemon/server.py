@@ -44,6 +44,7 @@ from atomizerd.api.session import SessionServicer
 from atomizerd.atomizer.launcher import Launcher
 from atomizerd.atomizer.prompt import ContextBuilder
 from atomizerd.atomizer.studies import Studies
+from atomizerd.daemon import unitjob
 from atomizerd.daemon.adoption import Adopted, adopt_agents, shim_settings
 from atomizerd.daemon.config import Config, socket_mode
 from atomizerd.daemon.metrics import MetricsEndpoint, MetricsError, start_endpoint
@@ -66,6 +67,10 @@ SERVICE_NAMES = (
 )
 
 
+def under_systemd() -> bool:
+    return bool(os.environ.get("INVOCATION_ID"))
+
+
 class StartupError(RuntimeError):
     """A reason the daemon cannot start, worded for the operator."""
 
@@ -77,6 +82,7 @@ class Daemon:
         self.should_exit = asyncio.Event()
         self.force_exit = False
         self.restart = False  # a planned restart: agents handed over, not stopped
+        self._asking_systemd = False
         self.adopted = Adopted()
         self._lock_fd: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -130,7 +136,10 @@ class Daemon:
             raise StartupError(f"cannot recover the previous run's state: {e}") from None
         reaper = Reaper(cfg, self.store, self.registry, self.pool)
         status = StatusReporter(cfg, self.store, self.registry, self.pool, reaper)
-        self.server = self._build_server(SessionServicer(self.registry), DaemonServicer(status))
+        status.adopted = self.adopted
+        self.server = self._build_server(
+            SessionServicer(self.registry), DaemonServicer(status, self._restart_soon)
+        )
         self.server.add_insecure_port(f"unix:{cfg.socket_path}")
         await self.server.start()
         os.chmod(cfg.socket_path, socket_mode(cfg))
@@ -295,15 +304,31 @@ class Daemon:
         self.restart = True
         self.should_exit.set()
 
+    def _restart_soon(self) -> bool:
+        """RestartDaemon: the restart begins once the answer is on its way."""
+        asyncio.get_running_loop().call_soon(self.request_restart)
+        return self.config.agent.survive_restart
+
     def _on_signal(self, sig: int) -> None:
-        if self.should_exit.is_set():
+        if self.should_exit.is_set() or self._asking_systemd:
             # A second signal: no more grace. Killing the agents ends their turns at once
             # (still stored); the server then stops without waiting for streams.
             log.warning("second signal: stopping now", signal=signal.Signals(sig).name)
             self.force_exit = True
             if self.pool is not None:
                 self.pool.kill_all()
+        if sig == signal.SIGTERM and self.config.agent.survive_restart and under_systemd():
+            # `systemctl restart` and `systemctl stop` send the same SIGTERM: ask which it is.
+            self._asking_systemd = True
+            self._tasks.append(asyncio.ensure_future(self._stop_or_restart()))
+            return
         self.should_exit.set()
+
+    async def _stop_or_restart(self) -> None:
+        try:
+            self.restart = await unitjob.restart_pending()
+        finally:
+            self.should_exit.set()
 
     # --- shutdown --------------------------------------------------------------------------
 

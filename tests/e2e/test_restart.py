@@ -43,6 +43,11 @@ def alive(pid: int) -> bool:
         return False
 
 
+def parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -134,6 +139,11 @@ def test_a_turn_streams_on_across_a_planned_restart(e2e: E2E) -> None:
     )
     assert reply_text([r.event for r in follow_up]) == "echo: next"
     assert agent_pids(e2e, "agent.spawned") == [pid]
+    # The shim is the restarted daemon's child (it exec'd itself): once the session ends, it
+    # is reaped, not left a zombie.
+    shim = parent(pid)
+    stubs.sessions.TerminateSession(pb.TerminateSessionRequest(session_id="planned"))
+    wait_for(lambda: not Path(f"/proc/{shim}").exists(), 15, "the shim to exit and be reaped")
 
 
 def test_a_turn_survives_a_sigkill_of_the_daemon(e2e: E2E) -> None:

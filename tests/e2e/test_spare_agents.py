@@ -21,8 +21,13 @@ def started_agents(e2e: E2E) -> list[dict[str, object]]:
 
 def test_create_and_send_at_once_uses_a_spare_started_before_the_session(e2e: E2E) -> None:
     stubs = e2e.start({"pool": {"spares": 1}, "agent": {"prewarm": False}})
+    # Counted as a spare from the moment its spawn is decided; started a moment later.
     wait_for(
-        "a spare", lambda: stubs.daemon.GetStatus(daemon_pb2.GetStatusRequest()).spare_agents == 1
+        "a spare",
+        lambda: (
+            stubs.daemon.GetStatus(daemon_pb2.GetStatusRequest()).spare_agents == 1
+            and len(started_agents(e2e)) == 1
+        ),
     )
     [spare] = started_agents(e2e)
 

@@ -243,3 +243,47 @@ def test_watch_follows_turns_until_ctrl_c(daemon: RunningDaemon) -> None:
 @pytest.mark.parametrize("args", [["send"], ["mode", "x", "root"], ["ls", "--state", "odd"]])
 def test_usage_errors_exit_2(daemon: RunningDaemon, args: list[str]) -> None:
     assert ctl(daemon, *args).returncode == 2
+
+
+def test_daemon_restart_hands_a_running_turn_to_the_next_daemon(daemon: RunningDaemon) -> None:
+    sid = ok(daemon, "new").strip()
+    proc = subprocess.Popen(
+        [str(CTL), "--socket", str(daemon.socket), "--json", "send", sid, SLOW],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ctl_env(),
+    )
+    try:
+        seen = read_until(proc, b"echo:")
+        out = ok(daemon, "daemon", "restart")
+        rest, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 5, err  # UNAVAILABLE: the stream ended with the old daemon
+    assert out.splitlines()[:2] == ["agents adopted  1", "turns resumed   1"]
+    before = [json.loads(line) for line in (seen + rest).decode().splitlines() if line]
+    watch = subprocess.Popen(
+        [
+            str(CTL),
+            "--socket",
+            str(daemon.socket),
+            "--json",
+            "watch",
+            sid,
+            "--after",
+            str(before[-1]["seq"]),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ctl_env(),
+    )
+    try:
+        after = read_until(watch, b'"turn_completed"')
+    finally:
+        watch.kill()
+        watch.communicate()
+    events = before + [json.loads(line) for line in after.decode().splitlines() if line]
+    text = "".join(e.get("text", "") for e in events if e["type"] == "text_delta")
+    assert text == "echo: " + SLOW.removeprefix("[[slow:300]] ")
+    assert [e["seq"] for e in events] == list(range(events[0]["seq"], events[-1]["seq"] + 1))

@@ -20,7 +20,8 @@ from tests.support.turns import kinds, reply_text, send
 # The fake agent asks to use Bash and waits for the answer: a turn that runs until we say so.
 ASK = "[[ask:Bash]] then done"
 # Which hosts have recorded a live agent of a session.
-AGENT_HOSTS = "SELECT host_id FROM agent_processes WHERE session_id = %s"
+# (An agent under its shim has two rows: its process group and its shim's.)
+AGENT_HOSTS = "SELECT DISTINCT host_id FROM agent_processes WHERE session_id = %s"
 
 
 def host(workdir: Path, host_id: str, database: str, **extra: Any) -> RunningDaemon:
@@ -223,25 +224,47 @@ def test_a_running_turn_on_one_host_survives_another_hosts_start_up(
         a.stop()
 
 
-def test_after_a_crash_only_the_crashed_hosts_daemon_settles_its_turn(
-    pg_url: str, short_tmp: Path
+@pytest.mark.parametrize("shim", [True, False], ids=["shim", "pipes"])
+def test_after_a_crash_only_the_crashed_hosts_daemon_takes_its_turn_up(
+    pg_url: str, short_tmp: Path, shim: bool
 ) -> None:
-    a = host(short_tmp / "a", "host-a", pg_url).start()
-    b = host(short_tmp / "b", "host-b", pg_url)
+    """Another host's start-up never touches the turn; the crashed host's next daemon adopts
+    it with its agent (under a shim) or settles it as interrupted (without one)."""
+    agent = {"agent": {"survive_restart": shim}}
+    a = host(short_tmp / "a", "host-a", pg_url, **agent).start()
+    b = host(short_tmp / "b", "host-b", pg_url, **agent)
     try:
         on_a = stubs_for(a.channel())
         on_a.sessions.CreateSession(pb.CreateSessionRequest(session_id="cut"))
-        Turn(on_a, "cut", ASK).until("permission_request")
+        asked = Turn(on_a, "cut", ASK).until("permission_request")
         a.kill()  # SIGKILL: no shutdown, the turn is left pending
         b.start()
         # b leaves a's turn alone (a's next daemon may be on its way) ...
         assert sql(pg_url, "SELECT status FROM messages WHERE session_id = 'cut'") == [("pending",)]
         assert sql(pg_url, AGENT_HOSTS, "cut") == [("host-a",)]
-        # ... and a's next daemon settles it, and forgets its dead agent.
         a.start()
-        history = stubs_for(a.channel()).sessions.GetHistory(pb.GetHistoryRequest(session_id="cut"))
-        assert [m.status for m in history.messages] == [pb.MESSAGE_STATUS_INTERRUPTED] * 2
-        assert sql(pg_url, AGENT_HOSTS, "cut") == []
+        on_a = stubs_for(a.channel())
+        if shim:  # ... a's next daemon adopts it: the request is open again, and answered
+            watch = on_a.sessions.WatchSession(
+                pb.WatchSessionRequest(session_id="cut", after_seq=asked.seq - 1), timeout=30
+            )
+            again = next(iter(watch)).event
+            assert again.permission_request.request_id == asked.permission_request.request_id
+            on_a.sessions.RespondToPermission(
+                pb.RespondToPermissionRequest(
+                    session_id="cut", request_id=asked.permission_request.request_id, allow=True
+                )
+            )
+            for r in watch:
+                if r.event.HasField("turn_completed"):
+                    watch.cancel()
+                    break
+            statuses = [pb.MESSAGE_STATUS_COMPLETE] * 2
+        else:  # ... or settles it, and forgets its dead agent
+            statuses = [pb.MESSAGE_STATUS_INTERRUPTED] * 2
+            assert sql(pg_url, AGENT_HOSTS, "cut") == []
+        history = on_a.sessions.GetHistory(pb.GetHistoryRequest(session_id="cut"))
+        assert [m.status for m in history.messages] == statuses
     finally:
         b.stop()
         a.stop()

@@ -93,7 +93,10 @@ def check_is_child_agent(daemon: RunningDaemon, marker: str) -> Callable[[int], 
         assert "setpriv" not in Path(argv[0]).name, argv  # setpriv exec'd the agent in place
         assert any(marker in arg for arg in argv), argv
         stat = read_stat(pid)
-        assert stat is not None and stat.ppid == daemon.proc.pid
+        assert stat is not None
+        # Started by the daemon, or by its shim (agent.survive_restart), which the daemon started.
+        shim = read_stat(stat.ppid)
+        assert daemon.proc.pid in (stat.ppid, shim.ppid if shim is not None else None)
 
     return check
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tomllib
@@ -13,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from atomizerd.daemon import config
+from atomizerd.daemon import config, server
+from tests.support.daemon import RunningDaemon
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEM_UNIT = REPO / "systemd" / "atomizerd.service"
@@ -72,7 +74,7 @@ def test_the_user_unit_verifies(tmp_path: Path) -> None:
 def test_verify_does_catch_a_broken_unit(tmp_path: Path) -> None:
     assert "not executable" in verify(SYSTEM_UNIT, tmp_path, user=False, exec_start=tmp_path / "x")
     broken = tmp_path / "broken.service"
-    broken.write_text(SYSTEM_UNIT.read_text().replace("KillMode=mixed", "KillMode=sometimes"))
+    broken.write_text(SYSTEM_UNIT.read_text().replace("KillMode=process", "KillMode=sometimes"))
     assert "kill mode" in verify(broken, tmp_path, user=False).lower()
 
 
@@ -80,13 +82,34 @@ def test_verify_does_catch_a_broken_unit(tmp_path: Path) -> None:
 def test_units_run_the_daemon_as_a_notify_service_under_a_watchdog(unit: Path) -> None:
     d = directives(unit)
     assert d["Type"] == ["notify"] and d["NotifyAccess"] == ["main"]
-    assert d["KillMode"] == ["mixed"] and d["Restart"] == ["on-failure"]
+    assert d["Restart"] == ["on-failure"]
     assert d["WatchdogSec"] and d["TimeoutStopSec"]
     assert d["RuntimeDirectory"] == ["atomizerd"] and d["StateDirectory"] == ["atomizerd"]
     assert d["NoNewPrivileges"] == ["yes"]
     assert set(d["RestrictAddressFamilies"][0].split()) == {"AF_UNIX", "AF_INET", "AF_INET6"}
     assert "MemoryDenyWriteExecute" not in d  # node's JIT needs W+X memory
     assert "--config" in d["ExecStart"][0]
+
+
+@pytest.mark.parametrize("unit", [SYSTEM_UNIT, USER_UNIT], ids=["system", "user"])
+def test_units_let_agents_and_their_sockets_outlive_a_restart_of_the_daemon(unit: Path) -> None:
+    d = directives(unit)
+    # Only the daemon is signalled: its agents' shims (own sessions, same cgroup) live on.
+    assert d["KillMode"] == ["process"]
+    assert d["RuntimeDirectoryPreserve"] == ["restart"]  # the shims' sockets are in it
+    # `systemctl reload` is a planned restart: SIGUSR2, then the exit status that restarts it.
+    assert d["ExecReload"] == ["/bin/kill -USR2 $MAINPID"]
+    status = str(server.RESTART_EXIT_STATUS)
+    assert d["RestartForceExitStatus"] == [status] and d["SuccessExitStatus"] == [status]
+
+
+def test_a_planned_restart_under_systemd_exits_with_the_status_the_unit_restarts_on(
+    short_tmp: Path,
+) -> None:
+    daemon = RunningDaemon(short_tmp, env={"INVOCATION_ID": "0" * 32}).start()
+    daemon.signal(signal.SIGUSR2)
+    assert daemon.proc is not None
+    assert daemon.proc.wait(30) == server.RESTART_EXIT_STATUS
 
 
 def test_the_system_unit_runs_as_the_sysusers_user_with_hardening() -> None:

@@ -223,6 +223,7 @@ UNARY: dict[str, Callable[..., Any]] = {
     "SetModel": lambda c, **kw: c.set_model("s1", "sonnet", **kw),
     "AnswerQuestion": lambda c, **kw: c.answer_question("s1", "q1", {"Which?": "A"}, **kw),
     "GetStatus": lambda c, **kw: c.get_status(**kw),
+    "RestartDaemon": lambda c, **kw: c.restart_daemon(**kw),
 }
 
 

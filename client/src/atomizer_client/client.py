@@ -66,6 +66,7 @@ RuleLike = PermissionRule | tuple[str, str]
 """A permission rule: a suggestion's (`PermissionRequest.suggestions[i].rules[j]`) or
 (tool_name, rule_content), e.g. ("Edit", "//srv/studies/beam/**"); "" content: the whole tool."""
 Status = daemon_pb2.GetStatusResponse
+Restart = daemon_pb2.RestartDaemonResponse
 ModeLike = str | int
 """A mode: "user" / "power" (any case, with or without MODE_), or a `session_pb2.Mode` value."""
 StateLike = str | int
@@ -486,6 +487,11 @@ class Client(_Base):
     def get_status(self, *, timeout: float | None = None) -> Status:
         return self._call(self._daemon.GetStatus, daemon_pb2.GetStatusRequest(), timeout)
 
+    def restart_daemon(self, *, timeout: float | None = None) -> Restart:
+        """A planned restart (docs/restart.md): agents and running turns are handed to the
+        next daemon. Streams end with UNAVAILABLE; re-attach with `watch` from the last seq."""
+        return self._call(self._daemon.RestartDaemon, daemon_pb2.RestartDaemonRequest(), timeout)
+
 
 def _send_request(
     session_id: str, text: str, request_id: str, attachments: Sequence[AttachmentLike]
@@ -791,6 +797,10 @@ class AsyncClient(_Base):
 
     async def get_status(self) -> Status:
         return await self._call(self._daemon.GetStatus, daemon_pb2.GetStatusRequest())
+
+    async def restart_daemon(self) -> Restart:
+        """A planned restart; see `Client.restart_daemon`."""
+        return await self._call(self._daemon.RestartDaemon, daemon_pb2.RestartDaemonRequest())
 
 
 __all__ = [

@@ -11,6 +11,7 @@ import select
 import signal
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -793,6 +794,43 @@ def cmd_status(client: Client, args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def cmd_daemon(client: Client, args: argparse.Namespace, out: Output) -> int:
+    """`daemon restart`: a planned restart, then waits until the next daemon serves."""
+    before = client.get_status()
+    answer = client.restart_daemon()
+    if not out.json:
+        what = "handing over" if answer.hand_over else "stopping"
+        out.note(
+            f"restarting atomizerd (pid {answer.pid}): {what} {answer.live_processes} agents, "
+            f"{answer.busy_sessions} busy sessions"
+        )
+    deadline = time.monotonic() + args.wait
+    while True:
+        time.sleep(0.2)
+        try:
+            st = client.get_status(timeout=2.0)
+        except AtomizerError:
+            st = None
+        if st is not None and st.started_at != before.started_at:
+            break
+        if time.monotonic() > deadline:
+            out.error(f"the daemon did not come back within {args.wait:g} s")
+            return EXIT_UNAVAILABLE
+    assert st is not None
+    if out.json:
+        out.record(proto_dict(st))
+        return EXIT_OK
+    _pairs(
+        out,
+        [
+            ("agents adopted", str(st.agents_adopted)),
+            ("turns resumed", str(st.turns_resumed)),
+            ("adoption", f"{st.adoption_seconds * 1000:.0f} ms"),
+        ],
+    )
+    return EXIT_OK
+
+
 def _policy(args: argparse.Namespace, *, can_ask: bool) -> ApprovalPolicy:
     auto = True if args.yes else False if args.no else None
     return ApprovalPolicy(auto=auto, interactive=can_ask and _stdin_is_terminal())
@@ -1022,6 +1060,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--purge", action="store_true", help="also delete its history and files")
 
     add("status", cmd_status, "show the daemon's status")
+    p = add(
+        "daemon",
+        cmd_daemon,
+        "restart the daemon; running turns go on under the next one (docs/restart.md)",
+    )
+    p.add_argument("action", choices=("restart",))
+    p.add_argument(
+        "--wait", type=float, default=60.0, metavar="S", help="how long to wait for it to return"
+    )
 
     p = add(
         "send",

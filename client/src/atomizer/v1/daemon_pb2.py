@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61tomizer/v1/daemon.proto\x12\x0b\x61tomizer.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10GetStatusRequest\"\x8c\x04\n\x11GetStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12.\n\nstarted_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0euptime_seconds\x18\x03 \x01(\x01\x12\x16\n\x0esessions_known\x18\x04 \x01(\x03\x12\x16\n\x0elive_processes\x18\x05 \x01(\x05\x12\x15\n\rbusy_sessions\x18\x06 \x01(\x05\x12\x14\n\x0cqueued_turns\x18\x07 \x01(\x05\x12\x15\n\rpool_capacity\x18\x08 \x01(\x05\x12\x15\n\ragent_command\x18\t \x01(\t\x12\x15\n\ragent_version\x18\n \x01(\t\x12\x16\n\x0etotal_cost_usd\x18\x0b \x01(\x01\x12\x31\n\x10last_reaper_pass\x18\x0c \x01(\x0b\x32\x17.atomizer.v1.ReaperPass\x12\x17\n\x0floop_lag_max_ms\x18\r \x01(\x01\x12\x1e\n\x16loop_lag_recent_max_ms\x18\x0e \x01(\x01\x12\x17\n\x0fsandbox_enabled\x18\x0f \x01(\x08\x12\x19\n\x11sandbox_available\x18\x10 \x01(\x08\x12\x16\n\x0esandbox_detail\x18\x11 \x01(\t\x12\x14\n\x0cspare_agents\x18\x12 \x01(\x05\x12\x16\n\x0espares_adopted\x18\x13 \x01(\x03\"\x96\x01\n\nReaperPass\x12/\n\x0b\x66inished_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11processes_stopped\x18\x02 \x01(\x05\x12\x17\n\x0fsessions_purged\x18\x03 \x01(\x05\x12\x0e\n\x06\x65rrors\x18\x04 \x01(\x05\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x01\x32[\n\rDaemonService\x12J\n\tGetStatus\x12\x1d.atomizer.v1.GetStatusRequest\x1a\x1e.atomizer.v1.GetStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61tomizer/v1/daemon.proto\x12\x0b\x61tomizer.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10GetStatusRequest\"\x16\n\x14RestartDaemonRequest\"f\n\x15RestartDaemonResponse\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x11\n\thand_over\x18\x02 \x01(\x08\x12\x16\n\x0elive_processes\x18\x03 \x01(\x05\x12\x15\n\rbusy_sessions\x18\x04 \x01(\x05\"\xd5\x04\n\x11GetStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12.\n\nstarted_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0euptime_seconds\x18\x03 \x01(\x01\x12\x16\n\x0esessions_known\x18\x04 \x01(\x03\x12\x16\n\x0elive_processes\x18\x05 \x01(\x05\x12\x15\n\rbusy_sessions\x18\x06 \x01(\x05\x12\x14\n\x0cqueued_turns\x18\x07 \x01(\x05\x12\x15\n\rpool_capacity\x18\x08 \x01(\x05\x12\x15\n\ragent_command\x18\t \x01(\t\x12\x15\n\ragent_version\x18\n \x01(\t\x12\x16\n\x0etotal_cost_usd\x18\x0b \x01(\x01\x12\x31\n\x10last_reaper_pass\x18\x0c \x01(\x0b\x32\x17.atomizer.v1.ReaperPass\x12\x17\n\x0floop_lag_max_ms\x18\r \x01(\x01\x12\x1e\n\x16loop_lag_recent_max_ms\x18\x0e \x01(\x01\x12\x17\n\x0fsandbox_enabled\x18\x0f \x01(\x08\x12\x19\n\x11sandbox_available\x18\x10 \x01(\x08\x12\x16\n\x0esandbox_detail\x18\x11 \x01(\t\x12\x14\n\x0cspare_agents\x18\x12 \x01(\x05\x12\x16\n\x0espares_adopted\x18\x13 \x01(\x03\x12\x16\n\x0e\x61gents_adopted\x18\x14 \x01(\x05\x12\x15\n\rturns_resumed\x18\x15 \x01(\x05\x12\x18\n\x10\x61\x64option_seconds\x18\x16 \x01(\x01\"\x96\x01\n\nReaperPass\x12/\n\x0b\x66inished_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11processes_stopped\x18\x02 \x01(\x05\x12\x17\n\x0fsessions_purged\x18\x03 \x01(\x05\x12\x0e\n\x06\x65rrors\x18\x04 \x01(\x05\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x01\x32\xb3\x01\n\rDaemonService\x12J\n\tGetStatus\x12\x1d.atomizer.v1.GetStatusRequest\x1a\x1e.atomizer.v1.GetStatusResponse\x12V\n\rRestartDaemon\x12!.atomizer.v1.RestartDaemonRequest\x1a\".atomizer.v1.RestartDaemonResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETSTATUSREQUEST']._serialized_start=74
   _globals['_GETSTATUSREQUEST']._serialized_end=92
-  _globals['_GETSTATUSRESPONSE']._serialized_start=95
-  _globals['_GETSTATUSRESPONSE']._serialized_end=619
-  _globals['_REAPERPASS']._serialized_start=622
-  _globals['_REAPERPASS']._serialized_end=772
-  _globals['_DAEMONSERVICE']._serialized_start=774
-  _globals['_DAEMONSERVICE']._serialized_end=865
+  _globals['_RESTARTDAEMONREQUEST']._serialized_start=94
+  _globals['_RESTARTDAEMONREQUEST']._serialized_end=116
+  _globals['_RESTARTDAEMONRESPONSE']._serialized_start=118
+  _globals['_RESTARTDAEMONRESPONSE']._serialized_end=220
+  _globals['_GETSTATUSRESPONSE']._serialized_start=223
+  _globals['_GETSTATUSRESPONSE']._serialized_end=820
+  _globals['_REAPERPASS']._serialized_start=823
+  _globals['_REAPERPASS']._serialized_end=973
+  _globals['_DAEMONSERVICE']._serialized_start=976
+  _globals['_DAEMONSERVICE']._serialized_end=1155
 # @@protoc_insertion_point(module_scope)

@@ -33,6 +33,51 @@ class GetStatusRequest(_message.Message):
 Global___GetStatusRequest: _TypeAlias = GetStatusRequest  # noqa: Y015
 
 @_typing.final
+class RestartDaemonRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestartDaemonRequest: _TypeAlias = RestartDaemonRequest  # noqa: Y015
+
+@_typing.final
+class RestartDaemonResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PID_FIELD_NUMBER: _builtins.int
+    HAND_OVER_FIELD_NUMBER: _builtins.int
+    LIVE_PROCESSES_FIELD_NUMBER: _builtins.int
+    BUSY_SESSIONS_FIELD_NUMBER: _builtins.int
+    pid: _builtins.int
+    """The daemon's pid (the next daemon keeps it, unless systemd starts it)."""
+    hand_over: _builtins.bool
+    """Whether agents are handed over (agent.survive_restart) or stopped."""
+    live_processes: _builtins.int
+    busy_sessions: _builtins.int
+    def __init__(
+        self,
+        *,
+        pid: _builtins.int = ...,
+        hand_over: _builtins.bool = ...,
+        live_processes: _builtins.int = ...,
+        busy_sessions: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy_sessions", b"busy_sessions", "hand_over", b"hand_over", "live_processes", b"live_processes", "pid", b"pid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestartDaemonResponse: _TypeAlias = RestartDaemonResponse  # noqa: Y015
+
+@_typing.final
 class GetStatusResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -55,6 +100,9 @@ class GetStatusResponse(_message.Message):
     SANDBOX_DETAIL_FIELD_NUMBER: _builtins.int
     SPARE_AGENTS_FIELD_NUMBER: _builtins.int
     SPARES_ADOPTED_FIELD_NUMBER: _builtins.int
+    AGENTS_ADOPTED_FIELD_NUMBER: _builtins.int
+    TURNS_RESUMED_FIELD_NUMBER: _builtins.int
+    ADOPTION_SECONDS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     uptime_seconds: _builtins.float
     sessions_known: _builtins.int
@@ -83,6 +131,13 @@ class GetStatusResponse(_message.Message):
     """Agents started ahead of need (pool.spares), counted in live_processes, not in sessions."""
     spares_adopted: _builtins.int
     """New sessions that took a spare since the daemon started."""
+    agents_adopted: _builtins.int
+    """What this daemon took over at start-up from the one before it (docs/restart.md): agents
+    left running under their shims, the turns among them that went on, and how long adopting
+    them took, in seconds.
+    """
+    turns_resumed: _builtins.int
+    adoption_seconds: _builtins.float
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -109,10 +164,13 @@ class GetStatusResponse(_message.Message):
         sandbox_detail: _builtins.str = ...,
         spare_agents: _builtins.int = ...,
         spares_adopted: _builtins.int = ...,
+        agents_adopted: _builtins.int = ...,
+        turns_resumed: _builtins.int = ...,
+        adoption_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_reaper_pass", b"last_reaper_pass", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_command", b"agent_command", "agent_version", b"agent_version", "busy_sessions", b"busy_sessions", "last_reaper_pass", b"last_reaper_pass", "live_processes", b"live_processes", "loop_lag_max_ms", b"loop_lag_max_ms", "loop_lag_recent_max_ms", b"loop_lag_recent_max_ms", "pool_capacity", b"pool_capacity", "queued_turns", b"queued_turns", "sandbox_available", b"sandbox_available", "sandbox_detail", b"sandbox_detail", "sandbox_enabled", b"sandbox_enabled", "sessions_known", b"sessions_known", "spare_agents", b"spare_agents", "spares_adopted", b"spares_adopted", "started_at", b"started_at", "total_cost_usd", b"total_cost_usd", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adoption_seconds", b"adoption_seconds", "agent_command", b"agent_command", "agent_version", b"agent_version", "agents_adopted", b"agents_adopted", "busy_sessions", b"busy_sessions", "last_reaper_pass", b"last_reaper_pass", "live_processes", b"live_processes", "loop_lag_max_ms", b"loop_lag_max_ms", "loop_lag_recent_max_ms", b"loop_lag_recent_max_ms", "pool_capacity", b"pool_capacity", "queued_turns", b"queued_turns", "sandbox_available", b"sandbox_available", "sandbox_detail", b"sandbox_detail", "sandbox_enabled", b"sandbox_enabled", "sessions_known", b"sessions_known", "spare_agents", b"spare_agents", "spares_adopted", b"spares_adopted", "started_at", b"started_at", "total_cost_usd", b"total_cost_usd", "turns_resumed", b"turns_resumed", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

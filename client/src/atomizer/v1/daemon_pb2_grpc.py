@@ -40,6 +40,11 @@ class DaemonServiceStub:
                 request_serializer=atomizer_dot_v1_dot_daemon__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=atomizer_dot_v1_dot_daemon__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.RestartDaemon = channel.unary_unary(
+                '/atomizer.v1.DaemonService/RestartDaemon',
+                request_serializer=atomizer_dot_v1_dot_daemon__pb2.RestartDaemonRequest.SerializeToString,
+                response_deserializer=atomizer_dot_v1_dot_daemon__pb2.RestartDaemonResponse.FromString,
+                _registered_method=True)
 
 
 class DaemonServiceServicer:
@@ -52,6 +57,17 @@ class DaemonServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RestartDaemon(self, request, context):
+        """A planned restart (docs/restart.md): the daemon stops taking work and starts again in
+        place; agents and their running turns are handed over to the next daemon, which adopts
+        them (with agent.survive_restart; otherwise they are stopped, as for a stop). Streams end
+        with UNAVAILABLE: clients re-attach with WatchSession from their last seq and miss nothing.
+        Answered before the handover begins.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DaemonServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +75,11 @@ def add_DaemonServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=atomizer_dot_v1_dot_daemon__pb2.GetStatusRequest.FromString,
                     response_serializer=atomizer_dot_v1_dot_daemon__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'RestartDaemon': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestartDaemon,
+                    request_deserializer=atomizer_dot_v1_dot_daemon__pb2.RestartDaemonRequest.FromString,
+                    response_serializer=atomizer_dot_v1_dot_daemon__pb2.RestartDaemonResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +110,33 @@ class DaemonService:
             '/atomizer.v1.DaemonService/GetStatus',
             atomizer_dot_v1_dot_daemon__pb2.GetStatusRequest.SerializeToString,
             atomizer_dot_v1_dot_daemon__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestartDaemon(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atomizer.v1.DaemonService/RestartDaemon',
+            atomizer_dot_v1_dot_daemon__pb2.RestartDaemonRequest.SerializeToString,
+            atomizer_dot_v1_dot_daemon__pb2.RestartDaemonResponse.FromString,
             options,
             channel_credentials,
             insecure,

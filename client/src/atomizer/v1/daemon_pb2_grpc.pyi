@@ -34,6 +34,13 @@ class DaemonServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> DaemonServiceAsyncStub: ...
     GetStatus: _grpc.UnaryUnaryMultiCallable[_daemon_pb2.GetStatusRequest, _daemon_pb2.GetStatusResponse]
+    RestartDaemon: _grpc.UnaryUnaryMultiCallable[_daemon_pb2.RestartDaemonRequest, _daemon_pb2.RestartDaemonResponse]
+    """A planned restart (docs/restart.md): the daemon stops taking work and starts again in
+    place; agents and their running turns are handed over to the next daemon, which adopts
+    them (with agent.survive_restart; otherwise they are stopped, as for a stop). Streams end
+    with UNAVAILABLE: clients re-attach with WatchSession from their last seq and miss nothing.
+    Answered before the handover begins.
+    """
 
 @_typing.type_check_only
 class DaemonServiceAsyncStub(DaemonServiceStub):
@@ -41,6 +48,13 @@ class DaemonServiceAsyncStub(DaemonServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetStatus: _aio.UnaryUnaryMultiCallable[_daemon_pb2.GetStatusRequest, _daemon_pb2.GetStatusResponse]  # type: ignore[assignment]
+    RestartDaemon: _aio.UnaryUnaryMultiCallable[_daemon_pb2.RestartDaemonRequest, _daemon_pb2.RestartDaemonResponse]  # type: ignore[assignment]
+    """A planned restart (docs/restart.md): the daemon stops taking work and starts again in
+    place; agents and their running turns are handed over to the next daemon, which adopts
+    them (with agent.survive_restart; otherwise they are stopped, as for a stop). Streams end
+    with UNAVAILABLE: clients re-attach with WatchSession from their last seq and miss nothing.
+    Answered before the handover begins.
+    """
 
 class DaemonServiceServicer(metaclass=_abc_1.ABCMeta):
     """The daemon itself."""
@@ -51,5 +65,18 @@ class DaemonServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _daemon_pb2.GetStatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_daemon_pb2.GetStatusResponse, _abc.Awaitable[_daemon_pb2.GetStatusResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RestartDaemon(
+        self,
+        request: _daemon_pb2.RestartDaemonRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_daemon_pb2.RestartDaemonResponse, _abc.Awaitable[_daemon_pb2.RestartDaemonResponse]]:
+        """A planned restart (docs/restart.md): the daemon stops taking work and starts again in
+        place; agents and their running turns are handed over to the next daemon, which adopts
+        them (with agent.survive_restart; otherwise they are stopped, as for a stop). Streams end
+        with UNAVAILABLE: clients re-attach with WatchSession from their last seq and miss nothing.
+        Answered before the handover begins.
+        """
 
 def add_DaemonServiceServicer_to_server(servicer: DaemonServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
