@@ -118,6 +118,7 @@ class Agent:
     spare_for: str | None = None
     # A spare's reserved conversation id (the adopting session takes it).
     agent_session_id: str = ""
+    watcher: asyncio.Task[None] | None = None  # notices its exit while idle
 
     @property
     def state(self) -> AgentState:
@@ -365,27 +366,36 @@ class AgentPool:
         log.info("agent adopted", session_id=session_id, pid=transport.pid, running=leased)
         return agent
 
-    def hand_over(self) -> None:
+    async def hand_over(self, timeout: float) -> None:
         """A planned restart: every agent that outlives the daemon is let go as it is, for the
-        next daemon to adopt (its store rows stay, naming it); the others are stopped by
-        `close`. No lease is granted any more."""
+        next daemon to adopt (its store rows stay, naming it), once what was written to its
+        shim has left (at most `timeout`); the others are stopped by `close`. No lease is
+        granted any more."""
         self._handed_over = True
         self._closed = True
+        let_go = []
         for agent in list(self._agents.values()):
             transport = agent.transport
             if transport is None or not transport.durable or agent.state is S.STOPPING:
                 continue
             if agent.state is S.SPAWNING:  # not labelled for a next daemon yet: stopped
                 continue
+            if agent.watcher is not None:
+                agent.watcher.cancel()  # it never exits here any more
             with contextlib.suppress(AgentError, OSError):
                 transport.detach()
+                let_go.append(transport)
             agent.lifecycle.move(S.STOPPING)
             agent.lifecycle.move(S.GONE)
             del self._agents[agent.session_id]
             agent.settled.set()
             agent.gone.set()
             self._used -= 1
-        log.info("agents handed over to the next daemon")
+        if let_go:
+            await asyncio.wait(
+                [asyncio.ensure_future(t.drained()) for t in let_go], timeout=timeout
+            )
+        log.info("agents handed over to the next daemon", agents=len(let_go))
 
     def kill_all(self) -> None:
         """SIGKILL every agent's process group now (shutdown past its grace period)."""
@@ -585,6 +595,7 @@ class AgentPool:
                 self._begin_stop(agent, "its process exited while idle")
 
         task = asyncio.ensure_future(watch())
+        agent.watcher = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

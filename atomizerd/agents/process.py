@@ -305,6 +305,8 @@ class AgentLink(Protocol):
 
     def detach(self) -> None: ...
 
+    async def drained(self) -> None: ...
+
 
 class PipeLink:
     """An agent started by this daemon with pipes of its own: it ends with the daemon."""
@@ -361,6 +363,9 @@ class PipeLink:
 
     def detach(self) -> None:
         raise AgentError("an agent on the daemon's own pipes cannot be handed over")
+
+    async def drained(self) -> None:
+        pass
 
 
 class AgentProcess:
@@ -479,6 +484,10 @@ class AgentProcess:
     def detach(self) -> None:
         """Lets go of a durable agent without stopping it: the next daemon adopts it."""
         self._link.detach()
+
+    async def drained(self) -> None:
+        """After `detach`: once what was written to the shim has left this process."""
+        await self._link.drained()
 
     @property
     def returncode(self) -> int | None:

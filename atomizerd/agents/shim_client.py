@@ -170,9 +170,17 @@ class ShimLink:
             self._send(b"L", json.dumps(dict(label)).encode())
 
     def detach(self) -> None:
-        """Lets go of the agent without stopping it (a restart hands it over)."""
+        """Lets go of the agent without stopping it (a restart hands it over). Nothing is
+        read from it any more and it never counts as exited here: whoever waits for its exit
+        must be cancelled (AgentPool.hand_over). What is still buffered for the shim is sent
+        as the socket closes (`drained` waits for it)."""
         self._detached = True
         self._writer.close()
+
+    async def drained(self) -> None:
+        """Returns once everything written to the shim has left this process."""
+        with contextlib.suppress(ConnectionError, RuntimeError, OSError):
+            await self._writer.wait_closed()
 
     def _send(self, kind: bytes, payload: bytes = b"") -> None:
         if self._writer.is_closing():
@@ -195,20 +203,20 @@ class ShimLink:
                 elif kind == b"X":
                     (self._returncode,) = _RETURNCODE.unpack(payload)
                     break
-        except (asyncio.IncompleteReadError, ConnectionError, ShimError) as e:
+        except Exception as e:  # whatever broke the connection, the agent's end is delivered
             if not self._detached:
                 # The shim is gone, and so is the agent (it dies with its shim).
                 log.warning("agent shim connection lost", agent_pid=self.pid, error=str(e))
                 self._returncode = -signal.SIGKILL
-        finally:
-            self._input_closed = True
-            await self._stdout.put(b"")
-            self._stderr.put_nowait(b"")
-            self.exited.set()
-            if not self._detached:
-                self._writer.close()  # the shim exits once its daemon has let go
-                if self.reap:
-                    _reap_soon(self.shim.pid)
+        self._input_closed = True
+        if self._detached:
+            return  # handed over: the agent lives on, for the next daemon
+        await self._stdout.put(b"")
+        self._stderr.put_nowait(b"")
+        self.exited.set()
+        self._writer.close()  # the shim exits once its daemon has let go
+        if self.reap:
+            _reap_soon(self.shim.pid)
 
     def _chunk(self, payload: bytes) -> bytes:
         (offset,) = _OFFSET.unpack_from(payload)
@@ -232,6 +240,7 @@ async def attach(
 ) -> tuple[ShimLink, Replay, list[bytes]]:
     """Connects to a shim and reads its replay: the link (not started), the replay, and the
     replayed stdout chunks (to feed the reader before anything live)."""
+    writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_unix_connection(str(socket_path), limit=limit)
@@ -240,7 +249,6 @@ async def attach(
                 raise ShimError(f"the shim at {socket_path} did not say hello")
             hello = json.loads(payload)
             if hello.get("version") != PROTOCOL_VERSION:
-                writer.close()
                 raise ShimError(f"shim protocol version {hello.get('version')} is not ours")
             replay = Replay(hello)
             chunks: list[bytes] = []
@@ -257,7 +265,9 @@ async def attach(
                     chunks.append(link._chunk(payload))
                 elif kind == b"S":
                     link._stderr.put_nowait(payload)
-    except (OSError, ValueError, asyncio.IncompleteReadError, TimeoutError) as e:
+    except (OSError, ValueError, asyncio.IncompleteReadError, TimeoutError, ShimError) as e:
+        if writer is not None:
+            writer.close()
         raise ShimError(f"cannot attach to the agent shim at {socket_path}: {e}") from e
     return link, replay, chunks
 
@@ -389,15 +399,21 @@ def _reap_later(shim: asyncio.subprocess.Process) -> None:
     task.add_done_callback(_reapers.discard)
 
 
-def _reap_soon(pid: int, attempts: int = 20) -> None:
-    """Reaps `pid` if it is a child of ours that has exited (checked every half second for a
-    while: a shim exits right after its daemon let go)."""
+def reap_if_ours(pid: int) -> bool:
+    """Reaps `pid` if it is an exited child of ours; False while it still runs. (Only for
+    processes asyncio does not watch: shims a previous image of this process started.)"""
     try:
         done, _ = os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
-        return  # not our child: its parent (init) reaps it
-    if not done and attempts > 0:
-        asyncio.get_running_loop().call_later(0.5, _reap_soon, pid, attempts - 1)
+        return True  # not our child (or reaped already): its parent reaps it
+    return done != 0
+
+
+def _reap_soon(pid: int, delay: float = 0.1) -> None:
+    """Reaps `pid` once it exits (a shim exits right after its daemon let go; one whose agent
+    is slow to stop may take its stop grace twice), checking less and less often."""
+    if not reap_if_ours(pid) and delay < 60:
+        asyncio.get_running_loop().call_later(delay, _reap_soon, pid, delay * 2)
 
 
 def shim_sockets(folder: Path) -> list[Path]:

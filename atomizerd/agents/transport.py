@@ -91,6 +91,8 @@ class AgentTransport(Protocol):
 
     def detach(self) -> None: ...
 
+    async def drained(self) -> None: ...
+
 
 Spawner = Callable[[LaunchSpec], Awaitable[AgentTransport]]
 

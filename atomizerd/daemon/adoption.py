@@ -12,8 +12,11 @@ What is adopted is returned, so crash recovery leaves exactly these processes an
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 
@@ -58,23 +61,32 @@ async def adopt_agents(cfg: Config, store: Store, pool: AgentPool, registry: Reg
     adopted = Adopted()
     started = time.monotonic()
     unfinished = store.unfinished_turns()
+    pending_sessions = set(unfinished.values())
     settings = shim_settings(cfg)
+    rejected: list[AgentProcess] = []
     for path in shim_client.shim_sockets(settings.sockets):
         try:
             link, replay, chunks = await shim_client.attach(path, timeout=_ATTACH_TIMEOUT)
         except shim_client.ShimError as e:
-            log.warning("agent shim not reachable; left to its orphan timeout", error=str(e))
+            _forget_dead_shim(path, settings, e)
             continue
-        resumed = Resumed.from_replay(
-            str(replay.label.get("session_id", "")), replay.records, replay.inputs
-        )
-        running = resumed is not None and resumed.turn_id in unfinished
+        link.reap = True
+        session_id = process_session(replay)
+        try:
+            resumed = Resumed.from_replay(session_id, replay.records, replay.inputs)
+        except Exception as e:  # e.g. records of another version: the turn cannot go on
+            log.warning(
+                "a running turn's record cannot be read", session_id=session_id, error=str(e)
+            )
+            resumed, replay.hello["lost"] = None, True
+        running = resumed is not None and unfinished.get(resumed.turn_id) == session_id
         if not running:
             # An idle agent: what the shim still holds is of turns that ended (and are
-            # stored); this daemon reads on from after it.
-            replay.hello["base"] = replay.base + sum(len(c) for c in chunks)
-            chunks = []
-        link.reap = True
+            # stored); this daemon reads on from the last whole line of it.
+            data = b"".join(chunks)
+            whole = data.rfind(b"\n") + 1
+            replay.hello["base"] = replay.base + whole
+            chunks = [data[whole:]] if whole < len(data) else []
         process = shim_client.adopted_process(
             link,
             replay,
@@ -83,28 +95,48 @@ async def adopt_agents(cfg: Config, store: Store, pool: AgentPool, registry: Reg
             stderr_tail_bytes=settings.stderr_tail_bytes,
             write_timeout=settings.write_timeout,
         )
+        if not running and session_id in pending_sessions:
+            # Mid-turn, but without a record to go on from: stopped, the turn settled.
+            why: str | None = "its session's turn was left running but cannot go on"
+        else:
+            why = _take(store, pool, registry, process, replay, resumed if running else None)
+        if why is not None:
+            log.info("agent left by the previous daemon stopped", pid=process.pid, reason=why)
+            rejected.append(process)
+            continue
         if not running:
             process.forget_before(replay.base)
-        why = _take(store, pool, registry, process, replay, resumed if running else None)
-        if why is None:
-            adopted.sessions.add(process_session(replay))
-            adopted.pgids.add(process.pgid)
-            if process.helper is not None:
-                adopted.pgids.add(process.helper.pgid)
-            if running and resumed is not None:
-                adopted.turns.add(resumed.turn_id)
-        else:
-            log.info("agent left by the previous daemon stopped", pid=process.pid, reason=why)
-            await process.stop(cfg.agent.stop_grace)
+        adopted.sessions.add(session_id)
+        adopted.pgids.add(process.pgid)
+        if process.helper is not None:
+            adopted.pgids.add(process.helper.pgid)
+        if running and resumed is not None:
+            adopted.turns.add(resumed.turn_id)
+    # Stopped together: each may take its stop grace twice.
+    await asyncio.gather(*(p.stop(cfg.agent.stop_grace) for p in rejected))
     adopted.seconds = time.monotonic() - started
-    if adopted.sessions:
+    if adopted.sessions or rejected:
         log.info(
             "agents adopted from the previous daemon",
             agents=len(adopted.sessions),
             running_turns=len(adopted.turns),
+            stopped=len(rejected),
             seconds=round(adopted.seconds, 3),
         )
     return adopted
+
+
+def _forget_dead_shim(path: Path, settings: shim_client.ShimSettings, e: Exception) -> None:
+    """A socket nobody answers on: its shim was killed (its agent died with it). What it left
+    is removed; a shim that is alive but did not answer in time is left to its orphan timeout."""
+    if isinstance(e.__cause__, ConnectionRefusedError | FileNotFoundError):
+        name = path.stem
+        for leftover in (path, *settings.spools.glob(f"{name}.out*")):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+        log.info("removed what a dead agent shim left", shim=name)
+    else:
+        log.warning("agent shim not reachable; left to its orphan timeout", error=str(e))
 
 
 def process_session(replay: shim_client.Replay) -> str:
@@ -121,8 +153,10 @@ def _take(
 ) -> str | None:
     """Adopts the agent (and resumes its running turn); or why not (the caller stops it)."""
     session_id = process_session(replay)
-    if not process.alive:
+    if replay.hello.get("exited") is not None:
         return "it has exited"
+    if replay.lost:
+        return "its turn's record was lost (over agent.spool_bytes, or unreadable)"
     record = store.get_session(session_id) if session_id else None
     if record is None or record.closed:
         return "its session is gone or closed"
@@ -130,8 +164,6 @@ def _take(
         return "its session belongs to another host"
     if record.agent_session_id != replay.label.get("agent_session_id"):
         return "its session moved to another conversation"
-    if resumed is not None and replay.lost:
-        return "its turn wrote more than agent.spool_bytes while no daemon read it"
     agent = pool.adopt(session_id, process, leased=resumed is not None)
     if agent is None:
         return "no free slot in the pool"

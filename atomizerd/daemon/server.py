@@ -38,6 +38,7 @@ from atomizerd.agents.argv import build_env
 from atomizerd.agents.pool import AgentPool
 from atomizerd.agents.process import AgentError, probe_version
 from atomizerd.agents.procgroup import kill_group_if_same
+from atomizerd.agents.shim_client import reap_if_ours
 from atomizerd.agents.transport import process_spawner, shim_spawner
 from atomizerd.api.daemon import DaemonServicer
 from atomizerd.api.session import SessionServicer
@@ -230,6 +231,7 @@ class Daemon:
                     session_id=rec.session_id,
                     pgid=rec.pgid,
                 )
+            reap_if_ours(rec.pgid)  # a shim started by this process before it exec'd
             self.store.forget_agent_process(rec.pgid)
         self.registry.reconcile(keep=self.adopted.turns)
         # Per-session files are rewritten at every agent spawn: only adopted agents' are live.
@@ -315,8 +317,11 @@ class Daemon:
             # (still stored); the server then stops without waiting for streams.
             log.warning("second signal: stopping now", signal=signal.Signals(sig).name)
             self.force_exit = True
+            self.restart = False  # a second signal always means: stop, now
             if self.pool is not None:
                 self.pool.kill_all()
+            self.should_exit.set()
+            return
         if sig == signal.SIGTERM and self.config.agent.survive_restart and under_systemd():
             # `systemctl restart` and `systemctl stop` send the same SIGTERM: ask which it is.
             self._asking_systemd = True
@@ -326,7 +331,8 @@ class Daemon:
 
     async def _stop_or_restart(self) -> None:
         try:
-            self.restart = await unitjob.restart_pending()
+            restart = await unitjob.restart_pending()
+            self.restart = restart and not self.force_exit
         finally:
             self.should_exit.set()
 

@@ -108,6 +108,8 @@ class TurnJournal:
     def __init__(self, agent: Recorder, base: int) -> None:
         self._agent = agent
         self._base = base  # the index of the turn's first message in the agent's output
+        # The turn's messages whose events have all been emitted (see `handled_upto`).
+        self._handled = 0
         self._pending: list[dict[str, Any]] = []
         self._scheduled = False
 
@@ -123,6 +125,12 @@ class TurnJournal:
         journal.flush()
         return journal
 
+    def handled_upto(self, received: int) -> None:
+        """Every message up to the agent's `received` count has been relayed: its events are
+        emitted. (A message is counted as received when it is taken from the agent, which may
+        be a moment before it is relayed: records in between must not count it yet.)"""
+        self._handled = max(self._handled, received - self._base)
+
     def note(self, event: ev.SessionEvent) -> None:
         self._pending.append(encode_event(event))
         if not self._scheduled:
@@ -133,7 +141,7 @@ class TurnJournal:
         self._scheduled = False
         if not self._pending:
             return
-        record = {"c": self._agent.received - self._base, "e": self._pending}
+        record = {"c": self._handled, "e": self._pending}
         self._pending = []
         try:
             self._agent.record(json.dumps(record, separators=(",", ":")).encode())

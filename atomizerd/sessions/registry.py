@@ -65,6 +65,9 @@ MAX_PAGE = 1000
 DEFAULT_PAGE = 100
 # After killing the agents at shutdown: how long their turns get to be stored.
 KILL_SETTLE = 5.0
+# A planned restart: how long what was written to the agents' shims gets to leave before they
+# are let go.
+HAND_OVER_SETTLE = 2.0
 
 
 @dataclass
@@ -119,6 +122,7 @@ class Registry:
         turn.audience = lambda: turn.listeners + s.watchers
         turn.resumed = (agent, resumed)
         turn.journal = TurnJournal(agent.transport_or_fail(), 0)
+        turn.journal.handled_upto(resumed.consumed)
         for event in resumed.events:
             s.log.append(event)
         s.next_seq = resumed.events[-1].seq + 1
@@ -138,18 +142,21 @@ class Registry:
         to retry); running turns are left to their agents, which the next daemon adopts with
         them. Streams end with UNAVAILABLE; clients re-attach from their last seq."""
         self.draining = True
+        not_sent = Unavailable("atomizerd is restarting; the message was not sent")
+        # Answers clients gave a moment ago are written to the agents first.
+        await self.runner.hand_over()
         workers = []
         for s in self._sessions.values():
             for job in self._take_queue(s):
-                self._cancel_job(
-                    s, job, Unavailable("atomizerd is restarting; the message was not sent")
-                )
+                self._cancel_job(s, job, not_sent)
+            turn = s.turn
+            if turn is not None and turn.state in (TurnState.QUEUED, TurnState.WAITING):
+                turn.reject(not_sent)  # it never reached an agent: nothing is stored
             if s.worker is not None:
                 workers.append(s.worker)
-            if s.turn is not None and s.turn.journal is not None:
-                s.turn.journal.flush()  # everything emitted is with the shim before it is let go
-        self.runner.hand_over()
-        self.pool.hand_over()
+            if turn is not None and turn.journal is not None:
+                turn.journal.flush()  # everything emitted is with the shim before it is let go
+        await self.pool.hand_over(HAND_OVER_SETTLE)
         for worker in workers:
             worker.cancel()
         await asyncio.gather(*workers, return_exceptions=True)

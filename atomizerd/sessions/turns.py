@@ -61,6 +61,8 @@ Emit = Callable[[ev.EventKind], ev.SessionEvent]
 
 # Events a turn emits before its message reaches the agent: its start and a few notices.
 _OPENING_MAX = 16
+# Loop turns a planned restart lets pass before it leaves the permission requests as they are.
+_HAND_OVER_STEPS = 8
 
 
 class TurnState(enum.Enum):
@@ -694,6 +696,7 @@ class TurnRunner:
                     turn.journal,
                 )
                 if turn.journal is not None:
+                    turn.journal.handled_upto(process.received)
                     turn.journal.flush()
                 if replay is not None and not replay.done:
                     self._end_replay(process, turn, replay)
@@ -717,9 +720,12 @@ class TurnRunner:
         asked, settled = replay.resumed.asked(), replay.resumed.settled()
         for request in replay.held:
             rid = request.request_id
-            approvals.asked_tool_uses.add(str(request.payload.get("tool_use_id", "")))
             if rid in replay.resumed.answered:
                 continue
+            if request.subtype != "can_use_tool":  # refused, as the first time (turns._relay)
+                self._background(self._refuse_control(process, request))
+                continue
+            approvals.asked_tool_uses.add(str(request.payload.get("tool_use_id", "")))
             if rid in settled:  # decided, but the daemon went before the answer was written
                 log.warning("a decided permission request is asked again", request_id=rid)
             restored = asked.get(rid)
@@ -742,9 +748,13 @@ class TurnRunner:
         except AtomizerError as e:
             log.warning("reply checkpoint not stored", turn_id=turn.turn_id, error=str(e))
 
-    def hand_over(self) -> None:
-        """A planned restart: permission requests waiting for an answer are left as they are
-        (the next daemon asks again); nothing more is written to the agents."""
+    async def hand_over(self) -> None:
+        """A planned restart: answers clients gave a moment ago are written to the agents
+        (an answer resumes its waiting request within a few turns of the loop, and is written
+        in the same step as its decision is recorded); requests still waiting for one are
+        left as they are (the next daemon offers them again); nothing more is written."""
+        for _ in range(_HAND_OVER_STEPS):
+            await asyncio.sleep(0)
         for task in list(self._pending):
             task.cancel()
 
@@ -877,7 +887,7 @@ class TurnRunner:
                 )
             case proto.Init():
                 agent.mcp_servers = list(item.mcp_servers)
-            case proto.ControlRequest(subtype="can_use_tool") if held is not None:
+            case proto.ControlRequest() if held is not None:
                 held.append(item)
             case proto.ControlRequest(subtype="can_use_tool") if approvals is not None:
                 self._background(self._answer_permission(process, approvals, item, journal))

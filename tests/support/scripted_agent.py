@@ -183,6 +183,9 @@ class ScriptedAgent:
     def detach(self) -> None:
         raise AssertionError("a scripted agent is never handed over")
 
+    async def drained(self) -> None:
+        pass
+
     def release(self) -> None:
         """Lets a [[hold]] turn finish."""
         self._release.set()
