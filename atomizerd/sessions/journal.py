@@ -120,8 +120,7 @@ class TurnJournal:
         offset, base = agent.boundary
         agent.forget_before(offset)
         journal = cls(agent, base)
-        for event in opening:
-            journal.note(event)
+        journal._pending = [encode_event(event) for event in opening]
         journal.flush()
         return journal
 
