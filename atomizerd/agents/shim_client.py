@@ -24,6 +24,7 @@ import signal
 import struct
 import subprocess
 import sys
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,9 +48,6 @@ _HEADER = struct.Struct(">cI")
 _OFFSET = struct.Struct(">Q")
 _RETURNCODE = struct.Struct(">i")
 _MAX_FRAME = 64 * 1024 * 1024 + 16
-# Stdout chunks read from the socket but not yet parsed: the bound on what the daemon holds
-# per agent; beyond it the socket (then the shim, then the agent) waits.
-_QUEUED_CHUNKS = 16
 _READY_TIMEOUT = 30.0
 
 
@@ -106,12 +104,13 @@ class ShimLink:
         )
         self.exited = asyncio.Event()
         self._returncode: int | None = None
-        self._stdout: asyncio.Queue[bytes] = asyncio.Queue(_QUEUED_CHUNKS)
+        # Stdout replayed on attach, read before anything live; stderr frames met on the way.
+        self._replayed: deque[bytes] = deque()
         self._stderr: asyncio.Queue[bytes] = asyncio.Queue()
         self._input_closed = False
         self._detached = False
         self._next_offset = int(hello.get("base") or 0)
-        self._reading: asyncio.Task[None] | None = None
+        self._ended = False
         # An adopted shim may still be our child (started by this process before it exec'd
         # itself for a restart), which nobody else would reap: reaped here once it exits.
         self.reap = False
@@ -123,7 +122,28 @@ class ShimLink:
         return self._returncode
 
     async def read_stdout(self) -> bytes:
-        return await self._stdout.get()
+        """The next stdout bytes, read straight off the socket by the agent's own reader (no
+        task or queue between: the shim adds one hop, not two)."""
+        if self._replayed:
+            return self._replayed.popleft()
+        while not self._ended:
+            try:
+                kind, payload = await read_frame(self._reader)
+            except Exception as e:  # whatever broke the connection, the agent's end is delivered
+                self._lost(e)
+                break
+            if kind == b"O":
+                try:
+                    return self._chunk(payload)
+                except ShimError as e:
+                    self._lost(e)
+                    break
+            if kind == b"S":
+                self._stderr.put_nowait(payload)
+            elif kind == b"X":
+                (self._returncode,) = _RETURNCODE.unpack(payload)
+                break
+        return await self._end()
 
     async def read_stderr(self) -> bytes:
         return await self._stderr.get()
@@ -189,34 +209,26 @@ class ShimLink:
 
     # --- reading -----------------------------------------------------------------------------
 
-    def start(self) -> None:
-        self._reading = asyncio.ensure_future(self._read_frames())
+    def _lost(self, e: Exception) -> None:
+        if not self._detached:
+            # The shim is gone, and so is the agent (it dies with its shim).
+            log.warning("agent shim connection lost", agent_pid=self.pid, error=str(e))
+            self._returncode = -signal.SIGKILL
 
-    async def _read_frames(self) -> None:
-        try:
-            while True:
-                kind, payload = await read_frame(self._reader)
-                if kind == b"O":
-                    await self._stdout.put(self._chunk(payload))
-                elif kind == b"S":
-                    self._stderr.put_nowait(payload)
-                elif kind == b"X":
-                    (self._returncode,) = _RETURNCODE.unpack(payload)
-                    break
-        except Exception as e:  # whatever broke the connection, the agent's end is delivered
-            if not self._detached:
-                # The shim is gone, and so is the agent (it dies with its shim).
-                log.warning("agent shim connection lost", agent_pid=self.pid, error=str(e))
-                self._returncode = -signal.SIGKILL
+    async def _end(self) -> bytes:
+        """The end of the agent's output: its exit is known (or it was handed over: then
+        nothing ends here, ever)."""
         self._input_closed = True
         if self._detached:
-            return  # handed over: the agent lives on, for the next daemon
-        await self._stdout.put(b"")
-        self._stderr.put_nowait(b"")
-        self.exited.set()
-        self._writer.close()  # the shim exits once its daemon has let go
-        if self.reap:
-            _reap_soon(self.shim.pid)
+            await asyncio.get_running_loop().create_future()  # handed over: never ends here
+        if not self._ended:
+            self._ended = True
+            self._stderr.put_nowait(b"")
+            self.exited.set()
+            self._writer.close()  # the shim exits once its daemon has let go
+            if self.reap:
+                _reap_soon(self.shim.pid)
+        return b""
 
     def _chunk(self, payload: bytes) -> bytes:
         (offset,) = _OFFSET.unpack_from(payload)
@@ -265,6 +277,8 @@ async def attach(
                     chunks.append(link._chunk(payload))
                 elif kind == b"S":
                     link._stderr.put_nowait(payload)
+                elif kind == b"X":  # exited before this daemon attached: read on to it
+                    raise ShimError("an exit frame before the end of the replay")
     except (OSError, ValueError, asyncio.IncompleteReadError, TimeoutError, ShimError) as e:
         if writer is not None:
             writer.close()
@@ -282,9 +296,7 @@ def adopted_process(
     write_timeout: float,
 ) -> AgentProcess:
     """An `AgentProcess` over an attached shim, its replayed output first in line."""
-    queue = link._stdout
-    for chunk in chunks:
-        queue._queue.append(chunk)  # type: ignore[attr-defined]  # before the reader starts
+    link._replayed.extend(chunks)
     start_time = replay.hello.get("agent_start_time")
     process = AgentProcess(
         link,
@@ -295,7 +307,6 @@ def adopted_process(
         start_time=int(start_time) if start_time is not None else None,
         stdout_offset=replay.base,
     )
-    link.start()
     return process
 
 

@@ -4,6 +4,7 @@ next daemon adopts them with their running turns (docs/restart.md). Real CLI, re
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -263,3 +264,51 @@ def test_recovery_does_not_touch_an_adopted_agent_and_kills_the_rest(e2e: E2E) -
         for r in stubs.sessions.SendMessage(pb.SendMessageRequest(session_id="kept", text="x"))
     ]
     assert reply_text(events) == "echo: x"
+
+
+def test_a_question_open_across_a_planned_restart_is_answered_after_it(e2e: E2E) -> None:
+    from tests.e2e.test_questions import MATERIAL, ask
+
+    stubs = e2e.start()
+    stubs.sessions.CreateSession(pb.CreateSessionRequest(session_id="q"))
+    before, ended = stream_until(
+        stubs, "q", f"pick {ask(MATERIAL)}", lambda ev: "question" in kinds(ev)
+    )
+    asked = next(e for e in before if e.WhichOneof("kind") == "question")
+    assert e2e.daemon is not None
+    e2e.daemon.signal(signal.SIGUSR2)
+    ended()
+    e2e.daemon.wait_serving()
+    answered = stubs.sessions.AnswerQuestion(
+        pb.AnswerQuestionRequest(
+            session_id="q",
+            request_id=asked.question.request_id,
+            answers={"Which material?": "Steel"},
+        ),
+        timeout=10,
+    ).answer
+    assert answered.answered
+    rest = rest_of_turn(stubs, "q", before[-1].seq)
+    assert rest[-1].WhichOneof("kind") == "turn_completed", rest[-1]
+    # What the model was told is the answer given after the restart.
+    assert "Steel" in json.dumps(e2e.api.requests[-1].tool_results)
+
+
+def test_what_a_killed_shim_left_is_removed_and_its_turn_settled(e2e: E2E) -> None:
+    stubs = e2e.start()
+    stubs.sessions.CreateSession(pb.CreateSessionRequest(session_id="dead"))
+    _, ended = stream_until(stubs, "dead", SLOW, lambda ev: deltas(ev) >= 2)
+    (pid,) = agent_pids(e2e, "agent.spawned")
+    shim = parent(pid)
+    assert e2e.daemon is not None
+    runtime = Path(e2e.daemon.runtime_dir)
+    e2e.daemon.kill()
+    ended()
+    os.kill(shim, signal.SIGKILL)  # its agent dies with it (parent-death signal)
+    wait_for(lambda: not alive(pid), 10, "the agent to die with its shim")
+    assert list((runtime / "agents").glob("*.sock"))  # left behind
+    stubs = e2e.start()
+    assert not list((runtime / "agents").glob("*.sock"))
+    assert not list((Path(e2e.daemon.state_dir) / "agent-spool").glob("*"))
+    history = stubs.sessions.GetHistory(pb.GetHistoryRequest(session_id="dead")).messages
+    assert history[-1].status == pb.MESSAGE_STATUS_INTERRUPTED
