@@ -287,23 +287,17 @@ async def attach(
 
 
 def adopted_process(
-    link: ShimLink,
-    replay: Replay,
-    chunks: list[bytes],
-    *,
-    max_line_bytes: int,
-    stderr_tail_bytes: int,
-    write_timeout: float,
+    link: ShimLink, replay: Replay, chunks: list[bytes], settings: ShimSettings
 ) -> AgentProcess:
     """An `AgentProcess` over an attached shim, its replayed output first in line."""
     link._replayed.extend(chunks)
     start_time = replay.hello.get("agent_start_time")
     process = AgentProcess(
         link,
-        max_line_bytes=max_line_bytes,
-        stderr_tail_bytes=stderr_tail_bytes,
+        max_line_bytes=settings.max_line_bytes,
+        stderr_tail_bytes=settings.stderr_tail_bytes,
         mailbox_size=4096,
-        write_timeout=write_timeout,
+        write_timeout=settings.write_timeout,
         start_time=int(start_time) if start_time is not None else None,
         stdout_offset=replay.base,
     )
@@ -388,14 +382,7 @@ async def spawn(
         link, replay, chunks = await attach(socket_path, timeout=_READY_TIMEOUT)
     except ShimError as e:
         raise AgentSpawnError(str(e)) from e
-    process = adopted_process(
-        link,
-        replay,
-        chunks,
-        max_line_bytes=settings.max_line_bytes,
-        stderr_tail_bytes=settings.stderr_tail_bytes,
-        write_timeout=settings.write_timeout,
-    )
+    process = adopted_process(link, replay, chunks, settings)
     log.info("agent.spawned", argv0=argv[0], cwd=cwd, agent_pid=process.pid, shim=name)
     return process
 

@@ -87,14 +87,7 @@ async def adopt_agents(cfg: Config, store: Store, pool: AgentPool, registry: Reg
             whole = data.rfind(b"\n") + 1
             replay.hello["base"] = replay.base + whole
             chunks = [data[whole:]] if whole < len(data) else []
-        process = shim_client.adopted_process(
-            link,
-            replay,
-            chunks,
-            max_line_bytes=settings.max_line_bytes,
-            stderr_tail_bytes=settings.stderr_tail_bytes,
-            write_timeout=settings.write_timeout,
-        )
+        process = shim_client.adopted_process(link, replay, chunks, settings)
         if not running and session_id in pending_sessions:
             # Mid-turn, but without a record to go on from: stopped, the turn settled.
             why: str | None = "its session's turn was left running but cannot go on"
