@@ -10,8 +10,10 @@ and then only accepts connections and keeps the timers (orphan timeout, SIGTERM)
 loop woken by a self-pipe. It must be the thread that spawns the agent: the parent-death signal
 (`setpriv --pdeathsig`) fires when the *thread* that forked the child exits, and the main thread
 lives exactly as long as the shim. One thread per stream reads the agent's stdout / stderr and
-forwards each read at once as one frame (no batching); one thread waits for the agent; one
-thread per connection sends the replay and then reads the daemon's frames.
+forwards each read at once as one frame (no batching): it waits for data outside the lock and
+reads (the pipe is non-blocking) and forwards under it, so whenever the lock is free every byte
+taken from a pipe has been retained and sent. One thread waits for the agent; one thread per
+connection sends the replay and then reads the daemon's frames.
 
 `Shim.lock` guards all state and every socket send, so frames never interleave and a replay
 (hello, journal, stderr tail, stdout from base, R) is an atomic snapshot: output read meanwhile
@@ -22,15 +24,22 @@ agent). Only a replacement connection can end it: the main thread shuts the old 
 lock. The agent's stdin is written outside the lock (under its own), so an agent that does not
 read its stdin stalls only the connection feeding it, never the forwarding of its output.
 
+After the agent exits, its output is read to EOF however slow the daemon is or however long it
+stays away. Only if a stream still has a writer EXIT_DRAIN s after the exit, and all that the
+agent wrote to it before exiting (what was read, plus what its pipe held when the exit was
+recorded) has been read and forwarded, is the rest taken to come from a grandchild holding it
+open: then the agent's group is killed and the output no longer read.
+
 Memory stays flat: retained stdout and journal records live in two spool files (the journal
 holds the records as the frames they came in, so its replay is a plain copy), read back in
-256 KiB chunks; only the label and a 64 KiB stderr tail are kept in memory. Nothing polls:
-every thread blocks in a read, a send, a wait with a deadline or a select.
+256 KiB chunks; only the label and a 64 KiB stderr tail are kept in memory. Nothing polls in
+a loop: every thread blocks in a read, a send, a wait (with a deadline) or a select / poll.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import select
@@ -40,6 +49,7 @@ import stat
 import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -65,7 +75,7 @@ RETURNCODE = struct.Struct(">i")
 MAX_FRAME = 256 * 1024  # an O frame, header included, is at most this long
 MAX_STDOUT_CHUNK = MAX_FRAME - HEADER.size - OFFSET.size  # stdout bytes per O frame
 STDERR_TAIL = 64 * 1024  # stderr kept for the replay
-EXIT_DRAIN = 2.0  # seconds the agent's output may stay open after the agent exited
+EXIT_DRAIN = 2.0  # seconds a grandchild may hold the output open after the agent exited
 
 
 def encode_frame(kind: bytes, payload: bytes = b"") -> bytes:
@@ -119,6 +129,22 @@ def log(message: str) -> None:
     line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} shim[{os.getpid()}]: {message}\n"
     with contextlib.suppress(OSError):
         os.write(2, line.encode("utf-8", "replace"))
+
+
+def unread(fd: int) -> int:
+    """How many bytes a pipe holds (FIONREAD)."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, bytes(4)))[0])
+    except OSError as exc:  # not seen on Linux pipes; the drain then goes by time alone
+        log(f"cannot tell what a pipe holds: {exc}")
+        return 0
+
+
+def held_open(fd: int) -> bool:
+    """Whether a pipe still has a writer (no POLLHUP yet)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return not any(events & select.POLLHUP for _, events in poller.poll(0))
 
 
 def read_start_time(pid: int) -> int | None:
@@ -222,7 +248,8 @@ class Shim:
         self.socket_ino = os.stat(opts.socket_path).st_ino
         self.spool_fd, self.journal_fd = spools
         self.start_time = read_start_time(proc.pid)
-        self.lock = threading.Lock()  # all state below, and every socket send
+        self.lock = threading.Lock()  # all state below, every socket send, every pipe read
+        self.changed = threading.Condition(self.lock)  # notified after each pipe read
         self.conn: Conn | None = None
         self.detached_at = time.monotonic()  # the orphan clock runs from here while detached
         self.read_off = 0  # stdout bytes read from the agent
@@ -232,10 +259,15 @@ class Shim:
         self.label: object = None
         self.stderr_tail = bytearray()
         self.returncode: int | None = None
+        assert proc.stdout is not None and proc.stderr is not None
+        self.streams = {STDOUT: proc.stdout.fileno(), STDERR: proc.stderr.fileno()}
+        for fd in self.streams.values():
+            os.set_blocking(fd, False)  # read under the lock: a read must never wait
+        self.taken = dict.fromkeys(self.streams, 0)  # bytes read from each stream
         self.open_streams = {STDOUT, STDERR}
-        self.abandoned = False  # the output stayed open after the exit: stop reading it
+        self.abandoned = False  # a grandchild holds the output open: stop reading it
         self.done = False  # exited and all output read: X can be sent
-        self.done_event, self.exited = threading.Event(), threading.Event()
+        self.exited = threading.Event()
         self.exit_sent = False
         assert proc.stdin is not None
         self.stdin = proc.stdin
@@ -246,10 +278,9 @@ class Shim:
         os.set_blocking(self.wake_w, False)
 
     def start_threads(self) -> None:
-        assert self.proc.stdout is not None and self.proc.stderr is not None
         for target, args in (
-            (self._pump, (self.proc.stdout.fileno(), STDOUT)),
-            (self._pump, (self.proc.stderr.fileno(), STDERR)),
+            (self._pump, (STDOUT,)),
+            (self._pump, (STDERR,)),
             (self._wait_agent, ()),
         ):
             threading.Thread(target=target, args=args, daemon=True).start()
@@ -330,7 +361,6 @@ class Shim:
             return
         if not self.done:
             self.done = True
-            self.done_event.set()
             log("agent finished: exit status and all its output read")
             self._wake()
         if self.conn is not None:
@@ -391,16 +421,26 @@ class Shim:
 
     # --- threads ---
 
-    def _pump(self, fd: int, kind: bytes) -> None:
-        """Read one of the agent's streams; retain and forward each read at once."""
+    def _pump(self, kind: bytes) -> None:
+        """Read one of the agent's streams; retain and forward each read at once. It waits
+        for data outside the lock and reads and forwards it under the lock, so `taken` and
+        the pipe's contents always account for all of the stream."""
+        fd = self.streams[kind]
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
         while True:
-            try:
-                data = os.read(fd, MAX_STDOUT_CHUNK)
-            except OSError:
-                data = b""
+            poller.poll()  # the only wait: nothing taken from the pipe is pending here
             with self.lock:
                 if self.abandoned:
                     return
+                try:
+                    data = os.read(fd, MAX_STDOUT_CHUNK)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                self.taken[kind] += len(data)
+                self.changed.notify_all()  # _wait_agent runs once this read is forwarded
                 if not data:
                     self.open_streams.discard(kind)
                     self._check_done()
@@ -424,19 +464,33 @@ class Shim:
         returncode = self.proc.wait()
         with self.lock:
             self.returncode = returncode
+            # All the agent wrote is now either taken or still in its pipes; later bytes
+            # can only come from a grandchild.
+            owed = {kind: self.taken[kind] + unread(fd) for kind, fd in self.streams.items()}
             log(f"agent exited with {returncode}")
             self._check_done()
         self.exited.set()
         self._wake()
-        if self.done_event.wait(EXIT_DRAIN):
-            return
-        # A grandchild holds the output open: do not wait for it forever.
-        log(f"agent's output still open {EXIT_DRAIN:g} s after its exit: SIGKILL its group")
-        self._killpg(signal.SIGKILL)
+        deadline = time.monotonic() + EXIT_DRAIN
         with self.lock:
-            self.abandoned = True
-            self.open_streams.clear()
-            self._check_done()
+            while not self.done:
+                left = deadline - time.monotonic()
+                if left <= 0 and all(
+                    self.taken[k] >= owed[k] and held_open(self.streams[k])
+                    for k in self.open_streams
+                ):
+                    # Read and forwarded up to the exit, and a writer is left: do not wait
+                    # for it forever. (A stream without a writer ends: wait for its EOF.)
+                    log(
+                        f"agent's output still open {EXIT_DRAIN:g} s after its exit and all "
+                        "it wrote forwarded: a grandchild holds it; SIGKILL its group"
+                    )
+                    self._killpg(signal.SIGKILL)
+                    self.abandoned = True
+                    self.open_streams.clear()
+                    self._check_done()
+                    return
+                self.changed.wait(left if left > 0 else None)
 
     def _serve(self, conn: Conn) -> None:
         """A connection's thread: the replay, then the daemon's frames, until EOF."""

@@ -9,6 +9,7 @@ daemon is a plain socket that parses frames with the shim module's own helpers.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import select
@@ -28,6 +29,7 @@ import pytest
 from atomizerd.agents import shim
 
 SHIM = Path(shim.__file__).resolve()
+F_SETPIPE_SZ = 1031
 TIMEOUT = 10.0  # bound on every single wait; a healthy run needs a fraction of it
 
 AGENT = r"""
@@ -55,6 +57,15 @@ for line in sys.stdin.buffer:
     elif cmd == b"exit":
         out.flush()
         os._exit(int(arg))
+    elif cmd == b"flood":  # fill a pipe made big enough for it, then exit: it never blocks
+        import fcntl
+        size, status = map(int, arg.split())
+        out.flush()
+        fcntl.fcntl(1, 1031, size)  # F_SETPIPE_SZ
+        lines = b"".join(b"%07d\n" % i for i in range(size // 8 - 1))
+        out.write(lines + b"result\n")
+        out.flush()
+        os._exit(status)
     out.flush()
 if "--linger" in sys.argv:  # ignores the end of its stdin too
     while True:
@@ -67,6 +78,24 @@ sys.exit(3)
 
 def spew(n: int) -> bytes:
     return b"".join(b"line %d\n" % i for i in range(n)) + b"done\n"
+
+
+def flood(size: int) -> bytes:
+    return b"".join(b"%07d\n" % i for i in range(size // 8 - 1)) + b"result\n"
+
+
+def big_pipe() -> int:
+    """The largest pipe (up to 4 MiB) a process of ours may make: a "flood" of that size is
+    all in the agent's pipe as soon as it is written, whether the shim reads or not."""
+    r, w = os.pipe()
+    try:
+        for size in (4 << 20, int(Path("/proc/sys/fs/pipe-max-size").read_text())):
+            with contextlib.suppress(PermissionError):
+                return min(fcntl.fcntl(w, F_SETPIPE_SZ, size), 4 << 20)
+        raise AssertionError("cannot size a pipe")
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def wait_for(what: str, predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
@@ -148,6 +177,19 @@ class Daemon:
             assert self.exit is None
             self.exit = shim.decode_exit(payload)
         return kind, payload
+
+    def trickle(self, step: int, predicate: Callable[[Daemon], bool]) -> Daemon:
+        """Like `until`, read slowly: `step` bytes every 10 ms, as a daemon busy elsewhere."""
+        while True:
+            while self.frames:
+                self.frame()
+                if predicate(self):
+                    return self
+            data = self.sock.recv(step)
+            if not data:
+                raise EOFError("the shim closed the connection")
+            self.frames, self.buf = shim.split_frames(self.buf + data)
+            time.sleep(0.01)
 
     def replay(self) -> Daemon:
         """Read the hello and the replay, up to R."""
@@ -523,6 +565,42 @@ def test_a_grandchild_holding_stdout_does_not_delay_x_forever(start) -> None:
     d.until(lambda d: d.exit is not None)  # after the shim killed the agent's group
     assert d.exit == 7
     wait_for("the grandchild to be killed", lambda: gone(child))
+
+
+def test_output_written_before_the_exit_outlasts_a_slow_daemon(start) -> None:
+    size = big_pipe()
+    assert size >= 1 << 20, "more than the socket buffers and one frame hold"
+    s = start()
+    d = s.attach().replay()
+    d.send(shim.INPUT, b"flood %d 9\n" % size)  # the shim's send to us blocks: we do not read
+    wait_for("the agent to exit", lambda: gone(s.agent_pid))
+    time.sleep(shim.EXIT_DRAIN + 1.0)
+    d.trickle(size // 500, lambda d: d.exit is not None)  # busy: 5 s or more for all of it
+    assert d.stdout == flood(size), "all of it, offsets contiguous, up to the result line"
+    assert (d.exit, d.kinds[-1]) == (9, shim.EXIT)
+    assert "SIGKILL" not in s.log()
+    d.close()
+    assert s.wait() == 0
+
+
+def test_output_written_before_the_exit_reaches_a_slow_daemon_replacing_a_stuck_one(
+    start,
+) -> None:
+    size = big_pipe()
+    s = start()
+    stuck = s.attach()
+    stuck.replay().send(shim.INPUT, b"flood %d 9\n" % size)
+    wait_for("the agent to exit", lambda: gone(s.agent_pid))
+    time.sleep(shim.EXIT_DRAIN + 1.0)
+    fresh = s.attach()
+    fresh.trickle(size // 500, lambda d: d.exit is not None)
+    assert fresh.hello["exited"] == 9
+    assert fresh.stdout == flood(size), "replayed from the spool and live, without a gap"
+    assert fresh.exit == 9
+    assert "SIGKILL" not in s.log()
+    assert stuck.eof()
+    fresh.close()
+    assert s.wait() == 0
 
 
 def test_a_stale_socket_is_replaced(start) -> None:
