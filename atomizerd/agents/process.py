@@ -1,8 +1,9 @@
 """One live agent process: spawn, line-framed stdout, stderr tail, control requests, stop.
 
 Spawning. The agent runs in a new session (so its own process group: stopping it signals the
-group, grandchildren included) and gets SIGKILL from the kernel when the daemon dies, even by
-SIGKILL: its argv is prefixed with `setpriv --pdeathsig KILL --`, which sets the signal and
+group, grandchildren included) and gets SIGKILL from the kernel when its parent dies, even by
+SIGKILL (the daemon, for an agent on its own pipes; its shim, for one that outlives the daemon,
+agents/shim.py): its argv is prefixed with `setpriv --pdeathsig KILL --`, which sets the signal and
 execs the agent (so the pid is the agent's). Nothing of ours runs between fork and exec: no
 `preexec_fn`, which crashed children of the gRPC-threaded daemon (see
 `procgroup.pdeathsig_argv`, also for why agents must be spawned from the event loop's

@@ -173,7 +173,7 @@ SETPRIV_CANDIDATES = ("/usr/bin/setpriv", "/bin/setpriv")
 
 
 class SetprivMissing(RuntimeError):
-    """No usable `setpriv --pdeathsig` on this machine: agents could outlive the daemon."""
+    """No usable `setpriv --pdeathsig` on this machine: agents could outlive their parent."""
 
 
 _setpriv: str | None = None
@@ -193,7 +193,7 @@ def find_setpriv() -> str:
                 "setpriv not found (looked in "
                 + ", ".join(SETPRIV_CANDIDATES)
                 + " and PATH); install util-linux: agents are started through "
-                "`setpriv --pdeathsig KILL` so they die with the daemon"
+                "`setpriv --pdeathsig KILL` so they die with their parent (daemon or shim)"
             )
         _setpriv = found
     return _setpriv

@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     except config_mod.ConfigError as e:
         print(f"atomizerd: configuration error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    # Agents are started through `setpriv --pdeathsig KILL` (so they die with the daemon):
+    # Agents are started through `setpriv --pdeathsig KILL` (they die with the daemon, or with
+    # their shim):
     # resolved and tried once here, before any thread exists, so that a machine without it
     # fails now, clearly, and not at the first spawn.
     try:
