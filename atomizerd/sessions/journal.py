@@ -92,8 +92,6 @@ def _build(hint: Any, value: Any) -> Any:
 class Recorder(typing.Protocol):
     """The part of an agent transport the journal needs."""
 
-    received: int
-
     @property
     def boundary(self) -> tuple[int, int]: ...
 
