@@ -49,6 +49,19 @@ def check_request_id(value: str) -> str:
     return value
 
 
+_TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def check_task_id(value: str) -> str:
+    """A task id as the CLI makes them (letters and digits); it names a file of the CLI."""
+    if not _TASK_ID.fullmatch(value):
+        raise InvalidArgument(
+            f"task_id {_describe(value)} is not valid: use the task_id of a task_started event "
+            "or of Session.tasks"
+        )
+    return value
+
+
 def new_session_id() -> str:
     """128 random bits, url-safe: collision-safe where the original's 8 hex chars were not."""
     return "s" + secrets.token_hex(16)

@@ -24,6 +24,9 @@ STREAM_JSON_FLAGS: tuple[str, ...] = (
     "--output-format=stream-json",
     "--verbose",
     "--include-partial-messages",
+    # Each user line the CLI takes into a turn is echoed with its uuid: how a turn is matched
+    # to the line it answers (sessions/conversation.py).
+    "--replay-user-messages",
 )
 
 # Linux refuses an execve argument longer than this (MAX_ARG_STRLEN).

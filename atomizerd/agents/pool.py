@@ -6,7 +6,8 @@ so an agent being started or stopped counts as much as a working one. When the p
 lease waits in one FIFO queue (`pool.max_queued`, `pool.queue_timeout`); the queue is served by
 one synchronous function (`_dispatch`), which either grants a free slot or evicts the
 least-recently-used *idle* agent and hands its slot to the waiter the moment the process is
-gone. Only a READY agent can be evicted: never one that is spawning or leased to a turn.
+gone. Only a READY agent can be evicted: never one that is spawning or leased to a turn, nor
+one whose tasks (background commands, subagents) are still running.
 
 The agent lifecycle (docs/architecture.md, "Agent"):
 
@@ -31,7 +32,7 @@ import contextlib
 import dataclasses
 import enum
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -119,6 +120,10 @@ class Agent:
     # A spare's reserved conversation id (the adopting session takes it).
     agent_session_id: str = ""
     watcher: asyncio.Task[None] | None = None  # notices its exit while idle
+    # Reads the agent's output while it is READY (the agent acts on its own between turns).
+    reader: asyncio.Task[None] | None = None
+    # Tasks of the agent still running (told by whoever reads its output): it is busy.
+    running_tasks: int = 0
 
     @property
     def state(self) -> AgentState:
@@ -161,6 +166,10 @@ class AgentPool:
         self.spares_adopted = 0
         # Set by a planned restart: the agents are handed to the next daemon, not stopped.
         self._handed_over = False
+        # Reads a session's idle agent (set by the daemon's wiring; sessions/idle.py).
+        self.idle_reader: Callable[[Agent], Awaitable[None]] | None = None
+        # Told when a session's agent is gone (its tasks went with it).
+        self.agent_gone: Callable[[str], None] = lambda _session_id: None
 
     # --- introspection -------------------------------------------------------------------
 
@@ -200,12 +209,25 @@ class AgentPool:
         return list(agent.mcp_servers) if agent else []
 
     def candidates(self) -> list[tuple[str, float, bool]]:
-        """(session_id, idle since (loop time), alive) of every idle agent, for the reaper."""
+        """(session_id, idle since (loop time), alive) of every idle agent with no running
+        task, for the reaper."""
         return [
             (a.session_id, a.idle_since, a.alive)
             for a in self._agents.values()
-            if a.state is S.READY and a.spare_for is None
+            if a.state is S.READY and a.spare_for is None and not a.running_tasks
         ]
+
+    def set_running_tasks(self, session_id: str, count: int) -> None:
+        """How many tasks the session's agent runs now: one with tasks is never evicted."""
+        agent = self._agents.get(session_id)
+        if agent is not None:
+            agent.running_tasks = count
+            if not count:
+                self._dispatch()
+
+    def busy_with_tasks(self) -> list[str]:
+        """Sessions whose agents hold a slot only for their running tasks."""
+        return [a.session_id for a in self._agents.values() if a.running_tasks]
 
     # --- spares --------------------------------------------------------------------------
 
@@ -246,6 +268,8 @@ class AgentPool:
             if agent.spare_for == mode and (ready or agent.state is S.SPAWNING):
                 agent.spare_for = None
                 agent.idle_since = asyncio.get_running_loop().time()
+                if agent.state is S.READY:
+                    self._read_while_idle(agent)
                 self.spares_adopted += 1
                 log.info("spare agent adopted", session_id=agent.session_id, mode=mode)
                 self._soon(self.replenish_spares)
@@ -304,6 +328,7 @@ class AgentPool:
                 return await self._spawn_for_lease(self._new_agent(sid), record)
             if agent.state is S.READY:
                 if agent.alive:
+                    self._stop_reading(agent)
                     agent.lifecycle.move(S.LEASED)
                     return agent
                 self._begin_stop(agent, "its process had exited")
@@ -321,6 +346,7 @@ class AgentPool:
         if reusable and agent.alive and not self._closed:
             agent.lifecycle.move(S.READY)
             agent.idle_since = asyncio.get_running_loop().time()
+            self._read_while_idle(agent)
             self._dispatch()
         else:
             self._begin_stop(agent, "released unfit for reuse")
@@ -348,6 +374,16 @@ class AgentPool:
                     self._begin_stop(agent, "retired")
                 await agent.gone.wait()
 
+    def lease_idle(self, session_id: str) -> Agent | None:
+        """The session's agent LEASED to the caller if it is READY and alive right now; never
+        spawns or waits (a turn the agent started itself needs the agent it runs in)."""
+        agent = self._agents.get(session_id)
+        if agent is None or agent.state is not S.READY or not agent.alive or self._closed:
+            return None
+        self._stop_reading(agent)
+        agent.lifecycle.move(S.LEASED)
+        return agent
+
     def adopt(self, session_id: str, transport: AgentTransport, *, leased: bool) -> Agent | None:
         """An agent a previous daemon left running (under its shim) joins the pool: LEASED to
         the turn it is running, or READY. None (the caller stops it) if the session has an
@@ -363,6 +399,8 @@ class AgentPool:
         agent.settled.set()
         self._record_process(transport, session_id)
         self._watch_exit(agent)
+        if not leased:
+            self._read_while_idle(agent)
         log.info("agent adopted", session_id=session_id, pid=transport.pid, running=leased)
         return agent
 
@@ -382,6 +420,7 @@ class AgentPool:
                 continue
             if agent.watcher is not None:
                 agent.watcher.cancel()  # it never exits here any more
+            self._stop_reading(agent)
             with contextlib.suppress(AgentError, OSError):
                 transport.detach()
                 let_go.append(transport)
@@ -451,7 +490,7 @@ class AgentPool:
             self._abandon(waiter)
             raise ResourceExhausted(
                 f"no agent process became free within {cfg.queue_timeout:g} s "
-                "(pool.queue_timeout); retry later"
+                f"(pool.queue_timeout){self._held_by_tasks()}; retry later"
             ) from None
         except asyncio.CancelledError:
             if self._closed:
@@ -459,6 +498,12 @@ class AgentPool:
                 raise Unavailable("atomizerd is shutting down; retry in a moment") from None
             self._abandon(waiter)
             raise
+
+    def _held_by_tasks(self) -> str:
+        busy = self.busy_with_tasks()
+        if not busy:
+            return ""
+        return f"; sessions running background tasks hold the pool: {', '.join(sorted(busy))}"
 
     def _abandon(self, waiter: _Waiter) -> None:
         """A waiter gave up: a slot it was already granted goes back to the pool."""
@@ -495,7 +540,11 @@ class AgentPool:
     def _eviction_victim(self) -> Agent | None:
         """A spare first (no session loses its warm agent for it), else the idle agent used
         least recently."""
-        idle = [a for a in self._agents.values() if a.state is S.READY and a.successor is None]
+        idle = [
+            a
+            for a in self._agents.values()
+            if a.state is S.READY and a.successor is None and not a.running_tasks
+        ]
         return min(idle, key=lambda a: (a.spare_for is None, a.idle_since), default=None)
 
     def _free_slot_of(self, agent: Agent) -> None:
@@ -556,6 +605,8 @@ class AgentPool:
             if self._closed:  # the daemon began stopping during the spawn
                 self._begin_stop(agent, "the daemon is stopping")
             else:
+                if agent.spare_for is None:
+                    self._read_while_idle(agent)
                 self._dispatch()
 
     async def _handshake(self, agent: Agent, spec: LaunchSpec, record: SessionRecord) -> None:
@@ -599,6 +650,22 @@ class AgentPool:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _read_while_idle(self, agent: Agent) -> None:
+        """A session's READY agent is read all the same: what it does on its own (task
+        ends, turns it starts) is followed as it happens (sessions/idle.py)."""
+        if self.idle_reader is None or agent.spare_for is not None or agent.reader is not None:
+            return
+        task = asyncio.ensure_future(self.idle_reader(agent))
+        agent.reader = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda t: _reader_done(agent, t))
+
+    def _stop_reading(self, agent: Agent) -> None:
+        reader, agent.reader = agent.reader, None
+        if reader is not None and not reader.done():
+            reader.cancel()
+
     def _record_process(self, transport: AgentTransport, session_id: str) -> None:
         # The agent's group, and its shim's when it has one: a later daemon that does not
         # adopt them kills them by these (pid + start time: never a reused pid).
@@ -612,6 +679,7 @@ class AgentPool:
         background, → GONE when it has exited."""
         if agent.state is S.STOPPING or agent.state is S.GONE:
             return
+        self._stop_reading(agent)
         agent.lifecycle.move(S.STOPPING)
         task = asyncio.ensure_future(self._stop(agent, why))
         self._tasks.add(task)
@@ -644,6 +712,8 @@ class AgentPool:
             for pgid, _ in _groups(transport):
                 self.store.forget_agent_process(pgid)
         self.launcher.cleanup(sid)
+        if agent.spare_for is None:
+            self.agent_gone(sid)
         agent.settled.set()
         agent.gone.set()
         self._free_slot_of(agent)
@@ -661,6 +731,17 @@ def _groups(transport: AgentTransport) -> list[tuple[int, int]]:
     if helper is not None and helper.start_time is not None:
         groups.append((helper.pgid, helper.start_time))
     return groups
+
+
+def _reader_done(agent: Agent, task: asyncio.Task[None]) -> None:
+    if agent.reader is task:
+        agent.reader = None
+    if not task.cancelled() and task.exception() is not None:
+        log.error(
+            "reading an idle agent failed",
+            session_id=agent.session_id,
+            error=repr(task.exception()),
+        )
 
 
 def _retrieve(task: asyncio.Future[None]) -> None:

@@ -219,6 +219,17 @@ class _Mailbox:
             _wake(self._getters)
             _wake(self._putters)
 
+    def peek(self) -> _Entry | None:
+        """The next entry without taking it (or the final one), else None."""
+        if self._items:
+            return self._items[0]
+        return None if self._final is None else (self._final, -1, -1)
+
+    async def wait_nonempty(self) -> None:
+        """Returns once an entry (or the end) is there to take."""
+        while not self._items and self._final is None:
+            await self._park(self._getters)
+
     def get_nowait(self) -> _Entry | None:
         """The next entry if one is there (or the final one), else None."""
         if self._items:
@@ -516,6 +527,15 @@ class AgentProcess:
         entry = self._mailbox.get_nowait()
         return None if entry is None else self._took(entry)
 
+    def peek(self) -> AgentItem | None:
+        """The next item without taking it (None if nothing has arrived)."""
+        entry = self._mailbox.peek()
+        return None if entry is None else entry[0]
+
+    async def wait_output(self) -> None:
+        """Returns once there is an item to take (or the process has ended)."""
+        await self._mailbox.wait_nonempty()
+
     def _took(self, entry: _Entry) -> AgentItem:
         item, index, end = entry
         if index >= 0:
@@ -656,11 +676,11 @@ class AgentProcess:
             self._log.warning("agent.write_timeout", size=len(line), timeout=limit)
             raise WriteTimeout(self._input_broken) from None
 
-    async def send_user_message(self, text: str) -> None:
-        await self.write_line(protocol.user_message_line(text))
+    async def send_user_message(self, text: str, uuid: str = "") -> None:
+        await self.write_line(protocol.user_message_line(text, uuid))
 
-    async def send_user_content(self, content: list[dict[str, Any]]) -> None:
-        await self.write_line(protocol.user_message_line(content))
+    async def send_user_content(self, content: list[dict[str, Any]], uuid: str = "") -> None:
+        await self.write_line(protocol.user_message_line(content, uuid))
 
     async def respond_control(self, request_id: str, response: Mapping[str, Any]) -> None:
         """Answer a `ControlRequest` from the agent (e.g. `protocol.permission_allow(...)`)."""

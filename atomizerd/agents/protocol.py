@@ -168,6 +168,13 @@ class Result:
     terminal_reason: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
+    @property
+    def origin_kind(self) -> str:
+        """Who started the turn this result ends, when the agent did (e.g.
+        "task-notification"); "" for a turn a user line started."""
+        origin = self.raw.get("origin")
+        return _str(origin, "kind") if isinstance(origin, dict) else ""
+
 
 @dataclass(frozen=True, slots=True)
 class ControlRequest:
@@ -196,6 +203,47 @@ class ControlCancelRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class UserReplay:
+    """A user line the CLI took into a turn, echoed with the uuid its writer gave it
+    (`--replay-user-messages`): the one reliable mark of which turn answers which line."""
+
+    uuid: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class TaskStarted:
+    """`system/task_started`: a background or long-running Bash command, or a subagent."""
+
+    task_id: str
+    tool_use_id: str
+    task_type: str  # local_bash | local_agent | ...
+    description: str
+    background: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TaskProgress:
+    """`system/task_progress`: a subagent's progress (its last tool, a summary)."""
+
+    task_id: str
+    description: str
+    last_tool_name: str
+    summary: str
+
+
+@dataclass(frozen=True, slots=True)
+class TaskNotification:
+    """`system/task_notification`: a task ended (completed, failed, stopped, killed)."""
+
+    task_id: str
+    tool_use_id: str
+    status: str
+    summary: str
+    output_file: str
+
+
+@dataclass(frozen=True, slots=True)
 class Unknown:
     """Any other line (status, partial events we don't relay, new kinds). Still activity."""
 
@@ -218,8 +266,16 @@ AgentMessage: TypeAlias = (
     | ControlRequest
     | ControlResponse
     | ControlCancelRequest
+    | UserReplay
+    | TaskStarted
+    | TaskProgress
+    | TaskNotification
     | Unknown
 )
+
+# What the agent says outside a turn without starting one: task bookkeeping (a subagent's own
+# messages, carrying `parent_tool_use_id`, are told apart by that field).
+TASK_MESSAGES = (TaskStarted, TaskProgress, TaskNotification)
 
 
 # --- parsing -----------------------------------------------------------------------------------
@@ -353,8 +409,12 @@ def _parse_user(data: dict[str, Any]) -> tuple[AgentMessage, ...]:
         for block in _blocks(_dict(data, "message").get("content"))
         if block.get("type") == "tool_result"
     )
-    # A user line without tool results is the interrupt marker or a replayed prompt.
-    return results or (_unknown(data),)
+    if results:
+        return results
+    if data.get("isReplay") is True:
+        content = _dict(data, "message").get("content")
+        return (UserReplay(uuid=_str(data, "uuid"), text=flatten_content(content)),)
+    return (_unknown(data),)  # e.g. the interrupt marker
 
 
 def flatten_content(content: object) -> str:
@@ -390,6 +450,29 @@ def _parse_system(data: dict[str, Any]) -> AgentMessage:
             trigger=_str(meta, "trigger"),
             pre_tokens=_int(meta, "pre_tokens"),
             post_tokens=_int(meta, "post_tokens"),
+        )
+    if subtype == "task_started":
+        return TaskStarted(
+            task_id=_str(data, "task_id"),
+            tool_use_id=_str(data, "tool_use_id"),
+            task_type=_str(data, "task_type"),
+            description=_str(data, "description"),
+            background=data.get("is_backgrounded") is True,
+        )
+    if subtype == "task_progress":
+        return TaskProgress(
+            task_id=_str(data, "task_id"),
+            description=_str(data, "description"),
+            last_tool_name=_str(data, "last_tool_name"),
+            summary=_str(data, "summary"),
+        )
+    if subtype == "task_notification":
+        return TaskNotification(
+            task_id=_str(data, "task_id"),
+            tool_use_id=_str(data, "tool_use_id"),
+            status=_str(data, "status"),
+            summary=_str(data, "summary"),
+            output_file=_str(data, "output_file"),
         )
     if subtype == "api_retry":
         status = data.get("error_status")
@@ -518,17 +601,19 @@ def encode_line(obj: Mapping[str, Any]) -> bytes:
     return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
 
 
-def user_message_line(content: str | list[dict[str, Any]]) -> bytes:
+def user_message_line(content: str | list[dict[str, Any]], uuid: str = "") -> bytes:
     """A user turn: its text, or its content blocks (text, image, document). The CLI assigns
-    the conversation id itself, so `session_id` stays empty."""
-    return encode_line(
-        {
-            "type": "user",
-            "message": {"role": "user", "content": content},
-            "parent_tool_use_id": None,
-            "session_id": "",
-        }
-    )
+    the conversation id itself, so `session_id` stays empty; `uuid` comes back in the line's
+    replay when the CLI takes it into a turn."""
+    line: dict[str, Any] = {
+        "type": "user",
+        "message": {"role": "user", "content": content},
+        "parent_tool_use_id": None,
+        "session_id": "",
+    }
+    if uuid:
+        line["uuid"] = uuid
+    return encode_line(line)
 
 
 def control_request_line(request_id: str, subtype: str, **fields: Any) -> bytes:

@@ -53,9 +53,19 @@ class AgentTransport(Protocol):
 
     def receive_nowait(self) -> AgentItem | None: ...
 
-    async def send_user_message(self, text: str) -> None: ...
+    def peek(self) -> AgentItem | None:
+        """The next item without taking it; None if nothing has arrived."""
+        ...
 
-    async def send_user_content(self, content: list[dict[str, Any]]) -> None:
+    async def wait_output(self) -> None:
+        """Returns once an item (or the agent's end) is there to take."""
+        ...
+
+    async def send_user_message(self, text: str, uuid: str = "") -> None:
+        """A user line; the CLI replays `uuid` when it takes the line into a turn."""
+        ...
+
+    async def send_user_content(self, content: list[dict[str, Any]], uuid: str = "") -> None:
         """A user message of content blocks (text, images, documents)."""
         ...
 

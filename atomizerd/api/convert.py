@@ -10,6 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from atomizerd.errors import InvalidArgument
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.registry import SessionView
+from atomizerd.sessions.tasks import TaskInfo
 from atomizerd.store.db import AuditRecord, MessageRecord
 
 _MODE_TO_DOMAIN = {pb.MODE_USER: "user", pb.MODE_POWER: "power", pb.MODE_PLAN: "plan"}
@@ -28,6 +29,23 @@ _STATUS_TO_PB = {
     "complete": pb.MESSAGE_STATUS_COMPLETE,
     "interrupted": pb.MESSAGE_STATUS_INTERRUPTED,
     "failed": pb.MESSAGE_STATUS_FAILED,
+}
+_ORIGIN_TO_PB = {
+    ev.TurnOrigin.CLIENT: pb.TURN_ORIGIN_CLIENT,
+    ev.TurnOrigin.TASK: pb.TURN_ORIGIN_TASK,
+    ev.TurnOrigin.SCHEDULED: pb.TURN_ORIGIN_SCHEDULED,
+    ev.TurnOrigin.AGENT: pb.TURN_ORIGIN_AGENT,
+}
+_TASK_KIND_TO_PB = {
+    ev.TaskKind.BASH: pb.TASK_KIND_BASH,
+    ev.TaskKind.SUBAGENT: pb.TASK_KIND_SUBAGENT,
+    ev.TaskKind.OTHER: pb.TASK_KIND_OTHER,
+}
+_TASK_STATUS_TO_PB = {
+    ev.TaskStatus.COMPLETED: pb.TASK_STATUS_COMPLETED,
+    ev.TaskStatus.FAILED: pb.TASK_STATUS_FAILED,
+    ev.TaskStatus.STOPPED: pb.TASK_STATUS_STOPPED,
+    ev.TaskStatus.KILLED: pb.TASK_STATUS_KILLED,
 }
 
 
@@ -80,7 +98,28 @@ def session_to_pb(view: SessionView) -> pb.Session:
         context_tokens=r.context_tokens,
         context_window=r.context_window,
         forked_from=r.forked_from,
+        tasks=[task_to_pb(t) for t in view.tasks],
     )
+
+
+def task_to_pb(t: TaskInfo) -> pb.Task:
+    return pb.Task(
+        task_id=t.task_id,
+        tool_use_id=t.tool_use_id,
+        kind=_TASK_KIND_TO_PB.get(t.kind, pb.TASK_KIND_OTHER),
+        description=t.description,
+        background=t.background,
+        started_at=timestamp(t.started_at),
+        output_bytes=t.output_bytes,
+    )
+
+
+def origin_to_pb(origin: ev.TurnOrigin | str) -> pb.TurnOrigin.ValueType:
+    """A turn's origin, as the domain's enum or as stored ("client", "task", ...)."""
+    try:
+        return _ORIGIN_TO_PB[ev.TurnOrigin(origin)]
+    except ValueError:  # a value from a newer store
+        return pb.TURN_ORIGIN_UNSPECIFIED
 
 
 def usage_to_pb(usage: dict[str, int]) -> pb.Usage:
@@ -116,6 +155,7 @@ def message_to_pb(m: MessageRecord) -> pb.Message:
         attachments=[
             attachment_info_to_pb(a.name, a.media_type, a.size, a.sha256) for a in m.attachments
         ],
+        origin=origin_to_pb(m.origin),
     )
 
 
@@ -142,13 +182,48 @@ def event_to_pb(e: ev.SessionEvent) -> pb.SessionEvent:
                         attachment_info_to_pb(a.name, a.media_type, a.size, a.sha256)
                         for a in k.attachments
                     ],
+                    origin=origin_to_pb(k.origin),
                 )
             )
+        case ev.UserMessage():
+            out.user_message.CopyFrom(pb.UserMessage(text=k.text, request_id=k.request_id))
         case ev.ToolUse():
-            out.tool_use.CopyFrom(pb.ToolUse(id=k.id, name=k.name, input_json=k.input_json))
+            out.tool_use.CopyFrom(
+                pb.ToolUse(
+                    id=k.id,
+                    name=k.name,
+                    input_json=k.input_json,
+                    parent_tool_use_id=k.parent_tool_use_id,
+                )
+            )
         case ev.ToolResult():
             out.tool_result.CopyFrom(
-                pb.ToolResult(tool_use_id=k.tool_use_id, content=k.content, is_error=k.is_error)
+                pb.ToolResult(
+                    tool_use_id=k.tool_use_id,
+                    content=k.content,
+                    is_error=k.is_error,
+                    parent_tool_use_id=k.parent_tool_use_id,
+                )
+            )
+        case ev.TaskStarted():
+            out.task_started.CopyFrom(
+                pb.TaskStarted(
+                    task_id=k.task_id,
+                    tool_use_id=k.tool_use_id,
+                    kind=_TASK_KIND_TO_PB.get(k.kind, pb.TASK_KIND_OTHER),
+                    description=k.description,
+                    background=k.background,
+                )
+            )
+        case ev.TaskOutput():
+            out.task_output.CopyFrom(pb.TaskOutput(task_id=k.task_id, text=k.text))
+        case ev.TaskEnded():
+            out.task_ended.CopyFrom(
+                pb.TaskEnded(
+                    task_id=k.task_id,
+                    status=_TASK_STATUS_TO_PB.get(k.status, pb.TASK_STATUS_UNSPECIFIED),
+                    summary=k.summary,
+                )
             )
         case ev.TurnCompleted():
             out.turn_completed.CopyFrom(_completed_to_pb(k))

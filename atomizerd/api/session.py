@@ -122,7 +122,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         # A client that goes away cancels only this stream; the turn runs on and is stored.
         files = [(a.name, a.media_type, a.data) for a in request.attachments]
         async for event in self.registry.send_message(
-            request.session_id, request.text, request.request_id, files
+            request.session_id, request.text, request.request_id, files, steer=request.steer
         ):
             yield pb.SendMessageResponse(event=convert.event_to_pb(event))
 
@@ -182,4 +182,20 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         )
         return pb.ListAuditEventsResponse(
             events=[convert.audit_to_pb(e) for e in events], next_page_token=token
+        )
+
+    @unary
+    async def StopTask(self, request: pb.StopTaskRequest, context: Ctx) -> pb.StopTaskResponse:
+        await self.registry.stop_task(request.session_id, request.task_id)
+        return pb.StopTaskResponse()
+
+    @unary
+    async def GetTaskOutput(
+        self, request: pb.GetTaskOutputRequest, context: Ctx
+    ) -> pb.GetTaskOutputResponse:
+        page = self.registry.task_output(
+            request.session_id, request.task_id, request.offset, request.limit
+        )
+        return pb.GetTaskOutputResponse(
+            data=page.data, next_offset=page.next_offset, size=page.size, running=page.running
         )

@@ -184,6 +184,19 @@ class AgentConfig:
         "in optimization studies, so this is a backstop, not a latency target.",
         default=3600.0,
     )
+    task_timeout: float = _doc(
+        "A task the agent runs on its own (a background or long Bash command, a subagent) "
+        "that runs longer than this is stopped (the CLI's stop_task), with a notice to the "
+        "session. A day: solver runs take hours, and an agent with a running task keeps its "
+        "pool slot, so a forgotten task must not hold it forever.",
+        default=86400.0,
+    )
+    task_output_bytes: int = _doc(
+        "Bytes of a background command's output file streamed to clients as task_output per "
+        "task and per second (the rest stays in the file, paged with GetTaskOutput). A solver "
+        "can write megabytes a second; the stream is for following it, not a copy.",
+        default=16384,
+    )
     stop_grace: float = _doc(
         "When stopping an agent: seconds to wait after closing stdin, and again after "
         "SIGTERM, before SIGKILL.",
@@ -889,6 +902,8 @@ def validate(cfg: Config) -> None:
         "agent.first_event_timeout",
         "agent.stall_timeout",
         "agent.turn_timeout",
+        "agent.task_timeout",
+        "agent.task_output_bytes",
         "agent.stop_grace",
         "agent.write_timeout",
         "agent.max_line_bytes",

@@ -16,6 +16,7 @@ conversation), never a silent gap.
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -32,11 +33,30 @@ class AttachmentInfo:
     sha256: str
 
 
+class TurnOrigin(enum.Enum):
+    """Who started a turn: a client's message, or the agent on its own (a background task or
+    subagent that ended, a prompt it scheduled, anything else it began without being asked)."""
+
+    CLIENT = "client"
+    TASK = "task"
+    SCHEDULED = "scheduled"
+    AGENT = "agent"
+
+
 @dataclass(frozen=True, slots=True)
 class TurnStarted:
     text: str
     request_id: str = ""
     attachments: tuple[AttachmentInfo, ...] = ()
+    origin: TurnOrigin = TurnOrigin.CLIENT
+
+
+@dataclass(frozen=True, slots=True)
+class UserMessage:
+    """A client's text taken into a running turn (a steer), at the point the agent took it."""
+
+    text: str
+    request_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +74,7 @@ class ToolUse:
     id: str
     name: str
     input_json: str
+    parent_tool_use_id: str = ""  # a subagent's call: the Task tool use that runs it
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +82,46 @@ class ToolResult:
     tool_use_id: str
     content: str
     is_error: bool
+    parent_tool_use_id: str = ""
+
+
+class TaskKind(enum.Enum):
+    BASH = "bash"
+    SUBAGENT = "subagent"
+    OTHER = "other"
+
+
+class TaskStatus(enum.Enum):
+    COMPLETED = "completed"
+    FAILED = "failed"
+    STOPPED = "stopped"
+    KILLED = "killed"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskStarted:
+    """The agent started a task: a background or long Bash command, a subagent."""
+
+    task_id: str
+    tool_use_id: str
+    kind: TaskKind
+    description: str
+    background: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOutput:
+    """More of a task's output: a background command's new output, a subagent's progress."""
+
+    task_id: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class TaskEnded:
+    task_id: str
+    status: TaskStatus
+    summary: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +175,10 @@ AGENT_RESTARTED = "AGENT_RESTARTED"
 EVENTS_MISSED = "EVENTS_MISSED"
 # The agent compacted the conversation (the CLI's compact_boundary).
 CONTEXT_COMPACTED = "CONTEXT_COMPACTED"
+# The session's budget is spent: a turn the agent started by itself is interrupted.
+BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"
+# A task ran longer than agent.task_timeout: it was stopped.
+TASK_TIMEOUT = "TASK_TIMEOUT"
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +282,10 @@ EventKind = (
     | PermissionDecided
     | Question
     | QuestionAnswered
+    | UserMessage
+    | TaskStarted
+    | TaskOutput
+    | TaskEnded
 )
 TERMINAL = (TurnCompleted, TurnFailed)
 

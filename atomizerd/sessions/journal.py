@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import json
 import types
+import enum
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,11 +68,15 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, enum.Enum):
+        return value.value
     return value
 
 
 def _build(hint: Any, value: Any) -> Any:
     """`value` (plain JSON) as the type `hint` says: dataclasses and tuples rebuilt."""
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return hint(value)
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         hints = typing.get_type_hints(hint)
         return hint(**{k: _build(hints[k], v) for k, v in value.items() if k in hints})

@@ -42,8 +42,10 @@ from atomizerd.sessions import events as ev
 from atomizerd.sessions.approvals import CLIENT, Decision, client_decision
 from atomizerd.sessions.attachments import check as check_attachments
 from atomizerd.sessions.attachments import check_sha256
+from atomizerd.sessions.idle import IdleReader
 from atomizerd.sessions.journal import Resumed, TurnJournal
 from atomizerd.sessions.session import SESSION_TRANSITIONS, Change, Session, SessionState
+from atomizerd.sessions.tasks import TaskInfo, TaskTable, read_output, tail_output
 from atomizerd.sessions.turns import Turn, TurnRunner, TurnState
 from atomizerd.statemachine import Lifecycle
 from atomizerd.store.db import (
@@ -68,6 +70,10 @@ KILL_SETTLE = 5.0
 # A planned restart: how long what was written to the agents' shims gets to leave before they
 # are let go.
 HAND_OVER_SETTLE = 2.0
+# A page of a task's output (GetTaskOutput) holds at most this many bytes.
+MAX_TASK_PAGE = 1 << 20
+# Background commands whose output is streamed at once, per session.
+MAX_TAILS = 16
 
 
 @dataclass
@@ -79,6 +85,17 @@ class SessionView:
     last_seq: int
     queued_turns: int = 0
     mcp_servers: list[tuple[str, str]] = field(default_factory=list)
+    tasks: list[TaskInfo] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TaskOutputPage:
+    """A page of a task's output file (GetTaskOutput)."""
+
+    data: bytes
+    next_offset: int
+    size: int
+    running: bool
 
 
 class Registry:
@@ -94,7 +111,15 @@ class Registry:
         self.store = store
         self.pool = pool
         self.studies = studies
-        self.runner = TurnRunner(config, store, pool, context_text)
+        self.runner = TurnRunner(config, store, pool, context_text, self._emit)
+        pool.idle_reader = IdleReader(
+            pool,
+            self._session_of,
+            self._start_agent_turn,
+            lambda s, kind: self._emit(s, None, kind),
+            self.runner.task_item,
+        ).follow
+        pool.agent_gone = self._agent_gone
         self.replay = ev.ReplayBudget(config.daemon.replay_bytes_total)
         self._sessions: dict[str, Session] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -213,6 +238,11 @@ class Registry:
             next_seq=record.seq_reserved + 1,
             lifecycle=Lifecycle(f"session {session_id}", initial, SESSION_TRANSITIONS),
         )
+        loaded = s
+        s.tasks = TaskTable(
+            lambda n: self.pool.set_running_tasks(session_id, n),
+            lambda task_id, path: self._tail(loaded, task_id, path),
+        )
         if not self._owns(record):
             # Another host's session: read as stored, never kept (its own daemon changes it).
             return s
@@ -258,6 +288,7 @@ class Registry:
             last_seq=s.next_seq - 1,
             queued_turns=s.queued_turns,
             mcp_servers=self.pool.mcp_servers(s.id),
+            tasks=s.tasks.running(),
         )
 
     def _view_record(self, record: SessionRecord) -> SessionView:
@@ -708,8 +739,12 @@ class Registry:
         text: str,
         request_id: str,
         attachments: Sequence[tuple[str, str, bytes]] = (),
+        *,
+        steer: bool = False,
     ) -> AsyncIterator[ev.SessionEvent]:
-        """Starts (or re-attaches to) a turn and yields its events up to the terminal one."""
+        """Starts (or re-attaches to) a turn and yields its events up to the terminal one.
+        With `steer`, while a turn runs the text goes into it now and the running turn is
+        streamed to its end; with no turn running it is an ordinary message."""
         self._check_open()
         ids.check_request_id(request_id)
         files = check_attachments(attachments, self.config.attachments)
@@ -725,8 +760,15 @@ class Registry:
                     yield event
                 return
             self._check_budget(s)
-            turn = self._enqueue(s, text, request_id)
-            turn.attachments = files
+            running = s.turn
+            if steer and not files and running is not None and not s.inbox:
+                if await self.runner.steer(s, running, text, request_id):
+                    turn = running
+                else:
+                    turn = self._enqueue(s, text, request_id)
+            else:
+                turn = self._enqueue(s, text, request_id)
+                turn.attachments = files
         turn.listeners += 1
         try:
             async for event in self._follow_turn(s, turn):
@@ -790,9 +832,17 @@ class Registry:
                 raise Unavailable("atomizerd is shutting down; the turn's end is in GetHistory")
             await log_.wait_past(cursor)
 
-    def _emit(self, s: Session, turn: Turn, kind: ev.EventKind) -> ev.SessionEvent:
+    def _emit(self, s: Session, turn: Turn | None, kind: ev.EventKind) -> ev.SessionEvent:
+        """Numbers an event of the session: of a turn, or (None) of no turn (what the agent
+        does between turns: its tasks)."""
         seq = s.next_seq
-        event = ev.SessionEvent(seq, s.id, turn.turn_id, time.time(), kind)
+        event = ev.SessionEvent(seq, s.id, turn.turn_id if turn else "", time.time(), kind)
+        if turn is None:
+            s.next_seq += 1
+            if seq > s.record.seq_reserved:
+                self._reserve_seq(s, seq + SEQ_BLOCK)
+            s.log.append(event)
+            return event
         if turn.state is TurnState.DONE:  # a bug: nothing of a turn comes after its end
             log.error(
                 "event after the turn's end dropped", turn_id=turn.turn_id, kind=type(kind).__name__
@@ -872,6 +922,89 @@ class Registry:
                 yield event
         finally:
             s.watchers -= 1
+
+    # --- what the agent does on its own ---------------------------------------------------
+
+    def _session_of(self, session_id: str) -> Session | None:
+        s = self._sessions.get(session_id)
+        return s if s is not None and s.state is SessionState.OPEN else None
+
+    def _start_agent_turn(self, s: Session, agent: Agent) -> None:
+        """The agent started a turn while idle: a job of the session runs it (stored,
+        announced, governed like any turn); a client's message queues behind it."""
+        turn = Turn(ids.new_turn_id(), "", "", s.next_seq - 1)
+        turn.origin = s.next_origin
+        turn.leased = agent
+        turn.audience = lambda: turn.listeners + s.watchers
+        self._submit(s, turn)
+
+    def _agent_gone(self, session_id: str) -> None:
+        """The session's agent is gone (stopped, evicted, died): its tasks went with it."""
+        s = self._sessions.get(session_id)
+        if s is None:
+            return
+        s.untaken.clear()
+        for tail in s.tails.values():
+            tail.cancel()
+        s.tails.clear()
+        for ended in s.tasks.forget_all(ev.TaskStatus.KILLED, "the agent was stopped"):
+            self._emit(s, None, ended)
+
+    def _tail(self, s: Session, task_id: str, path: str) -> None:
+        """Streams a background command's new output as task_output while it runs."""
+        if task_id in s.tails or len(s.tails) >= MAX_TAILS:
+            return
+        per_s = self.config.agent.task_output_bytes
+        task = asyncio.ensure_future(
+            tail_output(
+                path,
+                per_s,
+                running=lambda: s.tasks.get(task_id) is not None,
+                emit=lambda text: self._task_output(s, task_id, text),
+            )
+        )
+        s.tails[task_id] = task
+        task.add_done_callback(lambda _t: s.tails.pop(task_id, None))
+
+    def _task_output(self, s: Session, task_id: str, text: str) -> None:
+        info = s.tasks.get(task_id)
+        if info is not None:
+            info.output_bytes += len(text.encode())
+        self._emit(s, None, ev.TaskOutput(task_id, text))
+
+    async def stop_task(self, session_id: str, task_id: str) -> None:
+        """Stops one of the agent's running tasks (the CLI's stop_task)."""
+        s = self._load(session_id)
+        self._require_own(s)
+        ids.check_task_id(task_id)
+        if s.tasks.get(task_id) is None:
+            raise NotFound(f"session {s.id!r} has no running task {task_id!r}")
+        agent = self.pool.agent(s.id)
+        if agent is None or agent.transport is None:
+            raise FailedPrecondition(f"session {s.id!r} has no live agent")
+        try:
+            await agent.transport.request(
+                "stop_task", timeout=self.config.agent.stop_grace, task_id=task_id
+            )
+        except AgentError as e:
+            raise FailedPrecondition(f"the agent did not stop task {task_id!r}: {e}") from None
+
+    def task_output(self, session_id: str, task_id: str, offset: int, limit: int) -> TaskOutputPage:
+        """A page of a task's output file, never read whole."""
+        s = self._load(session_id)
+        self._require_own(s)
+        ids.check_task_id(task_id)
+        if offset < 0 or limit < 0:
+            raise InvalidArgument("offset and limit must not be negative")
+        path = s.tasks.output_file(task_id)
+        if not path:
+            raise NotFound(f"session {s.id!r} has no output of task {task_id!r}")
+        limit = min(limit or MAX_TASK_PAGE, MAX_TASK_PAGE)
+        try:
+            data, size = read_output(path, offset, limit)
+        except OSError as e:
+            raise NotFound(f"the output of task {task_id!r} is gone: {e.strerror}") from None
+        return TaskOutputPage(data, offset + len(data), size, s.tasks.get(task_id) is not None)
 
     async def interrupt(self, session_id: str) -> str:
         s = self._load(session_id)

@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.approvals import Decision
+from atomizerd.sessions.conversation import UntakenLines
+from atomizerd.sessions.events import TurnOrigin
+from atomizerd.sessions.tasks import TaskTable
 from atomizerd.sessions.turns import Turn
 from atomizerd.statemachine import Lifecycle
 from atomizerd.store.db import SessionRecord
@@ -72,6 +75,14 @@ class Session:
     # Unfinished turns by their client's request_id (finished ones are found in the store).
     by_request: dict[str, Turn] = field(default_factory=dict)
     decisions: OrderedDict[str, Decision] = field(default_factory=OrderedDict)
+    # What the agent runs on its own, and the client lines written into running turns whose
+    # replay has not come yet (sessions/conversation.py); both live as long as its agent.
+    tasks: TaskTable = field(default_factory=TaskTable)
+    untaken: UntakenLines = field(default_factory=UntakenLines)
+    # Who starts the agent's next turn of its own: a task that just ended, or the agent.
+    next_origin: TurnOrigin = TurnOrigin.AGENT
+    # Background commands whose output is being streamed, by task id.
+    tails: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
     @property
     def id(self) -> str:

@@ -21,6 +21,8 @@ import asyncio
 import contextlib
 import enum
 import json
+import re
+import uuid as uuidlib
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -42,10 +44,11 @@ from atomizerd.agents.transport import AgentTransport
 from atomizerd.atomizer.prompt import history_seed
 from atomizerd.daemon import metrics
 from atomizerd.daemon.config import Config
-from atomizerd.errors import AtomizerError, StorageFull
+from atomizerd.errors import AtomizerError, StorageFull, Unavailable
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.approvals import MODE, POLICY, Approvals, Decision, input_digest
 from atomizerd.sessions.attachments import Attachment, content_blocks, to_store
+from atomizerd.sessions.conversation import Open, Router, Step, subagent_events
 from atomizerd.sessions.journal import Resumed, TurnJournal
 from atomizerd.sessions.plans import PLAN, leave_plan
 from atomizerd.statemachine import Lifecycle
@@ -57,6 +60,14 @@ if TYPE_CHECKING:
 log = structlog.get_logger("atomizerd.sessions.turns")
 
 Emit = Callable[[ev.EventKind], ev.SessionEvent]
+# The registry's numbering of an event of a session, for a turn or (None) for none.
+EmitFor = Callable[["Session", "Turn | None", ev.EventKind], ev.SessionEvent]
+
+# The uuids of the lines the daemon writes are derived from their turn's id, so a daemon that
+# adopts a running turn after a restart knows which replay answers it.
+_LINE_NAMESPACE = uuidlib.UUID("6f1d3c1e-6a0b-4d2b-9a57-3b0f0d9e2c11")
+# Where a background Bash's tool result says its output goes.
+_OUTPUT_FILE = re.compile(r"Output is being written to: (\S+\.output)")
 
 
 # Events a turn emits before its message reaches the agent: its start and a few notices.
@@ -119,6 +130,15 @@ class Turn:
         self.opening: list[ev.SessionEvent] = []
         # A turn a previous daemon left running, adopted with its agent at start-up.
         self.resumed: tuple[Agent, Resumed] | None = None
+        # Who started it; a turn the agent started runs on the agent it started in, leased
+        # the moment its output was seen (`leased`).
+        self.origin = ev.TurnOrigin.CLIENT
+        self.leased: Agent | None = None
+
+    @property
+    def line_uuid(self) -> str:
+        """The uuid of the user line this turn writes (replayed when the agent takes it)."""
+        return str(uuidlib.uuid5(_LINE_NAMESPACE, self.turn_id))
 
     def noted(self, event: ev.SessionEvent) -> None:
         """Every event of the turn passes here before any client can see it."""
@@ -195,11 +215,13 @@ class TurnRunner:
         store: Store,
         pool: AgentPool,
         context_text: Callable[[SessionRecord], str],
+        emit_for: EmitFor,
     ) -> None:
         self.config = config
         self.store = store
         self.pool = pool
         self.context_text = context_text
+        self.emit_for = emit_for
         self._pending: set[asyncio.Task[None]] = set()
         # Outcomes the store could not take (a full disk), written once it can again.
         self._unsettled: list[tuple[Session, str, TurnOutcome, float | None]] = []
@@ -213,6 +235,8 @@ class TurnRunner:
         if turn.resumed is not None:
             agent: Agent | None = turn.resumed[0]
             turn.lifecycle.move(T.RUNNING)  # its message is stored and with the agent already
+        elif turn.origin is not ev.TurnOrigin.CLIENT:
+            agent = self._open_agent_turn(s, turn, emit)
         else:
             agent = await self._first_agent(s, turn, emit)
         if agent is None:
@@ -272,9 +296,9 @@ class TurnRunner:
                     turn.journal = TurnJournal.begin(transport, turn.opening)
                 if turn.attachments:
                     blocks = content_blocks(self._agent_text(s, turn), turn.attachments)
-                    await transport.send_user_content(blocks)
+                    await transport.send_user_content(blocks, turn.line_uuid)
                 else:
-                    await transport.send_user_message(self._agent_text(s, turn))
+                    await transport.send_user_message(self._agent_text(s, turn), turn.line_uuid)
                 return agent
             except AgentExited as e:  # it took nothing: safe to start it again
                 turn.journal = None  # the next agent gets the turn's opening events again
@@ -375,16 +399,7 @@ class TurnRunner:
         """The message is with the agent: relay its output to the turn's end. Returns whether
         the agent may serve another turn."""
         transcript = _Transcript()
-        turn.approvals = Approvals(
-            self.store,
-            s.id,
-            turn.turn_id,
-            self.config.approvals.timeout,
-            emit,
-            turn.audience,
-            leave_plan=lambda mode: leave_plan(self.store, s, turn, mode),
-            in_plan=lambda: s.record.mode == PLAN,
-        )
+        turn.approvals = self._approvals(s, turn, emit)
         try:
             if not s.record.agent_started:
                 # The CLI keeps a transcript from its first message on: every later process
@@ -402,6 +417,18 @@ class TurnRunner:
         self.finish(s, turn, emit, transcript, terminal)
         return reusable
 
+    def _approvals(self, s: Session, turn: Turn, emit: Emit) -> Approvals:
+        return Approvals(
+            self.store,
+            s.id,
+            turn.turn_id,
+            self.config.approvals.timeout,
+            emit,
+            turn.audience,
+            leave_plan=lambda mode: leave_plan(self.store, s, turn, mode),
+            in_plan=lambda: s.record.mode == PLAN,
+        )
+
     # --- beginnings and ends -------------------------------------------------------------
 
     def _open(self, s: Session, turn: Turn, emit: Emit, reseeded: bool) -> bool:
@@ -417,13 +444,14 @@ class TurnRunner:
                 turn.text,
                 turn.request_id or None,
                 [to_store(a) for a in turn.attachments],
+                origin=turn.origin.value,
             )
         except AtomizerError as e:
             turn.reject(e)
             return False
         turn.lifecycle.move(T.RUNNING)
         files = tuple(a.info() for a in turn.attachments)
-        emit(ev.TurnStarted(turn.text, turn.request_id, files))
+        emit(ev.TurnStarted(turn.text, turn.request_id, files, turn.origin))
         if reseeded:
             emit(
                 ev.Notice(
@@ -481,6 +509,7 @@ class TurnRunner:
             turn.approvals.close("the turn ended before an answer")
             self._audit_unasked_tools(turn.approvals, transcript, terminal)
         outcome = _outcome(transcript, terminal)
+        outcome.origin = turn.origin.value
         try:
             _, s.record = self.store.finish_turn(
                 s.id, turn.turn_id, outcome, agent_cost_usd=transcript.agent_cost_usd
@@ -631,6 +660,19 @@ class TurnRunner:
             if replay.resumed.interrupted:
                 turn.interrupt()
             self._end_replay(process, turn, replay)
+        reading = _Reading(
+            s,
+            turn,
+            agent,
+            emit,
+            transcript,
+            Router(
+                "" if turn.origin is not ev.TurnOrigin.CLIENT else turn.line_uuid,
+                s.untaken,
+                # A turn adopted after a restart was matched to its line already.
+                Open.OWN if turn.origin is not ev.TurnOrigin.CLIENT or replay else Open.NONE,
+            ),
+        )
         stop_waiter = asyncio.ensure_future(turn.stop_requested.wait())
         # One pending receive at a time, kept across timeouts: nothing read is ever dropped.
         receive: asyncio.Task[AgentItem] | None = None
@@ -684,17 +726,20 @@ class TurnRunner:
                 first = False
                 last_activity = loop.time()
                 quiet = replay is not None and not replay.done
-                outcome = self._relay(
-                    agent,
-                    item,
-                    _quiet if quiet else emit,
-                    transcript,
-                    interrupting_since is not None,
-                    turn.approvals,
-                    s.record.agent_cost_usd,
-                    replay.held if quiet and replay is not None else None,
-                    turn.journal,
-                )
+                if quiet and replay is not None:
+                    outcome = self._relay(
+                        agent,
+                        item,
+                        _quiet,
+                        transcript,
+                        interrupting_since is not None,
+                        turn.approvals,
+                        s.record.agent_cost_usd,
+                        replay.held,
+                        turn.journal,
+                    )
+                else:
+                    outcome = self._take(reading, item, interrupting_since is not None)
                 if turn.journal is not None:
                     turn.journal.handled_upto(process.received)
                     turn.journal.flush()
@@ -706,6 +751,184 @@ class TurnRunner:
             stop_waiter.cancel()
             if receive is not None:
                 receive.cancel()
+            if reading.side is not None:  # the job's turn ended inside an agent turn
+                self._end_side(reading, _cut_short(reading.side.transcript))
+
+    # --- following the agent: which turn an item belongs to (sessions/conversation.py) ------
+
+    def _take(
+        self, r: _Reading, item: AgentItem, interrupted: bool
+    ) -> ev.TurnCompleted | ev.TurnFailed | None:
+        """One item of the agent's output, routed to the turn it belongs to. Returns the job
+        turn's end when this item is it."""
+        step = r.router.step(item)
+        if step is Step.OWN_TAKEN:
+            if r.side is not None:  # the CLI took our line into the turn it had started
+                self._end_side(r, _cut_short(r.side.transcript, taken_over=True))
+            return None
+        if step in (Step.LINE_TAKEN, Step.LATE_LINE):
+            assert isinstance(item, proto.UserReplay)
+            self._line_taken(r, item.uuid, late=step is Step.LATE_LINE)
+            return None
+        if step is Step.TASK:
+            self.task_item(r.s, item, self._current_emit(r))
+            return None
+        if step is Step.SUBAGENT:
+            for kind in subagent_events(item):
+                self._current_emit(r)(kind)
+            return None
+        if step is Step.QUIET:
+            if isinstance(item, proto.Init):
+                r.agent.mcp_servers = list(item.mcp_servers)
+            return None
+        if step is Step.OPEN_AGENT:
+            self._open_side(r, r.s.next_origin, "")
+        if isinstance(item, proto.ToolResult):
+            self._note_output_file(r.s, item)
+        own = r.router.open is Open.OWN
+        side = r.side
+        target_emit, transcript = (r.emit, r.transcript) if own or side is None else side.pair
+        outcome = self._relay(
+            r.agent,
+            item,
+            target_emit,
+            transcript,
+            interrupted and own,
+            r.turn.approvals if own or side is None else side.turn.approvals,
+            r.s.record.agent_cost_usd,
+            None,
+            r.turn.journal if own else None,
+        )
+        if outcome is None:
+            return None
+        if r.router.ended() is Open.AGENT:
+            self._end_side(r, outcome)
+            if not isinstance(item, proto.Result):  # the agent is gone: the job's turn too
+                return outcome
+            return None
+        return outcome
+
+    def _current_emit(self, r: _Reading) -> Emit:
+        """Events that belong to whichever turn is open (the session's, if none is)."""
+        if r.router.open is Open.OWN:
+            return r.emit
+        if r.side is not None:
+            return r.side.emit
+        return lambda kind: self.emit_for(r.s, None, kind)
+
+    def _open_side(self, r: _Reading, origin: ev.TurnOrigin, text: str) -> None:
+        """The agent started a turn while this job's own line waits: it becomes a turn of
+        the session like any other, beside the job's turn."""
+        r.s.next_origin = ev.TurnOrigin.AGENT
+        turn = Turn(ids.new_turn_id(), text, "", r.s.next_seq - 1)
+        turn.origin = origin
+        turn.audience = lambda: r.s.watchers
+        turn.lifecycle.move(T.WAITING)
+        emit: Emit = lambda kind: self.emit_for(r.s, turn, kind)  # noqa: E731
+        if not self._open(r.s, turn, emit, False):
+            log.error("an agent turn could not be stored", session_id=r.s.id)
+        turn.approvals = self._approvals(r.s, turn, emit)
+        r.side = _Side(turn, emit, _Transcript())
+        log.info(
+            "the agent started a turn", session_id=r.s.id, turn_id=turn.turn_id, origin=origin.value
+        )
+
+    def _end_side(self, r: _Reading, terminal: ev.TurnCompleted | ev.TurnFailed) -> None:
+        side, r.side = r.side, None
+        if side is not None and side.turn.state is T.RUNNING:
+            self.finish(r.s, side.turn, side.emit, side.transcript, terminal)
+
+    def _line_taken(self, r: _Reading, line_uuid: str, *, late: bool) -> None:
+        """A client's line written into a running turn (a steer) was taken by the agent: a
+        user message of the turn open now, stored at this point; or, taken only after that
+        turn ended, a turn of its own as if just sent."""
+        taken = r.s.untaken.take(line_uuid)
+        if taken is None:
+            return
+        text, request_id = taken
+        if late:
+            self._open_side(r, ev.TurnOrigin.CLIENT, text)
+            return
+        turn = r.turn if r.router.open is Open.OWN or r.side is None else r.side.turn
+        try:
+            _, r.s.record = self.store.add_user_message(
+                r.s.id, turn.turn_id, text, request_id or None, detail="steer"
+            )
+        except AtomizerError as e:
+            log.error("a steered message was not stored", session_id=r.s.id, error=str(e))
+        self._current_emit(r)(ev.UserMessage(text, request_id))
+
+    def _note_output_file(self, s: Session, item: proto.ToolResult) -> None:
+        """A background command's tool result names the file its output goes to."""
+        match = _OUTPUT_FILE.search(item.content)
+        if match is None:
+            return
+        for task in s.tasks.running():
+            if task.tool_use_id == item.tool_use_id:
+                s.tasks.output_file_named(task.task_id, match.group(1))
+
+    def task_item(self, s: Session, item: AgentItem, emit: Emit) -> None:
+        """The CLI's task bookkeeping, kept in the session's task table and shown."""
+        match item:
+            case proto.TaskStarted():
+                deadline = asyncio.get_running_loop().time() + self.config.agent.task_timeout
+                emit(s.tasks.started(item, deadline))
+            case proto.TaskProgress():
+                text = item.summary or " ".join(
+                    p for p in (item.description, item.last_tool_name) if p
+                )
+                if s.tasks.get(item.task_id) is not None and text:
+                    emit(ev.TaskOutput(item.task_id, text))
+            case proto.TaskNotification():
+                ended = s.tasks.ended(item)
+                if ended is not None:
+                    emit(ended)
+                # The CLI starts a turn of its own to tell the model: that turn's origin.
+                s.next_origin = ev.TurnOrigin.TASK
+
+    def _open_agent_turn(self, s: Session, turn: Turn, emit: Emit) -> Agent | None:
+        """A job for a turn the agent started while idle: it runs on the agent it started in
+        (leased when its output was seen), stored and announced before its first event."""
+        agent, turn.leased = turn.leased, None
+        if agent is None:
+            turn.lifecycle.move(T.DONE)
+            turn.done.set()
+            return None
+        head = agent.transport_or_fail().peek()
+        if isinstance(head, proto.UserReplay) and head.uuid in s.untaken:
+            agent.transport_or_fail().receive_nowait()  # a steer taken late: its own turn
+            taken = s.untaken.take(head.uuid)
+            turn.text, turn.request_id = taken if taken is not None else ("", "")
+            turn.origin = ev.TurnOrigin.CLIENT
+        if not self._open(s, turn, emit, False):
+            self.pool.release(agent, reusable=True)
+            return None
+        s.next_origin = ev.TurnOrigin.AGENT
+        if s.record.budget_usd and s.record.total_cost_usd >= s.record.budget_usd:
+            emit(
+                ev.Notice(
+                    ev.BUDGET_EXHAUSTED,
+                    f"the session's budget of {s.record.budget_usd:g} USD is spent: the turn "
+                    "the agent started is interrupted",
+                )
+            )
+            turn.interrupt()
+        return agent
+
+    async def steer(self, s: Session, turn: Turn, text: str, request_id: str) -> bool:
+        """Writes `text` into the running turn now; False if no turn is running on an agent
+        (the caller sends it as an ordinary message). It is stored when the agent takes it."""
+        agent = self.pool.agent(s.id)
+        if turn.state is not T.RUNNING or agent is None or agent.transport is None:
+            return False
+        line_uuid = str(uuidlib.uuid4())
+        s.untaken.add(line_uuid, text, request_id)
+        try:
+            await agent.transport.send_user_message(text, line_uuid)
+        except AgentError as e:
+            s.untaken.take(line_uuid)
+            raise Unavailable(f"the message could not be written to the agent: {e}") from None
+        return True
 
     def _end_replay(self, process: AgentTransport, turn: Turn, replay: _Replay) -> None:
         """Once the messages the previous daemon accounted for are read again, the permission
@@ -962,6 +1185,41 @@ class TurnRunner:
 
 class _Stopped(Exception):
     """The turn was stopped while it waited for an agent."""
+
+
+@dataclass
+class _Side:
+    """A turn the agent started while a job waited for its own line's turn."""
+
+    turn: Turn
+    emit: Emit
+    transcript: _Transcript
+
+    @property
+    def pair(self) -> tuple[Emit, _Transcript]:
+        return self.emit, self.transcript
+
+
+@dataclass
+class _Reading:
+    """One job's reading of its agent: its own turn, and an agent turn met on the way."""
+
+    s: Session
+    turn: Turn
+    agent: Agent
+    emit: Emit
+    transcript: _Transcript
+    router: Router
+    side: _Side | None = None
+
+
+def _cut_short(transcript: _Transcript, *, taken_over: bool = False) -> ev.TurnCompleted:
+    """The end of an agent turn that had no result of its own: the CLI took a client's line
+    into it (from there on the reply answers that line), or the job ended under it."""
+    why = "the agent took the next message into this turn" if taken_over else "ended early"
+    return ev.TurnCompleted(
+        text=transcript.full_text(), stop_reason=why, interrupted=not taken_over
+    )
 
 
 @dataclass

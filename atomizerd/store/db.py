@@ -106,6 +106,8 @@ class MessageRow(_Model):
     attachments = pw.TextField(default="[]")
     # Assistant messages: the CLI's uuid of the reply's last line (ForkSession's at_message_id).
     agent_uuid = pw.CharField(max_length=64, default="")
+    # Who started the message's turn: client | task | scheduled | agent (events.TurnOrigin).
+    origin = pw.CharField(max_length=16, default="client")
 
     class Meta:
         table_name = "messages"
@@ -321,6 +323,15 @@ def _migrate_pending_index(db: pw.Database) -> None:
     )
 
 
+def _migrate_origin(db: pw.Database) -> None:
+    """Turns the agent starts by itself (a task's end, a scheduled prompt) are stored with
+    their origin; every earlier message was a client's."""
+    if "origin" not in {c.name for c in db.get_columns("messages")}:
+        db.execute_sql(  # type: ignore[no-untyped-call]
+            "ALTER TABLE messages ADD COLUMN origin VARCHAR(16) NOT NULL DEFAULT 'client'"
+        )
+
+
 # Forward migrations: index i migrates from version i to i + 1. Append, never edit.
 MIGRATIONS: list[Callable[[pw.Database], None]] = [
     _migrate_1,
@@ -335,6 +346,7 @@ MIGRATIONS: list[Callable[[pw.Database], None]] = [
     _migrate_attachments,
     _migrate_forks,
     _migrate_pending_index,
+    _migrate_origin,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -421,6 +433,7 @@ class MessageRecord:
     created_at: float
     attachments: list[AttachmentRecord] = field(default_factory=list)
     agent_uuid: str = ""
+    origin: str = "client"
 
     @classmethod
     def from_row(cls, row: MessageRow) -> MessageRecord:
@@ -439,6 +452,7 @@ class MessageRecord:
             created_at=row.created_at,
             attachments=[AttachmentRecord(**a) for a in json.loads(row.attachments)],
             agent_uuid=row.agent_uuid,
+            origin=row.origin,
         )
 
 
@@ -474,6 +488,7 @@ class TurnOutcome:
     context_tokens: int | None = None
     context_window: int | None = None
     agent_uuid: str = ""  # the CLI's uuid of the reply's last line
+    origin: str = "client"  # who started the turn (events.TurnOrigin's value)
 
 
 @dataclass
@@ -661,7 +676,7 @@ class Store:
             )
             columns = [
                 "turn_id", "role", "content", "status", "request_id", "tool_calls", "cost_usd",
-                "usage", "detail", "created_at", "attachments", "agent_uuid",
+                "usage", "detail", "created_at", "attachments", "agent_uuid", "origin",
             ]  # fmt: skip
             names = ", ".join(columns)
             self._sql(
@@ -833,9 +848,13 @@ class Store:
         text: str,
         request_id: str | None,
         attachments: Sequence[StoredAttachment] = (),
+        *,
+        origin: str = "client",
+        detail: str = "",
     ) -> tuple[MessageRecord, SessionRecord]:
         """Commits a turn's user message (status pending) and the bytes of its attachments
-        (once per content in the session); returns it and the session now."""
+        (once per content in the session); returns it and the session now. A turn the agent
+        started by itself has its `origin` and, as its text, what started it."""
         now = time.time()
         records = [a.record for a in attachments]
         values: dict[str, Any] = {
@@ -848,11 +867,12 @@ class Store:
             "tool_calls": "[]",
             "cost_usd": 0.0,
             "usage": "{}",
-            "detail": "",
+            "detail": detail,
             "created_at": now,
         }
         values["attachments"] = json.dumps([r.__dict__ for r in records]) if records else "[]"
         values["agent_uuid"] = ""
+        values["origin"] = origin
         with self.db.atomic():
             message_id = self._insert_message(values)
             for a in attachments:
@@ -875,9 +895,10 @@ class Store:
             [],
             0.0,
             {},
-            "",
+            detail,
             now,
             records,
+            origin=origin,
         ), session
 
     def _store_blob(self, session_id: str, a: StoredAttachment, now: float) -> None:
@@ -921,6 +942,7 @@ class Store:
             "created_at": now,
             "attachments": "[]",
             "agent_uuid": outcome.agent_uuid,
+            "origin": outcome.origin,
         }
         with self.db.atomic():
             self._sql(
@@ -960,6 +982,8 @@ class Store:
             dict(outcome.usage),
             outcome.detail,
             now,
+            agent_uuid=outcome.agent_uuid,
+            origin=outcome.origin,
         ), session
 
     def checkpoint_reply(

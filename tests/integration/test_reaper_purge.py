@@ -69,8 +69,9 @@ def add_session(store: Store, sid: str, messages: int, audits: int, active_at: f
             store.add_user_message(sid, f"t{k}", f"question {k}", None)
             store._sql(
                 "INSERT INTO messages (session_id, turn_id, role, content, status, tool_calls,"
-                " cost_usd, usage, detail, created_at, attachments, agent_uuid)"
-                " VALUES (?, ?, 'assistant', ?, 'complete', '[]', 0, '{}', '', ?, '[]', '')",
+                " cost_usd, usage, detail, created_at, attachments, agent_uuid, origin)"
+                " VALUES (?, ?, 'assistant', ?, 'complete', '[]', 0, '{}', '', ?, '[]', '', "
+                "'client')",
                 (sid, f"t{k}", f"answer {k}", active_at),
             )
         for k in range(audits):

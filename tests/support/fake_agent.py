@@ -12,6 +12,9 @@ process stays usable), queues user lines that arrive mid-turn, and exits at the 
 (code 1 if the last result was an error, else 0). A stdin line that is not JSON makes it exit 1,
 as the CLI does.
 
+With `--replay-user-messages`, each user line is echoed (`isReplay`, with the writer's `uuid`)
+after the turn's init line, as the CLI does.
+
 Argv: accepts the CLI's flags in `--flag=value` and `--flag value` forms and ignores unknown
 ones. `--session-id`/`--resume` set the conversation id echoed in every line (a random one
 otherwise); `--model`, `--permission-mode`, `--dangerously-skip-permissions`, `--tools`,
@@ -451,6 +454,11 @@ class FakeAgent:
         self.in_turn, self.interrupted = True, False
         try:
             emit(self.init_line())
+            if "--replay-user-messages" in self.argv:  # the line is taken into this turn
+                message = msg.get("message", {})
+                emit(
+                    self.envelope("user", message=message, isReplay=True, uuid=msg.get("uuid", ""))
+                )
             emit(self.envelope("system", subtype="status", status="requesting"))
             self.turn_body(text, directives, names)
         except Interrupted as interrupt:

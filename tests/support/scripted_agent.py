@@ -10,6 +10,13 @@ user message is read from directives in the text, like the fake agent program:
   [[ask:TOOL]]    a `can_use_tool` request for TOOL; the reply says how it was answered.
   [[abandon]]     two deltas, withdrawn (abandoned_blocks), then the whole reply under a new id.
   [[big:N]]       a tool result of N bytes, then the reply.
+  [[task:ID]]     starts a background task ID (task_started) and ends the turn at once;
+                  `end_task(ID)` later ends it the way the CLI does: task_notification, then
+                  a turn the agent starts by itself.
+
+Each user line is replayed with its uuid (`--replay-user-messages`) as the turn takes it; a
+line written while a turn runs is taken into that turn (replayed before its result), as the
+CLI does.
 
 `ScriptedSpawner` starts them and is where tests set faults (die during the handshake, die
 before reading the message, slow handshakes and stops) and read what happened (how many were
@@ -76,6 +83,7 @@ class ScriptedAgent:
         self.requests: list[tuple[str, dict[str, Any]]] = []  # other control requests
         self.stops = 0
         self._items: deque[AgentItem] = deque()
+        self._taken_mid_turn: list[tuple[str, str]] = []
         self._final: AgentExited | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._release = asyncio.Event()
@@ -109,7 +117,17 @@ class ScriptedAgent:
             return self._items.popleft()
         return self._final
 
-    async def send_user_message(self, text: str) -> None:
+    def peek(self) -> AgentItem | None:
+        if self._items:
+            return self._items[0]
+        return self._final
+
+    async def wait_output(self) -> None:
+        while not self._items and self._final is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+
+    async def send_user_message(self, text: str, uuid: str = "") -> None:
         if not self.alive:
             raise AgentExited("the scripted agent is not accepting input", self.returncode)
         if self.spawner.die_before_reading > 0:
@@ -117,13 +135,31 @@ class ScriptedAgent:
             self._exit(-11)
             raise AgentExited("the scripted agent closed its input", -11, "")
         self.user_messages.append(text)
+        if self._play_task is not None and not self._play_task.done():
+            self._taken_mid_turn.append((uuid, text))  # the running turn takes it
+            return
         self._interrupt.clear()
-        self._play_task = asyncio.ensure_future(self._play(text))
+        self._play_task = asyncio.ensure_future(self._play(text, uuid))
 
-    async def send_user_content(self, content: list[dict[str, Any]]) -> None:
+    async def send_user_content(self, content: list[dict[str, Any]], uuid: str = "") -> None:
         self.user_contents.append(content)
         texts = [b["text"] for b in content if b.get("type") == "text"]
-        await self.send_user_message("\n".join(texts))
+        await self.send_user_message("\n".join(texts), uuid)
+
+    def end_task(self, task_id: str, status: str = "completed", reply: str = "task done") -> None:
+        """A background task ends while the agent is idle: the CLI announces it and starts a
+        turn of its own (no user line), which ends with a result."""
+        self._push(
+            proto.TaskNotification(task_id, f"tu_{task_id}", status, f"{task_id} {status}", "")
+        )
+        self.start_own_turn(reply, origin_kind="task-notification")
+
+    def start_own_turn(self, reply: str, origin_kind: str = "") -> None:
+        """A turn the agent starts by itself: its output, then a result naming its origin."""
+        mid = f"own_{len(self._items)}_{self.pid}"
+        self._push(proto.Init("scripted", "model", (), (), "default", {}))
+        self._delta(reply, mid)
+        self._push(_result(False, origin_kind))
 
     async def respond_control(self, request_id: str, response: Mapping[str, Any]) -> None:
         if not self.alive:
@@ -215,12 +251,16 @@ class ScriptedAgent:
             self._play_task.cancel()
         self._wake()
 
-    async def _play(self, text: str) -> None:
+    async def _play(self, text: str, uuid: str) -> None:
         directives = {m.group(1): m.group(2) for m in _DIRECTIVE.finditer(text)}
         plain = _DIRECTIVE.sub("", text).strip()
         mid = f"msg_{len(self.user_messages)}"
         reply = f"echo: {plain}"
         interrupted = False
+        self._push(proto.UserReplay(uuid, text))
+        if "task" in directives:
+            task_id = directives["task"] or "task1"
+            self._push(proto.TaskStarted(task_id, f"tu_{task_id}", "local_bash", task_id, True))
         if "hold" in directives:
             self._delta("partial ", mid)
             interrupted = await self._held()
@@ -245,6 +285,10 @@ class ScriptedAgent:
             )
         if reply and "abandon" not in directives:
             self._delta(reply, mid)
+        for taken_uuid, taken_text in self._taken_mid_turn:
+            self._push(proto.UserReplay(taken_uuid, taken_text))
+            self._delta(f" steered: {taken_text}", mid)
+        self._taken_mid_turn.clear()
         self._push(_result(interrupted))
 
     def _delta(self, text: str, message_id: str, index: int = 0) -> None:
@@ -290,7 +334,7 @@ def _assistant(text: str, message_id: str) -> proto.AssistantMessage:
     return proto.AssistantMessage(text=text, tool_uses=(), message_id=message_id)
 
 
-def _result(interrupted: bool) -> proto.Result:
+def _result(interrupted: bool, origin_kind: str = "") -> proto.Result:
     return proto.Result(
         subtype="error_during_execution" if interrupted else "success",
         is_error=interrupted,
@@ -302,4 +346,5 @@ def _result(interrupted: bool) -> proto.Result:
         session_id="scripted",
         stop_reason=None,
         permission_denials=(),
+        raw={"origin": {"kind": origin_kind}} if origin_kind else {},
     )

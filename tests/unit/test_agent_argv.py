@@ -27,6 +27,7 @@ def test_fixed_flags() -> None:
         "--output-format=stream-json",
         "--verbose",
         "--include-partial-messages",
+        "--replay-user-messages",
     )
 
 

@@ -222,6 +222,8 @@ UNARY: dict[str, Callable[..., Any]] = {
     "ForkSession": lambda c, **kw: c.fork_session("s1", **kw),
     "SetModel": lambda c, **kw: c.set_model("s1", "sonnet", **kw),
     "AnswerQuestion": lambda c, **kw: c.answer_question("s1", "q1", {"Which?": "A"}, **kw),
+    "StopTask": lambda c, **kw: c.stop_task("s1", "b1", **kw),
+    "GetTaskOutput": lambda c, **kw: c.get_task_output("s1", "b1", offset=10, limit=5, **kw),
     "GetStatus": lambda c, **kw: c.get_status(**kw),
     "RestartDaemon": lambda c, **kw: c.restart_daemon(**kw),
 }

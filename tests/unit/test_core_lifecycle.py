@@ -298,7 +298,7 @@ def test_a_write_the_agent_never_takes_fails_the_turn_instead_of_hanging(tmp_pat
         await core.pool.prewarm(lambda: record, lambda: True)
         agent = core.spawner.agents[0]
 
-        async def stuck(text: str) -> None:
+        async def stuck(text: str, uuid: str = "") -> None:
             raise WriteTimeout("the agent did not take the line within 10 s")
 
         agent.send_user_message = stuck  # type: ignore[method-assign]

@@ -15,7 +15,12 @@ from atomizerd.sessions.journal import Resumed, TurnJournal, decode_event, encod
 
 # One of every event kind, nested parts included.
 KINDS: list[ev.EventKind] = [
-    ev.TurnStarted("hi", "req-1", (ev.AttachmentInfo("a.png", "image/png", 3, "0" * 64),)),
+    ev.TurnStarted(
+        "hi",
+        "req-1",
+        (ev.AttachmentInfo("a.png", "image/png", 3, "0" * 64),),
+        ev.TurnOrigin.TASK,
+    ),
     ev.TextDelta("héllo 🎉"),
     ev.ThinkingDelta("hmm"),
     ev.ToolUse("tu1", "Bash", '{"command":"ls"}'),
@@ -44,6 +49,10 @@ KINDS: list[ev.EventKind] = [
         "q1", (ev.QuestionItem("Which?", "h", (ev.QuestionOption("A", "first"),), True),), "t", 9.0
     ),
     ev.QuestionAnswered("q1", (("Which?", "A"),), True, "client"),
+    ev.UserMessage("also this", "req-2"),
+    ev.TaskStarted("b1", "tu3", ev.TaskKind.BASH, "solver run", True),
+    ev.TaskOutput("b1", "iteration 1\n"),
+    ev.TaskEnded("b1", ev.TaskStatus.COMPLETED, "exit code 0"),
 ]
 
 

@@ -20,6 +20,7 @@ from atomizerd.store.db import (
     _migrate_attachments,
     _migrate_checkpoint_pieces,
     _migrate_forks,
+    _migrate_origin,
     _migrate_session_context,
     _migrate_session_model,
     database_proxy,
@@ -138,6 +139,13 @@ def _undo_forks(db: pw.Database) -> None:
 UNDO[MIGRATIONS.index(_migrate_forks) + 1] = _undo_forks
 
 
+def _undo_origin(db: pw.Database) -> None:
+    db.execute_sql("ALTER TABLE messages DROP COLUMN origin")
+
+
+UNDO[MIGRATIONS.index(_migrate_origin) + 1] = _undo_origin
+
+
 def make_version(url: str, version: int) -> None:
     """A database as a daemon of schema `version` left it, holding a session with a finished
     turn, a turn cut off by a crash and a recorded agent."""
@@ -170,6 +178,8 @@ def make_version(url: str, version: int) -> None:
                 message_col, message_val = ", attachments", ", '[]'"
             if version > MIGRATIONS.index(_migrate_forks):
                 message_col, message_val = message_col + ", agent_uuid", message_val + ", ''"
+            if version > MIGRATIONS.index(_migrate_origin):
+                message_col, message_val = message_col + ", origin", message_val + ", 'client'"
             for sql, params in [
                 (
                     "INSERT INTO sessions (session_id, mode, study_id, agent_session_id, "

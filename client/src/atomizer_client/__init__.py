@@ -36,6 +36,9 @@ from atomizer_client.events import (
     QuestionAnswered,
     QuestionItem,
     QuestionOption,
+    TaskEnded,
+    TaskOutput,
+    TaskStarted,
     TextDelta,
     ThinkingDelta,
     ToolResult,
@@ -45,7 +48,9 @@ from atomizer_client.events import (
     TurnStarted,
     UnknownEvent,
     Usage,
+    UserMessage,
     decider_name,
+    origin_name,
 )
 
 __all__ = [
@@ -74,6 +79,9 @@ __all__ = [
     "QuestionOption",
     "ResourceExhaustedError",
     "RetryPolicy",
+    "TaskEnded",
+    "TaskOutput",
+    "TaskStarted",
     "TextDelta",
     "ThinkingDelta",
     "ToolResult",
@@ -84,7 +92,9 @@ __all__ = [
     "UnavailableError",
     "UnknownEvent",
     "Usage",
+    "UserMessage",
     "decider_name",
     "find_socket",
     "new_request_id",
+    "origin_name",
 ]

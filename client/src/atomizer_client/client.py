@@ -16,6 +16,10 @@ Tool approval: in user mode, a `PermissionRequest` event asks to run a tool outs
 allowlist; answer it with `respond_to_permission` (the first answer wins), and read every
 outcome back with `list_audit_events`.
 
+Tasks: the agent runs background commands and subagents (`Session.tasks`, the `TaskStarted` /
+`TaskOutput` / `TaskEnded` events); `stop_task` stops one, `get_task_output` pages through its
+output. `send_message(..., steer=True)` puts text into the running turn instead of queueing it.
+
 Records (sessions, messages, status) are the generated protobuf messages, typed by their .pyi;
 stream events are the dataclasses of `events`.
 """
@@ -60,6 +64,9 @@ Message = session_pb2.Message
 AuditEvent = session_pb2.AuditEvent
 Decision = session_pb2.PermissionDecided
 QuestionOutcome = session_pb2.QuestionAnswered
+Task = session_pb2.Task
+TaskOutputPage = session_pb2.GetTaskOutputResponse
+"""A page of a task's output: `data`, `next_offset`, `size` (so far), `running`."""
 AttachmentLike = session_pb2.Attachment | tuple[str, str, bytes]
 """A file to send: a `session_pb2.Attachment`, or (name, media_type, data)."""
 RuleLike = PermissionRule | tuple[str, str]
@@ -405,6 +412,7 @@ class Client(_Base):
         request_id: str | None = None,
         timeout: float | None = None,
         attachments: Sequence[AttachmentLike] = (),
+        steer: bool = False,
     ) -> EventStream:
         """Starts a turn and returns its events; the last one is TurnCompleted or TurnFailed.
 
@@ -413,9 +421,12 @@ class Client(_Base):
         `timeout` bounds the whole turn (default: none; the daemon has its own turn timeout).
         `attachments`: files for the model (`attachment_from_path(path)`, or `(name,
         media_type, data)`): images, PDFs, text; the daemon's `attachments` limits apply.
+        `steer`: while a turn runs, the text goes into it now (a `UserMessage` event shows when
+        the agent took it) and the stream follows that turn to its end; with no turn running
+        it starts one as usual.
         """
         rid = request_id or new_request_id()
-        req = _send_request(session_id, text, rid, attachments)
+        req = _send_request(session_id, text, rid, attachments, steer)
         return EventStream(self._sessions.SendMessage(req, timeout=timeout), rid)
 
     def watch_session(self, session_id: str, *, after_seq: int = 0) -> EventStream:
@@ -484,6 +495,26 @@ class Client(_Base):
         req = session_pb2.ListAuditEventsRequest(session_id=session_id, page_size=page_size)
         return self._pages(self._sessions.ListAuditEvents, req, "events", timeout)
 
+    def stop_task(self, session_id: str, task_id: str, *, timeout: float | None = None) -> None:
+        """Stops a running task of the session (`Session.tasks`); its `TaskEnded` follows
+        with status "stopped". NotFoundError when no such task runs. Never retried."""
+        req = session_pb2.StopTaskRequest(session_id=session_id, task_id=task_id)
+        self._call(self._sessions.StopTask, req, timeout)
+
+    def get_task_output(
+        self,
+        session_id: str,
+        task_id: str,
+        *,
+        offset: int = 0,
+        limit: int = 0,
+        timeout: float | None = None,
+    ) -> TaskOutputPage:
+        """A page of a task's output (running, or recently ended) from byte `offset`, at most
+        `limit` bytes (0: the daemon's page size); read on from the page's `next_offset`."""
+        req = _task_output_request(session_id, task_id, offset, limit)
+        return self._call(self._sessions.GetTaskOutput, req, timeout)
+
     def get_status(self, *, timeout: float | None = None) -> Status:
         return self._call(self._daemon.GetStatus, daemon_pb2.GetStatusRequest(), timeout)
 
@@ -494,7 +525,11 @@ class Client(_Base):
 
 
 def _send_request(
-    session_id: str, text: str, request_id: str, attachments: Sequence[AttachmentLike]
+    session_id: str,
+    text: str,
+    request_id: str,
+    attachments: Sequence[AttachmentLike],
+    steer: bool = False,
 ) -> session_pb2.SendMessageRequest:
     files = [
         a
@@ -503,7 +538,17 @@ def _send_request(
         for a in attachments
     ]
     return session_pb2.SendMessageRequest(
-        session_id=session_id, text=text, request_id=request_id, attachments=files
+        session_id=session_id, text=text, request_id=request_id, attachments=files, steer=steer
+    )
+
+
+def _task_output_request(
+    session_id: str, task_id: str, offset: int, limit: int
+) -> session_pb2.GetTaskOutputRequest:
+    if offset < 0 or limit < 0:
+        raise ValueError(f"offset and limit must not be negative (offset {offset}, limit {limit})")
+    return session_pb2.GetTaskOutputRequest(
+        session_id=session_id, task_id=task_id, offset=offset, limit=limit
     )
 
 
@@ -747,10 +792,11 @@ class AsyncClient(_Base):
         request_id: str | None = None,
         timeout: float | None = None,
         attachments: Sequence[AttachmentLike] = (),
+        steer: bool = False,
     ) -> AsyncEventStream:
         """As `Client.send_message`; the call starts when the event loop next runs."""
         rid = request_id or new_request_id()
-        req = _send_request(session_id, text, rid, attachments)
+        req = _send_request(session_id, text, rid, attachments, steer)
         return AsyncEventStream(self._sessions.SendMessage(req, timeout=timeout), rid)
 
     def watch_session(self, session_id: str, *, after_seq: int = 0) -> AsyncEventStream:
@@ -795,6 +841,18 @@ class AsyncClient(_Base):
         req = session_pb2.ListAuditEventsRequest(session_id=session_id, page_size=page_size)
         return self._pages(self._sessions.ListAuditEvents, req, "events")
 
+    async def stop_task(self, session_id: str, task_id: str) -> None:
+        """As `Client.stop_task`; never retried."""
+        req = session_pb2.StopTaskRequest(session_id=session_id, task_id=task_id)
+        await self._call(self._sessions.StopTask, req)
+
+    async def get_task_output(
+        self, session_id: str, task_id: str, *, offset: int = 0, limit: int = 0
+    ) -> TaskOutputPage:
+        """As `Client.get_task_output`."""
+        req = _task_output_request(session_id, task_id, offset, limit)
+        return await self._call(self._sessions.GetTaskOutput, req)
+
     async def get_status(self) -> Status:
         return await self._call(self._daemon.GetStatus, daemon_pb2.GetStatusRequest())
 
@@ -814,6 +872,8 @@ __all__ = [
     "EventStream",
     "QuestionOutcome",
     "RetryPolicy",
+    "Task",
+    "TaskOutputPage",
     "attachment_from_path",
     "channel_options",
     "mode_value",

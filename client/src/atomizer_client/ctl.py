@@ -25,6 +25,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message as ProtoMessage
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from atomizer_client import ctl_tasks
 from atomizer_client.client import DEFAULT_TIMEOUT, Client, EventStream, attachment_from_path
 from atomizer_client.errors import (
     AtomizerError,
@@ -48,6 +49,7 @@ from atomizer_client.events import (
     TurnCompleted,
     TurnFailed,
     TurnStarted,
+    UserMessage,
     decider_name,
 )
 
@@ -285,13 +287,24 @@ class TurnRenderer:
             PermissionDecided: self._permission_decided,
             TurnCompleted: self._completed,
             TurnFailed: self._failed,
+            UserMessage: self._user_message,
+            **ctl_tasks.task_handlers(self.out),
         }
 
     def _turn_started(self, ev: TurnStarted) -> None:
         self.streamed_text = False
-        if self.show_prompt:
+        if ev.by_agent:  # no client's message: say who began it, and show what it was told
+            self.out.end_line()
+            self.out.note(ctl_tasks.origin_note(ev))
+            if self.show_prompt and ev.text:
+                self.out.note("  " + _one_line(ev.text))
+        elif self.show_prompt:
             self.out.end_line()
             self.out.line("> " + ev.text.replace("\n", "\n> "))
+
+    def _user_message(self, ev: UserMessage) -> None:
+        self.out.end_line()
+        self.out.line(">> " + ev.text.replace("\n", "\n>> "))
 
     def _text(self, ev: TextDelta) -> None:
         self.streamed_text = True
@@ -302,7 +315,10 @@ class TurnRenderer:
         self.out.dim_text(ev.text)
 
     def _tool_use(self, ev: ToolUse) -> None:
-        self.out.note(_one_line(f"⏺ {ev.name} {ev.input_json}"))
+        if ev.parent_tool_use_id:  # a subagent's call, indented under the Task that runs it
+            self.out.note("  " + _one_line(f"⏺ [subagent] {ev.name} {ev.input_json}"))
+        else:
+            self.out.note(_one_line(f"⏺ {ev.name} {ev.input_json}"))
 
     def _tool_result(self, ev: ToolResult) -> None:
         if ev.is_error:
@@ -405,7 +421,7 @@ class Interrupter:
             self._send()
 
     def saw(self, ev: Event) -> None:
-        if isinstance(ev, TurnStarted):
+        if isinstance(ev, TurnStarted | UserMessage):  # a steer joins a turn already started
             self.turn_started = True
             if self.requested:
                 self._send()
@@ -583,15 +599,16 @@ def run_turn(
     out: Output,
     policy: ApprovalPolicy | None = None,
     attachments: Sequence[session_pb2.Attachment] = (),
+    steer: bool = False,
 ) -> int:
-    """Sends one message (with `attachments`), shows the reply live (answering permission
-    requests as `policy` says), returns the exit code of its outcome."""
+    """Sends one message (with `attachments`; `steer`: into the running turn), shows the reply
+    live (answering permission requests as `policy` says), returns its outcome's exit code."""
     policy = policy or ApprovalPolicy()
     interrupter = Interrupter(client, session_id, out)
     hint = policy.auto is None and not policy.interactive
     renderer = TurnRenderer(out, show_prompt=False, answer_hint=hint)
     with interrupter.installed():
-        stream = client.send_message(session_id, text, attachments=attachments)
+        stream = client.send_message(session_id, text, attachments=attachments, steer=steer)
         pump = EventPump(stream)
         approver = Approver(client, session_id, out, policy, pump)
         try:
@@ -728,6 +745,8 @@ def cmd_history(client: Client, args: argparse.Namespace, out: Output) -> int:
             continue
         status = _enum_short(m, "status")
         extra = "" if status in ("complete", "unspecified") else f" ({status})"
+        if _enum_short(m, "origin") not in ("client", "unspecified"):
+            extra += f" [started by the agent: {_enum_short(m, 'origin')}]"
         cost = f" · ${m.cost_usd:.4f}" if m.cost_usd else ""
         out.line(
             ("\n" if i else "")
@@ -852,7 +871,7 @@ def cmd_send(client: Client, args: argparse.Namespace, out: Output) -> int:
     except (OSError, ValueError) as e:
         out.error(f"cannot attach: {e}")
         return EXIT_USAGE
-    return run_turn(client, args.id, text, out, policy, files)
+    return run_turn(client, args.id, text, out, policy, files, steer=args.steer)
 
 
 def cmd_approve(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -1085,6 +1104,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="send FILE with the message (an image, a PDF, text, Markdown, CSV or JSON; "
         "the type from its extension); repeatable",
     )
+    p.add_argument(
+        "--steer",
+        action="store_true",
+        help="while a turn runs, put the text into it now (instead of a turn of its own)",
+    )
     _approval_options(p)
 
     p = add("watch", cmd_watch, "follow a session's events live (Ctrl-C stops)")
@@ -1113,6 +1137,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("audit", cmd_audit, "a session's audit trail: tool approvals, mode switches").add_argument(
         "id"
     )
+    ctl_tasks.add_commands(add)
     return parser
 
 

@@ -7,6 +7,12 @@ terminal event: `TurnCompleted` (also when interrupted or when the agent reporte
 In user mode a tool outside the allowlist shows up as `PermissionRequest` (answer it with
 `Client.respond_to_permission` before its `deadline`), and every outcome, also of requests that
 were decided without asking (a remembered rule, the policy), as `PermissionDecided`.
+
+The agent also starts turns on its own: `TurnStarted.origin` says who started a turn ("client"
+for a client's message; "task", "scheduled" or "agent" for one the agent began by itself, e.g.
+when a background task ended). Tasks (background or long commands, subagents) show up as
+`TaskStarted`, `TaskOutput` and `TaskEnded`, also between turns; a client's text taken into a
+running turn (`send_message(..., steer=True)`) as `UserMessage`.
 """
 
 from __future__ import annotations
@@ -89,6 +95,24 @@ class TurnStarted(Event):
     text: str = ""
     request_id: str = ""
     attachments: tuple[AttachmentInfo, ...] = ()
+    origin: str = "client"
+    """Who started the turn, lowercase: "client" (a client's message), or the agent on its own:
+    "task" (a task it started has ended), "scheduled" (a prompt it scheduled came due),
+    "agent" (anything else); "unspecified" from a daemon that does not say."""
+
+    @property
+    def by_agent(self) -> bool:
+        """The agent started this turn on its own (no client sent a message)."""
+        return self.origin not in ("client", "unspecified")
+
+
+@dataclass(frozen=True, slots=True)
+class UserMessage(Event):
+    """A client's text taken into the running turn (a steer), when the agent took it."""
+
+    type: ClassVar[str] = "user_message"
+    text: str = ""
+    request_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +133,9 @@ class ToolUse(Event):
     id: str = ""
     name: str = ""
     input_json: str = ""
+    parent_tool_use_id: str = ""
+    """A subagent's call: the id of the Task tool use running the subagent; "" for the main
+    agent's own calls."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +144,40 @@ class ToolResult(Event):
     tool_use_id: str = ""
     content: str = ""
     is_error: bool = False
+    parent_tool_use_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskStarted(Event):
+    """The agent started a task: a background or long command, a subagent."""
+
+    type: ClassVar[str] = "task_started"
+    task_id: str = ""
+    tool_use_id: str = ""
+    kind: str = ""
+    """Lowercase: "bash", "subagent" or "other"."""
+    description: str = ""
+    background: bool = False
+    """The turn may end before the task does; the agent may start a turn when it ends."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOutput(Event):
+    """More of a task's output (a background command's new output, a subagent's progress);
+    all of it so far: `Client.get_task_output`."""
+
+    type: ClassVar[str] = "task_output"
+    task_id: str = ""
+    text: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskEnded(Event):
+    type: ClassVar[str] = "task_ended"
+    task_id: str = ""
+    status: str = ""
+    """Lowercase: "completed", "failed", "stopped" or "killed"."""
+    summary: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +338,11 @@ def decider_name(value: int) -> str:
     return _enum_name(session_pb2.Decider, value, "DECIDER_").lower()
 
 
+def origin_name(value: int) -> str:
+    """A `session_pb2.TurnOrigin` value as a lowercase word: TURN_ORIGIN_TASK -> task."""
+    return _enum_name(session_pb2.TurnOrigin, value, "TURN_ORIGIN_").lower()
+
+
 def _time(ts: Any) -> datetime | None:  # a Timestamp; unset (all zero) means none
     if not ts.seconds and not ts.nanos:
         return None
@@ -300,18 +366,38 @@ def from_proto(ev: session_pb2.SessionEvent) -> Event:
             for a in started.attachments
         )
         return TurnStarted(
-            **base, text=started.text, request_id=started.request_id, attachments=files
+            **base,
+            text=started.text,
+            request_id=started.request_id,
+            attachments=files,
+            origin=origin_name(started.origin),
         )
+    if kind == "user_message":
+        return UserMessage(**base, text=ev.user_message.text, request_id=ev.user_message.request_id)
     if kind == "text_delta":
         return TextDelta(**base, text=ev.text_delta.text)
     if kind == "thinking_delta":
         return ThinkingDelta(**base, text=ev.thinking_delta.text)
     if kind == "tool_use":
         t = ev.tool_use
-        return ToolUse(**base, id=t.id, name=t.name, input_json=t.input_json)
+        return ToolUse(
+            **base,
+            id=t.id,
+            name=t.name,
+            input_json=t.input_json,
+            parent_tool_use_id=t.parent_tool_use_id,
+        )
     if kind == "tool_result":
         r = ev.tool_result
-        return ToolResult(**base, tool_use_id=r.tool_use_id, content=r.content, is_error=r.is_error)
+        return ToolResult(
+            **base,
+            tool_use_id=r.tool_use_id,
+            content=r.content,
+            is_error=r.is_error,
+            parent_tool_use_id=r.parent_tool_use_id,
+        )
+    if kind in ("task_started", "task_output", "task_ended"):
+        return _task_event(base, ev)
     if kind == "turn_completed":
         return _turn_completed(base, ev.turn_completed)
     if kind == "turn_failed":
@@ -391,6 +477,28 @@ def question_answered_from_proto(
     )
 
 
+def _task_event(base: dict[str, Any], ev: session_pb2.SessionEvent) -> Event:
+    if ev.HasField("task_started"):
+        s = ev.task_started
+        return TaskStarted(
+            **base,
+            task_id=s.task_id,
+            tool_use_id=s.tool_use_id,
+            kind=_enum_name(session_pb2.TaskKind, s.kind, "TASK_KIND_").lower(),
+            description=s.description,
+            background=s.background,
+        )
+    if ev.HasField("task_output"):
+        return TaskOutput(**base, task_id=ev.task_output.task_id, text=ev.task_output.text)
+    e = ev.task_ended
+    return TaskEnded(
+        **base,
+        task_id=e.task_id,
+        status=_enum_name(session_pb2.TaskStatus, e.status, "TASK_STATUS_").lower(),
+        summary=e.summary,
+    )
+
+
 def _turn_completed(base: dict[str, Any], c: session_pb2.TurnCompleted) -> TurnCompleted:
     denials = tuple(
         PermissionDenial(d.tool_name, d.tool_use_id, d.input_json) for d in c.permission_denials
@@ -439,6 +547,9 @@ __all__ = [
     "QuestionAnswered",
     "QuestionItem",
     "QuestionOption",
+    "TaskEnded",
+    "TaskOutput",
+    "TaskStarted",
     "TextDelta",
     "ThinkingDelta",
     "ToolResult",
@@ -448,6 +559,8 @@ __all__ = [
     "TurnStarted",
     "UnknownEvent",
     "Usage",
+    "UserMessage",
     "decider_name",
     "from_proto",
+    "origin_name",
 ]

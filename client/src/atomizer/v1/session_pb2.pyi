@@ -84,6 +84,92 @@ SESSION_STATE_CLOSED: SessionState.ValueType  # 5
 """Terminated; CreateSession with its id reopens it."""
 Global___SessionState: _TypeAlias = SessionState  # noqa: Y015
 
+class _TurnOrigin:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TurnOriginEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TurnOrigin.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TURN_ORIGIN_UNSPECIFIED: _TurnOrigin.ValueType  # 0
+    TURN_ORIGIN_CLIENT: _TurnOrigin.ValueType  # 1
+    """A client's message (SendMessage)."""
+    TURN_ORIGIN_TASK: _TurnOrigin.ValueType  # 2
+    """The agent, on its own, because a background task or subagent it started has ended."""
+    TURN_ORIGIN_SCHEDULED: _TurnOrigin.ValueType  # 3
+    """The agent, on its own, for a prompt it scheduled that came due."""
+    TURN_ORIGIN_AGENT: _TurnOrigin.ValueType  # 4
+    """The agent, on its own, for any other reason."""
+
+class TurnOrigin(_TurnOrigin, metaclass=_TurnOriginEnumTypeWrapper):
+    """Who started a turn."""
+
+TURN_ORIGIN_UNSPECIFIED: TurnOrigin.ValueType  # 0
+TURN_ORIGIN_CLIENT: TurnOrigin.ValueType  # 1
+"""A client's message (SendMessage)."""
+TURN_ORIGIN_TASK: TurnOrigin.ValueType  # 2
+"""The agent, on its own, because a background task or subagent it started has ended."""
+TURN_ORIGIN_SCHEDULED: TurnOrigin.ValueType  # 3
+"""The agent, on its own, for a prompt it scheduled that came due."""
+TURN_ORIGIN_AGENT: TurnOrigin.ValueType  # 4
+"""The agent, on its own, for any other reason."""
+Global___TurnOrigin: _TypeAlias = TurnOrigin  # noqa: Y015
+
+class _TaskKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TaskKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TASK_KIND_UNSPECIFIED: _TaskKind.ValueType  # 0
+    TASK_KIND_BASH: _TaskKind.ValueType  # 1
+    """A shell command (the agent's Bash tool), run in the background or long-running."""
+    TASK_KIND_SUBAGENT: _TaskKind.ValueType  # 2
+    """A subagent (the agent's Task tool)."""
+    TASK_KIND_OTHER: _TaskKind.ValueType  # 3
+    """Any other kind of task the agent reports."""
+
+class TaskKind(_TaskKind, metaclass=_TaskKindEnumTypeWrapper):
+    """What kind of work a task is."""
+
+TASK_KIND_UNSPECIFIED: TaskKind.ValueType  # 0
+TASK_KIND_BASH: TaskKind.ValueType  # 1
+"""A shell command (the agent's Bash tool), run in the background or long-running."""
+TASK_KIND_SUBAGENT: TaskKind.ValueType  # 2
+"""A subagent (the agent's Task tool)."""
+TASK_KIND_OTHER: TaskKind.ValueType  # 3
+"""Any other kind of task the agent reports."""
+Global___TaskKind: _TypeAlias = TaskKind  # noqa: Y015
+
+class _TaskStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TaskStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TASK_STATUS_UNSPECIFIED: _TaskStatus.ValueType  # 0
+    TASK_STATUS_COMPLETED: _TaskStatus.ValueType  # 1
+    """It ran to its end."""
+    TASK_STATUS_FAILED: _TaskStatus.ValueType  # 2
+    """It ended with an error."""
+    TASK_STATUS_STOPPED: _TaskStatus.ValueType  # 3
+    """It was stopped (StopTask, the agent's own stop, or the daemon's task timeout)."""
+    TASK_STATUS_KILLED: _TaskStatus.ValueType  # 4
+    """It went with its agent (the agent exited, was stopped, or the session closed)."""
+
+class TaskStatus(_TaskStatus, metaclass=_TaskStatusEnumTypeWrapper):
+    """How a task ended."""
+
+TASK_STATUS_UNSPECIFIED: TaskStatus.ValueType  # 0
+TASK_STATUS_COMPLETED: TaskStatus.ValueType  # 1
+"""It ran to its end."""
+TASK_STATUS_FAILED: TaskStatus.ValueType  # 2
+"""It ended with an error."""
+TASK_STATUS_STOPPED: TaskStatus.ValueType  # 3
+"""It was stopped (StopTask, the agent's own stop, or the daemon's task timeout)."""
+TASK_STATUS_KILLED: TaskStatus.ValueType  # 4
+"""It went with its agent (the agent exited, was stopped, or the session closed)."""
+Global___TaskStatus: _TypeAlias = TaskStatus  # noqa: Y015
+
 class _Role:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -209,6 +295,10 @@ class _NoticeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NoticeKind
     """The agent compacted the conversation (summarised its earlier part, on its own when the
     context was full, or asked with /compact): tokens_before and tokens_after say how much.
     """
+    NOTICE_KIND_BUDGET_EXHAUSTED: _NoticeKind.ValueType  # 7
+    """The session's budget is spent: a turn the agent started by itself was interrupted."""
+    NOTICE_KIND_TASK_TIMEOUT: _NoticeKind.ValueType  # 8
+    """A task ran longer than agent.task_timeout and was stopped."""
 
 class NoticeKind(_NoticeKind, metaclass=_NoticeKindEnumTypeWrapper): ...
 
@@ -232,6 +322,10 @@ NOTICE_KIND_CONTEXT_COMPACTED: NoticeKind.ValueType  # 6
 """The agent compacted the conversation (summarised its earlier part, on its own when the
 context was full, or asked with /compact): tokens_before and tokens_after say how much.
 """
+NOTICE_KIND_BUDGET_EXHAUSTED: NoticeKind.ValueType  # 7
+"""The session's budget is spent: a turn the agent started by itself was interrupted."""
+NOTICE_KIND_TASK_TIMEOUT: NoticeKind.ValueType  # 8
+"""A task ran longer than agent.task_timeout and was stopped."""
 Global___NoticeKind: _TypeAlias = NoticeKind  # noqa: Y015
 
 class _Decider:
@@ -311,6 +405,7 @@ class Session(_message.Message):
     CONTEXT_TOKENS_FIELD_NUMBER: _builtins.int
     CONTEXT_WINDOW_FIELD_NUMBER: _builtins.int
     FORKED_FROM_FIELD_NUMBER: _builtins.int
+    TASKS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     mode: Global___Mode.ValueType
     study_id: _builtins.str
@@ -355,6 +450,12 @@ class Session(_message.Message):
     def mcp_servers(self) -> _containers.RepeatedCompositeFieldContainer[Global___McpServerStatus]:
         """MCP servers reported by the agent at its last start."""
 
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Task]:
+        """The tasks the session's agent is running now (background or long commands, subagents),
+        oldest first; while any runs the agent is busy even between turns.
+        """
+
     def __init__(
         self,
         *,
@@ -377,14 +478,62 @@ class Session(_message.Message):
         context_tokens: _builtins.int = ...,
         context_window: _builtins.int = ...,
         forked_from: _builtins.str = ...,
+        tasks: _abc.Iterable[Global___Task] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "last_active_at", b"last_active_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_session_id", b"agent_session_id", "budget_usd", b"budget_usd", "context_tokens", b"context_tokens", "context_window", b"context_window", "created_at", b"created_at", "forked_from", b"forked_from", "host_id", b"host_id", "last_active_at", b"last_active_at", "last_seq", b"last_seq", "mcp_servers", b"mcp_servers", "message_count", b"message_count", "mode", b"mode", "model", b"model", "queued_turns", b"queued_turns", "session_id", b"session_id", "state", b"state", "study_id", b"study_id", "total_cost_usd", b"total_cost_usd", "turn_budget_usd", b"turn_budget_usd"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_session_id", b"agent_session_id", "budget_usd", b"budget_usd", "context_tokens", b"context_tokens", "context_window", b"context_window", "created_at", b"created_at", "forked_from", b"forked_from", "host_id", b"host_id", "last_active_at", b"last_active_at", "last_seq", b"last_seq", "mcp_servers", b"mcp_servers", "message_count", b"message_count", "mode", b"mode", "model", b"model", "queued_turns", b"queued_turns", "session_id", b"session_id", "state", b"state", "study_id", b"study_id", "tasks", b"tasks", "total_cost_usd", b"total_cost_usd", "turn_budget_usd", b"turn_budget_usd"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Session: _TypeAlias = Session  # noqa: Y015
+
+@_typing.final
+class Task(_message.Message):
+    """A task the agent runs on its own, beside or after the turn that started it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    TOOL_USE_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    BACKGROUND_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    OUTPUT_BYTES_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """The agent's id of the task (StopTask, GetTaskOutput, the task_* events)."""
+    tool_use_id: _builtins.str
+    """The tool use that started it (a ToolUse event's id)."""
+    kind: Global___TaskKind.ValueType
+    description: _builtins.str
+    """What the task does, as the agent described it."""
+    background: _builtins.bool
+    """Runs in the background: the turn that started it may end before it does."""
+    output_bytes: _builtins.int
+    """How many bytes of its output have been streamed as task_output events so far."""
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp:
+        """When it started."""
+
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        tool_use_id: _builtins.str = ...,
+        kind: Global___TaskKind.ValueType = ...,
+        description: _builtins.str = ...,
+        background: _builtins.bool = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        output_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["started_at", b"started_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["background", b"background", "description", b"description", "kind", b"kind", "output_bytes", b"output_bytes", "started_at", b"started_at", "task_id", b"task_id", "tool_use_id", b"tool_use_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Task: _TypeAlias = Task  # noqa: Y015
 
 @_typing.final
 class McpServerStatus(_message.Message):
@@ -861,6 +1010,7 @@ class Message(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     ATTACHMENTS_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
     message_id: _builtins.int
     turn_id: _builtins.str
     role: Global___Role.ValueType
@@ -869,6 +1019,10 @@ class Message(_message.Message):
     cost_usd: _builtins.float
     detail: _builtins.str
     """For assistant messages: why the turn stopped, or the failure message."""
+    origin: Global___TurnOrigin.ValueType
+    """Who started the message's turn: TURN_ORIGIN_CLIENT for a client's message, another
+    origin for a turn the agent started on its own (its content is the prompt it was given).
+    """
     @_builtins.property
     def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]: ...
     @_builtins.property
@@ -893,10 +1047,11 @@ class Message(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         detail: _builtins.str = ...,
         attachments: _abc.Iterable[Global___AttachmentInfo] | None = ...,
+        origin: Global___TurnOrigin.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "content", b"content", "cost_usd", b"cost_usd", "created_at", b"created_at", "detail", b"detail", "message_id", b"message_id", "role", b"role", "status", b"status", "tool_calls", b"tool_calls", "turn_id", b"turn_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "content", b"content", "cost_usd", b"cost_usd", "created_at", b"created_at", "detail", b"detail", "message_id", b"message_id", "origin", b"origin", "role", b"role", "status", b"status", "tool_calls", b"tool_calls", "turn_id", b"turn_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -969,10 +1124,17 @@ class SendMessageRequest(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ATTACHMENTS_FIELD_NUMBER: _builtins.int
+    STEER_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     text: _builtins.str
     request_id: _builtins.str
     """Optional idempotency key: a retry with the same id attaches to the turn it started."""
+    steer: _builtins.bool
+    """Steer: while a turn runs, the text goes into it now (the agent reads it at its next
+    step, and a user_message event shows it) instead of waiting for a turn of its own. The
+    stream then follows the running turn to its end. When no turn runs, a new one starts as
+    without steer.
+    """
     @_builtins.property
     def attachments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attachment]:
         """Files for the model: images (image/png, image/jpeg, image/gif, image/webp), PDFs
@@ -990,10 +1152,11 @@ class SendMessageRequest(_message.Message):
         text: _builtins.str = ...,
         request_id: _builtins.str = ...,
         attachments: _abc.Iterable[Global___Attachment] | None = ...,
+        steer: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "request_id", b"request_id", "session_id", b"session_id", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "request_id", b"request_id", "session_id", b"session_id", "steer", b"steer", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1224,6 +1387,10 @@ class SessionEvent(_message.Message):
     PERMISSION_DECIDED_FIELD_NUMBER: _builtins.int
     QUESTION_FIELD_NUMBER: _builtins.int
     QUESTION_ANSWERED_FIELD_NUMBER: _builtins.int
+    USER_MESSAGE_FIELD_NUMBER: _builtins.int
+    TASK_STARTED_FIELD_NUMBER: _builtins.int
+    TASK_OUTPUT_FIELD_NUMBER: _builtins.int
+    TASK_ENDED_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     turn_id: _builtins.str
     session_id: _builtins.str
@@ -1253,6 +1420,14 @@ class SessionEvent(_message.Message):
     def question(self) -> Global___Question: ...
     @_builtins.property
     def question_answered(self) -> Global___QuestionAnswered: ...
+    @_builtins.property
+    def user_message(self) -> Global___UserMessage: ...
+    @_builtins.property
+    def task_started(self) -> Global___TaskStarted: ...
+    @_builtins.property
+    def task_output(self) -> Global___TaskOutput: ...
+    @_builtins.property
+    def task_ended(self) -> Global___TaskEnded: ...
     def __init__(
         self,
         *,
@@ -1272,12 +1447,16 @@ class SessionEvent(_message.Message):
         permission_decided: Global___PermissionDecided | None = ...,
         question: Global___Question | None = ...,
         question_answered: Global___QuestionAnswered | None = ...,
+        user_message: Global___UserMessage | None = ...,
+        task_started: Global___TaskStarted | None = ...,
+        task_output: Global___TaskOutput | None = ...,
+        task_ended: Global___TaskEnded | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "notice", b"notice", "permission_decided", b"permission_decided", "permission_request", b"permission_request", "question", b"question", "question_answered", b"question_answered", "text_delta", b"text_delta", "thinking_delta", b"thinking_delta", "time", b"time", "tool_result", b"tool_result", "tool_use", b"tool_use", "turn_completed", b"turn_completed", "turn_failed", b"turn_failed", "turn_started", b"turn_started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "notice", b"notice", "permission_decided", b"permission_decided", "permission_request", b"permission_request", "question", b"question", "question_answered", b"question_answered", "task_ended", b"task_ended", "task_output", b"task_output", "task_started", b"task_started", "text_delta", b"text_delta", "thinking_delta", b"thinking_delta", "time", b"time", "tool_result", b"tool_result", "tool_use", b"tool_use", "turn_completed", b"turn_completed", "turn_failed", b"turn_failed", "turn_started", b"turn_started", "user_message", b"user_message"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "notice", b"notice", "permission_decided", b"permission_decided", "permission_request", b"permission_request", "question", b"question", "question_answered", b"question_answered", "seq", b"seq", "session_id", b"session_id", "text_delta", b"text_delta", "thinking_delta", b"thinking_delta", "time", b"time", "tool_result", b"tool_result", "tool_use", b"tool_use", "turn_completed", b"turn_completed", "turn_failed", b"turn_failed", "turn_id", b"turn_id", "turn_started", b"turn_started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "notice", b"notice", "permission_decided", b"permission_decided", "permission_request", b"permission_request", "question", b"question", "question_answered", b"question_answered", "seq", b"seq", "session_id", b"session_id", "task_ended", b"task_ended", "task_output", b"task_output", "task_started", b"task_started", "text_delta", b"text_delta", "thinking_delta", b"thinking_delta", "time", b"time", "tool_result", b"tool_result", "tool_use", b"tool_use", "turn_completed", b"turn_completed", "turn_failed", b"turn_failed", "turn_id", b"turn_id", "turn_started", b"turn_started", "user_message", b"user_message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["turn_started", "text_delta", "thinking_delta", "tool_use", "tool_result", "turn_completed", "turn_failed", "notice", "permission_request", "permission_decided", "question", "question_answered"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["turn_started", "text_delta", "thinking_delta", "tool_use", "tool_result", "turn_completed", "turn_failed", "notice", "permission_request", "permission_decided", "question", "question_answered", "user_message", "task_started", "task_output", "task_ended"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -1290,9 +1469,14 @@ class TurnStarted(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ATTACHMENTS_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """The user's message, so a watcher sees both sides."""
     request_id: _builtins.str
+    origin: Global___TurnOrigin.ValueType
+    """Who started the turn; for a turn the agent started on its own (not TURN_ORIGIN_CLIENT),
+    text is the prompt it was given (e.g. a task's end notification) and request_id is empty.
+    """
     @_builtins.property
     def attachments(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttachmentInfo]: ...
     def __init__(
@@ -1301,14 +1485,134 @@ class TurnStarted(_message.Message):
         text: _builtins.str = ...,
         request_id: _builtins.str = ...,
         attachments: _abc.Iterable[Global___AttachmentInfo] | None = ...,
+        origin: Global___TurnOrigin.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "request_id", b"request_id", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "origin", b"origin", "request_id", b"request_id", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TurnStarted: _TypeAlias = TurnStarted  # noqa: Y015
+
+@_typing.final
+class UserMessage(_message.Message):
+    """A client's text taken into the running turn (SendMessageRequest.steer), at the point the
+    agent took it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    request_id: _builtins.str
+    """The request_id of the SendMessage that sent it."""
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UserMessage: _TypeAlias = UserMessage  # noqa: Y015
+
+@_typing.final
+class TaskStarted(_message.Message):
+    """The agent started a task: a background or long-running command, a subagent. It is listed in
+    Session.tasks until its task_ended.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    TOOL_USE_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    BACKGROUND_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    tool_use_id: _builtins.str
+    """The tool use that started it (a ToolUse event's id)."""
+    kind: Global___TaskKind.ValueType
+    description: _builtins.str
+    """What the task does, as the agent described it."""
+    background: _builtins.bool
+    """Runs in the background: the turn may end before the task does (a later turn, started by
+    the agent with TURN_ORIGIN_TASK, usually reports its end).
+    """
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        tool_use_id: _builtins.str = ...,
+        kind: Global___TaskKind.ValueType = ...,
+        description: _builtins.str = ...,
+        background: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["background", b"background", "description", b"description", "kind", b"kind", "task_id", b"task_id", "tool_use_id", b"tool_use_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskStarted: _TypeAlias = TaskStarted  # noqa: Y015
+
+@_typing.final
+class TaskOutput(_message.Message):
+    """More of a task's output: a background command's new output, a subagent's progress."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    text: _builtins.str
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_id", b"task_id", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskOutput: _TypeAlias = TaskOutput  # noqa: Y015
+
+@_typing.final
+class TaskEnded(_message.Message):
+    """A task ended."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    status: Global___TaskStatus.ValueType
+    summary: _builtins.str
+    """The agent's summary of how it ended."""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        status: Global___TaskStatus.ValueType = ...,
+        summary: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status", "summary", b"summary", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskEnded: _TypeAlias = TaskEnded  # noqa: Y015
 
 @_typing.final
 class TextDelta(_message.Message):
@@ -1355,19 +1659,25 @@ class ToolUse(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     INPUT_JSON_FIELD_NUMBER: _builtins.int
+    PARENT_TOOL_USE_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     input_json: _builtins.str
+    parent_tool_use_id: _builtins.str
+    """A subagent's tool call: the id of the tool use (the Task tool's) that runs the subagent;
+    empty for the main agent's own calls.
+    """
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
         name: _builtins.str = ...,
         input_json: _builtins.str = ...,
+        parent_tool_use_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "input_json", b"input_json", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "input_json", b"input_json", "name", b"name", "parent_tool_use_id", b"parent_tool_use_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1380,19 +1690,23 @@ class ToolResult(_message.Message):
     TOOL_USE_ID_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
     IS_ERROR_FIELD_NUMBER: _builtins.int
+    PARENT_TOOL_USE_ID_FIELD_NUMBER: _builtins.int
     tool_use_id: _builtins.str
     content: _builtins.str
     is_error: _builtins.bool
+    parent_tool_use_id: _builtins.str
+    """As ToolUse.parent_tool_use_id: set for the result of a subagent's tool call."""
     def __init__(
         self,
         *,
         tool_use_id: _builtins.str = ...,
         content: _builtins.str = ...,
         is_error: _builtins.bool = ...,
+        parent_tool_use_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "is_error", b"is_error", "tool_use_id", b"tool_use_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "is_error", b"is_error", "parent_tool_use_id", b"parent_tool_use_id", "tool_use_id", b"tool_use_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2088,3 +2402,106 @@ class ListAuditEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAuditEventsResponse: _TypeAlias = ListAuditEventsResponse  # noqa: Y015
+
+@_typing.final
+class StopTaskRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    task_id: _builtins.str
+    """A running task of the session (Session.tasks, a task_started event)."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopTaskRequest: _TypeAlias = StopTaskRequest  # noqa: Y015
+
+@_typing.final
+class StopTaskResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopTaskResponse: _TypeAlias = StopTaskResponse  # noqa: Y015
+
+@_typing.final
+class GetTaskOutputRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    task_id: _builtins.str
+    """A task of the session, running or among the recently ended ones."""
+    offset: _builtins.int
+    """The first byte to return (0: from the start)."""
+    limit: _builtins.int
+    """At most this many bytes; 0 means the daemon's default page."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        task_id: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "offset", b"offset", "session_id", b"session_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTaskOutputRequest: _TypeAlias = GetTaskOutputRequest  # noqa: Y015
+
+@_typing.final
+class GetTaskOutputResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    NEXT_OFFSET_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """The output's bytes from offset (as the task wrote them; not necessarily UTF-8, and a page
+    may end inside a character).
+    """
+    next_offset: _builtins.int
+    """Where the next page starts: offset + len(data)."""
+    size: _builtins.int
+    """The output's size now; it grows while the task runs."""
+    running: _builtins.bool
+    """The task still runs: more output may come after size."""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        next_offset: _builtins.int = ...,
+        size: _builtins.int = ...,
+        running: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "next_offset", b"next_offset", "running", b"running", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTaskOutputResponse: _TypeAlias = GetTaskOutputResponse  # noqa: Y015

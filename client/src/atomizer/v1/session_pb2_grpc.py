@@ -115,6 +115,16 @@ class SessionServiceStub:
                 request_serializer=atomizer_dot_v1_dot_session__pb2.ListAuditEventsRequest.SerializeToString,
                 response_deserializer=atomizer_dot_v1_dot_session__pb2.ListAuditEventsResponse.FromString,
                 _registered_method=True)
+        self.StopTask = channel.unary_unary(
+                '/atomizer.v1.SessionService/StopTask',
+                request_serializer=atomizer_dot_v1_dot_session__pb2.StopTaskRequest.SerializeToString,
+                response_deserializer=atomizer_dot_v1_dot_session__pb2.StopTaskResponse.FromString,
+                _registered_method=True)
+        self.GetTaskOutput = channel.unary_unary(
+                '/atomizer.v1.SessionService/GetTaskOutput',
+                request_serializer=atomizer_dot_v1_dot_session__pb2.GetTaskOutputRequest.SerializeToString,
+                response_deserializer=atomizer_dot_v1_dot_session__pb2.GetTaskOutputResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -234,6 +244,22 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StopTask(self, request, context):
+        """Stops one of the session's running tasks (Session.tasks); its task_ended event follows
+        with TASK_STATUS_STOPPED. NOT_FOUND when no such task runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTaskOutput(self, request, context):
+        """A page of a task's output (a background command's output file), running or recently
+        ended; read on from next_offset.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -316,6 +342,16 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.ListAuditEvents,
                     request_deserializer=atomizer_dot_v1_dot_session__pb2.ListAuditEventsRequest.FromString,
                     response_serializer=atomizer_dot_v1_dot_session__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+            'StopTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopTask,
+                    request_deserializer=atomizer_dot_v1_dot_session__pb2.StopTaskRequest.FromString,
+                    response_serializer=atomizer_dot_v1_dot_session__pb2.StopTaskResponse.SerializeToString,
+            ),
+            'GetTaskOutput': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTaskOutput,
+                    request_deserializer=atomizer_dot_v1_dot_session__pb2.GetTaskOutputRequest.FromString,
+                    response_serializer=atomizer_dot_v1_dot_session__pb2.GetTaskOutputResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -751,6 +787,60 @@ class SessionService:
             '/atomizer.v1.SessionService/ListAuditEvents',
             atomizer_dot_v1_dot_session__pb2.ListAuditEventsRequest.SerializeToString,
             atomizer_dot_v1_dot_session__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atomizer.v1.SessionService/StopTask',
+            atomizer_dot_v1_dot_session__pb2.StopTaskRequest.SerializeToString,
+            atomizer_dot_v1_dot_session__pb2.StopTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTaskOutput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atomizer.v1.SessionService/GetTaskOutput',
+            atomizer_dot_v1_dot_session__pb2.GetTaskOutputRequest.SerializeToString,
+            atomizer_dot_v1_dot_session__pb2.GetTaskOutputResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -68,6 +68,14 @@ class SessionServiceStub:
     """Answers a question event (the agent's AskUserQuestion); the first answer wins."""
     ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_session_pb2.ListAuditEventsRequest, _session_pb2.ListAuditEventsResponse]
     """The session's audit trail (permission outcomes, mode switches), oldest first."""
+    StopTask: _grpc.UnaryUnaryMultiCallable[_session_pb2.StopTaskRequest, _session_pb2.StopTaskResponse]
+    """Stops one of the session's running tasks (Session.tasks); its task_ended event follows
+    with TASK_STATUS_STOPPED. NOT_FOUND when no such task runs.
+    """
+    GetTaskOutput: _grpc.UnaryUnaryMultiCallable[_session_pb2.GetTaskOutputRequest, _session_pb2.GetTaskOutputResponse]
+    """A page of a task's output (a background command's output file), running or recently
+    ended; read on from next_offset.
+    """
 
 @_typing.type_check_only
 class SessionServiceAsyncStub(SessionServiceStub):
@@ -109,6 +117,14 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """Answers a question event (the agent's AskUserQuestion); the first answer wins."""
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_session_pb2.ListAuditEventsRequest, _session_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
     """The session's audit trail (permission outcomes, mode switches), oldest first."""
+    StopTask: _aio.UnaryUnaryMultiCallable[_session_pb2.StopTaskRequest, _session_pb2.StopTaskResponse]  # type: ignore[assignment]
+    """Stops one of the session's running tasks (Session.tasks); its task_ended event follows
+    with TASK_STATUS_STOPPED. NOT_FOUND when no such task runs.
+    """
+    GetTaskOutput: _aio.UnaryUnaryMultiCallable[_session_pb2.GetTaskOutputRequest, _session_pb2.GetTaskOutputResponse]  # type: ignore[assignment]
+    """A page of a task's output (a background command's output file), running or recently
+    ended; read on from next_offset.
+    """
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     """Sessions: one conversation with the agent, its registry entry and its history."""
@@ -243,5 +259,25 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_session_pb2.ListAuditEventsResponse, _abc.Awaitable[_session_pb2.ListAuditEventsResponse]]:
         """The session's audit trail (permission outcomes, mode switches), oldest first."""
+
+    @_abc_1.abstractmethod
+    def StopTask(
+        self,
+        request: _session_pb2.StopTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.StopTaskResponse, _abc.Awaitable[_session_pb2.StopTaskResponse]]:
+        """Stops one of the session's running tasks (Session.tasks); its task_ended event follows
+        with TASK_STATUS_STOPPED. NOT_FOUND when no such task runs.
+        """
+
+    @_abc_1.abstractmethod
+    def GetTaskOutput(
+        self,
+        request: _session_pb2.GetTaskOutputRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.GetTaskOutputResponse, _abc.Awaitable[_session_pb2.GetTaskOutputResponse]]:
+        """A page of a task's output (a background command's output file), running or recently
+        ended; read on from next_offset.
+        """
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
