@@ -25,9 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import enum
 import json
 import types
-import enum
 import typing
 from dataclasses import dataclass, field
 from typing import Any

@@ -935,6 +935,7 @@ class Registry:
         turn = Turn(ids.new_turn_id(), "", "", s.next_seq - 1)
         turn.origin = s.next_origin
         turn.leased = agent
+        turn.follows_agent = True
         turn.audience = lambda: turn.listeners + s.watchers
         self._submit(s, turn)
 

@@ -134,6 +134,8 @@ class Turn:
         # the moment its output was seen (`leased`).
         self.origin = ev.TurnOrigin.CLIENT
         self.leased: Agent | None = None
+        # True for a job that follows a turn the agent started (it writes no line).
+        self.follows_agent = False
 
     @property
     def line_uuid(self) -> str:
@@ -235,7 +237,7 @@ class TurnRunner:
         if turn.resumed is not None:
             agent: Agent | None = turn.resumed[0]
             turn.lifecycle.move(T.RUNNING)  # its message is stored and with the agent already
-        elif turn.origin is not ev.TurnOrigin.CLIENT:
+        elif turn.follows_agent:
             agent = self._open_agent_turn(s, turn, emit)
         else:
             agent = await self._first_agent(s, turn, emit)
@@ -667,10 +669,10 @@ class TurnRunner:
             emit,
             transcript,
             Router(
-                "" if turn.origin is not ev.TurnOrigin.CLIENT else turn.line_uuid,
+                "" if turn.follows_agent else turn.line_uuid,
                 s.untaken,
                 # A turn adopted after a restart was matched to its line already.
-                Open.OWN if turn.origin is not ev.TurnOrigin.CLIENT or replay else Open.NONE,
+                Open.OWN if turn.follows_agent or replay else Open.NONE,
             ),
         )
         stop_waiter = asyncio.ensure_future(turn.stop_requested.wait())

@@ -83,14 +83,17 @@ class Sent:
         return self
 
 
-def send(core: Core, session_id: str, text: str, request_id: str = "") -> Sent:
+def send(
+    core: Core, session_id: str, text: str, request_id: str = "", *, steer: bool = False
+) -> Sent:
     """Starts a SendMessage like a client would; the stream is read in the background."""
     events: list[ev.SessionEvent] = []
     sent = Sent(events, None)  # type: ignore[arg-type]
 
     async def read() -> None:
         try:
-            async for event in core.registry.send_message(session_id, text, request_id):
+            stream = core.registry.send_message(session_id, text, request_id, steer=steer)
+            async for event in stream:
                 events.append(event)
         except AtomizerError as e:
             sent.error = e

@@ -84,6 +84,13 @@ class ScriptedAgent:
         self.stops = 0
         self._items: deque[AgentItem] = deque()
         self._taken_mid_turn: list[tuple[str, str]] = []
+        self._next_lines: list[tuple[str, str]] = []
+        # Whether a line written while a turn runs is taken into it (the CLI's way when a
+        # tool result comes next) or waits for a turn of its own (the turn was ending).
+        self.take_mid_turn = True
+        # (reply, taken_into): the agent starts a turn of its own just as the next line
+        # arrives; that line is then taken into it (True) or follows it (False).
+        self.interjection: tuple[str, bool] | None = None
         self._final: AgentExited | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._release = asyncio.Event()
@@ -136,8 +143,17 @@ class ScriptedAgent:
             raise AgentExited("the scripted agent closed its input", -11, "")
         self.user_messages.append(text)
         if self._play_task is not None and not self._play_task.done():
-            self._taken_mid_turn.append((uuid, text))  # the running turn takes it
+            if self.take_mid_turn:
+                self._taken_mid_turn.append((uuid, text))  # the running turn takes it
+            else:
+                self._next_lines.append((uuid, text))  # a turn of its own after this one
             return
+        if self.interjection is not None:  # the agent began a turn of its own just before
+            reply, taken_into = self.interjection
+            self.interjection = None
+            self._own_turn_start(reply)
+            if not taken_into:
+                self._push(_result(False, "task-notification"))
         self._interrupt.clear()
         self._play_task = asyncio.ensure_future(self._play(text, uuid))
 
@@ -156,10 +172,13 @@ class ScriptedAgent:
 
     def start_own_turn(self, reply: str, origin_kind: str = "") -> None:
         """A turn the agent starts by itself: its output, then a result naming its origin."""
+        self._own_turn_start(reply)
+        self._push(_result(False, origin_kind))
+
+    def _own_turn_start(self, reply: str) -> None:
         mid = f"own_{len(self._items)}_{self.pid}"
         self._push(proto.Init("scripted", "model", (), (), "default", {}))
         self._delta(reply, mid)
-        self._push(_result(False, origin_kind))
 
     async def respond_control(self, request_id: str, response: Mapping[str, Any]) -> None:
         if not self.alive:
@@ -290,6 +309,9 @@ class ScriptedAgent:
             self._delta(f" steered: {taken_text}", mid)
         self._taken_mid_turn.clear()
         self._push(_result(interrupted))
+        if self._next_lines:  # lines the turn did not take: the next turn takes the first
+            next_uuid, next_text = self._next_lines.pop(0)
+            self._play_task = asyncio.ensure_future(self._play(next_text, next_uuid))
 
     def _delta(self, text: str, message_id: str, index: int = 0) -> None:
         self._push(proto.TextDelta(text, None, message_id, index))

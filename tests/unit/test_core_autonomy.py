@@ -1,0 +1,209 @@
+"""The agent acts on its own (docs/architecture.md, "Following the agent"): turns it starts,
+tasks it runs, lines taken into running turns. In process, scripted agents, a virtual clock:
+each interleaving the real CLI produces only by chance is produced here on purpose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from atomizerd.errors import ResourceExhausted
+from atomizerd.sessions import events as ev
+from tests.support import virtual_time
+from tests.support.core import Core, build, send, settle, text_of
+
+
+def run(tmp: Path, test: Any, settings: dict[str, Any] | None = None) -> None:
+    async def main() -> None:
+        core = build(tmp, settings)
+        try:
+            await test(core)
+        finally:
+            await core.close()
+
+    virtual_time.run(main())
+
+
+def history(core: Core, sid: str) -> list[tuple[str, str, str, str]]:
+    """(role, origin, status, content) of every stored message, in order."""
+    rows = core.store.history(sid, after_id=0, limit=100)
+    return [(m.role, m.origin, m.status, m.content) for m in rows]
+
+
+def log_of(core: Core, sid: str) -> list[ev.SessionEvent]:
+    s = core.registry.loaded_session(sid)
+    assert s is not None
+    return list(s.log.after(0))
+
+
+def started(core: Core, sid: str) -> list[ev.TurnStarted]:
+    return [e.kind for e in log_of(core, sid) if isinstance(e.kind, ev.TurnStarted)]
+
+
+async def until(predicate: Any, seconds: float = 30.0) -> None:
+    """Waits (virtual time) until `predicate()` holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not predicate():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def test_a_turn_the_agent_starts_while_idle_is_stored_with_its_origin_and_replies_stay_in_step(
+    tmp_path: Path,
+) -> None:
+    async def test(core: Core) -> None:
+        await core.registry.create_session(None, None, "a")
+        first = await send(core, "a", "run it [[task:b1]]").wait()
+        assert text_of(first) == "echo: run it"
+        assert core.pool.agent("a") is not None and core.pool.agent("a").running_tasks == 1  # type: ignore[union-attr]
+
+        core.spawner.agents[0].end_task("b1", reply="the solver finished")
+        await until(lambda: len(history(core, "a")) == 4)
+        for n in range(3):
+            reply = await send(core, "a", f"next{n}").wait()
+            assert text_of(reply) == f"echo: next{n}", "a reply answers its own message"
+
+        assert history(core, "a") == [
+            ("user", "client", "complete", "run it [[task:b1]]"),
+            ("assistant", "client", "complete", "echo: run it"),
+            ("user", "task", "complete", ""),
+            ("assistant", "task", "complete", "the solver finished"),
+            ("user", "client", "complete", "next0"),
+            ("assistant", "client", "complete", "echo: next0"),
+            ("user", "client", "complete", "next1"),
+            ("assistant", "client", "complete", "echo: next1"),
+            ("user", "client", "complete", "next2"),
+            ("assistant", "client", "complete", "echo: next2"),
+        ]
+        origins = [k.origin for k in started(core, "a")]
+        assert origins[:2] == [ev.TurnOrigin.CLIENT, ev.TurnOrigin.TASK]
+        kinds = [type(e.kind).__name__ for e in log_of(core, "a")]
+        assert kinds.index("TaskStarted") < kinds.index("TaskEnded") < kinds.index("TurnStarted", 3)
+        assert core.pool.agent("a").running_tasks == 0  # type: ignore[union-attr]
+
+    run(tmp_path, test)
+
+
+def test_an_agent_turn_that_ends_just_as_a_client_writes_is_its_own_turn(tmp_path: Path) -> None:
+    async def test(core: Core) -> None:
+        await core.registry.create_session(None, None, "a")
+        await send(core, "a", "hello").wait()
+        core.spawner.agents[0].interjection = ("own words", False)
+        reply = await send(core, "a", "second").wait()
+        assert text_of(reply) == "echo: second"
+        await settle()
+        assert history(core, "a")[2:] == [
+            ("user", "client", "complete", "second"),
+            ("user", "agent", "complete", ""),
+            ("assistant", "agent", "complete", "own words"),
+            ("assistant", "client", "complete", "echo: second"),
+        ]
+
+    run(tmp_path, test)
+
+
+def test_a_line_taken_into_a_turn_the_agent_started_ends_that_turn_there(tmp_path: Path) -> None:
+    async def test(core: Core) -> None:
+        await core.registry.create_session(None, None, "a")
+        await send(core, "a", "hello").wait()
+        core.spawner.agents[0].interjection = ("own words", True)
+        reply = await send(core, "a", "second").wait()
+        assert text_of(reply) == "echo: second", "what came before the line is not its reply"
+        rows = history(core, "a")
+        assert ("assistant", "agent", "complete", "own words") in rows
+        assert rows[-1] == ("assistant", "client", "complete", "echo: second")
+
+    run(tmp_path, test)
+
+
+def test_a_steer_is_taken_into_the_running_turn_and_stored_there(tmp_path: Path) -> None:
+    async def test(core: Core) -> None:
+        await core.registry.create_session(None, None, "a")
+        running = send(core, "a", "[[hold]]")
+        await until(lambda: core.registry.loaded_session("a").turn is not None)  # type: ignore[union-attr]
+        await settle()
+        steered = send(core, "a", "also this", steer=True)
+        await settle()
+        core.spawner.agents[0].release()
+        await running.wait()
+        await steered.wait()
+        assert [e.seq for e in steered.events] == [e.seq for e in running.events[1:]] or (
+            steered.events[-1].seq == running.events[-1].seq
+        ), "the steering call streams the running turn to its end"
+        messages = [e.kind for e in running.events if isinstance(e.kind, ev.UserMessage)]
+        assert messages == [ev.UserMessage("also this", "")]
+        rows = core.store.history("a", after_id=0, limit=10)
+        assert [(m.role, m.content, m.detail) for m in rows][:2] == [
+            ("user", "[[hold]]", ""),
+            ("user", "also this", "steer"),
+        ]
+        assert rows[0].turn_id == rows[1].turn_id
+        assert "steered: also this" in text_of(running)
+
+    run(tmp_path, test)
+
+
+def test_a_steer_the_agent_takes_only_after_the_turn_ended_becomes_its_own_turn(
+    tmp_path: Path,
+) -> None:
+    async def test(core: Core) -> None:
+        await core.registry.create_session(None, None, "a")
+        running = send(core, "a", "[[hold]]")
+        await until(lambda: core.registry.loaded_session("a").turn is not None)  # type: ignore[union-attr]
+        await settle()
+        agent = core.spawner.agents[0]
+        agent.take_mid_turn = False  # the turn is ending: the CLI queues the line
+        steered = send(core, "a", "late words", steer=True)
+        await settle()
+        agent.release()
+        await running.wait()
+        await steered.wait()
+        await until(lambda: len(history(core, "a")) == 4)
+        assert history(core, "a") == [
+            ("user", "client", "complete", "[[hold]]"),
+            ("assistant", "client", "complete", "partial done"),
+            ("user", "client", "complete", "late words"),
+            ("assistant", "client", "complete", "echo: late words"),
+        ]
+        nxt = await send(core, "a", "after").wait()
+        assert text_of(nxt) == "echo: after"
+
+    run(tmp_path, test)
+
+
+def test_an_agent_with_a_running_task_keeps_its_slot_and_the_waiter_is_told_who_holds_it(
+    tmp_path: Path,
+) -> None:
+    async def test(core: Core) -> None:
+        await core.registry.create_session(None, None, "a")
+        await core.registry.create_session(None, None, "b")
+        await send(core, "a", "[[task:solve]]").wait()
+        refused = await send(core, "b", "hi").wait()
+        assert isinstance(refused.error, ResourceExhausted)
+        assert "a" in str(refused.error) and "background tasks" in str(refused.error)
+        assert core.spawner.agents[0].alive, "the task's agent was not evicted"
+        assert core.pool.candidates() == [], "nor offered to the reaper"
+
+        core.spawner.agents[0].end_task("solve")
+        await until(lambda: len(history(core, "a")) == 4)
+        served = await send(core, "b", "hi").wait()
+        assert text_of(served) == "echo: hi", "once the task ended the agent may be evicted"
+
+    run(tmp_path, test, {"pool.max_live": 1, "pool.queue_timeout": 5})
+
+
+def test_tasks_of_an_agent_that_is_stopped_end_as_killed(tmp_path: Path) -> None:
+    async def test(core: Core) -> None:
+        await core.registry.create_session(None, None, "a")
+        await send(core, "a", "[[task:solve]]").wait()
+        view = core.registry.get_session("a")
+        assert [t.task_id for t in view.tasks] == ["solve"]
+        core.spawner.agents[0].crash()
+        await until(lambda: not core.registry.get_session("a").tasks)
+        ended = [e.kind for e in log_of(core, "a") if isinstance(e.kind, ev.TaskEnded)]
+        assert ended == [ev.TaskEnded("solve", ev.TaskStatus.KILLED, "the agent was stopped")]
+
+    run(tmp_path, test)
