@@ -1,0 +1,203 @@
+"""The agent acts on its own, end to end: the real daemon, the real pinned CLI against the fake
+Messages API. Background commands and subagents end while the session is idle and the CLI
+starts a turn by itself; every later reply must still answer its own message (checked in the
+stream, in GetHistory and in what the fake API was asked), tasks are shown and stoppable, and
+an agent whose task still runs keeps its pool slot.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from atomizer.v1 import session_pb2 as pb
+
+from tests.conftest import Stubs
+from tests.e2e.conftest import E2E
+from tests.support.turns import reply_text, send
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.e2e
+
+POWER = {"modes.power": {"enabled": True}, "agent": {"env": {"IS_SANDBOX": "1"}}}
+
+
+def tool(name: str, **tool_input: Any) -> str:
+    return f"[[tool:{name} {json.dumps(tool_input)}]]"
+
+
+def background(command: str) -> str:
+    return tool("Bash", command=command, description="bg", run_in_background=True)
+
+
+def power_session(stubs: Stubs, sid: str) -> None:
+    stubs.sessions.CreateSession(pb.CreateSessionRequest(session_id=sid, mode=pb.MODE_POWER))
+
+
+def history(stubs: Stubs, sid: str) -> list[pb.Message]:
+    reply = stubs.sessions.GetHistory(pb.GetHistoryRequest(session_id=sid, page_size=100))
+    return list(reply.messages)
+
+
+class Watcher:
+    """A WatchSession stream read in the background, from the session's start."""
+
+    def __init__(self, stubs: Stubs, sid: str) -> None:
+        self.events: list[pb.SessionEvent] = []
+        self._call = stubs.sessions.WatchSession(
+            pb.WatchSessionRequest(session_id=sid, after_seq=0), timeout=120
+        )
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for response in self._call:
+                self.events.append(response.event)
+        except grpc.RpcError:
+            pass
+
+    def of(self, kind: str) -> list[Any]:
+        return [getattr(e, kind) for e in list(self.events) if e.WhichOneof("kind") == kind]
+
+    def close(self) -> None:
+        self._call.cancel()
+        self._thread.join(5)
+
+
+def test_after_a_background_command_ends_every_reply_answers_its_own_message(e2e: E2E) -> None:
+    stubs = e2e.start(POWER)
+    power_session(stubs, "bg")
+    watcher = Watcher(stubs, "bg")
+    try:
+        started = send(stubs, "bg", background("for i in 1 2 3; do echo x$i; sleep 0.2; done"))
+        assert started[-1].WhichOneof("kind") == "turn_completed"
+        # The command ends while the session is idle: the CLI starts a turn by itself.
+        wait_for("the agent's own turn is stored", lambda: len(history(stubs, "bg")) == 4, 60)
+        for n in range(3):
+            assert reply_text(send(stubs, "bg", f"next{n}")) == f"echo: next{n}"
+
+        rows = history(stubs, "bg")
+        assert [(m.role, m.origin) for m in rows[:4]] == [
+            (pb.ROLE_USER, pb.TURN_ORIGIN_CLIENT),
+            (pb.ROLE_ASSISTANT, pb.TURN_ORIGIN_CLIENT),
+            (pb.ROLE_USER, pb.TURN_ORIGIN_TASK),
+            (pb.ROLE_ASSISTANT, pb.TURN_ORIGIN_TASK),
+        ]
+        assert "background-task event" in rows[3].content, "the agent's turn kept its own reply"
+        assert [m.content for m in rows[4:]] == [
+            "next0", "echo: next0", "next1", "echo: next1", "next2", "echo: next2",
+        ]  # fmt: skip
+        asked = [r.prompt_text for r in e2e.api.requests]
+        assert asked[-3:] == ["next0", "next1", "next2"]
+
+        wait_for("task events were streamed", lambda: len(watcher.of("task_ended")) == 1)
+        (task,) = watcher.of("task_started")
+        assert (task.kind, task.background) == (pb.TASK_KIND_BASH, True)
+        (ended,) = watcher.of("task_ended")
+        assert (ended.task_id, ended.status) == (task.task_id, pb.TASK_STATUS_COMPLETED)
+        origins = [s.origin for s in watcher.of("turn_started")]
+        assert origins[:2] == [pb.TURN_ORIGIN_CLIENT, pb.TURN_ORIGIN_TASK]
+        output = stubs.sessions.GetTaskOutput(
+            pb.GetTaskOutputRequest(session_id="bg", task_id=task.task_id)
+        )
+        assert output.data.startswith(b"x1\nx2\nx3\n") and not output.running
+    finally:
+        watcher.close()
+
+
+def test_a_subagent_runs_aside_and_its_end_is_a_turn_of_the_agent(e2e: E2E) -> None:
+    stubs = e2e.start(POWER)
+    power_session(stubs, "sub")
+    watcher = Watcher(stubs, "sub")
+    try:
+        events = send(
+            stubs,
+            "sub",
+            tool("Task", description="sub", prompt="hello sub", subagent_type="general-purpose"),
+        )
+        assert "hello sub" not in reply_text(events), "a subagent's text is not the reply"
+        wait_for("the agent's own turn is stored", lambda: len(history(stubs, "sub")) == 4, 60)
+        assert reply_text(send(stubs, "sub", "after")) == "echo: after"
+        (ended,) = watcher.of("task_ended")
+        assert ended.summary == "echo: hello sub"
+        (task,) = watcher.of("task_started")
+        assert task.kind == pb.TASK_KIND_SUBAGENT
+    finally:
+        watcher.close()
+
+
+def test_an_agent_running_a_background_command_is_not_evicted_for_another_session(
+    e2e: E2E,
+) -> None:
+    stubs = e2e.start({**POWER, "pool": {"max_live": 1, "queue_timeout": 1.0}})
+    marker = e2e.workdir / "marker"
+    power_session(stubs, "a")
+    power_session(stubs, "b")
+    send(stubs, "a", background(f"sleep 3; echo ok > {marker}"))
+    with pytest.raises(grpc.RpcError) as refused:
+        send(stubs, "b", "hello")
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "a" in (refused.value.details() or "")
+    wait_for("the background command finished", marker.exists, 30)
+    assert marker.read_text() == "ok\n", "the command was not killed"
+    wait_for("the agent's own turn is stored", lambda: len(history(stubs, "a")) == 4, 60)
+    assert reply_text(send(stubs, "b", "hello")) == "echo: hello"
+
+
+def test_a_steered_message_is_taken_into_the_running_turn(e2e: E2E) -> None:
+    stubs = e2e.start(POWER)
+    power_session(stubs, "st")
+    first: list[pb.SessionEvent] = []
+    stream = stubs.sessions.SendMessage(
+        pb.SendMessageRequest(
+            session_id="st", text=tool("Bash", command="sleep 2; echo done", description="fg")
+        ),
+        timeout=120,
+    )
+    for response in stream:
+        first.append(response.event)
+        if response.event.WhichOneof("kind") == "tool_use":
+            break
+    steered = send(stubs, "st", "steer me", steer=True)
+    for response in stream:
+        first.append(response.event)
+    assert steered[-1].seq == first[-1].seq, "the steer streams the running turn to its end"
+    assert [e.user_message.text for e in steered if e.WhichOneof("kind") == "user_message"] == [
+        "steer me"
+    ]
+    rows = history(stubs, "st")
+    assert [(m.role, m.content) for m in rows[:2]][1] == (pb.ROLE_USER, "steer me")
+    assert rows[0].turn_id == rows[1].turn_id
+    assert any("steer me" in r.prompt_text for r in e2e.api.requests[-2:]) or any(
+        "steer me" in json.dumps(r.messages) for r in e2e.api.requests
+    )
+    assert reply_text(send(stubs, "st", "later")) == "echo: later"
+
+
+def test_a_task_is_listed_and_stopped(e2e: E2E, tmp_path: Path) -> None:
+    stubs = e2e.start(POWER)
+    power_session(stubs, "stop")
+    watcher = Watcher(stubs, "stop")
+    try:
+        send(stubs, "stop", background("sleep 60"))
+        session = stubs.sessions.GetSession(pb.GetSessionRequest(session_id="stop")).session
+        (task,) = session.tasks
+        stubs.sessions.StopTask(pb.StopTaskRequest(session_id="stop", task_id=task.task_id))
+        wait_for("the task ended", lambda: len(watcher.of("task_ended")) == 1, 30)
+        (ended,) = watcher.of("task_ended")
+        assert ended.status in (pb.TASK_STATUS_STOPPED, pb.TASK_STATUS_KILLED)
+        deadline = time.monotonic() + 30
+        while stubs.sessions.GetSession(pb.GetSessionRequest(session_id="stop")).session.tasks:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        with pytest.raises(grpc.RpcError) as gone:
+            stubs.sessions.StopTask(pb.StopTaskRequest(session_id="stop", task_id=task.task_id))
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        watcher.close()
