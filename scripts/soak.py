@@ -3,6 +3,7 @@
 
     scripts/soak [--seconds 60] [--clients 32] [--agent fake|real] [--seed N] [--keep]
                  [--tracemalloc]
+    scripts/soak --autonomy [--minutes 10] [--sessions 4] [--max-live 3] [--seed N] [--keep]
 
 Starts its own daemon on a temporary socket (the scripted fake agent, or the pinned `claude`
 CLI against the fake Messages API run in its own process), then runs N concurrent clients, each
@@ -26,6 +27,10 @@ checks:
   `PRAGMA integrity_check`.
 
 Prints one summary table; exits 1 if a check failed (2 on a usage or set-up error).
+
+--autonomy runs the autonomous agent's soak instead (scripts/soak_autonomy.py): power-mode
+sessions whose agent runs background commands and subagents while clients talk to it; counts
+replies given to the wrong message and turns lost.
 
 --tracemalloc runs the daemon with tracemalloc on (PYTHONTRACEMALLOC) and has it dump a snapshot
 at SIGUSR1 (once the load has warmed up, and at the end): the report then lists where the
@@ -844,6 +849,11 @@ def report(args: argparse.Namespace, stats: Stats, out: Outcome) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--autonomy" in argv:  # the autonomous agent's soak: scripts/soak_autonomy.py
+        from scripts.soak_autonomy import main as autonomy
+
+        return autonomy([a for a in argv if a != "--autonomy"])
     parser = argparse.ArgumentParser(prog="scripts/soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0, help="how long the load runs")
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients")

@@ -160,6 +160,7 @@ def _take(
     agent = pool.adopt(session_id, process, leased=resumed is not None)
     if agent is None:
         return "no free slot in the pool"
+    registry.restore_tasks(session_id)
     if resumed is not None:
         registry.resume_turn(agent, resumed)
     return None

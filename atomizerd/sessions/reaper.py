@@ -73,6 +73,7 @@ class Reaper:
 
     async def run_once(self) -> ReaperPass:
         started = time.monotonic()
+        await self.registry.stop_overdue_tasks()
         stopped, errors = await self._stop_idle_processes()
         purged, purge_errors = await self._purge_inactive_sessions()
         self.registry.unload_idle(older_than=time.time() - self.config.reaper.interval)
@@ -125,9 +126,11 @@ class Reaper:
         return stopped, errors
 
     def _in_use(self, session_id: str) -> bool:
-        """Busy or watched: never purged, whatever its age."""
+        """Busy, watched or running tasks: never purged, whatever its age."""
         session = self.registry.loaded_session(session_id)
-        return session is not None and (session.current is not None or bool(session.watchers))
+        return session is not None and (
+            session.current is not None or bool(session.watchers) or bool(session.tasks)
+        )
 
     async def _purge_inactive_sessions(self) -> tuple[int, int]:
         retention = self.config.reaper.retention

@@ -45,7 +45,14 @@ from atomizerd.sessions.attachments import check_sha256
 from atomizerd.sessions.idle import IdleReader
 from atomizerd.sessions.journal import Resumed, TurnJournal
 from atomizerd.sessions.session import SESSION_TRANSITIONS, Change, Session, SessionState
-from atomizerd.sessions.tasks import TaskInfo, TaskTable, read_output, tail_output
+from atomizerd.sessions.tasks import (
+    TaskInfo,
+    TaskTable,
+    from_row,
+    read_output,
+    tail_output,
+    to_row,
+)
 from atomizerd.sessions.turns import Turn, TurnRunner, TurnState
 from atomizerd.statemachine import Lifecycle
 from atomizerd.store.db import (
@@ -127,9 +134,16 @@ class Registry:
 
     # --- daemon lifecycle ----------------------------------------------------------------
 
-    def reconcile(self, keep: Collection[str] = ()) -> None:
+    def reconcile(self, keep: Collection[str] = (), sessions: Collection[str] = ()) -> None:
         """At start-up: settle turns a previous daemon left running, but those in `keep`
-        (adopted with their agents: they go on)."""
+        (adopted with their agents: they go on); forget the tasks of agents not adopted
+        (their agents were killed: so were their tasks)."""
+        for session_id, task_id in self.store.forget_tasks_except(sessions):
+            log.warning(
+                "task of an agent not adopted ended (killed)",
+                session_id=session_id,
+                task_id=task_id,
+            )
         for session_id, turn_id in self.store.settle_unfinished_turns(keep):
             log.warning(
                 "turn left running by a previous daemon marked interrupted",
@@ -242,6 +256,7 @@ class Registry:
         s.tasks = TaskTable(
             lambda n: self.pool.set_running_tasks(session_id, n),
             lambda task_id, path: self._tail(loaded, task_id, path),
+            lambda task_id, info: self._record_task(session_id, task_id, info),
         )
         if not self._owns(record):
             # Another host's session: read as stored, never kept (its own daemon changes it).
@@ -926,8 +941,31 @@ class Registry:
     # --- what the agent does on its own ---------------------------------------------------
 
     def _session_of(self, session_id: str) -> Session | None:
-        s = self._sessions.get(session_id)
-        return s if s is not None and s.state is SessionState.OPEN else None
+        try:
+            s = self._load(session_id)
+        except AtomizerError:
+            return None
+        return s if s.state is SessionState.OPEN and self._owns(s.record) else None
+
+    def _record_task(self, session_id: str, task_id: str, info: TaskInfo | None) -> None:
+        try:
+            if info is None:
+                self.store.forget_task(session_id, task_id)
+            else:
+                self.store.record_task(session_id, to_row(info))
+        except AtomizerError as e:  # a full disk: only a restart would miss the task
+            log.warning("task not recorded", session_id=session_id, error=str(e))
+
+    def restore_tasks(self, session_id: str) -> None:
+        """An adopted agent's tasks, as the previous daemon recorded them: it is busy."""
+        s = self._session_of(session_id)
+        if s is None:
+            return
+        timeout = self.config.agent.task_timeout
+        tasks = [from_row(row, timeout) for row in self.store.tasks_of(session_id)]
+        if tasks:
+            s.tasks.restore(tasks, asyncio.get_running_loop().time())
+            log.info("tasks of an adopted agent restored", session_id=session_id, tasks=len(tasks))
 
     def _start_agent_turn(self, s: Session, agent: Agent) -> None:
         """The agent started a turn while idle: a job of the session runs it (stored,
@@ -972,6 +1010,32 @@ class Registry:
         if info is not None:
             info.output_bytes += len(text.encode())
         self._emit(s, None, ev.TaskOutput(task_id, text))
+
+    async def stop_overdue_tasks(self) -> None:
+        """Stops every task that has run longer than agent.task_timeout, with a notice: an
+        agent with a running task keeps its pool slot, a forgotten one must not keep it."""
+        now = asyncio.get_running_loop().time()
+        limit = self.config.agent.task_timeout
+        for s in list(self._sessions.values()):
+            for task in s.tasks.running():
+                if not task.deadline or now < task.deadline:
+                    continue
+                task.deadline = 0.0  # asked once; its end comes as task_ended
+                self._emit(
+                    s,
+                    None,
+                    ev.Notice(
+                        ev.TASK_TIMEOUT,
+                        f"task {task.task_id} ({task.description}) ran longer than "
+                        f"{limit:g} s (agent.task_timeout): stopping it",
+                    ),
+                )
+                try:
+                    await self.stop_task(s.id, task.task_id)
+                except AtomizerError as e:
+                    log.warning(
+                        "an overdue task was not stopped", task_id=task.task_id, error=str(e)
+                    )
 
     async def stop_task(self, session_id: str, task_id: str) -> None:
         """Stops one of the agent's running tasks (the CLI's stop_task)."""

@@ -51,6 +51,7 @@ class TaskTable:
         self,
         on_change: Callable[[int], None] = lambda _n: None,
         on_output_file: Callable[[str, str], None] = lambda _t, _p: None,
+        on_record: Callable[[str, TaskInfo | None], None] = lambda _t, _i: None,
     ) -> None:
         self._running: dict[str, TaskInfo] = {}
         # Output files of ended tasks, for GetTaskOutput after the end (the oldest go first).
@@ -59,6 +60,18 @@ class TaskTable:
         # where a running task's output goes once the CLI names it (streamed from there).
         self._on_change = on_change
         self._on_output_file = on_output_file
+        # Told each running task as it is now, or (None) that it ended: kept in the store, so
+        # a daemon that adopts the agent after a restart knows what it runs.
+        self._on_record = on_record
+
+    def restore(self, tasks: list[TaskInfo], now: float) -> None:
+        """The tasks of an agent a previous daemon left running (from the store)."""
+        for info in tasks:
+            info.deadline = now + max(0.0, info.deadline - (time.time() - info.started_at))
+            self._running[info.task_id] = info
+            if info.output_file:
+                self._on_output_file(info.task_id, info.output_file)
+        self._on_change(len(self._running))
 
     def __len__(self) -> int:
         return len(self._running)
@@ -80,6 +93,7 @@ class TaskTable:
             deadline=deadline,
         )
         self._running[item.task_id] = info
+        self._on_record(info.task_id, info)
         self._on_change(len(self._running))
         return ev.TaskStarted(
             info.task_id, info.tool_use_id, info.kind, info.description, info.background
@@ -90,6 +104,7 @@ class TaskTable:
         info = self._running.get(task_id)
         if info is not None and not info.output_file:
             info.output_file = path
+            self._on_record(task_id, info)
             self._on_output_file(task_id, path)
 
     def ended(self, item: proto.TaskNotification) -> ev.TaskEnded | None:
@@ -100,6 +115,7 @@ class TaskTable:
         if item.output_file and not info.output_file:
             info.output_file = item.output_file
         self._keep_file(item.task_id, info.output_file)
+        self._on_record(item.task_id, None)
         self._on_change(len(self._running))
         status = _STATUSES.get(item.status, ev.TaskStatus.FAILED)
         return ev.TaskEnded(item.task_id, status, item.summary)
@@ -109,6 +125,7 @@ class TaskTable:
         ended = [ev.TaskEnded(t, status, why) for t in self._running]
         for task_id, info in self._running.items():
             self._keep_file(task_id, info.output_file)
+            self._on_record(task_id, None)
         self._running.clear()
         self._on_change(0)
         return ended
@@ -127,6 +144,17 @@ class TaskTable:
 
 
 _ENDED_KEPT = 64
+_STORED = ("task_id", "tool_use_id", "description", "background", "started_at", "output_file")
+
+
+def to_row(info: TaskInfo) -> dict[str, object]:
+    return {**{f: getattr(info, f) for f in _STORED}, "kind": info.kind.value}
+
+
+def from_row(row: dict[str, object], timeout: float) -> TaskInfo:
+    """A stored task; its deadline (for `restore`) is the timeout, counted from its start."""
+    fields = {f: row[f] for f in _STORED}
+    return TaskInfo(kind=ev.TaskKind(str(row["kind"])), deadline=timeout, **fields)  # type: ignore[arg-type]
 
 
 def read_output(path: str, offset: int, limit: int) -> tuple[bytes, int]:

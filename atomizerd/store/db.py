@@ -191,6 +191,25 @@ class PermissionPatternRow(_Model):
         primary_key = pw.CompositeKey("session", "rule")
 
 
+class TaskRow(_Model):
+    """A task an agent runs on its own (sessions/tasks.py) while it runs: a daemon that adopts
+    the agent after a restart knows it is busy and with what."""
+
+    session = pw.ForeignKeyField(SessionRow, on_delete="CASCADE", backref="tasks")
+    session_id: str  # peewee's accessor for the foreign key's raw value
+    task_id = pw.CharField(max_length=64)
+    tool_use_id = pw.CharField(max_length=128, default="")
+    kind = pw.CharField(max_length=16)
+    description = pw.TextField(default="")
+    background = pw.BooleanField(default=True)
+    started_at = pw.DoubleField()
+    output_file = pw.TextField(default="")
+
+    class Meta:
+        table_name = "tasks"
+        primary_key = pw.CompositeKey("session", "task_id")
+
+
 def _migrate_1(db: pw.Database) -> None:
     # A fresh database gets the current shape of these tables; later migrations only add
     # what an older database lacks.
@@ -330,6 +349,7 @@ def _migrate_origin(db: pw.Database) -> None:
         db.execute_sql(  # type: ignore[no-untyped-call]
             "ALTER TABLE messages ADD COLUMN origin VARCHAR(16) NOT NULL DEFAULT 'client'"
         )
+    db.create_tables([TaskRow])
 
 
 # Forward migrations: index i migrates from version i to i + 1. Append, never edit.
@@ -820,6 +840,7 @@ class Store:
             AuditRow.delete().where(AuditRow.session == session_id).execute()
             PermissionRuleRow.delete().where(PermissionRuleRow.session == session_id).execute()
             AttachmentBlobRow.delete().where(AttachmentBlobRow.session == session_id).execute()
+            TaskRow.delete().where(TaskRow.session == session_id).execute()
             PermissionPatternRow.delete().where(
                 PermissionPatternRow.session == session_id
             ).execute()
@@ -1175,6 +1196,45 @@ class Store:
         AgentProcessRow.delete().where(
             (AgentProcessRow.pgid == pgid) & self._own(AgentProcessRow.host_id)
         ).execute()
+
+    def record_task(self, session_id: str, task: dict[str, Any]) -> None:
+        """A running task, as sessions/tasks.py describes it (replaced if known)."""
+        with self.db.atomic():
+            self.forget_task(session_id, task["task_id"])
+            TaskRow.insert(session=session_id, **task).execute()
+
+    def forget_task(self, session_id: str, task_id: str) -> None:
+        TaskRow.delete().where(
+            (TaskRow.session == session_id) & (TaskRow.task_id == task_id)
+        ).execute()
+
+    def tasks_of(self, session_id: str) -> list[dict[str, Any]]:
+        rows = TaskRow.select().where(TaskRow.session == session_id).order_by(TaskRow.started_at)
+        return [
+            {
+                f: getattr(r, f)
+                for f in (
+                    "task_id",
+                    "tool_use_id",
+                    "kind",
+                    "description",
+                    "background",
+                    "started_at",
+                    "output_file",
+                )
+            }
+            for r in rows
+        ]
+
+    def forget_tasks_except(self, keep: Collection[str]) -> list[tuple[str, str]]:
+        """At start-up: the tasks of this host's sessions whose agents were not adopted went
+        with their agents; returns (session id, task id) of each."""
+        own = SessionRow.select(SessionRow.session_id).where(self._own(SessionRow.host_id))
+        query = TaskRow.select(TaskRow.session, TaskRow.task_id).where(TaskRow.session.in_(own))
+        gone = [(r.session_id, r.task_id) for r in query if r.session_id not in keep]
+        for session_id, task_id in gone:
+            self.forget_task(session_id, task_id)
+        return gone
 
     def agent_processes(self) -> list[AgentProcessRecord]:
         """This host's recorded agents (process group ids mean nothing on another machine)."""

@@ -334,9 +334,9 @@ class FakeAgent:
     def envelope(self, kind: str, **fields: Any) -> dict[str, Any]:
         return {
             "type": kind,
+            "uuid": str(uuid.uuid4()),
             **fields,
             "session_id": self.session_id,
-            "uuid": str(uuid.uuid4()),
         }
 
     def stream_event(self, event: dict[str, Any], **extra: Any) -> dict[str, Any]:

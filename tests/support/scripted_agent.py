@@ -204,6 +204,8 @@ class ScriptedAgent:
 
     async def request(self, subtype: str, *, timeout: float, **fields: Any) -> dict[str, Any]:
         self.requests.append((subtype, fields))
+        if subtype == "stop_task":  # the CLI ends the task, then tells the model in a turn
+            self.end_task(str(fields["task_id"]), status="stopped", reply="stopped it")
         return {}
 
     async def interrupt(self, *, timeout: float) -> dict[str, Any]:

@@ -207,3 +207,21 @@ def test_tasks_of_an_agent_that_is_stopped_end_as_killed(tmp_path: Path) -> None
         assert ended == [ev.TaskEnded("solve", ev.TaskStatus.KILLED, "the agent was stopped")]
 
     run(tmp_path, test)
+
+
+def test_a_task_running_past_the_task_timeout_is_stopped_with_a_notice(tmp_path: Path) -> None:
+    async def test(core: Core) -> None:
+        await core.registry.create_session(None, None, "a")
+        await send(core, "a", "[[task:solve]]").wait()
+        await core.registry.stop_overdue_tasks()
+        assert core.spawner.agents[0].requests == [], "not before its time"
+        await asyncio.sleep(61)
+        await core.registry.stop_overdue_tasks()
+        assert core.spawner.agents[0].requests == [("stop_task", {"task_id": "solve"})]
+        await until(lambda: not core.registry.get_session("a").tasks)
+        notices = [e.kind for e in log_of(core, "a") if isinstance(e.kind, ev.Notice)]
+        assert [n.kind for n in notices] == [ev.TASK_TIMEOUT]
+        ended = [e.kind for e in log_of(core, "a") if isinstance(e.kind, ev.TaskEnded)]
+        assert [t.status for t in ended] == [ev.TaskStatus.STOPPED]
+
+    run(tmp_path, test, {"agent.task_timeout": 60})

@@ -1,0 +1,762 @@
+#!/usr/bin/env python3
+"""Autonomy soak: power-mode sessions whose agent runs background commands and subagents,
+while clients keep talking to it; counts replies given to the wrong message.
+
+    scripts/soak --autonomy [--minutes 10] [--sessions 4] [--max-live 3] [--seed N] [--keep]
+
+Starts its own daemon on a temporary socket with the pinned `claude` CLI against the fake
+Messages API (its own process), power mode on, `pool.max_live` below the number of sessions
+(so idle agents are evicted and resumed). One worker per session then, until the time is up,
+picks at random: an ordinary message; a background Bash command of 0.2-5 s (`sleep`, then an
+echo); a subagent (the Task tool); a background command followed by a message timed to land
+as it ends, or sent the moment its task_ended is seen; two messages at once. Every client
+message carries a token of its own (`tok-<session>-<n>`): an ordinary message's reply must be
+exactly `echo: <message>`; the reply of a message that starts a task may name no token but its
+own. When a task ends while the session is idle the agent starts a turn by itself; a watcher
+per session follows those (WatchSession).
+
+At the end, once every task has ended and every session is idle, the GetHistory of every
+session is checked: each client message is followed by its own reply (same turn, same
+origin, the reply's text as above), each agent-started turn has origin TASK, and no reply of
+one session names a token of another. Then the daemon is stopped and no process it or its
+agents started may outlive it.
+
+Counts: client messages sent and answered, failures by status code, turns the agent started
+(stream and history), lost turns (a message answered in its stream but missing from the
+history or without its reply; a turn seen in the stream but not stored; a turn left pending),
+misattributed replies (in the stream, in the history). Prints one table; exits 1 if anything
+was misattributed or lost, an origin was wrong, an RPC ended with an unexpected status or a
+process outlived the daemon (2 on a usage or set-up error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import grpc  # noqa: E402
+import grpc.aio  # noqa: E402
+from atomizer.v1 import session_pb2 as pb  # noqa: E402
+from atomizer.v1 import session_pb2_grpc  # noqa: E402
+
+from atomizerd.agents.procgroup import group_members  # noqa: E402
+from scripts.soak import agent_pids, alive, fake_api, percentile, pool_churn  # noqa: E402
+from scripts.soak_children import ChildCount, ChildSampler  # noqa: E402
+from tests.support.daemon import RunningDaemon, real_claude  # noqa: E402
+
+C = grpc.StatusCode
+UNARY_TIMEOUT = 15.0
+TURN_TIMEOUT = 150.0
+SETTLE_TIMEOUT = 120.0  # at the end: every task ended, every session idle
+TOKEN = re.compile(r"tok-(\d+)-(\d+)(?!\d)")
+WORDS = [
+    "alpha", "bravo", "charlie", "delta", "echo", "foxtrot",
+    "golf", "hotel", "india", "juliet", "kilo", "lima",
+]  # fmt: skip
+
+# What SendMessage may answer besides OK in this workload: every live agent busy with a
+# task (agents running one are kept), and our own deadline on a turn stuck behind others.
+EXPECTED_SEND = {C.RESOURCE_EXHAUSTED}
+
+
+def tool(name: str, **tool_input: Any) -> str:
+    return f"[[tool:{name} {json.dumps(tool_input)}]]"
+
+
+def tokens_in(text: str) -> set[str]:
+    return {m.group(0) for m in TOKEN.finditer(text)}
+
+
+@dataclass
+class Sent:
+    """One client message and what its SendMessage stream said."""
+
+    session: int
+    token: str
+    text: str
+    kind: str  # plain / bash / task
+    code: str = ""
+    turn_id: str = ""
+    reply: str = ""
+    terminal: str = ""  # turn_completed / turn_interrupted / turn_failed / ""
+    first_text_ms: float | None = None
+    task_started_at: float | None = None  # when the stream showed its task_started
+    task_id: str = ""
+    in_history: bool = False
+    history_reply: bool = False
+
+
+@dataclass
+class Tally:
+    sent: list[Sent] = field(default_factory=list)
+    actions: Counter[str] = field(default_factory=Counter)
+    codes: Counter[str] = field(default_factory=Counter)  # SendMessage and others: "RPC CODE"
+    unexpected: list[str] = field(default_factory=list)
+    mis_stream: list[str] = field(default_factory=list)
+    mis_history: list[str] = field(default_factory=list)
+    mis_agent: list[str] = field(default_factory=list)  # agent turns naming another session
+    origin_problems: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+    other: list[str] = field(default_factory=list)
+    tasks_started: Counter[str] = field(default_factory=Counter)  # by kind
+    tasks_ended: Counter[str] = field(default_factory=Counter)  # by status
+    agent_turns_stream: Counter[str] = field(default_factory=Counter)  # by origin
+    agent_turns_history: Counter[str] = field(default_factory=Counter)  # by origin
+    history_messages: int = 0
+    raced: Counter[str] = field(default_factory=Counter)  # messages sent as a task ended
+    unsettled: list[str] = field(default_factory=list)
+
+    def code(self, rpc: str, code: C, detail: str = "", expected: set[C] | None = None) -> None:
+        self.codes[f"{rpc} {code.name}"] += 1
+        if code != C.OK and code not in (expected or set()):
+            self.unexpected.append(f"{rpc}: {code.name}: {detail[:200]}")
+
+
+def origin_name(origin: int) -> str:
+    return pb.TurnOrigin.Name(origin).removeprefix("TURN_ORIGIN_")  # type: ignore[arg-type]
+
+
+# --- one session's watcher -------------------------------------------------------------------
+
+
+class Watcher:
+    """Follows one session's events (WatchSession, resumed after its last seq if it drops)."""
+
+    def __init__(self, stub: Any, sid: str, index: int, tally: Tally) -> None:
+        self.stub, self.sid, self.index, self.tally = stub, sid, index, tally
+        self.last_seq = 0
+        self.turns: dict[str, int] = {}  # turn_id -> origin
+        self.turn_text: dict[str, list[str]] = {}
+        self.turn_ended: set[str] = set()
+        self.task_ends: dict[str, float] = {}  # task_id -> when seen
+        self.task_of_turn: dict[str, str] = {}  # turn_id -> the task it started
+        self.changed = asyncio.Condition()
+        self.stop = asyncio.Event()
+        self._call: Any = None
+
+    async def run(self) -> None:
+        while not self.stop.is_set():
+            self._call = self.stub.WatchSession(
+                pb.WatchSessionRequest(session_id=self.sid, after_seq=self.last_seq),
+                timeout=3600,
+            )
+            try:
+                async for resp in self._call:
+                    await self.on_event(resp.event)
+            except grpc.aio.AioRpcError as e:
+                if e.code() != C.CANCELLED or not self.stop.is_set():
+                    self.tally.code("WatchSession", e.code(), e.details() or "", {C.CANCELLED})
+            except asyncio.CancelledError:
+                return
+            if not self.stop.is_set():
+                await asyncio.sleep(0.2)
+
+    def close(self) -> None:
+        self.stop.set()
+        if self._call is not None:
+            self._call.cancel()
+
+    async def on_event(self, ev: pb.SessionEvent) -> None:
+        self.last_seq = max(self.last_seq, ev.seq)
+        kind = ev.WhichOneof("kind")
+        if kind == "turn_started":
+            origin = ev.turn_started.origin
+            if ev.turn_id not in self.turns:
+                self.turns[ev.turn_id] = origin
+                if origin != pb.TURN_ORIGIN_CLIENT:
+                    self.tally.agent_turns_stream[origin_name(origin)] += 1
+        elif kind == "text_delta":
+            self.turn_text.setdefault(ev.turn_id, []).append(ev.text_delta.text)
+        elif kind in ("turn_completed", "turn_failed"):
+            self.turn_ended.add(ev.turn_id)
+        elif kind == "task_started":
+            self.tally.tasks_started[pb.TaskKind.Name(ev.task_started.kind)] += 1
+            self.task_of_turn.setdefault(ev.turn_id, ev.task_started.task_id)
+        elif kind == "task_ended":
+            self.tally.tasks_ended[pb.TaskStatus.Name(ev.task_ended.status)] += 1
+            self.task_ends[ev.task_ended.task_id] = time.monotonic()
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def task_end(self, task_id: str, timeout: float) -> bool:
+        async with self.changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self.changed.wait_for(lambda: task_id in self.task_ends), timeout
+                )
+        return task_id in self.task_ends
+
+
+# --- one session's worker --------------------------------------------------------------------
+
+
+class Worker:
+    def __init__(
+        self,
+        index: int,
+        stub: Any,
+        rng: random.Random,
+        tally: Tally,
+        watcher: Watcher,
+        marker: str,
+    ) -> None:
+        self.index, self.stub, self.rng, self.tally, self.watcher = index, stub, rng, tally, watcher
+        self.sid = f"auto-{index}"
+        self.marker = marker
+        self.n = 0
+
+    def token(self) -> str:
+        self.n += 1
+        return f"tok-{self.index}-{self.n}"
+
+    def words(self) -> str:
+        return " ".join(self.rng.sample(WORDS, self.rng.randint(1, 4)))
+
+    async def run(self, until: float) -> None:
+        actions = [
+            (self.plain, 30),
+            (self.bash, 14),
+            (self.bash_then_timed, 18),
+            (self.bash_then_on_end, 14),
+            (self.subagent, 14),
+            (self.pair, 6),
+        ]
+        funcs, weights = zip(*actions, strict=True)
+        while time.monotonic() < until:
+            action = self.rng.choices(funcs, weights)[0]
+            self.tally.actions[action.__name__] += 1
+            await action()
+            await asyncio.sleep(self.rng.uniform(0.0, 1.0))
+
+    async def send(self, text: str, kind: str, token: str) -> Sent:
+        s = Sent(self.index, token, text, kind)
+        self.tally.sent.append(s)
+        started = time.monotonic()
+        call = self.stub.SendMessage(
+            pb.SendMessageRequest(session_id=self.sid, text=text), timeout=TURN_TIMEOUT
+        )
+        turn_ids: set[str] = set()
+        parts: list[str] = []
+        started_text: str | None = None
+        origin = None
+        code, detail = C.OK, ""
+        try:
+            async for resp in call:
+                ev = resp.event
+                k = ev.WhichOneof("kind")
+                turn_ids.add(ev.turn_id)
+                if k == "turn_started":
+                    s.turn_id = ev.turn_id
+                    started_text = ev.turn_started.text
+                    origin = ev.turn_started.origin
+                elif k == "text_delta":
+                    if s.first_text_ms is None:
+                        s.first_text_ms = (time.monotonic() - started) * 1000
+                    parts.append(ev.text_delta.text)
+                elif k == "task_started":
+                    s.task_started_at = time.monotonic()
+                    s.task_id = ev.task_started.task_id
+                elif k == "turn_completed":
+                    s.terminal = "interrupted" if ev.turn_completed.interrupted else "completed"
+                elif k == "turn_failed":
+                    s.terminal = "failed"
+        except grpc.aio.AioRpcError as e:
+            code, detail = e.code(), e.details() or ""
+        s.code = code.name
+        s.reply = "".join(parts)
+        self.tally.code("SendMessage", code, detail, EXPECTED_SEND)
+        if code != C.OK:
+            return s
+        where = f"session {self.index} {token} ({kind})"
+        if started_text is None:
+            self.tally.mis_stream.append(f"{where}: the stream had no turn_started")
+        elif started_text != text or origin != pb.TURN_ORIGIN_CLIENT:
+            self.tally.mis_stream.append(
+                f"{where}: stream's turn_started is {origin_name(origin or 0)} "
+                f"{started_text[:80]!r}"
+            )
+        if len(turn_ids) > 1:
+            self.tally.mis_stream.append(f"{where}: the stream carried {len(turn_ids)} turns")
+        if s.terminal == "completed":
+            problem = reply_problem(s, s.reply)
+            if problem:
+                self.tally.mis_stream.append(f"{where}: {problem}")
+        elif s.terminal != "interrupted":
+            self.tally.other.append(f"{where}: the turn ended {s.terminal or 'without an end'}")
+        return s
+
+    async def plain(self, raced: str = "") -> Sent:
+        token = self.token()
+        s = await self.send(f"{token} {self.words()}", "plain", token)
+        if raced:
+            self.tally.raced[raced] += 1
+        return s
+
+    def bash_text(self, token: str, seconds: float) -> str:
+        command = f"sleep {seconds:.2f}; echo {token} done # {self.marker}"
+        call = tool("Bash", command=command, description="bg", run_in_background=True)
+        return f"{token} run {call}"
+
+    async def bash(self) -> tuple[Sent, float]:
+        token = self.token()
+        seconds = self.rng.uniform(0.2, 5.0)
+        return await self.send(self.bash_text(token, seconds), "bash", token), seconds
+
+    async def bash_then_timed(self) -> None:
+        """A message timed to land as the command ends (a little before or after)."""
+        s, seconds = await self.bash()
+        if s.code != "OK":
+            return
+        since = s.task_started_at or time.monotonic()
+        await asyncio.sleep(
+            max(0.0, since + seconds + self.rng.uniform(-0.3, 0.3) - time.monotonic())
+        )
+        await self.plain("timed to the end of a command")
+
+    async def bash_then_on_end(self) -> None:
+        """A message sent the moment the command's task_ended is seen."""
+        s, seconds = await self.bash()
+        task_id = s.task_id or self.watcher.task_of_turn.get(s.turn_id, "")
+        if s.code != "OK" or not task_id:
+            return
+        if await self.watcher.task_end(task_id, seconds + 30):
+            await self.plain("on task_ended")
+
+    async def subagent(self) -> None:
+        token = self.token()
+        call = tool(
+            "Task",
+            description="sub",
+            prompt=f"hello sub {token}",
+            subagent_type="general-purpose",
+        )
+        s = await self.send(f"{token} delegate {call}", "task", token)
+        if s.code == "OK" and self.rng.random() < 0.5:
+            await self.plain("right after a subagent")
+
+    async def pair(self) -> None:
+        """Two messages at once: the second waits behind the first."""
+        await asyncio.gather(self.plain(), self.plain("queued behind another"))
+
+
+def reply_problem(s: Sent, reply: str) -> str:
+    """Why a reply is not its message's own ('' when it is)."""
+    foreign = tokens_in(reply) - {s.token}
+    if foreign:
+        return f"reply names {sorted(foreign)[:3]}: {reply[:120]!r}"
+    if s.kind == "plain" and reply != f"echo: {s.text}":
+        return f"reply is not 'echo: <its message>': {reply[:120]!r}"
+    return ""
+
+
+# --- the end: settle, histories --------------------------------------------------------------
+
+
+async def settle(stub: Any, sids: list[str], tally: Tally) -> float:
+    """Waits until no session runs a task or a turn; seconds it took."""
+    started = time.monotonic()
+    pending = list(sids)
+    while time.monotonic() - started < SETTLE_TIMEOUT:
+        pending = []
+        for sid in sids:
+            try:
+                s = (
+                    await stub.GetSession(
+                        pb.GetSessionRequest(session_id=sid), timeout=UNARY_TIMEOUT
+                    )
+                ).session
+            except grpc.aio.AioRpcError as e:
+                tally.code("GetSession", e.code(), e.details() or "")
+                continue
+            if s.tasks or s.state in (pb.SESSION_STATE_BUSY, pb.SESSION_STATE_STARTING):
+                pending.append(f"{sid} {pb.SessionState.Name(s.state)} tasks {len(s.tasks)}")
+        if not pending:
+            await asyncio.sleep(2.0)  # a turn the last task's end starts
+            return time.monotonic() - started
+        await asyncio.sleep(0.5)
+    tally.unsettled = pending
+    return time.monotonic() - started
+
+
+async def history(stub: Any, sid: str, tally: Tally) -> list[pb.Message]:
+    out: list[pb.Message] = []
+    token = ""
+    while True:
+        try:
+            page = await stub.GetHistory(
+                pb.GetHistoryRequest(session_id=sid, page_size=1000, page_token=token),
+                timeout=UNARY_TIMEOUT,
+            )
+        except grpc.aio.AioRpcError as e:
+            tally.code("GetHistory", e.code(), e.details() or "")
+            return out
+        tally.code("GetHistory", C.OK)
+        out += page.messages
+        token = page.next_page_token
+        if not token:
+            return out
+
+
+def check_history(
+    index: int, msgs: list[pb.Message], sent: dict[str, Sent], watcher: Watcher, tally: Tally
+) -> None:
+    tally.history_messages += len(msgs)
+    stored_turns = {m.turn_id for m in msgs}
+    i = 0
+    while i < len(msgs):
+        u = msgs[i]
+        where = f"session {index} history #{i}"
+        if u.role != pb.ROLE_USER:
+            tally.mis_history.append(
+                f"{where}: a reply without a message before it: {u.content[:80]!r}"
+            )
+            i += 1
+            continue
+        reply = msgs[i + 1] if i + 1 < len(msgs) else None
+        if reply is None or reply.role != pb.ROLE_ASSISTANT or reply.turn_id != u.turn_id:
+            tally.lost.append(f"{where}: {u.content[:60]!r} has no reply of its own turn")
+            i += 1
+            continue
+        i += 2
+        if u.status == pb.MESSAGE_STATUS_PENDING or reply.status == pb.MESSAGE_STATUS_PENDING:
+            tally.lost.append(f"{where}: {u.content[:60]!r} still pending after the end")
+        if reply.origin != u.origin:
+            tally.origin_problems.append(
+                f"{where}: message {origin_name(u.origin)}, reply {origin_name(reply.origin)}"
+            )
+        if u.origin == pb.TURN_ORIGIN_CLIENT:
+            mine = [sent[t] for t in tokens_in(u.content) if t in sent]
+            s = next((x for x in mine if x.text == u.content), None)
+            if s is None:
+                tally.origin_problems.append(
+                    f"{where}: a CLIENT message no client sent: {u.content[:100]!r}"
+                )
+                continue
+            s.in_history = True
+            s.history_reply = True
+            if reply.status != pb.MESSAGE_STATUS_COMPLETE:
+                continue  # interrupted or failed: partial
+            problem = reply_problem(s, reply.content)
+            if problem:
+                tally.mis_history.append(f"{where} {s.token} ({s.kind}): {problem}")
+            elif s.terminal == "completed" and s.reply != reply.content:
+                tally.mis_history.append(
+                    f"{where} {s.token}: stream and history differ: "
+                    f"{s.reply[:60]!r} vs {reply.content[:60]!r}"
+                )
+        else:
+            tally.agent_turns_history[origin_name(u.origin)] += 1
+            if u.origin != pb.TURN_ORIGIN_TASK:
+                tally.origin_problems.append(
+                    f"{where}: an agent-started turn with origin {origin_name(u.origin)}: "
+                    f"{u.content[:80]!r}"
+                )
+            other = {
+                t for t in tokens_in(u.content + reply.content) if not t.startswith(f"tok-{index}-")
+            }
+            if other:
+                tally.mis_agent.append(f"{where}: agent turn names {sorted(other)[:3]}")
+    # Turns the stream showed but the history lacks.
+    for turn_id, origin in watcher.turns.items():
+        if turn_id not in stored_turns:
+            tally.lost.append(f"session {index}: {origin_name(origin)} turn {turn_id} not stored")
+    for turn_id, parts in watcher.turn_text.items():
+        if watcher.turns.get(turn_id, pb.TURN_ORIGIN_CLIENT) != pb.TURN_ORIGIN_CLIENT:
+            other = {t for t in tokens_in("".join(parts)) if not t.startswith(f"tok-{index}-")}
+            if other:
+                tally.mis_agent.append(
+                    f"session {index} stream: agent turn names {sorted(other)[:3]}"
+                )
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    agents_started: int = 0
+    resumed: int = 0
+    evictions: int = 0
+    leaked: list[str] = field(default_factory=list)
+    exit_code: int | None = None
+    children: ChildCount = field(default_factory=ChildCount)
+    settle_s: float = 0.0
+    seconds: float = 0.0
+
+
+async def drive(
+    d: RunningDaemon, args: argparse.Namespace, tally: Tally, out: Outcome, marker: str
+) -> None:
+    channel = grpc.aio.insecure_channel(d.target)
+    stub = session_pb2_grpc.SessionServiceStub(channel)
+    master = random.Random(args.seed)
+    watchers: list[Watcher] = []
+    watch_tasks: list[asyncio.Future[None]] = []
+    try:
+        workers: list[Worker] = []
+        for i in range(args.sessions):
+            sid = f"auto-{i}"
+            await stub.CreateSession(
+                pb.CreateSessionRequest(session_id=sid, mode=pb.MODE_POWER), timeout=UNARY_TIMEOUT
+            )
+            w = Watcher(stub, sid, i, tally)
+            watchers.append(w)
+            watch_tasks.append(asyncio.ensure_future(w.run()))
+            workers.append(Worker(i, stub, random.Random(master.random()), tally, w, marker))
+        t0 = time.monotonic()
+        until = t0 + args.minutes * 60
+        runs = [asyncio.ensure_future(w.run(until)) for w in workers]
+        done, pending = await asyncio.wait(runs, timeout=args.minutes * 60 + 3 * TURN_TIMEOUT)
+        for task in pending:
+            tally.other.append("a worker did not finish its last action in time")
+            task.cancel()
+        for task in done:
+            if task.exception() is not None:
+                tally.other.append(f"a worker crashed: {task.exception()!r}")
+        out.seconds = time.monotonic() - t0
+        sids = [w.sid for w in workers]
+        out.settle_s = await settle(stub, sids, tally)
+        sent = {s.token: s for s in tally.sent}
+        for worker in workers:
+            msgs = await history(stub, worker.sid, tally)
+            check_history(worker.index, msgs, sent, worker.watcher, tally)
+        for s in tally.sent:
+            if s.code == "OK" and s.terminal == "completed" and not s.in_history:
+                tally.lost.append(f"session {s.session} {s.token} ({s.kind}): answered, not stored")
+        for sid in sids:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await stub.TerminateSession(
+                    pb.TerminateSessionRequest(session_id=sid), timeout=UNARY_TIMEOUT
+                )
+    finally:
+        for w in watchers:
+            w.close()
+        for t in watch_tasks:
+            t.cancel()
+        await asyncio.gather(*watch_tasks, return_exceptions=True)
+        await channel.close(None)
+
+
+def marked_processes(marker: str) -> list[int]:
+    """Processes whose command line holds this run's marker (the agents' background commands)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def daemon_config(
+    args: argparse.Namespace, workdir: Path, api_env: dict[str, str]
+) -> dict[str, Any]:
+    home = workdir / "home"
+    env = {**api_env, "HOME": str(home), "CLAUDE_CONFIG_DIR": str(home / ".claude")}
+    if os.geteuid() == 0:
+        env["IS_SANDBOX"] = "1"  # the CLI refuses to skip permissions as root otherwise
+    return {
+        "agent": {
+            "command": [real_claude()],
+            "env": env,
+            "first_event_timeout": 60.0,
+            "stop_grace": 3.0,
+        },
+        "modes.power": {"enabled": True},
+        "pool": {"max_live": args.max_live, "queue_timeout": 60.0, "max_queued": 64, "spares": 0},
+        "logging": {"level": "info", "format": "json"},
+    }
+
+
+def run(args: argparse.Namespace, workdir: Path) -> tuple[Tally, Outcome, RunningDaemon]:
+    tally, out = Tally(), Outcome()
+    marker = f"azdsoak{os.getpid()}x{random.randrange(10**6)}"
+    with fake_api() as api_env:
+        d = RunningDaemon(workdir, daemon_config(args, workdir, api_env))
+        sampler: ChildSampler | None = None
+        try:
+            d.start(wait=False)
+            d.wait_serving(timeout=30)
+            assert d.proc is not None
+            sampler = ChildSampler(d.proc.pid).start()
+            asyncio.run(drive(d, args, tally, out, marker))
+        finally:
+            if sampler is not None:
+                out.children = sampler.stop()
+            out.exit_code = d.stop(timeout=60)
+        pids = agent_pids(d)
+        out.agents_started = len(pids)
+        out.resumed, out.evictions = pool_churn(d)
+        deadline = time.monotonic() + 10
+        while True:
+            leaked = [p for p in pids if alive(p) or group_members(p)]
+            marked = marked_processes(marker)
+            if (not leaked and not marked) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        out.leaked = [f"agent {p}" for p in leaked] + [f"command {p}" for p in marked]
+        for p in marked:  # ours, through the agents: never left behind
+            with contextlib.suppress(OSError):
+                os.kill(p, signal.SIGKILL)
+    return tally, out, d
+
+
+# --- the report ------------------------------------------------------------------------------
+
+
+def _counts(counter: Counter[str]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counter.items())) or "0"
+
+
+def report(args: argparse.Namespace, tally: Tally, out: Outcome) -> bool:
+    sent = tally.sent
+    ok = [s for s in sent if s.code == "OK"]
+    by_kind = Counter(s.kind for s in sent)
+    failures = Counter(s.code for s in sent if s.code != "OK")
+    ends = Counter(s.terminal or "none" for s in ok)
+    first = [s.first_text_ms for s in ok if s.kind == "plain" and s.first_text_ms is not None]
+    mis_stream_msgs = {m.split(":")[0] for m in tally.mis_stream}
+    rows = [
+        (
+            "run",
+            f"{args.sessions} power sessions, pool.max_live {args.max_live}, "
+            f"{out.seconds / 60:.1f} min, seed {args.seed}",
+        ),
+        ("client messages sent", f"{len(sent)} ({_counts(by_kind)})"),
+        ("  answered (stream OK)", f"{len(ok)} ({_counts(ends)})"),
+        ("  sent as a task ended", _counts(tally.raced)),
+        ("failures by status code", _counts(failures)),
+        (
+            "other RPCs",
+            _counts(
+                Counter({k: v for k, v in tally.codes.items() if not k.startswith("SendMessage")})
+            ),
+        ),
+        ("tasks started (watch)", _counts(tally.tasks_started)),
+        ("tasks ended (watch)", _counts(tally.tasks_ended)),
+        ("agent-started turns, stream", _counts(tally.agent_turns_stream)),
+        ("agent-started turns, history", _counts(tally.agent_turns_history)),
+        ("history messages checked", str(tally.history_messages)),
+        (
+            "first text, plain msg p50/p99",
+            f"{percentile(first, 50):.0f} / {percentile(first, 99):.0f} ms (n={len(first)})",
+        ),
+        (
+            "pool churn",
+            f"{out.agents_started} agents started ({out.resumed} resumed), {out.evictions} "
+            f"evictions; most live {out.children.most_agents} / {args.max_live}",
+        ),
+        ("settled after the load", f"{out.settle_s:.1f} s"),
+        (
+            "MISATTRIBUTED, stream",
+            f"{len(mis_stream_msgs)} messages ({len(tally.mis_stream)} findings)",
+        ),
+        ("MISATTRIBUTED, history", str(len(tally.mis_history))),
+        ("agent turns naming another session", str(len(tally.mis_agent))),
+        ("wrong origins", str(len(tally.origin_problems))),
+        ("LOST turns", str(len(tally.lost))),
+        ("unexpected RPC statuses", str(len(tally.unexpected))),
+        ("processes outliving the daemon", str(len(out.leaked))),
+        ("daemon exit", str(out.exit_code)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    rule = "-" * (width + 60)
+    print(f"\natomizerd autonomy soak\n{rule}")
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    print(rule)
+    checks = [
+        (not tally.mis_stream, "every streamed reply answers its own message"),
+        (not tally.mis_history, "every stored reply answers its own message"),
+        (not tally.mis_agent, "no agent turn names another session's token"),
+        (not tally.origin_problems, "agent-started turns have origin TASK; client messages CLIENT"),
+        (not tally.lost, "no turn lost"),
+        (not tally.unexpected, "RPCs ended with expected statuses"),
+        (not tally.unsettled, "every task ended and every session went idle at the end"),
+        (not tally.other, "every turn ended normally, every worker finished"),
+        (not out.leaked and out.exit_code == 0, "the daemon stopped cleanly, nothing outlived it"),
+        (out.children.ok and out.children.most_agents <= args.max_live, "the pool's cap held"),
+    ]
+    for passed, what in checks:
+        print(f"[{'ok' if passed else 'FAIL'}] {what}")
+    for title, items in (
+        ("misattributed (stream)", tally.mis_stream),
+        ("misattributed (history)", tally.mis_history),
+        ("agent turn", tally.mis_agent),
+        ("origin", tally.origin_problems),
+        ("lost", tally.lost),
+        ("unexpected", tally.unexpected),
+        ("unsettled", tally.unsettled),
+        ("other", tally.other),
+        ("leaked", out.leaked),
+    ):
+        for item in items[:15]:
+            print(f"  {title}: {item}")
+        if len(items) > 15:
+            print(f"  {title}: ... {len(items) - 15} more")
+    if out.evictions == 0:
+        print("note: no agent was evicted: the pool never filled")
+    # Misattribution, lost turns and leaks fail the run; so does anything else found.
+    return all(passed for passed, _ in checks)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="scripts/soak --autonomy", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--minutes", type=float, default=10.0, help="how long the load runs")
+    parser.add_argument("--sessions", type=int, default=4, help="power-mode sessions")
+    parser.add_argument("--max-live", type=int, default=3, help="pool.max_live")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary dir (printed)")
+    args = parser.parse_args(argv)
+    if args.minutes <= 0 or args.sessions <= 0 or args.max_live <= 0:
+        parser.error("--minutes, --sessions and --max-live must be positive")
+    if args.seed is None:
+        args.seed = random.randrange(2**31)
+    if not Path(real_claude()).exists():
+        print(f"soak: the pinned claude CLI is not at {real_claude()}", file=sys.stderr)
+        return 2
+
+    def on_term(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)  # unwinds: the daemon and the fake API are stopped
+
+    signal.signal(signal.SIGTERM, on_term)
+    workdir = Path(tempfile.mkdtemp(prefix="azd-auto-"))  # short: socket paths are limited
+    try:
+        tally, out, d = run(args, workdir)
+        passed = report(args, tally, out)
+        if not passed:
+            print(f"daemon log: {d.log_path}" if args.keep else "(--keep keeps the daemon log)")
+        return 0 if passed else 1
+    finally:
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
