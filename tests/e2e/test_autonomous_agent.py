@@ -8,6 +8,7 @@ an agent whose task still runs keeps its pool slot.
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from pathlib import Path
@@ -201,3 +202,46 @@ def test_a_task_is_listed_and_stopped(e2e: E2E, tmp_path: Path) -> None:
         assert gone.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         watcher.close()
+
+
+def _running_tasks(stubs: Stubs, sid: str) -> list[pb.Task]:
+    return list(stubs.sessions.GetSession(pb.GetSessionRequest(session_id=sid)).session.tasks)
+
+
+@pytest.mark.parametrize("how", ["planned restart", "SIGKILL"])
+def test_a_background_command_runs_on_across_a_daemon_restart_and_its_end_is_a_turn(
+    e2e: E2E, how: str
+) -> None:
+    stubs = e2e.start(POWER)
+    marker = e2e.workdir / "marker"
+    power_session(stubs, "r")
+    send(stubs, "r", background(f"sleep 3; echo ok > {marker}"))
+    assert [t.kind for t in _running_tasks(stubs, "r")] == [pb.TASK_KIND_BASH]
+    assert e2e.daemon is not None
+    if how == "SIGKILL":
+        e2e.daemon.kill()
+        stubs = e2e.start(POWER)
+    else:
+        e2e.daemon.signal(signal.SIGUSR2)
+        e2e.daemon.wait_serving()
+    assert [t.kind for t in _running_tasks(stubs, "r")] == [pb.TASK_KIND_BASH], (
+        "the adopted agent's task is known to the next daemon"
+    )
+    wait_for("the command finished", marker.exists, 30)
+    wait_for("the agent's own turn is stored", lambda: len(history(stubs, "r")) == 4, 60)
+    assert history(stubs, "r")[2].origin == pb.TURN_ORIGIN_TASK
+    assert not _running_tasks(stubs, "r")
+    assert reply_text(send(stubs, "r", "after")) == "echo: after"
+
+
+def test_a_stop_ends_the_running_tasks_with_their_agents(e2e: E2E) -> None:
+    stubs = e2e.start(POWER)
+    marker = e2e.workdir / "marker"
+    power_session(stubs, "s")
+    send(stubs, "s", background(f"sleep 4; echo ok > {marker}"))
+    assert e2e.daemon is not None
+    assert e2e.daemon.stop() == 0
+    time.sleep(5)  # past the command's end: it must not have run to it
+    assert not marker.exists(), "a stop stops the agent's tasks too"
+    stubs = e2e.start(POWER)
+    assert not _running_tasks(stubs, "s")
