@@ -244,6 +244,16 @@ class TaskNotification:
 
 
 @dataclass(frozen=True, slots=True)
+class CommandLifecycle:
+    """`command_lifecycle`: a queued input (a written line, or a scheduled wake-up, which names
+    its `wakeup_source`) was queued, started or completed."""
+
+    command_uuid: str
+    state: str
+    wakeup_source: str
+
+
+@dataclass(frozen=True, slots=True)
 class Unknown:
     """Any other line (status, partial events we don't relay, new kinds). Still activity."""
 
@@ -270,12 +280,13 @@ AgentMessage: TypeAlias = (
     | TaskStarted
     | TaskProgress
     | TaskNotification
+    | CommandLifecycle
     | Unknown
 )
 
 # What the agent says outside a turn without starting one: task bookkeeping (a subagent's own
 # messages, carrying `parent_tool_use_id`, are told apart by that field).
-TASK_MESSAGES = (TaskStarted, TaskProgress, TaskNotification)
+TASK_MESSAGES = (TaskStarted, TaskProgress, TaskNotification, CommandLifecycle)
 
 
 # --- parsing -----------------------------------------------------------------------------------
@@ -311,6 +322,14 @@ def _parse_object(data: dict[str, Any]) -> tuple[AgentMessage, ...]:
         return (_parse_control_request(data),)
     if kind == "control_response":
         return (_parse_control_response(data),)
+    if kind == "command_lifecycle":
+        return (
+            CommandLifecycle(
+                command_uuid=_str(data, "command_uuid"),
+                state=_str(data, "state"),
+                wakeup_source=_str(data, "wakeup_source"),
+            ),
+        )
     if kind == "control_cancel_request":
         return (ControlCancelRequest(request_id=_str(data, "request_id")),)
     return (_unknown(data),)

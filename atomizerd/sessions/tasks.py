@@ -54,6 +54,7 @@ class TaskTable:
         on_record: Callable[[str, TaskInfo | None], None] = lambda _t, _i: None,
     ) -> None:
         self._running: dict[str, TaskInfo] = {}
+        self.scheduled = 0  # wake-ups and cron jobs the agent has pending
         # Output files of ended tasks, for GetTaskOutput after the end (the oldest go first).
         self._ended_files: dict[str, str] = {}
         # Told the number of running tasks whenever it changes (the pool's busy mark), and
@@ -71,10 +72,21 @@ class TaskTable:
             self._running[info.task_id] = info
             if info.output_file:
                 self._on_output_file(info.task_id, info.output_file)
-        self._on_change(len(self._running))
+        self._on_change(len(self._running) + self.scheduled)
 
     def __len__(self) -> int:
         return len(self._running)
+
+    @property
+    def busy(self) -> bool:
+        """Tasks run, or prompts are scheduled: the agent must live on for them."""
+        return bool(self._running) or self.scheduled > 0
+
+    def schedule(self, change: int) -> None:
+        """A wake-up was scheduled (+1) or fired or was cancelled (-1); a cron job likewise.
+        Scheduled prompts live in the agent's process: it is busy while any is pending."""
+        self.scheduled = max(0, self.scheduled + change)
+        self._on_change(len(self._running) + self.scheduled)
 
     def running(self) -> list[TaskInfo]:
         return sorted(self._running.values(), key=lambda t: t.started_at)
@@ -94,7 +106,7 @@ class TaskTable:
         )
         self._running[item.task_id] = info
         self._on_record(info.task_id, info)
-        self._on_change(len(self._running))
+        self._on_change(len(self._running) + self.scheduled)
         return ev.TaskStarted(
             info.task_id, info.tool_use_id, info.kind, info.description, info.background
         )
@@ -116,7 +128,7 @@ class TaskTable:
             info.output_file = item.output_file
         self._keep_file(item.task_id, info.output_file)
         self._on_record(item.task_id, None)
-        self._on_change(len(self._running))
+        self._on_change(len(self._running) + self.scheduled)
         status = _STATUSES.get(item.status, ev.TaskStatus.FAILED)
         return ev.TaskEnded(item.task_id, status, item.summary)
 
@@ -127,6 +139,7 @@ class TaskTable:
             self._keep_file(task_id, info.output_file)
             self._on_record(task_id, None)
         self._running.clear()
+        self.scheduled = 0
         self._on_change(0)
         return ended
 

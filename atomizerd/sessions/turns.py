@@ -787,6 +787,8 @@ class TurnRunner:
             self._open_side(r, r.s.next_origin, "")
         if isinstance(item, proto.ToolResult):
             self._note_output_file(r.s, item)
+        elif isinstance(item, proto.AssistantMessage):
+            _note_scheduling(r.s, item)
         own = r.router.open is Open.OWN
         side = r.side
         target_emit, transcript = (r.emit, r.transcript) if own or side is None else side.pair
@@ -887,6 +889,10 @@ class TurnRunner:
                     emit(ended)
                 # The CLI starts a turn of its own to tell the model: that turn's origin.
                 s.next_origin = ev.TurnOrigin.TASK
+            case proto.CommandLifecycle(state="started") if item.wakeup_source:
+                # A scheduled prompt fires: the turn that follows is the agent's own.
+                s.tasks.schedule(-1)
+                s.next_origin = ev.TurnOrigin.SCHEDULED
 
     def _open_agent_turn(self, s: Session, turn: Turn, emit: Emit) -> Agent | None:
         """A job for a turn the agent started while idle: it runs on the agent it started in
@@ -1222,6 +1228,20 @@ def _cut_short(transcript: _Transcript, *, taken_over: bool = False) -> ev.TurnC
     return ev.TurnCompleted(
         text=transcript.full_text(), stop_reason=why, interrupted=not taken_over
     )
+
+
+# The CLI's tools that run a prompt later in the same process (docs/agent-protocol.md).
+_SCHEDULING = {"ScheduleWakeup": 1, "CronCreate": 1, "CronDelete": -1}
+
+
+def _note_scheduling(s: Session, item: proto.AssistantMessage) -> None:
+    for tu in item.tool_uses:
+        change = _SCHEDULING.get(tu.name, 0)
+        args = _json_or_text(tu.input_json)
+        if tu.name == "ScheduleWakeup" and isinstance(args, dict) and args.get("stop") is True:
+            change = -1  # ends the loop: cancels the pending wake-up
+        if change:
+            s.tasks.schedule(change)
 
 
 @dataclass

@@ -245,3 +245,15 @@ def test_a_stop_ends_the_running_tasks_with_their_agents(e2e: E2E) -> None:
     assert not marker.exists(), "a stop stops the agent's tasks too"
     stubs = e2e.start(POWER)
     assert not _running_tasks(stubs, "s")
+
+
+def test_a_wake_up_the_agent_scheduled_runs_a_turn_with_origin_scheduled(e2e: E2E) -> None:
+    """The CLI clamps a wake-up to at least 60 s: the one slow test of this file."""
+    stubs = e2e.start(POWER)
+    power_session(stubs, "w")
+    send(stubs, "w", tool("ScheduleWakeup", delaySeconds=60, reason="check", prompt="wake check"))
+    wait_for("the wake-up's turn is stored", lambda: len(history(stubs, "w")) == 4, 150)
+    rows = history(stubs, "w")
+    assert [m.origin for m in rows[2:]] == [pb.TURN_ORIGIN_SCHEDULED] * 2
+    assert rows[3].content == "echo: wake check"
+    assert reply_text(send(stubs, "w", "after")) == "echo: after"

@@ -307,6 +307,9 @@ class _Registry:
         self.failing = failing
         self.purged: list[str] = []
 
+    async def stop_overdue_tasks(self) -> None:
+        pass
+
     def loaded_session(self, session_id: str) -> None:
         return None
 

@@ -30,6 +30,7 @@ RETENTION = 86400.0
 class _Loaded:
     current: object | None = None
     watchers: int = 0
+    tasks: tuple[str, ...] = ()  # running tasks (a background solver run)
 
 
 class _Registry:
@@ -40,6 +41,9 @@ class _Registry:
         self.store = store
         self.loaded = loaded
         self.trace = trace
+
+    async def stop_overdue_tasks(self) -> None:
+        pass
 
     def loaded_session(self, session_id: str) -> _Loaded | None:
         return self.loaded.get(session_id)
@@ -95,7 +99,7 @@ def config() -> Config:
     return cfg
 
 
-def test_the_purge_deletes_old_sessions_whole_and_spares_recent_busy_and_watched(
+def test_the_purge_deletes_old_sessions_whole_and_spares_recent_busy_watched_and_working(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(reaper_mod, "HISTORY_ROWS", 40)  # many batches from few rows
@@ -104,11 +108,16 @@ def test_the_purge_deletes_old_sessions_whole_and_spares_recent_busy_and_watched
     old = [f"old{i}" for i in range(7)]
     for sid in old:
         add_session(store, sid, messages=100, audits=30, active_at=OLD)
-    for sid in ("recent", "busy", "watched"):
+    for sid in ("recent", "busy", "watched", "working"):
         add_session(
             store, sid, messages=10, audits=2, active_at=time.time() if sid == "recent" else OLD
         )
-    loaded = {"busy": _Loaded(current=object()), "watched": _Loaded(watchers=1), old[0]: _Loaded()}
+    loaded = {
+        "busy": _Loaded(current=object()),
+        "watched": _Loaded(watchers=1),
+        "working": _Loaded(tasks=("solver",)),
+        old[0]: _Loaded(),
+    }
     registry = _Registry(store, loaded, [])
     reaper = Reaper(config(), store, registry, _Pool())  # type: ignore[arg-type]
 
@@ -117,7 +126,7 @@ def test_the_purge_deletes_old_sessions_whole_and_spares_recent_busy_and_watched
     assert (result.sessions_purged, result.errors) == (len(old), 0)
     for sid in old:  # loaded but idle is purged like any other
         assert counts(store, sid) == (0, 0, 0)
-    for sid in ("recent", "busy", "watched"):
+    for sid in ("recent", "busy", "watched", "working"):
         assert counts(store, sid) == (1, 10, 2)
     store.close()
 

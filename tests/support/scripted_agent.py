@@ -10,6 +10,8 @@ user message is read from directives in the text, like the fake agent program:
   [[ask:TOOL]]    a `can_use_tool` request for TOOL; the reply says how it was answered.
   [[abandon]]     two deltas, withdrawn (abandoned_blocks), then the whole reply under a new id.
   [[big:N]]       a tool result of N bytes, then the reply.
+  [[schedule]]    calls ScheduleWakeup (the agent then has a prompt pending); `wake_up()`
+                  fires it later, as the CLI does.
   [[task:ID]]     starts a background task ID (task_started) and ends the turn at once;
                   `end_task(ID)` later ends it the way the CLI does: task_notification, then
                   a turn the agent starts by itself.
@@ -170,6 +172,12 @@ class ScriptedAgent:
         )
         self.start_own_turn(reply, origin_kind="task-notification")
 
+    def wake_up(self, reply: str = "woke up") -> None:
+        """A prompt the agent scheduled fires: a lifecycle line naming its source, then a turn
+        of its own (its result names no origin)."""
+        self._push(proto.CommandLifecycle("wake-1", "started", "loop_wakeup"))
+        self.start_own_turn(reply)
+
     def start_own_turn(self, reply: str, origin_kind: str = "") -> None:
         """A turn the agent starts by itself: its output, then a result naming its origin."""
         self._own_turn_start(reply)
@@ -279,6 +287,9 @@ class ScriptedAgent:
         reply = f"echo: {plain}"
         interrupted = False
         self._push(proto.UserReplay(uuid, text))
+        if "schedule" in directives:
+            tool_use = proto.ToolUse("tu_wake", "ScheduleWakeup", '{"delaySeconds":60}')
+            self._push(proto.AssistantMessage("", (tool_use,), message_id=mid))
         if "task" in directives:
             task_id = directives["task"] or "task1"
             self._push(proto.TaskStarted(task_id, f"tu_{task_id}", "local_bash", task_id, True))

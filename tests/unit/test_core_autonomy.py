@@ -225,3 +225,26 @@ def test_a_task_running_past_the_task_timeout_is_stopped_with_a_notice(tmp_path:
         assert [t.status for t in ended] == [ev.TaskStatus.STOPPED]
 
     run(tmp_path, test, {"agent.task_timeout": 60})
+
+
+def test_a_scheduled_prompt_keeps_the_agent_and_its_turn_has_origin_scheduled(
+    tmp_path: Path,
+) -> None:
+    async def test(core: Core) -> None:
+        await core.registry.create_session(None, None, "a")
+        await core.registry.create_session(None, None, "b")
+        await send(core, "a", "later [[schedule]]").wait()
+        assert core.pool.candidates() == [], "a pending wake-up keeps the agent"
+        refused = await send(core, "b", "hi").wait()
+        assert isinstance(refused.error, ResourceExhausted)
+
+        core.spawner.agents[0].wake_up("checked the solver")
+        await until(lambda: len(history(core, "a")) == 4)
+        assert history(core, "a")[2:] == [
+            ("user", "scheduled", "complete", ""),
+            ("assistant", "scheduled", "complete", "checked the solver"),
+        ]
+        served = await send(core, "b", "hi").wait()
+        assert text_of(served) == "echo: hi", "the wake-up fired: the agent may go"
+
+    run(tmp_path, test, {"pool.max_live": 1, "pool.queue_timeout": 5})
