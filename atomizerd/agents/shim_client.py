@@ -365,15 +365,27 @@ async def spawn(
         )
     except (OSError, subprocess.SubprocessError, ValueError, SetprivMissing) as exc:
         raise AgentSpawnError(f"cannot start agent {argv[0] if argv else ''!r}: {exc}") from exc
+    _reap_later(shim)
+    try:
+        process = await _attach_new(shim, socket_path, settings, argv)
+    except BaseException:
+        # Failed or abandoned (a shutdown cancels spawns): the shim is ended here, with its
+        # agent and its files, not left to its orphan timeout.
+        end_shim(shim.pid, socket_path, settings.spools / f"{name}.out")
+        raise
+    log.info("agent.spawned", argv0=argv[0], cwd=cwd, agent_pid=process.pid, shim=name)
+    return process
+
+
+async def _attach_new(
+    shim: asyncio.subprocess.Process, socket_path: Path, settings: ShimSettings, argv: list[str]
+) -> AgentProcess:
+    """Reads the new shim's ready line and attaches to it."""
     assert shim.stdout is not None
     try:
         ready = json.loads(await asyncio.wait_for(shim.stdout.readline(), _READY_TIMEOUT) or b"{}")
     except (TimeoutError, ValueError) as e:
-        with contextlib.suppress(ProcessLookupError):
-            shim.kill()
         raise AgentSpawnError(f"the agent's shim did not start: {e}") from e
-    finally:
-        _reap_later(shim)
     if "error" in ready or "agent_pid" not in ready:
         raise AgentSpawnError(
             f"cannot start agent {argv[0]!r}: {ready.get('error', 'the shim exited')}"
@@ -382,9 +394,22 @@ async def spawn(
         link, replay, chunks = await attach(socket_path, timeout=_READY_TIMEOUT)
     except ShimError as e:
         raise AgentSpawnError(str(e)) from e
-    process = adopted_process(link, replay, chunks, settings)
-    log.info("agent.spawned", argv0=argv[0], cwd=cwd, agent_pid=process.pid, shim=name)
-    return process
+    return adopted_process(link, replay, chunks, settings)
+
+
+def end_shim(pid: int, socket_path: Path, spool: Path) -> None:
+    """Ends a shim now (SIGKILL to its group; its agent dies with it, by its parent-death
+    signal) and removes what it leaves: whoever ends a shim owns its files."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    remove_shim_files(socket_path, spool)
+
+
+def remove_shim_files(socket_path: Path, spool: Path) -> None:
+    """A shim's socket and its spool files (stdout and journal)."""
+    for path in (socket_path, spool, spool.with_name(spool.name + ".journal")):
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 _reapers: set[asyncio.Task[Any]] = set()

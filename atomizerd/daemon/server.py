@@ -26,6 +26,7 @@ import os
 import signal
 import socket
 import stat
+from collections.abc import Awaitable
 from pathlib import Path
 
 import grpc
@@ -45,7 +46,7 @@ from atomizerd.api.session import SessionServicer
 from atomizerd.atomizer.launcher import Launcher
 from atomizerd.atomizer.prompt import ContextBuilder
 from atomizerd.atomizer.studies import Studies
-from atomizerd.daemon import unitjob
+from atomizerd.daemon import logs, unitjob
 from atomizerd.daemon.adoption import Adopted, adopt_agents, shim_settings
 from atomizerd.daemon.config import Config, socket_mode
 from atomizerd.daemon.metrics import MetricsEndpoint, MetricsError, start_endpoint
@@ -53,7 +54,7 @@ from atomizerd.daemon.report import StatusReporter
 from atomizerd.daemon.sdnotify import Notifier
 from atomizerd.errors import StorageFull
 from atomizerd.sessions.reaper import Reaper
-from atomizerd.sessions.registry import Registry, spare_record
+from atomizerd.sessions.registry import HAND_OVER_SETTLE, KILL_SETTLE, Registry, spare_record
 from atomizerd.store.db import Store
 from atomizerd.store.lock import DatabaseInUse
 
@@ -61,11 +62,26 @@ log = structlog.get_logger("atomizerd.daemon.server")
 
 # The exit status of a planned restart under systemd (the unit's RestartForceExitStatus=).
 RESTART_EXIT_STATUS = 75
+# Added to each shutdown step's own bound (its grace periods), for what it does around them.
+STEP_SLACK = 5.0
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 SERVICE_NAMES = (
     session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
     daemon_pb2.DESCRIPTOR.services_by_name["DaemonService"].full_name,
 )
+
+
+async def _step(what: str, step: Awaitable[object], bound: float) -> None:
+    """One step of the shutdown, at most `bound` seconds: one that fails or takes longer is
+    logged and left behind (cancelled), and the shutdown goes on."""
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=bound)
+    if not done:
+        task.cancel()
+        log.error("a shutdown step did not finish in time; going on", step=what, seconds=bound)
+    elif not task.cancelled() and (error := task.exception()) is not None:
+        log.error("a shutdown step failed; going on", step=what, error=repr(error))
 
 
 def under_systemd() -> bool:
@@ -95,6 +111,7 @@ class Daemon:
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
 
     async def serve(self) -> None:
+        asyncio.get_running_loop().set_exception_handler(logs.loop_exception)
         self._install_signal_handlers()
         try:
             await self.startup()
@@ -339,28 +356,35 @@ class Daemon:
     # --- shutdown --------------------------------------------------------------------------
 
     async def shutdown(self) -> None:
+        """Every step is bounded and runs whatever the one before it did (finished, failed or
+        gave up): the daemon always gets to its end, and to the exec of a restart."""
         self.notifier.notify("STOPPING=1")
-        log.info("atomizerd stopping")
+        log.info("atomizerd stopping", restart=self.restart)
         grace = 0.0 if self.force_exit else self.config.daemon.grace_period
         if self.server is not None:
-            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            await _step("health", self._set_health(NOT_SERVING), STEP_SLACK)
         if self.registry is not None:
             if self.restart and self.config.agent.survive_restart:
-                await self.registry.hand_over()
+                await _step("hand over", self.registry.hand_over(), HAND_OVER_SETTLE + STEP_SLACK)
                 grace = min(grace, 1.0)  # streams have ended; clients re-attach to the next one
             else:
-                await self.registry.drain(grace)
+                await _step("drain", self.registry.drain(grace), grace + KILL_SETTLE + STEP_SLACK)
         if self.server is not None:
-            await self.server.stop(0 if self.force_exit else grace)
+            grace = 0 if self.force_exit else grace
+            await _step("server", self.server.stop(grace), grace + STEP_SLACK)
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await _step("tasks", asyncio.gather(*self._tasks, return_exceptions=True), STEP_SLACK)
         if self.pool is not None:
-            await self.pool.close()
+            bound = self.pool.close_bound() + STEP_SLACK
+            await _step("agents", self.pool.close(), bound)
         if self.metrics is not None:
-            await self.metrics.close()
+            await _step("metrics", self.metrics.close(), STEP_SLACK)
         if self.store is not None:
-            self.store.close()
+            try:
+                self.store.close()
+            except Exception:
+                log.exception("closing the store failed")
         self._remove_socket()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
