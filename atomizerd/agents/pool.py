@@ -596,8 +596,10 @@ class AgentPool:
             )
             await self._handshake(agent, spec, record)
             self._check_open()  # the daemon began stopping during the spawn
-        except BaseException:
+        except BaseException as e:
             metrics.of(self.store).spawn_failed()
+            if isinstance(e, asyncio.CancelledError) and agent.transport is not None:
+                agent.transport.kill()  # abandoned before it served anyone: no grace needed
             self._begin_stop(agent, "its start failed")
             agent.settled.set()
             raise
