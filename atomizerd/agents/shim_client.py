@@ -38,7 +38,7 @@ from atomizerd.agents.process import (
     ProcessIdentity,
     _find_program,
 )
-from atomizerd.agents.procgroup import SetprivMissing, process_start_time
+from atomizerd.agents.procgroup import SetprivMissing, kill_group_if_same, process_start_time
 
 log = structlog.get_logger("atomizerd.agents.shim_client")
 
@@ -114,6 +114,10 @@ class ShimLink:
         # An adopted shim may still be our child (started by this process before it exec'd
         # itself for a restart), which nobody else would reap: reaped here once it exits.
         self.reap = False
+        # The shim's spool (its stdout file; the journal beside it): removed with the socket
+        # by whoever ends the shim, here once the agent's end is known (`_end`).
+        self.spool: Path | None = None
+        self._shim_lost = False
 
     # --- AgentLink ---------------------------------------------------------------------------
 
@@ -214,6 +218,7 @@ class ShimLink:
             # The shim is gone, and so is the agent (it dies with its shim).
             log.warning("agent shim connection lost", agent_pid=self.pid, error=str(e))
             self._returncode = -signal.SIGKILL
+            self._shim_lost = True
 
     async def _end(self) -> bytes:
         """The end of the agent's output: its exit is known (or it was handed over: then
@@ -226,9 +231,19 @@ class ShimLink:
             self._stderr.put_nowait(b"")
             self.exited.set()
             self._writer.close()  # the shim exits once its daemon has let go
+            self._end_shim()
             if self.reap:
                 _reap_soon(self.shim.pid)
         return b""
+
+    def _end_shim(self) -> None:
+        """The agent has ended, and with it its shim's use: this daemon owns the shim's end.
+        A shim whose connection broke is killed (it may be alive, broken); its socket and
+        spool are removed now, not left for the shim to (it may be dead) or the next start."""
+        if self._shim_lost and self.shim.start_time is not None:
+            kill_group_if_same(self.shim.pgid, self.shim.start_time, signal.SIGKILL)
+        if self.spool is not None:
+            remove_shim_files(self.socket_path, self.spool)
 
     def _chunk(self, payload: bytes) -> bytes:
         (offset,) = _OFFSET.unpack_from(payload)
@@ -291,6 +306,7 @@ def adopted_process(
 ) -> AgentProcess:
     """An `AgentProcess` over an attached shim, its replayed output first in line."""
     link._replayed.extend(chunks)
+    link.spool = settings.spools / f"{link.socket_path.stem}.out"
     start_time = replay.hello.get("agent_start_time")
     process = AgentProcess(
         link,

@@ -40,6 +40,9 @@ class Adopted:
     pgids: set[int] = field(default_factory=set)  # agents' and shims' process groups
     sessions: set[str] = field(default_factory=set)
     turns: set[str] = field(default_factory=set)  # turn ids that go on
+    # Groups of agents (and their shims) adoption stopped itself: ended, their files removed
+    # (shim_client.ShimLink._end_shim); crash recovery only forgets their records.
+    ended: set[int] = field(default_factory=set)
     seconds: float = 0.0  # from the first attach to the last adoption
 
 
@@ -100,13 +103,14 @@ async def adopt_agents(cfg: Config, store: Store, pool: AgentPool, registry: Reg
         if not running:
             process.forget_before(replay.base)
         adopted.sessions.add(session_id)
-        adopted.pgids.add(process.pgid)
-        if process.helper is not None:
-            adopted.pgids.add(process.helper.pgid)
+        adopted.pgids.update(_groups_of(process))
         if running and resumed is not None:
             adopted.turns.add(resumed.turn_id)
     # Stopped together: each may take its stop grace twice.
     await asyncio.gather(*(p.stop(cfg.agent.stop_grace) for p in rejected))
+    for process in rejected:
+        if not process.alive:
+            adopted.ended.update(_groups_of(process))
     adopted.seconds = time.monotonic() - started
     if adopted.sessions or rejected:
         log.info(
@@ -117,6 +121,11 @@ async def adopt_agents(cfg: Config, store: Store, pool: AgentPool, registry: Reg
             seconds=round(adopted.seconds, 3),
         )
     return adopted
+
+
+def _groups_of(process: AgentProcess) -> set[int]:
+    """The agent's process group and its shim's."""
+    return {process.pgid} | ({process.helper.pgid} if process.helper is not None else set())
 
 
 def _forget_dead_shim(path: Path, settings: shim_client.ShimSettings, e: Exception) -> None:

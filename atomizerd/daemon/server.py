@@ -242,6 +242,11 @@ class Daemon:
         for rec in self.store.agent_processes():
             if rec.pgid in self.adopted.pgids:
                 continue  # adopted: it goes on under this daemon
+            if rec.pgid in self.adopted.ended:
+                # Stopped by adoption, which also removed its shim's files: a SIGKILL now
+                # would only cut short the shim's own exit.
+                self.store.forget_agent_process(rec.pgid)
+                continue
             if kill_group_if_same(rec.pgid, rec.start_time, signal.SIGKILL):
                 log.warning(
                     "killed agent left by a previous daemon",
