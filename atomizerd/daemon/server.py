@@ -255,7 +255,7 @@ class Daemon:
                 )
             reap_if_ours(rec.pgid)  # a shim started by this process before it exec'd
             self.store.forget_agent_process(rec.pgid)
-        self.registry.reconcile(keep=self.adopted.turns)
+        self.registry.reconcile(keep=self.adopted.turns, replies=self.adopted.replies)
         # Per-session files are rewritten at every agent spawn: only adopted agents' are live.
         removed = studies.remove_stale_files(keep=self.adopted.sessions)
         if removed:

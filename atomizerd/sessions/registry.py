@@ -17,7 +17,7 @@ import json
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -102,10 +102,13 @@ class Registry:
 
     # --- daemon lifecycle ----------------------------------------------------------------
 
-    def reconcile(self, keep: Collection[str] = ()) -> None:
+    def reconcile(
+        self, keep: Collection[str] = (), replies: Mapping[str, str] | None = None
+    ) -> None:
         """At start-up: settle turns a previous daemon left running, but those in `keep`
-        (adopted with their agents: they go on)."""
-        for session_id, turn_id in self.store.settle_unfinished_turns(keep):
+        (adopted with their agents: they go on); `replies`: what streamed of a turn, from
+        the record its shim left (else its last checkpoint is stored)."""
+        for session_id, turn_id in self.store.settle_unfinished_turns(keep, replies or {}):
             log.warning(
                 "turn left running by a previous daemon marked interrupted",
                 session_id=session_id,
