@@ -7,7 +7,8 @@ endpoint (when `metrics.listen` is set) → health SERVING → sd_notify READY=1
 
 SIGTERM/SIGINT (a stop): STOPPING=1, health NOT_SERVING, running turns interrupted and stored,
 streams ended, `stop(grace)`, agents stopped, metrics endpoint closed, store closed, socket
-removed. A second signal skips the grace periods.
+removed. A second signal skips the grace periods. Each step has a bound (`_step`): one that
+fails or overruns it is logged and the shutdown goes on, so the daemon always exits or execs.
 
 SIGUSR2 (a planned restart, docs/restart.md): the same, except that running turns and idle
 agents are handed over instead of stopped (agents under shims outlive the daemon); then the
