@@ -10,8 +10,39 @@ import grpc
 import pytest
 from atomizer.v1 import daemon_pb2_grpc, session_pb2_grpc
 
+from tests.support import processes
 from tests.support.daemon import RunningDaemon
 from tests.support.postgres import PostgresServer, find_bindir
+
+# Agent processes (shims, agents) alive when the session began: not the suite's own.
+_BEFORE = pytest.StashKey[set[int]]()
+# How long the suite's last shims get to finish their own exit before they count as left.
+_LEFT_GRACE = 15.0
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_BEFORE] = {p.pid for p in processes.suite_processes()}
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """No agent or shim the suite started outlives it: those left are reported (pid, group,
+    command line), killed, and fail the run."""
+    before = session.config.stash.get(_BEFORE, set())
+    started = [p for p in processes.suite_processes() if p.pid not in before]
+    left = processes.wait_gone(started, _LEFT_GRACE)
+    if not left:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = [f"{len(left)} agent process(es) of the test suite still alive at its end:"]
+    lines += [f"  {p.describe()}" for p in left]
+    if reporter is not None:
+        reporter.write_line("")
+        for line in lines:
+            reporter.write_line(line, red=True)
+    else:
+        print("\n".join(lines))
+    processes.end(left)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @dataclass

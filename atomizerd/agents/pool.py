@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import functools
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -42,11 +43,14 @@ from atomizerd.agents.process import AgentError
 from atomizerd.agents.transport import AgentTransport, LaunchSpec, Spawner
 from atomizerd.daemon import metrics
 from atomizerd.daemon.config import Config
-from atomizerd.errors import AtomizerError, ResourceExhausted, Unavailable
+from atomizerd.errors import ResourceExhausted, Unavailable
 from atomizerd.statemachine import Lifecycle
 from atomizerd.store.db import AgentProcessRecord, SessionRecord, Store
 
 log = structlog.get_logger("atomizerd.agents.pool")
+
+# After SIGKILL: how long an agent gets to be reaped before the pool gives up on it.
+KILL_SETTLE = 5.0
 
 # What the CLI says when --resume names a conversation whose transcript is gone.
 _NO_CONVERSATION = "No conversation found"
@@ -124,6 +128,7 @@ class Agent:
     reader: asyncio.Task[None] | None = None
     # Tasks of the agent still running (told by whoever reads its output): it is busy.
     running_tasks: int = 0
+    starting: asyncio.Task[None] | None = None  # its start (SPAWNING), cancelled by a shutdown
 
     @property
     def state(self) -> AgentState:
@@ -248,16 +253,7 @@ class AgentPool:
                 agent = self._new_agent(record.session_id)
                 agent.spare_for, agent.agent_session_id = mode, record.agent_session_id
                 agent.lease_wanted = False
-                task = asyncio.ensure_future(self._start_spare(agent, record))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-
-    async def _start_spare(self, agent: Agent, record: SessionRecord) -> None:
-        try:
-            await self._start(agent, record)
-            log.info("spare agent ready", mode=agent.spare_for, spare=agent.session_id)
-        except (AgentError, ResumeFailed, AtomizerError) as e:
-            log.warning("spare agent failed to start", mode=agent.spare_for, error=str(e))
+                self._launch(agent, record)
 
     def adopt_spare(self, mode: str) -> tuple[str, str] | None:
         """Hands a READY spare of `mode` to a new session: returns the (session id,
@@ -303,10 +299,8 @@ class AgentPool:
         self._take_free_slot()
         agent = self._new_agent(sid)
         agent.lease_wanted = False
-        try:
-            await self._start(agent, record)
-        except (AgentError, ResumeFailed, AtomizerError) as e:
-            log.warning("prewarm failed", session_id=sid, error=str(e))
+        with contextlib.suppress(Exception):  # its failure is logged by _launch
+            await asyncio.shield(self._launch(agent, record))
 
     async def lease(self, record: SessionRecord) -> Agent:
         """The session's agent, LEASED to the caller: reused, or spawned (resumed) in a slot,
@@ -408,16 +402,17 @@ class AgentPool:
         """A planned restart: every agent that outlives the daemon is let go as it is, for the
         next daemon to adopt (its store rows stay, naming it), once what was written to its
         shim has left (at most `timeout`); the others are stopped by `close`. No lease is
-        granted any more."""
+        granted any more: waiting leases fail (Unavailable) and spawns under way are stopped
+        (their turns never reached them)."""
         self._handed_over = True
-        self._closed = True
+        self._shut()
         let_go = []
         for agent in list(self._agents.values()):
             transport = agent.transport
-            if transport is None or not transport.durable or agent.state is S.STOPPING:
+            if transport is None or not transport.durable:
                 continue
-            if agent.state is S.SPAWNING:  # not labelled for a next daemon yet: stopped
-                continue
+            if agent.state is not S.READY and agent.state is not S.LEASED:
+                continue  # starting or stopping: `close` waits for it to be gone
             if agent.watcher is not None:
                 agent.watcher.cancel()  # it never exits here any more
             self._stop_reading(agent)
@@ -437,25 +432,71 @@ class AgentPool:
         log.info("agents handed over to the next daemon", agents=len(let_go))
 
     def kill_all(self) -> None:
-        """SIGKILL every agent's process group now (shutdown past its grace period)."""
+        """SIGKILL every agent's process group now (shutdown past its grace period); spawns
+        under way are abandoned."""
+        self._abort_starts()
         for agent in self._agents.values():
             if agent.transport is not None:
                 agent.transport.kill()
 
     async def close(self) -> None:
-        """Refuses new leases, fails the waiting ones, stops every agent and waits for them."""
+        """Refuses new leases, fails the waiting ones, stops every agent and waits for them.
+        Always returns within `close_bound()`: agents not gone after their stop sequence are
+        killed, and those not gone `KILL_SETTLE` later are given up on (logged)."""
+        self._shut()
+        for agent in list(self._agents.values()):
+            if agent.state in (S.READY, S.LEASED):
+                self._begin_stop(agent, "the daemon is stopping")
+        if not await self._all_gone(self._stop_bound()):
+            log.warning(
+                "agents still running after their stop; killing them", agents=len(self._agents)
+            )
+            self.kill_all()
+            if not await self._all_gone(KILL_SETTLE):
+                log.error(
+                    "agents not gone after SIGKILL; giving up on them",
+                    sessions=sorted(self._agents),
+                )
+        tasks = [t for t in self._tasks if not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=KILL_SETTLE)
+
+    def close_bound(self) -> float:
+        return self._stop_bound() + 2 * KILL_SETTLE
+
+    def _shut(self) -> None:
+        """No more leases or spawns: waiters fail, starts under way are stopped."""
         self._closed = True
         for waiter in self._waiters:
             waiter.granted.cancel()
         for agent in self._agents.values():  # waiters already promised an evicted agent's slot
             if agent.successor is not None:
                 agent.successor.granted.cancel()
-        for agent in list(self._agents.values()):
-            if agent.state in (S.READY, S.LEASED):
-                self._begin_stop(agent, "the daemon is stopping")
-        while self._agents:
-            await next(iter(self._agents.values())).gone.wait()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._abort_starts()
+
+    def _abort_starts(self) -> None:
+        """Every SPAWNING agent's start is cancelled: it goes to STOPPING (its process, if it
+        has one yet, stopped) and then GONE, whoever waits for it."""
+        for agent in self._agents.values():
+            if agent.state is S.SPAWNING and agent.starting is not None:
+                agent.lease_wanted = False
+                agent.starting.cancel()
+
+    def _stop_bound(self) -> float:
+        """How long stopping every agent may take: its stop sequence (stdin, SIGTERM, SIGKILL)
+        with room to spare."""
+        return 2 * self.config.agent.stop_grace + KILL_SETTLE
+
+    async def _all_gone(self, timeout: float) -> bool:
+        waits = [asyncio.ensure_future(a.gone.wait()) for a in self._agents.values()]
+        if not waits:
+            return True
+        _, pending = await asyncio.wait(waits, timeout=timeout)
+        for w in pending:
+            w.cancel()
+        return not self._agents
 
     # --- slots ---------------------------------------------------------------------------
 
@@ -493,10 +534,9 @@ class AgentPool:
                 f"(pool.queue_timeout){self._held_by_tasks()}; retry later"
             ) from None
         except asyncio.CancelledError:
-            if self._closed:
-                self._abandon(waiter)
-                raise Unavailable("atomizerd is shutting down; retry in a moment") from None
             self._abandon(waiter)
+            if self._closed and not _caller_cancelled():
+                raise Unavailable("atomizerd is shutting down; retry in a moment") from None
             raise
 
     def _held_by_tasks(self) -> str:
@@ -565,15 +605,26 @@ class AgentPool:
         self._agents[session_id] = agent
         return agent
 
-    async def _spawn_for_lease(self, agent: Agent, record: SessionRecord) -> Agent:
+    def _launch(self, agent: Agent, record: SessionRecord) -> asyncio.Task[None]:
+        """Starts the agent in a task of its own (a shutdown cancels it: `_abort_starts`)."""
         task = asyncio.ensure_future(self._start(agent, record))
-        task.add_done_callback(_retrieve)
+        agent.starting = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(functools.partial(_started, agent))
+        return task
+
+    async def _spawn_for_lease(self, agent: Agent, record: SessionRecord) -> Agent:
+        task = self._launch(agent, record)
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
             agent.lease_wanted = False
             if task.done() and not task.cancelled() and task.exception() is None:
                 self.release(agent, reusable=True)
+            if task.cancelled() and not _caller_cancelled():
+                # The spawn was abandoned by a shutdown, not by this lease's caller.
+                raise Unavailable("atomizerd is shutting down; retry in a moment") from None
             raise
         return agent
 
@@ -593,8 +644,11 @@ class AgentPool:
                 "agent process started", session_id=sid, pid=agent.transport.pid, resume=resume
             )
             await self._handshake(agent, spec, record)
-        except BaseException:
+            self._check_open()  # the daemon began stopping during the spawn
+        except BaseException as e:
             metrics.of(self.store).spawn_failed()
+            if isinstance(e, asyncio.CancelledError) and agent.transport is not None:
+                agent.transport.kill()  # abandoned before it served anyone: no grace needed
             self._begin_stop(agent, "its start failed")
             agent.settled.set()
             raise
@@ -602,12 +656,9 @@ class AgentPool:
         agent.idle_since = asyncio.get_running_loop().time()
         agent.settled.set()
         if agent.state is S.READY:
-            if self._closed:  # the daemon began stopping during the spawn
-                self._begin_stop(agent, "the daemon is stopping")
-            else:
-                if agent.spare_for is None:
-                    self._read_while_idle(agent)
-                self._dispatch()
+            if agent.spare_for is None:
+                self._read_while_idle(agent)
+            self._dispatch()
 
     async def _handshake(self, agent: Agent, spec: LaunchSpec, record: SessionRecord) -> None:
         """The CLI's `initialize` at spawn readies it for the first turn and carries what must
@@ -744,7 +795,18 @@ def _reader_done(agent: Agent, task: asyncio.Task[None]) -> None:
         )
 
 
-def _retrieve(task: asyncio.Future[None]) -> None:
-    """A spawn whose lease gave up may still fail: its error is logged, not left unretrieved."""
-    if not task.cancelled() and task.exception() is not None:
-        log.info("a spawn nobody waits for failed", error=str(task.exception()))
+def _caller_cancelled() -> bool:
+    """Whether the running task itself is being cancelled (not just something it awaited)."""
+    current = asyncio.current_task()
+    return current is not None and current.cancelling() > 0
+
+
+def _started(agent: Agent, task: asyncio.Task[None]) -> None:
+    """Every start's outcome is retrieved here (also of one nobody waits for any more)."""
+    agent.starting = None
+    if task.cancelled():
+        log.info("agent start abandoned", session_id=agent.session_id)
+    elif (error := task.exception()) is not None:
+        log.warning("agent failed to start", session_id=agent.session_id, error=str(error))
+    elif agent.spare_for is not None:
+        log.info("spare agent ready", mode=agent.spare_for, spare=agent.session_id)

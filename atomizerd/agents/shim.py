@@ -255,6 +255,7 @@ class Shim:
         self.read_off = 0  # stdout bytes read from the agent
         self.base = 0  # offset of the first retained stdout byte; the spool holds [base, read_off)
         self.spool_len = self.journal_len = 0
+        self.keep_journal = False  # left for the next daemon (an orphaned turn's record)
         self.retaining, self.lost = True, False
         self.label: object = None
         self.stderr_tail = bytearray()
@@ -582,6 +583,9 @@ class Shim:
                 if timeout <= 0:
                     log(f"no daemon attached for {self.opts.orphan_timeout:g} s: orphaned")
                     self._finish()
+                    # The turn's record outlives the shim: the next daemon stores the turn
+                    # from it (every event clients saw), then removes it.
+                    self.keep_journal = self.journal_len > 0 and not self.lost
                     return
             readable = select.select([self.listener.fileno(), self.wake_r], [], [], timeout)[0]
             self._drain_wake()
@@ -642,7 +646,10 @@ class Shim:
         with contextlib.suppress(OSError):
             if os.lstat(self.opts.socket_path).st_ino == self.socket_ino:  # still ours
                 os.unlink(self.opts.socket_path)
-        for path in (self.opts.spool, self.opts.spool + ".journal"):
+        left = [self.opts.spool]
+        if not self.keep_journal:
+            left.append(self.opts.spool + ".journal")
+        for path in left:
             with contextlib.suppress(OSError):
                 os.unlink(path)
 

@@ -38,7 +38,7 @@ from atomizerd.agents.process import (
     ProcessIdentity,
     _find_program,
 )
-from atomizerd.agents.procgroup import SetprivMissing, process_start_time
+from atomizerd.agents.procgroup import SetprivMissing, kill_group_if_same, process_start_time
 
 log = structlog.get_logger("atomizerd.agents.shim_client")
 
@@ -114,6 +114,10 @@ class ShimLink:
         # An adopted shim may still be our child (started by this process before it exec'd
         # itself for a restart), which nobody else would reap: reaped here once it exits.
         self.reap = False
+        # The shim's spool (its stdout file; the journal beside it): removed with the socket
+        # by whoever ends the shim, here once the agent's end is known (`_end`).
+        self.spool: Path | None = None
+        self._shim_lost = False
 
     # --- AgentLink ---------------------------------------------------------------------------
 
@@ -214,6 +218,7 @@ class ShimLink:
             # The shim is gone, and so is the agent (it dies with its shim).
             log.warning("agent shim connection lost", agent_pid=self.pid, error=str(e))
             self._returncode = -signal.SIGKILL
+            self._shim_lost = True
 
     async def _end(self) -> bytes:
         """The end of the agent's output: its exit is known (or it was handed over: then
@@ -226,9 +231,19 @@ class ShimLink:
             self._stderr.put_nowait(b"")
             self.exited.set()
             self._writer.close()  # the shim exits once its daemon has let go
+            self._end_shim()
             if self.reap:
                 _reap_soon(self.shim.pid)
         return b""
+
+    def _end_shim(self) -> None:
+        """The agent has ended, and with it its shim's use: this daemon owns the shim's end.
+        A shim whose connection broke is killed (it may be alive, broken); its socket and
+        spool are removed now, not left for the shim to (it may be dead) or the next start."""
+        if self._shim_lost and self.shim.start_time is not None:
+            kill_group_if_same(self.shim.pgid, self.shim.start_time, signal.SIGKILL)
+        if self.spool is not None:
+            remove_shim_files(self.socket_path, self.spool)
 
     def _chunk(self, payload: bytes) -> bytes:
         (offset,) = _OFFSET.unpack_from(payload)
@@ -291,6 +306,7 @@ def adopted_process(
 ) -> AgentProcess:
     """An `AgentProcess` over an attached shim, its replayed output first in line."""
     link._replayed.extend(chunks)
+    link.spool = settings.spools / f"{link.socket_path.stem}.out"
     start_time = replay.hello.get("agent_start_time")
     process = AgentProcess(
         link,
@@ -365,15 +381,27 @@ async def spawn(
         )
     except (OSError, subprocess.SubprocessError, ValueError, SetprivMissing) as exc:
         raise AgentSpawnError(f"cannot start agent {argv[0] if argv else ''!r}: {exc}") from exc
+    _reap_later(shim)
+    try:
+        process = await _attach_new(shim, socket_path, settings, argv)
+    except BaseException:
+        # Failed or abandoned (a shutdown cancels spawns): the shim is ended here, with its
+        # agent and its files, not left to its orphan timeout.
+        end_shim(shim.pid, socket_path, settings.spools / f"{name}.out")
+        raise
+    log.info("agent.spawned", argv0=argv[0], cwd=cwd, agent_pid=process.pid, shim=name)
+    return process
+
+
+async def _attach_new(
+    shim: asyncio.subprocess.Process, socket_path: Path, settings: ShimSettings, argv: list[str]
+) -> AgentProcess:
+    """Reads the new shim's ready line and attaches to it."""
     assert shim.stdout is not None
     try:
         ready = json.loads(await asyncio.wait_for(shim.stdout.readline(), _READY_TIMEOUT) or b"{}")
     except (TimeoutError, ValueError) as e:
-        with contextlib.suppress(ProcessLookupError):
-            shim.kill()
         raise AgentSpawnError(f"the agent's shim did not start: {e}") from e
-    finally:
-        _reap_later(shim)
     if "error" in ready or "agent_pid" not in ready:
         raise AgentSpawnError(
             f"cannot start agent {argv[0]!r}: {ready.get('error', 'the shim exited')}"
@@ -382,9 +410,22 @@ async def spawn(
         link, replay, chunks = await attach(socket_path, timeout=_READY_TIMEOUT)
     except ShimError as e:
         raise AgentSpawnError(str(e)) from e
-    process = adopted_process(link, replay, chunks, settings)
-    log.info("agent.spawned", argv0=argv[0], cwd=cwd, agent_pid=process.pid, shim=name)
-    return process
+    return adopted_process(link, replay, chunks, settings)
+
+
+def end_shim(pid: int, socket_path: Path, spool: Path) -> None:
+    """Ends a shim now (SIGKILL to its group; its agent dies with it, by its parent-death
+    signal) and removes what it leaves: whoever ends a shim owns its files."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    remove_shim_files(socket_path, spool)
+
+
+def remove_shim_files(socket_path: Path, spool: Path) -> None:
+    """A shim's socket and its spool files (stdout and journal)."""
+    for path in (socket_path, spool, spool.with_name(spool.name + ".journal")):
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 _reapers: set[asyncio.Task[Any]] = set()

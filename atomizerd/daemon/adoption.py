@@ -13,17 +13,17 @@ What is adopted is returned, so crash recovery leaves exactly these processes an
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
-from atomizerd.agents import shim_client
+from atomizerd.agents import shim, shim_client
 from atomizerd.agents.pool import AgentPool
 from atomizerd.agents.process import AgentProcess
 from atomizerd.daemon.config import Config
+from atomizerd.sessions import events as ev
 from atomizerd.sessions.journal import Resumed
 from atomizerd.sessions.registry import Registry
 from atomizerd.store.db import Store
@@ -40,6 +40,12 @@ class Adopted:
     pgids: set[int] = field(default_factory=set)  # agents' and shims' process groups
     sessions: set[str] = field(default_factory=set)
     turns: set[str] = field(default_factory=set)  # turn ids that go on
+    # What streamed of turns whose shim is gone (orphaned, killed), from the journal it left:
+    # turn id -> the reply's text. Crash recovery stores these instead of the checkpoint.
+    replies: dict[str, str] = field(default_factory=dict)
+    # Groups of agents (and their shims) adoption stopped itself: ended, their files removed
+    # (shim_client.ShimLink._end_shim); crash recovery only forgets their records.
+    ended: set[int] = field(default_factory=set)
     seconds: float = 0.0  # from the first attach to the last adoption
 
 
@@ -68,7 +74,7 @@ async def adopt_agents(cfg: Config, store: Store, pool: AgentPool, registry: Reg
         try:
             link, replay, chunks = await shim_client.attach(path, timeout=_ATTACH_TIMEOUT)
         except shim_client.ShimError as e:
-            _forget_dead_shim(path, settings, e)
+            _forget_dead_shim(path, settings, e, adopted)
             continue
         link.reap = True
         session_id = process_session(replay)
@@ -100,13 +106,15 @@ async def adopt_agents(cfg: Config, store: Store, pool: AgentPool, registry: Reg
         if not running:
             process.forget_before(replay.base)
         adopted.sessions.add(session_id)
-        adopted.pgids.add(process.pgid)
-        if process.helper is not None:
-            adopted.pgids.add(process.helper.pgid)
+        adopted.pgids.update(_groups_of(process))
         if running and resumed is not None:
             adopted.turns.add(resumed.turn_id)
+    _take_left_journals(settings, adopted)
     # Stopped together: each may take its stop grace twice.
     await asyncio.gather(*(p.stop(cfg.agent.stop_grace) for p in rejected))
+    for process in rejected:
+        if not process.alive:
+            adopted.ended.update(_groups_of(process))
     adopted.seconds = time.monotonic() - started
     if adopted.sessions or rejected:
         log.info(
@@ -119,17 +127,54 @@ async def adopt_agents(cfg: Config, store: Store, pool: AgentPool, registry: Reg
     return adopted
 
 
-def _forget_dead_shim(path: Path, settings: shim_client.ShimSettings, e: Exception) -> None:
-    """A socket nobody answers on: its shim was killed (its agent died with it). What it left
-    is removed; a shim that is alive but did not answer in time is left to its orphan timeout."""
+def _groups_of(process: AgentProcess) -> set[int]:
+    """The agent's process group and its shim's."""
+    return {process.pgid} | ({process.helper.pgid} if process.helper is not None else set())
+
+
+def _forget_dead_shim(
+    path: Path, settings: shim_client.ShimSettings, e: Exception, adopted: Adopted
+) -> None:
+    """A socket nobody answers on: its shim was killed (its agent died with it). Its turn's
+    record is read, what it left removed; a shim that is alive but did not answer in time is
+    left to its orphan timeout."""
     if isinstance(e.__cause__, ConnectionRefusedError | FileNotFoundError):
         name = path.stem
-        for leftover in (path, *settings.spools.glob(f"{name}.out*")):
-            with contextlib.suppress(OSError):
-                leftover.unlink()
+        _read_left_journal(settings.spools / f"{name}.out.journal", adopted)
+        shim_client.remove_shim_files(path, settings.spools / f"{name}.out")
         log.info("removed what a dead agent shim left", shim=name)
     else:
         log.warning("agent shim not reachable; left to its orphan timeout", error=str(e))
+
+
+def _take_left_journals(settings: shim_client.ShimSettings, adopted: Adopted) -> None:
+    """Journals shims left on exit (the turn's record of an agent stopped at its orphan
+    timeout): read, then removed. A journal beside a socket is a live shim's."""
+    for journal in sorted(settings.spools.glob("*.out.journal")):
+        name = journal.name.removesuffix(".out.journal")
+        socket_path = settings.sockets / f"{name}.sock"
+        if socket_path.exists():
+            continue
+        _read_left_journal(journal, adopted)
+        shim_client.remove_shim_files(socket_path, settings.spools / f"{name}.out")
+
+
+def _read_left_journal(path: Path, adopted: Adopted) -> None:
+    """The reply of the turn a gone shim's journal holds, as it streamed (its text deltas:
+    every event reached the journal before any client)."""
+    try:
+        frames, _ = shim.split_frames(path.read_bytes())
+        records = [payload for kind, payload in frames if kind == shim.JOURNAL]
+        inputs = [payload for kind, payload in frames if kind == shim.INPUT]
+        resumed = Resumed.from_replay("", records, inputs)
+    except FileNotFoundError:
+        return
+    except Exception as e:  # unreadable (another version's): the checkpoint stands
+        log.warning("a left turn record cannot be read", journal=path.name, error=str(e))
+        return
+    if resumed is not None:
+        text = "".join(e.kind.text for e in resumed.events if isinstance(e.kind, ev.TextDelta))
+        adopted.replies[resumed.turn_id] = text
 
 
 def process_session(replay: shim_client.Replay) -> str:

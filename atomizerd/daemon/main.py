@@ -6,6 +6,10 @@ import argparse
 import asyncio
 import os
 import sys
+from collections.abc import Coroutine
+from typing import Any
+
+import structlog
 
 from atomizerd import __version__
 from atomizerd.agents import procgroup
@@ -14,6 +18,10 @@ from atomizerd.daemon import logs
 
 EXIT_CONFIG = 2
 EXIT_STARTUP = 1
+# At shutdown: how long what is left on the loop (tasks, threads) gets to end.
+LOOP_SETTLE = 5.0
+
+log = structlog.get_logger("atomizerd.daemon.main")
 
 # Flag shortcuts for the keys people set most often (everything else: --set key=value).
 _SHORTCUTS = {
@@ -126,16 +134,66 @@ def run(cfg: config_mod.Config) -> int:
 
     daemon = Daemon(cfg)
     try:
-        asyncio.run(daemon.serve())
+        finished = run_loop(daemon.serve())
     except StartupError as e:
         print(f"atomizerd: cannot start: {e}", file=sys.stderr)
         return EXIT_STARTUP
     if daemon.restart:
         if under_systemd():
             # Under systemd: the unit starts the next daemon (RestartForceExitStatus=).
-            return RESTART_EXIT_STATUS
+            return exit_now(RESTART_EXIT_STATUS, finished)
         restart_in_place()
-    return 0
+    return exit_now(0, finished)
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> bool:
+    """Runs the daemon's loop; then what is still running on it is cancelled and given
+    LOOP_SETTLE seconds, and the loop's threads as long. Returns False if something did not
+    end in time: the daemon goes anyway (a stuck task must not keep it from exiting or
+    restarting)."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    loop.set_exception_handler(logs.loop_exception)
+    try:
+        loop.run_until_complete(main)
+    finally:
+        finished = _finish_loop(loop)
+    return finished
+
+
+def _finish_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    left = asyncio.all_tasks(loop)
+    for task in left:
+        task.cancel()
+    pending: set[asyncio.Task[Any]] = set()
+    if left:
+        _, pending = loop.run_until_complete(asyncio.wait(left, timeout=LOOP_SETTLE))
+        if pending:
+            log.error("tasks did not end at shutdown", tasks=sorted(_name(t) for t in pending))
+    try:
+        loop.run_until_complete(asyncio.wait_for(loop.shutdown_asyncgens(), LOOP_SETTLE))
+        loop.run_until_complete(asyncio.wait_for(loop.shutdown_default_executor(), LOOP_SETTLE))
+    except TimeoutError:
+        log.error("the loop's threads did not end at shutdown")
+        return False
+    if not pending:
+        loop.close()
+    return not pending
+
+
+def _name(task: asyncio.Task[Any]) -> str:
+    coro = task.get_coro()
+    return getattr(coro, "__qualname__", None) or task.get_name()
+
+
+def exit_now(status: int, finished: bool) -> int:
+    """The exit status; when something of the daemon's was left running (logged), the
+    process exits at once instead of waiting for it at interpreter shutdown."""
+    if not finished:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 def restart_in_place() -> None:

@@ -7,7 +7,8 @@ endpoint (when `metrics.listen` is set) → health SERVING → sd_notify READY=1
 
 SIGTERM/SIGINT (a stop): STOPPING=1, health NOT_SERVING, running turns interrupted and stored,
 streams ended, `stop(grace)`, agents stopped, metrics endpoint closed, store closed, socket
-removed. A second signal skips the grace periods.
+removed. A second signal skips the grace periods. Each step has a bound (`_step`): one that
+fails or overruns it is logged and the shutdown goes on, so the daemon always exits or execs.
 
 SIGUSR2 (a planned restart, docs/restart.md): the same, except that running turns and idle
 agents are handed over instead of stopped (agents under shims outlive the daemon); then the
@@ -26,6 +27,7 @@ import os
 import signal
 import socket
 import stat
+from collections.abc import Awaitable
 from pathlib import Path
 
 import grpc
@@ -45,7 +47,7 @@ from atomizerd.api.session import SessionServicer
 from atomizerd.atomizer.launcher import Launcher
 from atomizerd.atomizer.prompt import ContextBuilder
 from atomizerd.atomizer.studies import Studies
-from atomizerd.daemon import unitjob
+from atomizerd.daemon import logs, unitjob
 from atomizerd.daemon.adoption import Adopted, adopt_agents, shim_settings
 from atomizerd.daemon.config import Config, socket_mode
 from atomizerd.daemon.metrics import MetricsEndpoint, MetricsError, start_endpoint
@@ -53,7 +55,7 @@ from atomizerd.daemon.report import StatusReporter
 from atomizerd.daemon.sdnotify import Notifier
 from atomizerd.errors import StorageFull
 from atomizerd.sessions.reaper import Reaper
-from atomizerd.sessions.registry import Registry, spare_record
+from atomizerd.sessions.registry import HAND_OVER_SETTLE, KILL_SETTLE, Registry, spare_record
 from atomizerd.store.db import Store
 from atomizerd.store.lock import DatabaseInUse
 
@@ -61,11 +63,26 @@ log = structlog.get_logger("atomizerd.daemon.server")
 
 # The exit status of a planned restart under systemd (the unit's RestartForceExitStatus=).
 RESTART_EXIT_STATUS = 75
+# Added to each shutdown step's own bound (its grace periods), for what it does around them.
+STEP_SLACK = 5.0
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 SERVICE_NAMES = (
     session_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
     daemon_pb2.DESCRIPTOR.services_by_name["DaemonService"].full_name,
 )
+
+
+async def _step(what: str, step: Awaitable[object], bound: float) -> None:
+    """One step of the shutdown, at most `bound` seconds: one that fails or takes longer is
+    logged and left behind (cancelled), and the shutdown goes on."""
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=bound)
+    if not done:
+        task.cancel()
+        log.error("a shutdown step did not finish in time; going on", step=what, seconds=bound)
+    elif not task.cancelled() and (error := task.exception()) is not None:
+        log.error("a shutdown step failed; going on", step=what, error=repr(error))
 
 
 def under_systemd() -> bool:
@@ -95,6 +112,7 @@ class Daemon:
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
 
     async def serve(self) -> None:
+        asyncio.get_running_loop().set_exception_handler(logs.loop_exception)
         self._install_signal_handlers()
         try:
             await self.startup()
@@ -225,6 +243,11 @@ class Daemon:
         for rec in self.store.agent_processes():
             if rec.pgid in self.adopted.pgids:
                 continue  # adopted: it goes on under this daemon
+            if rec.pgid in self.adopted.ended:
+                # Stopped by adoption, which also removed its shim's files: a SIGKILL now
+                # would only cut short the shim's own exit.
+                self.store.forget_agent_process(rec.pgid)
+                continue
             if kill_group_if_same(rec.pgid, rec.start_time, signal.SIGKILL):
                 log.warning(
                     "killed agent left by a previous daemon",
@@ -233,7 +256,9 @@ class Daemon:
                 )
             reap_if_ours(rec.pgid)  # a shim started by this process before it exec'd
             self.store.forget_agent_process(rec.pgid)
-        self.registry.reconcile(keep=self.adopted.turns, sessions=self.adopted.sessions)
+        self.registry.reconcile(
+            keep=self.adopted.turns, replies=self.adopted.replies, sessions=self.adopted.sessions
+        )
         # Per-session files are rewritten at every agent spawn: only adopted agents' are live.
         removed = studies.remove_stale_files(keep=self.adopted.sessions)
         if removed:
@@ -339,28 +364,35 @@ class Daemon:
     # --- shutdown --------------------------------------------------------------------------
 
     async def shutdown(self) -> None:
+        """Every step is bounded and runs whatever the one before it did (finished, failed or
+        gave up): the daemon always gets to its end, and to the exec of a restart."""
         self.notifier.notify("STOPPING=1")
-        log.info("atomizerd stopping")
+        log.info("atomizerd stopping", restart=self.restart)
         grace = 0.0 if self.force_exit else self.config.daemon.grace_period
         if self.server is not None:
-            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            await _step("health", self._set_health(NOT_SERVING), STEP_SLACK)
         if self.registry is not None:
             if self.restart and self.config.agent.survive_restart:
-                await self.registry.hand_over()
+                await _step("hand over", self.registry.hand_over(), HAND_OVER_SETTLE + STEP_SLACK)
                 grace = min(grace, 1.0)  # streams have ended; clients re-attach to the next one
             else:
-                await self.registry.drain(grace)
+                await _step("drain", self.registry.drain(grace), grace + KILL_SETTLE + STEP_SLACK)
         if self.server is not None:
-            await self.server.stop(0 if self.force_exit else grace)
+            grace = 0 if self.force_exit else grace
+            await _step("server", self.server.stop(grace), grace + STEP_SLACK)
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await _step("tasks", asyncio.gather(*self._tasks, return_exceptions=True), STEP_SLACK)
         if self.pool is not None:
-            await self.pool.close()
+            bound = self.pool.close_bound() + STEP_SLACK
+            await _step("agents", self.pool.close(), bound)
         if self.metrics is not None:
-            await self.metrics.close()
+            await _step("metrics", self.metrics.close(), STEP_SLACK)
         if self.store is not None:
-            self.store.close()
+            try:
+                self.store.close()
+            except Exception:
+                log.exception("closing the store failed")
         self._remove_socket()
         if self._lock_fd is not None:
             os.close(self._lock_fd)

@@ -17,7 +17,7 @@ import json
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -134,17 +134,23 @@ class Registry:
 
     # --- daemon lifecycle ----------------------------------------------------------------
 
-    def reconcile(self, keep: Collection[str] = (), sessions: Collection[str] = ()) -> None:
+    def reconcile(
+        self,
+        keep: Collection[str] = (),
+        replies: Mapping[str, str] | None = None,
+        sessions: Collection[str] = (),
+    ) -> None:
         """At start-up: settle turns a previous daemon left running, but those in `keep`
-        (adopted with their agents: they go on); forget the tasks of agents not adopted
-        (their agents were killed: so were their tasks)."""
+        (adopted with their agents: they go on); `replies`: what streamed of a turn, from
+        the record its shim left (else its last checkpoint is stored). The tasks of agents
+        not adopted (`sessions` were) are forgotten: their agents were killed, so were they."""
         for session_id, task_id in self.store.forget_tasks_except(sessions):
             log.warning(
                 "task of an agent not adopted ended (killed)",
                 session_id=session_id,
                 task_id=task_id,
             )
-        for session_id, turn_id in self.store.settle_unfinished_turns(keep):
+        for session_id, turn_id in self.store.settle_unfinished_turns(keep, replies or {}):
             log.warning(
                 "turn left running by a previous daemon marked interrupted",
                 session_id=session_id,

@@ -168,6 +168,7 @@ class Turn:
         self.rejected = error
         self.lifecycle.move(T.DONE)
         self.done.set()
+        self.stop_requested.set()  # whatever still works for it (a lease, a retry) gives up
 
 
 @dataclass
@@ -323,26 +324,35 @@ class TurnRunner:
                 return None
 
     async def _lease_or_stop(self, s: Session, turn: Turn) -> Agent:
-        """The pool's lease, unless the turn is stopped first (then the lease is given up)."""
+        """The pool's lease, unless the turn is stopped first (then the lease is given up).
+        However this ends (also by cancelling the caller), the lease is never left behind:
+        an agent it got is released and its error retrieved."""
         if turn.stop_requested.is_set():
             raise _Stopped
         lease = asyncio.ensure_future(self.pool.lease(s.record))
         stop = asyncio.ensure_future(turn.stop_requested.wait())
         try:
             await asyncio.wait({lease, stop}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            self._give_up(lease)
+            raise
         finally:
             stop.cancel()
-        if not lease.done():
-            lease.cancel()
-            with contextlib.suppress(BaseException):
-                await lease
-        if lease.cancelled():
-            raise _Stopped
-        agent = lease.result()  # raises the lease's own error
         if turn.stop_requested.is_set():
-            self.pool.release(agent, reusable=True)
+            self._give_up(lease)
+            await asyncio.wait({lease})
             raise _Stopped
-        return agent
+        return lease.result()  # raises the lease's own error
+
+    def _give_up(self, lease: asyncio.Future[Agent]) -> None:
+        lease.cancel()
+        lease.add_done_callback(self._unclaimed)
+
+    def _unclaimed(self, lease: asyncio.Future[Agent]) -> None:
+        """A lease nobody takes: an agent it still got is released, its error retrieved."""
+        if lease.cancelled() or lease.exception() is not None:
+            return
+        self.pool.release(lease.result(), reusable=True)
 
     async def _retry_spawn(
         self,
@@ -482,6 +492,8 @@ class TurnRunner:
     def end_early(self, s: Session, turn: Turn, emit: Emit) -> None:
         """Ends a turn that is stopped before its agent got the message (queued, waiting, or
         between restarts): recorded like any other turn, with no reply."""
+        if turn.state is T.DONE:
+            return  # rejected meanwhile (a restart): never stored, nothing to say
         if turn.state in (T.QUEUED, T.WAITING):
             if turn.state is T.QUEUED:
                 turn.lifecycle.move(T.WAITING)

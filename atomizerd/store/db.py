@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1086,11 +1086,14 @@ class Store:
         )
         return {row.turn_id: row.session_id for row in rows}
 
-    def settle_unfinished_turns(self, keep: Collection[str] = ()) -> list[tuple[str, str]]:
+    def settle_unfinished_turns(
+        self, keep: Collection[str] = (), replies: Mapping[str, str] | None = None
+    ) -> list[tuple[str, str]]:
         """After a crash: user messages whose turn never ended become interrupted, each with an
-        (empty) interrupted assistant record so every user message has a terminal reply. Only
-        this host's sessions: another host's pending turns may be running right now. `keep`:
-        turns this daemon adopted with their agents (they go on)."""
+        interrupted assistant record (its reply from `replies`, else its last checkpoint) so
+        every user message has a terminal reply. Only this host's sessions: another host's
+        pending turns may be running right now. `keep`: turns this daemon adopted with their
+        agents (they go on)."""
         pending = list(
             MessageRow.select(MessageRow)
             .join(SessionRow)
@@ -1101,7 +1104,9 @@ class Store:
         for row in pending:
             if row.turn_id in keep:
                 continue
-            partial = self.checkpointed_reply(row.turn_id)
+            partial = (replies or {}).get(row.turn_id)
+            if partial is None:
+                partial = self.checkpointed_reply(row.turn_id)
             self.finish_turn(
                 row.session_id,
                 row.turn_id,

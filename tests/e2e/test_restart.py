@@ -312,3 +312,79 @@ def test_what_a_killed_shim_left_is_removed_and_its_turn_settled(e2e: E2E) -> No
     assert not list((Path(e2e.daemon.state_dir) / "agent-spool").glob("*"))
     history = stubs.sessions.GetHistory(pb.GetHistoryRequest(session_id="dead")).messages
     assert history[-1].status == pb.MESSAGE_STATUS_INTERRUPTED
+
+
+def slow_start_cli(workdir: Path, seconds: float) -> str:
+    """The real CLI behind a wrapper that waits before it starts: an agent spawned through it
+    stays SPAWNING (its handshake not answered) for `seconds`."""
+    from tests.support.daemon import real_claude
+
+    wrapper = workdir / "slow-claude"
+    wrapper.write_text(f'#!/bin/sh\nsleep {seconds:g}\nexec "{real_claude()}" "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def json_log(e2e: E2E) -> list[str]:
+    """The lines of the daemon's log that are not one JSON object."""
+    assert e2e.daemon is not None
+    bad = []
+    for line in e2e.daemon.log_path.read_text(errors="replace").splitlines():
+        try:
+            if not isinstance(json.loads(line), dict):
+                bad.append(line)
+        except ValueError:
+            bad.append(line)
+    return bad
+
+
+def test_a_planned_restart_while_an_agent_is_starting_completes(e2e: E2E) -> None:
+    """Issue 22: a restart that landed while a turn's agent was being spawned (--resume after
+    a stop) hung for ever after the hand-over; the daemon now stops the spawn, refuses the
+    message (never sent) and execs."""
+    stubs = e2e.start()
+    stubs.sessions.CreateSession(pb.CreateSessionRequest(session_id="spawning"))
+    list(stubs.sessions.SendMessage(pb.SendMessageRequest(session_id="spawning", text="hi")))
+    e2e.stop()
+    slow = {"agent": {"command": [slow_start_cli(e2e.workdir, 5)]}}
+    stubs = e2e.start(slow)
+    assert e2e.daemon is not None
+    pid = e2e.daemon.proc.pid if e2e.daemon.proc else 0
+    errors: list[grpc.StatusCode] = []
+
+    def send() -> None:
+        try:
+            list(
+                stubs.sessions.SendMessage(
+                    pb.SendMessageRequest(session_id="spawning", text="again"), timeout=60
+                )
+            )
+        except grpc.RpcError as e:
+            errors.append(e.code())
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    wait_for(
+        lambda: any(
+            r.get("event") == "agent process started" and r.get("resume")
+            for r in e2e.daemon.log_records()  # type: ignore[union-attr]
+        ),
+        30,
+        "the resumed agent to be spawned",
+    )
+    e2e.daemon.signal(signal.SIGUSR2)
+    sender.join(30)
+    assert errors == [grpc.StatusCode.UNAVAILABLE]
+    e2e.daemon.wait_serving(timeout=60)  # the same process, exec'd
+    assert e2e.daemon.proc is not None and e2e.daemon.proc.pid == pid
+    assert e2e.daemon.proc.poll() is None
+    # The session works on the next daemon; the message that was refused can be sent again.
+    events = [
+        r.event
+        for r in stubs.sessions.SendMessage(
+            pb.SendMessageRequest(session_id="spawning", text="again"), timeout=120
+        )
+    ]
+    assert reply_text(events) == "echo: again"
+    assert e2e.daemon.stop() == 0
+    assert json_log(e2e) == []

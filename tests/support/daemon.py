@@ -23,6 +23,8 @@ from typing import Any, Literal
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.support import processes
+
 REPO = Path(__file__).resolve().parents[2]
 FAKE_AGENT = REPO / "tests" / "support" / "fake_agent.py"
 
@@ -115,6 +117,8 @@ class RunningDaemon:
             "agent": {
                 "command": fake_agent_command(),
                 "stop_grace": 1.0,
+                # A daemon a test kills leaves its shims; they must not outlive the suite.
+                "orphan_timeout": 120.0,
                 "env": {"HOME": str(workdir / "home")},
             },
             "atomizer": {"root": str(self.root)},
@@ -212,6 +216,8 @@ class RunningDaemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        # Shims a killed daemon left (nobody adopted them): the test is over, so are they.
+        processes.end_shims(self.runtime_dir)
         return self.proc.returncode
 
     def kill(self) -> None:

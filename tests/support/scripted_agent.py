@@ -51,6 +51,7 @@ class ScriptedSpawner:
     die_before_reading: int = 0  # this many next spawns exit at the first user message
     handshake_seconds: float = 0.0  # virtual seconds each `initialize` takes
     stop_seconds: float = 0.0  # virtual seconds each stop takes
+    durable: bool = False  # as under a shim: a planned restart lets them go (detach)
     agents: list[ScriptedAgent] = field(default_factory=list)
     peak_alive: int = 0
 
@@ -233,11 +234,16 @@ class ScriptedAgent:
 
     # --- test controls ------------------------------------------------------------------
 
-    # Not durable: the journal of a restart is exercised with the real CLI under its shim.
-    durable = False
+    # The journal of a restart is exercised with the real CLI under its shim; a durable
+    # scripted agent only lets the pool's hand-over be run in process (it records nothing).
     helper = None
     received = 0
     boundary = (0, 0)
+    detached = False
+
+    @property
+    def durable(self) -> bool:
+        return self.spawner.durable
 
     def record(self, payload: bytes) -> None:
         pass
@@ -246,7 +252,8 @@ class ScriptedAgent:
         pass
 
     def detach(self) -> None:
-        raise AssertionError("a scripted agent is never handed over")
+        assert self.durable, "only a durable scripted agent is handed over"
+        self.detached = True
 
     async def drained(self) -> None:
         pass
