@@ -101,7 +101,6 @@ class Sent:
     task_started_at: float | None = None  # when the stream showed its task_started
     task_id: str = ""
     in_history: bool = False
-    history_reply: bool = False
 
 
 @dataclass
@@ -115,6 +114,9 @@ class Tally:
     mis_agent: list[str] = field(default_factory=list)  # agent turns naming another session
     origin_problems: list[str] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)
+    # A stored message whose own reply is not the next row (other turns' rows in between).
+    interleaved: list[str] = field(default_factory=list)
+    agent_prompt_empty: int = 0  # agent-started turns stored with an empty prompt
     other: list[str] = field(default_factory=list)
     tasks_started: Counter[str] = field(default_factory=Counter)  # by kind
     tasks_ended: Counter[str] = field(default_factory=Counter)  # by status
@@ -418,24 +420,40 @@ async def history(stub: Any, sid: str, tally: Tally) -> list[pb.Message]:
 def check_history(
     index: int, msgs: list[pb.Message], sent: dict[str, Sent], watcher: Watcher, tally: Tally
 ) -> None:
+    """Pairs every stored message with its reply by turn; checks order, origins, contents."""
     tally.history_messages += len(msgs)
     stored_turns = {m.turn_id for m in msgs}
-    i = 0
-    while i < len(msgs):
-        u = msgs[i]
-        where = f"session {index} history #{i}"
-        if u.role != pb.ROLE_USER:
+    users = {m.turn_id for m in msgs if m.role == pb.ROLE_USER}
+    for i, a in enumerate(msgs):
+        if a.role == pb.ROLE_ASSISTANT and a.turn_id not in users:
             tally.mis_history.append(
-                f"{where}: a reply without a message before it: {u.content[:80]!r}"
+                f"session {index} history #{i}: a reply of no stored message: {a.content[:80]!r}"
             )
-            i += 1
+    for i, u in enumerate(msgs):
+        if u.role != pb.ROLE_USER:
             continue
-        reply = msgs[i + 1] if i + 1 < len(msgs) else None
-        if reply is None or reply.role != pb.ROLE_ASSISTANT or reply.turn_id != u.turn_id:
-            tally.lost.append(f"{where}: {u.content[:60]!r} has no reply of its own turn")
-            i += 1
+        where = f"session {index} history #{i}"
+        j = next(
+            (
+                k
+                for k in range(i + 1, len(msgs))
+                if msgs[k].role == pb.ROLE_ASSISTANT and msgs[k].turn_id == u.turn_id
+            ),
+            None,
+        )
+        if j is None:
+            tally.lost.append(f"{where}: {u.content[:60]!r} has no reply")
             continue
-        i += 2
+        reply = msgs[j]
+        if j != i + 1:
+            between = Counter(
+                f"{origin_name(m.origin)} {pb.Role.Name(m.role).removeprefix('ROLE_').lower()}"
+                for m in msgs[i + 1 : j]
+            )
+            tally.interleaved.append(
+                f"{where} {origin_name(u.origin)} {u.content[:40]!r}: its reply comes "
+                f"{j - i} rows later, after {_counts(between)}"
+            )
         if u.status == pb.MESSAGE_STATUS_PENDING or reply.status == pb.MESSAGE_STATUS_PENDING:
             tally.lost.append(f"{where}: {u.content[:60]!r} still pending after the end")
         if reply.origin != u.origin:
@@ -451,7 +469,6 @@ def check_history(
                 )
                 continue
             s.in_history = True
-            s.history_reply = True
             if reply.status != pb.MESSAGE_STATUS_COMPLETE:
                 continue  # interrupted or failed: partial
             problem = reply_problem(s, reply.content)
@@ -464,10 +481,12 @@ def check_history(
                 )
         else:
             tally.agent_turns_history[origin_name(u.origin)] += 1
+            if not u.content:
+                tally.agent_prompt_empty += 1
             if u.origin != pb.TURN_ORIGIN_TASK:
                 tally.origin_problems.append(
                     f"{where}: an agent-started turn with origin {origin_name(u.origin)}: "
-                    f"{u.content[:80]!r}"
+                    f"prompt {u.content[:60]!r}, reply {reply.content[:150]!r}"
                 )
             other = {
                 t for t in tokens_in(u.content + reply.content) if not t.startswith(f"tok-{index}-")
@@ -677,6 +696,8 @@ def report(args: argparse.Namespace, tally: Tally, out: Outcome) -> bool:
         ("agent turns naming another session", str(len(tally.mis_agent))),
         ("wrong origins", str(len(tally.origin_problems))),
         ("LOST turns", str(len(tally.lost))),
+        ("messages not followed by their reply", str(len(tally.interleaved))),
+        ("agent turns stored with an empty prompt", str(tally.agent_prompt_empty)),
         ("unexpected RPC statuses", str(len(tally.unexpected))),
         ("processes outliving the daemon", str(len(out.leaked))),
         ("daemon exit", str(out.exit_code)),
@@ -693,6 +714,7 @@ def report(args: argparse.Namespace, tally: Tally, out: Outcome) -> bool:
         (not tally.mis_agent, "no agent turn names another session's token"),
         (not tally.origin_problems, "agent-started turns have origin TASK; client messages CLIENT"),
         (not tally.lost, "no turn lost"),
+        (not tally.interleaved, "in every history each message is followed by its own reply"),
         (not tally.unexpected, "RPCs ended with expected statuses"),
         (not tally.unsettled, "every task ended and every session went idle at the end"),
         (not tally.other, "every turn ended normally, every worker finished"),
@@ -707,6 +729,7 @@ def report(args: argparse.Namespace, tally: Tally, out: Outcome) -> bool:
         ("agent turn", tally.mis_agent),
         ("origin", tally.origin_problems),
         ("lost", tally.lost),
+        ("order", tally.interleaved),
         ("unexpected", tally.unexpected),
         ("unsettled", tally.unsettled),
         ("other", tally.other),

@@ -257,3 +257,25 @@ def test_a_wake_up_the_agent_scheduled_runs_a_turn_with_origin_scheduled(e2e: E2
     assert [m.origin for m in rows[2:]] == [pb.TURN_ORIGIN_SCHEDULED] * 2
     assert rows[3].content == "echo: wake check"
     assert reply_text(send(stubs, "w", "after")) == "echo: after"
+
+
+def test_several_tasks_at_once_one_failing_and_a_message_racing_their_end(e2e: E2E) -> None:
+    stubs = e2e.start(POWER)
+    power_session(stubs, "many")
+    watcher = Watcher(stubs, "many")
+    try:
+        send(stubs, "many", background("sleep 1; exit 3") + background("sleep 1.2; echo fine"))
+        assert len(_running_tasks(stubs, "many")) == 2
+        time.sleep(1.0)  # the message goes out as the tasks end: either order must hold
+        for n in range(3):
+            assert reply_text(send(stubs, "many", f"race{n}")) == f"echo: race{n}"
+        wait_for("both tasks ended", lambda: len(watcher.of("task_ended")) == 2, 30)
+        statuses = sorted(e.status for e in watcher.of("task_ended"))
+        assert statuses == sorted([pb.TASK_STATUS_FAILED, pb.TASK_STATUS_COMPLETED])
+        wait_for("no task runs", lambda: not _running_tasks(stubs, "many"), 30)
+        rows = history(stubs, "many")
+        clients = [m for m in rows if m.origin == pb.TURN_ORIGIN_CLIENT]
+        pairs = [(clients[i].content, clients[i + 1].content) for i in range(2, len(clients), 2)]
+        assert pairs == [(f"race{n}", f"echo: race{n}") for n in range(3)]
+    finally:
+        watcher.close()

@@ -248,3 +248,40 @@ def test_a_scheduled_prompt_keeps_the_agent_and_its_turn_has_origin_scheduled(
         assert text_of(served) == "echo: hi", "the wake-up fired: the agent may go"
 
     run(tmp_path, test, {"pool.max_live": 1, "pool.queue_timeout": 5})
+
+
+def test_a_task_that_ends_while_its_agent_is_handed_to_the_next_daemon_ends_in_that_daemon(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        first = build(tmp_path, durable=True)
+        await first.registry.create_session(None, None, "a")
+        await send(first, "a", "[[task:solve]]").wait()
+        (agent,) = first.spawner.agents
+        await first.registry.hand_over()
+        await first.pool.close()
+        first.store.close()
+        assert agent.alive, "a planned restart lets the agent go on"
+
+        # The task ends between the two daemons; the next one adopts the agent after that.
+        agent.end_task("solve", reply="the solver finished")
+        second = build(tmp_path)
+        try:
+            adopted = second.pool.adopt("a", agent, leased=False)
+            assert adopted is not None
+            second.registry.restore_tasks("a")
+            await until(lambda: len(history(second, "a")) == 4)
+            assert history(second, "a")[2:] == [
+                ("user", "task", "complete", ""),
+                ("assistant", "task", "complete", "the solver finished"),
+            ]
+            ended = [e.kind for e in log_of(second, "a") if isinstance(e.kind, ev.TaskEnded)]
+            assert [(t.task_id, t.status) for t in ended] == [("solve", ev.TaskStatus.COMPLETED)]
+            assert not second.registry.get_session("a").tasks
+            assert second.store.tasks_of("a") == []
+            reply = await send(second, "a", "after").wait()
+            assert text_of(reply) == "echo: after"
+        finally:
+            await second.close()
+
+    virtual_time.run(main())
