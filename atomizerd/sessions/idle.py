@@ -13,6 +13,7 @@ cancels it when it is leased or stopped: at most one reader of an agent at any t
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import structlog
@@ -65,6 +66,12 @@ class IdleReader:
             if isinstance(head, AgentExited):
                 return  # the pool's exit watcher frees the slot
             if self._starts_turn(s, head):
+                worker = s.worker
+                if worker is not None and not worker.done():
+                    # The session's jobs come first (one that leases the agent reads this
+                    # turn itself, and cancels this reader); then it is looked at again.
+                    await asyncio.wait({worker})
+                    continue
                 self._hand_over(s, agent)
                 return
             transport.receive_nowait()
@@ -77,8 +84,6 @@ class IdleReader:
         return is_turn_content(item)
 
     def _hand_over(self, s: Session, agent: Agent) -> None:
-        if s.current is not None or s.inbox:
-            return  # a job of the session reads it (and routes the turn) when it runs
         leased = self._pool.lease_idle(s.id)
         if leased is None:
             return

@@ -12,6 +12,7 @@ user message is read from directives in the text, like the fake agent program:
   [[big:N]]       a tool result of N bytes, then the reply.
   [[schedule]]    calls ScheduleWakeup (the agent then has a prompt pending); `wake_up()`
                   fires it later, as the CLI does.
+  [[then-own]]    right after the turn's result, a turn the agent starts by itself.
   [[task:ID]]     starts a background task ID (task_started) and ends the turn at once;
                   `end_task(ID)` later ends it the way the CLI does: task_notification, then
                   a turn the agent starts by itself.
@@ -329,6 +330,8 @@ class ScriptedAgent:
             self._delta(f" steered: {taken_text}", mid)
         self._taken_mid_turn.clear()
         self._push(_result(interrupted))
+        if "then-own" in directives:  # a subagent ended before the result: its turn follows
+            self.end_task("sub1", reply="right after")
         if self._next_lines:  # lines the turn did not take: the next turn takes the first
             next_uuid, next_text = self._next_lines.pop(0)
             self._play_task = asyncio.ensure_future(self._play(next_text, next_uuid))

@@ -285,3 +285,14 @@ def test_a_task_that_ends_while_its_agent_is_handed_to_the_next_daemon_ends_in_t
             await second.close()
 
     virtual_time.run(main())
+
+
+def test_a_turn_the_agent_starts_right_after_a_result_is_not_left_unread(tmp_path: Path) -> None:
+    async def test(core: Core) -> None:
+        await core.registry.create_session(None, None, "a")
+        await send(core, "a", "go [[then-own]]").wait()
+        await until(lambda: len(history(core, "a")) == 4)
+        assert history(core, "a")[3] == ("assistant", "task", "complete", "right after")
+        assert text_of(await send(core, "a", "next").wait()) == "echo: next"
+
+    run(tmp_path, test)
