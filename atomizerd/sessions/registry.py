@@ -124,7 +124,7 @@ class Registry:
             self._session_of,
             self._start_agent_turn,
             lambda s, kind: self._emit(s, None, kind),
-            self.runner.task_item,
+            self.runner.follower.task_item,
         ).follow
         pool.agent_gone = self._agent_gone
         self.replay = ev.ReplayBudget(config.daemon.replay_bytes_total)
@@ -189,7 +189,7 @@ class Registry:
         self.draining = True
         not_sent = Unavailable("atomizerd is restarting; the message was not sent")
         # Answers clients gave a moment ago are written to the agents first.
-        await self.runner.hand_over()
+        await self.runner.control.hand_over()
         workers = []
         for s in self._sessions.values():
             for job in self._take_queue(s):
@@ -654,7 +654,7 @@ class Registry:
             self.studies.remove_session_files(s.id)
             if purge:
                 remove_plans(self.config, s.id)
-                self.runner.forget_session(s)
+                self.runner.outcomes.forget(s)
                 self.store.delete_session(s.id)
                 self._forget(s)
                 log.info("session purged", session_id=s.id)
@@ -783,7 +783,7 @@ class Registry:
             self._check_budget(s)
             running = s.turn
             if steer and not files and running is not None and not s.inbox:
-                if await self.runner.steer(s, running, text, request_id):
+                if await self.runner.follower.steer(s, running, text, request_id):
                     turn = running
                 else:
                     turn = self._enqueue(s, text, request_id)
