@@ -38,7 +38,7 @@ def result(cost: float) -> proto.Result:
 
 
 def test_text_deltas_are_the_reply_and_the_whole_message_does_not_repeat_them() -> None:
-    emitted, transcript, end = run(
+    emitted, _transcript, end = run(
         proto.TextDelta("hel", None, "m1", 0),
         proto.TextDelta("lo", None, "m1", 0),
         proto.AssistantMessage(text="hello", tool_uses=(), message_id="m1"),
@@ -52,14 +52,14 @@ def test_text_deltas_are_the_reply_and_the_whole_message_does_not_repeat_them() 
 
 
 def test_a_message_that_came_only_whole_is_taken_from_the_assistant_line() -> None:
-    _, transcript, end = run(
+    _, _transcript, end = run(
         proto.AssistantMessage(text="whole", tool_uses=(), message_id="m2"), result(0.1)
     )
     assert isinstance(end, ev.TurnCompleted) and end.text == "whole"
 
 
 def test_withdrawn_blocks_leave_the_stored_reply() -> None:
-    _, transcript, end = run(
+    _, _transcript, end = run(
         proto.TextDelta("broken", None, "m1", 0),
         proto.AbandonedBlocks(message_id="m1", from_block_index=0),
         proto.AssistantMessage(text="retried", tool_uses=(), message_id="m9"),
