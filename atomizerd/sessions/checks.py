@@ -1,0 +1,120 @@
+"""Checks of what clients send, and the page tokens the API hands out.
+
+Each check raises the domain error a client sees as its status (api/errormap.py) with a
+message written for a person; nothing here touches a session's state.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+
+from atomizerd import ids
+from atomizerd.daemon.config import Config
+from atomizerd.errors import InvalidArgument, PermissionDenied, ResourceExhausted
+from atomizerd.store.db import SessionRecord
+
+MODES = ("user", "power", "plan")
+# A model as the CLI takes it: an alias (sonnet, opus[1m]) or a model id.
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/\[\]-]{0,127}")
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
+
+
+def check_model(config: Config, model: str) -> str:
+    allowed = config.agent.models
+    if allowed and model not in allowed:
+        raise InvalidArgument(
+            f"model {model[:130]!r} is not one this daemon offers (agent.models): "
+            + ", ".join(allowed)
+        )
+    if not _MODEL_NAME.fullmatch(model):
+        raise InvalidArgument(
+            f"model {model[:130]!r} is not a model name (letters, digits and . _ - : @ / [ ])"
+        )
+    return model
+
+
+def check_mode(config: Config, mode: str) -> str:
+    if mode not in MODES:
+        raise InvalidArgument(f"unknown mode {mode!r}: use MODE_USER, MODE_POWER or MODE_PLAN")
+    if mode == "power" and not config.modes.power.enabled:
+        raise PermissionDenied(
+            "power mode is disabled on this daemon (modes.power.enabled = false)"
+        )
+    return mode
+
+
+def check_text(config: Config, text: str, *, empty_ok: bool = False) -> None:
+    if not text.strip() and not empty_ok:
+        raise InvalidArgument("the message text is empty")
+    size = len(text.encode("utf-8", "surrogatepass"))
+    limit = config.daemon.max_message_bytes
+    if size > limit:
+        raise InvalidArgument(
+            f"the message is {size} bytes; the limit is {limit} (daemon.max_message_bytes)"
+        )
+
+
+def check_budget(record: SessionRecord) -> None:
+    cap = record.budget_usd
+    if cap > 0 and record.total_cost_usd >= cap:
+        raise ResourceExhausted(
+            f"session {record.session_id!r} has spent ${record.total_cost_usd:.4f} of its "
+            f"${cap:.4f} cap; it accepts no more messages"
+        )
+
+
+def cap(name: str, requested: float, daemon_cap: float) -> float:
+    """A per-session cap may only lower the daemon's (0 means "the daemon's")."""
+    if not math.isfinite(requested):  # NaN would slip past every comparison below
+        raise InvalidArgument(f"{name} must be a finite number (got {requested})")
+    if requested < 0:
+        raise InvalidArgument(f"{name} must not be negative")
+    if requested == 0:
+        return daemon_cap
+    if daemon_cap > 0 and requested > daemon_cap:
+        raise InvalidArgument(
+            f"{name} ${requested:g} is above the daemon's cap ${daemon_cap:g}; "
+            "it may only be lowered"
+        )
+    return requested
+
+
+def page_size(value: int) -> int:
+    if value < 0:
+        raise InvalidArgument("page_size must not be negative")
+    return min(value or DEFAULT_PAGE, MAX_PAGE)
+
+
+def encode_token(created_at: float, session_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([created_at, session_id]).encode()).decode()
+
+
+def decode_token(token: str) -> tuple[float, str] | None:
+    if not token:
+        return None
+    try:
+        created, sid = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return float(created), ids.check_session_id(str(sid))
+    except (ValueError, TypeError, binascii.Error, InvalidArgument):
+        raise InvalidArgument("page_token is not one this daemon issued") from None
+
+
+def encode_id_token(last_id: int) -> str:
+    return base64.urlsafe_b64encode(str(last_id).encode()).decode()
+
+
+def decode_id_token(token: str) -> int:
+    if not token:
+        return 0
+    try:
+        value = int(base64.urlsafe_b64decode(token.encode()).decode())
+        if not 0 <= value < 2**63:  # beyond SQLite's INTEGER: not a row id we handed out
+            raise ValueError(value)
+        return value
+    except (ValueError, binascii.Error):
+        raise InvalidArgument("page_token is not one this daemon issued") from None
