@@ -104,6 +104,7 @@ class Daemon:
         self.adopted = Adopted()
         self._lock_fd: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._pinger: asyncio.Task[None] | None = None  # WATCHDOG=1 pings
         self.server: grpc.aio.Server | None = None
         self.store: Store | None = None
         self.pool: AgentPool | None = None
@@ -182,7 +183,8 @@ class Daemon:
         self._tasks.append(asyncio.create_task(reaper.run_forever()))
         self._tasks.append(asyncio.create_task(self._probe_agent(status)))
         if cfg.daemon.watchdog and self.notifier.watchdog_interval:
-            self._tasks.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_interval)))
+            self._pinger = asyncio.create_task(self._watchdog(self.notifier.watchdog_interval))
+            self._tasks.append(self._pinger)
 
     def _prepare_runtime_dir(self) -> None:
         for path in (self.config.runtime_dir, self.config.state_dir):
@@ -366,6 +368,10 @@ class Daemon:
     async def shutdown(self) -> None:
         """Every step is bounded and runs whatever the one before it did (finished, failed or
         gave up): the daemon always gets to its end, and to the exec of a restart."""
+        if self._pinger is not None:
+            # systemd's stop timeout governs from here; a ping after STOPPING=1 would say
+            # the service is running again.
+            self._pinger.cancel()
         self.notifier.notify("STOPPING=1")
         log.info("atomizerd stopping", restart=self.restart)
         grace = 0.0 if self.force_exit else self.config.daemon.grace_period
