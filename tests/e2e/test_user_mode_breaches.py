@@ -44,9 +44,9 @@ def plant(path: Path) -> str:
 
 def check_config(e2e: E2E) -> subprocess.CompletedProcess[str]:
     assert e2e.daemon is not None
+    config = str(e2e.daemon.config_path)
     return subprocess.run(
-        [sys.executable, "-m", "atomizerd", "--check-config", "--config"]
-        + [str(e2e.daemon.config_path)],
+        [sys.executable, "-m", "atomizerd", "--check-config", "--config", config],
         capture_output=True,
         text=True,
         env={k: v for k, v in os.environ.items() if not k.startswith("ATOMIZERD_")},
@@ -114,8 +114,10 @@ def test_an_unsafe_atomizer_mcp_server_stops_the_daemon_from_starting(e2e: E2E) 
 # --- 2. instructions planted for later agents -------------------------------------------------
 
 
-LOADED = ("CLAUDE.md", "CLAUDE.local.md", "AGENTS.md", ".mcp.json", ".claude/settings.json")
-LOADED += (".claude/skills/s/SKILL.md", ".claude/commands/c.md", ".claude/agents/a.md")
+LOADED = (
+    *("CLAUDE.md", "CLAUDE.local.md", "AGENTS.md", ".mcp.json", ".claude/settings.json"),
+    *(".claude/skills/s/SKILL.md", ".claude/commands/c.md", ".claude/agents/a.md"),
+)
 
 
 def test_user_mode_cannot_write_what_the_cli_loads(e2e: E2E) -> None:
