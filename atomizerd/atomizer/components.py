@@ -58,8 +58,9 @@ def resolve(config: Config, *, create: bool) -> Components:
     plans_root = config.atomizer_root / config.modes.plan.plans_dir
     if create:
         _make_private_dirs(config.atomizer_root, plans_root)
-    if plans_root.exists() or plans_root.is_symlink():
-        check_trusted(plans_root, config.atomizer_root, "the plans folder (modes.plan.plans_dir)")
+    # Not made yet (--check-config) is fine: start-up makes it; a symlink on the way is not.
+    what = "the plans folder (modes.plan.plans_dir)"
+    check_trusted(plans_root, config.atomizer_root, what, missing_ok=True)
     paths = (*mcp_paths, plans_root)
     return Components(atomizer_mcp=tuple(command), plans_root=plans_root, paths=paths)
 
@@ -88,9 +89,9 @@ def _atomizer_mcp(config: Config) -> tuple[list[str], list[Path]]:
     return ["node", str(script)], [script]
 
 
-def check_trusted(path: Path, base: Path, what: str) -> None:
+def check_trusted(path: Path, base: Path, what: str, *, missing_ok: bool = False) -> None:
     """Every part of `path` from `base` (included) down: no symlink, owned by the daemon's
-    user or root, not group- or world-writable."""
+    user or root, not group- or world-writable (`missing_ok`: the parts that exist)."""
     try:
         rel = path.relative_to(base)
     except ValueError:
@@ -100,6 +101,10 @@ def check_trusted(path: Path, base: Path, what: str) -> None:
         current = current / part if part else current
         try:
             st = current.lstat()
+        except FileNotFoundError:
+            if missing_ok:
+                return
+            raise ComponentError(f"{what}: {current} does not exist") from None
         except OSError as e:
             raise ComponentError(f"{what}: cannot inspect {current}: {e.strerror}") from None
         if stat.S_ISLNK(st.st_mode):
