@@ -74,11 +74,13 @@ def describe(c: Components) -> str:
 def _atomizer_mcp(config: Config) -> tuple[list[str], list[Path]]:
     configured = list(config.mcp.atomizer_command)
     if configured:
-        files = [Path(a) for a in configured if os.path.isabs(a) and Path(a).exists()]
-        program = shutil.which(configured[0])
+        # The program may be a link (a venv's python, /usr/bin/node): where it leads is
+        # checked. The files it is given (its script) must be plainly the daemon's.
+        files = [Path(a) for a in configured[1:] if os.path.isabs(a) and Path(a).exists()]
         for path in files:
             check_trusted(path, path.parent, "the atomizer MCP server (mcp.atomizer_command)")
-        if program is not None and Path(program) not in files:
+        program = shutil.which(configured[0])
+        if program is not None:
             _check_owner(Path(program).resolve(), "the atomizer MCP server's program")
         return configured, files
     script = default_mcp_script(config)
