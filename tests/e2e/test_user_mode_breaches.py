@@ -283,7 +283,16 @@ def test_user_mode_cannot_redirect_or_read_other_plans(e2e: E2E) -> None:
     plans = root / ".atomizerd" / "plans"
     assert plans.is_dir() and (plans.stat().st_mode & 0o777) == 0o700  # made at start-up
     stubs.sessions.CreateSession(pb.CreateSessionRequest(session_id="planner", mode=pb.MODE_PLAN))
-    send_answering(stubs, "planner", "[[plan:SECRET-PLAN-TEXT]]", lambda req: None)
+
+    def keep_planning(req: pb.PermissionRequest) -> None:
+        stubs.sessions.RespondToPermission(
+            pb.RespondToPermissionRequest(
+                session_id="planner", request_id=req.request_id, allow=False
+            ),
+            timeout=10,
+        )
+
+    send_answering(stubs, "planner", "[[plan:SECRET-PLAN-TEXT]]", keep_planning)
     (plan_file,) = (plans / "planner").glob("*.md")
     assert "SECRET-PLAN-TEXT" in plan_file.read_text()
 

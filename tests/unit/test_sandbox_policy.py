@@ -361,3 +361,31 @@ def test_a_bubblewrap_that_cannot_sandbox_counts_as_unavailable(tmp_path: Path) 
     status = sandbox.SandboxProbe().status(True, f"{tmp_path}:/bin:/usr/bin")
     assert not status.available
     assert "No permissions to create new namespace" in status.detail
+
+
+@pytest.mark.parametrize(
+    ("mode", "overrides", "sources", "scheduling"),
+    [
+        ("user", {}, None, False),
+        ("plan", {}, None, False),
+        ("plan", {"modes.power.enabled": "true"}, "user", False),  # may go on in power mode
+        ("power", {"modes.power.enabled": "true"}, "user", True),
+        (
+            "power",
+            {"modes.power.enabled": "true", "modes.power.study_instructions": "true"},
+            None,
+            True,
+        ),
+        ("user", {"modes.user.scheduled_prompts": "true"}, None, True),
+    ],
+)
+def test_what_each_mode_loads_and_may_schedule(
+    tmp_path: Path, mode: str, overrides: dict[str, str], sources: str | None, scheduling: bool
+) -> None:
+    cfg = make_config(tmp_path, **overrides)
+    argv = launcher(cfg).spec_for(record(mode=mode), resume=False).argv
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("--setting-sources=")]
+    assert given == ([sources] if sources else [])
+    disallowed = ",".join(a for a in argv if a.startswith("--disallowedTools="))
+    for tool in ("ScheduleWakeup", "CronCreate", "CronDelete", "CronList"):
+        assert (tool not in disallowed) is scheduling, tool
