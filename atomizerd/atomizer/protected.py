@@ -46,9 +46,19 @@ WORKING_DIR: tuple[Loaded, ...] = (
     ),
 )
 
-# The daemon's own components (atomizerd/atomizer/components.py) add their paths: the
-# Atomizer MCP server's files and the plans folder, each resolved once at start-up.
-COMPONENT_WHY = "a daemon component, resolved at start-up and run or written by the daemon"
+# The daemon's own components: their paths are resolved once at start-up
+# (atomizerd/atomizer/components.py) and denied like the names above.
+COMPONENTS: tuple[Loaded, ...] = (
+    Loaded(
+        "the Atomizer MCP server (mcp.atomizer_command, or <root>/mcp-server/atomizer-tools/"
+        "dist/index.js)",
+        "started as the daemon's user, unsandboxed, in every session",
+    ),
+    Loaded(
+        "the plans folder (<root>/<modes.plan.plans_dir>)",
+        "holds the plans clients approve; redirected, plans would land where an agent writes",
+    ),
+)
 
 
 def names_in(folder_is_root: bool) -> tuple[str, ...]:
@@ -59,6 +69,10 @@ def names_in(folder_is_root: bool) -> tuple[str, ...]:
 
 def instruction_names() -> tuple[str, ...]:
     return tuple(e.name for e in INSTRUCTIONS)
+
+
+def working_dir_names() -> tuple[str, ...]:
+    return tuple(e.name for e in WORKING_DIR)
 
 
 def top_entry(path: Path, root: Path) -> Path | None:

@@ -261,6 +261,9 @@ def user_policy(
     deny_rules = [r for p in read_denied for r in _rules("Read", p)]
     deny_rules += [r for p in edit_denied for r in _rules("Edit", p)]
     deny_rules += loaded_file_rules([*roots, *(_both(study) if study else [])])
+    deny_rules += [
+        r for p in roots for name in protected.working_dir_names() for r in _rules("Edit", p / name)
+    ]
 
     settings: dict[str, Any] = {
         "sandbox": {

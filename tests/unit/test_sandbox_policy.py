@@ -189,6 +189,7 @@ def test_the_policy_of_a_user_mode_agent(tmp_path: Path) -> None:
         for name in ("CLAUDE.md", "AGENTS.md", ".mcp.json"):
             assert f"Edit(/{folder}/**/{name})" in rules
         assert f"Edit(/{folder}/**/.claude/**)" in rules
+    assert f"Edit(/{cfg.atomizer_root}/.git/**)" in rules  # git runs in the working dir
 
 
 def test_bash_reads_only_its_own_plans_folder(tmp_path: Path) -> None:
