@@ -5,7 +5,8 @@ User mode is least privilege (docs/security.md): the allowlist's rules are scope
 Atomizer root and the session's study, and Bash runs in Claude Code's sandbox with the
 session's policy (`atomizerd.atomizer.sandbox`), written 0600 to the runtime dir and passed
 with `--settings`; when the sandbox cannot run, the agent is not started (FAILED_PRECONDITION).
-Power mode is full access by policy. In both, nothing secret is in argv, which every user on
+Power mode is full access by policy, and loads no project instruction or settings files (a
+user-mode agent may have written them) unless configured to. In both, nothing secret is in argv, which every user on
 the machine sees in `ps`: the system prompt (study summary, seeded history) goes in the
 `initialize` request on stdin. Each agent gets a private TMPDIR, the configured umask, and an
 environment that does not lead to the daemon's socket.
@@ -178,7 +179,7 @@ class Launcher:
 
     def _setting_sources(self, mode: str) -> str | None:
         """Power mode, and plan mode where an approved plan may go on in it (the same
-        process), reads no project files unless modes.power.study_instructions."""
+        process), read no project files unless modes.power.study_instructions."""
         may_be_power = mode == "power" or (mode == "plan" and self.config.modes.power.enabled)
         if may_be_power and not self.config.modes.power.study_instructions:
             return POWER_SETTING_SOURCES

@@ -15,7 +15,8 @@ with `--settings`). Measured on the pinned CLI (2.1.332), with `failIfUnavailabl
   read-only). A `denyWrite` on a path that does not exist yet blocks its creation. So, since
   agents run in the Atomizer root (the CLI keys transcripts by working directory: it can never
   change for a session), "writes only in the study" is a `denyWrite` on every other entry of
-  the root, and of each folder on the way down to the study (`write_denials`);
+  the root, and of each folder on the way down to the study (`write_denials`); a `denyWrite`
+  inside an `allowWrite` holds (the names the CLI loads, denied inside the study);
 - `denyRead` hides a directory behind an empty tmpfs (reads fail, writes land in the tmpfs
   and vanish); `allowRead` re-opens a path inside it, and the most specific entry wins;
 - network goes through the CLI's proxy: with `strictAllowlist` a host outside `allowedDomains`
