@@ -6,9 +6,9 @@ Atomizer root and the session's study, and Bash runs in Claude Code's sandbox wi
 session's policy (`atomizerd.atomizer.sandbox`), written 0600 to the runtime dir and passed
 with `--settings`; when the sandbox cannot run, the agent is not started (FAILED_PRECONDITION).
 Power mode is full access by policy, and loads no project instruction or settings files (a
-user-mode agent may have written them) unless configured to. In both, nothing secret is in argv, which every user on
-the machine sees in `ps`: the system prompt (study summary, seeded history) goes in the
-`initialize` request on stdin. Each agent gets a private TMPDIR, the configured umask, and an
+user-mode agent may have written them) unless configured to. In both, nothing secret is in
+argv, which every user on the machine sees in `ps`: the system prompt (study summary, seeded
+history) goes in the `initialize` request on stdin. Each agent gets a private TMPDIR, the configured umask, and an
 environment that does not lead to the daemon's socket.
 """
 

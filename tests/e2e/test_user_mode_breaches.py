@@ -305,6 +305,27 @@ def test_user_mode_cannot_redirect_or_read_other_plans(e2e: E2E) -> None:
     assert plan_file.exists()
 
 
+def test_plan_mode_runs_no_command_that_changes_anything_before_the_plan_is_approved(
+    e2e: E2E,
+) -> None:
+    # Held by the CLI's plan mode itself (sandboxed commands are auto-allowed otherwise): it
+    # runs only commands it finds read-only, in the foreground or the background.
+    stubs = e2e.start()
+    assert e2e.daemon is not None
+    study = make_study(e2e.daemon.root, "beam")
+    target = study / "3_results" / "before-approval.md"
+    stubs.sessions.CreateSession(
+        pb.CreateSessionRequest(session_id="p", study_id="beam", mode=pb.MODE_PLAN)
+    )
+    background = {"command": f"touch {target}", "run_in_background": True}
+    calls = plant(target) + " " + bash(f"touch {target}")
+    calls += " [[tool:Bash " + json.dumps(background) + "]]"
+    send(stubs, "p", calls)
+    recorded = recorded_calls(stubs, "p")
+    assert len(recorded) == 3 and all(c.is_error for c in recorded), recorded
+    assert not target.exists()
+
+
 # --- running as root --------------------------------------------------------------------------
 
 
