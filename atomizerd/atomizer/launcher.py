@@ -8,8 +8,8 @@ with `--settings`; when the sandbox cannot run, the agent is not started (FAILED
 Power mode is full access by policy, and loads no project instruction or settings files (a
 user-mode agent may have written them) unless configured to. In both, nothing secret is in
 argv, which every user on the machine sees in `ps`: the system prompt (study summary, seeded
-history) goes in the `initialize` request on stdin. Each agent gets a private TMPDIR, the configured umask, and an
-environment that does not lead to the daemon's socket.
+history) goes in the `initialize` request on stdin. Each agent gets a private TMPDIR, the
+configured umask, and an environment that does not lead to the daemon's socket.
 """
 
 from __future__ import annotations
