@@ -69,6 +69,7 @@ class AgentSpec:
     mcp_config: str | None = None  # a file path
     settings: str | None = None  # --settings: a file path (or JSON), e.g. the sandbox policy
     strict_mcp_config: bool = True  # with mcp_config: ignore every other MCP configuration
+    setting_sources: str | None = None  # --setting-sources: e.g. "user" (no project files)
     append_system_prompt: str | None = None
     append_system_prompt_file: str | None = None  # for prompts too long for one argument
     add_dirs: tuple[str, ...] = ()
@@ -181,6 +182,8 @@ def _context_flags(spec: AgentSpec) -> list[str]:
             out.append("--strict-mcp-config")
     if spec.settings:
         out.append(f"--settings={spec.settings}")
+    if spec.setting_sources is not None:
+        out.append(f"--setting-sources={spec.setting_sources}")
     if spec.append_system_prompt is not None:
         out.append(f"--append-system-prompt={spec.append_system_prompt}")
     if spec.append_system_prompt_file:

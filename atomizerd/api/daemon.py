@@ -63,6 +63,7 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
             resp.sandbox_enabled = s.sandbox.enabled
             resp.sandbox_available = s.sandbox.available
             resp.sandbox_detail = s.sandbox.detail
+        resp.warnings.extend(s.warnings)
         if s.last_reaper_pass is not None:
             p = s.last_reaper_pass
             resp.last_reaper_pass.CopyFrom(

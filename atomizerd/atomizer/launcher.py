@@ -5,10 +5,11 @@ User mode is least privilege (docs/security.md): the allowlist's rules are scope
 Atomizer root and the session's study, and Bash runs in Claude Code's sandbox with the
 session's policy (`atomizerd.atomizer.sandbox`), written 0600 to the runtime dir and passed
 with `--settings`; when the sandbox cannot run, the agent is not started (FAILED_PRECONDITION).
-Power mode is full access by policy. In both, nothing secret is in argv, which every user on
-the machine sees in `ps`: the system prompt (study summary, seeded history) goes in the
-`initialize` request on stdin. Each agent gets a private TMPDIR, the configured umask, and an
-environment that does not lead to the daemon's socket.
+Power mode is full access by policy, and loads no project instruction or settings files (a
+user-mode agent may have written them) unless configured to. In both, nothing secret is in
+argv, which every user on the machine sees in `ps`: the system prompt (study summary, seeded
+history) goes in the `initialize` request on stdin. Each agent gets a private TMPDIR, the
+configured umask, and an environment that does not lead to the daemon's socket.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import structlog
 
 from atomizerd.agents.argv import AgentSpec, build_argv, build_env
 from atomizerd.agents.transport import LaunchSpec
+from atomizerd.atomizer import components as components_mod
 from atomizerd.atomizer import sandbox
-from atomizerd.atomizer.planfiles import plans_folder
+from atomizerd.atomizer.planfiles import plans_folder, plans_path
 from atomizerd.atomizer.prompt import ContextBuilder
 from atomizerd.atomizer.studies import Studies
 from atomizerd.daemon.config import Config, agent_umask, mcp_server_entry
@@ -32,6 +34,15 @@ from atomizerd.errors import FailedPrecondition
 from atomizerd.store.db import SessionRecord
 
 log = structlog.get_logger("atomizerd.atomizer.launcher")
+
+# The CLI's tools that make the agent prompt itself later (ScheduleWakeup, the cron tools) or
+# start a run elsewhere (RemoteTrigger), names as in the pinned CLI: a scheduled prompt runs
+# a turn nobody asked for. Off in user and plan mode unless modes.user.scheduled_prompts.
+SCHEDULING_TOOLS = ("ScheduleWakeup", "CronCreate", "CronDelete", "CronList", "RemoteTrigger")
+# Where a power-mode agent takes its settings and instructions from unless
+# modes.power.study_instructions: the daemon user's own (and --settings, always read), not
+# the project's, which a user-mode agent may have written (a study's CLAUDE.md, .claude/...).
+POWER_SETTING_SOURCES = "user"
 
 
 class Launcher:
@@ -42,8 +53,11 @@ class Launcher:
         context: ContextBuilder,
         probe: sandbox.SandboxProbe | None = None,
         remembered_rules: Callable[[str], list[str]] | None = None,
+        components: components_mod.Components | None = None,
     ) -> None:
         self.config = config
+        # Resolved once, at start-up: nothing an agent can write is probed at spawn time.
+        self.components = components or components_mod.resolve(config, create=True)
         self.studies = studies
         self.context = context
         self.probe = probe or sandbox.PROBE
@@ -74,11 +88,19 @@ class Launcher:
         env["TMPDIR"] = str(tmp)
         settings = None
         document: dict[str, Any] = {}
+        plans = plans_folder(self.config, record.session_id) if record.mode == "plan" else None
         if sandboxed:
-            policy = sandbox.user_policy(self.config, env=env, study=study_dir, tmp=tmp)
+            daemon = sandbox.DaemonPaths(
+                components=self.components.paths,
+                plans_root=self.components.plans_root,
+                own_plans=plans_path(self.config, record.session_id) if plans else None,
+            )
+            policy = sandbox.user_policy(
+                self.config, env=env, study=study_dir, tmp=tmp, daemon=daemon
+            )
             document = policy.settings
-        if record.mode == "plan":
-            document = {**document, "plansDirectory": plans_folder(self.config, record.session_id)}
+        if plans:
+            document = {**document, "plansDirectory": plans}
         if document:
             content = json.dumps(document, indent=2)
             settings = str(
@@ -95,6 +117,7 @@ class Launcher:
             fork_of=record.fork_of if record.fork_of and not resume else None,
             fork_at=record.fork_at if record.fork_of and not resume else None,
             allowed_tools=self._allowed_tools(record.mode, study_dir) + self._remembered(record),
+            disallowed_tools=self._disallowed_tools(record.mode),
             skip_permissions=record.mode == "power",
             permission_mode="plan" if record.mode == "plan" else None,
             # An approved plan may go on in power mode where the policy allows it.
@@ -107,6 +130,7 @@ class Launcher:
             settings=settings,
             add_dirs=(str(study_dir),) if study_dir else (),
             model=record.model or self.config.agent.model or None,
+            setting_sources=self._setting_sources(record.mode),
             extra_args=tuple(self.config.agent.args),
         )
         return LaunchSpec(
@@ -146,10 +170,20 @@ class Launcher:
         return self.studies.write_session_file(record.session_id, ".mcp.json", content)
 
     def _atomizer_mcp_command(self) -> list[str]:
-        if self.config.mcp.atomizer_command:
-            return list(self.config.mcp.atomizer_command)
-        default = self.config.atomizer_root / "mcp-server" / "atomizer-tools" / "dist" / "index.js"
-        return ["node", str(default)] if default.is_file() else []
+        return list(self.components.atomizer_mcp)
+
+    def _disallowed_tools(self, mode: str) -> tuple[str, ...]:
+        if mode == "power" or self.config.modes.user.scheduled_prompts:
+            return ()
+        return SCHEDULING_TOOLS
+
+    def _setting_sources(self, mode: str) -> str | None:
+        """Power mode, and plan mode where an approved plan may go on in it (the same
+        process), read no project files unless modes.power.study_instructions."""
+        may_be_power = mode == "power" or (mode == "plan" and self.config.modes.power.enabled)
+        if may_be_power and not self.config.modes.power.study_instructions:
+            return POWER_SETTING_SOURCES
+        return None
 
     def _remembered(self, record: SessionRecord) -> tuple[str, ...]:
         if record.mode == "power" or self.remembered_rules is None:

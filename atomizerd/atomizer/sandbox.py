@@ -15,7 +15,8 @@ with `--settings`). Measured on the pinned CLI (2.1.332), with `failIfUnavailabl
   read-only). A `denyWrite` on a path that does not exist yet blocks its creation. So, since
   agents run in the Atomizer root (the CLI keys transcripts by working directory: it can never
   change for a session), "writes only in the study" is a `denyWrite` on every other entry of
-  the root, and of each folder on the way down to the study (`write_denials`);
+  the root, and of each folder on the way down to the study (`write_denials`); a `denyWrite`
+  inside an `allowWrite` holds (the names the CLI loads, denied inside the study);
 - `denyRead` hides a directory behind an empty tmpfs (reads fail, writes land in the tmpfs
   and vanish); `allowRead` re-opens a path inside it, and the most specific entry wins;
 - network goes through the CLI's proxy: with `strictAllowlist` a host outside `allowedDomains`
@@ -43,12 +44,22 @@ from pathlib import Path
 from typing import Any
 
 from atomizerd.agents.argv import build_env
+from atomizerd.atomizer import protected
 from atomizerd.daemon.config import Config
 
-# What the CLI loads as instructions from the working directory and the folders it reads in
-# (AGENTS.md through its built-in agents-md plugin): a file planted there would steer every
-# later session, power mode's included.
-MEMORY_FILES = ("AGENTS.md", "CLAUDE.md", "CLAUDE.local.md")
+# Readable only by root: hidden from user-mode tools when the daemon (so every agent) runs as
+# root, where the filesystem's own permissions no longer keep them out.
+ROOT_ONLY = (
+    "/root",
+    "/etc/shadow",
+    "/etc/shadow-",
+    "/etc/gshadow",
+    "/etc/gshadow-",
+    "/etc/sudoers",
+    "/etc/sudoers.d",
+    "/etc/ssh",
+    "/var/lib/sudo",
+)
 # Variables a sandboxed command never sees (the CLI's own environment keeps them).
 _SECRET_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.IGNORECASE)
 _PROBE_TIMEOUT = 10.0
@@ -189,39 +200,71 @@ def rule_path(path: Path) -> str:
     return "/" + str(path)
 
 
+@dataclass(frozen=True)
+class DaemonPaths:
+    """The daemon's own components (atomizer/components.py) as one policy sees them."""
+
+    components: tuple[Path, ...] = ()  # write-denied to Bash and to the file tools
+    plans_root: Path | None = None  # Bash reads only `own_plans` in it
+    own_plans: Path | None = None
+
+
 def user_policy(
     config: Config,
     *,
     env: Mapping[str, str],
     study: Path | None,
     tmp: Path,
+    daemon: DaemonPaths | None = None,
 ) -> SessionPolicy:
     """The sandbox and file-tool rules of a user-mode agent of a session with `study`
     (resolved, or None) and private temporary dir `tmp`."""
     sb = config.sandbox
+    daemon = daemon or DaemonPaths()
     home = Path(env.get("HOME") or Path.home())
     root = config.atomizer_root
     roots = _both(root)
     own = [*roots, *(_both(study) if study else []), tmp]
+    plans = [daemon.plans_root] if daemon.plans_root else []
+    own_plans = [daemon.own_plans] if daemon.own_plans else []
 
     always = always_denied(config, env)
     allow_read = _unique(
-        [*own, *(p for p in expand(sb.allow_read, home) if not _inside_any(p, always))]
+        [
+            *own,
+            *own_plans,
+            *(p for p in expand(sb.allow_read, home) if not _inside_any(p, always)),
+        ]
     )
-    read_denied_all = _unique([*always, *expand(sb.deny_read, home)])
+    read_denied_all = _unique([*always, *plans, *expand(sb.deny_read, home)])
     deny_read = _outermost(read_denied_all, allow_read)
     allow_write = _unique([*([study] if study else []), tmp, *expand(sb.allow_write, home)])
-    deny_write = write_denials(root, allow_write)
+    deny_write = write_denials(root, allow_write, daemon.components)
 
     # The file tools: deny beats allow whatever the nesting, so a denied folder holding the
     # root or the study is left to the allowlist and the approval flow instead.
     def keeps_own(p: Path) -> bool:
         return any(_inside(o, p) for o in own if o != tmp)
 
-    read_denied = _outermost([p for p in read_denied_all if not keeps_own(p)], [])
-    edit_denied = _outermost([p for p in _write_protected(config, env) if not keeps_own(p)], [])
+    # The plans folder is left to Bash's denyRead: a Read rule there would also close the
+    # plan-mode agent's own plan file to it.
+    read_denied = _outermost(
+        [p for p in read_denied_all if not keeps_own(p) and p not in plans], []
+    )
+    edit_denied = _outermost(
+        [
+            p
+            for p in [*_write_protected(config, env), *daemon.components]
+            if not keeps_own(p) and p not in plans
+        ],
+        [],
+    )
     deny_rules = [r for p in read_denied for r in _rules("Read", p)]
     deny_rules += [r for p in edit_denied for r in _rules("Edit", p)]
+    deny_rules += loaded_file_rules([*roots, *(_both(study) if study else [])])
+    deny_rules += [
+        r for p in roots for name in protected.working_dir_names() for r in _rules("Edit", p / name)
+    ]
 
     settings: dict[str, Any] = {
         "sandbox": {
@@ -255,7 +298,20 @@ def always_denied(config: Config, env: Mapping[str, str]) -> list[Path]:
     paths += _cli_config(env, home)
     paths += _database_files(config)
     paths.append(Path(config.sandbox.tmp_dir))
+    if os.geteuid() == 0:
+        paths += [Path(p) for p in ROOT_ONLY if os.path.lexists(p)]
     return _unique(paths)
+
+
+def loaded_file_rules(folders: Iterable[Path]) -> list[str]:
+    """Edit deny rules for the files the CLI loads (protected.INSTRUCTIONS) at any depth of
+    `folders`: no Write or Edit, approved or not, creates or changes one."""
+    rules: list[str] = []
+    for folder in _unique(folders):
+        base = rule_path(folder)
+        for name in protected.instruction_names():
+            rules += [f"Edit({base}/**/{name})", f"Edit({base}/**/{name}/**)"]
+    return rules
 
 
 def _socket_dir(config: Config) -> list[Path]:
@@ -293,31 +349,38 @@ def _database_files(config: Config) -> list[Path]:
     return [db, *(db.with_name(db.name + s) for s in ("-wal", "-shm", "-journal"))]
 
 
-def write_denials(root: Path, keep: Sequence[Path]) -> list[Path]:
+def write_denials(root: Path, keep: Sequence[Path], components: Sequence[Path] = ()) -> list[Path]:
     """`denyWrite` entries that leave Bash, whose working directory is the root, able to write
     only in `keep` (and outside the root, where only `allowWrite` is writable anyway).
 
     The working directory cannot be denied without denying everything in it, so: the root
     itself when nothing kept is inside it; otherwise every entry of the root, and of each
-    folder on the way down to a kept path, except that way, and the instruction files the CLI
-    would load from those folders (their creation is blocked). An entry created after the agent
-    started is not covered until its next start: the folders on the way down (the root, the
-    studies root) stay writable for new names.
+    folder on the way down to a kept path, except that way. On top, whether they exist or not
+    (a denial of a missing name blocks its creation): the names the CLI loads
+    (`protected`) in the root, in those folders and in each kept folder, and the daemon's own
+    `components`. Other new names in the folders on the way down (the root, the studies root)
+    stay creatable until the agent's next start.
     """
     root_real = root.resolve()
-    inside = [k for k in _unique([p.resolve() for p in keep]) if _inside(k, root_real)]
+    kept = _unique([p.resolve() for p in keep])
+    inside = [k for k in kept if _inside(k, root_real)]
     if root_real in inside:  # the whole root is allowed
         return []
+    denials: list[Path] = [k / name for k in kept for name in protected.names_in(False)]
+    for path in (c.resolve() for c in components):
+        top = protected.top_entry(path, root_real)
+        on_the_way = top is not None and any(_inside(k, top) for k in inside)
+        denials.append(path if on_the_way or top is None else top)
     if not inside:
-        return [root_real]
-    denials: list[Path] = []
+        return _unique([root_real, *denials])
 
     def walk(folder: Path) -> None:
         try:
             names = set(os.listdir(folder))
         except OSError:
             return
-        for name in sorted(names | set(MEMORY_FILES)):
+        loaded = protected.names_in(folder_is_root=folder == root_real)
+        for name in sorted(names | set(loaded)):
             entry = folder / name
             if entry in inside:
                 continue
@@ -335,7 +398,7 @@ def write_denials(root: Path, keep: Sequence[Path]) -> list[Path]:
             denials.append(entry)
 
     walk(root_real)
-    return denials
+    return _unique(denials)
 
 
 def expand(paths: Iterable[str], home: Path) -> list[Path]:

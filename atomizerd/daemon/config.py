@@ -315,6 +315,12 @@ class UserModeConfig:
             "Bash(python:*)",
         ],
     )
+    scheduled_prompts: bool = _doc(
+        "Give user- and plan-mode agents the CLI's scheduling tools (ScheduleWakeup, "
+        "CronCreate, CronDelete, CronList, RemoteTrigger). Off by default: a scheduled prompt "
+        "later runs a turn nobody asked for, with nobody there to watch or approve it.",
+        default=False,
+    )
 
 
 @dataclass
@@ -322,6 +328,15 @@ class PowerModeConfig:
     enabled: bool = _doc(
         "Allow MODE_POWER (full tool access, --dangerously-skip-permissions). Off by default: "
         "it is a policy decision for whoever runs the daemon.",
+        default=False,
+    )
+    study_instructions: bool = _doc(
+        "Let power-mode agents load the project's instruction and settings files (CLAUDE.md, "
+        "CLAUDE.local.md, AGENTS.md, `.claude/`: settings, commands, skills, agents, rules) "
+        "from the Atomizer root and the study. Off by default: a study is written by "
+        "user-mode agents, and a file planted there would steer a power-mode agent (full "
+        "access) later; off, power-mode agents (and plan-mode agents that may go on in power "
+        "mode) read only the daemon user's own settings (`--setting-sources=user`).",
         default=False,
     )
 
@@ -333,7 +348,10 @@ class PlanModeConfig:
         "session its own folder in it, removed when the session is purged). Inside the root "
         "because the CLI takes a plans folder only there (`plansDirectory`), and not the CLI's "
         "own `~/.claude/plans`, which the sandbox closes to user-mode tools with the rest of "
-        "the CLI's config dir (every session's transcripts).",
+        "the CLI's config dir (every session's transcripts). The daemon makes it at start-up "
+        "(0700) and refuses to start when a part of it is a symlink, another user's, or "
+        "writable by group or others; no user-mode agent may write in it, and Bash reads only "
+        "its own session's folder.",
         default=".atomizerd/plans",
     )
 
@@ -404,7 +422,11 @@ class McpConfig:
     atomizer_command: list[str] = _doc(
         "Command of the `atomizer` MCP server given to every session (with ATOMIZER_MODE, "
         "ATOMIZER_ROOT, ATOMIZER_STUDY in its env). Empty: `node <root>/mcp-server/"
-        "atomizer-tools/dist/index.js` when that file exists, otherwise no atomizer server.",
+        "atomizer-tools/dist/index.js` when that file exists at start-up, otherwise no "
+        "atomizer server until the next start. Resolved once, at start-up: the daemon refuses "
+        "to start when the server's file (or, for the default, any folder from the root down "
+        "to it) is a symlink, another user's, or writable by group or others. It runs "
+        "unsandboxed as the daemon's user in every session.",
         default_factory=list,
     )
     servers: dict[str, str] = _doc(

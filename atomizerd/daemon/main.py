@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(f"\n# sandbox (user mode): {status.summary()}\n")
         if status.enabled and not status.available:
             print(f"atomizerd: warning: sandbox {status.summary()}", file=sys.stderr)
-        return 0
+        return check_components(cfg)
     if os.geteuid() == 0 and not args.allow_root:
         print(
             "atomizerd: refusing to run as root; run it as an ordinary user (or pass --allow-root)",
@@ -127,6 +127,24 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     logs.configure(cfg)
     return run(cfg)
+
+
+def check_components(cfg: config_mod.Config) -> int:
+    """--check-config: the daemon's own components as start-up would resolve them, and how
+    the daemon runs."""
+    from atomizerd.atomizer import components
+
+    for warning in components.warnings():
+        sys.stdout.write(f"# warning: {warning}\n")
+        print(f"atomizerd: warning: {warning}", file=sys.stderr)
+    try:
+        found = components.resolve(cfg, create=False)
+    except components.ComponentError as e:
+        sys.stdout.write(f"# components: REFUSED: {e}\n")
+        print(f"atomizerd: the daemon would not start: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    sys.stdout.write(f"# components: {components.describe(found)}\n")
+    return 0
 
 
 def run(cfg: config_mod.Config) -> int:

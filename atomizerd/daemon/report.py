@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from atomizerd import __version__
-from atomizerd.atomizer import sandbox
+from atomizerd.atomizer import components, sandbox
 from atomizerd.atomizer.sandbox import SandboxStatus
 from atomizerd.daemon.loopprobe import LoopProbe
 
@@ -42,6 +42,7 @@ class StatusSnapshot:
     agents_adopted: int = 0
     turns_resumed: int = 0
     adoption_seconds: float = 0.0
+    warnings: tuple[str, ...] = ()
 
 
 class StatusReporter:
@@ -86,4 +87,5 @@ class StatusReporter:
             agents_adopted=len(self.adopted.sessions) if self.adopted else 0,
             turns_resumed=len(self.adopted.turns) if self.adopted else 0,
             adoption_seconds=self.adopted.seconds if self.adopted else 0.0,
+            warnings=tuple(components.warnings()),
         )

@@ -44,6 +44,7 @@ from atomizerd.agents.shim_client import reap_if_ours
 from atomizerd.agents.transport import process_spawner, shim_spawner
 from atomizerd.api.daemon import DaemonServicer
 from atomizerd.api.session import SessionServicer
+from atomizerd.atomizer import components
 from atomizerd.atomizer.launcher import Launcher
 from atomizerd.atomizer.prompt import ContextBuilder
 from atomizerd.atomizer.studies import Studies
@@ -136,7 +137,15 @@ class Daemon:
         except (DatabaseInUse, StorageFull) as e:
             raise StartupError(str(e)) from None
         studies = Studies(cfg)
-        launcher = Launcher(cfg, studies, ContextBuilder(), remembered_rules=self.store.patterns)
+        try:
+            own = components.resolve(cfg, create=True)
+        except components.ComponentError as e:
+            raise StartupError(str(e)) from None
+        for warning in components.warnings():
+            log.warning("atomizerd: warning", detail=warning)
+        launcher = Launcher(
+            cfg, studies, ContextBuilder(), remembered_rules=self.store.patterns, components=own
+        )
         if cfg.agent.survive_restart:
             spawner = shim_spawner(shim_settings(cfg))
         else:

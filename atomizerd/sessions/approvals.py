@@ -261,11 +261,24 @@ class Approvals:
                 self.store.remember_pattern(self.session_id, rule)
                 notes.append(f"the rule {rule} is allowed for the rest of the session")
             elif decision.remember:
-                self.store.remember_rule(self.session_id, tool_name, digest, decision.allow)
+                notes.append(self._remember_call(tool_name, digest, decision))
         except StorageFull as e:  # the answer stands for this call; only the rule is lost
             log.error("permission rule not remembered", tool=tool_name, error=str(e))
             notes.append("not remembered: the disk is full")
         return "; ".join(notes)
+
+    def _remember_call(self, tool_name: str, digest: str, decision: Decision) -> str:
+        """Remembers the call that runs: the edited one when the client edited the input (the
+        one asked for may never run unasked); says exactly what is remembered."""
+        edited = decision.updated_input is not None
+        remembered = input_digest(decision.updated_input) if edited else digest
+        self.store.remember_rule(self.session_id, tool_name, remembered, decision.allow)
+        verdict = "allowed" if decision.allow else "denied"
+        which = "the edited input" if edited else "this input"
+        return (
+            f"remembered for the rest of the session: {tool_name} with exactly {which} "
+            f"(sha256 {remembered}) is {verdict} without asking"
+        )
 
     async def _ask(
         self,

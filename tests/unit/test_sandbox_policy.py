@@ -91,19 +91,18 @@ def test_writes_are_denied_everywhere_in_the_root_but_on_the_way_to_the_study(
     (root / ".claude").mkdir()
     beam, wing = make_study(cfg, "beam"), make_study(cfg, "wing")
     denied = sandbox.write_denials(root, [beam])
+    loaded = ("AGENTS.md", "CLAUDE.md", "CLAUDE.local.md", ".claude", ".mcp.json")
     assert sorted(p.relative_to(root) for p in denied) == sorted(
         Path(p)
         for p in (
-            ".claude",
-            "AGENTS.md",
-            "CLAUDE.md",
-            "CLAUDE.local.md",
+            *loaded,
+            ".git",  # the CLI runs git in its working dir
             "README.md",
             "optimization_engine",
-            "studies/AGENTS.md",
-            "studies/CLAUDE.md",
-            "studies/CLAUDE.local.md",
+            *(f"studies/{name}" for name in loaded),
             "studies/wing",
+            # Inside the study too: what the CLI loads from a folder it adds or reads in.
+            *(f"studies/beam/{name}" for name in loaded),
         )
     )
     assert beam not in denied and wing in denied
@@ -114,7 +113,22 @@ def test_without_a_study_in_the_root_the_whole_root_is_read_only(tmp_path: Path)
     assert sandbox.write_denials(cfg.atomizer_root, []) == [cfg.atomizer_root.resolve()]
     outside = tmp_path / "elsewhere" / "beam"
     outside.mkdir(parents=True)
-    assert sandbox.write_denials(cfg.atomizer_root, [outside]) == [cfg.atomizer_root.resolve()]
+    assert sandbox.write_denials(cfg.atomizer_root, [outside]) == [
+        cfg.atomizer_root.resolve(),
+        *(
+            outside / name
+            for name in ("CLAUDE.md", "CLAUDE.local.md", "AGENTS.md", ".claude", ".mcp.json")
+        ),
+    ]
+
+
+def test_the_daemons_components_are_write_denied_even_before_they_exist(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    root = cfg.atomizer_root.resolve()
+    beam = make_study(cfg, "beam")
+    script = root / "mcp-server" / "atomizer-tools" / "dist" / "index.js"
+    denied = sandbox.write_denials(root, [beam], [script, root / ".atomizerd" / "plans"])
+    assert root / "mcp-server" in denied and root / ".atomizerd" in denied
 
 
 def test_a_link_in_the_root_to_the_study_is_not_denied(tmp_path: Path) -> None:
@@ -155,7 +169,9 @@ def test_the_policy_of_a_user_mode_agent(tmp_path: Path) -> None:
     state, run, home = cfg.state_dir, cfg.runtime_dir, tmp_path / "home"
     # HOME, the state dir (the database, the agents' temporary dirs), the runtime dir (the
     # socket); nested entries already covered are left out.
-    assert sorted(fs["denyRead"]) == sorted([str(state), str(run), str(home)])
+    # Run as root, the files only root may read are hidden too (the filesystem no longer is).
+    root_only = [p for p in sandbox.ROOT_ONLY if os.path.lexists(p)] if os.geteuid() == 0 else []
+    assert sorted(fs["denyRead"]) == sorted([str(state), str(run), str(home), *root_only])
     assert {str(cfg.atomizer_root), str(beam), str(tmp)} <= set(fs["allowRead"])
     assert sb["credentials"]["envVars"] == [
         {"name": "ANTHROPIC_API_KEY", "mode": "deny"},
@@ -168,6 +184,25 @@ def test_the_policy_of_a_user_mode_agent(tmp_path: Path) -> None:
     assert f"Edit(/{home}/.claude/**)" in rules  # the transcripts
     assert f"Edit(/{state}/atomizerd.db)" in rules
     assert not any(r.startswith("Edit") and r.endswith(f"{state})") for r in rules)
+    # No Write or Edit creates a file the CLI would load, at any depth of the root or study.
+    for folder in (cfg.atomizer_root, beam):
+        for name in ("CLAUDE.md", "AGENTS.md", ".mcp.json"):
+            assert f"Edit(/{folder}/**/{name})" in rules
+        assert f"Edit(/{folder}/**/.claude/**)" in rules
+    assert f"Edit(/{cfg.atomizer_root}/.git/**)" in rules  # git runs in the working dir
+
+
+def test_bash_reads_only_its_own_plans_folder(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    plans = cfg.atomizer_root / ".atomizerd" / "plans"
+    daemon = sandbox.DaemonPaths(components=(plans,), plans_root=plans, own_plans=plans / "s1")
+    policy = sandbox.user_policy(
+        cfg, env={"HOME": str(tmp_path / "home")}, study=None, tmp=tmp_path / "t", daemon=daemon
+    )
+    fs = policy.settings["sandbox"]["filesystem"]
+    assert str(plans) in fs["denyRead"] and str(plans / "s1") in fs["allowRead"]
+    # No file-tool rule on it: that would close the plan-mode agent's own plan file to it.
+    assert not any(str(plans) in r for r in policy.deny_rules)
 
 
 def test_a_denied_folder_holding_the_root_is_left_to_the_allowlist_for_the_file_tools(
@@ -327,3 +362,31 @@ def test_a_bubblewrap_that_cannot_sandbox_counts_as_unavailable(tmp_path: Path) 
     status = sandbox.SandboxProbe().status(True, f"{tmp_path}:/bin:/usr/bin")
     assert not status.available
     assert "No permissions to create new namespace" in status.detail
+
+
+@pytest.mark.parametrize(
+    ("mode", "overrides", "sources", "scheduling"),
+    [
+        ("user", {}, None, False),
+        ("plan", {}, None, False),
+        ("plan", {"modes.power.enabled": "true"}, "user", False),  # may go on in power mode
+        ("power", {"modes.power.enabled": "true"}, "user", True),
+        (
+            "power",
+            {"modes.power.enabled": "true", "modes.power.study_instructions": "true"},
+            None,
+            True,
+        ),
+        ("user", {"modes.user.scheduled_prompts": "true"}, None, True),
+    ],
+)
+def test_what_each_mode_loads_and_may_schedule(
+    tmp_path: Path, mode: str, overrides: dict[str, str], sources: str | None, scheduling: bool
+) -> None:
+    cfg = make_config(tmp_path, **overrides)
+    argv = launcher(cfg).spec_for(record(mode=mode), resume=False).argv
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("--setting-sources=")]
+    assert given == ([sources] if sources else [])
+    disallowed = ",".join(a for a in argv if a.startswith("--disallowedTools="))
+    for tool in ("ScheduleWakeup", "CronCreate", "CronDelete", "CronList"):
+        assert (tool not in disallowed) is scheduling, tool

@@ -3,9 +3,11 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -103,6 +105,7 @@ class GetStatusResponse(_message.Message):
     AGENTS_ADOPTED_FIELD_NUMBER: _builtins.int
     TURNS_RESUMED_FIELD_NUMBER: _builtins.int
     ADOPTION_SECONDS_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     uptime_seconds: _builtins.float
     sessions_known: _builtins.int
@@ -142,6 +145,12 @@ class GetStatusResponse(_message.Message):
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def last_reaper_pass(self) -> Global___ReaperPass: ...
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the operator should know about how the daemon runs, one sentence each: e.g. that it
+        runs as root (every agent then does, and its sandbox alone keeps user mode in bounds).
+        """
+
     def __init__(
         self,
         *,
@@ -167,10 +176,11 @@ class GetStatusResponse(_message.Message):
         agents_adopted: _builtins.int = ...,
         turns_resumed: _builtins.int = ...,
         adoption_seconds: _builtins.float = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_reaper_pass", b"last_reaper_pass", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adoption_seconds", b"adoption_seconds", "agent_command", b"agent_command", "agent_version", b"agent_version", "agents_adopted", b"agents_adopted", "busy_sessions", b"busy_sessions", "last_reaper_pass", b"last_reaper_pass", "live_processes", b"live_processes", "loop_lag_max_ms", b"loop_lag_max_ms", "loop_lag_recent_max_ms", b"loop_lag_recent_max_ms", "pool_capacity", b"pool_capacity", "queued_turns", b"queued_turns", "sandbox_available", b"sandbox_available", "sandbox_detail", b"sandbox_detail", "sandbox_enabled", b"sandbox_enabled", "sessions_known", b"sessions_known", "spare_agents", b"spare_agents", "spares_adopted", b"spares_adopted", "started_at", b"started_at", "total_cost_usd", b"total_cost_usd", "turns_resumed", b"turns_resumed", "uptime_seconds", b"uptime_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adoption_seconds", b"adoption_seconds", "agent_command", b"agent_command", "agent_version", b"agent_version", "agents_adopted", b"agents_adopted", "busy_sessions", b"busy_sessions", "last_reaper_pass", b"last_reaper_pass", "live_processes", b"live_processes", "loop_lag_max_ms", b"loop_lag_max_ms", "loop_lag_recent_max_ms", b"loop_lag_recent_max_ms", "pool_capacity", b"pool_capacity", "queued_turns", b"queued_turns", "sandbox_available", b"sandbox_available", "sandbox_detail", b"sandbox_detail", "sandbox_enabled", b"sandbox_enabled", "sessions_known", b"sessions_known", "spare_agents", b"spare_agents", "spares_adopted", b"spares_adopted", "started_at", b"started_at", "total_cost_usd", b"total_cost_usd", "turns_resumed", b"turns_resumed", "uptime_seconds", b"uptime_seconds", "version", b"version", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
