@@ -350,10 +350,10 @@ class Registry:
             closed = True
         elif state == "idle":
             closed = False
-            exclude = {sid for sid, s in self.table.sessions.items() if self.table.state_of(s) != "idle"}
+            exclude = {sid for sid, s in self.table.sessions.items() if self._state(s) != "idle"}
         elif state is not None:
             closed = False
-            only = {sid for sid, s in self.table.sessions.items() if self.table.state_of(s) == state}
+            only = {sid for sid, s in self.table.sessions.items() if self._state(s) == state}
         records = self.store.list_sessions(
             limit=limit + 1,
             after=after,
@@ -369,6 +369,9 @@ class Registry:
             last = page[-1]
             token = checks.encode_token(last.created_at, last.session_id)
         return [self.table.view_record(r) for r in page], token
+
+    def _state(self, s: Session) -> str:
+        return self.table.state_of(s)
 
     async def terminate_session(self, session_id: str, purge: bool) -> SessionView | None:
         """OPEN → CLOSING → CLOSED (or purged). Runs to its end whatever happens to the caller
