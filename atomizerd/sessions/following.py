@@ -291,6 +291,9 @@ class Follower:
         if not self._turns.open_turn(s, turn, emit, False):
             self.pool.release(agent, reusable=True)
             return None
+        transport = agent.transport_or_fail()
+        if transport.durable:  # recorded with the shim like a client's turn (restarts)
+            turn.journal = TurnJournal.begin(transport, turn.opening)
         s.next_origin = ev.TurnOrigin.AGENT
         if s.record.budget_usd and s.record.total_cost_usd >= s.record.budget_usd:
             emit(

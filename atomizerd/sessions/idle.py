@@ -14,13 +14,14 @@ cancels it when it is leased or stopped: at most one reader of an agent at any t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 
 import structlog
 
 from atomizerd.agents import protocol as proto
 from atomizerd.agents.pool import Agent, AgentPool
-from atomizerd.agents.process import AgentExited, AgentItem
+from atomizerd.agents.process import AgentError, AgentExited, AgentItem
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.conversation import is_subagent, is_turn_content, subagent_events
 from atomizerd.sessions.session import Session
@@ -76,6 +77,10 @@ class IdleReader:
                 return
             transport.receive_nowait()
             self._note(s, agent, head)
+            if transport.durable:
+                # Taken: a daemon that adopts the agent after a restart must not read it again.
+                with contextlib.suppress(AgentError, OSError):
+                    transport.forget_before(transport.boundary[0])
 
     @staticmethod
     def _starts_turn(s: Session, item: AgentItem) -> bool:

@@ -279,3 +279,30 @@ def test_several_tasks_at_once_one_failing_and_a_message_racing_their_end(e2e: E
         assert pairs == [(f"race{n}", f"echo: race{n}") for n in range(3)]
     finally:
         watcher.close()
+
+
+@pytest.mark.parametrize("how", ["planned restart", "SIGKILL"])
+def test_a_turn_the_agent_started_before_a_restart_is_not_read_again_after_it(
+    e2e: E2E, how: str
+) -> None:
+    stubs = e2e.start(POWER)
+    power_session(stubs, "once")
+    send(stubs, "once", background("echo done"))
+    wait_for("the agent's own turn is stored", lambda: len(history(stubs, "once")) == 4, 60)
+    assert e2e.daemon is not None
+    if how == "SIGKILL":
+        e2e.daemon.kill()
+        stubs = e2e.start(POWER)
+    else:
+        e2e.daemon.signal(signal.SIGUSR2)
+        e2e.daemon.wait_serving()
+    assert reply_text(send(stubs, "once", "after")) == "echo: after"
+    rows = history(stubs, "once")
+    assert [m.origin for m in rows] == [
+        pb.TURN_ORIGIN_CLIENT,
+        pb.TURN_ORIGIN_CLIENT,
+        pb.TURN_ORIGIN_TASK,
+        pb.TURN_ORIGIN_TASK,
+        pb.TURN_ORIGIN_CLIENT,
+        pb.TURN_ORIGIN_CLIENT,
+    ], "the agent's turn is stored once"
