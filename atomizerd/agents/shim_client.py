@@ -32,13 +32,9 @@ from typing import Any
 
 import structlog
 
-from atomizerd.agents.process import (
-    AgentProcess,
-    AgentSpawnError,
-    ProcessIdentity,
-    _find_program,
-)
+from atomizerd.agents.process import AgentProcess, _find_program
 from atomizerd.agents.procgroup import SetprivMissing, kill_group_if_same, process_start_time
+from atomizerd.agents.vocabulary import AgentSpawnError, ProcessIdentity
 
 log = structlog.get_logger("atomizerd.agents.shim_client")
 

@@ -22,6 +22,7 @@ import structlog
 from atomizerd.agents import shim, shim_client
 from atomizerd.agents.pool import AgentPool
 from atomizerd.agents.process import AgentProcess
+from atomizerd.agents.transport import PooledTransport
 from atomizerd.daemon.config import Config
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.journal import Resumed
@@ -127,7 +128,7 @@ async def adopt_agents(cfg: Config, store: Store, pool: AgentPool, registry: Reg
     return adopted
 
 
-def _groups_of(process: AgentProcess) -> set[int]:
+def _groups_of(process: PooledTransport) -> set[int]:
     """The agent's process group and its shim's."""
     return {process.pgid} | ({process.helper.pgid} if process.helper is not None else set())
 

@@ -24,7 +24,7 @@ import structlog
 
 from atomizerd import ids
 from atomizerd.agents.pool import Agent, AgentPool, AgentState
-from atomizerd.agents.process import AgentError
+from atomizerd.agents.vocabulary import AgentError
 from atomizerd.atomizer.planfiles import remove_plans
 from atomizerd.atomizer.studies import Studies
 from atomizerd.daemon.config import Config

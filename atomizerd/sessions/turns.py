@@ -32,7 +32,8 @@ import structlog
 from atomizerd import ids
 from atomizerd.agents import protocol as proto
 from atomizerd.agents.pool import Agent, AgentPool, DiedAtStart, ResumeFailed
-from atomizerd.agents.process import (
+from atomizerd.agents.transport import AgentTransport, PooledTransport
+from atomizerd.agents.vocabulary import (
     AgentError,
     AgentExited,
     AgentItem,
@@ -40,7 +41,6 @@ from atomizerd.agents.process import (
     LineTooLong,
     WriteTimeout,
 )
-from atomizerd.agents.transport import AgentTransport
 from atomizerd.atomizer.prompt import history_seed
 from atomizerd.daemon import metrics
 from atomizerd.daemon.config import Config
@@ -950,7 +950,7 @@ class TurnRunner:
             raise Unavailable(f"the message could not be written to the agent: {e}") from None
         return True
 
-    def _end_replay(self, process: AgentTransport, turn: Turn, replay: _Replay) -> None:
+    def _end_replay(self, process: PooledTransport, turn: Turn, replay: _Replay) -> None:
         """Once the messages the previous daemon accounted for are read again, the permission
         requests they held are taken up: answered already (nothing to do), asked (waited for
         again, until their own deadline), or never asked (decided now)."""
