@@ -19,7 +19,7 @@ from pathlib import Path
 
 import structlog
 
-from atomizerd.agents import shim, shim_client
+from atomizerd.agents import shim_client, shim_codec
 from atomizerd.agents.pool import AgentPool
 from atomizerd.agents.process import AgentProcess
 from atomizerd.agents.transport import PooledTransport
@@ -164,9 +164,9 @@ def _read_left_journal(path: Path, adopted: Adopted) -> None:
     """The reply of the turn a gone shim's journal holds, as it streamed (its text deltas:
     every event reached the journal before any client)."""
     try:
-        frames, _ = shim.split_frames(path.read_bytes())
-        records = [payload for kind, payload in frames if kind == shim.JOURNAL]
-        inputs = [payload for kind, payload in frames if kind == shim.INPUT]
+        frames, _ = shim_codec.split_frames(path.read_bytes())
+        records = [payload for kind, payload in frames if kind == shim_codec.JOURNAL]
+        inputs = [payload for kind, payload in frames if kind == shim_codec.INPUT]
         resumed = Resumed.from_replay("", records, inputs)
     except FileNotFoundError:
         return
