@@ -39,8 +39,8 @@ from typing import Protocol
 
 import structlog
 
-from atomizerd.agents.process import AgentError
-from atomizerd.agents.transport import AgentTransport, LaunchSpec, Spawner
+from atomizerd.agents.transport import LaunchSpec, PooledTransport, Spawner
+from atomizerd.agents.vocabulary import AgentError
 from atomizerd.daemon import metrics
 from atomizerd.daemon.config import Config
 from atomizerd.errors import ResourceExhausted, Unavailable
@@ -109,7 +109,7 @@ class Agent:
 
     session_id: str
     lifecycle: Lifecycle[AgentState]
-    transport: AgentTransport | None = None
+    transport: PooledTransport | None = None
     resumed: bool = False
     idle_since: float = 0.0
     mcp_servers: list[tuple[str, str]] = field(default_factory=list)
@@ -138,7 +138,7 @@ class Agent:
     def alive(self) -> bool:
         return self.transport is not None and self.transport.alive
 
-    def transport_or_fail(self) -> AgentTransport:
+    def transport_or_fail(self) -> PooledTransport:
         """The running agent's transport (a leased agent always has one)."""
         if self.transport is None:
             raise RuntimeError(f"the agent of {self.session_id} has no process")
@@ -378,7 +378,7 @@ class AgentPool:
         agent.lifecycle.move(S.LEASED)
         return agent
 
-    def adopt(self, session_id: str, transport: AgentTransport, *, leased: bool) -> Agent | None:
+    def adopt(self, session_id: str, transport: PooledTransport, *, leased: bool) -> Agent | None:
         """An agent a previous daemon left running (under its shim) joins the pool: LEASED to
         the turn it is running, or READY. None (the caller stops it) if the session has an
         agent already or no slot is free."""
@@ -717,7 +717,7 @@ class AgentPool:
         if reader is not None and not reader.done():
             reader.cancel()
 
-    def _record_process(self, transport: AgentTransport, session_id: str) -> None:
+    def _record_process(self, transport: PooledTransport, session_id: str) -> None:
         # The agent's group, and its shim's when it has one: a later daemon that does not
         # adopt them kills them by these (pid + start time: never a reused pid).
         for pgid, start_time in _groups(transport):
@@ -773,7 +773,7 @@ class AgentPool:
         self._soon(self.replenish_spares)
 
 
-def _groups(transport: AgentTransport) -> list[tuple[int, int]]:
+def _groups(transport: PooledTransport) -> list[tuple[int, int]]:
     """(pgid, start time) of the agent's process group and its shim's, where known."""
     groups = []
     if transport.start_time is not None:

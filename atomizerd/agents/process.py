@@ -51,7 +51,6 @@ import signal
 import subprocess
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeAlias
 
@@ -66,22 +65,24 @@ from atomizerd.agents.procgroup import (
     pdeathsig_argv,
     process_start_time,
 )
-from atomizerd.agents.protocol import AgentMessage, ControlResponse, ProtocolError
+from atomizerd.agents.protocol import ControlResponse, ProtocolError
+from atomizerd.agents.vocabulary import (
+    AgentError,
+    AgentExited,
+    AgentItem,
+    AgentSpawnError,
+    ControlError,
+    ControlTimeout,
+    LineTooLong,
+    ProcessIdentity,
+    WriteTimeout,
+)
 
 __all__ = [
     "DEFAULT_MAX_LINE_BYTES",
     "DEFAULT_STDERR_TAIL_BYTES",
     "DEFAULT_WRITE_TIMEOUT",
-    "AgentError",
-    "AgentExited",
-    "AgentItem",
     "AgentProcess",
-    "AgentSpawnError",
-    "ControlError",
-    "ControlTimeout",
-    "LineTooLong",
-    "ProcessIdentity",
-    "WriteTimeout",
     "kill_group_if_same",
     "probe_version",
     "process_start_time",
@@ -98,66 +99,6 @@ _READ_CHUNK = 256 * 1024
 # before the leftovers are killed, and how long to wait for the output to be delivered.
 _EXIT_DRAIN_GRACE = 2.0
 _KILL_WAIT = 5.0
-
-
-class AgentError(Exception):
-    """Base class of agent process failures."""
-
-
-class AgentSpawnError(AgentError):
-    """The agent program could not be started (missing, not executable, bad cwd)."""
-
-
-class AgentExited(AgentError):
-    """The agent process has ended (or takes no more input).
-
-    Raised by writes and control requests to such a process, and delivered as the last item of
-    `receive()` (with the exit status and the stderr tail) when the process ends.
-    """
-
-    __match_args__ = ("returncode",)
-
-    def __init__(self, message: str, returncode: int | None = None, stderr_tail: str = "") -> None:
-        super().__init__(message)
-        self.returncode = returncode  # negative for a signal (-9: SIGKILL); None: still running
-        self.stderr_tail = stderr_tail
-
-
-class ControlError(AgentError):
-    """The agent answered a control request with an error."""
-
-
-class ControlTimeout(AgentError, TimeoutError):
-    """The agent did not answer a control request in time."""
-
-
-class WriteTimeout(AgentError):
-    """The agent did not take a line written to its stdin in time (it is not reading).
-
-    Part of the line may be in the pipe already, so every later write to that process fails
-    with this too: stop the process. Not a TimeoutError, so it is never mistaken for a
-    caller's own `asyncio.timeout`.
-    """
-
-
-@dataclass(frozen=True, slots=True)
-class LineTooLong:
-    """A stdout line of `size` bytes was longer than `limit` and was dropped."""
-
-    size: int
-    limit: int
-
-
-@dataclass(frozen=True, slots=True)
-class ProcessIdentity:
-    """What to record to find (and safely kill) this process's group later."""
-
-    pid: int
-    pgid: int
-    start_time: int | None  # clock ticks since boot; None if it exited before it was read
-
-
-AgentItem: TypeAlias = AgentMessage | LineTooLong | AgentExited
 
 
 class _StderrTail:

@@ -636,6 +636,8 @@ def user_message_line(content: str | list[dict[str, Any]], uuid: str = "") -> by
 
 
 def control_request_line(request_id: str, subtype: str, **fields: Any) -> bytes:
+    """A control request of ours (`initialize`, `interrupt`, `set_model`, ...): AgentProcess
+    sends every one of them with this."""
     return encode_line(
         {
             "type": "control_request",
@@ -643,16 +645,6 @@ def control_request_line(request_id: str, subtype: str, **fields: Any) -> bytes:
             "request": {"subtype": subtype, **fields},
         }
     )
-
-
-def interrupt_request(request_id: str) -> bytes:
-    return control_request_line(request_id, "interrupt")
-
-
-def initialize_request(request_id: str, **fields: Any) -> bytes:
-    """`initialize`: warms the CLI up before the first turn; `hooks` defaults to none."""
-    fields.setdefault("hooks", None)
-    return control_request_line(request_id, "initialize", **fields)
 
 
 def control_response(request_id: str, response: Mapping[str, Any]) -> bytes:

@@ -1,9 +1,9 @@
 """The agent shim: one small process per agent that holds the agent's pipes, so that the agent
 outlives a daemon restart. The daemon attaches over a private Unix socket and, after a restart,
 is sent everything it needs to rebuild the turn in progress. The wire contract is
-docs/shim-protocol.md; this module is its shim side, plus the framing helpers (`encode_frame`,
-`split_frames`, the payload codecs and the type letters) that the daemon side imports. It runs
-as `python3 -I -S shim.py ...`, so it uses the standard library only.
+docs/shim-protocol.md; this module is its shim side, and `shim_codec.py` (beside it) the frames
+both sides build and read. It runs as `python3 -I -S shim.py ...`, so it uses the standard
+library only, and imports the codec from its own folder.
 
 Threads doing blocking I/O around one lock. The main thread binds the socket, spawns the agent
 and then only accepts connections and keeps the timers (orphan timeout, SIGTERM) in a select
@@ -54,74 +54,58 @@ import threading
 import time
 from collections.abc import Callable
 
-PROTOCOL_VERSION = 1
+if __package__:  # imported (the daemon, the tests) or run as `python -m atomizerd.agents.shim`
+    from atomizerd.agents.shim_codec import (
+        ACK,
+        DAEMON_FRAMES,
+        END_INPUT,
+        EXIT,
+        HEADER,
+        HELLO,
+        INPUT,
+        JOURNAL,
+        LABEL,
+        MAX_FRAME,
+        MAX_STDOUT_CHUNK,
+        OFFSET,
+        PROTOCOL_VERSION,
+        REPLAYED,
+        STDERR,
+        STDOUT,
+        decode_ack,
+        decode_header,
+        encode_exit,
+        encode_frame,
+        encode_output,
+    )
+else:  # run by path (`python3 -I -S shim.py`, no package): the codec is the file beside it
+    sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # after the standard library
+    from shim_codec import (  # type: ignore[import-not-found,no-redef]
+        ACK,
+        DAEMON_FRAMES,
+        END_INPUT,
+        EXIT,
+        HEADER,
+        HELLO,
+        INPUT,
+        JOURNAL,
+        LABEL,
+        MAX_FRAME,
+        MAX_STDOUT_CHUNK,
+        OFFSET,
+        PROTOCOL_VERSION,
+        REPLAYED,
+        STDERR,
+        STDOUT,
+        decode_ack,
+        decode_header,
+        encode_exit,
+        encode_frame,
+        encode_output,
+    )
 
-# Frame types, daemon -> shim.
-INPUT = b"I"  # bytes for the agent's stdin (journaled)
-JOURNAL = b"J"  # opaque record (journaled)
-ACK = b"A"  # 8-byte offset: drop stdout before it and every record before this A
-END_INPUT = b"E"  # close the agent's stdin
-LABEL = b"L"  # JSON label, returned in every hello
-# Frame types, shim -> daemon.
-HELLO = b"H"
-STDERR = b"S"
-STDOUT = b"O"
-REPLAYED = b"R"
-EXIT = b"X"
-
-HEADER = struct.Struct(">cI")  # type letter, payload length
-OFFSET = struct.Struct(">Q")
-RETURNCODE = struct.Struct(">i")
-MAX_FRAME = 256 * 1024  # an O frame, header included, is at most this long
-MAX_STDOUT_CHUNK = MAX_FRAME - HEADER.size - OFFSET.size  # stdout bytes per O frame
 STDERR_TAIL = 64 * 1024  # stderr kept for the replay
 EXIT_DRAIN = 2.0  # seconds a grandchild may hold the output open after the agent exited
-
-
-def encode_frame(kind: bytes, payload: bytes = b"") -> bytes:
-    """One frame: the type letter, the payload's length (4 bytes, big-endian), the payload."""
-    return HEADER.pack(kind, len(payload)) + payload
-
-
-def split_frames(buf: bytes | bytearray) -> tuple[list[tuple[bytes, bytes]], bytes]:
-    """The complete frames at the start of `buf` as (type, payload), and the incomplete rest."""
-    frames: list[tuple[bytes, bytes]] = []
-    pos = 0
-    while len(buf) - pos >= HEADER.size:
-        kind, length = HEADER.unpack_from(buf, pos)
-        end = pos + HEADER.size + length
-        if end > len(buf):
-            break
-        frames.append((bytes(kind), bytes(buf[pos + HEADER.size : end])))
-        pos = end
-    return frames, bytes(buf[pos:])
-
-
-def encode_output(offset: int, data: bytes) -> bytes:
-    """An O payload: the 8-byte offset of the chunk's first byte, then the bytes."""
-    return OFFSET.pack(offset) + data
-
-
-def decode_output(payload: bytes) -> tuple[int, bytes]:
-    return int(OFFSET.unpack_from(payload)[0]), payload[OFFSET.size :]
-
-
-def encode_ack(offset: int) -> bytes:
-    """An A payload."""
-    return OFFSET.pack(offset)
-
-
-def decode_ack(payload: bytes) -> int:
-    return int(OFFSET.unpack(payload)[0])
-
-
-def encode_exit(returncode: int) -> bytes:
-    """An X payload: the returncode, signed (negative: killed by that signal)."""
-    return RETURNCODE.pack(returncode)
-
-
-def decode_exit(payload: bytes) -> int:
-    return int(RETURNCODE.unpack(payload)[0])
 
 
 def log(message: str) -> None:
@@ -504,8 +488,8 @@ class Shim:
                 header = recv_exact(conn.sock, HEADER.size)
                 if header is None:
                     break
-                kind, length = HEADER.unpack(header)
-                if kind not in (INPUT, JOURNAL, ACK, END_INPUT, LABEL):
+                kind, length = decode_header(header)
+                if kind not in DAEMON_FRAMES:
                     log(f"unknown frame type {kind!r} ({length} bytes): ignored")
                     while length > 0 and recv_exact(conn.sock, min(length, MAX_FRAME)):
                         length -= min(length, MAX_FRAME)

@@ -3,8 +3,9 @@
 With `agent.survive_restart` on, every agent is started by a shim (`agents/shim.py`, a small
 stdlib-only process in its own session, one per agent) that holds the agent's pipes. The
 daemon talks to the shim over a private Unix socket in `<runtime_dir>/agents/` with the frames
-of docs/shim-protocol.md; `ShimLink` turns that socket into an `AgentLink`, so an
-`AgentProcess` reads, writes and stops the agent exactly as over its own pipes.
+of docs/shim-protocol.md, built and read by `shim_codec.py` as in the shim; `ShimLink` turns
+that socket into an `AgentLink`, so an `AgentProcess` reads, writes and stops the agent exactly
+as over its own pipes.
 
 What the socket adds is what a restart needs: the shim keeps the agent's output since the
 last `forget_before` (the start of the turn in progress) and the records the daemon left with
@@ -21,7 +22,6 @@ import json
 import os
 import secrets
 import signal
-import struct
 import subprocess
 import sys
 from collections import deque
@@ -32,31 +32,21 @@ from typing import Any
 
 import structlog
 
-from atomizerd.agents.process import (
-    AgentProcess,
-    AgentSpawnError,
-    ProcessIdentity,
-    _find_program,
-)
+from atomizerd.agents import shim_codec as codec
+from atomizerd.agents.process import AgentProcess, _find_program
 from atomizerd.agents.procgroup import SetprivMissing, kill_group_if_same, process_start_time
+from atomizerd.agents.vocabulary import AgentSpawnError, ProcessIdentity
 
 log = structlog.get_logger("atomizerd.agents.shim_client")
 
 SHIM_PATH = Path(__file__).with_name("shim.py")
-PROTOCOL_VERSION = 1
-_HEADER = struct.Struct(">cI")
-_OFFSET = struct.Struct(">Q")
-_RETURNCODE = struct.Struct(">i")
-_MAX_FRAME = 64 * 1024 * 1024 + 16
+# The largest frame payload taken from a shim: anything longer is a broken shim, not data.
+_MAX_PAYLOAD = 64 * 1024 * 1024 + 16
 _READY_TIMEOUT = 30.0
 
 
 class ShimError(Exception):
     """The shim could not be started or reached, or broke the protocol."""
-
-
-def frame(kind: bytes, payload: bytes = b"") -> bytes:
-    return _HEADER.pack(kind, len(payload)) + payload
 
 
 @dataclass
@@ -136,16 +126,16 @@ class ShimLink:
             except Exception as e:  # whatever broke the connection, the agent's end is delivered
                 self._lost(e)
                 break
-            if kind == b"O":
+            if kind == codec.STDOUT:
                 try:
                     return self._chunk(payload)
                 except ShimError as e:
                     self._lost(e)
                     break
-            if kind == b"S":
+            if kind == codec.STDERR:
                 self._stderr.put_nowait(payload)
-            elif kind == b"X":
-                (self._returncode,) = _RETURNCODE.unpack(payload)
+            elif kind == codec.EXIT:
+                self._returncode = codec.decode_exit(payload)
                 break
         return await self._end()
 
@@ -153,7 +143,7 @@ class ShimLink:
         return await self._stderr.get()
 
     def write(self, data: bytes) -> None:
-        self._send(b"I", data)
+        self._send(codec.INPUT, data)
 
     async def drain(self) -> None:
         try:
@@ -166,7 +156,7 @@ class ShimLink:
 
     def close_input(self) -> None:
         if not self._input_closed and not self._writer.is_closing():
-            self._send(b"E")
+            self._send(codec.END_INPUT)
         self._input_closed = True
 
     def signal_leader(self, sig: signal.Signals) -> None:
@@ -181,17 +171,17 @@ class ShimLink:
     def record(self, payload: bytes) -> None:
         """Leaves `payload` with the shim, replayed to the next daemon that attaches."""
         if not self._writer.is_closing():
-            self._send(b"J", payload)
+            self._send(codec.JOURNAL, payload)
 
     def forget_before(self, offset: int) -> None:
         """The shim may drop the output before `offset` and every record so far."""
         if not self._writer.is_closing():
-            self._send(b"A", _OFFSET.pack(offset))
+            self._send(codec.ACK, codec.encode_ack(offset))
 
     def set_label(self, label: Mapping[str, Any]) -> None:
         """What the next daemon needs to know whose agent this is."""
         if not self._writer.is_closing():
-            self._send(b"L", json.dumps(dict(label)).encode())
+            self._send(codec.LABEL, json.dumps(dict(label)).encode())
 
     def detach(self) -> None:
         """Lets go of the agent without stopping it (a restart hands it over). Nothing is
@@ -209,7 +199,7 @@ class ShimLink:
     def _send(self, kind: bytes, payload: bytes = b"") -> None:
         if self._writer.is_closing():
             raise BrokenPipeError("the agent's shim connection is closed")
-        self._writer.write(frame(kind, payload))
+        self._writer.write(codec.encode_frame(kind, payload))
 
     # --- reading -----------------------------------------------------------------------------
 
@@ -246,8 +236,7 @@ class ShimLink:
             remove_shim_files(self.socket_path, self.spool)
 
     def _chunk(self, payload: bytes) -> bytes:
-        (offset,) = _OFFSET.unpack_from(payload)
-        data = payload[_OFFSET.size :]
+        offset, data = codec.decode_output(payload)
         if offset != self._next_offset:
             raise ShimError(f"stdout offset {offset} where {self._next_offset} was expected")
         self._next_offset += len(data)
@@ -255,9 +244,8 @@ class ShimLink:
 
 
 async def read_frame(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
-    header = await reader.readexactly(_HEADER.size)
-    kind, size = _HEADER.unpack(header)
-    if size > _MAX_FRAME:
+    kind, size = codec.decode_header(await reader.readexactly(codec.HEADER.size))
+    if size > _MAX_PAYLOAD:
         raise ShimError(f"a frame of {size} bytes from the shim")
     return kind, await reader.readexactly(size)
 
@@ -272,27 +260,27 @@ async def attach(
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_unix_connection(str(socket_path), limit=limit)
             kind, payload = await read_frame(reader)
-            if kind != b"H":
+            if kind != codec.HELLO:
                 raise ShimError(f"the shim at {socket_path} did not say hello")
             hello = json.loads(payload)
-            if hello.get("version") != PROTOCOL_VERSION:
+            if hello.get("version") != codec.PROTOCOL_VERSION:
                 raise ShimError(f"shim protocol version {hello.get('version')} is not ours")
             replay = Replay(hello)
             chunks: list[bytes] = []
             link = ShimLink(reader, writer, hello, socket_path)
             while True:
                 kind, payload = await read_frame(reader)
-                if kind == b"R":
+                if kind == codec.REPLAYED:
                     break
-                if kind == b"J":
+                if kind == codec.JOURNAL:
                     replay.records.append(payload)
-                elif kind == b"I":
+                elif kind == codec.INPUT:
                     replay.inputs.append(payload)
-                elif kind == b"O":
+                elif kind == codec.STDOUT:
                     chunks.append(link._chunk(payload))
-                elif kind == b"S":
+                elif kind == codec.STDERR:
                     link._stderr.put_nowait(payload)
-                elif kind == b"X":  # exited before this daemon attached: read on to it
+                elif kind == codec.EXIT:  # exited before this daemon attached: read on to it
                     raise ShimError("an exit frame before the end of the replay")
     except (OSError, ValueError, asyncio.IncompleteReadError, TimeoutError, ShimError) as e:
         if writer is not None:

@@ -1,8 +1,12 @@
 """What the pool and the turn runner need of one live agent, and how agents are started.
 
-`AgentProcess` (the real `claude` CLI over pipes) is the implementation; the in-process tests
-of the core drive a scripted one (`tests/support/scripted_agent.py`). Nothing above this line
-knows about pipes, pids or signals beyond what is declared here.
+`AgentTransport` is one running agent; `DurableAgent` is what a restart needs of an agent that
+may outlive the daemon (the turn journal, the hand-over, adoption); the pool holds both
+(`PooledTransport`). The errors and items they speak are in `vocabulary.py`. `AgentProcess`
+(the real `claude` CLI over its pipes or a shim, `process.py`, `shim_client.py`) is the
+implementation; the in-process tests of the core drive a scripted one
+(`tests/support/scripted_agent.py`). Nothing above this line knows about pipes, pids or signals
+beyond what is declared here.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from atomizerd.agents.process import AgentItem, ProcessIdentity
+from atomizerd.agents.vocabulary import AgentItem, ProcessIdentity
 
 if TYPE_CHECKING:
     from atomizerd.agents.shim_client import ShimSettings
@@ -85,7 +89,14 @@ class AgentTransport(Protocol):
 
     def kill(self) -> None: ...
 
-    # Agents that outlive the daemon (agent.survive_restart; sessions/journal.py).
+
+class DurableAgent(Protocol):
+    """What a restart needs of an agent that may outlive the daemon (`agent.survive_restart`):
+    the turn journal (sessions/journal.py) leaves records with it, a planned restart lets it go
+    (`detach`), and adoption (daemon/adoption.py) reads on from where the previous daemon was.
+    An agent on the daemon's own pipes is not `durable`: it is never detached, and what it is
+    asked to record is dropped."""
+
     received: int  # messages taken from this agent's output so far
     helper: ProcessIdentity | None  # the shim that holds the agent's pipes, if any
 
@@ -93,7 +104,10 @@ class AgentTransport(Protocol):
     def durable(self) -> bool: ...
 
     @property
-    def boundary(self) -> tuple[int, int]: ...
+    def boundary(self) -> tuple[int, int]:
+        """The stream position after the last whole line taken, and the count of messages
+        taken up to it: where a turn starting now begins."""
+        ...
 
     def record(self, payload: bytes) -> None: ...
 
@@ -104,7 +118,12 @@ class AgentTransport(Protocol):
     async def drained(self) -> None: ...
 
 
-Spawner = Callable[[LaunchSpec], Awaitable[AgentTransport]]
+class PooledTransport(AgentTransport, DurableAgent, Protocol):
+    """What the pool holds and the turn runner drives: a transport that also answers for its
+    durability."""
+
+
+Spawner = Callable[[LaunchSpec], Awaitable[PooledTransport]]
 
 
 def process_spawner(
@@ -113,7 +132,7 @@ def process_spawner(
     """Starts real agent processes."""
     from atomizerd.agents.process import AgentProcess
 
-    async def spawn(spec: LaunchSpec) -> AgentTransport:
+    async def spawn(spec: LaunchSpec) -> PooledTransport:
         return await AgentProcess.spawn(
             spec.argv,
             env=spec.env,
@@ -131,7 +150,7 @@ def shim_spawner(settings: ShimSettings) -> Spawner:
     """Starts agents under shims of their own, so they outlive the daemon (shim_client.py)."""
     from atomizerd.agents import shim_client
 
-    async def spawn(spec: LaunchSpec) -> AgentTransport:
+    async def spawn(spec: LaunchSpec) -> PooledTransport:
         process = await shim_client.spawn(
             settings, spec.argv, env=spec.env, cwd=spec.cwd, umask=spec.umask
         )

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import structlog
 
-from atomizerd.agents import shim, shim_client
+from atomizerd.agents import shim_client, shim_codec
 from atomizerd.agents.pool import AgentPool
 from atomizerd.agents.process import AgentProcess
+from atomizerd.agents.transport import PooledTransport
 from atomizerd.daemon.config import Config
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.journal import Resumed
@@ -127,7 +128,7 @@ async def adopt_agents(cfg: Config, store: Store, pool: AgentPool, registry: Reg
     return adopted
 
 
-def _groups_of(process: AgentProcess) -> set[int]:
+def _groups_of(process: PooledTransport) -> set[int]:
     """The agent's process group and its shim's."""
     return {process.pgid} | ({process.helper.pgid} if process.helper is not None else set())
 
@@ -163,9 +164,9 @@ def _read_left_journal(path: Path, adopted: Adopted) -> None:
     """The reply of the turn a gone shim's journal holds, as it streamed (its text deltas:
     every event reached the journal before any client)."""
     try:
-        frames, _ = shim.split_frames(path.read_bytes())
-        records = [payload for kind, payload in frames if kind == shim.JOURNAL]
-        inputs = [payload for kind, payload in frames if kind == shim.INPUT]
+        frames, _ = shim_codec.split_frames(path.read_bytes())
+        records = [payload for kind, payload in frames if kind == shim_codec.JOURNAL]
+        inputs = [payload for kind, payload in frames if kind == shim_codec.INPUT]
         resumed = Resumed.from_replay("", records, inputs)
     except FileNotFoundError:
         return

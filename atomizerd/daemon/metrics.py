@@ -120,7 +120,7 @@ def of(store: Store) -> Hooks:
 def _spawn_reason(exc: BaseException) -> str:
     # Imported here: the pool imports this module.
     from atomizerd.agents.pool import DiedAtStart, ResumeFailed
-    from atomizerd.agents.process import AgentSpawnError
+    from atomizerd.agents.vocabulary import AgentSpawnError
     from atomizerd.errors import AtomizerError
 
     if isinstance(exc, DiedAtStart):

@@ -38,10 +38,11 @@ from grpc_reflection.v1alpha import reflection
 
 from atomizerd.agents.argv import build_env
 from atomizerd.agents.pool import AgentPool
-from atomizerd.agents.process import AgentError, probe_version
+from atomizerd.agents.process import probe_version
 from atomizerd.agents.procgroup import kill_group_if_same
 from atomizerd.agents.shim_client import reap_if_ours
 from atomizerd.agents.transport import process_spawner, shim_spawner
+from atomizerd.agents.vocabulary import AgentError
 from atomizerd.api.daemon import DaemonServicer
 from atomizerd.api.session import SessionServicer
 from atomizerd.atomizer import components

@@ -15,7 +15,7 @@ import structlog
 
 from atomizerd import ids
 from atomizerd.agents.pool import Agent, AgentPool
-from atomizerd.agents.process import AgentError
+from atomizerd.agents.vocabulary import AgentError
 from atomizerd.daemon.config import Config
 from atomizerd.errors import AtomizerError, FailedPrecondition, InvalidArgument, NotFound
 from atomizerd.sessions import events as ev

@@ -19,8 +19,8 @@ import structlog
 
 from atomizerd.agents import protocol as proto
 from atomizerd.agents.pool import Agent
-from atomizerd.agents.process import AgentError
-from atomizerd.agents.transport import AgentTransport
+from atomizerd.agents.transport import AgentTransport, PooledTransport
+from atomizerd.agents.vocabulary import AgentError
 from atomizerd.daemon.config import Config
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.approvals import POLICY, Approvals, Decision
@@ -145,7 +145,7 @@ class AgentControl:
             text=transcript.full_text(), interrupted=True, stop_reason="interrupted"
         )
 
-    def take_up_held(self, process: AgentTransport, turn: Turn, replay: Replay) -> None:
+    def take_up_held(self, process: PooledTransport, turn: Turn, replay: Replay) -> None:
         """Once the messages the previous daemon accounted for are read again, the permission
         requests they held are taken up: answered already (nothing to do), asked (waited for
         again, until their own deadline), or never asked (decided now)."""

@@ -24,7 +24,7 @@ import enum
 from dataclasses import dataclass, field
 
 from atomizerd.agents import protocol as proto
-from atomizerd.agents.process import AgentExited, AgentItem, LineTooLong
+from atomizerd.agents.vocabulary import AgentExited, AgentItem, LineTooLong
 from atomizerd.sessions import events as ev
 
 # A client's steered lines not taken yet, kept per session (the oldest go first past this).

@@ -21,7 +21,7 @@ import structlog
 
 from atomizerd.agents import protocol as proto
 from atomizerd.agents.pool import Agent, AgentPool
-from atomizerd.agents.process import AgentError, AgentExited, AgentItem
+from atomizerd.agents.vocabulary import AgentError, AgentExited, AgentItem
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.conversation import is_subagent, is_turn_content, subagent_events
 from atomizerd.sessions.session import Session

@@ -34,7 +34,7 @@ from typing import Any
 
 import structlog
 
-from atomizerd.agents.process import AgentError
+from atomizerd.agents.vocabulary import AgentError
 from atomizerd.sessions import events as ev
 
 log = structlog.get_logger("atomizerd.sessions.journal")

@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from atomizerd.agents import protocol as proto
-from atomizerd.agents.process import AgentExited, AgentItem, LineTooLong
+from atomizerd.agents.vocabulary import AgentExited, AgentItem, LineTooLong
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.turn import Emit, Transcript
 from atomizerd.store.db import ToolCallRecord, TurnOutcome

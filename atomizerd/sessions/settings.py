@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from atomizerd.agents.pool import AgentPool, AgentState
-from atomizerd.agents.process import AgentError
+from atomizerd.agents.vocabulary import AgentError
 from atomizerd.atomizer.studies import Studies
 from atomizerd.daemon.config import Config
 from atomizerd.sessions import checks

@@ -19,7 +19,7 @@ import structlog
 from atomizerd import ids
 from atomizerd.agents import protocol as proto
 from atomizerd.agents.pool import Agent, AgentPool, DiedAtStart, ResumeFailed
-from atomizerd.agents.process import (
+from atomizerd.agents.vocabulary import (
     AgentError,
     AgentExited,
     AgentItem,

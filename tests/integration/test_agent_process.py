@@ -19,21 +19,20 @@ import pytest
 
 from atomizerd.agents import protocol as p
 from atomizerd.agents.argv import STREAM_JSON_FLAGS, AgentSpec, build_argv, build_env
-from atomizerd.agents.process import (
-    AgentExited,
-    AgentItem,
-    AgentProcess,
-    AgentSpawnError,
-    ControlError,
-    LineTooLong,
-    WriteTimeout,
-    probe_version,
-)
+from atomizerd.agents.process import AgentProcess, probe_version
 from atomizerd.agents.procgroup import (
     is_running,
     kill_group_if_same,
     process_start_time,
     read_stat,
+)
+from atomizerd.agents.vocabulary import (
+    AgentExited,
+    AgentItem,
+    AgentSpawnError,
+    ControlError,
+    LineTooLong,
+    WriteTimeout,
 )
 
 REPO = Path(__file__).resolve().parents[2]

@@ -3,7 +3,7 @@ outlives a daemon restart, and replays what a re-attaching daemon needs.
 
 The shim is started exactly as the daemon starts it (`python -I -S shim.py ...`, its own
 session, a bare environment); the agent is a small Python script driven by stdin commands; the
-daemon is a plain socket that parses frames with the shim module's own helpers.
+daemon is a plain socket that builds and parses frames with the protocol's codec (shim_codec).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from atomizerd.agents import shim
+from atomizerd.agents import shim, shim_codec
 
 SHIM = Path(shim.__file__).resolve()
 F_SETPIPE_SZ = 1031
@@ -148,34 +148,34 @@ class Daemon:
         self.sock.close()
 
     def send(self, kind: bytes, payload: bytes = b"") -> None:
-        self.sock.sendall(shim.encode_frame(kind, payload))
+        self.sock.sendall(shim_codec.encode_frame(kind, payload))
 
     def frame(self) -> tuple[bytes, bytes]:
         while not self.frames:
             data = self.sock.recv(1 << 20)
             if not data:
                 raise EOFError("the shim closed the connection")
-            self.frames, self.buf = shim.split_frames(self.buf + data)
+            self.frames, self.buf = shim_codec.split_frames(self.buf + data)
         kind, payload = self.frames.pop(0)
         self.kinds.append(kind)
-        if kind == shim.HELLO:
-            assert self.kinds == [shim.HELLO]
+        if kind == shim_codec.HELLO:
+            assert self.kinds == [shim_codec.HELLO]
             self.hello = json.loads(payload)
             self.base = int(self.hello["base"])  # type: ignore[call-overload]
-        elif kind in (shim.JOURNAL, shim.INPUT):
-            assert shim.REPLAYED not in self.kinds, "journal records come before R"
+        elif kind in (shim_codec.JOURNAL, shim_codec.INPUT):
+            assert shim_codec.REPLAYED not in self.kinds, "journal records come before R"
             self.journal.append((kind, payload))
-        elif kind == shim.STDERR:
+        elif kind == shim_codec.STDERR:
             self.stderr += payload
-        elif kind == shim.STDOUT:
-            offset, data = shim.decode_output(payload)
+        elif kind == shim_codec.STDOUT:
+            offset, data = shim_codec.decode_output(payload)
             assert self.base is not None
             assert offset == self.base + len(self.stdout), "stdout offsets are contiguous"
-            assert data and shim.HEADER.size + len(payload) <= 256 * 1024, "256 KiB per frame"
+            assert data and shim_codec.HEADER.size + len(payload) <= 256 * 1024, "256 KiB per frame"
             self.stdout += data
-        elif kind == shim.EXIT:
+        elif kind == shim_codec.EXIT:
             assert self.exit is None
-            self.exit = shim.decode_exit(payload)
+            self.exit = shim_codec.decode_exit(payload)
         return kind, payload
 
     def trickle(self, step: int, predicate: Callable[[Daemon], bool]) -> Daemon:
@@ -188,12 +188,12 @@ class Daemon:
             data = self.sock.recv(step)
             if not data:
                 raise EOFError("the shim closed the connection")
-            self.frames, self.buf = shim.split_frames(self.buf + data)
+            self.frames, self.buf = shim_codec.split_frames(self.buf + data)
             time.sleep(0.01)
 
     def replay(self) -> Daemon:
         """Read the hello and the replay, up to R."""
-        while self.frame()[0] != shim.REPLAYED:
+        while self.frame()[0] != shim_codec.REPLAYED:
             pass
         return self
 
@@ -215,7 +215,7 @@ class Daemon:
 
     def replay_kinds(self) -> bytes:
         """The replay's frame types in order, runs collapsed: b"HJIOR" etc."""
-        kinds = self.kinds[: self.kinds.index(shim.REPLAYED) + 1]
+        kinds = self.kinds[: self.kinds.index(shim_codec.REPLAYED) + 1]
         return b"".join(k for i, k in enumerate(kinds) if i == 0 or kinds[i - 1] != k)
 
 
@@ -338,7 +338,7 @@ def test_ready_line_then_hello_describe_the_agent(start) -> None:
         "lost": False,
         "exited": None,
     }
-    assert d.kinds == [shim.HELLO, shim.REPLAYED]
+    assert d.kinds == [shim_codec.HELLO, shim_codec.REPLAYED]
 
 
 def test_input_reaches_the_agent_and_output_comes_back_with_contiguous_offsets(start) -> None:
@@ -346,8 +346,8 @@ def test_input_reaches_the_agent_and_output_comes_back_with_contiguous_offsets(s
     d = s.attach().replay()
     s.proc.send_signal(signal.SIGHUP)  # ignored
     d.send(b"Z", b"an unknown frame type is skipped")
-    d.send(shim.INPUT, b"echo one\n")
-    d.send(shim.INPUT, b"echo two\nerr oops\nspew 3000\n")
+    d.send(shim_codec.INPUT, b"echo one\n")
+    d.send(shim_codec.INPUT, b"echo two\nerr oops\nspew 3000\n")
     d.until_stdout(b"done\n").until(lambda d: b"oops" in d.stderr)
     assert d.stdout == b"one\ntwo\n" + spew(3000)
     assert d.stderr == b"oops\n"
@@ -357,10 +357,10 @@ def test_input_reaches_the_agent_and_output_comes_back_with_contiguous_offsets(s
 def test_a_reattaching_daemon_gets_journal_then_stdout_from_base_then_live(start) -> None:
     s = start()
     d = s.attach().replay()
-    d.send(shim.LABEL, b'{"session": "s1"}')
-    d.send(shim.JOURNAL, b'{"turn": 1}')
-    d.send(shim.INPUT, b"err thinking\n")
-    d.send(shim.INPUT, b"spew 50000\n")
+    d.send(shim_codec.LABEL, b'{"session": "s1"}')
+    d.send(shim_codec.JOURNAL, b'{"turn": 1}')
+    d.send(shim_codec.INPUT, b"err thinking\n")
+    d.send(shim_codec.INPUT, b"spew 50000\n")
     d.until(lambda d: len(d.stdout) > 0)  # the agent is writing: detach now
     d.close()
 
@@ -368,9 +368,9 @@ def test_a_reattaching_daemon_gets_journal_then_stdout_from_base_then_live(start
     assert again.hello["label"] == {"session": "s1"}
     assert (again.hello["base"], again.hello["lost"]) == (0, False)
     assert again.journal == [
-        (shim.JOURNAL, b'{"turn": 1}'),
-        (shim.INPUT, b"err thinking\n"),
-        (shim.INPUT, b"spew 50000\n"),
+        (shim_codec.JOURNAL, b'{"turn": 1}'),
+        (shim_codec.INPUT, b"err thinking\n"),
+        (shim_codec.INPUT, b"spew 50000\n"),
     ]
     assert again.replay_kinds() in (b"HJISOR", b"HJIOR")  # stderr may not be read yet
     replayed = len(again.stdout)
@@ -378,7 +378,7 @@ def test_a_reattaching_daemon_gets_journal_then_stdout_from_base_then_live(start
     assert again.stdout == spew(50000), "replayed, then live, from offset 0 without a gap"
     assert replayed > 0
     # Live from here on.
-    again.send(shim.INPUT, b"echo live\n")
+    again.send(shim_codec.INPUT, b"echo live\n")
     again.until_stdout(b"live\n")
     assert again.stdout.endswith(b"done\nlive\n")
 
@@ -386,41 +386,41 @@ def test_a_reattaching_daemon_gets_journal_then_stdout_from_base_then_live(start
 def test_an_ack_drops_earlier_stdout_and_records(start) -> None:
     s = start()
     d = s.attach().replay()
-    d.send(shim.JOURNAL, b"j1")
-    d.send(shim.INPUT, b"echo first\n")
+    d.send(shim_codec.JOURNAL, b"j1")
+    d.send(shim_codec.INPUT, b"echo first\n")
     d.until_stdout(b"first\n")
-    d.send(shim.ACK, shim.encode_ack(3))  # mid-way: the spool keeps its tail ("st\n")
-    d.send(shim.JOURNAL, b"j2")
-    d.send(shim.INPUT, b"echo second\n")
+    d.send(shim_codec.ACK, shim_codec.encode_ack(3))  # mid-way: the spool keeps its tail ("st\n")
+    d.send(shim_codec.JOURNAL, b"j2")
+    d.send(shim_codec.INPUT, b"echo second\n")
     d.until_stdout(b"second\n")  # frames are handled in order: the A has been applied
     d.close()
 
     again = s.attach().replay()
     assert again.hello["base"] == 3
-    assert again.journal == [(shim.JOURNAL, b"j2"), (shim.INPUT, b"echo second\n")]
+    assert again.journal == [(shim_codec.JOURNAL, b"j2"), (shim_codec.INPUT, b"echo second\n")]
     assert again.stdout == b"st\nsecond\n"
 
     end = len(b"first\nsecond\n")
-    again.send(shim.ACK, shim.encode_ack(end))  # everything: the spool is emptied
-    again.send(shim.INPUT, b"echo third\n")
+    again.send(shim_codec.ACK, shim_codec.encode_ack(end))  # everything: the spool is emptied
+    again.send(shim_codec.INPUT, b"echo third\n")
     again.until_stdout(b"third\n")
     again.close()
 
     last = s.attach().replay()
     assert last.hello["base"] == end
-    assert last.journal == [(shim.INPUT, b"echo third\n")]
+    assert last.journal == [(shim_codec.INPUT, b"echo third\n")]
     assert last.stdout == b"third\n"
 
 
 def test_end_of_input_ends_the_agent_and_x_follows_all_its_output(start) -> None:
     s = start()
     d = s.attach().replay()
-    d.send(shim.INPUT, b"spew 20000\n")
-    d.send(shim.END_INPUT)
+    d.send(shim_codec.INPUT, b"spew 20000\n")
+    d.send(shim_codec.END_INPUT)
     d.until(lambda d: d.exit is not None)
     assert d.stdout == spew(20000) + b"bye\n"
     assert d.exit == 3
-    assert d.kinds[-1] == shim.EXIT
+    assert d.kinds[-1] == shim_codec.EXIT
     d.close()  # the daemon has its X and goes: the shim exits
     assert s.wait() == 0
     assert s.files_left() == []
@@ -431,19 +431,19 @@ def test_a_new_connection_replaces_the_current_one(start) -> None:
     first = s.attach().replay()
     second = s.attach().replay()
     assert first.eof()
-    second.send(shim.INPUT, b"echo hi\n")
+    second.send(shim_codec.INPUT, b"echo hi\n")
     second.until_stdout(b"hi\n")
 
 
 def test_a_new_connection_replaces_one_that_stopped_reading(start) -> None:
     s = start()
     stuck = s.attach().replay()
-    stuck.send(shim.INPUT, b"spew 300000\n")  # megabytes: the shim's send to it blocks
+    stuck.send(shim_codec.INPUT, b"spew 300000\n")  # megabytes: the shim's send to it blocks
     stuck.until(lambda d: len(d.stdout) > 0)
     # The shim's send to it blocks, so the shim stops reading the agent (backpressure).
     wait_for("the agent to block on its stdout", lambda: stuck_writing(s.agent_pid))
     fresh = s.attach().replay()
-    assert fresh.journal == [(shim.INPUT, b"spew 300000\n")]
+    assert fresh.journal == [(shim_codec.INPUT, b"spew 300000\n")]
     fresh.until_stdout(b"done\n")
     assert fresh.stdout == spew(300000)
     stuck.close()
@@ -472,9 +472,9 @@ def test_the_orphan_stop_escalates_to_sigkill(start) -> None:
 def test_an_agent_that_exits_while_detached_is_reported_on_the_next_attach(start) -> None:
     s = start()
     d = s.attach().replay()
-    d.send(shim.INPUT, b"echo last words\n")
+    d.send(shim_codec.INPUT, b"echo last words\n")
     d.until_stdout(b"last words\n")
-    d.send(shim.INPUT, b"exit 5\n")
+    d.send(shim_codec.INPUT, b"exit 5\n")
     d.close()
     wait_for("the agent to exit", lambda: gone(s.agent_pid))
 
@@ -487,7 +487,10 @@ def test_an_agent_that_exits_while_detached_is_reported_on_the_next_attach(start
     wait_for("a hello with exited set", reports_the_exit)
     again = attaches[-1]
     assert again.hello["exited"] == 5
-    assert again.journal == [(shim.INPUT, b"echo last words\n"), (shim.INPUT, b"exit 5\n")]
+    assert again.journal == [
+        (shim_codec.INPUT, b"echo last words\n"),
+        (shim_codec.INPUT, b"exit 5\n"),
+    ]
     assert again.stdout == b"last words\n"
     again.until(lambda d: d.exit is not None)
     assert again.exit == 5
@@ -499,7 +502,7 @@ def test_an_agent_that_exits_while_detached_is_reported_on_the_next_attach(start
 def test_spool_overflow_sets_lost_until_the_next_ack(start) -> None:
     s = start(spool_bytes=10_000)
     d = s.attach().replay()
-    d.send(shim.INPUT, b"spew 5000\n")
+    d.send(shim_codec.INPUT, b"spew 5000\n")
     d.until_stdout(b"done\n")
     assert d.stdout == spew(5000), "live output is forwarded in full all the same"
     d.close()
@@ -508,14 +511,14 @@ def test_spool_overflow_sets_lost_until_the_next_ack(start) -> None:
     total = len(spew(5000))
     assert (again.hello["lost"], again.hello["base"]) == (True, total)
     assert again.journal == [] and again.stdout == b""
-    again.send(shim.ACK, shim.encode_ack(total))
-    again.send(shim.INPUT, b"echo kept\n")
+    again.send(shim_codec.ACK, shim_codec.encode_ack(total))
+    again.send(shim_codec.INPUT, b"echo kept\n")
     again.until_stdout(b"kept\n")
     again.close()
 
     last = s.attach().replay()
     assert (last.hello["lost"], last.hello["base"]) == (False, total)
-    assert last.journal == [(shim.INPUT, b"echo kept\n")]
+    assert last.journal == [(shim_codec.INPUT, b"echo kept\n")]
     assert last.stdout == b"kept\n"
 
 
@@ -546,7 +549,7 @@ def test_the_agent_leads_its_own_group_and_dies_with_the_shim(start) -> None:
 def test_sigterm_stops_the_agent_and_gives_x_to_the_daemon(start) -> None:
     s = start()
     d = s.attach().replay()
-    d.send(shim.INPUT, b"echo hi\n")
+    d.send(shim_codec.INPUT, b"echo hi\n")
     d.until_stdout(b"hi\n")
     s.proc.send_signal(signal.SIGTERM)
     d.until(lambda d: d.exit is not None)
@@ -558,10 +561,10 @@ def test_sigterm_stops_the_agent_and_gives_x_to_the_daemon(start) -> None:
 def test_a_grandchild_holding_stdout_does_not_delay_x_forever(start) -> None:
     s = start()
     d = s.attach().replay()
-    d.send(shim.INPUT, b"hold\n")
+    d.send(shim_codec.INPUT, b"hold\n")
     d.until_stdout(b"\n")
     child = int(d.stdout.split()[1])
-    d.send(shim.INPUT, b"exit 7\n")
+    d.send(shim_codec.INPUT, b"exit 7\n")
     d.until(lambda d: d.exit is not None)  # after the shim killed the agent's group
     assert d.exit == 7
     wait_for("the grandchild to be killed", lambda: gone(child))
@@ -572,12 +575,12 @@ def test_output_written_before_the_exit_outlasts_a_slow_daemon(start) -> None:
     assert size >= 1 << 20, "more than the socket buffers and one frame hold"
     s = start()
     d = s.attach().replay()
-    d.send(shim.INPUT, b"flood %d 9\n" % size)  # the shim's send to us blocks: we do not read
+    d.send(shim_codec.INPUT, b"flood %d 9\n" % size)  # the shim's send to us blocks: we do not read
     wait_for("the agent to exit", lambda: gone(s.agent_pid))
     time.sleep(shim.EXIT_DRAIN + 1.0)
     d.trickle(size // 500, lambda d: d.exit is not None)  # busy: 5 s or more for all of it
     assert d.stdout == flood(size), "all of it, offsets contiguous, up to the result line"
-    assert (d.exit, d.kinds[-1]) == (9, shim.EXIT)
+    assert (d.exit, d.kinds[-1]) == (9, shim_codec.EXIT)
     assert "SIGKILL" not in s.log()
     d.close()
     assert s.wait() == 0
@@ -589,7 +592,7 @@ def test_output_written_before_the_exit_reaches_a_slow_daemon_replacing_a_stuck_
     size = big_pipe()
     s = start()
     stuck = s.attach()
-    stuck.replay().send(shim.INPUT, b"flood %d 9\n" % size)
+    stuck.replay().send(shim_codec.INPUT, b"flood %d 9\n" % size)
     wait_for("the agent to exit", lambda: gone(s.agent_pid))
     time.sleep(shim.EXIT_DRAIN + 1.0)
     fresh = s.attach()
@@ -612,18 +615,6 @@ def test_a_stale_socket_is_replaced(start) -> None:
 def test_umask_is_applied_to_the_agent(start) -> None:
     s = start(umask="027")
     d = s.attach().replay()
-    d.send(shim.INPUT, b"umask\n")
+    d.send(shim_codec.INPUT, b"umask\n")
     d.until_stdout(b"\n")
     assert d.stdout == b"umask 27\n"
-
-
-def test_frame_helpers_round_trip() -> None:
-    frames = shim.encode_frame(shim.STDOUT, shim.encode_output(7, b"abc"))
-    frames += shim.encode_frame(shim.REPLAYED) + shim.encode_frame(shim.EXIT, shim.encode_exit(-9))
-    parsed, rest = shim.split_frames(frames + b"O\x00\x00")
-    assert rest == b"O\x00\x00"
-    assert [k for k, _ in parsed] == [shim.STDOUT, shim.REPLAYED, shim.EXIT]
-    assert shim.decode_output(parsed[0][1]) == (7, b"abc")
-    assert shim.decode_exit(parsed[2][1]) == -9
-    assert shim.decode_ack(shim.encode_ack(2**40)) == 2**40
-    assert frames[:5] == b"O\x00\x00\x00\x0b"

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from atomizerd.agents import protocol as proto
-from atomizerd.agents.process import AgentExited, AgentItem
 from atomizerd.agents.transport import LaunchSpec
+from atomizerd.agents.vocabulary import AgentExited, AgentItem
 
 _pids = itertools.count(40000)
 _DIRECTIVE = re.compile(r"\[\[([a-z-]+)(?::([^\]]*))?\]\]")

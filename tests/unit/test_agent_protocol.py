@@ -420,17 +420,19 @@ def test_user_message_line() -> None:
 
 
 def test_control_request_builders() -> None:
-    assert decode(p.interrupt_request("r1")) == {
+    assert decode(p.control_request_line("r1", "interrupt")) == {
         "type": "control_request",
         "request_id": "r1",
         "request": {"subtype": "interrupt"},
     }
-    assert decode(p.initialize_request("r2")) == {
+    assert decode(p.control_request_line("r2", "initialize", hooks=None)) == {
         "type": "control_request",
         "request_id": "r2",
         "request": {"subtype": "initialize", "hooks": None},
     }
-    init = decode(p.initialize_request("r3", excludeDynamicSections=True))
+    init = decode(
+        p.control_request_line("r3", "initialize", hooks=None, excludeDynamicSections=True)
+    )
     assert init["request"] == {
         "subtype": "initialize",
         "hooks": None,

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from atomizerd.agents.process import WriteTimeout
+from atomizerd.agents.vocabulary import WriteTimeout
 from atomizerd.errors import FailedPrecondition, StorageFull, Unavailable
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.session import SessionState

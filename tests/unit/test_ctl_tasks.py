@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from atomizer.v1 import session_pb2 as pb
-from atomizer_client import ctl, ctl_tasks
+from atomizer_client import ctl, ctl_output, ctl_render, ctl_tasks
 from atomizer_client.client import _send_request, _task_output_request
 from atomizer_client.events import (
     Event,
@@ -29,9 +29,9 @@ def parse(*argv: str) -> Any:
     return ctl._parse(list(argv))
 
 
-def output(as_json: bool = False) -> tuple[ctl.Output, io.StringIO, io.StringIO]:
+def output(as_json: bool = False) -> tuple[ctl_output.Output, io.StringIO, io.StringIO]:
     out, err = io.StringIO(), io.StringIO()
-    return ctl.Output(as_json, out=out, err=err), out, err
+    return ctl_output.Output(as_json, out=out, err=err), out, err
 
 
 # --- parsing -------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ def test_task_output_refuses_bad_arguments(bad: list[str]) -> None:
         argv.insert(2, "b1")
     with pytest.raises(SystemExit) as exit:
         parse(*argv)
-    assert exit.value.code == ctl.EXIT_USAGE
+    assert exit.value.code == ctl_output.EXIT_USAGE
 
 
 @pytest.mark.parametrize(("flag", "steer"), [([], False), (["--steer"], True)])
@@ -130,7 +130,7 @@ def test_tasks_shows_the_running_tasks() -> None:
         output_bytes=2048,
     )
     code, stdout, _ = run(client, "tasks", "s1")
-    assert code == ctl.EXIT_OK
+    assert code == ctl_output.EXIT_OK
     header, row = stdout.splitlines()
     assert header.split() == ["TASK", "KIND", "BACKGROUND", "STARTED", "OUTPUT", "DESCRIPTION"]
     assert row.split() == ["b1", "bash", "yes", "-", "2,048", "run", "the", "solver"]
@@ -146,7 +146,7 @@ def test_tasks_as_json_is_one_record_per_task() -> None:
 
 def test_tasks_says_when_none_runs() -> None:
     code, stdout, stderr = run(FakeClient(), "tasks", "s1")
-    assert (code, stdout) == (ctl.EXIT_OK, "")
+    assert (code, stdout) == (ctl_output.EXIT_OK, "")
     assert "no running tasks" in stderr
 
 
@@ -154,7 +154,7 @@ def test_stop_task_stops_it() -> None:
     client = FakeClient()
     code, stdout, _ = run(client, "stop-task", "s1", "b1")
     assert (code, stdout, client.calls) == (
-        ctl.EXIT_OK,
+        ctl_output.EXIT_OK,
         "stopped b1\n",
         [("stop_task", "s1", "b1")],
     )
@@ -166,14 +166,14 @@ def test_task_output_prints_every_page_and_a_split_character_whole(
     monkeypatch.setattr(ctl_tasks, "PAGE_BYTES", 3)
     client = FakeClient(output="añb\nc\n".encode())  # "ñ" is two bytes: page 1 ends inside it
     code, stdout, stderr = run(client, "task-output", "s1", "b1")
-    assert (code, stdout, stderr) == (ctl.EXIT_OK, "añb\nc\n", "")
+    assert (code, stdout, stderr) == (ctl_output.EXIT_OK, "añb\nc\n", "")
     assert [c[1] for c in client.calls] == [0, 3, 6]
 
 
 def test_task_output_with_a_limit_prints_one_page_and_where_to_go_on() -> None:
     client = FakeClient(output=b"0123456789", running=True)
     code, stdout, stderr = run(client, "task-output", "s1", "b1", "--offset", "2", "--limit", "3")
-    assert (code, stdout) == (ctl.EXIT_OK, "234\n")
+    assert (code, stdout) == (ctl_output.EXIT_OK, "234\n")
     assert client.calls == [("get_task_output", 2, 3)]
     assert "still runs: 10 bytes so far; read on with --offset 5" in stderr
 
@@ -197,7 +197,7 @@ def test_task_output_as_json() -> None:
 
 def shown(*events: Event, show_prompt: bool = True) -> tuple[str, str]:
     out, stdout, stderr = output()
-    renderer = ctl.TurnRenderer(out, show_prompt=show_prompt)
+    renderer = ctl_render.TurnRenderer(out, show_prompt=show_prompt)
     for ev in events:
         renderer.show(ev)
     return stdout.getvalue(), stderr.getvalue()
@@ -242,7 +242,7 @@ def test_a_subagents_tool_call_is_marked() -> None:
 
 def test_with_json_every_new_event_is_a_record() -> None:
     out, stdout, _ = output(as_json=True)
-    renderer = ctl.TurnRenderer(out, show_prompt=True)
+    renderer = ctl_render.TurnRenderer(out, show_prompt=True)
     renderer.show(TurnStarted(**BASE, text="x", origin="scheduled"))
     renderer.show(TaskEnded(**BASE, task_id="b1", status="killed"))
     records = [json.loads(line) for line in stdout.getvalue().splitlines()]

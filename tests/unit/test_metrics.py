@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from atomizerd.agents.pool import DiedAtStart, ResumeFailed
-from atomizerd.agents.process import AgentSpawnError
+from atomizerd.agents.vocabulary import AgentSpawnError
 from atomizerd.daemon import config as config_mod
 from atomizerd.daemon import metrics
 from atomizerd.daemon.config import ConfigError, MetricsAddress

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from atomizerd.agents import protocol as proto
-from atomizerd.agents.process import AgentExited, LineTooLong
+from atomizerd.agents.vocabulary import AgentExited, LineTooLong
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.relay import Terminal, outcome, relay
 from atomizerd.sessions.turn import Transcript

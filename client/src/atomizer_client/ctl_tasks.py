@@ -11,19 +11,14 @@ from __future__ import annotations
 import argparse
 import codecs
 from collections.abc import Callable, Sequence
-from datetime import UTC
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from atomizer.v1 import session_pb2
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from atomizer_client.client import Client
+from atomizer_client.ctl_output import EXIT_OK, Output, one_line, proto_dict, when
 from atomizer_client.events import Event, TaskEnded, TaskOutput, TaskStarted, TurnStarted
 
-if TYPE_CHECKING:
-    from atomizer_client.ctl import Output
-
-EXIT_OK = 0
 PAGE_BYTES = 64 * 1024
 """How much `task-output` asks for per call when no --limit is given (it reads every page)."""
 
@@ -40,13 +35,13 @@ def origin_note(ev: TurnStarted) -> str:
 
 def task_started_note(ev: TaskStarted) -> str:
     where = "background " if ev.background else ""
-    return _one_line(f"⧗ {where}{ev.kind} task {ev.task_id} started: {ev.description}")
+    return one_line(f"⧗ {where}{ev.kind} task {ev.task_id} started: {ev.description}")
 
 
 def task_ended_note(ev: TaskEnded) -> str:
     mark = _ENDED.get(ev.status, "·")
     summary = f": {ev.summary}" if ev.summary else ""
-    return _one_line(f"{mark} task {ev.task_id} {ev.status}{summary}")
+    return one_line(f"{mark} task {ev.task_id} {ev.status}{summary}")
 
 
 def task_output_notes(ev: TaskOutput) -> list[str]:
@@ -73,8 +68,6 @@ def task_handlers(out: Output) -> dict[type[Event], Callable[[Any], None]]:
 
 def cmd_tasks(client: Client, args: argparse.Namespace, out: Output) -> int:
     """The session's running tasks, oldest first."""
-    from atomizer_client.ctl import proto_dict  # here: ctl imports this module
-
     s = client.get_session(args.id)
     if out.json:
         for t in s.tasks:
@@ -88,9 +81,9 @@ def cmd_tasks(client: Client, args: argparse.Namespace, out: Output) -> int:
             t.task_id,
             _kind(t.kind),
             "yes" if t.background else "no",
-            _when(t.started_at),
+            when(t.started_at),
             f"{t.output_bytes:,}",
-            _one_line(t.description, 60) or "-",
+            one_line(t.description, 60) or "-",
         )
         for t in s.tasks
     ]
@@ -198,14 +191,3 @@ def _kind(value: session_pb2.TaskKind.ValueType | int) -> str:
         return name.removeprefix("TASK_KIND_").lower()
     except ValueError:  # a kind from a newer contract
         return str(value)
-
-
-def _when(ts: Timestamp) -> str:
-    if not ts.seconds and not ts.nanos:
-        return "-"
-    return ts.ToDatetime(tzinfo=UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _one_line(text: str, width: int = 100) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
