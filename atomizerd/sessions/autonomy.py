@@ -93,8 +93,9 @@ class AgentWork:
     def _start_agent_turn(self, s: Session, agent: Agent) -> None:
         """The agent started a turn while idle: a job of the session runs it (stored,
         announced, governed like any turn); a client's message queues behind it."""
-        turn = Turn(ids.new_turn_id(), "", "", s.next_seq - 1)
-        turn.origin = s.next_origin
+        origin, prompt = s.causes.next()
+        turn = Turn(ids.new_turn_id(), prompt, "", s.next_seq - 1)
+        turn.origin = origin
         turn.leased = agent
         turn.follows_agent = True
         turn.audience = lambda: turn.listeners + s.watchers
@@ -106,6 +107,7 @@ class AgentWork:
         if s is None:
             return
         s.untaken.clear()
+        s.causes.clear()
         for tail in s.tails.values():
             tail.cancel()
         s.tails.clear()

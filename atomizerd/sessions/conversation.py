@@ -21,6 +21,7 @@ I/O and no clock, so every interleaving is specified by unit tests.
 from __future__ import annotations
 
 import enum
+from collections import deque
 from dataclasses import dataclass, field
 
 from atomizerd.agents import protocol as proto
@@ -113,6 +114,41 @@ class UntakenLines:
 
     def clear(self) -> None:
         self.lines.clear()
+
+
+# Causes of the agent's own turns remembered per session (the oldest go first past this).
+MAX_CAUSES = 64
+
+
+@dataclass
+class Causes:
+    """Why the agent will start turns of its own, in order: a task that ended (its summary),
+    a scheduled prompt that fired (its prompt). The CLI starts one turn for each; a turn with
+    no cause known is the agent's (AGENT)."""
+
+    pending: deque[tuple[ev.TurnOrigin, str]] = field(
+        default_factory=lambda: deque(maxlen=MAX_CAUSES)
+    )
+    # Prompts of wake-ups the agent scheduled, in the order they will fire.
+    prompts: deque[str] = field(default_factory=lambda: deque(maxlen=MAX_CAUSES))
+
+    def task_ended(self, summary: str) -> None:
+        self.pending.append((ev.TurnOrigin.TASK, summary))
+
+    def scheduled(self, prompt: str) -> None:
+        self.prompts.append(prompt)
+
+    def woke(self) -> None:
+        prompt = self.prompts.popleft() if self.prompts else ""
+        self.pending.append((ev.TurnOrigin.SCHEDULED, prompt))
+
+    def next(self) -> tuple[ev.TurnOrigin, str]:
+        """The origin and the prompt of the agent's next turn of its own."""
+        return self.pending.popleft() if self.pending else (ev.TurnOrigin.AGENT, "")
+
+    def clear(self) -> None:
+        self.pending.clear()
+        self.prompts.clear()
 
 
 @dataclass

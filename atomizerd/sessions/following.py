@@ -26,7 +26,13 @@ from atomizerd.daemon.config import Config
 from atomizerd.errors import AtomizerError, Unavailable
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.approvals import Approvals
-from atomizerd.sessions.conversation import Open, Router, Step, subagent_events
+from atomizerd.sessions.conversation import (
+    Open,
+    Router,
+    Step,
+    is_turn_content,
+    subagent_events,
+)
 from atomizerd.sessions.journal import TurnJournal
 from atomizerd.sessions.relay import Terminal, cut_short, json_or_text
 from atomizerd.sessions.turn import Emit, EmitFor, T, Transcript, Turn
@@ -103,6 +109,8 @@ def note_scheduling(s: Session, item: proto.AssistantMessage) -> None:
             change = -1  # ends the loop: cancels the pending wake-up
         if change:
             s.tasks.schedule(change)
+        if change > 0 and isinstance(args, dict) and tu.name == "ScheduleWakeup":
+            s.causes.scheduled(str(args.get("prompt", "")))
 
 
 class Follower:
@@ -165,7 +173,7 @@ class Follower:
                 r.agent.mcp_servers = list(item.mcp_servers)
             return None
         if step is Step.OPEN_AGENT:
-            self._open_side(r, r.s.next_origin, "")
+            self._open_side(r, *r.s.causes.next())
         if isinstance(item, proto.ToolResult):
             self._note_output_file(r.s, item)
         elif isinstance(item, proto.AssistantMessage):
@@ -203,7 +211,6 @@ class Follower:
     def _open_side(self, r: Reading, origin: ev.TurnOrigin, text: str) -> None:
         """The agent started a turn while this job's own line waits: it becomes a turn of
         the session like any other, beside the job's turn."""
-        r.s.next_origin = ev.TurnOrigin.AGENT
         turn = Turn(ids.new_turn_id(), text, "", r.s.next_seq - 1)
         turn.origin = origin
         turn.audience = lambda: r.s.watchers
@@ -267,12 +274,20 @@ class Follower:
                 ended = s.tasks.ended(item)
                 if ended is not None:
                     emit(ended)
-                # The CLI starts a turn of its own to tell the model: that turn's origin.
-                s.next_origin = ev.TurnOrigin.TASK
+                # The CLI starts a turn of its own to tell the model: that turn's cause.
+                s.causes.task_ended(item.summary)
             case proto.CommandLifecycle(state="started") if item.wakeup_source:
                 # A scheduled prompt fires: the turn that follows is the agent's own.
                 s.tasks.schedule(-1)
-                s.next_origin = ev.TurnOrigin.SCHEDULED
+                s.causes.woke()
+
+    @staticmethod
+    def spoke_first(s: Session, agent: Agent) -> bool:
+        """Whether the agent has begun a turn of its own that nobody has read yet."""
+        head = agent.transport_or_fail().peek()
+        if isinstance(head, proto.UserReplay):
+            return head.uuid in s.untaken
+        return head is not None and is_turn_content(head)
 
     def open_agent_turn(self, s: Session, turn: Turn, emit: Emit) -> Agent | None:
         """A job for a turn the agent started while idle: it runs on the agent it started in
@@ -294,7 +309,6 @@ class Follower:
         transport = agent.transport_or_fail()
         if transport.durable:  # recorded with the shim like a client's turn (restarts)
             turn.journal = TurnJournal.begin(transport, turn.opening)
-        s.next_origin = ev.TurnOrigin.AGENT
         if s.record.budget_usd and s.record.total_cost_usd >= s.record.budget_usd:
             emit(
                 ev.Notice(

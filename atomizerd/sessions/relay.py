@@ -111,6 +111,7 @@ def completed(
     result: proto.Result, transcript: Transcript, interrupted: bool, cost_base: float
 ) -> ev.TurnCompleted:
     transcript.agent_cost_usd = result.total_cost_usd
+    transcript.origin_kind = result.origin_kind
     transcript.context_window = proto.context_window(result) or transcript.context_window
     # The CLI reports the conversation's cost so far (carried over --resume). A figure below
     # the last one means the count started again (a CLI that does not carry it over): then

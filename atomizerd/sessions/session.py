@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.approvals import Decision
-from atomizerd.sessions.conversation import UntakenLines
-from atomizerd.sessions.events import TurnOrigin
+from atomizerd.sessions.conversation import Causes, UntakenLines
 from atomizerd.sessions.tasks import TaskTable
 from atomizerd.sessions.turns import Turn
 from atomizerd.statemachine import Lifecycle
@@ -79,8 +78,8 @@ class Session:
     # replay has not come yet (sessions/conversation.py); both live as long as its agent.
     tasks: TaskTable = field(default_factory=TaskTable)
     untaken: UntakenLines = field(default_factory=UntakenLines)
-    # Who starts the agent's next turn of its own: a task that just ended, or the agent.
-    next_origin: TurnOrigin = TurnOrigin.AGENT
+    # Why the agent will start turns of its own (tasks that ended, wake-ups that fired).
+    causes: Causes = field(default_factory=Causes)
     # Background commands whose output is being streamed, by task id.
     tails: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 

@@ -158,6 +158,7 @@ class Transcript:
     context_window: int = 0
     context_input: int = 0  # the last model call's input tokens
     agent_uuid: str = ""  # the CLI's uuid of the reply's last assistant line
+    origin_kind: str = ""  # who the CLI says started the turn (its result's `origin.kind`)
     unsaved: int = 0  # text bytes since the last checkpoint
     saved_parts: int = 0  # parts already in the stored checkpoint
     rewrite: bool = False  # text was withdrawn: the next checkpoint stores the whole reply

@@ -46,6 +46,9 @@ from atomizerd.store.db import SessionRecord, Store
 if TYPE_CHECKING:
     from atomizerd.sessions.session import Session
 
+# The `origin.kind` of the result of a turn the CLI started to report a task's end.
+TASK_NOTIFICATION = "task-notification"
+
 __all__ = ["Emit", "EmitFor", "Transcript", "Turn", "TurnRunner", "TurnState"]
 
 log = structlog.get_logger("atomizerd.sessions.turns")
@@ -130,6 +133,8 @@ class TurnRunner:
             except AtomizerError as e:
                 self._refuse(s, turn, emit, e)
                 return None
+            if turn.state is T.WAITING and not await self._agent_turns_first(s, agent):
+                continue
             if turn.state is T.WAITING and not self.open_turn(s, turn, emit, reseeded):
                 self.pool.release(agent, reusable=True)
                 return None
@@ -162,6 +167,33 @@ class TurnRunner:
                     ev.TurnFailed(code, f"the message could not be written to the agent: {e}"),
                 )
                 return None
+
+    async def _agent_turns_first(self, s: Session, agent: Agent) -> bool:
+        """Turns the agent began on its own before this message reached it run first, so
+        history keeps the order things happened in. False if the agent is no longer fit for
+        the caller's turn (then it was released)."""
+        while self.follower.spoke_first(s, agent):
+            if not await self._agent_turn_first(s, agent):
+                return False
+        return True
+
+    async def _agent_turn_first(self, s: Session, agent: Agent) -> bool:
+        origin, prompt = s.causes.next()
+        first = Turn(ids.new_turn_id(), prompt, "", s.next_seq - 1)
+        first.origin, first.leased, first.follows_agent = origin, agent, True
+        first.audience = lambda: first.listeners + s.watchers
+        first.lifecycle.move(T.WAITING)
+
+        def emit(kind: ev.EventKind) -> ev.SessionEvent:
+            return self.emit_for(s, first, kind)
+
+        if self.follower.open_agent_turn(s, first, emit) is None:
+            return False  # released
+        reusable = await self._run_on(agent, s, first, emit)
+        if reusable and agent.alive:
+            return True
+        self.pool.release(agent, reusable=False)
+        return False
 
     async def _lease_or_stop(self, s: Session, turn: Turn) -> Agent:
         """The pool's lease, unless the turn is stopped first (then the lease is given up).
@@ -363,6 +395,8 @@ class TurnRunner:
             turn.approvals.close("the turn ended before an answer")
             self._audit_unasked_tools(turn.approvals, transcript, terminal)
         outcome = outcome_of(transcript, terminal)
+        if transcript.origin_kind == TASK_NOTIFICATION and turn.origin is ev.TurnOrigin.AGENT:
+            turn.origin = ev.TurnOrigin.TASK  # the CLI's word is final: stored as such
         outcome.origin = turn.origin.value
         try:
             _, s.record = self.store.finish_turn(

@@ -967,9 +967,11 @@ class Store:
         }
         with self.db.atomic():
             self._sql(
-                "UPDATE messages SET status = ? WHERE session_id = ? AND turn_id = ? "
-                "AND role = 'user'",
-                (outcome.status, session_id, turn_id),
+                # A turn's origin can be known only at its end (the CLI's result says it);
+                # a client's steer taken into the turn stays the client's.
+                "UPDATE messages SET status = ?, origin = CASE WHEN detail = 'steer' THEN origin "
+                "ELSE ? END WHERE session_id = ? AND turn_id = ? AND role = 'user'",
+                (outcome.status, outcome.origin, session_id, turn_id),
             )
             message_id = self._insert_message(values)
             self._sql(
@@ -1114,6 +1116,7 @@ class Store:
                     status="interrupted",
                     text=partial,
                     detail="the daemon stopped mid-turn",
+                    origin=row.origin,
                 ),
             )
             settled.append((row.session_id, row.turn_id))

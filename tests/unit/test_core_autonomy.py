@@ -69,7 +69,7 @@ def test_a_turn_the_agent_starts_while_idle_is_stored_with_its_origin_and_replie
         assert history(core, "a") == [
             ("user", "client", "complete", "run it [[task:b1]]"),
             ("assistant", "client", "complete", "echo: run it"),
-            ("user", "task", "complete", ""),
+            ("user", "task", "complete", "b1 completed"),  # what the CLI told the agent
             ("assistant", "task", "complete", "the solver finished"),
             ("user", "client", "complete", "next0"),
             ("assistant", "client", "complete", "echo: next0"),
@@ -97,8 +97,8 @@ def test_an_agent_turn_that_ends_just_as_a_client_writes_is_its_own_turn(tmp_pat
         await settle()
         assert history(core, "a")[2:] == [
             ("user", "client", "complete", "second"),
-            ("user", "agent", "complete", ""),
-            ("assistant", "agent", "complete", "own words"),
+            ("user", "task", "complete", ""),  # its result says a task ended
+            ("assistant", "task", "complete", "own words"),
             ("assistant", "client", "complete", "echo: second"),
         ]
 
@@ -272,7 +272,7 @@ def test_a_task_that_ends_while_its_agent_is_handed_to_the_next_daemon_ends_in_t
             second.registry.restore_tasks("a")
             await until(lambda: len(history(second, "a")) == 4)
             assert history(second, "a")[2:] == [
-                ("user", "task", "complete", ""),
+                ("user", "task", "complete", "solve completed"),
                 ("assistant", "task", "complete", "the solver finished"),
             ]
             ended = [e.kind for e in log_of(second, "a") if isinstance(e.kind, ev.TaskEnded)]
@@ -294,5 +294,30 @@ def test_a_turn_the_agent_starts_right_after_a_result_is_not_left_unread(tmp_pat
         await until(lambda: len(history(core, "a")) == 4)
         assert history(core, "a")[3] == ("assistant", "task", "complete", "right after")
         assert text_of(await send(core, "a", "next").wait()) == "echo: next"
+
+    run(tmp_path, test)
+
+
+def test_a_turn_the_agent_began_before_a_queued_message_ran_is_stored_before_that_message(
+    tmp_path: Path,
+) -> None:
+    async def test(core: Core) -> None:
+        await core.registry.create_session(None, None, "a")
+        first = send(core, "a", "first [[hold]] [[then-own]]")
+        await until(lambda: core.registry.loaded_session("a").turn is not None)  # type: ignore[union-attr]
+        await settle()
+        second = send(core, "a", "second")  # queued behind the first
+        await settle()
+        core.spawner.agents[0].release()  # the first ends; the agent begins a turn at once
+        await first.wait()
+        assert text_of(await second.wait()) == "echo: second"
+        assert [(role, origin, text) for role, origin, _, text in history(core, "a")] == [
+            ("user", "client", "first [[hold]] [[then-own]]"),
+            ("assistant", "client", "partial done"),
+            ("user", "task", "sub1 completed"),
+            ("assistant", "task", "right after"),
+            ("user", "client", "second"),
+            ("assistant", "client", "echo: second"),
+        ]
 
     run(tmp_path, test)
