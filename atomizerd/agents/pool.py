@@ -41,8 +41,8 @@ import structlog
 
 from atomizerd.agents.process import AgentError
 from atomizerd.agents.transport import AgentTransport, LaunchSpec, Spawner
+from atomizerd.config import Config
 from atomizerd.daemon import metrics
-from atomizerd.daemon.config import Config
 from atomizerd.errors import ResourceExhausted, Unavailable
 from atomizerd.statemachine import Lifecycle
 from atomizerd.store.db import AgentProcessRecord, SessionRecord, Store

@@ -22,7 +22,7 @@ import structlog
 from atomizerd.agents import shim, shim_client
 from atomizerd.agents.pool import AgentPool
 from atomizerd.agents.process import AgentProcess
-from atomizerd.daemon.config import Config
+from atomizerd.config import Config
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.journal import Resumed
 from atomizerd.sessions.registry import Registry

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, cast
 import structlog
 
 from atomizerd import __version__
-from atomizerd.daemon.config import Config, MetricsAddress, metrics_address, socket_mode
+from atomizerd.config import Config, MetricsAddress, metrics_address, socket_mode
 from atomizerd.sessions import events as ev
 
 if TYPE_CHECKING:

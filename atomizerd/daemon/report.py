@@ -13,8 +13,8 @@ from atomizerd.daemon.loopprobe import LoopProbe
 
 if TYPE_CHECKING:
     from atomizerd.agents.pool import AgentPool
+    from atomizerd.config import Config
     from atomizerd.daemon.adoption import Adopted
-    from atomizerd.daemon.config import Config
     from atomizerd.sessions.reaper import Reaper, ReaperPass
     from atomizerd.sessions.registry import Registry
     from atomizerd.store.db import Store

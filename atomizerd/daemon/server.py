@@ -48,9 +48,9 @@ from atomizerd.atomizer import components
 from atomizerd.atomizer.launcher import Launcher
 from atomizerd.atomizer.prompt import ContextBuilder
 from atomizerd.atomizer.studies import Studies
+from atomizerd.config import Config, socket_mode
 from atomizerd.daemon import logs, unitjob
 from atomizerd.daemon.adoption import Adopted, adopt_agents, shim_settings
-from atomizerd.daemon.config import Config, socket_mode
 from atomizerd.daemon.metrics import MetricsEndpoint, MetricsError, start_endpoint
 from atomizerd.daemon.report import StatusReporter
 from atomizerd.daemon.sdnotify import Notifier

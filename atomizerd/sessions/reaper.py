@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 import structlog
 
+from atomizerd.config import Config
 from atomizerd.daemon import metrics
-from atomizerd.daemon.config import Config
 
 if TYPE_CHECKING:
     from atomizerd.agents.pool import AgentPool

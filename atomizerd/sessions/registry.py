@@ -20,7 +20,7 @@ from atomizerd import ids
 from atomizerd.agents.pool import Agent, AgentPool
 from atomizerd.atomizer.planfiles import remove_plans
 from atomizerd.atomizer.studies import Studies
-from atomizerd.daemon.config import Config
+from atomizerd.config import Config
 from atomizerd.errors import (
     FailedPrecondition,
     InvalidArgument,

@@ -27,8 +27,8 @@ from atomizerd.agents.process import (
     WriteTimeout,
 )
 from atomizerd.atomizer.prompt import history_seed
+from atomizerd.config import Config
 from atomizerd.daemon import metrics
-from atomizerd.daemon.config import Config
 from atomizerd.errors import AtomizerError
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.approvals import MODE, POLICY, Approvals, input_digest

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import atomizerd.config as config_mod
 from atomizerd.agents.pool import DiedAtStart, ResumeFailed
 from atomizerd.agents.process import AgentSpawnError
-from atomizerd.daemon import config as config_mod
+from atomizerd.config import ConfigError, MetricsAddress
 from atomizerd.daemon import metrics
-from atomizerd.daemon.config import ConfigError, MetricsAddress
 from atomizerd.errors import FailedPrecondition
 from atomizerd.sessions import events as ev
 from tests.support.waiting import wait_for
