@@ -59,6 +59,7 @@ from atomizerd.sessions.reaper import Reaper
 from atomizerd.sessions.registry import HAND_OVER_SETTLE, KILL_SETTLE, Registry, spare_record
 from atomizerd.store.db import Store
 from atomizerd.store.lock import DatabaseInUse
+from atomizerd.telemetry import Relay
 
 log = structlog.get_logger("atomizerd.daemon.server")
 
@@ -111,6 +112,8 @@ class Daemon:
         self.pool: AgentPool | None = None
         self.registry: Registry | None = None
         self.metrics: MetricsEndpoint | None = None
+        # What the parts report (telemetry hooks), relayed to the metrics once they are served.
+        self.telemetry = Relay()
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
 
     async def serve(self) -> None:
@@ -155,15 +158,22 @@ class Daemon:
                 write_timeout=cfg.agent.write_timeout,
             )
         self.pool = AgentPool(
-            cfg, self.store, launcher, spawner, spare_record=functools.partial(spare_record, cfg)
+            cfg,
+            self.store,
+            launcher,
+            spawner,
+            spare_record=functools.partial(spare_record, cfg),
+            telemetry=self.telemetry,
         )
-        self.registry = Registry(cfg, self.store, self.pool, studies, launcher.context_text)
+        self.registry = Registry(
+            cfg, self.store, self.pool, studies, launcher.context_text, self.telemetry
+        )
         self.adopted = await adopt_agents(cfg, self.store, self.pool, self.registry)
         try:
             self._reconcile(studies)
         except StorageFull as e:
             raise StartupError(f"cannot recover the previous run's state: {e}") from None
-        reaper = Reaper(cfg, self.store, self.registry, self.pool)
+        reaper = Reaper(cfg, self.store, self.registry, self.pool, self.telemetry)
         status = StatusReporter(cfg, self.store, self.registry, self.pool, reaper)
         status.adopted = self.adopted
         self.server = self._build_server(
@@ -173,7 +183,7 @@ class Daemon:
         await self.server.start()
         os.chmod(cfg.socket_path, socket_mode(cfg))
         try:
-            self.metrics = await start_endpoint(cfg, self.store, status)
+            self.metrics = await start_endpoint(cfg, self.telemetry, status)
         except MetricsError as e:
             raise StartupError(str(e)) from None
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
