@@ -391,7 +391,7 @@ def daemon_config(extra: dict[str, dict[str, Any]] | None = None) -> dict[str, d
 
 def config_default(section: str, key: str) -> Any:
     """A configuration key's default; None if this daemon does not know the key."""
-    from atomizerd.daemon.config import Config
+    from atomizerd.config import Config
 
     return getattr(getattr(Config(), section, None), key, None)
 
@@ -510,10 +510,10 @@ class CliEnv:
     def _prepare_direct(self) -> None:
         """The daemon's own Launcher, on a copy of its config with another runtime dir, builds
         the direct processes' argv, env and `initialize`: what the daemon starts them with."""
+        import atomizerd.config as config_mod
         from atomizerd.atomizer.launcher import Launcher
         from atomizerd.atomizer.prompt import ContextBuilder
         from atomizerd.atomizer.studies import Studies
-        from atomizerd.daemon import config as config_mod
 
         assert self.daemon is not None
         cfg = config_mod.load(

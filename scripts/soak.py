@@ -68,7 +68,7 @@ from atomizer.v1 import daemon_pb2, daemon_pb2_grpc, session_pb2_grpc  # noqa: E
 from atomizer.v1 import session_pb2 as pb  # noqa: E402
 
 from atomizerd.agents.procgroup import group_members, read_stat  # noqa: E402
-from atomizerd.daemon.config import Config  # noqa: E402
+from atomizerd.config import Config  # noqa: E402
 from scripts.soak_children import ChildCount, ChildSampler  # noqa: E402
 from tests.support.daemon import RunningDaemon, real_claude  # noqa: E402
 

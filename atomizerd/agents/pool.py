@@ -40,12 +40,12 @@ from typing import Protocol
 import structlog
 
 from atomizerd.agents.transport import LaunchSpec, PooledTransport, Spawner
-from atomizerd.agents.vocabulary import AgentError
-from atomizerd.daemon import metrics
-from atomizerd.daemon.config import Config
-from atomizerd.errors import ResourceExhausted, Unavailable
+from atomizerd.agents.vocabulary import AgentError, AgentSpawnError
+from atomizerd.config import Config
+from atomizerd.errors import AtomizerError, ResourceExhausted, Unavailable
 from atomizerd.statemachine import Lifecycle
 from atomizerd.store.db import AgentProcessRecord, SessionRecord, Store
+from atomizerd.telemetry import NULL, Telemetry
 
 log = structlog.get_logger("atomizerd.agents.pool")
 
@@ -68,6 +68,22 @@ class DiedAtStart(AgentError):
         super().__init__(message)
         self.returncode = returncode
         self.stderr_tail = stderr_tail
+
+
+def spawn_failure_reason(exc: BaseException) -> str | None:
+    """Why an agent's start failed, as telemetry names it (`telemetry.SPAWN_REASONS`); None for
+    a cancelled start (the daemon stopping), which is not a failure."""
+    if not isinstance(exc, Exception):
+        return None
+    if isinstance(exc, DiedAtStart):
+        return "died_at_start"
+    if isinstance(exc, ResumeFailed):
+        return "resume_failed"
+    if isinstance(exc, AgentSpawnError):
+        return "spawn_error"
+    if isinstance(exc, AtomizerError):
+        return "refused"
+    return "error"
 
 
 class AgentState(enum.Enum):
@@ -153,9 +169,11 @@ class AgentPool:
         launcher: LaunchSource,
         spawner: Spawner,
         spare_record: Callable[[str], SessionRecord] | None = None,
+        telemetry: Telemetry = NULL,
     ) -> None:
         self.config = config
         self.store = store
+        self.telemetry = telemetry
         self.launcher = launcher
         self._spawner = spawner
         self._agents: dict[str, Agent] = {}  # session id -> its agent that is not GONE
@@ -574,7 +592,7 @@ class AgentPool:
             self._waiters.popleft()
             victim.successor = head
             log.info("evicting least-recently-used agent", session_id=victim.session_id)
-            metrics.of(self.store).agent_evicted()
+            self.telemetry.agent_evicted()
             self._begin_stop(victim, "evicted for another session")
 
     def _eviction_victim(self) -> Agent | None:
@@ -646,7 +664,9 @@ class AgentPool:
             await self._handshake(agent, spec, record)
             self._check_open()  # the daemon began stopping during the spawn
         except BaseException as e:
-            metrics.of(self.store).spawn_failed()
+            reason = spawn_failure_reason(e)
+            if reason is not None:
+                self.telemetry.spawn_failed(reason)
             if isinstance(e, asyncio.CancelledError) and agent.transport is not None:
                 agent.transport.kill()  # abandoned before it served anyone: no grace needed
             self._begin_stop(agent, "its start failed")

@@ -12,11 +12,11 @@ from atomizer.v1 import daemon_pb2_grpc
 
 from atomizerd.api.convert import timestamp
 from atomizerd.api.errormap import unary
-from atomizerd.daemon.report import StatusReporter
+from atomizerd.api.status import StatusSource
 
 
 class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
-    def __init__(self, status: StatusReporter, restart: Callable[[], bool]) -> None:
+    def __init__(self, status: StatusSource, restart: Callable[[], bool]) -> None:
         self.status = status
         # Begins a planned restart (after this answer is sent); whether agents are handed over.
         self.restart = restart

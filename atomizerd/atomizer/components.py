@@ -17,7 +17,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from atomizerd.daemon.config import Config
+from atomizerd.config import Config
 
 PLANS_MODE = 0o700
 

@@ -29,7 +29,7 @@ from atomizerd.atomizer import sandbox
 from atomizerd.atomizer.planfiles import plans_folder, plans_path
 from atomizerd.atomizer.prompt import ContextBuilder
 from atomizerd.atomizer.studies import Studies
-from atomizerd.daemon.config import Config, agent_umask, mcp_server_entry
+from atomizerd.config import Config, agent_umask, mcp_server_entry
 from atomizerd.errors import FailedPrecondition
 from atomizerd.store.db import SessionRecord
 

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from atomizerd import ids
-from atomizerd.daemon.config import Config
+from atomizerd.config import Config
 from atomizerd.errors import FailedPrecondition
 
 

@@ -45,7 +45,7 @@ from typing import Any
 
 from atomizerd.agents.argv import build_env
 from atomizerd.atomizer import protected
-from atomizerd.daemon.config import Config
+from atomizerd.config import Config
 
 # Readable only by root: hidden from user-mode tools when the daemon (so every agent) runs as
 # root, where the filesystem's own permissions no longer keep them out.

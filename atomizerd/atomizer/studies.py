@@ -15,7 +15,7 @@ import stat
 from pathlib import Path
 
 from atomizerd import ids
-from atomizerd.daemon.config import Config
+from atomizerd.config import Config
 from atomizerd.errors import FailedPrecondition, InvalidArgument
 
 

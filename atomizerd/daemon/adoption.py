@@ -23,7 +23,7 @@ from atomizerd.agents import shim_client, shim_codec
 from atomizerd.agents.pool import AgentPool
 from atomizerd.agents.process import AgentProcess
 from atomizerd.agents.transport import PooledTransport
-from atomizerd.daemon.config import Config
+from atomizerd.config import Config
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.journal import Resumed
 from atomizerd.sessions.registry import Registry

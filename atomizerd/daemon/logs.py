@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from atomizerd.daemon.config import Config
+from atomizerd.config import Config
 
 log = structlog.get_logger("atomizerd.daemon.logs")
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import structlog
 
+import atomizerd.config as config_mod
 from atomizerd import __version__
 from atomizerd.agents import procgroup
-from atomizerd.daemon import config as config_mod
 from atomizerd.daemon import logs
 
 EXIT_CONFIG = 2

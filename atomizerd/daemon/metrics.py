@@ -6,10 +6,10 @@ Two kinds of figures (docs/metrics.md lists every one):
   loop's lag) is read from the pool, the registry and the loop probe when a scrape asks for it:
   nothing is kept up to date between scrapes.
 - What happened (turns by outcome, their timings, spend, evictions, failed spawns, permission
-  decisions, reaper actions) is counted where it happens, by one-line hooks:
-  `metrics.of(self.store).turn_ended(...)`. Every part that reports one holds the daemon's one
-  `Store`, so the store finds the daemon's `Metrics`; a store without them (no endpoint, or a
-  test building the parts by hand) gets `NULL`, whose hooks do nothing.
+  decisions, reaper actions) is counted where it happens, through the telemetry hooks the
+  domain calls (`atomizerd/telemetry.py`): `Metrics` implements them. The parts report to the
+  daemon's `Relay` (wired in `server.py`), which points at its `Metrics` while the endpoint is
+  open; without an endpoint (or in a test building the parts by hand) the hooks do nothing.
 
 Each daemon has its own `CollectorRegistry`, never prometheus_client's global one: two daemons
 (or tests) in one process do not mix their figures or collide on names. prometheus_client is
@@ -33,17 +33,16 @@ import contextlib
 import os
 import socket
 import stat
-import sys
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 
 from atomizerd import __version__
-from atomizerd.daemon.config import Config, MetricsAddress, metrics_address, socket_mode
-from atomizerd.sessions import events as ev
+from atomizerd.config import Config, MetricsAddress, metrics_address, socket_mode
+from atomizerd.telemetry import DECIDERS, SPAWN_REASONS, Telemetry
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -51,9 +50,7 @@ if TYPE_CHECKING:
     from prometheus_client.registry import Collector
 
     from atomizerd.daemon.report import StatusReporter
-    from atomizerd.sessions.reaper import ReaperPass
-    from atomizerd.sessions.turns import Turn
-    from atomizerd.store.db import Store
+    from atomizerd.telemetry import Relay
 
 log = structlog.get_logger("atomizerd.daemon.metrics")
 
@@ -68,8 +65,6 @@ DURATION_BUCKETS = (
     *(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
     *(120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0),
 )
-DECIDERS = ("client", "rule", "timeout", "policy")
-SPAWN_REASONS = ("died_at_start", "resume_failed", "spawn_error", "refused", "error")
 
 REQUEST_TIMEOUT = 10.0  # seconds for a client to send its request, and to take the answer
 MAX_REQUEST_BYTES = 16 * 1024
@@ -80,61 +75,7 @@ class MetricsError(RuntimeError):
     """The endpoint cannot listen where `metrics.listen` says; worded for the operator."""
 
 
-# --- hooks ---------------------------------------------------------------------------------
-
-
-class Hooks:
-    """What the daemon's parts report as it happens. These do nothing: `Metrics` counts."""
-
-    def turn_running(self, turn: Turn, started: float) -> None:
-        """The turn's message is with the agent (`started`: the loop's clock)."""
-
-    def first_event(self, turn: Turn, now: float) -> None:
-        """The agent's first output line of the turn arrived (`now`: the loop's clock)."""
-
-    def turn_ended(self, turn: Turn, terminal: ev.TurnCompleted | ev.TurnFailed) -> None:
-        """The turn is over (stored); `terminal` is its last event."""
-
-    def agent_evicted(self) -> None:
-        """An idle agent is being stopped to free its slot for a waiting lease."""
-
-    def spawn_failed(self) -> None:
-        """Called in the `except` of a failed agent start (reads the exception being handled)."""
-
-    def permission_decided(self, decider: str, allow: bool) -> None:
-        """A permission request was decided (by a client, a rule, the timeout, the policy)."""
-
-    def reaper_pass(self, result: ReaperPass) -> None:
-        """A reaper pass finished."""
-
-
-NULL = Hooks()
-_BY_STORE: weakref.WeakKeyDictionary[Store, Hooks] = weakref.WeakKeyDictionary()
-
-
-def of(store: Store) -> Hooks:
-    """The metrics of the daemon that owns `store`, or `NULL` when it counts none."""
-    return _BY_STORE.get(store, NULL)
-
-
-def _spawn_reason(exc: BaseException) -> str:
-    # Imported here: the pool imports this module.
-    from atomizerd.agents.pool import DiedAtStart, ResumeFailed
-    from atomizerd.agents.vocabulary import AgentSpawnError
-    from atomizerd.errors import AtomizerError
-
-    if isinstance(exc, DiedAtStart):
-        return "died_at_start"
-    if isinstance(exc, ResumeFailed):
-        return "resume_failed"
-    if isinstance(exc, AgentSpawnError):
-        return "spawn_error"
-    if isinstance(exc, AtomizerError):
-        return "refused"
-    return "error"
-
-
-class Metrics(Hooks):
+class Metrics(Telemetry):
     """One daemon's metrics: its own registry, the counters its hooks feed, and the figures
     read from `status` (the GetStatus reporter: pool, registry, loop probe) at each scrape."""
 
@@ -143,7 +84,7 @@ class Metrics(Hooks):
 
         self.registry: CollectorRegistry = CollectorRegistry()
         self.status = status
-        self._running: weakref.WeakKeyDictionary[Turn, float] = weakref.WeakKeyDictionary()
+        self._running: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         reg = self.registry
         self.turns: Counter = Counter(
             PREFIX + "turns",
@@ -212,30 +153,19 @@ class Metrics(Hooks):
         if status is not None:
             reg.register(cast("Collector", _StateCollector(status)))
 
-    def attach(self, store: Store) -> None:
-        """The hooks of the parts holding `store` report here from now on."""
-        _BY_STORE[store] = self
+    def turn_running(self, key: object, started: float) -> None:
+        self._running[key] = started
 
-    def detach(self, store: Store) -> None:
-        if _BY_STORE.get(store) is self:
-            del _BY_STORE[store]
-
-    def turn_running(self, turn: Turn, started: float) -> None:
-        self._running[turn] = started
-
-    def first_event(self, turn: Turn, now: float) -> None:
-        started = self._running.get(turn)
+    def first_event(self, key: object, now: float) -> None:
+        started = self._running.get(key)
         if started is not None:
             self.first_event_seconds.observe(max(now - started, 0.0))
 
-    def turn_ended(self, turn: Turn, terminal: ev.TurnCompleted | ev.TurnFailed) -> None:
-        if isinstance(terminal, ev.TurnFailed):
-            self.turns.labels("failed", terminal.code).inc()
-        else:
-            self.turns.labels("interrupted" if terminal.interrupted else "completed", "").inc()
-            if terminal.cost_usd > 0:
-                self.spend_usd.inc(terminal.cost_usd)
-        started = self._running.pop(turn, None)
+    def turn_ended(self, key: object, outcome: str, code: str, cost_usd: float) -> None:
+        self.turns.labels(outcome, code).inc()
+        if cost_usd > 0:
+            self.spend_usd.inc(cost_usd)
+        started = self._running.pop(key, None)
         if started is not None:
             now = asyncio.get_running_loop().time()
             self.duration_seconds.observe(max(now - started, 0.0))
@@ -243,20 +173,17 @@ class Metrics(Hooks):
     def agent_evicted(self) -> None:
         self.evictions.inc()
 
-    def spawn_failed(self) -> None:
-        exc = sys.exc_info()[1]
-        if exc is None or not isinstance(exc, Exception):
-            return  # a cancelled start (the daemon stopping) is not a failure
-        self.spawn_failures.labels(_spawn_reason(exc)).inc()
+    def spawn_failed(self, reason: str) -> None:
+        self.spawn_failures.labels(reason).inc()
 
     def permission_decided(self, decider: str, allow: bool) -> None:
         self.permission_decisions.labels(decider, "allow" if allow else "deny").inc()
 
-    def reaper_pass(self, result: ReaperPass) -> None:
+    def reaper_pass(self, stopped: int, purged: int, errors: int) -> None:
         self.reaper_passes.inc()
-        self.reaper_stopped.inc(result.processes_stopped)
-        self.reaper_purged.inc(result.sessions_purged)
-        self.reaper_errors.inc(result.errors)
+        self.reaper_stopped.inc(stopped)
+        self.reaper_purged.inc(purged)
+        self.reaper_errors.inc(errors)
 
     def exposition(self, accept: str = "") -> tuple[bytes, str]:
         """The metrics in the format `accept` asks for (Prometheus text by default), and its
@@ -347,12 +274,12 @@ class MetricsEndpoint:
         metrics: Metrics,
         address: MetricsAddress,
         mode: int = 0o600,
-        store: Store | None = None,
+        relay: Relay | None = None,
     ) -> None:
         self.metrics = metrics
         self.address = address
         self.mode = mode
-        self.store = store  # whose parts' hooks report to `metrics` while it is open
+        self.relay = relay  # pointed at `metrics` while the endpoint is open
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.where = ""  # what it listens on, once started
@@ -378,8 +305,8 @@ class MetricsEndpoint:
             raise MetricsError(
                 f"the metrics endpoint cannot listen on {where} (metrics.listen): {e.strerror or e}"
             ) from None
-        if self.store is not None:
-            self.metrics.attach(self.store)
+        if self.relay is not None:
+            self.relay.point_at(self.metrics)
         log.info("metrics endpoint listening", address=self.where, path="/metrics")
 
     def _claim_socket_path(self, path: Path) -> None:
@@ -398,8 +325,8 @@ class MetricsEndpoint:
         raise MetricsError(f"another process is serving on {path} (metrics.listen)")
 
     async def close(self) -> None:
-        if self.store is not None:
-            self.metrics.detach(self.store)
+        if self.relay is not None and self.relay.target is self.metrics:
+            self.relay.point_at(None)
         if self._server is None:
             return
         self._server.close()
@@ -458,13 +385,14 @@ def _text(code: int, text: str) -> tuple[int, list[str], bytes]:
 
 
 async def start_endpoint(
-    config: Config, store: Store, status: StatusReporter
+    config: Config, relay: Relay, status: StatusReporter
 ) -> MetricsEndpoint | None:
-    """The daemon's metrics, counted and served, when `metrics.listen` is set; else None.
-    Raises MetricsError when it cannot listen there."""
+    """The daemon's metrics, counted (`relay`, which its parts report to, points at them) and
+    served, when `metrics.listen` is set; else None. Raises MetricsError when it cannot listen
+    there."""
     address = metrics_address(config)
     if address is None:
         return None
-    endpoint = MetricsEndpoint(Metrics(status), address, socket_mode(config), store)
+    endpoint = MetricsEndpoint(Metrics(status), address, socket_mode(config), relay)
     await endpoint.start()
     return endpoint

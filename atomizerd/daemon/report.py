@@ -3,49 +3,25 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from atomizerd import __version__
+from atomizerd.api.status import StatusSnapshot
 from atomizerd.atomizer import components, sandbox
-from atomizerd.atomizer.sandbox import SandboxStatus
 from atomizerd.daemon.loopprobe import LoopProbe
 
 if TYPE_CHECKING:
     from atomizerd.agents.pool import AgentPool
+    from atomizerd.config import Config
     from atomizerd.daemon.adoption import Adopted
-    from atomizerd.daemon.config import Config
-    from atomizerd.sessions.reaper import Reaper, ReaperPass
+    from atomizerd.sessions.reaper import Reaper
     from atomizerd.sessions.registry import Registry
     from atomizerd.store.db import Store
 
 
-@dataclass
-class StatusSnapshot:
-    version: str
-    started_at: float
-    uptime_seconds: float
-    sessions_known: int
-    live_processes: int
-    busy_sessions: int
-    queued_turns: int
-    pool_capacity: int
-    agent_command: str
-    agent_version: str
-    total_cost_usd: float
-    last_reaper_pass: ReaperPass | None
-    loop_lag_max_ms: float = 0.0
-    spare_agents: int = 0
-    spares_adopted: int = 0
-    loop_lag_recent_max_ms: float = 0.0
-    sandbox: SandboxStatus | None = None
-    agents_adopted: int = 0
-    turns_resumed: int = 0
-    adoption_seconds: float = 0.0
-    warnings: tuple[str, ...] = ()
-
-
 class StatusReporter:
+    """GetStatus's figures, asked of their owners (the `StatusSource` the servicer reads)."""
+
     def __init__(
         self, config: Config, store: Store, registry: Registry, pool: AgentPool, reaper: Reaper
     ) -> None:

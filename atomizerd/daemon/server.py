@@ -49,9 +49,9 @@ from atomizerd.atomizer import components
 from atomizerd.atomizer.launcher import Launcher
 from atomizerd.atomizer.prompt import ContextBuilder
 from atomizerd.atomizer.studies import Studies
+from atomizerd.config import Config, socket_mode
 from atomizerd.daemon import logs, unitjob
 from atomizerd.daemon.adoption import Adopted, adopt_agents, shim_settings
-from atomizerd.daemon.config import Config, socket_mode
 from atomizerd.daemon.metrics import MetricsEndpoint, MetricsError, start_endpoint
 from atomizerd.daemon.report import StatusReporter
 from atomizerd.daemon.sdnotify import Notifier
@@ -60,6 +60,7 @@ from atomizerd.sessions.reaper import Reaper
 from atomizerd.sessions.registry import HAND_OVER_SETTLE, KILL_SETTLE, Registry, spare_record
 from atomizerd.store.db import Store
 from atomizerd.store.lock import DatabaseInUse
+from atomizerd.telemetry import Relay
 
 log = structlog.get_logger("atomizerd.daemon.server")
 
@@ -112,6 +113,8 @@ class Daemon:
         self.pool: AgentPool | None = None
         self.registry: Registry | None = None
         self.metrics: MetricsEndpoint | None = None
+        # What the parts report (telemetry hooks), relayed to the metrics once they are served.
+        self.telemetry = Relay()
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
 
     async def serve(self) -> None:
@@ -156,15 +159,22 @@ class Daemon:
                 write_timeout=cfg.agent.write_timeout,
             )
         self.pool = AgentPool(
-            cfg, self.store, launcher, spawner, spare_record=functools.partial(spare_record, cfg)
+            cfg,
+            self.store,
+            launcher,
+            spawner,
+            spare_record=functools.partial(spare_record, cfg),
+            telemetry=self.telemetry,
         )
-        self.registry = Registry(cfg, self.store, self.pool, studies, launcher.context_text)
+        self.registry = Registry(
+            cfg, self.store, self.pool, studies, launcher.context_text, self.telemetry
+        )
         self.adopted = await adopt_agents(cfg, self.store, self.pool, self.registry)
         try:
             self._reconcile(studies)
         except StorageFull as e:
             raise StartupError(f"cannot recover the previous run's state: {e}") from None
-        reaper = Reaper(cfg, self.store, self.registry, self.pool)
+        reaper = Reaper(cfg, self.store, self.registry, self.pool, self.telemetry)
         status = StatusReporter(cfg, self.store, self.registry, self.pool, reaper)
         status.adopted = self.adopted
         self.server = self._build_server(
@@ -174,7 +184,7 @@ class Daemon:
         await self.server.start()
         os.chmod(cfg.socket_path, socket_mode(cfg))
         try:
-            self.metrics = await start_endpoint(cfg, self.store, status)
+            self.metrics = await start_endpoint(cfg, self.telemetry, status)
         except MetricsError as e:
             raise StartupError(str(e)) from None
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)

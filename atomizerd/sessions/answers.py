@@ -7,7 +7,7 @@ request is NOT_FOUND (docs/architecture.md, "The flow of a permission request").
 
 from __future__ import annotations
 
-from atomizerd.daemon.config import Config
+from atomizerd.config import Config
 from atomizerd.errors import FailedPrecondition, InvalidArgument, NotFound
 from atomizerd.sessions import checks
 from atomizerd.sessions import events as ev

@@ -20,7 +20,6 @@ from typing import Any
 import structlog
 
 from atomizerd.agents import protocol as proto
-from atomizerd.daemon import metrics
 from atomizerd.errors import FailedPrecondition, InvalidArgument, NotFound, StorageFull
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.questions import QUESTION_TOOL, Questions
@@ -31,6 +30,7 @@ from atomizerd.sessions.rules import (
     session_rule_update,
 )
 from atomizerd.store.db import AuditRecord, Store
+from atomizerd.telemetry import NULL, Telemetry
 
 log = structlog.get_logger("atomizerd.sessions.approvals")
 
@@ -127,8 +127,10 @@ class Approvals:
         audience: Callable[[], int],
         leave_plan: Callable[[str], str | None] | None = None,
         in_plan: Callable[[], bool] = lambda: False,
+        telemetry: Telemetry = NULL,
     ) -> None:
         self.store = store
+        self.telemetry = telemetry
         # Whether the session is in plan mode now: then no tool that changes anything runs.
         self.in_plan = in_plan
         # Applies an allowed ExitPlanMode: the session's new mode in, the CLI's mode out (None:
@@ -347,7 +349,7 @@ class Approvals:
         self.emit(ev.PermissionDecided(request_id, tool_name, d.allow, d.decider, d.message))
         self.audit(tool_name, digest, d.allow, d.decider, d.message)
         log.info("permission decided", tool=tool_name, allow=d.allow, decider=d.decider)
-        metrics.of(self.store).permission_decided(d.decider, d.allow)
+        self.telemetry.permission_decided(d.decider, d.allow)
         return d
 
     def audit(

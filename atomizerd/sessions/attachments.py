@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from atomizerd.daemon.config import AttachmentsConfig
+from atomizerd.config import AttachmentsConfig
 from atomizerd.errors import InvalidArgument
 from atomizerd.sessions import events as ev
 from atomizerd.store.db import AttachmentRecord, StoredAttachment

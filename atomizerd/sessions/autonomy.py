@@ -16,7 +16,7 @@ import structlog
 from atomizerd import ids
 from atomizerd.agents.pool import Agent, AgentPool
 from atomizerd.agents.vocabulary import AgentError
-from atomizerd.daemon.config import Config
+from atomizerd.config import Config
 from atomizerd.errors import AtomizerError, FailedPrecondition, InvalidArgument, NotFound
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.following import Follower

@@ -13,7 +13,7 @@ import math
 import re
 
 from atomizerd import ids
-from atomizerd.daemon.config import Config
+from atomizerd.config import Config
 from atomizerd.errors import InvalidArgument, PermissionDenied, ResourceExhausted
 from atomizerd.store.db import SessionRecord
 

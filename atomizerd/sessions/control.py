@@ -21,7 +21,7 @@ from atomizerd.agents import protocol as proto
 from atomizerd.agents.pool import Agent
 from atomizerd.agents.transport import AgentTransport, PooledTransport
 from atomizerd.agents.vocabulary import AgentError
-from atomizerd.daemon.config import Config
+from atomizerd.config import Config
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.approvals import POLICY, Approvals, Decision
 from atomizerd.sessions.journal import Resumed, TurnJournal

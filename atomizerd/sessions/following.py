@@ -22,7 +22,7 @@ from atomizerd import ids
 from atomizerd.agents import protocol as proto
 from atomizerd.agents.pool import Agent, AgentPool
 from atomizerd.agents.vocabulary import AgentError, AgentItem
-from atomizerd.daemon.config import Config
+from atomizerd.config import Config
 from atomizerd.errors import AtomizerError, Unavailable
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.approvals import Approvals

@@ -13,7 +13,7 @@ import asyncio
 import structlog
 
 from atomizerd import ids
-from atomizerd.daemon.config import Config
+from atomizerd.config import Config
 from atomizerd.errors import AtomizerError, FailedPrecondition, ResourceExhausted, Unavailable
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.session import Change, Job, Session

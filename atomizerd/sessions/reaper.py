@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 import structlog
 
-from atomizerd.daemon import metrics
-from atomizerd.daemon.config import Config
+from atomizerd.config import Config
+from atomizerd.telemetry import NULL, Telemetry
 
 if TYPE_CHECKING:
     from atomizerd.agents.pool import AgentPool
@@ -59,9 +59,17 @@ class ReaperPass:
 
 
 class Reaper:
-    def __init__(self, config: Config, store: Store, registry: Registry, pool: AgentPool) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        registry: Registry,
+        pool: AgentPool,
+        telemetry: Telemetry = NULL,
+    ) -> None:
         self.config = config
         self.store = store
+        self.telemetry = telemetry
         self.registry = registry
         self.pool = pool
         self.last_pass: ReaperPass | None = None
@@ -85,7 +93,7 @@ class Reaper:
             duration_ms=(time.monotonic() - started) * 1000,
         )
         self.last_pass = result
-        metrics.of(self.store).reaper_pass(result)
+        self.telemetry.reaper_pass(stopped, purged, result.errors)
         log.info(
             "reaper pass",
             stopped=stopped,

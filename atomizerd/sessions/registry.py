@@ -20,7 +20,7 @@ from atomizerd import ids
 from atomizerd.agents.pool import Agent, AgentPool
 from atomizerd.atomizer.planfiles import remove_plans
 from atomizerd.atomizer.studies import Studies
-from atomizerd.daemon.config import Config
+from atomizerd.config import Config
 from atomizerd.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -44,6 +44,7 @@ from atomizerd.sessions.table import SessionTable, SessionView
 from atomizerd.sessions.turn import Turn, TurnState
 from atomizerd.sessions.turns import TurnRunner
 from atomizerd.store.db import AttachmentRecord, AuditRecord, MessageRecord, SessionRecord, Store
+from atomizerd.telemetry import NULL, Telemetry
 
 __all__ = ["Registry", "SessionView", "TaskOutputPage", "spare_record"]
 
@@ -64,6 +65,7 @@ class Registry:
         pool: AgentPool,
         studies: Studies,
         context_text: Callable[[SessionRecord], str],
+        telemetry: Telemetry = NULL,
     ) -> None:
         self.config = config
         self.store = store
@@ -71,7 +73,7 @@ class Registry:
         self.studies = studies
         self.table = SessionTable(config, store, pool)
         self.streams = Streams(self.table, store)
-        self.runner = TurnRunner(config, store, pool, context_text, self.streams.emit)
+        self.runner = TurnRunner(config, store, pool, context_text, self.streams.emit, telemetry)
         self.queue = WorkQueue(config, self.runner, self.streams)
         self.settings = SettingChanges(config, store, pool, studies, self.table, self.queue)
         self.answers = Answers(config, store, self.table)

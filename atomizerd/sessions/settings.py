@@ -16,7 +16,7 @@ import structlog
 from atomizerd.agents.pool import AgentPool, AgentState
 from atomizerd.agents.vocabulary import AgentError
 from atomizerd.atomizer.studies import Studies
-from atomizerd.daemon.config import Config
+from atomizerd.config import Config
 from atomizerd.sessions import checks
 from atomizerd.sessions.approvals import CLIENT
 from atomizerd.sessions.queue import WorkQueue

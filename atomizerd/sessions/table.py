@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from atomizerd import ids
 from atomizerd.agents.pool import AgentPool
-from atomizerd.daemon.config import Config
+from atomizerd.config import Config
 from atomizerd.errors import FailedPrecondition, NotFound, Unavailable
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.session import SESSION_TRANSITIONS, Session, SessionState

@@ -27,8 +27,7 @@ from atomizerd.agents.vocabulary import (
     WriteTimeout,
 )
 from atomizerd.atomizer.prompt import history_seed
-from atomizerd.daemon import metrics
-from atomizerd.daemon.config import Config
+from atomizerd.config import Config
 from atomizerd.errors import AtomizerError
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.approvals import MODE, POLICY, Approvals, input_digest
@@ -42,6 +41,7 @@ from atomizerd.sessions.relay import Terminal, json_or_text, relay
 from atomizerd.sessions.relay import outcome as outcome_of
 from atomizerd.sessions.turn import Emit, EmitFor, T, Transcript, Turn, TurnState
 from atomizerd.store.db import SessionRecord, Store
+from atomizerd.telemetry import NULL, Telemetry
 
 if TYPE_CHECKING:
     from atomizerd.sessions.session import Session
@@ -62,9 +62,11 @@ class TurnRunner:
         pool: AgentPool,
         context_text: Callable[[SessionRecord], str],
         emit_for: EmitFor,
+        telemetry: Telemetry = NULL,
     ) -> None:
         self.config = config
         self.store = store
+        self.telemetry = telemetry
         self.pool = pool
         self.context_text = context_text
         self.emit_for = emit_for
@@ -311,6 +313,7 @@ class TurnRunner:
             turn.audience,
             leave_plan=lambda mode: leave_plan(self.store, s, turn, mode),
             in_plan=lambda: s.record.mode == PLAN,
+            telemetry=self.telemetry,
         )
 
     # --- beginnings and ends -------------------------------------------------------------
@@ -415,7 +418,7 @@ class TurnRunner:
             turn.journal = None
         turn.lifecycle.move(T.DONE)
         turn.done.set()
-        metrics.of(self.store).turn_ended(turn, terminal)
+        self.telemetry.turn_ended(turn, *reported_outcome(terminal))
         log.info(
             "turn ended",
             turn_id=turn.turn_id,
@@ -496,7 +499,7 @@ class TurnRunner:
         process = agent.transport_or_fail()
         loop = asyncio.get_running_loop()
         started = last_activity = last_checkpoint = loop.time()
-        metrics.of(self.store).turn_running(turn, started)
+        self.telemetry.turn_running(turn, started)
         deadline = started + cfg.turn_timeout
         first = True
         interrupting_since: float | None = None
@@ -561,7 +564,7 @@ class TurnRunner:
                 elif now >= deadline and interrupting_since is None:
                     return await self.control.watchdog(agent, turn, first, True)
                 if first:
-                    metrics.of(self.store).first_event(turn, loop.time())
+                    self.telemetry.first_event(turn, loop.time())
                 first = False
                 last_activity = loop.time()
                 if replay is not None and not replay.done:  # its events are in the log already
@@ -643,6 +646,13 @@ class TurnRunner:
                     stderr_tail=process.stderr_tail(),
                 )
         return None
+
+
+def reported_outcome(terminal: ev.TurnCompleted | ev.TurnFailed) -> tuple[str, str, float]:
+    """A turn's end as telemetry takes it: its outcome, its failure code, its cost."""
+    if isinstance(terminal, ev.TurnFailed):
+        return "failed", terminal.code, 0.0
+    return ("interrupted" if terminal.interrupted else "completed"), "", terminal.cost_usd
 
 
 class _Stopped(Exception):

@@ -23,7 +23,7 @@ from atomizer.v1 import daemon_pb2
 from atomizer.v1 import session_pb2 as pb
 
 from atomizerd.agents.procgroup import group_members
-from atomizerd.daemon.config import Config
+from atomizerd.config import Config
 from atomizerd.sessions.reaper import Reaper
 from tests.conftest import Stubs, stubs_for
 from tests.support.daemon import FAKE_AGENT, RunningDaemon

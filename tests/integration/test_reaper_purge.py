@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from atomizerd.daemon.config import Config
+from atomizerd.config import Config
 from atomizerd.sessions import reaper as reaper_mod
 from atomizerd.sessions.reaper import Reaper
 from atomizerd.store.db import AuditRecord, Store

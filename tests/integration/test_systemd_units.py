@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from atomizerd.daemon import config, server
+from atomizerd import config
+from atomizerd.daemon import server
 from tests.support.daemon import RunningDaemon
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import atomizerd.config as config_mod
 from atomizerd.agents.pool import AgentPool
 from atomizerd.atomizer.launcher import Launcher
 from atomizerd.atomizer.prompt import ContextBuilder
 from atomizerd.atomizer.studies import Studies
-from atomizerd.daemon import config as config_mod
 from atomizerd.errors import AtomizerError
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.registry import Registry, spare_record

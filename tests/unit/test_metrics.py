@@ -15,13 +15,15 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from atomizerd.agents.pool import DiedAtStart, ResumeFailed
+import atomizerd.config as config_mod
+from atomizerd.agents.pool import DiedAtStart, ResumeFailed, spawn_failure_reason
 from atomizerd.agents.vocabulary import AgentSpawnError
-from atomizerd.daemon import config as config_mod
+from atomizerd.config import ConfigError, MetricsAddress
 from atomizerd.daemon import metrics
-from atomizerd.daemon.config import ConfigError, MetricsAddress
 from atomizerd.errors import FailedPrecondition
 from atomizerd.sessions import events as ev
+from atomizerd.sessions.turns import reported_outcome
+from atomizerd.telemetry import SPAWN_REASONS, Relay
 from tests.support.waiting import wait_for
 
 
@@ -257,10 +259,6 @@ def test_a_port_in_use_is_a_metrics_error() -> None:
 # --- registries and hooks -------------------------------------------------------------------
 
 
-class FakeStore:
-    """Stands for a daemon's Store: the hooks only need an object to find the metrics by."""
-
-
 class FakeTurn:
     pass
 
@@ -271,24 +269,22 @@ def sample(m: metrics.Metrics, name: str, **labels: str) -> float | None:
 
 def test_each_daemon_counts_in_its_own_registry() -> None:
     one, two = metrics.Metrics(), metrics.Metrics()  # no name clash between registries
-    store1, store2, other = FakeStore(), FakeStore(), FakeStore()
-    one.attach(store1)
-    two.attach(store2)
-    try:
-        metrics.of(store1).agent_evicted()
-        metrics.of(store2).agent_evicted()
-        metrics.of(store2).agent_evicted()
-        assert metrics.of(other) is metrics.NULL
-        metrics.of(other).agent_evicted()
-        assert sample(one, "atomizerd_agent_evictions_total") == 1
-        assert sample(two, "atomizerd_agent_evictions_total") == 2
-        from prometheus_client import REGISTRY
+    # Each daemon's parts report to its own relay, pointed at its own metrics.
+    relay1, relay2, other = Relay(), Relay(), Relay()
+    relay1.point_at(one)
+    relay2.point_at(two)
+    relay1.agent_evicted()
+    relay2.agent_evicted()
+    relay2.agent_evicted()
+    other.agent_evicted()  # pointed nowhere: counted nowhere
+    assert sample(one, "atomizerd_agent_evictions_total") == 1
+    assert sample(two, "atomizerd_agent_evictions_total") == 2
+    from prometheus_client import REGISTRY
 
-        assert REGISTRY.get_sample_value("atomizerd_agent_evictions_total") is None
-    finally:
-        one.detach(store1)
-        two.detach(store2)
-    assert metrics.of(store1) is metrics.NULL
+    assert REGISTRY.get_sample_value("atomizerd_agent_evictions_total") is None
+    relay1.point_at(None)
+    relay1.agent_evicted()
+    assert sample(one, "atomizerd_agent_evictions_total") == 1
 
 
 def test_turn_outcomes_timings_and_spend() -> None:
@@ -301,13 +297,13 @@ def test_turn_outcomes_timings_and_spend() -> None:
             m.turn_running(turn, loop.time())
         m.first_event(done, loop.time())
         m.first_event(early, loop.time())  # never running: ignored
-        m.turn_ended(done, ev.TurnCompleted(text="hi", cost_usd=0.25))
-        m.turn_ended(failed, ev.TurnFailed(ev.STALL_TIMEOUT, "silent"))
+        m.turn_ended(done, *reported_outcome(ev.TurnCompleted(text="hi", cost_usd=0.25)))
+        m.turn_ended(failed, *reported_outcome(ev.TurnFailed(ev.STALL_TIMEOUT, "silent")))
         m.turn_ended(
             stopped,
-            ev.TurnCompleted(text="", interrupted=True, cost_usd=0.5),
+            *reported_outcome(ev.TurnCompleted(text="", interrupted=True, cost_usd=0.5)),
         )
-        m.turn_ended(early, ev.TurnFailed(ev.SESSION_TERMINATED, "gone"))
+        m.turn_ended(early, *reported_outcome(ev.TurnFailed(ev.SESSION_TERMINATED, "gone")))
 
     asyncio.run(main())
     assert sample(m, "atomizerd_turns_total", outcome="completed", code="") == 1
@@ -331,23 +327,17 @@ def test_turn_outcomes_timings_and_spend() -> None:
 )
 def test_spawn_failures_by_reason(error: Exception, reason: str) -> None:
     m = metrics.Metrics()
-    try:
-        raise error
-    except Exception:
-        m.spawn_failed()
+    reason_given = spawn_failure_reason(error)
+    assert reason_given is not None
+    m.spawn_failed(reason_given)
     assert sample(m, "atomizerd_agent_spawn_failures_total", reason=reason) == 1
-    others = [r for r in metrics.SPAWN_REASONS if r != reason]
+    others = [r for r in SPAWN_REASONS if r != reason]
     assert all(sample(m, "atomizerd_agent_spawn_failures_total", reason=r) == 0 for r in others)
 
 
 def test_a_cancelled_start_is_not_a_failure() -> None:
     m = metrics.Metrics()
-    try:
-        raise asyncio.CancelledError
-    except BaseException:
-        m.spawn_failed()
-    m.spawn_failed()  # outside any except: nothing to count
+    assert spawn_failure_reason(asyncio.CancelledError()) is None  # so the pool reports none
     assert all(
-        sample(m, "atomizerd_agent_spawn_failures_total", reason=r) == 0
-        for r in metrics.SPAWN_REASONS
+        sample(m, "atomizerd_agent_spawn_failures_total", reason=r) == 0 for r in SPAWN_REASONS
     )

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+import atomizerd.config as config_mod
 from atomizerd.agents.argv import build_env
 from atomizerd.atomizer import sandbox
 from atomizerd.atomizer.launcher import Launcher, expand_rules
 from atomizerd.atomizer.prompt import ContextBuilder
 from atomizerd.atomizer.studies import Studies
-from atomizerd.daemon import config as config_mod
 from atomizerd.errors import FailedPrecondition
 from atomizerd.store.db import SessionRecord
 

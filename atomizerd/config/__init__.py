@@ -1,0 +1,77 @@
+"""The daemon's configuration: every key, its default and why, in one place.
+
+Sources, later ones winning: built-in defaults, the TOML file (``--config``),
+``ATOMIZERD_<SECTION>_<KEY>`` environment variables, command-line flags (``--set key=value``
+and a few shortcuts). Unknown keys and bad values are startup errors that name the key.
+``docs/configuration.md`` is generated from the ``doc`` metadata of the keys (``atomizerd
+--print-config-docs``); a test keeps it fresh. Durations are in seconds.
+
+The package sits below everything else: it imports nothing of the daemon. `fields` (a key's
+documentation and check), the sections by theme (`service`, `agents`, `policy`), `schema`
+(`Config`, the walk over the keys), `loading`, `derived` (values parsed from text keys),
+`validation`, `render`.
+"""
+
+from atomizerd.config.agents import (
+    AgentConfig,
+    ApprovalsConfig,
+    AttachmentsConfig,
+    BudgetConfig,
+    PoolConfig,
+    ReaperConfig,
+)
+from atomizerd.config.derived import (
+    MetricsAddress,
+    agent_umask,
+    mcp_server_entry,
+    metrics_address,
+    socket_mode,
+)
+from atomizerd.config.fields import ConfigError
+from atomizerd.config.loading import ENV_PREFIX, load, resolve
+from atomizerd.config.policy import (
+    AtomizerConfig,
+    McpConfig,
+    ModesConfig,
+    PlanModeConfig,
+    PowerModeConfig,
+    SandboxConfig,
+    UserModeConfig,
+)
+from atomizerd.config.render import render_docs, render_toml
+from atomizerd.config.schema import Config, iter_keys
+from atomizerd.config.service import DaemonConfig, LoggingConfig, MetricsConfig
+from atomizerd.config.validation import validate
+
+__all__ = [
+    "ENV_PREFIX",
+    "AgentConfig",
+    "ApprovalsConfig",
+    "AtomizerConfig",
+    "AttachmentsConfig",
+    "BudgetConfig",
+    "Config",
+    "ConfigError",
+    "DaemonConfig",
+    "LoggingConfig",
+    "McpConfig",
+    "MetricsAddress",
+    "MetricsConfig",
+    "ModesConfig",
+    "PlanModeConfig",
+    "PoolConfig",
+    "PowerModeConfig",
+    "ReaperConfig",
+    "SandboxConfig",
+    "UserModeConfig",
+    "agent_umask",
+    "iter_keys",
+    "load",
+    "mcp_server_entry",
+    "metrics_address",
+    "render_docs",
+    "render_toml",
+    "resolve",
+    "socket_mode",
+    "validate",
+]
