@@ -71,6 +71,17 @@ def is_turn_content(item: AgentItem) -> bool:
     return False
 
 
+def taken_line(item: AgentItem) -> str | None:
+    """The uuid of a written line the CLI says it took into a turn: its replay, or its
+    `command_lifecycle` start (which comes first for a slash command such as /compact, whose
+    replay follows the command's own output)."""
+    if isinstance(item, proto.UserReplay):
+        return item.uuid
+    if isinstance(item, proto.CommandLifecycle) and item.state == "started":
+        return item.command_uuid or None
+    return None
+
+
 def is_subagent(item: AgentItem) -> bool:
     match item:
         case proto.TextDelta() | proto.MessageDelta() | proto.AssistantMessage():
@@ -164,8 +175,11 @@ class Router:
     own_ended: bool = False
 
     def step(self, item: AgentItem) -> Step:
+        line = taken_line(item)
+        if line is not None and (line == self.own_uuid or line in self.untaken):
+            return self._replay(line)
         if isinstance(item, proto.UserReplay):
-            return self._replay(item.uuid)
+            return Step.QUIET  # the replay of a line already taken, or not ours
         if isinstance(item, proto.TASK_MESSAGES):
             return Step.TASK
         if is_subagent(item):

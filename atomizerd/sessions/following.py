@@ -32,6 +32,7 @@ from atomizerd.sessions.conversation import (
     Step,
     is_turn_content,
     subagent_events,
+    taken_line,
 )
 from atomizerd.sessions.journal import TurnJournal
 from atomizerd.sessions.relay import Terminal, cut_short, json_or_text
@@ -158,8 +159,9 @@ class Follower:
                 self._end_side(r, cut_short(r.side.transcript, taken_over=True))
             return None
         if step in (Step.LINE_TAKEN, Step.LATE_LINE):
-            assert isinstance(item, proto.UserReplay)
-            self._line_taken(r, item.uuid, late=step is Step.LATE_LINE)
+            line = taken_line(item)
+            assert line is not None
+            self._line_taken(r, line, late=step is Step.LATE_LINE)
             return None
         if step is Step.TASK:
             self.task_item(r.s, item, self._current_emit(r))
@@ -285,9 +287,10 @@ class Follower:
     def spoke_first(s: Session, agent: Agent) -> bool:
         """Whether the agent has begun a turn of its own that nobody has read yet."""
         head = agent.transport_or_fail().peek()
-        if isinstance(head, proto.UserReplay):
-            return head.uuid in s.untaken
-        return head is not None and is_turn_content(head)
+        if head is None:
+            return False
+        line = taken_line(head)
+        return line in s.untaken if line is not None else is_turn_content(head)
 
     def open_agent_turn(self, s: Session, turn: Turn, emit: Emit) -> Agent | None:
         """A job for a turn the agent started while idle: it runs on the agent it started in
@@ -298,9 +301,10 @@ class Follower:
             turn.done.set()
             return None
         head = agent.transport_or_fail().peek()
-        if isinstance(head, proto.UserReplay) and head.uuid in s.untaken:
+        line = taken_line(head) if head is not None else None
+        if line is not None and line in s.untaken:
             agent.transport_or_fail().receive_nowait()  # a steer taken late: its own turn
-            taken = s.untaken.take(head.uuid)
+            taken = s.untaken.take(line)
             turn.text, turn.request_id = taken if taken is not None else ("", "")
             turn.origin = ev.TurnOrigin.CLIENT
         if not self._turns.open_turn(s, turn, emit, False):

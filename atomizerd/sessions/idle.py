@@ -23,7 +23,12 @@ from atomizerd.agents import protocol as proto
 from atomizerd.agents.pool import Agent, AgentPool
 from atomizerd.agents.vocabulary import AgentError, AgentExited, AgentItem
 from atomizerd.sessions import events as ev
-from atomizerd.sessions.conversation import is_subagent, is_turn_content, subagent_events
+from atomizerd.sessions.conversation import (
+    is_subagent,
+    is_turn_content,
+    subagent_events,
+    taken_line,
+)
 from atomizerd.sessions.session import Session
 
 log = structlog.get_logger("atomizerd.sessions.idle")
@@ -84,8 +89,9 @@ class IdleReader:
 
     @staticmethod
     def _starts_turn(s: Session, item: AgentItem) -> bool:
-        if isinstance(item, proto.UserReplay):
-            return item.uuid in s.untaken  # a steered line taken only now
+        line = taken_line(item)
+        if line is not None:
+            return line in s.untaken  # a steered line taken only now
         return is_turn_content(item)
 
     def _hand_over(self, s: Session, agent: Agent) -> None:
