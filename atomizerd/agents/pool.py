@@ -30,24 +30,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
 import functools
-from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import structlog
 
+from atomizerd.agents.agent import (
+    AGENT_TRANSITIONS,
+    Agent,
+    AgentState,
+    DiedAtStart,
+    LaunchSource,
+    ResumeFailed,
+    Waiter,
+    spawn_failure_reason,
+)
+from atomizerd.agents.slots import Slots, caller_cancelled
 from atomizerd.agents.transport import LaunchSpec, PooledTransport, Spawner
-from atomizerd.agents.vocabulary import AgentError, AgentSpawnError
+from atomizerd.agents.vocabulary import AgentError
 from atomizerd.config import Config
-from atomizerd.errors import AtomizerError, ResourceExhausted, Unavailable
+from atomizerd.errors import Unavailable
 from atomizerd.statemachine import Lifecycle
 from atomizerd.store.db import AgentProcessRecord, SessionRecord, Store
 from atomizerd.telemetry import NULL, Telemetry
 
 log = structlog.get_logger("atomizerd.agents.pool")
+
+S = AgentState
 
 # After SIGKILL: how long an agent gets to be reaped before the pool gives up on it.
 KILL_SETTLE = 5.0
@@ -56,109 +65,16 @@ KILL_SETTLE = 5.0
 _NO_CONVERSATION = "No conversation found"
 
 
-class ResumeFailed(Exception):
-    """The agent could not resume the session's conversation (its transcript is gone)."""
-
-
-class DiedAtStart(AgentError):
-    """The agent exited during its start-up handshake: it never saw a message, so starting it
-    again is safe."""
-
-    def __init__(self, message: str, returncode: int | None, stderr_tail: str) -> None:
-        super().__init__(message)
-        self.returncode = returncode
-        self.stderr_tail = stderr_tail
-
-
-def spawn_failure_reason(exc: BaseException) -> str | None:
-    """Why an agent's start failed, as telemetry names it (`telemetry.SPAWN_REASONS`); None for
-    a cancelled start (the daemon stopping), which is not a failure."""
-    if not isinstance(exc, Exception):
-        return None
-    if isinstance(exc, DiedAtStart):
-        return "died_at_start"
-    if isinstance(exc, ResumeFailed):
-        return "resume_failed"
-    if isinstance(exc, AgentSpawnError):
-        return "spawn_error"
-    if isinstance(exc, AtomizerError):
-        return "refused"
-    return "error"
-
-
-class AgentState(enum.Enum):
-    SPAWNING = "spawning"
-    READY = "ready"
-    LEASED = "leased"
-    STOPPING = "stopping"
-    GONE = "gone"
-
-
-S = AgentState
-AGENT_TRANSITIONS: dict[AgentState, frozenset[AgentState]] = {
-    S.SPAWNING: frozenset({S.READY, S.LEASED, S.STOPPING}),
-    S.READY: frozenset({S.LEASED, S.STOPPING}),
-    S.LEASED: frozenset({S.READY, S.STOPPING}),
-    S.STOPPING: frozenset({S.GONE}),
-    S.GONE: frozenset(),
-}
-
-
-class LaunchSource(Protocol):
-    """Where the pool gets a session's command line (the Atomizer layer's launcher)."""
-
-    def spec_for(self, record: SessionRecord, *, resume: bool, seed: str = "") -> LaunchSpec: ...
-
-    def cleanup(self, session_id: str) -> None: ...
-
-
-@dataclass(eq=False)
-class _Waiter:
-    """A lease waiting for a slot; `granted` resolves when the slot is its own."""
-
-    granted: asyncio.Future[None]
-
-
-@dataclass(eq=False)
-class Agent:
-    """One agent of one session. The pool is its only owner: nothing else moves its state."""
-
-    session_id: str
-    lifecycle: Lifecycle[AgentState]
-    transport: PooledTransport | None = None
-    resumed: bool = False
-    idle_since: float = 0.0
-    mcp_servers: list[tuple[str, str]] = field(default_factory=list)
-    # The waiter this agent's slot passes to once it is gone (it was evicted for that waiter).
-    successor: _Waiter | None = None
-    # False once the lease that asked for this spawn gave up: the agent then becomes READY.
-    lease_wanted: bool = True
-    settled: asyncio.Event = field(default_factory=asyncio.Event)  # left SPAWNING
-    gone: asyncio.Event = field(default_factory=asyncio.Event)
-    # The mode this agent is a spare for (no session has adopted it yet); None otherwise.
-    spare_for: str | None = None
-    # A spare's reserved conversation id (the adopting session takes it).
-    agent_session_id: str = ""
-    watcher: asyncio.Task[None] | None = None  # notices its exit while idle
-    # Reads the agent's output while it is READY (the agent acts on its own between turns).
-    reader: asyncio.Task[None] | None = None
-    # Tasks of the agent still running (told by whoever reads its output): it is busy.
-    running_tasks: int = 0
-    starting: asyncio.Task[None] | None = None  # its start (SPAWNING), cancelled by a shutdown
-
-    @property
-    def state(self) -> AgentState:
-        return self.lifecycle.state
-
-    @property
-    def alive(self) -> bool:
-        return self.transport is not None and self.transport.alive
-
-    def transport_or_fail(self) -> PooledTransport:
-        """The running agent's transport (a leased agent always has one)."""
-        if self.transport is None:
-            raise RuntimeError(f"the agent of {self.session_id} has no process")
-        return self.transport
+__all__ = [
+    "AGENT_TRANSITIONS",
+    "Agent",
+    "AgentPool",
+    "AgentState",
+    "DiedAtStart",
+    "LaunchSource",
+    "ResumeFailed",
+    "spawn_failure_reason",
+]
 
 
 class AgentPool:
@@ -177,13 +93,10 @@ class AgentPool:
         self.launcher = launcher
         self._spawner = spawner
         self._agents: dict[str, Agent] = {}  # session id -> its agent that is not GONE
-        self._used = 0  # slots held (see the module docstring)
-        self._waiters: deque[_Waiter] = deque()
+        self.slots = Slots(config.pool, self._evict_for)
         self._tasks: set[asyncio.Task[None]] = set()
         self._seeds: dict[str, str] = {}
         self._closed = False
-        # Highest number of slots ever held at once: tests and the soak check it against the cap.
-        self.peak_used = 0
         # Builds the record a spare of a mode is spawned for (reserved ids); None: no spares.
         self._spare_record = spare_record
         self.spares_adopted = 0
@@ -203,7 +116,12 @@ class AgentPool:
 
     @property
     def slots_used(self) -> int:
-        return self._used
+        return self.slots.used
+
+    @property
+    def peak_used(self) -> int:
+        """Highest number of slots ever held at once (tests and the soak check the cap)."""
+        return self.slots.peak
 
     @property
     def spare_count(self) -> int:
@@ -211,7 +129,7 @@ class AgentPool:
 
     @property
     def queued(self) -> int:
-        return sum(1 for w in self._waiters if not w.granted.done())
+        return self.slots.queued
 
     def agent(self, session_id: str) -> Agent | None:
         return self._agents.get(session_id)
@@ -246,7 +164,7 @@ class AgentPool:
         if agent is not None:
             agent.running_tasks = count
             if not count:
-                self._dispatch()
+                self.slots.dispatch()
 
     def busy_with_tasks(self) -> list[str]:
         """Sessions whose agents hold a slot only for their running tasks."""
@@ -264,10 +182,10 @@ class AgentPool:
                 continue
             have = sum(1 for a in self._agents.values() if a.spare_for == mode)
             for _ in range(cfg.spares - have):
-                if self._waiters or self._used >= cfg.max_live:
+                if not self.slots.free:
                     return
                 record = self._spare_record(mode)
-                self._take_free_slot()
+                self.slots.take_free()
                 agent = self._new_agent(record.session_id)
                 agent.spare_for, agent.agent_session_id = mode, record.agent_session_id
                 agent.lease_wanted = False
@@ -312,9 +230,9 @@ class AgentPool:
         sid = record.session_id
         if sid in self._agents:
             return
-        if self._waiters or self._used >= self.config.pool.max_live:
+        if not self.slots.free:
             return
-        self._take_free_slot()
+        self.slots.take_free()
         agent = self._new_agent(sid)
         agent.lease_wanted = False
         with contextlib.suppress(Exception):  # its failure is logged by _launch
@@ -332,10 +250,9 @@ class AgentPool:
             self._check_open()
             agent = self._agents.get(sid)
             if agent is None:
-                await self._take_slot()
+                await self.slots.take(lambda: self._closed, self._held_by_tasks)
                 if sid in self._agents:  # a prewarm got there first: use that one
-                    self._used -= 1
-                    self._dispatch()
+                    self.slots.give_back()
                     continue
                 return await self._spawn_for_lease(self._new_agent(sid), record)
             if agent.state is S.READY:
@@ -359,7 +276,7 @@ class AgentPool:
             agent.lifecycle.move(S.READY)
             agent.idle_since = asyncio.get_running_loop().time()
             self._read_while_idle(agent)
-            self._dispatch()
+            self.slots.dispatch()
         else:
             self._begin_stop(agent, "released unfit for reuse")
 
@@ -400,9 +317,9 @@ class AgentPool:
         """An agent a previous daemon left running (under its shim) joins the pool: LEASED to
         the turn it is running, or READY. None (the caller stops it) if the session has an
         agent already or no slot is free."""
-        if session_id in self._agents or self._used >= self.config.pool.max_live:
+        if session_id in self._agents or self.slots.used >= self.config.pool.max_live:
             return None
-        self._take_free_slot()
+        self.slots.take_free()
         agent = self._new_agent(session_id)
         agent.transport = transport
         agent.resumed = True
@@ -442,7 +359,7 @@ class AgentPool:
             del self._agents[agent.session_id]
             agent.settled.set()
             agent.gone.set()
-            self._used -= 1
+            self.slots.used -= 1  # let go, not given back: nobody gets it any more
         if let_go:
             await asyncio.wait(
                 [asyncio.ensure_future(t.drained()) for t in let_go], timeout=timeout
@@ -487,8 +404,7 @@ class AgentPool:
     def _shut(self) -> None:
         """No more leases or spawns: waiters fail, starts under way are stopped."""
         self._closed = True
-        for waiter in self._waiters:
-            waiter.granted.cancel()
+        self.slots.refuse_waiters()
         for agent in self._agents.values():  # waiters already promised an evicted agent's slot
             if agent.successor is not None:
                 agent.successor.granted.cancel()
@@ -522,78 +438,23 @@ class AgentPool:
         if self._closed:
             raise Unavailable("atomizerd is shutting down; retry in a moment")
 
-    def _take_free_slot(self) -> None:
-        self._used += 1
-        self.peak_used = max(self.peak_used, self._used)
-        assert self._used <= self.config.pool.max_live, "pool slot accounting is broken"
-
-    async def _take_slot(self) -> None:
-        """Returns once the caller holds a slot (it must then create an agent in it)."""
-        if not self._waiters and self._used < self.config.pool.max_live:
-            self._take_free_slot()
-            return
-        cfg = self.config.pool
-        if self.queued >= cfg.max_queued:
-            raise ResourceExhausted(
-                f"all {cfg.max_live} agent processes are busy and {self.queued} turns are "
-                "already waiting (pool.max_queued); retry later"
-            )
-        waiter = _Waiter(asyncio.get_running_loop().create_future())
-        self._waiters.append(waiter)
-        self._dispatch()
-        try:
-            # (asyncio.timeout, not wait_for: a cancel that comes with the grant must win.)
-            async with asyncio.timeout(cfg.queue_timeout):
-                await asyncio.shield(waiter.granted)
-        except TimeoutError:
-            self._abandon(waiter)
-            raise ResourceExhausted(
-                f"no agent process became free within {cfg.queue_timeout:g} s "
-                f"(pool.queue_timeout){self._held_by_tasks()}; retry later"
-            ) from None
-        except asyncio.CancelledError:
-            self._abandon(waiter)
-            if self._closed and not _caller_cancelled():
-                raise Unavailable("atomizerd is shutting down; retry in a moment") from None
-            raise
-
     def _held_by_tasks(self) -> str:
         busy = self.busy_with_tasks()
         if not busy:
             return ""
         return f"; sessions running background tasks hold the pool: {', '.join(sorted(busy))}"
 
-    def _abandon(self, waiter: _Waiter) -> None:
-        """A waiter gave up: a slot it was already granted goes back to the pool."""
-        granted = waiter.granted.done() and not waiter.granted.cancelled()
-        if not waiter.granted.done():
-            waiter.granted.cancel()
-        with contextlib.suppress(ValueError):
-            self._waiters.remove(waiter)
-        if granted:
-            self._used -= 1
-            self._dispatch()
-
-    def _dispatch(self) -> None:
-        """Serves the queue in order: a free slot, or an idle agent evicted for the waiter."""
-        while self._waiters:
-            head = self._waiters[0]
-            if head.granted.done():  # gave up (its slot, if any, was handled by _abandon)
-                self._waiters.popleft()
-                continue
-            if self._used < self.config.pool.max_live:
-                self._waiters.popleft()
-                self._take_free_slot()
-                head.granted.set_result(None)
-                continue
-            victim = self._eviction_victim()
-            if victim is None:
-                return
-            self._waiters.popleft()
-            victim.successor = head
-            log.info("evicting least-recently-used agent", session_id=victim.session_id)
-            self.telemetry.agent_evicted()
-            self._begin_stop(victim, "evicted for another session")
+    def _evict_for(self, waiter: Waiter) -> bool:
+        """Stops the idle agent the pool can best spare, for `waiter` (its slot passes to it
+        once the agent is gone); False when no agent can be evicted."""
+        victim = self._eviction_victim()
+        if victim is None:
+            return False
+        victim.successor = waiter
+        log.info("evicting least-recently-used agent", session_id=victim.session_id)
+        self.telemetry.agent_evicted()
+        self._begin_stop(victim, "evicted for another session")
+        return True
 
     def _eviction_victim(self) -> Agent | None:
         """A spare first (no session loses its warm agent for it), else the idle agent used
@@ -604,15 +465,6 @@ class AgentPool:
             if a.state is S.READY and a.successor is None and not a.running_tasks
         ]
         return min(idle, key=lambda a: (a.spare_for is None, a.idle_since), default=None)
-
-    def _free_slot_of(self, agent: Agent) -> None:
-        """The agent is gone: its slot passes to its successor, or back to the pool."""
-        successor, agent.successor = agent.successor, None
-        if successor is not None and not successor.granted.done():
-            successor.granted.set_result(None)  # the slot changes hands; _used is unchanged
-        else:
-            self._used -= 1
-        self._dispatch()
 
     # --- spawning and stopping -----------------------------------------------------------
 
@@ -640,7 +492,7 @@ class AgentPool:
             agent.lease_wanted = False
             if task.done() and not task.cancelled() and task.exception() is None:
                 self.release(agent, reusable=True)
-            if task.cancelled() and not _caller_cancelled():
+            if task.cancelled() and not caller_cancelled():
                 # The spawn was abandoned by a shutdown, not by this lease's caller.
                 raise Unavailable("atomizerd is shutting down; retry in a moment") from None
             raise
@@ -678,7 +530,7 @@ class AgentPool:
         if agent.state is S.READY:
             if agent.spare_for is None:
                 self._read_while_idle(agent)
-            self._dispatch()
+            self.slots.dispatch()
 
     async def _handshake(self, agent: Agent, spec: LaunchSpec, record: SessionRecord) -> None:
         """The CLI's `initialize` at spawn readies it for the first turn and carries what must
@@ -787,7 +639,8 @@ class AgentPool:
             self.agent_gone(sid)
         agent.settled.set()
         agent.gone.set()
-        self._free_slot_of(agent)
+        successor, agent.successor = agent.successor, None
+        self.slots.pass_on(successor)
         if agent.spare_for is not None:
             log.info("spare agent gone; replacing it", mode=agent.spare_for)
         self._soon(self.replenish_spares)
@@ -813,12 +666,6 @@ def _reader_done(agent: Agent, task: asyncio.Task[None]) -> None:
             session_id=agent.session_id,
             error=repr(task.exception()),
         )
-
-
-def _caller_cancelled() -> bool:
-    """Whether the running task itself is being cancelled (not just something it awaited)."""
-    current = asyncio.current_task()
-    return current is not None and current.cancelling() > 0
 
 
 def _started(agent: Agent, task: asyncio.Task[None]) -> None:

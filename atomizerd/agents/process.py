@@ -49,15 +49,16 @@ import secrets
 import shutil
 import signal
 import subprocess
-from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, TypeAlias
+from typing import Any
 
 import structlog
 
 from atomizerd.agents import protocol
 from atomizerd.agents.lines import LineSplitter, Overflow
+from atomizerd.agents.links import READ_CHUNK, AgentLink, PipeLink, PipeProtocol
+from atomizerd.agents.mailbox import Entry, Mailbox, StderrTail
 from atomizerd.agents.procgroup import (
     SetprivMissing,
     kill_group_if_same,
@@ -94,231 +95,10 @@ DEFAULT_MAX_LINE_BYTES = 32 * 1024 * 1024
 DEFAULT_STDERR_TAIL_BYTES = 64 * 1024
 DEFAULT_MAILBOX_SIZE = 4096
 DEFAULT_WRITE_TIMEOUT = 10.0  # agent.write_timeout
-_READ_CHUNK = 256 * 1024
 # After the agent exits: how long its pipes may stay open (held by an orphaned grandchild)
 # before the leftovers are killed, and how long to wait for the output to be delivered.
 _EXIT_DRAIN_GRACE = 2.0
 _KILL_WAIT = 5.0
-
-
-class _StderrTail:
-    """The newest `limit` bytes written to stderr."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit = max(limit, 0)
-        self._buf = bytearray()
-
-    def add(self, chunk: bytes) -> None:
-        self._buf += chunk
-        excess = len(self._buf) - self._limit
-        if excess > 0:
-            del self._buf[:excess]
-
-    def text(self) -> str:
-        return self._buf.decode("utf-8", "replace")
-
-
-# An item with its place in the agent's output: its index among the messages parsed (counted
-# from the reader's start) and, for the last message of a line, the stream position after the
-# line's newline (-1 otherwise).
-_Entry: TypeAlias = tuple[AgentItem, int, int]
-
-
-class _Mailbox:
-    """A bounded FIFO of items that ends with a sticky final item.
-
-    `put` waits while full (backpressure on the agent's stdout); after `close`, puts are
-    dropped and `get` returns the queued items, then the final item forever. Waiting sides
-    park on a future made only when they actually wait: nothing is allocated per item.
-    """
-
-    def __init__(self, maxsize: int) -> None:
-        self._items: deque[_Entry] = deque()
-        self._maxsize = max(maxsize, 1)
-        self._final: AgentExited | None = None
-        self._getters: list[asyncio.Future[None]] = []
-        self._putters: list[asyncio.Future[None]] = []
-
-    @property
-    def closed(self) -> bool:
-        return self._final is not None
-
-    @property
-    def empty(self) -> bool:
-        return not self._items
-
-    async def put(self, entry: _Entry) -> None:
-        while len(self._items) >= self._maxsize and self._final is None:
-            await self._park(self._putters)
-        if self._final is None:
-            self._items.append(entry)
-            _wake(self._getters)
-
-    def close(self, final: AgentExited) -> None:
-        if self._final is None:
-            self._final = final
-            _wake(self._getters)
-            _wake(self._putters)
-
-    def peek(self) -> _Entry | None:
-        """The next entry without taking it (or the final one), else None."""
-        if self._items:
-            return self._items[0]
-        return None if self._final is None else (self._final, -1, -1)
-
-    async def wait_nonempty(self) -> None:
-        """Returns once an entry (or the end) is there to take."""
-        while not self._items and self._final is None:
-            await self._park(self._getters)
-
-    def get_nowait(self) -> _Entry | None:
-        """The next entry if one is there (or the final one), else None."""
-        if self._items:
-            entry = self._items.popleft()
-            if self._putters:
-                _wake(self._putters)
-            return entry
-        return None if self._final is None else (self._final, -1, -1)
-
-    async def get(self) -> _Entry:
-        while True:
-            entry = self.get_nowait()
-            if entry is not None:
-                return entry
-            await self._park(self._getters)
-
-    @staticmethod
-    async def _park(waiters: list[asyncio.Future[None]]) -> None:
-        future = asyncio.get_running_loop().create_future()
-        waiters.append(future)
-        try:
-            await future
-        finally:
-            if future in waiters:
-                waiters.remove(future)
-
-
-def _wake(waiters: list[asyncio.Future[None]]) -> None:
-    for future in waiters:
-        if not future.done():
-            future.set_result(None)
-    waiters.clear()
-
-
-class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
-    """asyncio's stream protocol plus an event set the moment the process exits."""
-
-    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(limit=limit, loop=loop)
-        self.exited = asyncio.Event()
-
-    def process_exited(self) -> None:
-        super().process_exited()
-        self.exited.set()
-
-
-class AgentLink(Protocol):
-    """How one agent's byte streams and exit reach us: its own pipes (`PipeLink`), or the
-    socket of the shim that holds them (`agents/shim_client.py`)."""
-
-    pid: int
-    exited: asyncio.Event  # set once the agent process has ended
-
-    @property
-    def returncode(self) -> int | None: ...
-
-    async def read_stdout(self) -> bytes:
-        """The next bytes of stdout; b"" at its end."""
-        ...
-
-    async def read_stderr(self) -> bytes: ...
-
-    def write(self, data: bytes) -> None:
-        """Queues bytes for stdin (BrokenPipeError / ConnectionResetError once it is closed)."""
-        ...
-
-    async def drain(self) -> None: ...
-
-    def input_closing(self) -> bool: ...
-
-    def close_input(self) -> None: ...
-
-    def signal_leader(self, sig: signal.Signals) -> None:
-        """Signals the agent itself (used only while its start time is unknown)."""
-        ...
-
-    def close(self) -> None: ...
-
-    # A link to an agent that outlives the daemon keeps what a restart needs (shim_client.py).
-    durable: bool
-
-    def record(self, payload: bytes) -> None: ...
-
-    def forget_before(self, offset: int) -> None: ...
-
-    def detach(self) -> None: ...
-
-    async def drained(self) -> None: ...
-
-
-class PipeLink:
-    """An agent started by this daemon with pipes of its own: it ends with the daemon."""
-
-    def __init__(self, transport: asyncio.SubprocessTransport, proto: _Protocol) -> None:
-        self._transport = transport
-        self._proto = proto
-        self.pid: int = transport.get_pid()
-        self.exited = proto.exited
-
-    @property
-    def returncode(self) -> int | None:
-        return self._transport.get_returncode()
-
-    async def read_stdout(self) -> bytes:
-        assert self._proto.stdout is not None
-        return await self._proto.stdout.read(_READ_CHUNK)
-
-    async def read_stderr(self) -> bytes:
-        assert self._proto.stderr is not None
-        return await self._proto.stderr.read(65536)
-
-    def write(self, data: bytes) -> None:
-        assert self._proto.stdin is not None
-        self._proto.stdin.write(data)
-
-    async def drain(self) -> None:
-        assert self._proto.stdin is not None
-        await self._proto.stdin.drain()
-
-    def input_closing(self) -> bool:
-        stdin = self._proto.stdin
-        return stdin is None or stdin.is_closing()
-
-    def close_input(self) -> None:
-        stdin = self._proto.stdin
-        if stdin is not None and not stdin.is_closing():
-            stdin.close()
-
-    def signal_leader(self, sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self._transport.send_signal(sig)
-
-    def close(self) -> None:
-        self._transport.close()
-
-    durable = False  # the agent dies with this daemon: nothing to keep for the next one
-
-    def record(self, payload: bytes) -> None:
-        pass
-
-    def forget_before(self, offset: int) -> None:
-        pass
-
-    def detach(self) -> None:
-        raise AgentError("an agent on the daemon's own pipes cannot be handed over")
-
-    async def drained(self) -> None:
-        pass
 
 
 class AgentProcess:
@@ -348,8 +128,8 @@ class AgentProcess:
         self.received = 0
         self._boundary = (stdout_offset, 0)
         self.helper: ProcessIdentity | None = getattr(link, "shim", None)
-        self._stderr = _StderrTail(stderr_tail_bytes)
-        self._mailbox = _Mailbox(mailbox_size)
+        self._stderr = StderrTail(stderr_tail_bytes)
+        self._mailbox = Mailbox(mailbox_size)
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._ids = itertools.count(1)
         self._stdout_eof = asyncio.Event()
@@ -387,7 +167,7 @@ class AgentProcess:
         try:
             command = [*pdeathsig_argv(), _find_program(argv, env, cwd), *argv[1:]]
             transport, proto = await loop.subprocess_exec(
-                lambda: _Protocol(limit=_READ_CHUNK, loop=loop),
+                lambda: PipeProtocol(limit=READ_CHUNK, loop=loop),
                 *command,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -477,7 +257,7 @@ class AgentProcess:
         """Returns once there is an item to take (or the process has ended)."""
         await self._mailbox.wait_nonempty()
 
-    def _took(self, entry: _Entry) -> AgentItem:
+    def _took(self, entry: Entry) -> AgentItem:
         item, index, end = entry
         if index >= 0:
             self.received = index + 1
