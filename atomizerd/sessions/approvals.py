@@ -13,7 +13,7 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,7 @@ from atomizerd.sessions.rules import (
     parse_suggestions,
     session_rule_update,
 )
-from atomizerd.store.db import AuditRecord, Store
+from atomizerd.store.db import AuditRecord, Store, ToolCallRecord
 from atomizerd.telemetry import NULL, Telemetry
 
 log = structlog.get_logger("atomizerd.sessions.approvals")
@@ -40,6 +40,14 @@ EXIT_PLAN_TOOL = "ExitPlanMode"
 PLAN_MODE_DENIAL = (
     "plan mode: nothing is changed before the plan is approved; present it with ExitPlanMode"
 )
+
+
+def json_or_text(text: str) -> Any:
+    """A tool input as the CLI sent it: JSON, or the text itself when it is not JSON."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def input_digest(tool_input: Any) -> str:
@@ -366,6 +374,18 @@ class Approvals:
             self._write_audit(tool_name, digest, allow, decider, detail, kind)
         except StorageFull as e:  # the decision stands; only its record is lost
             log.error("audit event not stored", tool=tool_name, error=str(e))
+
+    def audit_unasked(self, calls: Iterable[ToolCallRecord], denied: set[str]) -> None:
+        """Tool uses nobody was asked about: allowed by the mode's rules, or denied by the
+        CLI's own policy (`denied`: the turn's permission denials)."""
+        for call in calls:
+            if call.id in self.asked_tool_uses:
+                continue
+            digest = input_digest(json_or_text(call.input_json))
+            if call.id in denied:
+                self.audit(call.name, digest, False, POLICY, "denied by the mode's rules")
+            else:
+                self.audit(call.name, digest, True, MODE, "allowed by the mode's rules")
 
     def _write_audit(
         self, tool_name: str, digest: str, allow: bool, decider: str, detail: str, kind: str

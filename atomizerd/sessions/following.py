@@ -25,7 +25,7 @@ from atomizerd.agents.vocabulary import AgentError, AgentItem
 from atomizerd.config import Config
 from atomizerd.errors import AtomizerError, Unavailable
 from atomizerd.sessions import events as ev
-from atomizerd.sessions.approvals import Approvals
+from atomizerd.sessions.approvals import Approvals, json_or_text
 from atomizerd.sessions.conversation import (
     Open,
     Router,
@@ -35,7 +35,7 @@ from atomizerd.sessions.conversation import (
     taken_line,
 )
 from atomizerd.sessions.journal import TurnJournal
-from atomizerd.sessions.relay import Terminal, cut_short, json_or_text
+from atomizerd.sessions.relay import Terminal, cut_short
 from atomizerd.sessions.turn import Emit, EmitFor, T, Transcript, Turn
 from atomizerd.store.db import Store
 

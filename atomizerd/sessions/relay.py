@@ -8,9 +8,6 @@ own business, not the transcript's.
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 from atomizerd.agents import protocol as proto
 from atomizerd.agents.vocabulary import AgentExited, AgentItem, LineTooLong
 from atomizerd.sessions import events as ev
@@ -170,10 +167,3 @@ def cut_short(transcript: Transcript, *, taken_over: bool = False) -> ev.TurnCom
     return ev.TurnCompleted(
         text=transcript.full_text(), stop_reason=why, interrupted=not taken_over
     )
-
-
-def json_or_text(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text

@@ -26,18 +26,18 @@ from atomizerd.agents.vocabulary import (
     AgentSpawnError,
     WriteTimeout,
 )
-from atomizerd.atomizer.prompt import history_seed
 from atomizerd.config import Config
 from atomizerd.errors import AtomizerError
 from atomizerd.sessions import events as ev
-from atomizerd.sessions.approvals import MODE, POLICY, Approvals, input_digest
+from atomizerd.sessions.approvals import Approvals
 from atomizerd.sessions.attachments import content_blocks, to_store
+from atomizerd.sessions.context import AgentContext
 from atomizerd.sessions.control import AgentControl, Replay, quiet
 from atomizerd.sessions.following import Follower
 from atomizerd.sessions.journal import TurnJournal
 from atomizerd.sessions.outcomes import LateOutcomes
 from atomizerd.sessions.plans import PLAN, leave_plan
-from atomizerd.sessions.relay import Terminal, json_or_text, relay
+from atomizerd.sessions.relay import Terminal, relay
 from atomizerd.sessions.relay import outcome as outcome_of
 from atomizerd.sessions.turn import Emit, EmitFor, T, Transcript, Turn, TurnState
 from atomizerd.store.db import SessionRecord, Store
@@ -72,6 +72,7 @@ class TurnRunner:
         self.emit_for = emit_for
         self.control = AgentControl(config)
         # Outcomes the store could not take (a full disk), written once it can again.
+        self.context = AgentContext(config, store, pool, context_text)
         self.outcomes = LateOutcomes(store, config.agent.checkpoint_interval * 4)
         self.follower = Follower(config, store, pool, emit_for, self)
 
@@ -119,7 +120,7 @@ class TurnRunner:
                         "the conversation could not be resumed or reseeded",
                     )
                     return None
-                self._reseed(s)
+                self.context.reseed(s)
                 reseeded = True
                 continue
             except AgentSpawnError as e:
@@ -145,10 +146,12 @@ class TurnRunner:
                 if transport.durable:
                     turn.journal = TurnJournal.begin(transport, turn.opening)
                 if turn.attachments:
-                    blocks = content_blocks(self._agent_text(s, turn), turn.attachments)
+                    blocks = content_blocks(self.context.text_for(s, turn), turn.attachments)
                     await transport.send_user_content(blocks, turn.line_uuid)
                 else:
-                    await transport.send_user_message(self._agent_text(s, turn), turn.line_uuid)
+                    await transport.send_user_message(
+                        self.context.text_for(s, turn), turn.line_uuid
+                    )
                 return agent
             except AgentExited as e:  # it took nothing: safe to start it again
                 turn.journal = None  # the next agent gets the turn's opening events again
@@ -396,7 +399,10 @@ class TurnRunner:
         turn.lifecycle.move(T.ENDING)
         if turn.approvals is not None:
             turn.approvals.close("the turn ended before an answer")
-            self._audit_unasked_tools(turn.approvals, transcript, terminal)
+            denied = set()
+            if isinstance(terminal, ev.TurnCompleted):
+                denied = {d.tool_use_id for d in terminal.permission_denials}
+            turn.approvals.audit_unasked(transcript.tool_calls.values(), denied)
         outcome = outcome_of(transcript, terminal)
         if transcript.origin_kind == TASK_NOTIFICATION and turn.origin is ev.TurnOrigin.AGENT:
             turn.origin = ev.TurnOrigin.TASK  # the CLI's word is final: stored as such
@@ -435,55 +441,6 @@ class TurnRunner:
         if record is None:
             raise AtomizerError(f"session {s.id!r} vanished from the store")
         return record
-
-    def _reseed(self, s: Session) -> None:
-        """The agent's transcript is gone: a new conversation, seeded from our own store."""
-        limit = self.config.agent.history_seed_messages
-        recent = self.store.recent_messages(s.id, limit)
-        s.record = self._update(
-            s, agent_session_id=ids.new_agent_session_id(), agent_started=False, agent_cost_usd=0.0
-        )
-        self.pool.seed_next_spawn(s.id, history_seed(recent))
-        log.warning(
-            "agent conversation lost; reseeded from stored history",
-            session_id=s.id,
-            messages=len(recent),
-        )
-
-    def _agent_text(self, s: Session, turn: Turn) -> str:
-        """The text written to the agent. The CLI keeps a resumed conversation's first system
-        prompt, so a study or mode that changed since then reaches the model with the next
-        user message."""
-        record = s.record
-        if not (record.context_stale and record.agent_started):
-            return turn.text
-        try:
-            context = self.context_text(record)
-            s.record = self._update(s, context_stale=False)
-        except AtomizerError as e:  # e.g. the study folder is gone: the next message retries
-            log.warning("changed context not sent", session_id=s.id, error=str(e))
-            return turn.text
-        return f"<atomizer-context>\n{context}\n</atomizer-context>\n\n{turn.text}"
-
-    def _audit_unasked_tools(
-        self,
-        approvals: Approvals,
-        transcript: Transcript,
-        terminal: ev.TurnCompleted | ev.TurnFailed,
-    ) -> None:
-        """Tool uses nobody was asked about: allowed by the mode's rules, or denied by the CLI's
-        own policy (listed in the turn's permission denials)."""
-        denied = set()
-        if isinstance(terminal, ev.TurnCompleted):
-            denied = {d.tool_use_id for d in terminal.permission_denials}
-        for call in transcript.tool_calls.values():
-            if call.id in approvals.asked_tool_uses:
-                continue
-            digest = input_digest(json_or_text(call.input_json))
-            if call.id in denied:
-                approvals.audit(call.name, digest, False, POLICY, "denied by the mode's rules")
-            else:
-                approvals.audit(call.name, digest, True, MODE, "allowed by the mode's rules")
 
     # --- the conversation ----------------------------------------------------------------
 

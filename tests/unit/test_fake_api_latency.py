@@ -59,18 +59,20 @@ def test_streamed_reply_waits_for_first_token_then_streams_at_the_rate() -> None
     start = first(events, "message_start")
     deltas = [t for t, e in events if e == "content_block_delta"]
     assert len(deltas) == 2
+    # Lower bounds only, each counted from the request's start: nothing can be received
+    # before it was sent, however late a loaded machine delivers it.
     assert start >= 0.29
-    assert 0.29 <= deltas[0] < 0.6
-    assert deltas[1] - deltas[0] >= 8 / 50 - 0.01  # the first delta's 8 tokens at 50/s
+    assert deltas[0] >= 0.29
+    assert deltas[1] >= 0.3 + 8 / 50 - 0.01  # after the first delta's 8 tokens at 50/s
     assert first(events, "message_stop") >= 0.3 + 10 / 50 - 0.01
-    assert total < 1.5
+    assert total >= first(events, "message_stop")
 
 
 def test_whole_reply_comes_after_first_token_and_every_token() -> None:
     with FakeMessagesAPI(ttft_ms=200, tokens_per_s=100) as api:
         events, _ = post(api, stream=False)
     assert events[0][1] == REPLY
-    assert 0.2 + 10 / 100 - 0.01 <= events[0][0] < 1.0
+    assert events[0][0] >= 0.2 + 10 / 100 - 0.01
 
 
 def test_negative_latency_is_refused() -> None:
