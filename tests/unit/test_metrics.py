@@ -4,6 +4,7 @@ registries and hooks."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import http.client
 import socket
 import stat
@@ -107,8 +108,9 @@ def raw(endpoint: metrics.MetricsEndpoint, data: bytes) -> bytes:
             s.shutdown(socket.SHUT_WR)
             while chunk := s.recv(65536):
                 chunks.append(chunk)
-        except ConnectionResetError:  # closed with our request unread: the same answer
-            pass
+        except OSError as e:  # closed with our request unread (reset, or gone before our
+            if e.errno not in (errno.ECONNRESET, errno.ENOTCONN, errno.EPIPE):  # shutdown)
+                raise
     return b"".join(chunks)
 
 
