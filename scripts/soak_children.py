@@ -4,11 +4,14 @@
     python scripts/soak_children.py DAEMON_PID [--interval 0.01]
 
 Used by scripts/soak and scripts/bench (`ChildSampler`) to check the pool's cap from outside:
-every `interval` it counts the daemon's own children (ppid = the daemon; the CLI's own
-children, its sandbox helpers and tools, are not counted), split into agents (an argv with
-AGENT_MARKER, which every agent's has, or a fork not yet exec'd: the daemon's own command
-line) and others (the start-up `--version` probe, the sandbox probe). A zombie counts as what
-it was: a zombie agent still holds its pool slot until the daemon reaps it.
+every `interval` it counts the daemon's agents: its own children (ppid = the daemon) and,
+when agents run under shims, the shims' children; the CLI's own children (its sandbox helpers
+and tools, background commands) are not counted. An agent is a process whose argv has
+AGENT_MARKER, which every agent's has, or a fork of the daemon not yet exec'd (the daemon's
+own command line); a shim (SHIM_MARKER) is not one: it holds no agent once its agent has
+exited, whatever it does in the milliseconds before it exits itself. Other children (the
+start-up `--version` probe, the sandbox probe) are counted apart. A zombie counts as what it
+was: a zombie agent still holds its pool slot until it is reaped.
 
 Prints "ready" once it has taken its first sample, then runs until its stdin closes and
 writes one JSON line: how often it sampled, the most agents seen and when, the most agents of
@@ -35,6 +38,7 @@ from pathlib import Path
 from typing import IO
 
 AGENT_MARKER = b"--mcp-config="  # every agent's argv has it (its private MCP config)
+SHIM_MARKER = b"/agents/shim.py"  # a shim's argv (it holds the agent's argv too)
 SAMPLE_INTERVAL = 0.01
 
 
@@ -60,9 +64,20 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
+def _kind(cmd: bytes, own: bytes, under_shim: bool) -> str:
+    """What a child of the daemon (or of a shim: `under_shim`) is. A shim's own fork that has
+    not exec'd the agent yet carries the shim's argv: under a shim it already is the agent."""
+    if under_shim:
+        return "agent" if AGENT_MARKER in cmd else "other"
+    if any(SHIM_MARKER in arg for arg in cmd.split(b"\0")[:4]):
+        return "shim"
+    return "agent" if AGENT_MARKER in cmd or cmd == own else "other"
+
+
 def count_children(daemon_pid: int, interval: float, out: IO[str]) -> None:
     own = _cmdline(daemon_pid)
-    children: dict[int, str] = {}  # pid -> "agent" | "other"
+    children: dict[int, str] = {}  # pid -> "agent" | "shim" | "other"
+    under_shim: set[int] = set()  # children of a shim (the agent it started)
     strangers: set[int] = set()
     t0 = time.monotonic()
     last = t0
@@ -87,20 +102,29 @@ def count_children(daemon_pid: int, interval: float, out: IO[str]) -> None:
         strangers &= pids
         for pid in [p for p in children if p not in pids]:
             del children[pid]
-        for pid in pids - strangers - children.keys():
-            ppid = _ppid(pid)
+            under_shim.discard(pid)
+        new = {pid: _ppid(pid) for pid in pids - strangers - children.keys()}
+        for pid, ppid in new.items():  # the daemon's children first: a new shim's child next
             if ppid == daemon_pid:
+                children[pid] = _kind(_cmdline(pid), own, False)
+        shims = {pid for pid, kind in children.items() if kind == "shim"}
+        for pid, ppid in new.items():
+            if ppid == daemon_pid:
+                continue
+            if ppid is not None and ppid in shims:
                 children[pid] = "agent"
+                under_shim.add(pid)
             elif ppid is not None:
                 strangers.add(pid)
         for pid in children:
             cmd = _cmdline(pid)
             if cmd:  # empty: a zombie, which keeps what it was
-                children[pid] = "agent" if AGENT_MARKER in cmd or cmd == own else "other"
+                children[pid] = _kind(cmd, own, pid in under_shim)
         agents = sum(1 for kind in children.values() if kind == "agent")
+        shim_count = sum(1 for kind in children.values() if kind == "shim")
         second = int(now - t0)
         per_second[second] = max(per_second.get(second, 0), agents)
-        most_other = max(most_other, len(children) - agents)
+        most_other = max(most_other, len(children) - agents - shim_count)
         if agents > most:
             most, most_at = agents, now - t0
         if agents != current:

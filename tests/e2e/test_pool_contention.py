@@ -20,25 +20,40 @@ from tests.support.turns import send
 
 pytestmark = pytest.mark.e2e
 
+SHIM = b"/agents/shim.py"  # a shim's argv
+
 
 def agents_of(daemon_pid: int, runtime_dir: Path) -> int:
-    """Live agent processes of this daemon: its children whose argv names its runtime dir
-    (--mcp-config). Children of the CLI (its sandbox's socat, its own helpers) are not agents."""
+    """Live agent processes of this daemon: processes whose argv names its runtime dir
+    (--mcp-config), among its children and, when agents run under shims, the shims' children.
+    A shim is not an agent (its argv holds its agent's, but once the agent exited it holds
+    nothing); the CLI's own children (its sandbox's socat, its tools) are not agents either."""
     marker = f"--mcp-config={runtime_dir}".encode()
-    count = 0
+    procs: dict[int, tuple[int, bytes, bytes]] = {}  # pid -> (ppid, state, argv)
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
             with open(f"/proc/{name}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
+                args = f.read()
             with open(f"/proc/{name}/stat", "rb") as f:
                 state, ppid = f.read().rsplit(b")", 1)[1].split()[:2]
         except OSError:
             continue
-        if state != b"Z" and int(ppid) == daemon_pid and any(a.startswith(marker) for a in args):
-            count += 1
-    return count
+        procs[int(name)] = (int(ppid), state, args)
+    shims = {
+        pid
+        for pid, (ppid, _, args) in procs.items()
+        if ppid == daemon_pid and any(SHIM in a for a in args.split(b"\0")[:4])
+    }
+    return sum(
+        1
+        for pid, (ppid, state, args) in procs.items()
+        if state != b"Z"
+        and marker in args
+        and pid not in shims
+        and (ppid == daemon_pid or ppid in shims)
+    )
 
 
 @contextmanager
@@ -81,6 +96,7 @@ def test_four_new_sessions_sending_at_once_never_exceed_a_cap_of_two(e2e: E2E) -
             results = list(ex.map(lambda sid: outcome(stubs, sid, "hello"), sids))
         assert results == ["ok"] * 4
         assert samples and max(samples) <= 2, f"round {round_}: up to {max(samples)} live agents"
+        assert max(samples) == 2, "the sampler sees the agents (the cap was reached)"
 
 
 def test_one_slot_two_sessions_twenty_rounds_at_once_no_turn_fails(short_tmp: Path) -> None:
@@ -98,4 +114,4 @@ def test_one_slot_two_sessions_twenty_rounds_at_once_no_turn_fails(short_tmp: Pa
                 results = list(ex.map(lambda sid, t: outcome(stubs, sid, t), ("a", "b"), texts))
                 failures += [r for r in results if r != "ok"]
         assert failures == []
-        assert max(samples) <= 1
+        assert max(samples) == 1, "at most one agent, and the sampler sees it"
