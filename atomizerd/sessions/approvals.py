@@ -21,7 +21,7 @@ import structlog
 
 from atomizerd.agents import protocol as proto
 from atomizerd.daemon import metrics
-from atomizerd.errors import FailedPrecondition, InvalidArgument, NotFound, StorageFull
+from atomizerd.errors import FailedPrecondition, InvalidArgument, NotFound, StoreDown
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.questions import QUESTION_TOOL, Questions
 from atomizerd.sessions.rules import (
@@ -262,9 +262,9 @@ class Approvals:
                 notes.append(f"the rule {rule} is allowed for the rest of the session")
             elif decision.remember:
                 self.store.remember_rule(self.session_id, tool_name, digest, decision.allow)
-        except StorageFull as e:  # the answer stands for this call; only the rule is lost
+        except StoreDown as e:  # the answer stands for this call; only the rule is lost
             log.error("permission rule not remembered", tool=tool_name, error=str(e))
-            notes.append("not remembered: the disk is full")
+            notes.append("not remembered: the store cannot take writes now")
         return "; ".join(notes)
 
     async def _ask(
@@ -349,7 +349,7 @@ class Approvals:
     ) -> None:
         try:
             self._write_audit(tool_name, digest, allow, decider, detail, kind)
-        except StorageFull as e:  # the decision stands; only its record is lost
+        except StoreDown as e:  # the decision stands; only its record is lost
             log.error("audit event not stored", tool=tool_name, error=str(e))
 
     def _write_audit(

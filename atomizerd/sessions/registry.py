@@ -35,7 +35,7 @@ from atomizerd.errors import (
     NotFound,
     PermissionDenied,
     ResourceExhausted,
-    StorageFull,
+    StoreDown,
     Unavailable,
 )
 from atomizerd.sessions import events as ev
@@ -882,7 +882,7 @@ class Registry:
             if record is None:  # purged meanwhile
                 raise NotFound(f"session {s.id!r} does not exist")
             s.record = record
-        except StorageFull as e:
+        except StoreDown as e:
             # Numbering goes on in memory; only a crash before the disk recovers could reuse
             # these numbers.
             log.error("sequence numbers not reserved", session_id=s.id, error=str(e))

@@ -44,7 +44,7 @@ from atomizerd.agents.transport import AgentTransport
 from atomizerd.atomizer.prompt import history_seed
 from atomizerd.daemon import metrics
 from atomizerd.daemon.config import Config
-from atomizerd.errors import AtomizerError, StorageFull, Unavailable
+from atomizerd.errors import AtomizerError, StoreDown, Unavailable
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.approvals import MODE, POLICY, Approvals, Decision, input_digest
 from atomizerd.sessions.attachments import Attachment, content_blocks, to_store
@@ -561,14 +561,15 @@ class TurnRunner:
             self._settler = asyncio.ensure_future(self._settle_loop())
 
     async def _settle_loop(self) -> None:
-        """Stores the outcomes a full disk refused, oldest first, once writes work again."""
+        """Stores the outcomes the store refused (a full disk, the database unreachable),
+        oldest first, once writes work again."""
         while self._unsettled:
             await asyncio.sleep(self.config.agent.checkpoint_interval * 4)
-            with contextlib.suppress(StorageFull):
+            with contextlib.suppress(StoreDown):
                 self._settle_entries(list(self._unsettled))
 
     def _settle_pending(self, s: Session) -> None:
-        """Stores the session's refused outcomes now (raises StorageFull if it still can't)."""
+        """Stores the session's refused outcomes now (raises StoreDown if it still can't)."""
         self._settle_entries([e for e in self._unsettled if e[0] is s])
 
     def _settle_entries(
@@ -580,7 +581,7 @@ class TurnRunner:
                 _, s.record = self.store.finish_turn(
                     s.id, turn_id, outcome, agent_cost_usd=agent_cost
                 )
-            except StorageFull:
+            except StoreDown:
                 raise
             except Exception:  # e.g. the session was purged meanwhile: nothing to store
                 log.exception("turn outcome dropped", turn_id=turn_id)
