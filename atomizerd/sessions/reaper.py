@@ -32,6 +32,7 @@ import structlog
 
 from atomizerd.daemon import metrics
 from atomizerd.daemon.config import Config
+from atomizerd.errors import StoreDown
 
 if TYPE_CHECKING:
     from atomizerd.agents.pool import AgentPool
@@ -69,7 +70,10 @@ class Reaper:
     async def run_forever(self) -> None:
         while True:
             await asyncio.sleep(self.config.reaper.interval)
-            await self.run_once()
+            try:
+                await self.run_once()
+            except StoreDown as e:  # a full disk, the database unreachable: the next pass
+                log.warning("reaper pass skipped: the store is unavailable", error=str(e))
 
     async def run_once(self) -> ReaperPass:
         started = time.monotonic()
