@@ -16,10 +16,12 @@ client per session that sends messages in a loop, and injects its fault `--cycle
               sessions whose agent runs background Bash commands (`run_in_background`).
 - shim-kill   SIGKILL of a random agent's shim (the agent dies with it) mid-turn.
 - agent-kill  SIGKILL of a random agent process mid-turn (its shim stays).
-- disk-full   the state dir on a 32 MiB tmpfs filled to the last byte mid-turn, then freed
-              (needs root to mount it; skipped otherwise).
-- db-restart  fleet mode: a PostgreSQL server of its own stopped for 3 s mid-turn and started
-              again (needs PostgreSQL's binaries; skipped otherwise).
+- disk-full   the state dir on a 32 MiB tmpfs filled to the last byte mid-turn, freed after
+              `--outage-seconds` (needs root to mount it; skipped otherwise).
+- db-restart  fleet mode: a PostgreSQL server of its own stopped mid-turn for
+              `--outage-seconds` (3 s by default; 30 s is the bound the daemon is built to ride
+              out and more works too) and started again (needs PostgreSQL's binaries; skipped
+              otherwise).
 
 Every message carries a token of its own (`tok-<session>-<n>`) and is sent with it as its
 request_id; the fake API's reply is `echo: <text>`. A client whose stream breaks (UNAVAILABLE
@@ -104,6 +106,7 @@ class Tally:
     seq_faults: list[str] = field(default_factory=list)
     reattached: int = 0
     resent: int = 0
+    replayed: int = 0
     faults_injected: int = 0
     serving_again: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -126,6 +129,8 @@ class Client:
         return session_pb2_grpc.SessionServiceStub(channel)
 
     def seq(self, event: pb.SessionEvent) -> None:
+        if event.seq == 0:
+            return  # a stored turn replayed (a request_id sent again after its turn ended)
         if event.seq <= self.last_seq:
             self.tally.seq_faults.append(f"{self.sid}: seq {event.seq} after {self.last_seq}")
         self.last_seq = event.seq
@@ -178,6 +183,11 @@ class Client:
             seen.streamed += event.text_delta.text
         elif kind in TERMINAL:
             seen.terminal = str(kind)
+            if event.seq == 0:
+                # A request_id sent again after its turn ended: the stored outcome, replayed
+                # (turn_started, then the end with the whole reply); what the client sees.
+                self.tally.replayed += 1
+                seen.streamed = event.turn_completed.text if kind == "turn_completed" else ""
 
     async def send(self, stub: session_pb2_grpc.SessionServiceStub, seen: Seen) -> None:
         call = stub.SendMessage(
@@ -454,13 +464,13 @@ async def drive(
                 assert disk is not None
                 filler = disk / "filler"
                 fill(filler)
-                await asyncio.sleep(1.5)
+                await asyncio.sleep(args.outage_seconds)
                 filler.unlink()
             elif scenario == "db-restart":
                 await asyncio.to_thread(pg.pause, "fast")
-                await asyncio.sleep(3.0)
+                await asyncio.sleep(args.outage_seconds)
                 await asyncio.to_thread(pg.resume)
-                await wait_serving(d, tally, since)
+                await wait_serving(d, tally, time.monotonic())  # from the server's return
             tally.faults_injected += 1
         done, pending = await asyncio.wait(runs, timeout=args.seconds_per_scenario + TURN_TIMEOUT)
         for task in pending:
@@ -531,7 +541,10 @@ def run_scenario(scenario: str, args: argparse.Namespace) -> Row:
             serving = sorted(tally.serving_again)
             if serving:
                 row.note = f"serving again in {serving[len(serving) // 2]:.1f} s (median)"
-            row.note += f"; {tally.reattached} re-attached, {tally.resent} re-sent"
+            row.note += (
+                f"; {tally.reattached} re-attached, {tally.resent} re-sent, "
+                f"{tally.replayed} replayed from the store"
+            )
     except Exception as e:
         row.problems.append(f"scenario failed: {e!r}")
         row.lost += 1
@@ -578,7 +591,7 @@ def report(rows: list[Row], args: argparse.Namespace, seconds: float) -> bool:
         )
     print(
         f"\nchaos: {args.agent} agent, {args.sessions} sessions, up to {args.cycles} faults "
-        f"per scenario, {seconds:.0f} s\n"
+        f"per scenario, outages of {args.outage_seconds:g} s, {seconds:.0f} s in all\n"
     )
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
@@ -599,6 +612,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=4)
     parser.add_argument("--agent", choices=("real", "fake"), default="real")
     parser.add_argument("--seconds-per-scenario", type=float, default=60.0)
+    parser.add_argument(
+        "--outage-seconds",
+        type=float,
+        default=3.0,
+        help="how long the disk stays full and the database server stopped",
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--keep", action="store_true", help="keep the temporary dirs")
     args = parser.parse_args(argv)
