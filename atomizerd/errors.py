@@ -22,7 +22,12 @@ class ResourceExhausted(AtomizerError):
     pass
 
 
-class StorageFull(ResourceExhausted):
+class StoreDown(AtomizerError):
+    """The store cannot take writes for now (a full disk, an unreachable database): what the
+    daemon meant to store is kept and stored once it can (`TurnRunner._settle_later`)."""
+
+
+class StorageFull(ResourceExhausted, StoreDown):
     """The disk holding the daemon's database is full: writes fail until space is freed
     (reads keep working). The message names the database and its disk."""
 
@@ -33,6 +38,12 @@ class FailedPrecondition(AtomizerError):
 
 class Unavailable(AtomizerError):
     """The daemon is draining or a dependency is down; retrying later may work."""
+
+
+class DatabaseUnavailable(Unavailable, StoreDown):
+    """The database cannot be reached (PostgreSQL restarted, stopped or cut off; an SQLite
+    file on a disk that fails): every call that needs it fails until the daemon has
+    reconnected by itself (`atomizerd.store.outage`). The message says so."""
 
 
 class Internal(AtomizerError):

@@ -95,6 +95,20 @@ def postgres() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of the test's own, which it may stop and start again mid-test
+    (`pause`, `resume`) without disturbing the other tests' server."""
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL's initdb, pg_ctl and postgres were not found")
+    server = PostgresServer(bindir, durable=True).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
 def pg_url(postgres: PostgresServer) -> Iterator[str]:
     """The URL of a fresh database of its own on the session's PostgreSQL server."""
     url = postgres.new_database()

@@ -52,10 +52,11 @@ from atomizerd.atomizer.studies import Studies
 from atomizerd.config import Config, socket_mode
 from atomizerd.daemon import logs, unitjob
 from atomizerd.daemon.adoption import Adopted, adopt_agents, shim_settings
+from atomizerd.daemon.dbwatch import DatabaseWatch
 from atomizerd.daemon.metrics import MetricsEndpoint, MetricsError, start_endpoint
 from atomizerd.daemon.report import StatusReporter
 from atomizerd.daemon.sdnotify import Notifier
-from atomizerd.errors import StorageFull
+from atomizerd.errors import DatabaseUnavailable, StorageFull
 from atomizerd.sessions.reaper import Reaper
 from atomizerd.sessions.registry import HAND_OVER_SETTLE, KILL_SETTLE, Registry, spare_record
 from atomizerd.store.db import Store
@@ -115,6 +116,7 @@ class Daemon:
         self.metrics: MetricsEndpoint | None = None
         # What the parts report (telemetry hooks), relayed to the metrics once they are served.
         self.telemetry = Relay()
+        self.db_watch: DatabaseWatch | None = None
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
 
     async def serve(self) -> None:
@@ -138,7 +140,7 @@ class Daemon:
             # Exclusive (among this host's daemons): the crash recovery below takes every row
             # of this host for this daemon's own.
             self.store = Store(cfg.daemon.database, exclusive=True, host_id=cfg.daemon.host_id)
-        except (DatabaseInUse, StorageFull) as e:
+        except (DatabaseInUse, StorageFull, DatabaseUnavailable) as e:
             raise StartupError(str(e)) from None
         studies = Studies(cfg)
         try:
@@ -172,7 +174,7 @@ class Daemon:
         self.adopted = await adopt_agents(cfg, self.store, self.pool, self.registry)
         try:
             self._reconcile(studies)
-        except StorageFull as e:
+        except (StorageFull, DatabaseUnavailable) as e:
             raise StartupError(f"cannot recover the previous run's state: {e}") from None
         reaper = Reaper(cfg, self.store, self.registry, self.pool, self.telemetry)
         status = StatusReporter(cfg, self.store, self.registry, self.pool, reaper)
@@ -199,6 +201,9 @@ class Daemon:
         # What start-up built lives as long as the daemon: out of the collector's way, so a
         # full collection later does not walk it (a pause of ~15-25 ms on the loop otherwise).
         gc.freeze()
+        if self.store.outages is not None:
+            self.db_watch = DatabaseWatch(self.store.outages, self._serving)
+            self._tasks.append(asyncio.create_task(self.db_watch.run()))
         self._tasks.append(asyncio.create_task(status.loop_probe.run()))
         self._tasks.append(asyncio.create_task(reaper.run_forever()))
         self._tasks.append(asyncio.create_task(self._probe_agent(status)))
@@ -316,6 +321,13 @@ class Daemon:
         await self.health.set("", status)
         for name in SERVICE_NAMES:
             await self.health.set(name, status)
+
+    async def _serving(self, serving: bool) -> None:
+        """The database's availability (DatabaseWatch): NOT_SERVING while it cannot be
+        written; SERVING again when it can, unless the daemon is stopping meanwhile."""
+        if serving and self.should_exit.is_set():
+            return
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING if serving else NOT_SERVING)
 
     async def _probe_agent(self, status: StatusReporter) -> None:
         try:

@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 
 from atomizerd.agents import protocol as proto
-from atomizerd.errors import FailedPrecondition, InvalidArgument, NotFound, StorageFull
+from atomizerd.errors import FailedPrecondition, InvalidArgument, NotFound, StoreDown
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.questions import QUESTION_TOOL, Questions
 from atomizerd.sessions.rules import (
@@ -272,9 +272,9 @@ class Approvals:
                 notes.append(f"the rule {rule} is allowed for the rest of the session")
             elif decision.remember:
                 notes.append(self._remember_call(tool_name, digest, decision))
-        except StorageFull as e:  # the answer stands for this call; only the rule is lost
+        except StoreDown as e:  # the answer stands for this call; only the rule is lost
             log.error("permission rule not remembered", tool=tool_name, error=str(e))
-            notes.append("not remembered: the disk is full")
+            notes.append("not remembered: the store cannot take writes now")
         return "; ".join(notes)
 
     def _remember_call(self, tool_name: str, digest: str, decision: Decision) -> str:
@@ -372,7 +372,7 @@ class Approvals:
     ) -> None:
         try:
             self._write_audit(tool_name, digest, allow, decider, detail, kind)
-        except StorageFull as e:  # the decision stands; only its record is lost
+        except StoreDown as e:  # the decision stands; only its record is lost
             log.error("audit event not stored", tool=tool_name, error=str(e))
 
     def audit_unasked(self, calls: Iterable[ToolCallRecord], denied: set[str]) -> None:

@@ -1,4 +1,5 @@
-"""Turn outcomes the store could not take (a full disk), stored once it can again.
+"""Turn outcomes the store could not take (a full disk, the database unreachable), stored once
+it can again.
 
 A turn's terminal event goes out whatever the store says (docs/architecture.md, "The flow of one
 turn"); its outcome then waits here and is retried in the background, oldest first. A session's
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from atomizerd.errors import StorageFull
+from atomizerd.errors import StoreDown
 from atomizerd.store.db import Store, TurnOutcome
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ class LateOutcomes:
             self._retrier = asyncio.ensure_future(self._retry())
 
     def store_pending(self, s: Session) -> None:
-        """Stores the session's refused outcomes now (raises StorageFull if it still can't)."""
+        """Stores the session's refused outcomes now (raises StoreDown if it still can't)."""
         self._store_all([w for w in self._waiting if w.session is s])
 
     def forget(self, s: Session) -> None:
@@ -58,7 +59,7 @@ class LateOutcomes:
     async def _retry(self) -> None:
         while self._waiting:
             await asyncio.sleep(self._interval)
-            with contextlib.suppress(StorageFull):
+            with contextlib.suppress(StoreDown):
                 self._store_all(list(self._waiting))
 
     def _store_all(self, waiting: list[_Waiting]) -> None:
@@ -67,7 +68,7 @@ class LateOutcomes:
                 _, w.session.record = self._store.finish_turn(
                     w.session.id, w.turn_id, w.outcome, agent_cost_usd=w.agent_cost
                 )
-            except StorageFull:
+            except StoreDown:
                 raise
             except Exception:  # e.g. the session was purged meanwhile: nothing to store
                 log.exception("turn outcome dropped", turn_id=w.turn_id)

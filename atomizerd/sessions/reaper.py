@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, TypeVar
 import structlog
 
 from atomizerd.config import Config
+from atomizerd.errors import StoreDown
 from atomizerd.telemetry import NULL, Telemetry
 
 if TYPE_CHECKING:
@@ -77,7 +78,10 @@ class Reaper:
     async def run_forever(self) -> None:
         while True:
             await asyncio.sleep(self.config.reaper.interval)
-            await self.run_once()
+            try:
+                await self.run_once()
+            except StoreDown as e:  # a full disk, the database unreachable: the next pass
+                log.warning("reaper pass skipped: the store is unavailable", error=str(e))
 
     async def run_once(self) -> ReaperPass:
         started = time.monotonic()

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import structlog
 
-from atomizerd.errors import InvalidArgument, NotFound, StorageFull, Unavailable
+from atomizerd.errors import InvalidArgument, NotFound, StoreDown, Unavailable
 from atomizerd.sessions import checks
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.session import Session, SessionState
@@ -54,7 +54,7 @@ class Streams:
             if record is None:  # purged meanwhile
                 raise NotFound(f"session {s.id!r} does not exist")
             s.record = record
-        except StorageFull as e:
+        except StoreDown as e:
             # Numbering goes on in memory; only a crash before the disk recovers could reuse
             # these numbers.
             log.error("sequence numbers not reserved", session_id=s.id, error=str(e))

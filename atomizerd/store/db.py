@@ -21,13 +21,10 @@ from typing import Any
 import peewee as pw
 import structlog
 
-from atomizerd.store.diskfull import (
-    ReportsFullDisk,
-    SqliteDatabase,
-    reporting_full_disk,
-    without_password,
-)
-from atomizerd.store.lock import DatabaseLock, lock_database
+from atomizerd.store import diskfull
+from atomizerd.store.diskfull import ReportsFullDisk, reporting_full_disk, without_password
+from atomizerd.store.lock import DatabaseLock, _AdvisoryLock, lock_database
+from atomizerd.store.outage import ReportsOutage, SqliteOutage
 
 log = structlog.get_logger("atomizerd.store.db")
 
@@ -570,6 +567,10 @@ class Store:
         try:
             if exclusive:
                 self._lock = lock_database(self.db, without_password(url), host_id or "")
+                if isinstance(self._lock, _AdvisoryLock) and isinstance(self.db, ReportsOutage):
+                    # The lock lives as long as this thread's connection: a new one after
+                    # an outage takes it again (atomizerd.store.outage).
+                    self.db.keep_lock(self._lock.retake)
             database_proxy.initialize(self.db)
             self.db.connect(reuse_if_open=True)
             self._migrate()
@@ -585,6 +586,13 @@ class Store:
         if self._lock is not None:  # after the close: its final checkpoint is still ours
             self._lock.release()
             self._lock = None
+
+    # availability (atomizerd.store.outage)
+
+    @property
+    def outages(self) -> ReportsOutage | None:
+        """The database's outage handling (None: a database class without it)."""
+        return self.db if isinstance(self.db, ReportsOutage) else None
 
     @contextmanager
     def atomic(self) -> Iterator[None]:
@@ -1256,7 +1264,7 @@ def _connect(url: str) -> pw.Database:
     if url.startswith("sqlite:///"):
         path = Path(url.removeprefix("sqlite:///"))
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return SqliteDatabase(
+        return _SqliteDatabase(
             str(path),
             pragmas={
                 "journal_mode": "wal",
@@ -1279,9 +1287,34 @@ def _connect(url: str) -> pw.Database:
         # psycopg 3 (the `postgresql` extra), also where psycopg2 happens to be installed too:
         # peewee would otherwise prefer psycopg2, which the store is not tested with.
         params["prefer_psycopg3"] = True
-    # The URL's class with full-disk reporting mixed in, built as such (a peewee database's
-    # class cannot be swapped after the fact: the layouts differ).
-    db: pw.Database = reporting_full_disk(base)(**params)
+        # A server cut off must not hold the daemon's loop for long: bounded connects, and
+        # TCP keepalives and a user timeout that end a dead connection within ~10 s (libpq
+        # ignores them on a Unix socket). The URL's own values win.
+        for key, value in _PG_CONNECTION_DEFAULTS.items():
+            params.setdefault(key, value)
+    # The URL's class with full-disk and outage reporting mixed in, built as such (a peewee
+    # database's class cannot be swapped after the fact: the layouts differ).
+    full = reporting_full_disk(base)
+    cls = full
+    if not issubclass(full, ReportsOutage):
+        cls = type(base.__name__, (ReportsOutage, full), {})
+    db: pw.Database = cls(**params)
     if isinstance(db, ReportsFullDisk):
         db.full_disk_url = without_password(url)
+    if isinstance(db, ReportsOutage):
+        db.outage_url = without_password(url)
     return db
+
+
+class _SqliteDatabase(SqliteOutage, diskfull.SqliteDatabase):
+    """SQLite that names the disk when it is full, and rides out a disk that fails."""
+
+
+_PG_CONNECTION_DEFAULTS: dict[str, object] = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+}

@@ -64,7 +64,19 @@ class _FileLock(DatabaseLock):
 
 
 class _AdvisoryLock(DatabaseLock):
-    """Ends with the connection's session (the store closes it at shutdown)."""
+    """Ends with the connection's session (the store closes it at shutdown, or the server
+    ends it: a restart, a lost connection). `retake` takes it again on a new connection."""
+
+    def __init__(self, db: pw.PostgresqlDatabase, shown_as: str, host_id: str) -> None:
+        self._db = db
+        self._shown_as = shown_as
+        self._host_id = host_id
+
+    def retake(self) -> None:
+        """On the store's new connection after the old one was lost; DatabaseInUse if another
+        daemon of this host took the lock meanwhile."""
+        _take_advisory_lock(self._db, self._shown_as, self._host_id)
+        log.info("database lock taken again on a new connection", host_id=self._host_id)
 
 
 def lock_database(db: pw.Database, shown_as: str, host_id: str = "") -> DatabaseLock:
@@ -120,6 +132,11 @@ def _sql(db: pw.Database, sql: str, params: tuple[object, ...]) -> Any:
 
 def _lock_postgresql(db: pw.PostgresqlDatabase, shown_as: str, host_id: str) -> DatabaseLock:
     db.connect(reuse_if_open=True)
+    _take_advisory_lock(db, shown_as, host_id)
+    return _AdvisoryLock(db, shown_as, host_id)
+
+
+def _take_advisory_lock(db: pw.PostgresqlDatabase, shown_as: str, host_id: str) -> None:
     key = advisory_lock_key(host_id)
     (got,) = _sql(db, "SELECT pg_try_advisory_lock(?)", (key,)).fetchone()
     if not got:
@@ -131,7 +148,6 @@ def _lock_postgresql(db: pw.PostgresqlDatabase, shown_as: str, host_id: str) -> 
     # How the next daemon (above) and the server's own views name us.
     name = f"atomizerd {host_id} pid {os.getpid()} on {socket.gethostname()}"[:63]
     _sql(db, "SELECT set_config('application_name', ?, false)", (name,))
-    return _AdvisoryLock()
 
 
 def _advisory_lock_holder(db: pw.PostgresqlDatabase, signed_key: int) -> str:

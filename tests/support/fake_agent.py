@@ -45,6 +45,9 @@ one text delta per word):
                        multi-byte characters straddle reads.
   [[deltas:N]]         the reply is N text deltas of "x", written as fast as possible.
   [[slow:MS]]          sleep MS milliseconds before each text delta (interruptible).
+  [[gate:PATH]]        the first text delta, then wait (interruptible) until the file PATH
+                       exists before the rest of the reply: a turn that runs until a test
+                       says so.
   [[exit-at-start]]    print an error to stderr and exit 1 before any output of the turn.
   [[tool:NAME]]        a tool_use of NAME (assistant line) and its tool_result (user line)
                        "ran NAME", before the reply.
@@ -643,6 +646,9 @@ class FakeAgent:
             else:
                 self.check()
             emit_raw(self.text_delta_line(piece))
+            if "gate" in names and count == 1:
+                while not os.path.exists(names["gate"]):
+                    self.sleep(0.02)
             if "crash" in names and count == 2:
                 die("fake agent: crashing on purpose", code=3)
             if "hang" in names:

@@ -8,6 +8,9 @@ server refuses to run as root. Each test gets a database of its own (`new_databa
 The binaries are looked up on PATH, then in Debian's /usr/lib/postgresql/<version>/bin
 (`scripts/test` installs the `postgresql` package); where there are none, the tests that
 need the server are skipped, saying so.
+
+`pause` and `resume` stop the server and start it again on the same data (a database outage:
+tests/integration/test_database_outage.py, on a server of the test's own).
 """
 
 from __future__ import annotations
@@ -59,8 +62,12 @@ def _run_as() -> tuple[list[str], int, int] | None:
 
 
 class PostgresServer:
-    def __init__(self, bindir: Path) -> None:
+    def __init__(self, bindir: Path, *, durable: bool = False) -> None:
+        """`durable`: a commit is on disk when it returns (synchronous_commit on), so an
+        `immediate` stop (a crash of the server) loses nothing committed; without it the
+        last commits may be lost then."""
         self.bindir = bindir
+        self.durable = durable
         # Short: the socket's path ("<dir>/.s.PGSQL.5432") must fit in 107 bytes.
         self.base = Path(tempfile.mkdtemp(prefix="azd-pg-"))
         self.data = self.base / "data"
@@ -100,20 +107,34 @@ class PostgresServer:
             env=env,
             cwd=self.base,
         )
-        options = " ".join(
+        self._options = " ".join(
             [
                 "-c listen_addresses=''",
                 f"-c unix_socket_directories={self.socket_dir}",
                 "-c fsync=off",
-                "-c synchronous_commit=off",
+                "-c synchronous_commit=" + ("on" if self.durable else "off"),
                 "-c full_page_writes=off",
                 "-c max_connections=60",
                 "-c shared_buffers=32MB",
             ]
         )
+        self.resume()
+        return self
+
+    def resume(self) -> None:
+        """Starts the server (again, after `pause`) on the same data and socket."""
+        env = {**os.environ, "LC_ALL": "C", "TZ": "UTC"}
         result = subprocess.run(
             self._cmd(
-                "pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start"
+                "pg_ctl",
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.log),
+                "-o",
+                self._options,
+                "-w",
+                "start",
             ),
             capture_output=True,
             env=env,
@@ -125,7 +146,19 @@ class PostgresServer:
                 f"{self.server_log()}"
             )
         self.running = True
-        return self
+
+    def pause(self, mode: str = "fast") -> None:
+        """Stops the server, keeping its data, as an operator's restart or a crash would:
+        `fast` ends every client's session (they see "terminating connection due to
+        administrator command"), `immediate` just goes away. `resume` starts it again."""
+        result = subprocess.run(
+            self._cmd("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop"),
+            capture_output=True,
+            cwd=self.base,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"PostgreSQL did not stop: {result.stderr.decode(errors='replace')}")
+        self.running = False
 
     def server_log(self) -> str:
         try:
