@@ -16,6 +16,7 @@ from atomizer.v1 import session_pb2 as pb
 
 from tests.conftest import Stubs
 from tests.e2e.conftest import E2E
+from tests.integration.test_ctl import ctl
 from tests.support.fake_messages_api import RecordedRequest
 from tests.support.turns import send
 
@@ -139,3 +140,19 @@ def test_a_schema_that_is_not_one_is_refused_and_nothing_is_lost(e2e: E2E) -> No
     assert [m.content for m in history(stubs, "bad")] == ["first", "echo: first"]
     third = completed(send(stubs, "bad", "third"))
     assert third.text == "echo: third"
+
+
+def test_atomizerctl_send_schema_prints_the_answer_as_json(e2e: E2E) -> None:
+    stubs = e2e.start(POWER)
+    stubs.sessions.CreateSession(pb.CreateSessionRequest(session_id="cs", mode=pb.MODE_POWER))
+    schema_file = e2e.workdir / "answer.schema.json"
+    schema_file.write_text(json.dumps(SCHEMA))
+    assert e2e.daemon is not None
+    answer = {"load_kn": 3, "material": "aluminium"}
+    prompt = f"size it [[tool:StructuredOutput {json.dumps(answer)}]]"
+    done = ctl(e2e.daemon, "send", "cs", prompt, "--schema", f"@{schema_file}")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == answer
+    bad = ctl(e2e.daemon, "send", "cs", "again", "--schema", "{nope")
+    assert bad.returncode != 0 and "output_schema is not valid JSON" in bad.stderr
+    assert len(history(stubs, "cs")) == 2
