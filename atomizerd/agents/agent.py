@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -113,6 +114,9 @@ class Agent:
     # Tasks of the agent still running (told by whoever reads its output): it is busy.
     running_tasks: int = 0
     starting: asyncio.Task[None] | None = None  # its start (SPAWNING), cancelled by a shutdown
+    # The JSON Schema its answers must satisfy (a structured turn's own agent: the CLI takes
+    # it once, in `initialize`); None for an ordinary agent.
+    json_schema: Mapping[str, object] | None = None
 
     @property
     def state(self) -> AgentState:

@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import structlog
 
@@ -238,10 +238,14 @@ class AgentPool:
         with contextlib.suppress(Exception):  # its failure is logged by _launch
             await asyncio.shield(self._launch(agent, record))
 
-    async def lease(self, record: SessionRecord) -> Agent:
+    async def lease(
+        self, record: SessionRecord, json_schema: Mapping[str, object] | None = None
+    ) -> Agent:
         """The session's agent, LEASED to the caller: reused, or spawned (resumed) in a slot,
         waiting for one if the pool is full. Cancelling the caller gives up cleanly: a spawn
-        already under way finishes and leaves an idle agent.
+        already under way finishes and leaves an idle agent. An idle agent is reused only if
+        it was started with the same `json_schema` (the CLI takes it per process): otherwise
+        it is stopped and one is started with it.
 
         Raises ResourceExhausted (queue full, or no slot in time), Unavailable (closing),
         AgentSpawnError, DiedAtStart, ResumeFailed, and what the launcher raises."""
@@ -254,9 +258,13 @@ class AgentPool:
                 if sid in self._agents:  # a prewarm got there first: use that one
                     self.slots.give_back()
                     continue
-                return await self._spawn_for_lease(self._new_agent(sid), record)
+                fresh = self._new_agent(sid)
+                fresh.json_schema = json_schema
+                return await self._spawn_for_lease(fresh, record)
             if agent.state is S.READY:
-                if agent.alive:
+                if agent.json_schema != json_schema:
+                    self._begin_stop(agent, "a turn needs it started with another output schema")
+                elif agent.alive:
                     self._stop_reading(agent)
                     agent.lifecycle.move(S.LEASED)
                     return agent
@@ -505,6 +513,10 @@ class AgentPool:
             resume = record.agent_started
             seed = "" if resume else self._seeds.pop(sid, "")
             spec = self.launcher.spec_for(record, resume=resume, seed=seed)
+            if agent.json_schema is not None:
+                spec = dataclasses.replace(
+                    spec, initialize={**spec.initialize, "jsonSchema": dict(agent.json_schema)}
+                )
             label = {"session_id": sid, "agent_session_id": record.agent_session_id}
             agent.transport = await self._spawner(dataclasses.replace(spec, label=label))
             agent.resumed = resume

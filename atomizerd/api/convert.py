@@ -358,6 +358,7 @@ def _completed_to_pb(k: ev.TurnCompleted) -> pb.TurnCompleted:
         ],
         result_subtype=k.result_subtype,
         text=k.text,
+        structured_output=k.structured_output,
     )
 
 

@@ -122,7 +122,12 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         # A client that goes away cancels only this stream; the turn runs on and is stored.
         files = [(a.name, a.media_type, a.data) for a in request.attachments]
         async for event in self.registry.send_message(
-            request.session_id, request.text, request.request_id, files, steer=request.steer
+            request.session_id,
+            request.text,
+            request.request_id,
+            files,
+            steer=request.steer,
+            output_schema=request.output_schema,
         ):
             yield pb.SendMessageResponse(event=convert.event_to_pb(event))
 

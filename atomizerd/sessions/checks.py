@@ -22,6 +22,13 @@ MODES = ("user", "power", "plan")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/\[\]-]{0,127}")
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
+# SendMessageRequest.output_schema: at most this many bytes of JSON.
+MAX_SCHEMA_BYTES = 64 * 1024
+_SCHEMA_TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
+# Keywords whose value is a schema, a list of schemas, or a map of names to schemas.
+_SUBSCHEMA = ("items", "not", "additionalProperties", "if", "then", "else", "contains")
+_SUBSCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 
 
 def check_model(config: Config, model: str) -> str:
@@ -57,6 +64,66 @@ def check_text(config: Config, text: str, *, empty_ok: bool = False) -> None:
         raise InvalidArgument(
             f"the message is {size} bytes; the limit is {limit} (daemon.max_message_bytes)"
         )
+
+
+def check_output_schema(text: str) -> dict[str, object] | None:
+    """SendMessageRequest.output_schema: None when empty; else the JSON Schema as an object.
+    INVALID_ARGUMENT for text that is too long, not JSON, or not a schema object (the
+    keywords the agent relies on are checked for their shape, recursively)."""
+    if not text:
+        return None
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_SCHEMA_BYTES:
+        raise InvalidArgument(f"output_schema is {size} bytes; the limit is {MAX_SCHEMA_BYTES}")
+    try:
+        schema = json.loads(text)
+    except ValueError as e:
+        raise InvalidArgument(f"output_schema is not valid JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise InvalidArgument("output_schema must be a JSON Schema object ({...})")
+    _check_schema(schema, "output_schema", 0)
+    return schema
+
+
+def _check_schema(schema: object, where: str, depth: int) -> None:
+    if isinstance(schema, bool):  # true / false are schemas too (below the top)
+        return
+    if not isinstance(schema, dict):
+        raise InvalidArgument(f"{where} is not a schema (an object or a boolean)")
+    if depth > 32:
+        raise InvalidArgument(f"{where}: the schema nests too deep")
+    kind = schema.get("type")
+    if kind is not None:
+        kinds = kind if isinstance(kind, list) else [kind]
+        if not kinds or not all(isinstance(k, str) and k in _SCHEMA_TYPES for k in kinds):
+            raise InvalidArgument(
+                f"{where}.type must be one of {', '.join(sorted(_SCHEMA_TYPES))} (or a list)"
+            )
+    required = schema.get("required")
+    if required is not None and not (
+        isinstance(required, list) and all(isinstance(r, str) for r in required)
+    ):
+        raise InvalidArgument(f"{where}.required must be a list of property names")
+    enum = schema.get("enum")
+    if enum is not None and not isinstance(enum, list):
+        raise InvalidArgument(f"{where}.enum must be a list")
+    for key in _SUBSCHEMA:
+        if key in schema:
+            _check_schema(schema[key], f"{where}.{key}", depth + 1)
+    for key in _SUBSCHEMA_LISTS:
+        if key in schema:
+            value = schema[key]
+            if not isinstance(value, list) or not value:
+                raise InvalidArgument(f"{where}.{key} must be a non-empty list of schemas")
+            for i, sub in enumerate(value):
+                _check_schema(sub, f"{where}.{key}[{i}]", depth + 1)
+    for key in _SUBSCHEMA_MAPS:
+        if key in schema:
+            value = schema[key]
+            if not isinstance(value, dict):
+                raise InvalidArgument(f"{where}.{key} must be an object of schemas")
+            for name, sub in value.items():
+                _check_schema(sub, f"{where}.{key}.{name}", depth + 1)
 
 
 def check_budget(record: SessionRecord) -> None:

@@ -143,6 +143,8 @@ class TurnCompleted:
     interrupted: bool = False
     permission_denials: tuple[PermissionDenial, ...] = ()
     result_subtype: str = ""
+    # A turn with an output schema: the answer as JSON text ("" when the agent gave none).
+    structured_output: str = ""
 
 
 # Failure codes mirror atomizer.v1.FailureCode (without the prefix).

@@ -426,14 +426,17 @@ class Registry:
         attachments: Sequence[tuple[str, str, bytes]] = (),
         *,
         steer: bool = False,
+        output_schema: str = "",
     ) -> AsyncIterator[ev.SessionEvent]:
         """Starts (or re-attaches to) a turn and yields its events up to the terminal one.
         With `steer`, while a turn runs the text goes into it now and the running turn is
-        streamed to its end; with no turn running it is an ordinary message."""
+        streamed to its end; with no turn running it is an ordinary message. With
+        `output_schema` (a JSON Schema) the turn's answer is structured: steer is ignored."""
         self.table.check_open()
         ids.check_request_id(request_id)
         files = check_attachments(attachments, self.config.attachments)
         checks.check_text(self.config, text, empty_ok=bool(files))
+        schema = checks.check_output_schema(output_schema)
         s = self.table.load(session_id)
         self.table.require_own(s)
         self.table.require_open(s)
@@ -446,7 +449,7 @@ class Registry:
                 return
             checks.check_budget(s.record)
             running = s.turn
-            if steer and not files and running is not None and not s.inbox:
+            if steer and not files and schema is None and running is not None and not s.inbox:
                 if await self.runner.follower.steer(s, running, text, request_id):
                     turn = running
                 else:
@@ -454,6 +457,7 @@ class Registry:
             else:
                 turn = self.queue.enqueue(s, text, request_id)
                 turn.attachments = files
+                turn.output_schema = schema
         turn.listeners += 1
         try:
             async for event in self.streams.follow_turn(s, turn):

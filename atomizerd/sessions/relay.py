@@ -8,6 +8,8 @@ own business, not the transcript's.
 
 from __future__ import annotations
 
+import json
+
 from atomizerd.agents import protocol as proto
 from atomizerd.agents.vocabulary import AgentExited, AgentItem, LineTooLong
 from atomizerd.sessions import events as ev
@@ -133,7 +135,17 @@ def completed(
             for d in result.permission_denials
         ),
         result_subtype=result.subtype,
+        structured_output=structured_output(result),
     )
+
+
+def structured_output(result: proto.Result) -> str:
+    """The answer of a turn run with an output schema (the `result` line's
+    `structured_output`, set when the model called the CLI's StructuredOutput tool)."""
+    value = result.raw.get("structured_output")
+    if value is None:
+        return ""
+    return json.dumps(value, ensure_ascii=False)
 
 
 def outcome(transcript: Transcript, terminal: ev.TurnCompleted | ev.TurnFailed) -> TurnOutcome:

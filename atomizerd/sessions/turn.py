@@ -94,6 +94,9 @@ class Turn:
         self.approvals: Approvals | None = None
         # Files sent with the message (checked: sessions/attachments.py).
         self.attachments: tuple[Attachment, ...] = ()
+        # The JSON Schema its answer must satisfy (SendMessageRequest.output_schema): the
+        # agent takes it at start-up, so the turn gets an agent of its own.
+        self.output_schema: dict[str, object] | None = None
         # The mode an allowed ExitPlanMode switched the session to during this turn.
         self.left_plan: str | None = None
         # Its events left with the agent's shim, when the agent outlives the daemon; before the

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -206,7 +207,7 @@ class TurnRunner:
         an agent it got is released and its error retrieved."""
         if turn.stop_requested.is_set():
             raise _Stopped
-        lease = asyncio.ensure_future(self.pool.lease(s.record))
+        lease = asyncio.ensure_future(self.pool.lease(s.record, turn.output_schema))
         stop = asyncio.ensure_future(turn.stop_requested.wait())
         try:
             await asyncio.wait({lease, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -303,6 +304,9 @@ class TurnRunner:
             reusable = False  # started sandboxed, as a plan: power's own agent next time
         if s.record.turn_budget_usd > 0:
             reusable = False  # the CLI takes its cap at start-up: a fresh one per turn
+        if turn.output_schema is not None:
+            reusable = False  # started with the turn's schema: the next turn has none
+            terminal = _require_structured(terminal)
         self.finish(s, turn, emit, transcript, terminal)
         return reusable
 
@@ -603,6 +607,24 @@ class TurnRunner:
                     stderr_tail=process.stderr_tail(),
                 )
         return None
+
+
+def _require_structured(
+    terminal: ev.TurnCompleted | ev.TurnFailed,
+) -> ev.TurnCompleted | ev.TurnFailed:
+    """A structured turn that completed without an answer in its schema is an error."""
+    if (
+        isinstance(terminal, ev.TurnCompleted)
+        and not terminal.structured_output
+        and not terminal.interrupted
+        and not terminal.is_error
+    ):
+        return dataclasses.replace(
+            terminal,
+            is_error=True,
+            stop_reason="no structured output: the agent did not answer in the requested schema",
+        )
+    return terminal
 
 
 def reported_outcome(terminal: ev.TurnCompleted | ev.TurnFailed) -> tuple[str, str, float]:

@@ -240,6 +240,7 @@ class Page:
 class FakeRegistry:
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
+        self.schemas: list[str] = []
 
     async def stop_task(self, session_id: str, task_id: str) -> None:
         self.calls.append(("stop_task", session_id, task_id))
@@ -249,9 +250,17 @@ class FakeRegistry:
         return Page(b"abc", offset + 3, 40, True)
 
     async def send_message(
-        self, session_id: str, text: str, request_id: str, files: Any, *, steer: bool = False
+        self,
+        session_id: str,
+        text: str,
+        request_id: str,
+        files: Any,
+        *,
+        steer: bool = False,
+        output_schema: str = "",
     ) -> AsyncIterator[ev.SessionEvent]:
         self.calls.append(("send_message", session_id, text, request_id, steer))
+        self.schemas.append(output_schema)
         yield wrap(ev.UserMessage(text, request_id))
 
 
@@ -286,3 +295,15 @@ def test_send_message_passes_steer(steer: bool) -> None:
     (resp,) = asyncio.run(collect())
     assert resp.event.user_message.text == "also"
     assert registry.calls == [("send_message", "s1", "also", "r1", steer)]
+    assert registry.schemas == [""]
+
+
+def test_send_message_passes_the_output_schema() -> None:
+    service, registry = servicer()
+    req = pb.SendMessageRequest(session_id="s1", text="x", output_schema='{"type": "object"}')
+
+    async def collect() -> list[pb.SendMessageResponse]:
+        return [r async for r in service.SendMessage(req, cast(Any, None))]
+
+    asyncio.run(collect())
+    assert registry.schemas == ['{"type": "object"}']

@@ -413,6 +413,7 @@ class Client(_Base):
         timeout: float | None = None,
         attachments: Sequence[AttachmentLike] = (),
         steer: bool = False,
+        output_schema: str = "",
     ) -> EventStream:
         """Starts a turn and returns its events; the last one is TurnCompleted or TurnFailed.
 
@@ -423,10 +424,11 @@ class Client(_Base):
         media_type, data)`): images, PDFs, text; the daemon's `attachments` limits apply.
         `steer`: while a turn runs, the text goes into it now (a `UserMessage` event shows when
         the agent took it) and the stream follows that turn to its end; with no turn running
-        it starts one as usual.
+        it starts one as usual. `output_schema`: a JSON Schema (JSON text) the answer must
+        satisfy; the `TurnCompleted` then carries it as JSON text in `structured_output`.
         """
         rid = request_id or new_request_id()
-        req = _send_request(session_id, text, rid, attachments, steer)
+        req = _send_request(session_id, text, rid, attachments, steer, output_schema)
         return EventStream(self._sessions.SendMessage(req, timeout=timeout), rid)
 
     def watch_session(self, session_id: str, *, after_seq: int = 0) -> EventStream:
@@ -530,6 +532,7 @@ def _send_request(
     request_id: str,
     attachments: Sequence[AttachmentLike],
     steer: bool = False,
+    output_schema: str = "",
 ) -> session_pb2.SendMessageRequest:
     files = [
         a
@@ -538,7 +541,12 @@ def _send_request(
         for a in attachments
     ]
     return session_pb2.SendMessageRequest(
-        session_id=session_id, text=text, request_id=request_id, attachments=files, steer=steer
+        session_id=session_id,
+        text=text,
+        request_id=request_id,
+        attachments=files,
+        steer=steer,
+        output_schema=output_schema,
     )
 
 
@@ -793,10 +801,11 @@ class AsyncClient(_Base):
         timeout: float | None = None,
         attachments: Sequence[AttachmentLike] = (),
         steer: bool = False,
+        output_schema: str = "",
     ) -> AsyncEventStream:
         """As `Client.send_message`; the call starts when the event loop next runs."""
         rid = request_id or new_request_id()
-        req = _send_request(session_id, text, rid, attachments, steer)
+        req = _send_request(session_id, text, rid, attachments, steer, output_schema)
         return AsyncEventStream(self._sessions.SendMessage(req, timeout=timeout), rid)
 
     def watch_session(self, session_id: str, *, after_seq: int = 0) -> AsyncEventStream:

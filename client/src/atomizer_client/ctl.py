@@ -178,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="while a turn runs, put the text into it now (instead of a turn of its own)",
     )
+    p.add_argument(
+        "--schema",
+        metavar="JSON|@FILE",
+        help="answer in this JSON Schema: the answer is printed as one line of JSON",
+    )
     _approval_options(p)
 
     p = add("watch", cmd_watch, "follow a session's events live (Ctrl-C stops)")

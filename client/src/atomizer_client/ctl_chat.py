@@ -257,6 +257,7 @@ def run_turn(
     policy: ApprovalPolicy | None = None,
     attachments: Sequence[session_pb2.Attachment] = (),
     steer: bool = False,
+    output_schema: str = "",
 ) -> int:
     """Sends one message (with `attachments`; `steer`: into the running turn), shows the reply
     live (answering permission requests as `policy` says), returns its outcome's exit code."""
@@ -265,7 +266,9 @@ def run_turn(
     hint = policy.auto is None and not policy.interactive
     renderer = TurnRenderer(out, show_prompt=False, answer_hint=hint)
     with interrupter.installed():
-        stream = client.send_message(session_id, text, attachments=attachments, steer=steer)
+        stream = client.send_message(
+            session_id, text, attachments=attachments, steer=steer, output_schema=output_schema
+        )
         pump = EventPump(stream)
         approver = Approver(client, session_id, out, policy, pump)
         try:

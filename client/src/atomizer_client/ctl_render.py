@@ -126,6 +126,8 @@ class TurnRenderer:
         if ev.is_error and not self.streamed_text and ev.text:
             self.out.error(f"agent error: {ev.text}")
         self.out.end_line()
+        if ev.structured_output:
+            self.out.line(ev.structured_output)
         for d in ev.permission_denials:
             self.out.note(one_line(f"denied: {d.tool_name} {d.input_json}"))
         self.out.note(self._summary(ev))

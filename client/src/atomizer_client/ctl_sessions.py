@@ -7,6 +7,7 @@ import argparse
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from atomizer.v1 import session_pb2
@@ -248,7 +249,16 @@ def cmd_send(client: Client, args: argparse.Namespace, out: Output) -> int:
     except (OSError, ValueError) as e:
         out.error(f"cannot attach: {e}")
         return EXIT_USAGE
-    return run_turn(client, args.id, text, out, policy, files, steer=args.steer)
+    schema = args.schema or ""
+    if schema.startswith("@"):
+        try:
+            schema = Path(schema[1:]).read_text(encoding="utf-8")
+        except OSError as e:
+            out.error(f"cannot read the schema: {e}")
+            return EXIT_USAGE
+    return run_turn(
+        client, args.id, text, out, policy, files, steer=args.steer, output_schema=schema
+    )
 
 
 def cmd_approve(client: Client, args: argparse.Namespace, out: Output) -> int:

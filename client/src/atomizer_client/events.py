@@ -194,6 +194,8 @@ class TurnCompleted(Event):
     permission_denials: tuple[PermissionDenial, ...] = ()
     result_subtype: str = ""
     text: str = ""
+    structured_output: str = ""
+    """With an output schema: the answer as JSON text."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -515,6 +517,7 @@ def _turn_completed(base: dict[str, Any], c: session_pb2.TurnCompleted) -> TurnC
         permission_denials=denials,
         result_subtype=c.result_subtype,
         text=c.text,
+        structured_output=c.structured_output,
     )
 
 

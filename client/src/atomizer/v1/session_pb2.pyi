@@ -1125,6 +1125,7 @@ class SendMessageRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ATTACHMENTS_FIELD_NUMBER: _builtins.int
     STEER_FIELD_NUMBER: _builtins.int
+    OUTPUT_SCHEMA_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     text: _builtins.str
     request_id: _builtins.str
@@ -1134,6 +1135,13 @@ class SendMessageRequest(_message.Message):
     step, and a user_message event shows it) instead of waiting for a turn of its own. The
     stream then follows the running turn to its end. When no turn runs, a new one starts as
     without steer.
+    """
+    output_schema: _builtins.str
+    """A structured answer: a JSON Schema (a JSON object, at most 64 KiB) the turn's answer must
+    satisfy; its turn_completed then carries structured_output. Text that is not JSON, or not
+    a schema object, is INVALID_ARGUMENT. The agent takes a schema per process: the session's
+    agent is started again for this turn (resuming the conversation) and again for the next
+    turn without one. With output_schema, steer is ignored: the message is a turn of its own.
     """
     @_builtins.property
     def attachments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attachment]:
@@ -1153,10 +1161,11 @@ class SendMessageRequest(_message.Message):
         request_id: _builtins.str = ...,
         attachments: _abc.Iterable[Global___Attachment] | None = ...,
         steer: _builtins.bool = ...,
+        output_schema: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "request_id", b"request_id", "session_id", b"session_id", "steer", b"steer", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "output_schema", b"output_schema", "request_id", b"request_id", "session_id", b"session_id", "steer", b"steer", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1751,6 +1760,7 @@ class TurnCompleted(_message.Message):
     PERMISSION_DENIALS_FIELD_NUMBER: _builtins.int
     RESULT_SUBTYPE_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
+    STRUCTURED_OUTPUT_FIELD_NUMBER: _builtins.int
     stop_reason: _builtins.str
     is_error: _builtins.bool
     """The agent reported an error (e.g. the model API failed); the text says why."""
@@ -1762,6 +1772,10 @@ class TurnCompleted(_message.Message):
     """The agent's result subtype, e.g. "success", "error_max_budget_usd"."""
     text: _builtins.str
     """The whole assistant text of the turn."""
+    structured_output: _builtins.str
+    """A turn sent with SendMessageRequest.output_schema: the answer, as JSON text satisfying
+    the schema. When the agent gave none, is_error is set and stop_reason says so.
+    """
     @_builtins.property
     def usage(self) -> Global___Usage: ...
     @_builtins.property
@@ -1779,10 +1793,11 @@ class TurnCompleted(_message.Message):
         permission_denials: _abc.Iterable[Global___PermissionDenial] | None = ...,
         result_subtype: _builtins.str = ...,
         text: _builtins.str = ...,
+        structured_output: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_usd", b"cost_usd", "duration_ms", b"duration_ms", "interrupted", b"interrupted", "is_error", b"is_error", "num_turns", b"num_turns", "permission_denials", b"permission_denials", "result_subtype", b"result_subtype", "stop_reason", b"stop_reason", "text", b"text", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_usd", b"cost_usd", "duration_ms", b"duration_ms", "interrupted", b"interrupted", "is_error", b"is_error", "num_turns", b"num_turns", "permission_denials", b"permission_denials", "result_subtype", b"result_subtype", "stop_reason", b"stop_reason", "structured_output", b"structured_output", "text", b"text", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
