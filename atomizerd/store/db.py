@@ -394,7 +394,6 @@ _SESSION_LIST_INDEXES = (
     "CREATE INDEX IF NOT EXISTS sessions_mode_created ON sessions (mode, created_at, session_id)",
     "CREATE INDEX IF NOT EXISTS sessions_host_created "
     "ON sessions (host_id, created_at, session_id)",
-    "CREATE INDEX IF NOT EXISTS sessions_active_created ON sessions (last_active_at, created_at)",
     "CREATE INDEX IF NOT EXISTS session_labels_pair ON session_labels (key, value, session_id)",
 )
 
@@ -1259,7 +1258,7 @@ class Store:
                 "SELECT m.id, m.session_id, m.turn_id, m.role, m.created_at, "
                 "ts_headline('english', left(m.content, ?), q, "
                 "'StartSel=[, StopSel=], MaxWords=24, MinWords=8, MaxFragments=2, "
-                "FragmentDelimiter=\" … \"'), "
+                'FragmentDelimiter=" … "\'), '
                 f"ts_rank({FTS_PG_VECTOR.replace('content', 'm.content')}, q) AS score "
                 "FROM messages m, websearch_to_tsquery('english', ?) q "
                 f"WHERE {FTS_PG_VECTOR.replace('content', 'm.content')} @@ q{extra} "
