@@ -1249,7 +1249,8 @@ class Store:
             params.append(session_id)
         for key, value in (labels or {}).items():
             where.append(
-                "m.session_id IN (SELECT session_id FROM session_labels WHERE key = ? AND value = ?)"
+                "m.session_id IN (SELECT session_id FROM session_labels "
+                "WHERE key = ? AND value = ?)"
             )
             params += [key, value]
         extra = "".join(f" AND {w}" for w in where)
