@@ -126,8 +126,9 @@ MAX_LABEL_VALUE = 256
 _LABEL_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 LABEL_KEY_RULE = (
-    "a label key is an optional prefix (a DNS subdomain of at most 253 characters: lowercase "
-    'dot-separated parts of letters, digits and "-") and "/", then a name of 1-63 '
+    "a label key (as in Kubernetes) is an optional prefix (a DNS subdomain of at most 253 "
+    'characters: lowercase dot-separated parts of letters, digits and "-") and "/", then a '
+    "name of 1-63 "
     'characters: letters, digits, "-", "_" and ".", beginning and ending with a letter or digit'
 )
 
