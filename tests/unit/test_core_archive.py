@@ -74,10 +74,10 @@ def test_archive_stops_the_agent_hides_the_session_and_a_message_unarchives_it(
         await r.create_session(None, None, "b")
         assert text_of(await send(core, "a", "hello").wait()) == "echo: hello"
         agent = core.spawner.agents[0]
-        assert agent.alive
+        assert agent.alive is True
         view = await r.archive_session("a")
         assert view.record.archived and view.state == "idle"
-        assert not agent.alive, "the archived session's agent was stopped"
+        assert core.spawner.agents[0].alive is False, "the archived session's agent was stopped"
         assert listed(core) == ["b"]
         assert listed(core, archived=None) == ["b", "a"]
         assert listed(core, archived=True) == ["a"]
