@@ -11,7 +11,7 @@ from atomizerd.errors import InvalidArgument
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.registry import SessionView
 from atomizerd.sessions.tasks import TaskInfo
-from atomizerd.store.db import AuditRecord, MessageRecord
+from atomizerd.store.db import AuditRecord, MessageRecord, SearchHit
 
 _MODE_TO_DOMAIN = {pb.MODE_USER: "user", pb.MODE_POWER: "power", pb.MODE_PLAN: "plan"}
 _MODE_TO_PB = {v: k for k, v in _MODE_TO_DOMAIN.items()}
@@ -99,6 +99,25 @@ def session_to_pb(view: SessionView) -> pb.Session:
         context_window=r.context_window,
         forked_from=r.forked_from,
         tasks=[task_to_pb(t) for t in view.tasks],
+        labels=r.label_map(),
+        archived=r.archived,
+    )
+
+
+def seconds(ts: Timestamp, present: bool) -> float | None:
+    """A request's optional time bound (None: unset)."""
+    return ts.seconds + ts.nanos / 1e9 if present else None
+
+
+def search_hit_to_pb(h: SearchHit) -> pb.SearchHit:
+    return pb.SearchHit(
+        session_id=h.session_id,
+        message_id=h.message_id,
+        turn_id=h.turn_id,
+        role=_ROLE_TO_PB.get(h.role, pb.ROLE_UNSPECIFIED),
+        created_at=timestamp(h.created_at),
+        snippet=h.snippet,
+        score=h.score,
     )
 
 

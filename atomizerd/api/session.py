@@ -12,6 +12,7 @@ from atomizer.v1 import session_pb2_grpc
 from atomizerd.api import convert
 from atomizerd.api.errormap import streaming, unary
 from atomizerd.sessions.registry import Registry
+from atomizerd.store.db import SessionFilter
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -31,6 +32,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             budget_usd=request.budget_usd,
             turn_budget_usd=request.turn_budget_usd,
             model=request.model,
+            labels=dict(request.labels),
         )
         return pb.CreateSessionResponse(session=convert.session_to_pb(view))
 
@@ -51,6 +53,25 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             study_id=request.study_id or None,
             state=convert.state_from_pb(request.state),
             host_id=request.host_id or None,
+            filters=SessionFilter(
+                labels=dict(request.labels),
+                mode=convert.mode_from_pb(request.mode, required=False),
+                archived=True
+                if request.archived_only
+                else (None if request.include_archived else False),
+                created_after=convert.seconds(
+                    request.created_after, request.HasField("created_after")
+                ),
+                created_before=convert.seconds(
+                    request.created_before, request.HasField("created_before")
+                ),
+                active_after=convert.seconds(
+                    request.active_after, request.HasField("active_after")
+                ),
+                active_before=convert.seconds(
+                    request.active_before, request.HasField("active_before")
+                ),
+            ),
         )
         return pb.ListSessionsResponse(
             sessions=[convert.session_to_pb(v) for v in views], next_page_token=token
@@ -203,4 +224,38 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         )
         return pb.GetTaskOutputResponse(
             data=page.data, next_offset=page.next_offset, size=page.size, running=page.running
+        )
+
+    @unary
+    async def SetLabels(self, request: pb.SetLabelsRequest, context: Ctx) -> pb.SetLabelsResponse:
+        view = self.registry.set_labels(request.session_id, dict(request.labels), request.replace)
+        return pb.SetLabelsResponse(session=convert.session_to_pb(view))
+
+    @unary
+    async def ArchiveSession(
+        self, request: pb.ArchiveSessionRequest, context: Ctx
+    ) -> pb.ArchiveSessionResponse:
+        view = await self.registry.archive_session(request.session_id)
+        return pb.ArchiveSessionResponse(session=convert.session_to_pb(view))
+
+    @unary
+    async def UnarchiveSession(
+        self, request: pb.UnarchiveSessionRequest, context: Ctx
+    ) -> pb.UnarchiveSessionResponse:
+        view = self.registry.unarchive_session(request.session_id)
+        return pb.UnarchiveSessionResponse(session=convert.session_to_pb(view))
+
+    @unary
+    async def SearchMessages(
+        self, request: pb.SearchMessagesRequest, context: Ctx
+    ) -> pb.SearchMessagesResponse:
+        hits, token = self.registry.search_messages(
+            request.query,
+            request.session_id or None,
+            dict(request.labels),
+            request.page_size,
+            request.page_token,
+        )
+        return pb.SearchMessagesResponse(
+            hits=[convert.search_hit_to_pb(h) for h in hits], next_page_token=token
         )

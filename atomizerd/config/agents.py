@@ -219,6 +219,11 @@ class ReaperConfig:
         default=30 * 24 * 3600.0,
         check="non_negative",
     )
+    purge_archived: bool = _doc(
+        "Also purge archived sessions (ArchiveSession) after `retention`. Off: an archived "
+        "session was put away to be kept, and stays until it is terminated with purge.",
+        default=False,
+    )
     cull_busy: bool = _doc(
         "Also stop processes of sessions with a running turn (as Jupyter's cull_busy). Off: "
         "a long tool run is work, not staleness.",

@@ -56,6 +56,13 @@ class DaemonConfig:
         default=1024 * 1024,
         check="positive",
     )
+    archived_send: str = _doc(
+        "SendMessage to an archived session (ArchiveSession): `unarchive` takes it out of the "
+        "archive and runs the turn; `refuse` is FAILED_PRECONDITION (UnarchiveSession first).",
+        default="unarchive",
+        check="one_of",
+        choices=("unarchive", "refuse"),
+    )
     max_sessions: int = _doc(
         "Open sessions at most; CreateSession beyond it is RESOURCE_EXHAUSTED. Closed "
         "sessions do not count.",

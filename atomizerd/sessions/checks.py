@@ -185,3 +185,87 @@ def decode_id_token(token: str) -> int:
         return value
     except (ValueError, binascii.Error):
         raise InvalidArgument("page_token is not one this daemon issued") from None
+
+
+# Labels: keys as Kubernetes label keys, values bounded.
+MAX_LABELS = 64
+MAX_LABEL_VALUE = 256
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
+_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+LABEL_KEY_RULE = (
+    "a label key (as in Kubernetes) is an optional prefix (a DNS subdomain of at most 253 "
+    'characters: lowercase dot-separated parts of letters, digits and "-") and "/", then a '
+    "name of 1-63 "
+    'characters: letters, digits, "-", "_" and ".", beginning and ending with a letter or digit'
+)
+
+
+def check_label_key(key: str) -> str:
+    prefix, slash, name = key.rpartition("/")
+    ok = bool(_LABEL_NAME.fullmatch(name))
+    if slash:
+        ok = ok and 0 < len(prefix) <= 253
+        ok = ok and all(_DNS_LABEL.fullmatch(part) for part in prefix.split("."))
+    if not ok:
+        raise InvalidArgument(f"label key {key[:330]!r} is not valid: {LABEL_KEY_RULE}")
+    return key
+
+
+def check_label_value(key: str, value: str) -> str:
+    if not value or len(value) > MAX_LABEL_VALUE:
+        raise InvalidArgument(
+            f"label {key!r} has a value of {len(value)} characters; a label value has "
+            f"1-{MAX_LABEL_VALUE}"
+        )
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise InvalidArgument(f"label {key!r} has a control character in its value")
+    return value
+
+
+def check_labels(labels: dict[str, str]) -> dict[str, str]:
+    """A session's whole label set (CreateSession, the result of SetLabels)."""
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument(
+            f"a session has at most {MAX_LABELS} labels; this would give it {len(labels)}"
+        )
+    for key, value in labels.items():
+        check_label_key(key)
+        check_label_value(key, value)
+    return labels
+
+
+def check_label_filter(labels: dict[str, str]) -> dict[str, str]:
+    """Labels to match (ListSessions, SearchMessages): the same rules, as a label set."""
+    return check_labels(labels)
+
+
+# Full-text search.
+MAX_QUERY_CHARS = 1000
+MAX_SEARCH_PAGE = 100
+DEFAULT_SEARCH_PAGE = 20
+MAX_SEARCH_OFFSET = 10_000  # deeper than any person pages: narrow the query instead
+
+
+def check_query(query: str) -> str:
+    if not query.strip():
+        raise InvalidArgument("the search query is empty")
+    if len(query) > MAX_QUERY_CHARS:
+        raise InvalidArgument(
+            f"the search query has {len(query)} characters; at most {MAX_QUERY_CHARS}"
+        )
+    if "\x00" in query:
+        raise InvalidArgument("the search query has a NUL character")
+    return query
+
+
+def search_page_size(value: int) -> int:
+    if value < 0:
+        raise InvalidArgument("page_size must not be negative")
+    return min(value or DEFAULT_SEARCH_PAGE, MAX_SEARCH_PAGE)
+
+
+def decode_offset_token(token: str) -> int:
+    offset = decode_id_token(token)
+    if offset > MAX_SEARCH_OFFSET:
+        raise InvalidArgument("page_token is not one this daemon issued")
+    return offset

@@ -151,7 +151,9 @@ class Reaper:
         before = time.time() - retention
         candidates = [
             sid
-            for sid in self.store.inactive_sessions(before, PURGE_BATCH)
+            for sid in self.store.inactive_sessions(
+                before, PURGE_BATCH, include_archived=self.config.reaper.purge_archived
+            )
             if not self._in_use(sid)
         ]
         if not candidates:

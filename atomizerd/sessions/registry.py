@@ -43,7 +43,15 @@ from atomizerd.sessions.streams import Streams, replay_stored
 from atomizerd.sessions.table import SessionTable, SessionView
 from atomizerd.sessions.turn import Turn, TurnState
 from atomizerd.sessions.turns import TurnRunner
-from atomizerd.store.db import AttachmentRecord, AuditRecord, MessageRecord, SessionRecord, Store
+from atomizerd.store.db import (
+    AttachmentRecord,
+    AuditRecord,
+    MessageRecord,
+    SearchHit,
+    SessionFilter,
+    SessionRecord,
+    Store,
+)
 from atomizerd.telemetry import NULL, Telemetry
 
 __all__ = ["Registry", "SessionView", "TaskOutputPage", "spare_record"]
@@ -196,8 +204,12 @@ class Registry:
         budget_usd: float = 0.0,
         turn_budget_usd: float = 0.0,
         model: str = "",
+        labels: Mapping[str, str] | None = None,
     ) -> SessionView:
+        """A new session, or the one named reopened (`labels` are a new session's: SetLabels
+        changes an existing one's)."""
         self.table.check_open()
+        labels = checks.check_labels(dict(labels or {}))
         mode = checks.check_mode(self.config, mode) if mode else None
         model = checks.check_model(self.config, model) if model else ""
         if study_id:
@@ -237,6 +249,7 @@ class Registry:
             budget_usd=budget,
             turn_budget_usd=turn_budget,
             model=model,
+            labels=labels,
         )
         s = self.table.load(session_id)
         log.info("session created", session_id=session_id, mode=s.record.mode, study_id=study_id)
@@ -340,11 +353,16 @@ class Registry:
         study_id: str | None,
         state: str | None,
         host_id: str | None = None,
+        filters: SessionFilter | None = None,
     ) -> tuple[list[SessionView], str]:
         limit = checks.page_size(page_size)
         after = checks.decode_token(page_token)
         if study_id:
             ids.check_study_id(study_id)
+        if filters is not None:
+            checks.check_label_filter(dict(filters.labels))
+            if filters.mode is not None:
+                checks.check_mode(self.config, filters.mode)
         only: set[str] | None = None
         exclude: set[str] | None = None
         closed: bool | None = None
@@ -364,6 +382,7 @@ class Registry:
             only_ids=only,
             exclude_ids=exclude,
             host_id=host_id,
+            filters=filters,
         )
         page = records[:limit]
         token = ""
@@ -374,6 +393,112 @@ class Registry:
 
     def _state(self, s: Session) -> str:
         return self.table.state_of(s)
+
+    # --- labels and the archive ----------------------------------------------------------
+
+    def set_labels(self, session_id: str, labels: Mapping[str, str], replace: bool) -> SessionView:
+        """With `replace` the session's labels become `labels`; else they are merged in, and a
+        key given an empty value is removed."""
+        s = self.table.serving(session_id)
+        for key in labels:
+            checks.check_label_key(key)
+        if replace:
+            merged = dict(labels)
+        else:
+            merged = s.record.label_map()
+            for key, value in labels.items():
+                if value:
+                    merged[key] = value
+                else:
+                    merged.pop(key, None)
+        checks.check_labels(merged)
+        record = self.store.set_labels(s.id, merged)
+        if record is None:
+            raise NotFound(f"session {s.id!r} does not exist")
+        s.record = record
+        return self.table.view(s)
+
+    async def archive_session(self, session_id: str) -> SessionView:
+        """Puts the session away: its history stays, its agent is stopped (never while the
+        agent runs a task or a turn runs: FAILED_PRECONDITION saying which)."""
+        s = self.table.serving(session_id)
+        if s.record.archived:
+            return self.table.view(s)
+        if s.state is SessionState.CLOSING:
+            raise FailedPrecondition(f"session {s.id!r} is being terminated")
+        running = s.tasks.running()
+        if running:
+            task = running[0]
+            raise FailedPrecondition(
+                f"session {s.id!r} cannot be archived while its agent runs task "
+                f"{task.task_id!r} ({task.description[:100]!r}"
+                + (f", and {len(running) - 1} more" if len(running) > 1 else "")
+                + "): wait for it to end, or stop it (StopTask)"
+            )
+        if s.tasks.scheduled:
+            raise FailedPrecondition(
+                f"session {s.id!r} cannot be archived while its agent has {s.tasks.scheduled} "
+                "scheduled prompt(s) pending: stopping the agent would drop them"
+            )
+        if not s.idle:
+            raise FailedPrecondition(
+                f"session {s.id!r} cannot be archived while a turn runs or waits; retry when "
+                "it has ended (or Interrupt it)"
+            )
+        s.record = self.table.write(s, archived=True)
+        try:
+            await self.pool.retire(s.id)
+        except RuntimeError:
+            # A message came meanwhile, took the session out of the archive and leased its
+            # agent: the session is in use again, which is what the sender wanted.
+            log.info("session in use again while archived", session_id=s.id)
+            return self.table.view(s)
+        log.info("session archived", session_id=s.id)
+        return self.table.view(s)
+
+    def unarchive_session(self, session_id: str) -> SessionView:
+        s = self.table.serving(session_id)
+        if s.record.archived:
+            s.record = self.table.write(s, archived=False)
+            log.info("session unarchived", session_id=s.id)
+        return self.table.view(s)
+
+    def _take_out_of_archive(self, s: Session) -> None:
+        """A message to an archived session: daemon.archived_send decides."""
+        if not s.record.archived:
+            return
+        if self.config.daemon.archived_send == "refuse":
+            raise FailedPrecondition(
+                f"session {s.id!r} is archived and this daemon refuses messages to archived "
+                'sessions (daemon.archived_send = "refuse"): UnarchiveSession first'
+            )
+        s.record = self.table.write(s, archived=False)
+        log.info("session unarchived by a message", session_id=s.id)
+
+    # --- search --------------------------------------------------------------------------
+
+    def search_messages(
+        self,
+        query: str,
+        session_id: str | None,
+        labels: Mapping[str, str],
+        page_size: int,
+        page_token: str,
+    ) -> tuple[list[SearchHit], str]:
+        """Stored messages matching `query`, best first, a page at a time."""
+        checks.check_query(query)
+        limit = checks.search_page_size(page_size)
+        offset = checks.decode_offset_token(page_token)
+        if session_id:
+            self.table.load(session_id)  # NOT_FOUND for a session that does not exist
+        checks.check_label_filter(dict(labels))
+        hits = self.store.search_messages(
+            query, session_id=session_id or None, labels=labels, limit=limit + 1, offset=offset
+        )
+        token = ""
+        if len(hits) > limit and offset + limit <= checks.MAX_SEARCH_OFFSET:
+            token = checks.encode_id_token(offset + limit)
+        return hits[:limit], token
 
     async def terminate_session(self, session_id: str, purge: bool) -> SessionView | None:
         """OPEN → CLOSING → CLOSED (or purged). Runs to its end whatever happens to the caller
@@ -448,6 +573,7 @@ class Registry:
                     yield event
                 return
             checks.check_budget(s.record)
+            self._take_out_of_archive(s)
             running = s.turn
             if steer and not files and schema is None and running is not None and not s.inbox:
                 if await self.runner.follower.steer(s, running, text, request_id):

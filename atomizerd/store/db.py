@@ -21,6 +21,7 @@ from typing import Any
 import peewee as pw
 import structlog
 
+from atomizerd.errors import InvalidArgument
 from atomizerd.store import diskfull
 from atomizerd.store.diskfull import ReportsFullDisk, reporting_full_disk, without_password
 from atomizerd.store.lock import DatabaseLock, _AdvisoryLock, lock_database
@@ -78,6 +79,11 @@ class SessionRow(_Model):
     forked_from = pw.CharField(max_length=64, default="")
     fork_of = pw.CharField(max_length=64, default="")
     fork_at = pw.CharField(max_length=64, default="")
+    # The session's labels as a JSON object (read with the session); session_labels holds the
+    # same pairs one per row, for ListSessions' and SearchMessages' label filters.
+    labels = pw.TextField(default="{}")
+    # Archived (ArchiveSession): hidden from ListSessions unless asked for, spared by the purge.
+    archived = pw.BooleanField(default=False)
 
     class Meta:
         table_name = "sessions"
@@ -205,6 +211,19 @@ class TaskRow(_Model):
     class Meta:
         table_name = "tasks"
         primary_key = pw.CompositeKey("session", "task_id")
+
+
+class SessionLabelRow(_Model):
+    """One label of a session (SessionRow.labels has them all), purged with the session."""
+
+    session = pw.ForeignKeyField(SessionRow, on_delete="CASCADE", backref="label_rows")
+    session_id: str
+    key = pw.CharField(max_length=320)
+    value = pw.CharField(max_length=256)
+
+    class Meta:
+        table_name = "session_labels"
+        primary_key = pw.CompositeKey("session", "key")
 
 
 def _migrate_1(db: pw.Database) -> None:
@@ -349,6 +368,78 @@ def _migrate_origin(db: pw.Database) -> None:
     db.create_tables([TaskRow])
 
 
+def _migrate_labels_archive(db: pw.Database) -> None:
+    """Session labels and the archive, and the indexes ListSessions' filters are served from:
+    each filter with the listing's order (created_at, session_id) after it."""
+    have = {c.name for c in db.get_columns("sessions")}
+    if "labels" not in have:
+        db.execute_sql("ALTER TABLE sessions ADD COLUMN labels TEXT NOT NULL DEFAULT '{}'")  # type: ignore[no-untyped-call]
+    if "archived" not in have:
+        db.execute_sql(  # type: ignore[no-untyped-call]
+            "ALTER TABLE sessions ADD COLUMN archived BOOLEAN NOT NULL DEFAULT FALSE"
+        )
+    db.create_tables([SessionLabelRow])
+    for sql in _SESSION_LIST_INDEXES:
+        db.execute_sql(sql)  # type: ignore[no-untyped-call]
+
+
+_SESSION_LIST_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS sessions_archived_created "
+    "ON sessions (archived, created_at, session_id)",
+    "CREATE INDEX IF NOT EXISTS sessions_study_created "
+    "ON sessions (study_id, created_at, session_id)",
+    "CREATE INDEX IF NOT EXISTS sessions_mode_created ON sessions (mode, created_at, session_id)",
+    "CREATE INDEX IF NOT EXISTS sessions_host_created "
+    "ON sessions (host_id, created_at, session_id)",
+    "CREATE INDEX IF NOT EXISTS session_labels_pair ON session_labels (key, value, session_id)",
+)
+
+# Full-text search of messages (SearchMessages). SQLite: an FTS5 table over messages.content
+# (external content: the text is stored once), kept in step by triggers, which run inside the
+# transaction of the write. PostgreSQL: a GIN index of the content's tsvector (an expression
+# index: PostgreSQL keeps it in step itself). Both: English stems. The PostgreSQL expression is
+# the one the search query repeats, so it uses the index; it reads the first FTS_PG_CHARS of a
+# message (a tsvector holds at most 1 MB).
+FTS_PG_CHARS = 100_000
+FTS_PG_VECTOR = f"to_tsvector('english'::regconfig, left(content, {FTS_PG_CHARS}))"
+_SQLITE_FTS = (
+    "CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5(content, content='messages', "
+    "content_rowid='id', tokenize='porter unicode61')",
+    "CREATE TRIGGER IF NOT EXISTS messages_fts_insert AFTER INSERT ON messages BEGIN "
+    "INSERT INTO messages_fts (rowid, content) VALUES (new.id, new.content); END",
+    "CREATE TRIGGER IF NOT EXISTS messages_fts_delete AFTER DELETE ON messages BEGIN "
+    "INSERT INTO messages_fts (messages_fts, rowid, content) "
+    "VALUES ('delete', old.id, old.content); END",
+    "CREATE TRIGGER IF NOT EXISTS messages_fts_update AFTER UPDATE OF content ON messages BEGIN "
+    "INSERT INTO messages_fts (messages_fts, rowid, content) "
+    "VALUES ('delete', old.id, old.content); "
+    "INSERT INTO messages_fts (rowid, content) VALUES (new.id, new.content); END",
+    # Indexes every message stored before.
+    "INSERT INTO messages_fts (messages_fts) VALUES ('rebuild')",
+)
+
+
+# SQLite's errors for a malformed FTS5 query (a column filter `word:` is one too).
+_FTS_QUERY_ERRORS = (
+    "fts5:",
+    "no such column",
+    "unterminated string",
+    "unknown special query",
+    "malformed MATCH",
+)
+
+
+def _migrate_search(db: pw.Database) -> None:
+    """Full-text search of messages, built for every message already stored."""
+    if isinstance(db, pw.PostgresqlDatabase):
+        db.execute_sql(  # type: ignore[no-untyped-call]
+            f"CREATE INDEX IF NOT EXISTS messages_fts ON messages USING GIN ({FTS_PG_VECTOR})"
+        )
+        return
+    for sql in _SQLITE_FTS:
+        db.execute_sql(sql)  # type: ignore[no-untyped-call]
+
+
 # Forward migrations: index i migrates from version i to i + 1. Append, never edit.
 MIGRATIONS: list[Callable[[pw.Database], None]] = [
     _migrate_1,
@@ -364,6 +455,8 @@ MIGRATIONS: list[Callable[[pw.Database], None]] = [
     _migrate_forks,
     _migrate_pending_index,
     _migrate_origin,
+    _migrate_labels_archive,
+    _migrate_search,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -405,6 +498,11 @@ class SessionRecord:
     forked_from: str = ""
     fork_of: str = ""
     fork_at: str = ""
+    labels: str = "{}"  # JSON object: label_map() has it as a dict
+    archived: bool = False
+
+    def label_map(self) -> dict[str, str]:
+        return dict(json.loads(self.labels or "{}"))
 
     @classmethod
     def from_row(cls, row: SessionRow) -> SessionRecord:
@@ -544,6 +642,56 @@ class AgentProcessRecord:
     start_time: int
 
 
+@dataclass
+class SessionFilter:
+    """ListSessions' filters beyond study, state and host; every one set must hold."""
+
+    labels: Mapping[str, str] = field(default_factory=dict)
+    mode: str | None = None
+    archived: bool | None = False  # None: archived or not
+    created_after: float | None = None
+    created_before: float | None = None
+    active_after: float | None = None
+    active_before: float | None = None
+
+    def conditions(self) -> list[Any]:
+        c: list[Any] = []
+        if self.archived is not None:
+            c.append(SessionRow.archived == self.archived)
+        if self.mode is not None:
+            c.append(SessionRow.mode == self.mode)
+        if self.created_after is not None:
+            c.append(SessionRow.created_at >= self.created_after)
+        if self.created_before is not None:
+            c.append(SessionRow.created_at < self.created_before)
+        if self.active_after is not None:
+            c.append(SessionRow.last_active_at >= self.active_after)
+        if self.active_before is not None:
+            c.append(SessionRow.last_active_at < self.active_before)
+        c.extend(SessionRow.session_id.in_(_labelled(k, v)) for k, v in self.labels.items())
+        return c
+
+
+def _labelled(key: str, value: str) -> Any:
+    """The ids of the sessions carrying the label (served by the index session_labels_pair)."""
+    return SessionLabelRow.select(SessionLabelRow.session).where(
+        (SessionLabelRow.key == key) & (SessionLabelRow.value == value)
+    )
+
+
+@dataclass
+class SearchHit:
+    """A message that matches a search."""
+
+    message_id: int
+    session_id: str
+    turn_id: str
+    role: str
+    created_at: float
+    snippet: str
+    score: float  # higher is better
+
+
 # --- the store --------------------------------------------------------------------------------
 
 
@@ -660,21 +808,45 @@ class Store:
         budget_usd: float = 0.0,
         turn_budget_usd: float = 0.0,
         model: str = "",
+        labels: Mapping[str, str] | None = None,
     ) -> SessionRecord:
         now = time.time()
-        row = SessionRow.create(
-            model=model,
-            session_id=session_id,
-            host_id=self.host_id or "",
-            mode=mode,
-            study_id=study_id,
-            agent_session_id=agent_session_id,
-            created_at=now,
-            last_active_at=now,
-            budget_usd=budget_usd,
-            turn_budget_usd=turn_budget_usd,
-        )
-        return SessionRecord.from_row(row)
+        with self.db.atomic():
+            SessionRow.create(
+                model=model,
+                session_id=session_id,
+                host_id=self.host_id or "",
+                mode=mode,
+                study_id=study_id,
+                agent_session_id=agent_session_id,
+                created_at=now,
+                last_active_at=now,
+                budget_usd=budget_usd,
+                turn_budget_usd=turn_budget_usd,
+            )
+            if labels:
+                self._write_labels(session_id, labels)
+            record = self._session_now(session_id)
+        assert record is not None
+        return record
+
+    def set_labels(self, session_id: str, labels: Mapping[str, str]) -> SessionRecord | None:
+        """The session's labels become exactly `labels`; returns the session now (None: it
+        does not exist)."""
+        with self.db.atomic():
+            SessionLabelRow.delete().where(SessionLabelRow.session == session_id).execute()
+            self._write_labels(session_id, labels)
+            return self._session_now(session_id)
+
+    def _write_labels(self, session_id: str, labels: Mapping[str, str]) -> None:
+        ordered = dict(sorted(labels.items()))
+        SessionRow.update(labels=json.dumps(ordered)).where(
+            SessionRow.session_id == session_id
+        ).execute()
+        if ordered:
+            SessionLabelRow.insert_many(
+                [{"session": session_id, "key": k, "value": v} for k, v in ordered.items()]
+            ).execute()
 
     def fork_session(
         self, original: SessionRecord, session_id: str, agent_session_id: str, upto: int
@@ -702,6 +874,7 @@ class Store:
                 fork_of=original.agent_session_id,
                 fork_at=last.agent_uuid,
             )
+            self._write_labels(session_id, original.label_map())
             columns = [
                 "turn_id", "role", "content", "status", "request_id", "tool_calls", "cost_usd",
                 "usage", "detail", "created_at", "attachments", "agent_uuid", "origin",
@@ -766,9 +939,12 @@ class Store:
         only_ids: set[str] | None = None,
         exclude_ids: set[str] | None = None,
         host_id: str | None = None,
+        filters: SessionFilter | None = None,
     ) -> list[SessionRecord]:
         """Newest first, keyset-paginated on (created_at, session_id); every host's sessions
-        unless `host_id` names one."""
+        unless `host_id` names one. `filters`: labels, mode, archive, time ranges (archived
+        sessions are left out unless `filters` asks for them)."""
+        f = filters or SessionFilter()
         q = SessionRow.select()
         if host_id is not None:
             q = q.where(SessionRow.host_id == host_id)
@@ -786,14 +962,21 @@ class Store:
             q = q.where(SessionRow.session_id.in_(list(only_ids)))
         if exclude_ids:
             q = q.where(SessionRow.session_id.not_in(list(exclude_ids)))
+        conditions = f.conditions()
+        if conditions:
+            q = q.where(*conditions)
         q = q.order_by(SessionRow.created_at.desc(), SessionRow.session_id.desc()).limit(limit)
         return [SessionRecord.from_row(r) for r in q]
 
-    def inactive_sessions(self, before: float, limit: int) -> list[str]:
-        """This host's sessions last active before `before` (each host purges its own)."""
+    def inactive_sessions(
+        self, before: float, limit: int, *, include_archived: bool = False
+    ) -> list[str]:
+        """This host's sessions last active before `before` (each host purges its own);
+        archived ones only with `include_archived`."""
+        spared = pw.SQL("1 = 1") if include_archived else (SessionRow.archived == False)  # noqa: E712
         q = (
             SessionRow.select(SessionRow.session_id)
-            .where((SessionRow.last_active_at < before) & self._own(SessionRow.host_id))
+            .where((SessionRow.last_active_at < before) & self._own(SessionRow.host_id) & spared)
             .order_by(SessionRow.last_active_at)
             .limit(limit)
         )
@@ -852,6 +1035,7 @@ class Store:
             PermissionPatternRow.delete().where(
                 PermissionPatternRow.session == session_id
             ).execute()
+            SessionLabelRow.delete().where(SessionLabelRow.session == session_id).execute()
             SessionRow.delete().where(SessionRow.session_id == session_id).execute()
 
     # messages
@@ -1054,6 +1238,67 @@ class Store:
             .limit(limit)
         )
         return [MessageRecord.from_row(r) for r in reversed(list(q))]
+
+    def search_messages(
+        self,
+        query: str,
+        *,
+        session_id: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        limit: int,
+        offset: int = 0,
+    ) -> list[SearchHit]:
+        """Messages matching `query` (the engine's full-text query syntax), best first: SQLite
+        FTS5's bm25, PostgreSQL's ts_rank; a malformed query is InvalidArgument."""
+        where: list[str] = []
+        params: list[Any] = []
+        if session_id is not None:
+            where.append("m.session_id = ?")
+            params.append(session_id)
+        for key, value in (labels or {}).items():
+            where.append(
+                "m.session_id IN (SELECT session_id FROM session_labels "
+                "WHERE key = ? AND value = ?)"
+            )
+            params += [key, value]
+        extra = "".join(f" AND {w}" for w in where)
+        if isinstance(self.db, pw.PostgresqlDatabase):
+            sql = (
+                "SELECT m.id, m.session_id, m.turn_id, m.role, m.created_at, "
+                "ts_headline('english', left(m.content, ?), q, "
+                "'StartSel=[, StopSel=], MaxWords=24, MinWords=8, MaxFragments=2, "
+                'FragmentDelimiter=" … "\'), '
+                f"ts_rank({FTS_PG_VECTOR.replace('content', 'm.content')}, q) AS score "
+                "FROM messages m, websearch_to_tsquery('english', ?) q "
+                f"WHERE {FTS_PG_VECTOR.replace('content', 'm.content')} @@ q{extra} "
+                "ORDER BY score DESC, m.id DESC LIMIT ? OFFSET ?"
+            )
+            args = (FTS_PG_CHARS, query, *params, limit, offset)
+        else:
+            sql = (
+                "SELECT m.id, m.session_id, m.turn_id, m.role, m.created_at, "
+                "snippet(messages_fts, 0, '[', ']', ' … ', 16), -bm25(messages_fts) AS score "
+                "FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid "
+                f"WHERE messages_fts MATCH ?{extra} "
+                "ORDER BY bm25(messages_fts), m.id DESC LIMIT ? OFFSET ?"
+            )
+            args = (query, *params, limit, offset)
+        try:
+            with self.db.atomic():  # a failed query must not break the connection's state
+                rows = self._sql(sql, args).fetchall()
+        except (pw.OperationalError, pw.DataError) as exc:
+            # Only what the query itself caused; anything else is the database's failure.
+            if isinstance(exc, pw.OperationalError) and not any(
+                m in str(exc) for m in _FTS_QUERY_ERRORS
+            ):
+                raise
+            raise InvalidArgument(
+                f"the search query {query[:100]!r} is malformed: {exc} (use words, "
+                '"a phrase", OR, NOT, prefix*)'
+            ) from None
+        return [
+            SearchHit(int(r[0]), r[1], r[2], r[3], float(r[4]), r[5], float(r[6])) for r in rows
+        ]
 
     def message(self, session_id: str, message_id: int) -> MessageRecord | None:
         row = MessageRow.get_or_none(

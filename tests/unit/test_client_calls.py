@@ -224,6 +224,10 @@ UNARY: dict[str, Callable[..., Any]] = {
     "AnswerQuestion": lambda c, **kw: c.answer_question("s1", "q1", {"Which?": "A"}, **kw),
     "StopTask": lambda c, **kw: c.stop_task("s1", "b1", **kw),
     "GetTaskOutput": lambda c, **kw: c.get_task_output("s1", "b1", offset=10, limit=5, **kw),
+    "SetLabels": lambda c, **kw: c.set_labels("s1", {"team": "cfd"}, **kw),
+    "ArchiveSession": lambda c, **kw: c.archive_session("s1", **kw),
+    "UnarchiveSession": lambda c, **kw: c.unarchive_session("s1", **kw),
+    "SearchMessages": lambda c, **kw: list(c.search_messages("turbine", **kw)),
     "GetStatus": lambda c, **kw: c.get_status(**kw),
     "RestartDaemon": lambda c, **kw: c.restart_daemon(**kw),
 }

@@ -20,7 +20,9 @@ from atomizerd.store.db import (
     _migrate_attachments,
     _migrate_checkpoint_pieces,
     _migrate_forks,
+    _migrate_labels_archive,
     _migrate_origin,
+    _migrate_search,
     _migrate_session_context,
     _migrate_session_model,
     database_proxy,
@@ -146,6 +148,34 @@ def _undo_origin(db: pw.Database) -> None:
 UNDO[MIGRATIONS.index(_migrate_origin) + 1] = _undo_origin
 
 
+def _undo_labels_archive(db: pw.Database) -> None:
+    for index in (
+        "sessions_archived_created",
+        "sessions_study_created",
+        "sessions_mode_created",
+        "sessions_host_created",
+    ):
+        db.execute_sql(f"DROP INDEX IF EXISTS {index}")
+    db.execute_sql("DROP TABLE IF EXISTS session_labels")
+    db.execute_sql("ALTER TABLE sessions DROP COLUMN labels")
+    db.execute_sql("ALTER TABLE sessions DROP COLUMN archived")
+
+
+UNDO[MIGRATIONS.index(_migrate_labels_archive) + 1] = _undo_labels_archive
+
+
+def _undo_search(db: pw.Database) -> None:
+    if isinstance(db, pw.PostgresqlDatabase):
+        db.execute_sql("DROP INDEX IF EXISTS messages_fts")
+        return
+    for trigger in ("insert", "delete", "update"):
+        db.execute_sql(f"DROP TRIGGER IF EXISTS messages_fts_{trigger}")
+    db.execute_sql("DROP TABLE IF EXISTS messages_fts")
+
+
+UNDO[MIGRATIONS.index(_migrate_search) + 1] = _undo_search
+
+
 def make_version(url: str, version: int) -> None:
     """A database as a daemon of schema `version` left it, holding a session with a finished
     turn, a turn cut off by a crash and a recorded agent."""
@@ -173,6 +203,9 @@ def make_version(url: str, version: int) -> None:
             if version > MIGRATIONS.index(_migrate_forks):
                 session_col += ", forked_from, fork_of, fork_at"
                 session_val += ", '', '', ''"
+            if version > MIGRATIONS.index(_migrate_labels_archive):
+                session_col += ", labels, archived"
+                session_val += ", '{}', FALSE"
             message_col = message_val = ""
             if version > MIGRATIONS.index(_migrate_attachments):
                 message_col, message_val = ", attachments", ", '[]'"
@@ -240,6 +273,11 @@ def test_a_database_of_an_earlier_version_is_migrated_on_each_engine(
             "hi",
             "cut off",
         ]
+        # Messages stored before search existed are found (the migration indexed them).
+        assert [h.message_id for h in store.search_messages("hello", limit=5)] == [
+            store.history("old", after_id=0, limit=1)[0].message_id
+        ]
+        assert not store.get_session("old").archived  # type: ignore[union-attr]
         # The crash recovery works on what was migrated; new writes take the new columns.
         assert store.settle_unfinished_turns() == [("old", "t2")]
         store.checkpoint_reply("old", "t3", "partial")

@@ -300,6 +300,7 @@ class Client(_Base):
         turn_budget_usd: float = 0.0,
         model: str = "",
         timeout: float | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> Session:
         """Creates a session, or reopens `session_id` if it exists (mode None: unchanged).
 
@@ -308,9 +309,10 @@ class Client(_Base):
         lower (a higher one is InvalidArgumentError). A session at its cap refuses messages
         with ResourceExhaustedError. `model` picks the session's model (one of the daemon's
         `agent.models` when it lists them); empty: the daemon's default (unchanged when
-        reopening).
+        reopening). `labels`: a new session's labels (SetLabels changes them later).
         """
         req = _create_request(mode, study_id, session_id, budget_usd, turn_budget_usd, model)
+        req.labels.update(labels or {})
         return self._call(self._sessions.CreateSession, req, timeout).session
 
     def get_session(self, session_id: str, *, timeout: float | None = None) -> Session:
@@ -325,13 +327,65 @@ class Client(_Base):
         page_size: int = 0,
         timeout: float | None = None,
         host_id: str = "",
+        labels: Mapping[str, str] | None = None,
+        include_archived: bool = False,
+        archived_only: bool = False,
     ) -> Iterator[Session]:
         """Every matching session, newest first, fetching pages as the iteration goes;
-        `host_id`: only that host's (daemons sharing one database)."""
+        `host_id`: only that host's (daemons sharing one database); `labels`: only sessions
+        carrying all of them; archived sessions only with `include_archived` (or only them,
+        `archived_only`)."""
         req = session_pb2.ListSessionsRequest(
-            page_size=page_size, study_id=study_id, state=state_value(state), host_id=host_id
+            page_size=page_size,
+            study_id=study_id,
+            state=state_value(state),
+            host_id=host_id,
+            labels=dict(labels or {}),
+            include_archived=include_archived,
+            archived_only=archived_only,
         )
         return self._pages(self._sessions.ListSessions, req, "sessions", timeout)
+
+    def set_labels(
+        self,
+        session_id: str,
+        labels: Mapping[str, str],
+        *,
+        replace: bool = False,
+        timeout: float | None = None,
+    ) -> Session:
+        """Merges `labels` into the session's (an empty value removes that key), or with
+        `replace` makes them the session's labels."""
+        req = session_pb2.SetLabelsRequest(
+            session_id=session_id, labels=dict(labels), replace=replace
+        )
+        return self._call(self._sessions.SetLabels, req, timeout).session
+
+    def archive_session(self, session_id: str, *, timeout: float | None = None) -> Session:
+        """Archives the session (its agent stops; FailedPreconditionError while a task or a
+        turn runs)."""
+        req = session_pb2.ArchiveSessionRequest(session_id=session_id)
+        return self._call(self._sessions.ArchiveSession, req, timeout).session
+
+    def unarchive_session(self, session_id: str, *, timeout: float | None = None) -> Session:
+        req = session_pb2.UnarchiveSessionRequest(session_id=session_id)
+        return self._call(self._sessions.UnarchiveSession, req, timeout).session
+
+    def search_messages(
+        self,
+        query: str,
+        *,
+        session_id: str = "",
+        labels: Mapping[str, str] | None = None,
+        page_size: int = 0,
+        timeout: float | None = None,
+    ) -> Iterator[session_pb2.SearchHit]:
+        """Stored messages matching `query`, best first, fetching pages as the iteration goes;
+        InvalidArgumentError for a malformed query."""
+        req = session_pb2.SearchMessagesRequest(
+            query=query, session_id=session_id, labels=dict(labels or {}), page_size=page_size
+        )
+        return self._pages(self._sessions.SearchMessages, req, "hits", timeout)
 
     def terminate_session(
         self, session_id: str, *, purge: bool = False, timeout: float | None = None
@@ -780,6 +834,37 @@ class AsyncClient(_Base):
         """`async for m in client.get_history(sid)`: every stored message, oldest first."""
         req = session_pb2.GetHistoryRequest(session_id=session_id, page_size=page_size)
         return self._pages(self._sessions.GetHistory, req, "messages")
+
+    async def set_labels(
+        self, session_id: str, labels: Mapping[str, str], *, replace: bool = False
+    ) -> Session:
+        """As `Client.set_labels`."""
+        req = session_pb2.SetLabelsRequest(
+            session_id=session_id, labels=dict(labels), replace=replace
+        )
+        return (await self._call(self._sessions.SetLabels, req)).session
+
+    async def archive_session(self, session_id: str) -> Session:
+        req = session_pb2.ArchiveSessionRequest(session_id=session_id)
+        return (await self._call(self._sessions.ArchiveSession, req)).session
+
+    async def unarchive_session(self, session_id: str) -> Session:
+        req = session_pb2.UnarchiveSessionRequest(session_id=session_id)
+        return (await self._call(self._sessions.UnarchiveSession, req)).session
+
+    def search_messages(
+        self,
+        query: str,
+        *,
+        session_id: str = "",
+        labels: Mapping[str, str] | None = None,
+        page_size: int = 0,
+    ) -> AsyncIterator[session_pb2.SearchHit]:
+        """`async for hit in client.search_messages(q)`: as `Client.search_messages`."""
+        req = session_pb2.SearchMessagesRequest(
+            query=query, session_id=session_id, labels=dict(labels or {}), page_size=page_size
+        )
+        return self._pages(self._sessions.SearchMessages, req, "hits")
 
     async def _pages(
         self, method: Callable[..., Awaitable[Any]], req: Any, field: str

@@ -20,18 +20,22 @@ from atomizer_client.ctl_chat import cmd_chat
 from atomizer_client.ctl_output import EXIT_INTERRUPTED, EXIT_OK, Output, exit_code_for
 from atomizer_client.ctl_sessions import (
     cmd_approve,
+    cmd_archive,
     cmd_audit,
     cmd_daemon,
     cmd_deny,
     cmd_history,
+    cmd_label,
     cmd_ls,
     cmd_mode,
     cmd_new,
     cmd_rm,
+    cmd_search,
     cmd_send,
     cmd_show,
     cmd_status,
     cmd_study,
+    cmd_unarchive,
     cmd_watch,
 )
 from atomizer_client.errors import AtomizerError
@@ -130,6 +134,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--host-id", metavar="H", help="only sessions of host H (daemons sharing one database)"
     )
+    p.add_argument(
+        "--label", action="append", metavar="K=V", help="only sessions labelled K=V (repeatable)"
+    )
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--archived", action="store_true", help="only archived sessions")
+    g.add_argument("--all", action="store_true", help="archived sessions too")
+
+    p = add("label", cmd_label, "set a session's labels (K= removes K)")
+    p.add_argument("id")
+    p.add_argument("labels", nargs="+", metavar="K=V")
+    p.add_argument("--replace", action="store_true", help="the labels become exactly these")
+    add("archive", cmd_archive, "archive a session (its agent stops)").add_argument("id")
+    add("unarchive", cmd_unarchive, "take a session out of the archive").add_argument("id")
+    p = add("search", cmd_search, "search stored messages, best match first")
+    p.add_argument("query")
+    p.add_argument("--session", metavar="ID", help="only this session's messages")
+    p.add_argument(
+        "--label", action="append", metavar="K=V", help="only sessions labelled K=V (repeatable)"
+    )
+    p.add_argument("--limit", type=int, default=20, help="at most this many matches (20)")
 
     add("show", cmd_show, "show one session, with its spend and caps").add_argument("id")
     add("history", cmd_history, "print a session's stored messages").add_argument("id")

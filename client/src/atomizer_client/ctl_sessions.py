@@ -50,9 +50,30 @@ def cmd_new(client: Client, args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def _label_pairs(items: Sequence[str], *, empty_ok: bool = False) -> dict[str, str]:
+    """k=v arguments (with `empty_ok`, `k=` too: remove k)."""
+    labels = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key or (not value and not empty_ok):
+            raise ValueError(f"{item!r} is not a label: use key=value")
+        labels[key] = value
+    return labels
+
+
 def cmd_ls(client: Client, args: argparse.Namespace, out: Output) -> int:
+    try:
+        labels = _label_pairs(args.label or [])
+    except ValueError as e:
+        out.error(str(e))
+        return EXIT_USAGE
     sessions = client.list_sessions(
-        study_id=args.study or "", state=args.state, host_id=args.host_id or ""
+        study_id=args.study or "",
+        state=args.state,
+        host_id=args.host_id or "",
+        labels=labels,
+        archived_only=args.archived,
+        include_archived=args.all,
     )
     if out.json:
         for s in sessions:
@@ -321,3 +342,59 @@ def cmd_watch(client: Client, args: argparse.Namespace, out: Output) -> int:
         return EXIT_INTERRUPTED
     out.error("the daemon ended the watch")
     return EXIT_UNAVAILABLE
+
+
+def cmd_label(client: Client, args: argparse.Namespace, out: Output) -> int:
+    try:
+        labels = _label_pairs(args.labels, empty_ok=not args.replace)
+    except ValueError as e:
+        out.error(str(e))
+        return EXIT_USAGE
+    s = client.set_labels(args.id, labels, replace=args.replace)
+    if out.json:
+        out.record(proto_dict(s))
+    else:
+        for key, value in sorted(s.labels.items()):
+            out.line(f"{key}={value}")
+    return EXIT_OK
+
+
+def cmd_archive(client: Client, args: argparse.Namespace, out: Output) -> int:
+    s = client.archive_session(args.id)
+    if out.json:
+        out.record(proto_dict(s))
+    else:
+        out.line(f"{s.session_id} archived")
+    return EXIT_OK
+
+
+def cmd_unarchive(client: Client, args: argparse.Namespace, out: Output) -> int:
+    s = client.unarchive_session(args.id)
+    if out.json:
+        out.record(proto_dict(s))
+    else:
+        out.line(f"{s.session_id} unarchived")
+    return EXIT_OK
+
+
+def cmd_search(client: Client, args: argparse.Namespace, out: Output) -> int:
+    try:
+        labels = _label_pairs(args.label or [])
+    except ValueError as e:
+        out.error(str(e))
+        return EXIT_USAGE
+    hits = client.search_messages(args.query, session_id=args.session or "", labels=labels)
+    rows = []
+    for i, h in enumerate(hits):
+        if i >= args.limit:
+            break
+        if out.json:
+            out.record(proto_dict(h))
+            continue
+        rows.append(
+            (h.session_id, str(h.message_id), enum_short(h, "role"), when(h.created_at),
+             one_line(h.snippet))
+        )  # fmt: skip
+    if not out.json:
+        _table(out, ("SESSION", "MESSAGE", "ROLE", "TIME", "MATCH"), rows)
+    return EXIT_OK

@@ -125,6 +125,26 @@ class SessionServiceStub:
                 request_serializer=atomizer_dot_v1_dot_session__pb2.GetTaskOutputRequest.SerializeToString,
                 response_deserializer=atomizer_dot_v1_dot_session__pb2.GetTaskOutputResponse.FromString,
                 _registered_method=True)
+        self.SetLabels = channel.unary_unary(
+                '/atomizer.v1.SessionService/SetLabels',
+                request_serializer=atomizer_dot_v1_dot_session__pb2.SetLabelsRequest.SerializeToString,
+                response_deserializer=atomizer_dot_v1_dot_session__pb2.SetLabelsResponse.FromString,
+                _registered_method=True)
+        self.ArchiveSession = channel.unary_unary(
+                '/atomizer.v1.SessionService/ArchiveSession',
+                request_serializer=atomizer_dot_v1_dot_session__pb2.ArchiveSessionRequest.SerializeToString,
+                response_deserializer=atomizer_dot_v1_dot_session__pb2.ArchiveSessionResponse.FromString,
+                _registered_method=True)
+        self.UnarchiveSession = channel.unary_unary(
+                '/atomizer.v1.SessionService/UnarchiveSession',
+                request_serializer=atomizer_dot_v1_dot_session__pb2.UnarchiveSessionRequest.SerializeToString,
+                response_deserializer=atomizer_dot_v1_dot_session__pb2.UnarchiveSessionResponse.FromString,
+                _registered_method=True)
+        self.SearchMessages = channel.unary_unary(
+                '/atomizer.v1.SessionService/SearchMessages',
+                request_serializer=atomizer_dot_v1_dot_session__pb2.SearchMessagesRequest.SerializeToString,
+                response_deserializer=atomizer_dot_v1_dot_session__pb2.SearchMessagesResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -260,6 +280,38 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetLabels(self, request, context):
+        """Sets or changes the session's labels (Session.labels).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ArchiveSession(self, request, context):
+        """Puts a session away: it keeps its history, its agent is stopped, ListSessions hides it
+        unless include_archived, and the retention purge spares it unless reaper.purge_archived.
+        FAILED_PRECONDITION while its agent runs a task (naming it) or a turn runs or waits.
+        SendMessage to an archived session unarchives it (daemon.archived_send = "unarchive") or
+        is FAILED_PRECONDITION (daemon.archived_send = "refuse").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnarchiveSession(self, request, context):
+        """Takes a session out of the archive; its next message starts its agent again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchMessages(self, request, context):
+        """Full-text search over stored messages (every session's, or those given), best match first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -352,6 +404,26 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.GetTaskOutput,
                     request_deserializer=atomizer_dot_v1_dot_session__pb2.GetTaskOutputRequest.FromString,
                     response_serializer=atomizer_dot_v1_dot_session__pb2.GetTaskOutputResponse.SerializeToString,
+            ),
+            'SetLabels': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetLabels,
+                    request_deserializer=atomizer_dot_v1_dot_session__pb2.SetLabelsRequest.FromString,
+                    response_serializer=atomizer_dot_v1_dot_session__pb2.SetLabelsResponse.SerializeToString,
+            ),
+            'ArchiveSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ArchiveSession,
+                    request_deserializer=atomizer_dot_v1_dot_session__pb2.ArchiveSessionRequest.FromString,
+                    response_serializer=atomizer_dot_v1_dot_session__pb2.ArchiveSessionResponse.SerializeToString,
+            ),
+            'UnarchiveSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnarchiveSession,
+                    request_deserializer=atomizer_dot_v1_dot_session__pb2.UnarchiveSessionRequest.FromString,
+                    response_serializer=atomizer_dot_v1_dot_session__pb2.UnarchiveSessionResponse.SerializeToString,
+            ),
+            'SearchMessages': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchMessages,
+                    request_deserializer=atomizer_dot_v1_dot_session__pb2.SearchMessagesRequest.FromString,
+                    response_serializer=atomizer_dot_v1_dot_session__pb2.SearchMessagesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -841,6 +913,114 @@ class SessionService:
             '/atomizer.v1.SessionService/GetTaskOutput',
             atomizer_dot_v1_dot_session__pb2.GetTaskOutputRequest.SerializeToString,
             atomizer_dot_v1_dot_session__pb2.GetTaskOutputResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetLabels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atomizer.v1.SessionService/SetLabels',
+            atomizer_dot_v1_dot_session__pb2.SetLabelsRequest.SerializeToString,
+            atomizer_dot_v1_dot_session__pb2.SetLabelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ArchiveSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atomizer.v1.SessionService/ArchiveSession',
+            atomizer_dot_v1_dot_session__pb2.ArchiveSessionRequest.SerializeToString,
+            atomizer_dot_v1_dot_session__pb2.ArchiveSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnarchiveSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atomizer.v1.SessionService/UnarchiveSession',
+            atomizer_dot_v1_dot_session__pb2.UnarchiveSessionRequest.SerializeToString,
+            atomizer_dot_v1_dot_session__pb2.UnarchiveSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atomizer.v1.SessionService/SearchMessages',
+            atomizer_dot_v1_dot_session__pb2.SearchMessagesRequest.SerializeToString,
+            atomizer_dot_v1_dot_session__pb2.SearchMessagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

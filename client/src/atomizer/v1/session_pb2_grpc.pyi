@@ -76,6 +76,19 @@ class SessionServiceStub:
     """A page of a task's output (a background command's output file), running or recently
     ended; read on from next_offset.
     """
+    SetLabels: _grpc.UnaryUnaryMultiCallable[_session_pb2.SetLabelsRequest, _session_pb2.SetLabelsResponse]
+    """Sets or changes the session's labels (Session.labels)."""
+    ArchiveSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.ArchiveSessionRequest, _session_pb2.ArchiveSessionResponse]
+    """Puts a session away: it keeps its history, its agent is stopped, ListSessions hides it
+    unless include_archived, and the retention purge spares it unless reaper.purge_archived.
+    FAILED_PRECONDITION while its agent runs a task (naming it) or a turn runs or waits.
+    SendMessage to an archived session unarchives it (daemon.archived_send = "unarchive") or
+    is FAILED_PRECONDITION (daemon.archived_send = "refuse").
+    """
+    UnarchiveSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.UnarchiveSessionRequest, _session_pb2.UnarchiveSessionResponse]
+    """Takes a session out of the archive; its next message starts its agent again."""
+    SearchMessages: _grpc.UnaryUnaryMultiCallable[_session_pb2.SearchMessagesRequest, _session_pb2.SearchMessagesResponse]
+    """Full-text search over stored messages (every session's, or those given), best match first."""
 
 @_typing.type_check_only
 class SessionServiceAsyncStub(SessionServiceStub):
@@ -125,6 +138,19 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """A page of a task's output (a background command's output file), running or recently
     ended; read on from next_offset.
     """
+    SetLabels: _aio.UnaryUnaryMultiCallable[_session_pb2.SetLabelsRequest, _session_pb2.SetLabelsResponse]  # type: ignore[assignment]
+    """Sets or changes the session's labels (Session.labels)."""
+    ArchiveSession: _aio.UnaryUnaryMultiCallable[_session_pb2.ArchiveSessionRequest, _session_pb2.ArchiveSessionResponse]  # type: ignore[assignment]
+    """Puts a session away: it keeps its history, its agent is stopped, ListSessions hides it
+    unless include_archived, and the retention purge spares it unless reaper.purge_archived.
+    FAILED_PRECONDITION while its agent runs a task (naming it) or a turn runs or waits.
+    SendMessage to an archived session unarchives it (daemon.archived_send = "unarchive") or
+    is FAILED_PRECONDITION (daemon.archived_send = "refuse").
+    """
+    UnarchiveSession: _aio.UnaryUnaryMultiCallable[_session_pb2.UnarchiveSessionRequest, _session_pb2.UnarchiveSessionResponse]  # type: ignore[assignment]
+    """Takes a session out of the archive; its next message starts its agent again."""
+    SearchMessages: _aio.UnaryUnaryMultiCallable[_session_pb2.SearchMessagesRequest, _session_pb2.SearchMessagesResponse]  # type: ignore[assignment]
+    """Full-text search over stored messages (every session's, or those given), best match first."""
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     """Sessions: one conversation with the agent, its registry entry and its history."""
@@ -279,5 +305,42 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         """A page of a task's output (a background command's output file), running or recently
         ended; read on from next_offset.
         """
+
+    @_abc_1.abstractmethod
+    def SetLabels(
+        self,
+        request: _session_pb2.SetLabelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.SetLabelsResponse, _abc.Awaitable[_session_pb2.SetLabelsResponse]]:
+        """Sets or changes the session's labels (Session.labels)."""
+
+    @_abc_1.abstractmethod
+    def ArchiveSession(
+        self,
+        request: _session_pb2.ArchiveSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.ArchiveSessionResponse, _abc.Awaitable[_session_pb2.ArchiveSessionResponse]]:
+        """Puts a session away: it keeps its history, its agent is stopped, ListSessions hides it
+        unless include_archived, and the retention purge spares it unless reaper.purge_archived.
+        FAILED_PRECONDITION while its agent runs a task (naming it) or a turn runs or waits.
+        SendMessage to an archived session unarchives it (daemon.archived_send = "unarchive") or
+        is FAILED_PRECONDITION (daemon.archived_send = "refuse").
+        """
+
+    @_abc_1.abstractmethod
+    def UnarchiveSession(
+        self,
+        request: _session_pb2.UnarchiveSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.UnarchiveSessionResponse, _abc.Awaitable[_session_pb2.UnarchiveSessionResponse]]:
+        """Takes a session out of the archive; its next message starts its agent again."""
+
+    @_abc_1.abstractmethod
+    def SearchMessages(
+        self,
+        request: _session_pb2.SearchMessagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.SearchMessagesResponse, _abc.Awaitable[_session_pb2.SearchMessagesResponse]]:
+        """Full-text search over stored messages (every session's, or those given), best match first."""
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
