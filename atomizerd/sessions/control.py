@@ -20,12 +20,13 @@ import structlog
 from atomizerd.agents import protocol as proto
 from atomizerd.agents.pool import Agent
 from atomizerd.agents.transport import AgentTransport, PooledTransport
-from atomizerd.agents.vocabulary import AgentError
+from atomizerd.agents.vocabulary import AgentError, AgentItem
 from atomizerd.config import Config
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.approvals import POLICY, Approvals, Decision
 from atomizerd.sessions.journal import Resumed, TurnJournal
-from atomizerd.sessions.turn import Transcript, Turn
+from atomizerd.sessions.relay import Terminal, relay
+from atomizerd.sessions.turn import Emit, Transcript, Turn
 
 log = structlog.get_logger("atomizerd.sessions.control")
 
@@ -144,6 +145,49 @@ class AgentControl:
         return ev.TurnCompleted(
             text=transcript.full_text(), interrupted=True, stop_reason="interrupted"
         )
+
+    def relay_item(
+        self,
+        agent: Agent,
+        item: AgentItem,
+        emit: Emit,
+        transcript: Transcript,
+        interrupted: bool,
+        cost_base: float,
+        approvals: Approvals | None,
+        journal: TurnJournal | None,
+        held: list[proto.ControlRequest] | None = None,
+    ) -> Terminal | None:
+        """One message of a turn: control requests (answered in the background) and the
+        agent's init are handled here; the rest maps onto the transcript and events
+        (sessions/relay.py). `held`: the message
+        is read again after a restart: permission requests are kept there (taken up by
+        `_end_replay`) instead of being decided."""
+        process = agent.transport_or_fail()
+        match item:
+            case proto.Init():
+                agent.mcp_servers = list(item.mcp_servers)
+            case proto.ControlRequest() if held is not None:
+                held.append(item)
+            case proto.ControlRequest(subtype="can_use_tool") if approvals is not None:
+                self.background(self.answer_permission(process, approvals, item, journal))
+            case proto.ControlRequest():
+                self.background(self.refuse(process, item))
+            case proto.ControlCancelRequest() if held is not None:
+                held[:] = [r for r in held if r.request_id != item.request_id]
+            case proto.ControlCancelRequest() if approvals is not None:
+                approvals.cancel(item.request_id, "the agent withdrew the request")
+            case _:
+                return relay(
+                    item,
+                    emit,
+                    transcript,
+                    interrupted=interrupted,
+                    cost_base=cost_base,
+                    max_line_bytes=self.config.agent.max_line_bytes,
+                    stderr_tail=process.stderr_tail(),
+                )
+        return None
 
     def take_up_held(self, process: PooledTransport, turn: Turn, replay: Replay) -> None:
         """Once the messages the previous daemon accounted for are read again, the permission

@@ -8,6 +8,7 @@ own business, not the transcript's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from atomizerd.agents import protocol as proto
@@ -179,3 +180,28 @@ def cut_short(transcript: Transcript, *, taken_over: bool = False) -> ev.TurnCom
     return ev.TurnCompleted(
         text=transcript.full_text(), stop_reason=why, interrupted=not taken_over
     )
+
+
+def require_structured(
+    terminal: ev.TurnCompleted | ev.TurnFailed,
+) -> ev.TurnCompleted | ev.TurnFailed:
+    """A structured turn that completed without an answer in its schema is an error."""
+    if (
+        isinstance(terminal, ev.TurnCompleted)
+        and not terminal.structured_output
+        and not terminal.interrupted
+        and not terminal.is_error
+    ):
+        return dataclasses.replace(
+            terminal,
+            is_error=True,
+            stop_reason="no structured output: the agent did not answer in the requested schema",
+        )
+    return terminal
+
+
+def reported_outcome(terminal: ev.TurnCompleted | ev.TurnFailed) -> tuple[str, str, float]:
+    """A turn's end as telemetry takes it: its outcome, its failure code, its cost."""
+    if isinstance(terminal, ev.TurnFailed):
+        return "failed", terminal.code, 0.0
+    return ("interrupted" if terminal.interrupted else "completed"), "", terminal.cost_usd

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +37,7 @@ from atomizerd.sessions.following import Follower
 from atomizerd.sessions.journal import TurnJournal
 from atomizerd.sessions.outcomes import LateOutcomes
 from atomizerd.sessions.plans import PLAN, leave_plan
-from atomizerd.sessions.relay import Terminal, relay
+from atomizerd.sessions.relay import Terminal, reported_outcome, require_structured
 from atomizerd.sessions.relay import outcome as outcome_of
 from atomizerd.sessions.turn import Emit, EmitFor, T, Transcript, Turn, TurnState
 from atomizerd.store.db import SessionRecord, Store
@@ -306,7 +305,7 @@ class TurnRunner:
             reusable = False  # the CLI takes its cap at start-up: a fresh one per turn
         if turn.output_schema is not None:
             reusable = False  # started with the turn's schema: the next turn has none
-            terminal = _require_structured(terminal)
+            terminal = require_structured(terminal)
         self.finish(s, turn, emit, transcript, terminal)
         return reusable
 
@@ -576,62 +575,9 @@ class TurnRunner:
         journal: TurnJournal | None,
         held: list[proto.ControlRequest] | None = None,
     ) -> Terminal | None:
-        """One message of a turn: control requests and the agent's init are the runner's;
-        the rest maps onto the transcript and events (sessions/relay.py). `held`: the message
-        is read again after a restart: permission requests are kept there (taken up by
-        `_end_replay`) instead of being decided."""
-        process = agent.transport_or_fail()
-        match item:
-            case proto.Init():
-                agent.mcp_servers = list(item.mcp_servers)
-            case proto.ControlRequest() if held is not None:
-                held.append(item)
-            case proto.ControlRequest(subtype="can_use_tool") if approvals is not None:
-                self.control.background(
-                    self.control.answer_permission(process, approvals, item, journal)
-                )
-            case proto.ControlRequest():
-                self.control.background(self.control.refuse(process, item))
-            case proto.ControlCancelRequest() if held is not None:
-                held[:] = [r for r in held if r.request_id != item.request_id]
-            case proto.ControlCancelRequest() if approvals is not None:
-                approvals.cancel(item.request_id, "the agent withdrew the request")
-            case _:
-                return relay(
-                    item,
-                    emit,
-                    transcript,
-                    interrupted=interrupted,
-                    cost_base=cost_base,
-                    max_line_bytes=self.config.agent.max_line_bytes,
-                    stderr_tail=process.stderr_tail(),
-                )
-        return None
-
-
-def _require_structured(
-    terminal: ev.TurnCompleted | ev.TurnFailed,
-) -> ev.TurnCompleted | ev.TurnFailed:
-    """A structured turn that completed without an answer in its schema is an error."""
-    if (
-        isinstance(terminal, ev.TurnCompleted)
-        and not terminal.structured_output
-        and not terminal.interrupted
-        and not terminal.is_error
-    ):
-        return dataclasses.replace(
-            terminal,
-            is_error=True,
-            stop_reason="no structured output: the agent did not answer in the requested schema",
+        return self.control.relay_item(
+            agent, item, emit, transcript, interrupted, cost_base, approvals, journal, held
         )
-    return terminal
-
-
-def reported_outcome(terminal: ev.TurnCompleted | ev.TurnFailed) -> tuple[str, str, float]:
-    """A turn's end as telemetry takes it: its outcome, its failure code, its cost."""
-    if isinstance(terminal, ev.TurnFailed):
-        return "failed", terminal.code, 0.0
-    return ("interrupted" if terminal.interrupted else "completed"), "", terminal.cost_usd
 
 
 class _Stopped(Exception):

@@ -23,7 +23,7 @@ from atomizerd.config import ConfigError, MetricsAddress
 from atomizerd.daemon import metrics
 from atomizerd.errors import FailedPrecondition
 from atomizerd.sessions import events as ev
-from atomizerd.sessions.turns import reported_outcome
+from atomizerd.sessions.relay import reported_outcome
 from atomizerd.telemetry import SPAWN_REASONS, Relay
 from tests.support.waiting import wait_for
 
