@@ -18,11 +18,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import structlog
+
 from atomizerd.agents.transport import LaunchSpec, PooledTransport
 from atomizerd.agents.vocabulary import AgentError, AgentSpawnError
+from atomizerd.config import AgentConfig
 from atomizerd.errors import AtomizerError
 from atomizerd.statemachine import Lifecycle
 from atomizerd.store.db import SessionRecord
+
+log = structlog.get_logger("atomizerd.agents.pool")
+
+# What the CLI says when --resume names a conversation whose transcript is gone.
+_NO_CONVERSATION = "No conversation found"
 
 
 class ResumeFailed(Exception):
@@ -131,3 +139,60 @@ class Agent:
         if self.transport is None:
             raise RuntimeError(f"the agent of {self.session_id} has no process")
         return self.transport
+
+    def reader_done(self, task: asyncio.Task[None]) -> None:
+        """The idle reader ended (cancelled when leased or stopped; an error is logged)."""
+        if self.reader is task:
+            self.reader = None
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "reading an idle agent failed",
+                session_id=self.session_id,
+                error=repr(task.exception()),
+            )
+
+    def start_done(self, task: asyncio.Task[None]) -> None:
+        """Every start's outcome is retrieved here (also of one nobody waits for any more)."""
+        self.starting = None
+        if task.cancelled():
+            log.info("agent start abandoned", session_id=self.session_id)
+        elif (error := task.exception()) is not None:
+            log.warning("agent failed to start", session_id=self.session_id, error=str(error))
+        elif self.spare_for is not None:
+            log.info("spare agent ready", mode=self.spare_for, spare=self.session_id)
+
+
+def process_groups(transport: PooledTransport) -> list[tuple[int, int]]:
+    """(pgid, start time) of the agent's process group and its shim's, where known."""
+    groups = []
+    if transport.start_time is not None:
+        groups.append((transport.pgid, transport.start_time))
+    helper = transport.helper
+    if helper is not None and helper.start_time is not None:
+        groups.append((helper.pgid, helper.start_time))
+    return groups
+
+
+async def handshake(
+    agent: Agent, spec: LaunchSpec, record: SessionRecord, cfg: AgentConfig
+) -> None:
+    """The CLI's `initialize` at spawn readies it for the first turn and carries what must not
+    be in argv (the system prompt): an agent that does not complete it is stopped and never
+    serves. It could not resume its conversation (ResumeFailed), or it failed before any
+    message was sent (safe to start again: DiedAtStart)."""
+    transport = agent.transport
+    assert transport is not None
+    try:
+        await transport.initialize(timeout=cfg.first_event_timeout, **spec.initialize)
+        return
+    except AgentError as e:
+        log.warning("agent did not complete initialize", session_id=agent.session_id, error=str(e))
+    await transport.stop(cfg.stop_grace)
+    tail = transport.stderr_tail()
+    if agent.resumed and _NO_CONVERSATION in tail:
+        raise ResumeFailed(f"the agent could not resume conversation {record.agent_session_id}")
+    raise DiedAtStart(
+        f"the agent did not complete its start-up handshake (exit status {transport.returncode})",
+        transport.returncode,
+        tail,
+    )
