@@ -6,8 +6,8 @@ so an agent being started or stopped counts as much as a working one. When the p
 lease waits in one FIFO queue (`pool.max_queued`, `pool.queue_timeout`); the queue is served by
 one synchronous function (`Slots.dispatch`, agents/slots.py), which either grants a free slot
 or evicts the least-recently-used *idle* agent and hands its slot to the waiter the moment the
-process is gone. Only a READY agent can be evicted: never one that is spawning or leased to a turn, nor
-one whose tasks (background commands, subagents) are still running.
+process is gone. Only a READY agent can be evicted: never one that is spawning or leased to a
+turn, nor one whose tasks (background commands, subagents) are still running.
 
 The agent lifecycle (docs/architecture.md, "Agent"):
 
