@@ -26,184 +26,49 @@ stream events are the dataclasses of `events`.
 
 from __future__ import annotations
 
-import asyncio
-import json
-import math
 import os
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, ClassVar, Self, TypeVar
+from typing import Any, Self
 
 import grpc
 import grpc.aio
 from atomizer.v1 import daemon_pb2, daemon_pb2_grpc, session_pb2, session_pb2_grpc
 
-from atomizer_client.discovery import find_socket, target_for
-from atomizer_client.errors import from_rpc_error
-from atomizer_client.events import Event, PermissionRule, from_proto
-
-DEFAULT_TIMEOUT = 10.0
-SESSION_SERVICE = "atomizer.v1.SessionService"
-DAEMON_SERVICE = "atomizer.v1.DaemonService"
-# Calls that change nothing, so repeating one after UNAVAILABLE is always safe.
-RETRIED_METHODS = (
-    (SESSION_SERVICE, "GetSession"),
-    (SESSION_SERVICE, "ListSessions"),
-    (SESSION_SERVICE, "GetHistory"),
-    (SESSION_SERVICE, "ListAuditEvents"),
-    (DAEMON_SERVICE, "GetStatus"),
+from atomizer_client.client_async import AsyncClient, AsyncEventStream
+from atomizer_client.client_base import (
+    DEFAULT_RETRY,
+    DEFAULT_TIMEOUT,
+    AttachmentLike,
+    AuditEvent,
+    Decision,
+    Message,
+    ModeLike,
+    QuestionOutcome,
+    Req,
+    Resp,
+    Restart,
+    RetryPolicy,
+    RuleLike,
+    Session,
+    StateLike,
+    Status,
+    Task,
+    TaskOutputPage,
+    _Base,
+    _create_request,
+    _respond_request,
+    _send_request,
+    _task_output_request,
+    attachment_from_path,
+    channel_options,
+    mode_value,
+    new_request_id,
+    service_config,
+    state_value,
 )
-
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-Session = session_pb2.Session
-Message = session_pb2.Message
-AuditEvent = session_pb2.AuditEvent
-Decision = session_pb2.PermissionDecided
-QuestionOutcome = session_pb2.QuestionAnswered
-Task = session_pb2.Task
-TaskOutputPage = session_pb2.GetTaskOutputResponse
-"""A page of a task's output: `data`, `next_offset`, `size` (so far), `running`."""
-AttachmentLike = session_pb2.Attachment | tuple[str, str, bytes]
-"""A file to send: a `session_pb2.Attachment`, or (name, media_type, data)."""
-RuleLike = PermissionRule | tuple[str, str]
-"""A permission rule: a suggestion's (`PermissionRequest.suggestions[i].rules[j]`) or
-(tool_name, rule_content), e.g. ("Edit", "//srv/studies/beam/**"); "" content: the whole tool."""
-Status = daemon_pb2.GetStatusResponse
-Restart = daemon_pb2.RestartDaemonResponse
-ModeLike = str | int
-"""A mode: "user" / "power" (any case, with or without MODE_), or a `session_pb2.Mode` value."""
-StateLike = str | int
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """gRPC retry policy for the read-only calls. gRPC caps max_attempts at 5.
-
-    Backoffs are in seconds; gRPC counts them in whole milliseconds, so less than 1 ms is 1 ms.
-    What gRPC would refuse is refused here, with ValueError: fewer than 2 attempts (`retry=None`
-    retries nothing), backoffs not in (0, MAX_BACKOFF], a multiplier not above 0.
-    """
-
-    max_attempts: int = 5
-    initial_backoff: float = 0.1
-    max_backoff: float = 2.0
-    backoff_multiplier: float = 2.0
-
-    MAX_BACKOFF: ClassVar[float] = 315_576_000_000.0
-    """The longest google.protobuf.Duration (10,000 years), in seconds."""
-
-    def __post_init__(self) -> None:
-        if not self.max_attempts >= 2:
-            raise ValueError(
-                f"max_attempts must be at least 2, not {self.max_attempts!r} "
-                "(retry=None retries nothing)"
-            )
-        for name in ("initial_backoff", "max_backoff"):
-            value = getattr(self, name)
-            if not 0 < value <= self.MAX_BACKOFF:
-                raise ValueError(f"{name} must be above 0 and at most 10,000 years, not {value!r}")
-        if not (self.backoff_multiplier > 0 and math.isfinite(self.backoff_multiplier)):
-            raise ValueError(
-                f"backoff_multiplier must be a number above 0, not {self.backoff_multiplier!r}"
-            )
-
-
-def _duration(seconds: float) -> str:
-    """`seconds` as gRPC reads a JSON Duration, to the millisecond, at least 1 ms: "0.333s",
-    never "1e-05s" or "0.3333333333333333s" (both refused, and the channel with them)."""
-    millis = max(1, round(seconds * 1000))
-    whole, frac = divmod(millis, 1000)
-    return f"{whole}.{frac:03d}".rstrip("0").rstrip(".") + "s"
-
-
-def service_config(retry: RetryPolicy | None) -> str:
-    """The channel's JSON service config: a retryPolicy on RETRIED_METHODS."""
-    if retry is None:
-        return json.dumps({"methodConfig": []})
-    policy = {
-        "maxAttempts": retry.max_attempts,
-        "initialBackoff": _duration(retry.initial_backoff),
-        "maxBackoff": _duration(retry.max_backoff),
-        "backoffMultiplier": retry.backoff_multiplier,
-        "retryableStatusCodes": ["UNAVAILABLE"],
-    }
-    names = [{"service": s, "method": m} for s, m in RETRIED_METHODS]
-    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}]})
-
-
-def channel_options(retry: RetryPolicy | None) -> list[tuple[str, Any]]:
-    return [
-        ("grpc.service_config", service_config(retry)),
-        ("grpc.enable_retries", 1),
-        # Tool results can carry multi-MiB images; the daemon bounds sizes, not the client.
-        ("grpc.max_receive_message_length", -1),
-    ]
-
-
-def _enum(enum: Any, prefix: str, value: str | int, what: str) -> Any:
-    if isinstance(value, int):
-        return value
-    name = value.strip().upper().replace("-", "_")
-    if not name.startswith(prefix):
-        name = prefix + name
-    try:
-        return enum.Value(name)
-    except ValueError:
-        raise ValueError(f"unknown {what} {value!r}") from None
-
-
-def mode_value(mode: ModeLike) -> session_pb2.Mode.ValueType:
-    """`session_pb2.Mode` for "user" / "power" (or a Mode value, returned as is)."""
-    result: session_pb2.Mode.ValueType = _enum(session_pb2.Mode, "MODE_", mode, "mode")
-    return result
-
-
-def state_value(state: StateLike | None) -> session_pb2.SessionState.ValueType:
-    """`session_pb2.SessionState` for "idle", "ready", "busy", ...; None means any."""
-    if state is None:
-        return session_pb2.SESSION_STATE_UNSPECIFIED
-    result: session_pb2.SessionState.ValueType = _enum(
-        session_pb2.SessionState, "SESSION_STATE_", state, "session state"
-    )
-    return result
-
-
-def new_request_id() -> str:
-    """An idempotency key for SendMessage; a retry that reuses it attaches to the same turn."""
-    return str(uuid.uuid4())
-
-
-class _Base:
-    socket: Path | None
-    """The daemon's socket; None for a client made with `from_channel`."""
-    target: str | None
-    """The gRPC target of that socket; None for a client made with `from_channel`."""
-
-    timeout: float
-
-    def _locate(
-        self,
-        socket: str | os.PathLike[str] | None,
-        timeout: float,
-        retry: RetryPolicy | None,
-        options: Sequence[tuple[str, Any]],
-    ) -> str:
-        """Finds the daemon's socket; returns the gRPC target to open a channel to."""
-        path = find_socket(socket)
-        target = target_for(path)
-        self.socket, self.target, self.timeout = path, target, timeout
-        self._options = [*channel_options(retry), *options]
-        return target
-
-    def _deadline(self, timeout: float | None) -> float:
-        return self.timeout if timeout is None else timeout
-
-
-# --- blocking client -----------------------------------------------------------------------
+from atomizer_client.errors import from_rpc_error
+from atomizer_client.events import Event, from_proto
 
 
 class EventStream(Iterator[Event]):
@@ -250,7 +115,7 @@ class Client(_Base):
         socket: str | os.PathLike[str] | None = None,
         *,
         timeout: float = DEFAULT_TIMEOUT,
-        retry: RetryPolicy | None = RetryPolicy(),
+        retry: RetryPolicy | None = DEFAULT_RETRY,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         target = self._locate(socket, timeout, retry, options)
@@ -580,381 +445,6 @@ class Client(_Base):
         return self._call(self._daemon.RestartDaemon, daemon_pb2.RestartDaemonRequest(), timeout)
 
 
-def _send_request(
-    session_id: str,
-    text: str,
-    request_id: str,
-    attachments: Sequence[AttachmentLike],
-    steer: bool = False,
-    output_schema: str = "",
-) -> session_pb2.SendMessageRequest:
-    files = [
-        a
-        if isinstance(a, session_pb2.Attachment)
-        else session_pb2.Attachment(name=a[0], media_type=a[1], data=a[2])
-        for a in attachments
-    ]
-    return session_pb2.SendMessageRequest(
-        session_id=session_id,
-        text=text,
-        request_id=request_id,
-        attachments=files,
-        steer=steer,
-        output_schema=output_schema,
-    )
-
-
-def _task_output_request(
-    session_id: str, task_id: str, offset: int, limit: int
-) -> session_pb2.GetTaskOutputRequest:
-    if offset < 0 or limit < 0:
-        raise ValueError(f"offset and limit must not be negative (offset {offset}, limit {limit})")
-    return session_pb2.GetTaskOutputRequest(
-        session_id=session_id, task_id=task_id, offset=offset, limit=limit
-    )
-
-
-# Media types by file extension for `attachment_from_path` (what the daemon takes).
-MEDIA_TYPES = {
-    ".png": "image/png",
-    ".jpg": "image/jpeg",
-    ".jpeg": "image/jpeg",
-    ".gif": "image/gif",
-    ".webp": "image/webp",
-    ".pdf": "application/pdf",
-    ".txt": "text/plain",
-    ".log": "text/plain",
-    ".md": "text/markdown",
-    ".markdown": "text/markdown",
-    ".csv": "text/csv",
-    ".json": "application/json",
-}
-
-
-def attachment_from_path(
-    path: str | os.PathLike[str], media_type: str | None = None
-) -> session_pb2.Attachment:
-    """A file as an attachment: its name, its media type (from its extension unless given;
-    ValueError for one the daemon does not take) and its bytes."""
-    p = Path(path)
-    kind = media_type or MEDIA_TYPES.get(p.suffix.lower())
-    if kind is None:
-        known = ", ".join(sorted(MEDIA_TYPES))
-        raise ValueError(f"{p.name}: no media type for {p.suffix or 'no extension'!r} ({known})")
-    return session_pb2.Attachment(name=p.name, media_type=kind, data=p.read_bytes())
-
-
-def _create_request(
-    mode: ModeLike | None,
-    study_id: str,
-    session_id: str,
-    budget_usd: float,
-    turn_budget_usd: float,
-    model: str = "",
-) -> session_pb2.CreateSessionRequest:
-    return session_pb2.CreateSessionRequest(
-        mode=session_pb2.MODE_UNSPECIFIED if mode is None else mode_value(mode),
-        study_id=study_id,
-        session_id=session_id,
-        budget_usd=budget_usd,
-        turn_budget_usd=turn_budget_usd,
-        model=model,
-    )
-
-
-def _respond_request(
-    session_id: str,
-    request_id: str,
-    allow: bool,
-    message: str,
-    remember: bool,
-    updated_input: Mapping[str, Any] | None = None,
-    rule: RuleLike | None = None,
-    mode: ModeLike | None = None,
-) -> session_pb2.RespondToPermissionRequest:
-    req = session_pb2.RespondToPermissionRequest(
-        session_id=session_id,
-        request_id=request_id,
-        allow=allow,
-        message=message,
-        remember=remember,
-    )
-    if updated_input is not None:
-        req.updated_input_json = json.dumps(dict(updated_input), ensure_ascii=False)
-    if rule is not None:
-        tool_name, content = (
-            (rule.tool_name, rule.rule_content) if isinstance(rule, PermissionRule) else rule
-        )
-        req.rule.CopyFrom(session_pb2.PermissionRule(tool_name=tool_name, rule_content=content))
-    if mode is not None:
-        req.mode = mode_value(mode)
-    return req
-
-
-# --- asyncio client ------------------------------------------------------------------------
-
-
-_STREAM_RESPONSES = (session_pb2.SendMessageResponse, session_pb2.WatchSessionResponse)
-
-
-class AsyncEventStream(AsyncIterator[Event]):
-    """`EventStream` for asyncio: `async for ev in stream`."""
-
-    def __init__(self, call: grpc.aio.UnaryStreamCall[Any, Any], request_id: str = "") -> None:
-        self._call = call
-        self.request_id = request_id
-        self._cancelled = False
-
-    async def __anext__(self) -> Event:
-        try:
-            resp = await self._call.read()
-        except grpc.RpcError as e:
-            if self._cancelled:
-                raise StopAsyncIteration from None
-            raise from_rpc_error(e) from e
-        except asyncio.CancelledError:
-            # grpc.aio raises asyncio's CancelledError from read() after call.cancel()
-            if self._cancelled:
-                raise StopAsyncIteration from None
-            raise
-        if not isinstance(resp, _STREAM_RESPONSES):  # grpc.aio.EOF: the stream ended
-            raise StopAsyncIteration
-        return from_proto(resp.event)
-
-    def cancel(self) -> None:
-        self._cancelled = True
-        self._call.cancel()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.cancel()
-
-
-class AsyncClient(_Base):
-    """The same API as `Client`, for asyncio; create and use it inside one event loop.
-
-    Unary calls use the client's `timeout` as their gRPC deadline; for a tighter bound on one
-    call, wrap it in `asyncio.timeout()`.
-    """
-
-    def __init__(
-        self,
-        socket: str | os.PathLike[str] | None = None,
-        *,
-        timeout: float = DEFAULT_TIMEOUT,
-        retry: RetryPolicy | None = RetryPolicy(),
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        target = self._locate(socket, timeout, retry, options)
-        self._channel = grpc.aio.insecure_channel(target, options=self._options)
-        self._sessions = session_pb2_grpc.SessionServiceStub(self._channel)
-        self._daemon = daemon_pb2_grpc.DaemonServiceStub(self._channel)
-
-    async def close(self) -> None:
-        await self._channel.close(None)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    async def _call(self, method: Callable[..., Awaitable[Resp]], req: Any) -> Resp:
-        try:
-            return await method(req, timeout=self.timeout)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from e
-
-    async def create_session(
-        self,
-        *,
-        mode: ModeLike | None = None,
-        study_id: str = "",
-        session_id: str = "",
-        budget_usd: float = 0.0,
-        turn_budget_usd: float = 0.0,
-        model: str = "",
-    ) -> Session:
-        req = _create_request(mode, study_id, session_id, budget_usd, turn_budget_usd, model)
-        return (await self._call(self._sessions.CreateSession, req)).session
-
-    async def get_session(self, session_id: str) -> Session:
-        req = session_pb2.GetSessionRequest(session_id=session_id)
-        return (await self._call(self._sessions.GetSession, req)).session
-
-    def list_sessions(
-        self,
-        *,
-        study_id: str = "",
-        state: StateLike | None = None,
-        page_size: int = 0,
-        host_id: str = "",
-    ) -> AsyncIterator[Session]:
-        """`async for s in client.list_sessions()`: every matching session, newest first;
-        `host_id`: only that host's."""
-        req = session_pb2.ListSessionsRequest(
-            page_size=page_size, study_id=study_id, state=state_value(state), host_id=host_id
-        )
-        return self._pages(self._sessions.ListSessions, req, "sessions")
-
-    async def terminate_session(self, session_id: str, *, purge: bool = False) -> Session | None:
-        req = session_pb2.TerminateSessionRequest(session_id=session_id, purge=purge)
-        resp = await self._call(self._sessions.TerminateSession, req)
-        return resp.session if resp.HasField("session") else None
-
-    async def switch_mode(self, session_id: str, mode: ModeLike) -> Session:
-        req = session_pb2.SwitchModeRequest(session_id=session_id, mode=mode_value(mode))
-        return (await self._call(self._sessions.SwitchMode, req)).session
-
-    async def set_study_context(self, session_id: str, study_id: str | None) -> Session:
-        req = session_pb2.SetStudyContextRequest(session_id=session_id, study_id=study_id or "")
-        return (await self._call(self._sessions.SetStudyContext, req)).session
-
-    async def fork_session(
-        self, session_id: str, *, new_session_id: str = "", at_message_id: int = 0
-    ) -> Session:
-        req = session_pb2.ForkSessionRequest(
-            session_id=session_id, new_session_id=new_session_id, at_message_id=at_message_id
-        )
-        return (await self._call(self._sessions.ForkSession, req)).session
-
-    async def set_model(self, session_id: str, model: str) -> Session:
-        req = session_pb2.SetModelRequest(session_id=session_id, model=model)
-        return (await self._call(self._sessions.SetModel, req)).session
-
-    async def get_attachment(self, session_id: str, sha256: str) -> session_pb2.Attachment:
-        req = session_pb2.GetAttachmentRequest(session_id=session_id, sha256=sha256)
-        return (await self._call(self._sessions.GetAttachment, req)).attachment
-
-    def get_history(self, session_id: str, *, page_size: int = 0) -> AsyncIterator[Message]:
-        """`async for m in client.get_history(sid)`: every stored message, oldest first."""
-        req = session_pb2.GetHistoryRequest(session_id=session_id, page_size=page_size)
-        return self._pages(self._sessions.GetHistory, req, "messages")
-
-    async def set_labels(
-        self, session_id: str, labels: Mapping[str, str], *, replace: bool = False
-    ) -> Session:
-        """As `Client.set_labels`."""
-        req = session_pb2.SetLabelsRequest(
-            session_id=session_id, labels=dict(labels), replace=replace
-        )
-        return (await self._call(self._sessions.SetLabels, req)).session
-
-    async def archive_session(self, session_id: str) -> Session:
-        req = session_pb2.ArchiveSessionRequest(session_id=session_id)
-        return (await self._call(self._sessions.ArchiveSession, req)).session
-
-    async def unarchive_session(self, session_id: str) -> Session:
-        req = session_pb2.UnarchiveSessionRequest(session_id=session_id)
-        return (await self._call(self._sessions.UnarchiveSession, req)).session
-
-    def search_messages(
-        self,
-        query: str,
-        *,
-        session_id: str = "",
-        labels: Mapping[str, str] | None = None,
-        page_size: int = 0,
-    ) -> AsyncIterator[session_pb2.SearchHit]:
-        """`async for hit in client.search_messages(q)`: as `Client.search_messages`."""
-        req = session_pb2.SearchMessagesRequest(
-            query=query, session_id=session_id, labels=dict(labels or {}), page_size=page_size
-        )
-        return self._pages(self._sessions.SearchMessages, req, "hits")
-
-    async def _pages(
-        self, method: Callable[..., Awaitable[Any]], req: Any, field: str
-    ) -> AsyncIterator[Any]:
-        while True:
-            resp = await self._call(method, req)
-            for item in getattr(resp, field):
-                yield item
-            if not resp.next_page_token:
-                return
-            req.page_token = resp.next_page_token
-
-    def send_message(
-        self,
-        session_id: str,
-        text: str,
-        *,
-        request_id: str | None = None,
-        timeout: float | None = None,
-        attachments: Sequence[AttachmentLike] = (),
-        steer: bool = False,
-        output_schema: str = "",
-    ) -> AsyncEventStream:
-        """As `Client.send_message`; the call starts when the event loop next runs."""
-        rid = request_id or new_request_id()
-        req = _send_request(session_id, text, rid, attachments, steer, output_schema)
-        return AsyncEventStream(self._sessions.SendMessage(req, timeout=timeout), rid)
-
-    def watch_session(self, session_id: str, *, after_seq: int = 0) -> AsyncEventStream:
-        req = session_pb2.WatchSessionRequest(session_id=session_id, after_seq=after_seq)
-        return AsyncEventStream(self._sessions.WatchSession(req))
-
-    async def interrupt(self, session_id: str) -> str:
-        req = session_pb2.InterruptRequest(session_id=session_id)
-        return (await self._call(self._sessions.Interrupt, req)).turn_id
-
-    async def respond_to_permission(
-        self,
-        session_id: str,
-        request_id: str,
-        allow: bool,
-        *,
-        message: str = "",
-        remember: bool = False,
-        updated_input: Mapping[str, Any] | None = None,
-        rule: RuleLike | None = None,
-        mode: ModeLike | None = None,
-    ) -> Decision:
-        """As `Client.respond_to_permission`; never retried."""
-        req = _respond_request(
-            session_id, request_id, allow, message, remember, updated_input, rule, mode
-        )
-        return (await self._call(self._sessions.RespondToPermission, req)).decision
-
-    async def answer_question(
-        self, session_id: str, request_id: str, answers: Mapping[str, str]
-    ) -> QuestionOutcome:
-        """As `Client.answer_question`; never retried."""
-        req = session_pb2.AnswerQuestionRequest(
-            session_id=session_id, request_id=request_id, answers=dict(answers)
-        )
-        return (await self._call(self._sessions.AnswerQuestion, req)).answer
-
-    def list_audit_events(
-        self, session_id: str, *, page_size: int = 0
-    ) -> AsyncIterator[AuditEvent]:
-        """`async for a in client.list_audit_events(sid)`: the audit trail, oldest first."""
-        req = session_pb2.ListAuditEventsRequest(session_id=session_id, page_size=page_size)
-        return self._pages(self._sessions.ListAuditEvents, req, "events")
-
-    async def stop_task(self, session_id: str, task_id: str) -> None:
-        """As `Client.stop_task`; never retried."""
-        req = session_pb2.StopTaskRequest(session_id=session_id, task_id=task_id)
-        await self._call(self._sessions.StopTask, req)
-
-    async def get_task_output(
-        self, session_id: str, task_id: str, *, offset: int = 0, limit: int = 0
-    ) -> TaskOutputPage:
-        """As `Client.get_task_output`."""
-        req = _task_output_request(session_id, task_id, offset, limit)
-        return await self._call(self._sessions.GetTaskOutput, req)
-
-    async def get_status(self) -> Status:
-        return await self._call(self._daemon.GetStatus, daemon_pb2.GetStatusRequest())
-
-    async def restart_daemon(self) -> Restart:
-        """A planned restart; see `Client.restart_daemon`."""
-        return await self._call(self._daemon.RestartDaemon, daemon_pb2.RestartDaemonRequest())
-
-
 __all__ = [
     "DEFAULT_TIMEOUT",
     "AsyncClient",
@@ -968,6 +458,8 @@ __all__ = [
     "RetryPolicy",
     "Task",
     "TaskOutputPage",
+    "_send_request",
+    "_task_output_request",
     "attachment_from_path",
     "channel_options",
     "mode_value",
