@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from atomizerd.errors import AtomizerError
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.registry import Registry, spare_record
 from atomizerd.store.db import Store
+from tests.support import virtual_time
 from tests.support.scripted_agent import ScriptedSpawner
 
 
@@ -106,6 +107,25 @@ async def settle(rounds: int = 50) -> None:
     """Lets every task that can run, run (without moving the clock)."""
     for _ in range(rounds):
         await asyncio.sleep(0)
+
+
+def run(
+    tmp: Path,
+    test: Callable[[Core], Awaitable[None]],
+    settings: Mapping[str, Any] | None = None,
+    **spawner: Any,
+) -> None:
+    """Runs `test` on a core built in `tmp`, on the virtual clock, and closes the core (within
+    a minute of virtual time: a close that hangs fails the test instead of stalling the run)."""
+
+    async def main() -> None:
+        core = build(tmp, settings, **spawner)
+        try:
+            await test(core)
+        finally:
+            await asyncio.wait_for(core.close(), 60)
+
+    virtual_time.run(main())
 
 
 def text_of(sent: Sent) -> str:

@@ -12,19 +12,7 @@ import pytest
 from atomizerd.errors import FailedPrecondition, InvalidArgument, NotFound
 from atomizerd.sessions.reaper import Reaper
 from atomizerd.store.db import SessionFilter
-from tests.support import virtual_time
-from tests.support.core import Core, build, send, text_of
-
-
-def run(tmp: Path, test: Any, settings: dict[str, Any] | None = None) -> None:
-    async def main() -> None:
-        core = build(tmp, settings)
-        try:
-            await test(core)
-        finally:
-            await core.close()
-
-    virtual_time.run(main())
+from tests.support.core import Core, run, send, text_of
 
 
 async def until(predicate: Any, seconds: float = 30.0) -> None:

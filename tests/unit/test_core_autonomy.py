@@ -12,18 +12,7 @@ from typing import Any
 from atomizerd.errors import ResourceExhausted
 from atomizerd.sessions import events as ev
 from tests.support import virtual_time
-from tests.support.core import Core, build, send, settle, text_of
-
-
-def run(tmp: Path, test: Any, settings: dict[str, Any] | None = None) -> None:
-    async def main() -> None:
-        core = build(tmp, settings)
-        try:
-            await test(core)
-        finally:
-            await core.close()
-
-    virtual_time.run(main())
+from tests.support.core import Core, build, run, send, settle, text_of
 
 
 def history(core: Core, sid: str) -> list[tuple[str, str, str, str]]:

@@ -16,19 +16,7 @@ from atomizerd.agents.vocabulary import WriteTimeout
 from atomizerd.errors import FailedPrecondition, StorageFull, Unavailable
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.session import SessionState
-from tests.support import virtual_time
-from tests.support.core import Core, Sent, build, send, settle, text_of
-
-
-def run(tmp: Path, test: Any, settings: dict[str, Any] | None = None, **spawner: Any) -> None:
-    async def main() -> None:
-        core = build(tmp, settings, **spawner)
-        try:
-            await test(core)
-        finally:
-            await core.close()
-
-    virtual_time.run(main())
+from tests.support.core import Core, Sent, run, send, settle, text_of
 
 
 async def create(core: Core, *ids: str) -> None:

@@ -13,19 +13,8 @@ import pytest
 
 from atomizerd.errors import StorageFull
 from atomizerd.sessions import events as ev
-from tests.support import scripted_agent, virtual_time
-from tests.support.core import Core, build, send, settle, text_of
-
-
-def run(tmp: Path, test: Any, settings: dict[str, Any] | None = None, **spawner: Any) -> None:
-    async def main() -> None:
-        core = build(tmp, settings, **spawner)
-        try:
-            await test(core)
-        finally:
-            await asyncio.wait_for(core.close(), 60)
-
-    virtual_time.run(main())
+from tests.support import scripted_agent
+from tests.support.core import Core, run, send, settle, text_of
 
 
 def fail_first(calls: int, real: Any) -> Any:
