@@ -8,6 +8,7 @@ an agent whose task still runs keeps its pool slot.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -236,15 +237,35 @@ def test_a_background_command_runs_on_across_a_daemon_restart_and_its_end_is_a_t
 
 def test_a_stop_ends_the_running_tasks_with_their_agents(e2e: E2E) -> None:
     stubs = e2e.start(POWER)
-    marker = e2e.workdir / "marker"
+    # A command of its own (its duration is its mark): found in /proc while it runs.
+    command = "sleep 617.25"
     power_session(stubs, "s")
-    send(stubs, "s", background(f"sleep 4; echo ok > {marker}"))
+    send(stubs, "s", background(command))
+    wait_for("the command runs", lambda: bool(_processes_running(command)), 30)
     assert e2e.daemon is not None
     assert e2e.daemon.stop() == 0
-    time.sleep(5)  # past the command's end: it must not have run to it
-    assert not marker.exists(), "a stop stops the agent's tasks too"
+    assert not _processes_running(command), "a stop stops the agent's tasks too"
     stubs = e2e.start(POWER)
     assert not _running_tasks(stubs, "s")
+
+
+def _processes_running(command: str) -> list[int]:
+    """Live processes whose command line is `command` (zombies are gone)."""
+    wanted = command.replace(" ", "\0").encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmd = f.read()
+            with open(f"/proc/{name}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if wanted in cmd and state != b"Z":
+            found.append(int(name))
+    return found
 
 
 def test_a_wake_up_the_agent_scheduled_runs_a_turn_with_origin_scheduled(e2e: E2E) -> None:
