@@ -20,13 +20,22 @@ _BEFORE = pytest.StashKey[set[int]]()
 _LEFT_GRACE = 15.0
 
 
+def _worker(session: pytest.Session) -> bool:
+    """A pytest-xdist worker (scripts/test --fast): only the controller, which starts before
+    and ends after every worker, looks for what the suite left."""
+    return hasattr(session.config, "workerinput")
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
-    session.config.stash[_BEFORE] = {p.pid for p in processes.suite_processes()}
+    if not _worker(session):
+        session.config.stash[_BEFORE] = {p.pid for p in processes.suite_processes()}
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """No agent or shim the suite started outlives it: those left are reported (pid, group,
     command line), killed, and fail the run."""
+    if _worker(session):
+        return
     before = session.config.stash.get(_BEFORE, set())
     started = [p for p in processes.suite_processes() if p.pid not in before]
     left = processes.wait_gone(started, _LEFT_GRACE)
