@@ -55,54 +55,10 @@ import time
 from collections.abc import Callable
 
 if __package__:  # imported (the daemon, the tests) or run as `python -m atomizerd.agents.shim`
-    from atomizerd.agents.shim_codec import (
-        ACK,
-        DAEMON_FRAMES,
-        END_INPUT,
-        EXIT,
-        HEADER,
-        HELLO,
-        INPUT,
-        JOURNAL,
-        LABEL,
-        MAX_FRAME,
-        MAX_STDOUT_CHUNK,
-        OFFSET,
-        PROTOCOL_VERSION,
-        REPLAYED,
-        STDERR,
-        STDOUT,
-        decode_ack,
-        decode_header,
-        encode_exit,
-        encode_frame,
-        encode_output,
-    )
+    from atomizerd.agents import shim_codec as codec
 else:  # run by path (`python3 -I -S shim.py`, no package): the codec is the file beside it
     sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # after the standard library
-    from shim_codec import (  # type: ignore[import-not-found,no-redef]
-        ACK,
-        DAEMON_FRAMES,
-        END_INPUT,
-        EXIT,
-        HEADER,
-        HELLO,
-        INPUT,
-        JOURNAL,
-        LABEL,
-        MAX_FRAME,
-        MAX_STDOUT_CHUNK,
-        OFFSET,
-        PROTOCOL_VERSION,
-        REPLAYED,
-        STDERR,
-        STDOUT,
-        decode_ack,
-        decode_header,
-        encode_exit,
-        encode_frame,
-        encode_output,
-    )
+    import shim_codec as codec  # type: ignore[import-not-found,no-redef]
 
 STDERR_TAIL = 64 * 1024  # stderr kept for the replay
 EXIT_DRAIN = 2.0  # seconds a grandchild may hold the output open after the agent exited
@@ -245,11 +201,11 @@ class Shim:
         self.stderr_tail = bytearray()
         self.returncode: int | None = None
         assert proc.stdout is not None and proc.stderr is not None
-        self.streams = {STDOUT: proc.stdout.fileno(), STDERR: proc.stderr.fileno()}
+        self.streams = {codec.STDOUT: proc.stdout.fileno(), codec.STDERR: proc.stderr.fileno()}
         for fd in self.streams.values():
             os.set_blocking(fd, False)  # read under the lock: a read must never wait
         self.taken = dict.fromkeys(self.streams, 0)  # bytes read from each stream
-        self.open_streams = {STDOUT, STDERR}
+        self.open_streams = {codec.STDOUT, codec.STDERR}
         self.abandoned = False  # a grandchild holds the output open: stop reading it
         self.done = False  # exited and all output read: X can be sent
         self.exited = threading.Event()
@@ -264,8 +220,8 @@ class Shim:
 
     def start_threads(self) -> None:
         for target, args in (
-            (self._pump, (STDOUT,)),
-            (self._pump, (STDERR,)),
+            (self._pump, (codec.STDOUT,)),
+            (self._pump, (codec.STDERR,)),
             (self._wait_agent, ()),
         ):
             threading.Thread(target=target, args=args, daemon=True).start()
@@ -301,7 +257,7 @@ class Shim:
 
     def _replay(self, conn: Conn) -> None:
         hello = {
-            "version": PROTOCOL_VERSION,
+            "version": codec.PROTOCOL_VERSION,
             "shim_pid": os.getpid(),
             "agent_pid": self.proc.pid,
             "agent_start_time": self.start_time,
@@ -310,26 +266,26 @@ class Shim:
             "lost": self.lost,
             "exited": self.returncode,
         }
-        ok = self._send(conn, encode_frame(HELLO, json.dumps(hello).encode()))
+        ok = self._send(conn, codec.encode_frame(codec.HELLO, json.dumps(hello).encode()))
         pos = 0
         while ok and pos < self.journal_len:  # already framed: copy it as it is
-            chunk = os.pread(self.journal_fd, min(MAX_FRAME, self.journal_len - pos), pos)
+            chunk = os.pread(self.journal_fd, min(codec.MAX_FRAME, self.journal_len - pos), pos)
             ok = bool(chunk) and self._send(conn, chunk)
             pos += len(chunk)
         if ok and self.stderr_tail:
-            ok = self._send(conn, encode_frame(STDERR, bytes(self.stderr_tail)))
+            ok = self._send(conn, codec.encode_frame(codec.STDERR, bytes(self.stderr_tail)))
         pos = 0
         while ok and pos < self.spool_len:
-            chunk = os.pread(self.spool_fd, min(MAX_STDOUT_CHUNK, self.spool_len - pos), pos)
+            chunk = os.pread(self.spool_fd, min(codec.MAX_STDOUT_CHUNK, self.spool_len - pos), pos)
             ok = bool(chunk) and self._send(
-                conn, encode_frame(STDOUT, encode_output(self.base + pos, chunk))
+                conn, codec.encode_frame(codec.STDOUT, codec.encode_output(self.base + pos, chunk))
             )
             pos += len(chunk)
         if not ok:
             if not conn.dead:
                 self._detach(conn, "a spool file is shorter than expected")
             return
-        if self._send(conn, encode_frame(REPLAYED)):
+        if self._send(conn, codec.encode_frame(codec.REPLAYED)):
             conn.live = True
             self._send_exit(conn)
 
@@ -337,7 +293,7 @@ class Shim:
         rc = self.returncode
         if not self.done or rc is None or not conn.live or conn.got_exit:
             return
-        if self._send(conn, encode_frame(EXIT, encode_exit(rc))):
+        if self._send(conn, codec.encode_frame(codec.EXIT, codec.encode_exit(rc))):
             conn.got_exit = self.exit_sent = True
             self._wake()
 
@@ -395,7 +351,7 @@ class Shim:
                 drop, keep = offset - self.base, self.spool_len - (offset - self.base)
                 pos = 0
                 while pos < keep:
-                    chunk = os.pread(self.spool_fd, min(MAX_FRAME, keep - pos), drop + pos)
+                    chunk = os.pread(self.spool_fd, min(codec.MAX_FRAME, keep - pos), drop + pos)
                     if not chunk or os.pwrite(self.spool_fd, chunk, pos) != len(chunk):
                         raise OSError("spool shorter than expected")
                     pos += len(chunk)
@@ -419,7 +375,7 @@ class Shim:
                 if self.abandoned:
                     return
                 try:
-                    data = os.read(fd, MAX_STDOUT_CHUNK)
+                    data = os.read(fd, codec.MAX_STDOUT_CHUNK)
                 except BlockingIOError:
                     continue
                 except OSError:
@@ -430,8 +386,8 @@ class Shim:
                     self.open_streams.discard(kind)
                     self._check_done()
                     return
-                if kind == STDOUT:
-                    payload = encode_output(self.read_off, data)
+                if kind == codec.STDOUT:
+                    payload = codec.encode_output(self.read_off, data)
                     self.read_off += len(data)
                     if self._append(self.spool_fd, self.spool_len, data):
                         self.spool_len += len(data)
@@ -443,7 +399,7 @@ class Shim:
                     del self.stderr_tail[:-STDERR_TAIL]
                 conn = self.conn
                 if conn is not None and conn.live:
-                    self._send(conn, encode_frame(kind, payload))
+                    self._send(conn, codec.encode_frame(kind, payload))
 
     def _wait_agent(self) -> None:
         returncode = self.proc.wait()
@@ -485,14 +441,14 @@ class Shim:
                 if self.conn is conn:
                     self._replay(conn)
             while not conn.dead:
-                header = recv_exact(conn.sock, HEADER.size)
+                header = recv_exact(conn.sock, codec.HEADER.size)
                 if header is None:
                     break
-                kind, length = decode_header(header)
-                if kind not in DAEMON_FRAMES:
+                kind, length = codec.decode_header(header)
+                if kind not in codec.DAEMON_FRAMES:
                     log(f"unknown frame type {kind!r} ({length} bytes): ignored")
-                    while length > 0 and recv_exact(conn.sock, min(length, MAX_FRAME)):
-                        length -= min(length, MAX_FRAME)
+                    while length > 0 and recv_exact(conn.sock, min(length, codec.MAX_FRAME)):
+                        length -= min(length, codec.MAX_FRAME)
                     continue
                 payload = recv_exact(conn.sock, length)
                 if payload is None:
@@ -511,22 +467,22 @@ class Shim:
             # to its successor: a record is either in that replay and acted on, or neither.
             if self.conn is not conn:
                 return
-            if kind in (INPUT, JOURNAL):
-                frame = encode_frame(kind, payload)
+            if kind in (codec.INPUT, codec.JOURNAL):
+                frame = codec.encode_frame(kind, payload)
                 if self._append(self.journal_fd, self.journal_len, frame):
                     self.journal_len += len(frame)
-            elif kind == ACK:
-                if len(payload) == OFFSET.size:
-                    self._ack(decode_ack(payload))
+            elif kind == codec.ACK:
+                if len(payload) == codec.OFFSET.size:
+                    self._ack(codec.decode_ack(payload))
                 else:
                     log(f"A with a {len(payload)}-byte payload: ignored")
-            elif kind == LABEL:
+            elif kind == codec.LABEL:
                 try:
                     self.label = json.loads(payload)
                 except ValueError:
                     log("L payload is not JSON: label set to null")
                     self.label = None
-        if kind == INPUT:  # outside the state lock: the agent may not be reading its stdin
+        if kind == codec.INPUT:  # outside the state lock: the agent may not be reading its stdin
             with self.stdin_lock:
                 if self.stdin_closed:
                     log(f"{len(payload)} input bytes after stdin was closed: dropped")
@@ -538,7 +494,7 @@ class Shim:
                 except OSError as exc:
                     log(f"writing the agent's stdin failed ({exc}): closing it")
                     self._close_stdin()
-        elif kind == END_INPUT:
+        elif kind == codec.END_INPUT:
             with self.stdin_lock:
                 self._close_stdin()
 
