@@ -324,7 +324,9 @@ class _Registry:
 
 
 class _Store:
-    def inactive_sessions(self, before: float, limit: int) -> list[str]:
+    def inactive_sessions(
+        self, before: float, limit: int, *, include_archived: bool = False
+    ) -> list[str]:
         return ["x", "y", "z"]
 
     def delete_history_batch(self, session_ids: list[str], before: float, limit: int) -> int:
