@@ -87,9 +87,9 @@ class Answers:
         self, session_id: str, page_size: int, page_token: str
     ) -> tuple[list[AuditRecord], str]:
         s = self.table.load(session_id)
-        limit = checks.page_size(page_size)
-        after_id = checks.decode_id_token(page_token)
-        rows = self.store.audit_events(s.id, after_id=after_id, limit=limit + 1)
-        page = rows[:limit]
-        token = checks.encode_id_token(page[-1].audit_id) if len(rows) > limit else ""
-        return page, token
+        return checks.id_page(
+            page_size,
+            page_token,
+            lambda after, limit: self.store.audit_events(s.id, after_id=after, limit=limit),
+            lambda row: row.audit_id,
+        )

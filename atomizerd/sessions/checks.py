@@ -11,11 +11,15 @@ import binascii
 import json
 import math
 import re
+from collections.abc import Callable
+from typing import TypeVar
 
 from atomizerd import ids
 from atomizerd.config import Config
 from atomizerd.errors import InvalidArgument, PermissionDenied, ResourceExhausted
 from atomizerd.store.db import SessionRecord
+
+T = TypeVar("T")
 
 MODES = ("user", "power", "plan")
 # A model as the CLI takes it: an alias (sonnet, opus[1m]) or a model id.
@@ -169,6 +173,20 @@ def decode_token(token: str) -> tuple[float, str] | None:
         return float(created), ids.check_session_id(str(sid))
     except (ValueError, TypeError, binascii.Error, InvalidArgument):
         raise InvalidArgument("page_token is not one this daemon issued") from None
+
+
+def id_page(
+    size: int,
+    token: str,
+    fetch: Callable[[int, int], list[T]],
+    row_id: Callable[[T], int],
+) -> tuple[list[T], str]:
+    """One page of rows in id order: `fetch(after_id, limit)` asked for one row more than the
+    page, which says whether a next page (its token) exists."""
+    limit = page_size(size)
+    rows = fetch(decode_id_token(token), limit + 1)
+    page = rows[:limit]
+    return page, encode_id_token(row_id(page[-1])) if len(rows) > limit else ""
 
 
 def encode_id_token(last_id: int) -> str:

@@ -26,6 +26,7 @@ from atomizerd.config import Config
 from atomizerd.errors import AtomizerError, Unavailable
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.approvals import Approvals, json_or_text
+from atomizerd.sessions.control import AgentControl
 from atomizerd.sessions.conversation import (
     Open,
     Router,
@@ -49,23 +50,11 @@ _OUTPUT_FILE = re.compile(r"Output is being written to: (\S+\.output)")
 
 
 class TurnOps(Protocol):
-    """What the follower needs of the turn runner: opening, relaying and ending turns."""
+    """What the follower needs of the turn runner: opening and ending turns."""
 
     def open_turn(self, s: Session, turn: Turn, emit: Emit, reseeded: bool) -> bool: ...
 
     def approvals_for(self, s: Session, turn: Turn, emit: Emit) -> Approvals: ...
-
-    def relay_item(
-        self,
-        agent: Agent,
-        item: AgentItem,
-        emit: Emit,
-        transcript: Transcript,
-        interrupted: bool,
-        cost_base: float,
-        approvals: Approvals | None,
-        journal: TurnJournal | None,
-    ) -> Terminal | None: ...
 
     def finish(
         self, s: Session, turn: Turn, emit: Emit, transcript: Transcript, terminal: Terminal
@@ -116,13 +105,20 @@ def note_scheduling(s: Session, item: proto.AssistantMessage) -> None:
 
 class Follower:
     def __init__(
-        self, config: Config, store: Store, pool: AgentPool, emit_for: EmitFor, turns: TurnOps
+        self,
+        config: Config,
+        store: Store,
+        pool: AgentPool,
+        emit_for: EmitFor,
+        turns: TurnOps,
+        control: AgentControl,
     ) -> None:
         self.config = config
         self.store = store
         self.pool = pool
         self.emit_for = emit_for
         self._turns = turns
+        self._control = control
 
     def reading(
         self,
@@ -183,7 +179,7 @@ class Follower:
         own = r.router.open is Open.OWN
         side = r.side
         target_emit, transcript = (r.emit, r.transcript) if own or side is None else side.pair
-        outcome = self._turns.relay_item(
+        outcome = self._control.relay_item(
             r.agent,
             item,
             target_emit,

@@ -124,12 +124,12 @@ class Streams:
         self, session_id: str, page_size: int, page_token: str
     ) -> tuple[list[MessageRecord], str]:
         s = self.table.load(session_id)
-        limit = checks.page_size(page_size)
-        after = checks.decode_id_token(page_token)
-        rows = self.store.history(s.id, after_id=after, limit=limit + 1)
-        page = rows[:limit]
-        token = checks.encode_id_token(page[-1].message_id) if len(rows) > limit else ""
-        return page, token
+        return checks.id_page(
+            page_size,
+            page_token,
+            lambda after, limit: self.store.history(s.id, after_id=after, limit=limit),
+            lambda row: row.message_id,
+        )
 
 
 def replay_stored(s: Session, stored: list[MessageRecord]) -> list[ev.SessionEvent]:

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from atomizerd import ids
-from atomizerd.agents import protocol as proto
 from atomizerd.agents.pool import Agent, AgentPool, DiedAtStart, ResumeFailed
 from atomizerd.agents.vocabulary import (
     AgentError,
@@ -37,8 +36,8 @@ from atomizerd.sessions.following import Follower
 from atomizerd.sessions.journal import TurnJournal
 from atomizerd.sessions.outcomes import LateOutcomes
 from atomizerd.sessions.plans import PLAN, leave_plan
-from atomizerd.sessions.relay import Terminal, reported_outcome, require_structured
 from atomizerd.sessions.relay import outcome as outcome_of
+from atomizerd.sessions.relay import reported_outcome, require_structured
 from atomizerd.sessions.turn import Emit, EmitFor, T, Transcript, Turn, TurnState
 from atomizerd.store.db import SessionRecord, Store
 from atomizerd.telemetry import NULL, Telemetry
@@ -71,10 +70,10 @@ class TurnRunner:
         self.context_text = context_text
         self.emit_for = emit_for
         self.control = AgentControl(config)
-        # Outcomes the store could not take (a full disk), written once it can again.
         self.context = AgentContext(config, store, pool, context_text)
+        # Outcomes the store could not take (a full disk), written once it can again.
         self.outcomes = LateOutcomes(store, config.agent.checkpoint_interval * 4)
-        self.follower = Follower(config, store, pool, emit_for, self)
+        self.follower = Follower(config, store, pool, emit_for, self, self.control)
 
     # --- the whole turn ------------------------------------------------------------------
 
@@ -528,7 +527,7 @@ class TurnRunner:
                 first = False
                 last_activity = loop.time()
                 if replay is not None and not replay.done:  # its events are in the log already
-                    outcome = self.relay_item(
+                    outcome = self.control.relay_item(
                         agent,
                         item,
                         quiet,
@@ -562,22 +561,6 @@ class TurnRunner:
             self.store.checkpoint_reply(s.id, turn.turn_id, text, replace=replace)
         except AtomizerError as e:
             log.warning("reply checkpoint not stored", turn_id=turn.turn_id, error=str(e))
-
-    def relay_item(
-        self,
-        agent: Agent,
-        item: AgentItem,
-        emit: Emit,
-        transcript: Transcript,
-        interrupted: bool,
-        cost_base: float,
-        approvals: Approvals | None,
-        journal: TurnJournal | None,
-        held: list[proto.ControlRequest] | None = None,
-    ) -> Terminal | None:
-        return self.control.relay_item(
-            agent, item, emit, transcript, interrupted, cost_base, approvals, journal, held
-        )
 
 
 class _Stopped(Exception):
