@@ -3,6 +3,7 @@
 while clients keep talking to it; counts replies given to the wrong message.
 
     scripts/soak --autonomy [--minutes 10] [--sessions 4] [--max-live 3] [--seed N] [--keep]
+                            [--restart-every S] [--kill-every S]
 
 Starts its own daemon on a temporary socket with the pinned `claude` CLI against the fake
 Messages API (its own process), power mode on, `pool.max_live` below the number of sessions
@@ -14,6 +15,14 @@ message carries a token of its own (`tok-<session>-<n>`): an ordinary message's 
 exactly `echo: <message>`; the reply of a message that starts a task may name no token but its
 own. When a task ends while the session is idle the agent starts a turn by itself; a watcher
 per session follows those (WatchSession).
+
+With `--restart-every S` the daemon is restarted in place every S seconds (RestartDaemon and
+SIGUSR2 in turn) while all this runs, and with `--kill-every S` SIGKILLed and started again
+instead (scripts/soak_churn.py). Every message is then sent with its token as its request_id:
+a client whose stream breaks follows its turn to the end through the session's watcher (which
+re-attaches after its last seq), or sends the message again if its turn had not begun. Each
+restart must be serving again within a minute (else it hung), the daemon's log must hold JSON
+lines only, and its RSS and open fds must stay flat (sampled every 2 s across the daemons).
 
 At the end, once every task has ended and every session is idle, the GetHistory of every
 session is checked: each client message is followed by its own reply (same turn, same
@@ -40,6 +49,7 @@ import random
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -59,7 +69,9 @@ from atomizer.v1 import session_pb2_grpc  # noqa: E402
 
 from atomizerd.agents.procgroup import group_members  # noqa: E402
 from scripts.soak import agent_pids, alive, fake_api, percentile, pool_churn  # noqa: E402
-from scripts.soak_children import ChildCount, ChildSampler  # noqa: E402
+from scripts.soak_children import ChildCount  # noqa: E402
+from scripts.soak_churn import Churn, ChurnTally, Vitals, non_json_lines  # noqa: E402
+from tests.support import processes  # noqa: E402
 from tests.support.daemon import RunningDaemon, real_claude  # noqa: E402
 
 C = grpc.StatusCode
@@ -104,6 +116,17 @@ class Sent:
 
 
 @dataclass
+class Seen:
+    """What a message's SendMessage streams showed (across calls sent again)."""
+
+    started: float
+    text: str | None = None  # its turn_started's
+    origin: int | None = None
+    turn_ids: set[str] = field(default_factory=set)
+    parts: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Tally:
     sent: list[Sent] = field(default_factory=list)
     actions: Counter[str] = field(default_factory=Counter)
@@ -128,6 +151,10 @@ class Tally:
     history_messages: int = 0
     raced: Counter[str] = field(default_factory=Counter)  # messages sent as a task ended
     unsettled: list[str] = field(default_factory=list)
+    # With restarts and kills: what a broken stream may end with, and how clients went on.
+    churn_codes: set[C] = field(default_factory=set)
+    reattached: int = 0  # streams broken mid-turn, followed to the end through the watcher
+    resent: int = 0  # messages sent again (same request_id): the stream broke before its turn
 
     def code(self, rpc: str, code: C, detail: str = "", expected: set[C] | None = None) -> None:
         self.codes[f"{rpc} {code.name}"] += 1
@@ -150,7 +177,7 @@ class Watcher:
         self.last_seq = 0
         self.turns: dict[str, int] = {}  # turn_id -> origin
         self.turn_text: dict[str, list[str]] = {}
-        self.turn_ended: set[str] = set()
+        self.turn_ended: dict[str, str] = {}  # turn_id -> completed / interrupted / failed
         self.task_ends: dict[str, float] = {}  # task_id -> when seen
         self.task_of_turn: dict[str, str] = {}  # turn_id -> the task it started
         self.changed = asyncio.Condition()
@@ -168,7 +195,8 @@ class Watcher:
                     await self.on_event(resp.event)
             except grpc.aio.AioRpcError as e:
                 if e.code() != C.CANCELLED or not self.stop.is_set():
-                    self.tally.code("WatchSession", e.code(), e.details() or "", {C.CANCELLED})
+                    expected = {C.CANCELLED, *(self.tally.churn_codes)}
+                    self.tally.code("WatchSession", e.code(), e.details() or "", expected)
             except asyncio.CancelledError:
                 return
             if not self.stop.is_set():
@@ -190,8 +218,11 @@ class Watcher:
                     self.tally.agent_turns_stream[origin_name(origin)] += 1
         elif kind == "text_delta":
             self.turn_text.setdefault(ev.turn_id, []).append(ev.text_delta.text)
-        elif kind in ("turn_completed", "turn_failed"):
-            self.turn_ended.add(ev.turn_id)
+        elif kind == "turn_completed":
+            interrupted = ev.turn_completed.interrupted
+            self.turn_ended[ev.turn_id] = "interrupted" if interrupted else "completed"
+        elif kind == "turn_failed":
+            self.turn_ended[ev.turn_id] = "failed"
         elif kind == "task_started":
             self.tally.tasks_started[pb.TaskKind.Name(ev.task_started.kind)] += 1
             self.task_of_turn.setdefault(ev.turn_id, ev.task_started.task_id)
@@ -200,6 +231,15 @@ class Watcher:
             self.task_ends[ev.task_ended.task_id] = time.monotonic()
         async with self.changed:
             self.changed.notify_all()
+
+    async def turn_end(self, turn_id: str, timeout: float) -> str:
+        """How the turn ended ('' if not within `timeout`)."""
+        async with self.changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self.changed.wait_for(lambda: turn_id in self.turn_ended), timeout
+                )
+        return self.turn_ended.get(turn_id, "")
 
     async def task_end(self, task_id: str, timeout: float) -> bool:
         async with self.changed:
@@ -254,59 +294,80 @@ class Worker:
     async def send(self, text: str, kind: str, token: str) -> Sent:
         s = Sent(self.index, token, text, kind)
         self.tally.sent.append(s)
-        started = time.monotonic()
+        seen = Seen(time.monotonic())
+        deadline = seen.started + TURN_TIMEOUT
+        while True:
+            code, detail = await self.stream(s, seen, deadline)
+            if code not in self.tally.churn_codes or time.monotonic() > deadline:
+                break
+            if s.turn_id:  # broken mid-turn by a restart: its watcher follows it to the end
+                self.tally.reattached += 1
+                s.terminal = await self.watcher.turn_end(s.turn_id, deadline - time.monotonic())
+                seen.parts = list(self.watcher.turn_text.get(s.turn_id, []))
+                if s.terminal:
+                    code = C.OK
+                break
+            self.tally.resent += 1  # refused before its turn began: the same request again
+            await asyncio.sleep(0.3)
+        s.code = code.name
+        s.reply = "".join(seen.parts)
+        self.tally.code("SendMessage", code, detail, EXPECTED_SEND)
+        if code == C.OK:
+            self.check_stream(s, seen)
+        return s
+
+    async def stream(self, s: Sent, seen: Seen, deadline: float) -> tuple[C, str]:
+        """One SendMessage call (the message's token is its request_id); its status."""
         call = self.stub.SendMessage(
-            pb.SendMessageRequest(session_id=self.sid, text=text), timeout=TURN_TIMEOUT
+            pb.SendMessageRequest(session_id=self.sid, text=s.text, request_id=s.token),
+            timeout=max(1.0, deadline - time.monotonic()),
         )
-        turn_ids: set[str] = set()
-        parts: list[str] = []
-        started_text: str | None = None
-        origin = None
-        code, detail = C.OK, ""
+        seen.parts = []  # a call sent again replays the turn from its start
         try:
             async for resp in call:
-                ev = resp.event
-                k = ev.WhichOneof("kind")
-                turn_ids.add(ev.turn_id)
-                if k == "turn_started":
-                    s.turn_id = ev.turn_id
-                    started_text = ev.turn_started.text
-                    origin = ev.turn_started.origin
-                elif k == "text_delta":
-                    if s.first_text_ms is None:
-                        s.first_text_ms = (time.monotonic() - started) * 1000
-                    parts.append(ev.text_delta.text)
-                elif k == "task_started":
-                    s.task_started_at = time.monotonic()
-                    s.task_id = ev.task_started.task_id
-                elif k == "turn_completed":
-                    s.terminal = "interrupted" if ev.turn_completed.interrupted else "completed"
-                elif k == "turn_failed":
-                    s.terminal = "failed"
+                self.take(s, seen, resp.event)
         except grpc.aio.AioRpcError as e:
-            code, detail = e.code(), e.details() or ""
-        s.code = code.name
-        s.reply = "".join(parts)
-        self.tally.code("SendMessage", code, detail, EXPECTED_SEND)
-        if code != C.OK:
-            return s
-        where = f"session {self.index} {token} ({kind})"
-        if started_text is None:
+            return e.code(), e.details() or ""
+        return C.OK, ""
+
+    def take(self, s: Sent, seen: Seen, ev: pb.SessionEvent) -> None:
+        k = ev.WhichOneof("kind")
+        seen.turn_ids.add(ev.turn_id)
+        if k == "turn_started":
+            s.turn_id = ev.turn_id
+            seen.text = ev.turn_started.text
+            seen.origin = ev.turn_started.origin
+        elif k == "text_delta":
+            if s.first_text_ms is None:
+                s.first_text_ms = (time.monotonic() - seen.started) * 1000
+            seen.parts.append(ev.text_delta.text)
+        elif k == "task_started":
+            s.task_started_at = time.monotonic()
+            s.task_id = ev.task_started.task_id
+        elif k == "turn_completed":
+            s.terminal = "interrupted" if ev.turn_completed.interrupted else "completed"
+            if ev.seq == 0:  # sent again after its turn ended: the stored outcome, replayed
+                seen.parts = [ev.turn_completed.text]
+        elif k == "turn_failed":
+            s.terminal = "failed"
+
+    def check_stream(self, s: Sent, seen: Seen) -> None:
+        where = f"session {self.index} {s.token} ({s.kind})"
+        if seen.text is None:
             self.tally.mis_stream.append(f"{where}: the stream had no turn_started")
-        elif started_text != text or origin != pb.TURN_ORIGIN_CLIENT:
+        elif seen.text != s.text or seen.origin != pb.TURN_ORIGIN_CLIENT:
             self.tally.mis_stream.append(
-                f"{where}: stream's turn_started is {origin_name(origin or 0)} "
-                f"{started_text[:80]!r}"
+                f"{where}: stream's turn_started is {origin_name(seen.origin or 0)} "
+                f"{seen.text[:80]!r}"
             )
-        if len(turn_ids) > 1:
-            self.tally.mis_stream.append(f"{where}: the stream carried {len(turn_ids)} turns")
+        if len(seen.turn_ids) > 1:
+            self.tally.mis_stream.append(f"{where}: the stream carried {len(seen.turn_ids)} turns")
         if s.terminal == "completed":
             problem = reply_problem(s, s.reply)
             if problem:
                 self.tally.mis_stream.append(f"{where}: {problem}")
         elif s.terminal != "interrupted":
             self.tally.other.append(f"{where}: the turn ended {s.terminal or 'without an end'}")
-        return s
 
     async def plain(self, raced: str = "") -> Sent:
         token = self.token()
@@ -392,7 +453,12 @@ async def settle(stub: Any, sids: list[str], tally: Tally) -> float:
                 tally.code("GetSession", e.code(), e.details() or "")
                 continue
             if s.tasks or s.state in (pb.SESSION_STATE_BUSY, pb.SESSION_STATE_STARTING):
-                pending.append(f"{sid} {pb.SessionState.Name(s.state)} tasks {len(s.tasks)}")
+                tasks = ", ".join(
+                    f"{t.task_id} ({pb.TaskKind.Name(t.kind)} {t.description!r} since "
+                    f"{t.started_at.ToDatetime():%H:%M:%S.%f})"
+                    for t in s.tasks
+                )
+                pending.append(f"{sid} {pb.SessionState.Name(s.state)} tasks: {tasks}")
         if not pending:
             await asyncio.sleep(2.0)  # a turn the last task's end starts
             return time.monotonic() - started
@@ -525,10 +591,18 @@ class Outcome:
     children: ChildCount = field(default_factory=ChildCount)
     settle_s: float = 0.0
     seconds: float = 0.0
+    churn: ChurnTally | None = None
+    vitals: Vitals | None = None
+    non_json: list[str] = field(default_factory=list)  # lines of the daemon's log
 
 
 async def drive(
-    d: RunningDaemon, args: argparse.Namespace, tally: Tally, out: Outcome, marker: str
+    d: RunningDaemon,
+    args: argparse.Namespace,
+    tally: Tally,
+    out: Outcome,
+    marker: str,
+    churn: Churn | None,
 ) -> None:
     channel = grpc.aio.insecure_channel(d.target)
     stub = session_pb2_grpc.SessionServiceStub(channel)
@@ -549,7 +623,14 @@ async def drive(
         t0 = time.monotonic()
         until = t0 + args.minutes * 60
         runs = [asyncio.ensure_future(w.run(until)) for w in workers]
+        stop_vitals = asyncio.Event()
+        vitals = asyncio.ensure_future(out.vitals.run(stop_vitals)) if out.vitals else None
+        if churn is not None:
+            await churn.run(until)  # returns with the daemon serving
         done, pending = await asyncio.wait(runs, timeout=args.minutes * 60 + 3 * TURN_TIMEOUT)
+        stop_vitals.set()
+        if vitals is not None:
+            await vitals
         for task in pending:
             tally.other.append("a worker did not finish its last action in time")
             task.cancel()
@@ -618,37 +699,93 @@ def daemon_config(
 def run(args: argparse.Namespace, workdir: Path) -> tuple[Tally, Outcome, RunningDaemon]:
     tally, out = Tally(), Outcome()
     marker = f"azdsoak{os.getpid()}x{random.randrange(10**6)}"
+    churning = bool(args.restart_every or args.kill_every)
+    if churning:
+        tally.churn_codes = {C.UNAVAILABLE, C.CANCELLED}
     with fake_api() as api_env:
         d = RunningDaemon(workdir, daemon_config(args, workdir, api_env))
-        sampler: ChildSampler | None = None
+        churn = Churn(d, args.restart_every, args.kill_every)
+        out.vitals = Vitals(d)
         try:
             d.start(wait=False)
             d.wait_serving(timeout=30)
-            assert d.proc is not None
-            sampler = ChildSampler(d.proc.pid).start()
-            asyncio.run(drive(d, args, tally, out, marker))
+            churn.start_sampler()
+            asyncio.run(drive(d, args, tally, out, marker, churn if churning else None))
         finally:
-            if sampler is not None:
-                out.children = sampler.stop()
-            out.exit_code = d.stop(timeout=60)
-        pids = agent_pids(d)
-        out.agents_started = len(pids)
+            churn.stop_sampler()
+            out.churn = churn.tally
+            out.children = merged(churn.tally.counts)
+            out.exit_code = stop_daemon(d)
+            out.leaked = leftovers(d, marker)
+            d.stop(timeout=30)  # whatever is still ours, ended by pid
+        out.agents_started = len(agent_pids(d))
         out.resumed, out.evictions = pool_churn(d)
-        deadline = time.monotonic() + 10
-        while True:
-            leaked = [p for p in pids if alive(p) or group_members(p)]
-            marked = marked_processes(marker)
-            if (not leaked and not marked) or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        out.leaked = [f"agent {p}" for p in leaked] + [f"command {p}" for p in marked]
-        for p in marked:  # ours, through the agents: never left behind
-            with contextlib.suppress(OSError):
-                os.kill(p, signal.SIGKILL)
+        out.non_json = non_json_lines(d.log_path)
     return tally, out, d
 
 
+def stop_daemon(d: RunningDaemon) -> int | None:
+    """SIGTERM and the exit code; None if it did not exit within a minute."""
+    if d.proc is None:
+        return None
+    if d.proc.poll() is None:
+        d.proc.send_signal(signal.SIGTERM)
+    try:
+        return d.proc.wait(60)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def leftovers(d: RunningDaemon, marker: str) -> list[str]:
+    """What outlived the daemon's stop: agents (of any daemon of the run), shims, the agents'
+    background commands, files in the agents' socket and spool dirs. Waits a little first: a
+    shim's own exit takes a moment. What it finds is killed."""
+    pids = agent_pids(d)
+    deadline = time.monotonic() + 10
+    while True:
+        leaked = [p for p in pids if alive(p) or group_members(p)]
+        shims = [p.pid for p in processes.shims(d.runtime_dir)]
+        marked = marked_processes(marker)
+        if not (leaked or shims or marked) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for p in marked:  # ours, through the agents: never left behind
+        with contextlib.suppress(OSError):
+            os.kill(p, signal.SIGKILL)
+    files = [
+        str(f)
+        for where in (d.runtime_dir / "agents", d.state_dir / "agent-spool")
+        if where.is_dir()
+        for f in where.iterdir()
+    ]
+    return (
+        [f"agent {p}" for p in leaked]
+        + [f"shim {p}" for p in shims]
+        + [f"command {p}" for p in marked]
+        + [f"file {f}" for f in files]
+    )
+
+
+def merged(counts: list[ChildCount]) -> ChildCount:
+    """The samplers of each daemon process of the run as one count."""
+    if not counts or not all(c.ok for c in counts):
+        return ChildCount()
+    most = max(counts, key=lambda c: c.most_agents)
+    return ChildCount(
+        samples=sum(c.samples for c in counts),
+        seconds=sum(c.seconds for c in counts),
+        gap_ms=max((c.gap_ms for c in counts), key=lambda g: g.get("max", 0)),
+        most_agents=most.most_agents,
+        most_agents_at_s=most.most_agents_at_s,
+        most_other_children=max(c.most_other_children for c in counts),
+    )
+
+
 # --- the report ------------------------------------------------------------------------------
+
+
+def most_agents(out: Outcome) -> int:
+    return max((s.agents for s in out.vitals.samples), default=0) if out.vitals else 0
 
 
 def _counts(counter: Counter[str]) -> str:
@@ -706,9 +843,28 @@ def report(args: argparse.Namespace, tally: Tally, out: Outcome) -> bool:
         ("agent turns between a message and its reply", str(tally.agent_turns_inside)),
         ("agent turns stored with an empty prompt", str(tally.agent_prompt_empty)),
         ("unexpected RPC statuses", str(len(tally.unexpected))),
-        ("processes outliving the daemon", str(len(out.leaked))),
+        ("processes and files outliving the daemon", str(len(out.leaked))),
         ("daemon exit", str(out.exit_code)),
+        ("non-JSON lines in the daemon's log", str(len(out.non_json))),
     ]
+    churn = out.churn or ChurnTally()
+    flat, vitals_text = out.vitals.flat() if out.vitals else (True, "")
+    if args.restart_every or args.kill_every:
+        after = sorted(churn.serving_after)
+        rows += [
+            (
+                "restarts",
+                f"{churn.planned} planned (every {args.restart_every:g} s), {churn.kills} SIGKILLs "
+                f"(every {args.kill_every:g} s); daemon pids {len(set(churn.pids))}",
+            ),
+            (
+                "  serving again after",
+                f"median {percentile(after, 50):.2f} s, max {max(after, default=0):.2f} s",
+            ),
+            ("  HUNG restarts", str(len(churn.hung))),
+            ("  streams followed / sent again", f"{tally.reattached} / {tally.resent}"),
+        ]
+    rows.append(("RSS and fds", vitals_text))
     width = max(len(k) for k, _ in rows)
     rule = "-" * (width + 60)
     print(f"\natomizerd autonomy soak\n{rule}")
@@ -727,6 +883,10 @@ def report(args: argparse.Namespace, tally: Tally, out: Outcome) -> bool:
         (not tally.other, "every turn ended normally, every worker finished"),
         (not out.leaked and out.exit_code == 0, "the daemon stopped cleanly, nothing outlived it"),
         (out.children.ok and out.children.most_agents <= args.max_live, "the pool's cap held"),
+        (most_agents(out) <= args.max_live, "the pool's cap held across daemons (every 2 s)"),
+        (not churn.hung, "no restart hung"),
+        (not out.non_json, "every line of the daemon's log is JSON"),
+        (flat, "the daemon's RSS and fds stayed flat"),
     ]
     for passed, what in checks:
         print(f"[{'ok' if passed else 'FAIL'}] {what}")
@@ -741,11 +901,17 @@ def report(args: argparse.Namespace, tally: Tally, out: Outcome) -> bool:
         ("unsettled", tally.unsettled),
         ("other", tally.other),
         ("leaked", out.leaked),
+        ("hung", churn.hung),
+        ("log", out.non_json),
     ):
         for item in items[:15]:
             print(f"  {title}: {item}")
         if len(items) > 15:
             print(f"  {title}: ... {len(items) - 15} more")
+    if out.vitals and (args.restart_every or args.kill_every):
+        print("minute  RSS median/max MiB  most fds  most agents")
+        for m, med, top, fds, agents in out.vitals.by_minute():
+            print(f"{m:>6}  {med:>8.1f} / {top:<7.1f}  {fds:>8}  {agents:>11}")
     if out.evictions == 0:
         print("note: no agent was evicted: the pool never filled")
     # Misattribution, lost turns and leaks fail the run; so does anything else found.
@@ -761,9 +927,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-live", type=int, default=3, help="pool.max_live")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary dir (printed)")
+    parser.add_argument(
+        "--restart-every", type=float, default=0.0, help="a planned restart every S seconds"
+    )
+    parser.add_argument(
+        "--kill-every", type=float, default=0.0, help="a SIGKILL (then a start) every S seconds"
+    )
     args = parser.parse_args(argv)
     if args.minutes <= 0 or args.sessions <= 0 or args.max_live <= 0:
         parser.error("--minutes, --sessions and --max-live must be positive")
+    if args.restart_every < 0 or args.kill_every < 0:
+        parser.error("--restart-every and --kill-every must not be negative")
+    if args.restart_every and args.kill_every and args.kill_every % args.restart_every:
+        parser.error("--kill-every must be a multiple of --restart-every (a kill replaces one)")
     if args.seed is None:
         args.seed = random.randrange(2**31)
     if not Path(real_claude()).exists():
