@@ -912,6 +912,12 @@ def report(args: argparse.Namespace, tally: Tally, out: Outcome) -> bool:
         print("minute  RSS median/max MiB  most fds  most agents")
         for m, med, top, fds, agents in out.vitals.by_minute():
             print(f"{m:>6}  {med:>8.1f} / {top:<7.1f}  {fds:>8}  {agents:>11}")
+    if out.children.most_agents > args.max_live:
+        faults = ", ".join(f"{t:.1f}" for t in churn.at)
+        print(
+            f"most agents at {out.children.most_agents_at_s:.2f} s of a daemon's life; "
+            f"faults at {faults or 'none'} s"
+        )
     if out.evictions == 0:
         print("note: no agent was evicted: the pool never filled")
     # Misattribution, lost turns and leaks fail the run; so does anything else found.

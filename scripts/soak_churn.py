@@ -49,6 +49,7 @@ class ChurnTally:
     hung: list[str] = field(default_factory=list)
     serving_after: list[float] = field(default_factory=list)  # seconds, per fault
     pids: list[int] = field(default_factory=list)  # the daemon's pid after each fault
+    at: list[float] = field(default_factory=list)  # when each fault came (since the start)
     counts: list[ChildCount] = field(default_factory=list)  # one per daemon process
 
 
@@ -70,6 +71,7 @@ class Churn:
         self.kill_every = kill_every
         self.tally = ChurnTally()
         self._sampler: ChildSampler | None = None
+        self._t0 = time.monotonic()
 
     def start_sampler(self) -> None:
         assert self.d.proc is not None
@@ -100,6 +102,7 @@ class Churn:
 
     async def restart(self, n: int) -> None:
         since = time.monotonic()
+        self.tally.at.append(since - self._t0)
         if n % 2:
             try:
                 async with grpc.aio.insecure_channel(self.d.target) as ch:
@@ -116,6 +119,7 @@ class Churn:
 
     async def kill(self) -> None:
         since = time.monotonic()
+        self.tally.at.append(since - self._t0)
         self.d.kill()
         self.stop_sampler()
         self.d.start(wait=False)

@@ -21,12 +21,12 @@ import structlog
 from atomizerd import ids
 from atomizerd.agents import protocol as proto
 from atomizerd.agents.pool import Agent, AgentPool
-from atomizerd.agents.vocabulary import AgentError, AgentItem
+from atomizerd.agents.vocabulary import AgentError, AgentExited, AgentItem
 from atomizerd.config import Config
 from atomizerd.errors import AtomizerError, Unavailable
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.approvals import Approvals, json_or_text
-from atomizerd.sessions.control import AgentControl
+from atomizerd.sessions.control import AgentControl, Replay, quiet
 from atomizerd.sessions.conversation import (
     Open,
     Router,
@@ -85,6 +85,9 @@ class Reading:
     transcript: Transcript
     router: Router
     side: _Side | None = None
+    # Read again after a restart: the agent's own turn open at the restart, if any, and the
+    # origin and prompt it had (the previous daemon stored what it had said so far).
+    replayed_side: tuple[ev.TurnOrigin, str] | None = None
 
 
 # The CLI's tools that run a prompt later in the same process (docs/agent-protocol.md).
@@ -127,17 +130,60 @@ class Follower:
         agent: Agent,
         emit: Emit,
         transcript: Transcript,
-        *,
-        resumed: bool,
     ) -> Reading:
         """A job's reading of its agent: its own turn is the one answering its line, or (a
-        job following a turn the agent started, or adopted after a restart) open already."""
+        job following a turn the agent started) open already. A job adopted after a restart
+        reads the agent's output again from its start (`replay`), so it too starts here."""
         router = Router(
             "" if turn.follows_agent else turn.line_uuid,
             s.untaken,
-            Open.OWN if turn.follows_agent or resumed else Open.NONE,
+            Open.OWN if turn.follows_agent else Open.NONE,
         )
         return Reading(s, turn, agent, emit, transcript, router)
+
+    def replay(
+        self, r: Reading, item: AgentItem, interrupted: bool, held: list[proto.ControlRequest]
+    ) -> Terminal | None:
+        """An item a previous daemon handled already (its events are back in the log): routed
+        again, so the reading stands where it stood at the restart. Only the job's own turn
+        is rebuilt, quietly; an agent turn met on the way was stored by that daemon (ended
+        where the restart cut it), and its permission requests are taken up with the job's."""
+        step = r.router.step(item)
+        if step is Step.TASK:
+            self.task_item(r.s, item, quiet)  # idempotent: the table is the store's already
+            return None
+        if step is Step.OPEN_AGENT:
+            r.replayed_side = r.s.causes.next()
+        if step in (Step.RELAY, Step.OPEN_AGENT) and r.router.open is Open.AGENT:
+            if isinstance(item, proto.ControlRequest):
+                held.append(item)
+            elif isinstance(item, proto.Result | AgentExited):
+                r.router.ended()
+                r.replayed_side = None
+            return None
+        if r.router.open is not Open.OWN or step is not Step.RELAY:
+            return None
+        outcome = self._control.relay_item(
+            r.agent,
+            item,
+            quiet,
+            r.transcript,
+            interrupted,
+            r.s.record.agent_cost_usd,
+            r.turn.approvals,
+            r.turn.journal,
+            held,
+        )
+        if outcome is not None:
+            r.router.ended()
+        return outcome
+
+    def replayed(self, r: Reading, replay: Replay) -> None:
+        """Once the output read again is behind: an agent turn the restart cut goes on as a
+        turn of its own (the rest of what the agent says in it), with the cause it had."""
+        if replay.done and r.router.open is Open.AGENT and r.side is None:
+            origin, text = r.replayed_side or (ev.TurnOrigin.AGENT, "")
+            self._open_side(r, origin, text)
 
     def close(self, r: Reading) -> None:
         """The job's turn ended inside an agent turn: that one ends with it."""
@@ -308,7 +354,7 @@ class Follower:
             return None
         transport = agent.transport_or_fail()
         if transport.durable:  # recorded with the shim like a client's turn (restarts)
-            turn.journal = TurnJournal.begin(transport, turn.opening)
+            turn.journal = TurnJournal.begin(transport, turn.opening, follows_agent=True)
         if s.record.budget_usd and s.record.total_cost_usd >= s.record.budget_usd:
             emit(
                 ev.Notice(

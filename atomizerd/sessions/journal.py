@@ -8,10 +8,13 @@ of the agent's messages had been taken when it was written). A daemon that start
 turn is still running reads that back (`Resumed.from_replay`) and
 
 - puts the recorded events back into the session's log, with their own sequence numbers, so a
-  client that re-attaches from its last seq misses nothing and sees nothing twice;
+  client that re-attaches from its last seq misses nothing and sees nothing twice (the turn's
+  own, and every other event of the session while it ran: a turn the agent started beside
+  it, its tasks);
 - feeds the agent's output again through the same code, quietly up to the messages already
-  accounted for (rebuilding the reply, the tool calls, the pending permission requests), and
-  live from there on;
+  accounted for (rebuilding the reply, the tool calls, the pending permission requests, and
+  which turn the output belonged to at the restart: the job's line may not have been taken
+  yet), and live from there on;
 - knows which permission requests the agent already got an answer to (from its stdin), so no
   request is answered twice, and a request still open is offered to clients again.
 
@@ -115,15 +118,20 @@ class TurnJournal:
         self._handled = 0
         self._pending: list[dict[str, Any]] = []
         self._scheduled = False
+        self._follows_agent = False
 
     @classmethod
-    def begin(cls, agent: Recorder, opening: list[ev.SessionEvent]) -> TurnJournal:
+    def begin(
+        cls, agent: Recorder, opening: list[ev.SessionEvent], *, follows_agent: bool = False
+    ) -> TurnJournal:
         """A turn starts on `agent`: what the shim held for earlier turns is let go, and the
-        turn's events so far (its start, notices) are the first record."""
+        turn's events so far (its start, notices) are the first record. `follows_agent`: the
+        turn is one the agent started (the job wrote no line of its own)."""
         offset, base = agent.boundary
         agent.forget_before(offset)
         journal = cls(agent, base)
         journal._pending = [encode_event(event) for event in opening]
+        journal._follows_agent = follows_agent
         journal.flush()
         return journal
 
@@ -143,7 +151,9 @@ class TurnJournal:
         self._scheduled = False
         if not self._pending:
             return
-        record = {"c": self._handled, "e": self._pending}
+        record: dict[str, Any] = {"c": self._handled, "e": self._pending}
+        if self._follows_agent:
+            record["a"] = 1
         self._pending = []
         try:
             self._agent.record(json.dumps(record, separators=(",", ":")).encode())
@@ -170,6 +180,13 @@ class Resumed:
     consumed: int  # the agent messages (from the turn's start) those events account for
     answered: set[str] = field(default_factory=set)  # requests the agent got an answer to
     interrupted: bool = False  # the previous daemon asked the agent to stop the turn
+    # The session's other events while it ran (a turn the agent started beside it, tasks).
+    others: list[ev.SessionEvent] = field(default_factory=list)
+    follows_agent: bool = False  # a turn the agent started: the job wrote no line
+
+    @property
+    def last_seq(self) -> int:
+        return max(e.seq for e in self.events + self.others)
 
     @classmethod
     def from_replay(
@@ -178,14 +195,20 @@ class Resumed:
         """None when the shim holds no turn (the agent was idle)."""
         events: list[ev.SessionEvent] = []
         consumed = 0
+        follows_agent = False
         for payload in records:
             record = json.loads(payload)
             consumed = max(consumed, int(record["c"]))
+            follows_agent = follows_agent or bool(record.get("a"))
             events.extend(decode_event(e, session_id) for e in record["e"])
         if not events or not isinstance(events[0].kind, ev.TurnStarted):
             return None
         events.sort(key=lambda e: e.seq)
-        resumed = cls(events[0].turn_id, events[0].kind, events, consumed)
+        turn_id = events[0].turn_id
+        own = [e for e in events if e.turn_id == turn_id]
+        others = [e for e in events if e.turn_id != turn_id]
+        resumed = cls(turn_id, events[0].kind, own, consumed, others=others)
+        resumed.follows_agent = follows_agent
         for line in b"".join(inputs).splitlines():
             resumed._saw_input(line)
         return resumed

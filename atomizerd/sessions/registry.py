@@ -126,11 +126,13 @@ class Registry:
         turn = Turn(resumed.turn_id, resumed.started.text, resumed.started.request_id, first - 1)
         turn.audience = lambda: turn.listeners + s.watchers
         turn.resumed = (agent, resumed)
+        turn.origin = resumed.started.origin
+        turn.follows_agent = resumed.follows_agent
         turn.journal = TurnJournal(agent.transport_or_fail(), 0)
         turn.journal.handled_upto(resumed.consumed)
-        for event in resumed.events:
+        for event in sorted(resumed.events + resumed.others, key=lambda e: e.seq):
             s.log.append(event)
-        s.next_seq = resumed.events[-1].seq + 1
+        s.next_seq = resumed.last_seq + 1
         if turn.request_id:
             s.by_request[turn.request_id] = turn
         self.queue.submit(s, turn)

@@ -45,6 +45,10 @@ class Streams:
             self._reserve_seq(s, seq + SEQ_BLOCK)
         if turn is not None:
             turn.noted(event)
+        job = s.turn
+        if job is not None and job is not turn and job.journal is not None:
+            # A restart during the job puts these back too (seqs are never given twice).
+            job.journal.note(event)
         s.log.append(event)
         return event
 

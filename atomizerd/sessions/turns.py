@@ -31,7 +31,7 @@ from atomizerd.sessions import events as ev
 from atomizerd.sessions.approvals import Approvals
 from atomizerd.sessions.attachments import content_blocks, to_store
 from atomizerd.sessions.context import AgentContext
-from atomizerd.sessions.control import AgentControl, Replay, quiet
+from atomizerd.sessions.control import AgentControl, Replay
 from atomizerd.sessions.following import Follower
 from atomizerd.sessions.journal import TurnJournal
 from atomizerd.sessions.outcomes import LateOutcomes
@@ -471,9 +471,7 @@ class TurnRunner:
             if replay.resumed.interrupted:
                 turn.interrupt()
             self.control.take_up_held(process, turn, replay)
-        reading = self.follower.reading(
-            s, turn, agent, emit, transcript, resumed=replay is not None
-        )
+        reading = self.follower.reading(s, turn, agent, emit, transcript)
         stop_waiter = asyncio.ensure_future(turn.stop_requested.wait())
         # One pending receive at a time, kept across timeouts: nothing read is ever dropped.
         receive: asyncio.Task[AgentItem] | None = None
@@ -527,16 +525,8 @@ class TurnRunner:
                 first = False
                 last_activity = loop.time()
                 if replay is not None and not replay.done:  # its events are in the log already
-                    outcome = self.control.relay_item(
-                        agent,
-                        item,
-                        quiet,
-                        transcript,
-                        interrupting_since is not None,
-                        s.record.agent_cost_usd,
-                        turn.approvals,
-                        turn.journal,
-                        replay.held,
+                    outcome = self.follower.replay(
+                        reading, item, interrupting_since is not None, replay.held
                     )
                 else:
                     outcome = self.follower.take(reading, item, interrupting_since is not None)
@@ -545,6 +535,7 @@ class TurnRunner:
                     turn.journal.flush()
                 if replay is not None and not replay.done:
                     self.control.take_up_held(process, turn, replay)
+                    self.follower.replayed(reading, replay)
                 if outcome is not None:
                     return outcome
         finally:

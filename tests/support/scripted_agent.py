@@ -13,6 +13,7 @@ user message is read from directives in the text, like the fake agent program:
   [[schedule]]    calls ScheduleWakeup (the agent then has a prompt pending); `wake_up()`
                   fires it later, as the CLI does.
   [[then-own]]    right after the turn's result, a turn the agent starts by itself.
+  [[then-own:open]] the same, still under way (no result yet).
   [[task:ID]]     starts a background task ID (task_started) and ends the turn at once;
                   `end_task(ID)` later ends it the way the CLI does: task_notification, then
                   a turn the agent starts by itself.
@@ -95,6 +96,14 @@ class ScriptedAgent:
         # (reply, taken_into): the agent starts a turn of its own just as the next line
         # arrives; that line is then taken into it (True) or follows it (False).
         self.interjection: tuple[str, bool] | None = None
+        # A task that ends just as the next line arrives: the agent's turn about it is under
+        # way (no result) and the line waits for it (`finish_own_turn`).
+        self.task_ends_at_next_line: tuple[str, str] | None = None  # (task id, first words)
+        # Under a shim: everything said, the turn records left with it, where they begin.
+        self.said: list[AgentItem] = []
+        self.records: list[bytes] = []
+        self.received = 0
+        self._kept_from = 0
         self._final: AgentExited | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._release = asyncio.Event()
@@ -125,6 +134,7 @@ class ScriptedAgent:
 
     def receive_nowait(self) -> AgentItem | None:
         if self._items:
+            self.received += 1
             return self._items.popleft()
         return self._final
 
@@ -146,6 +156,15 @@ class ScriptedAgent:
             self._exit(-11)
             raise AgentExited("the scripted agent closed its input", -11, "")
         self.user_messages.append(text)
+        if self.task_ends_at_next_line is not None:
+            task_id, said = self.task_ends_at_next_line
+            self.task_ends_at_next_line = None
+            self._push(
+                proto.TaskNotification(task_id, f"tu_{task_id}", "completed", f"{task_id} done", "")
+            )
+            self._own_turn_start(said)
+            self._next_lines.append((uuid, text))
+            return
         if self._play_task is not None and not self._play_task.done():
             if self.take_mid_turn:
                 self._taken_mid_turn.append((uuid, text))  # the running turn takes it
@@ -173,6 +192,14 @@ class ScriptedAgent:
             proto.TaskNotification(task_id, f"tu_{task_id}", status, f"{task_id} {status}", "")
         )
         self.start_own_turn(reply, origin_kind="task-notification")
+
+    def finish_own_turn(self, rest: str) -> None:
+        """Ends the turn `task_ends_at_next_line` began; the line that waited is taken next."""
+        self._delta(rest, f"own_rest_{self.pid}")
+        self._push(_result(False, "task-notification"))
+        if self._next_lines:
+            next_uuid, next_text = self._next_lines.pop(0)
+            self._play_task = asyncio.ensure_future(self._play(next_text, next_uuid))
 
     def wake_up(self, reply: str = "woke up") -> None:
         """A prompt the agent scheduled fires: a lifecycle line naming its source, then a turn
@@ -235,22 +262,32 @@ class ScriptedAgent:
 
     # --- test controls ------------------------------------------------------------------
 
-    # The journal of a restart is exercised with the real CLI under its shim; a durable
-    # scripted agent only lets the pool's hand-over be run in process (it records nothing).
+    # As under a shim (`durable`): the turn records a daemon leaves are kept, with what the
+    # agent said from the running turn's start, for the next daemon (`adopted_again`).
     helper = None
-    received = 0
-    boundary = (0, 0)
     detached = False
 
     @property
     def durable(self) -> bool:
         return self.spawner.durable
 
+    @property
+    def boundary(self) -> tuple[int, int]:
+        """(Where the unread output begins in all it said, how many messages were read.)"""
+        return len(self.said) - len(self._items), self.received
+
     def record(self, payload: bytes) -> None:
-        pass
+        self.records.append(payload)
 
     def forget_before(self, offset: int) -> None:
-        pass
+        self.records.clear()
+        self._kept_from = offset
+
+    def adopted_again(self) -> None:
+        """A next daemon adopts it: what it said from the kept point on is read again."""
+        self.detached = False
+        self._items = deque(self.said[self._kept_from :])
+        self.received = 0  # counted by the next daemon's reading, from the kept point
 
     def detach(self) -> None:
         assert self.durable, "only a durable scripted agent is handed over"
@@ -271,6 +308,7 @@ class ScriptedAgent:
     def _push(self, item: AgentItem) -> None:
         if self._final is not None:
             return
+        self.said.append(item)
         self._items.append(item)
         self._wake()
 
@@ -330,7 +368,10 @@ class ScriptedAgent:
             self._delta(f" steered: {taken_text}", mid)
         self._taken_mid_turn.clear()
         self._push(_result(interrupted))
-        if "then-own" in directives:  # a subagent ended before the result: its turn follows
+        if directives.get("then-own") == "open":  # ... and that turn is still under way
+            self._push(proto.TaskNotification("sub1", "tu_sub1", "completed", "sub1 completed", ""))
+            self._own_turn_start("the solver is")
+        elif "then-own" in directives:  # a subagent ended before the result: its turn follows
             self.end_task("sub1", reply="right after")
         if self._next_lines:  # lines the turn did not take: the next turn takes the first
             next_uuid, next_text = self._next_lines.pop(0)

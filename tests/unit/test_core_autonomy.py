@@ -11,6 +11,7 @@ from typing import Any
 
 from atomizerd.errors import ResourceExhausted
 from atomizerd.sessions import events as ev
+from atomizerd.sessions.journal import Resumed
 from tests.support import virtual_time
 from tests.support.core import Core, build, run, send, settle, text_of
 
@@ -310,3 +311,97 @@ def test_a_turn_the_agent_began_before_a_queued_message_ran_is_stored_before_tha
         ]
 
     run(tmp_path, test)
+
+
+def test_an_agent_turn_a_restart_cuts_before_the_agent_takes_a_written_line_stays_its_own(
+    tmp_path: Path,
+) -> None:
+    """A client's line is written as a task ends: the agent first starts a turn of its own about
+    the task, and a planned restart comes while that turn runs, the line still untaken. The next
+    daemon reads the agent's output again from the line's turn start: the rest of the agent's
+    turn is a turn of its own (same cause), and the line's reply is its own; the events the
+    first daemon gave out are back in the log and no seq is given twice."""
+
+    async def main() -> None:
+        first = build(tmp_path, durable=True)
+        await first.registry.create_session(None, None, "a")
+        await send(first, "a", "hello").wait()
+        (agent,) = first.spawner.agents
+        agent.task_ends_at_next_line = ("solve", "the solver ")
+        queued = send(first, "a", "are you there?")
+        await until(lambda: len(history(first, "a")) == 4)  # its line, the agent's own turn
+        await settle()
+        seqs_before = [e.seq for e in log_of(first, "a")]
+        await first.registry.hand_over()
+        await queued.wait()
+        await first.pool.close()
+        first.store.close()
+
+        agent.finish_own_turn("has finished")  # between the two daemons
+        second = build(tmp_path)
+        try:
+            resumed = Resumed.from_replay("a", agent.records, [])
+            assert resumed is not None
+            agent.adopted_again()
+            adopted = second.pool.adopt("a", agent, leased=True)
+            assert adopted is not None
+            second.registry.resume_turn(adopted, resumed)
+            await until(lambda: len(history(second, "a")) == 8)
+            assert history(second, "a") == [
+                ("user", "client", "complete", "hello"),
+                ("assistant", "client", "complete", "echo: hello"),
+                ("user", "client", "complete", "are you there?"),
+                ("user", "task", "interrupted", "solve done"),
+                ("assistant", "task", "interrupted", "the solver "),  # cut by the restart
+                ("user", "task", "complete", "solve done"),  # the rest: a turn of its own
+                ("assistant", "task", "complete", "has finished"),
+                ("assistant", "client", "complete", "echo: are you there?"),
+            ]
+            seqs = [e.seq for e in log_of(second, "a")]
+            assert len(seqs) == len(set(seqs)), "no seq given twice"
+            assert seqs[: len(seqs_before)][-1] >= max(seqs_before)
+            assert min(s for s in seqs if s > max(seqs_before)) == max(seqs_before) + 1
+            reply = await send(second, "a", "next").wait()
+            assert text_of(reply) == "echo: next"
+        finally:
+            await second.close()
+
+    virtual_time.run(main())
+
+
+def test_a_message_queued_behind_the_agent_s_own_turn_is_not_written_when_a_restart_begins(
+    tmp_path: Path,
+) -> None:
+    """The agent began a turn of its own as a client's message reached it (the message waits
+    for that turn); a planned restart then begins. The message was never written to the agent:
+    the client is told so (safe to send again), and the agent's turn is left to the next
+    daemon, not ended here — else the rest of it would be taken for the message's reply."""
+
+    async def main() -> None:
+        core = build(tmp_path, durable=True)
+        await core.registry.create_session(None, None, "a")
+        first = send(core, "a", "first [[hold]] [[then-own:open]]")
+        await until(lambda: core.registry.loaded_session("a").turn is not None)  # type: ignore[union-attr]
+        await settle()
+        queued = send(core, "a", "are you there?")  # waits behind the first
+        await settle()
+        (agent,) = core.spawner.agents
+        agent.release()  # the first ends; the agent begins a turn of its own at once
+        await first.wait()
+        await until(lambda: len(history(core, "a")) == 3)
+        await settle()
+        await core.registry.hand_over()
+        await queued.wait()
+        try:
+            assert "are you there?" not in agent.user_messages, "never written to the agent"
+            assert queued.error is not None and "not sent" in str(queued.error)
+            assert [(role, origin, status) for role, origin, status, _ in history(core, "a")] == [
+                ("user", "client", "complete"),
+                ("assistant", "client", "complete"),
+                ("user", "task", "pending"),  # the next daemon goes on with it
+            ]
+        finally:
+            await core.pool.close()
+            core.store.close()
+
+    virtual_time.run(main())
