@@ -87,13 +87,16 @@ async def adopt_agents(cfg: Config, store: Store, pool: AgentPool, registry: Reg
             )
             resumed, replay.hello["lost"] = None, True
         running = resumed is not None and unfinished.get(resumed.turn_id) == session_id
-        if not running:
-            # An idle agent: what the shim still holds is of turns that ended (and are
-            # stored); this daemon reads on from the last whole line of it.
+        if resumed is not None and not running:
+            # What the shim holds is of a turn that ended (and is stored): this daemon reads
+            # on from the last whole line of it.
             data = b"".join(chunks)
             whole = data.rfind(b"\n") + 1
             replay.hello["base"] = replay.base + whole
             chunks = [data[whole:]] if whole < len(data) else []
+        # An idle agent's shim holds only what no daemon took (the previous one let go of
+        # each line it read): what the agent did on its own meanwhile (a task that ended, the
+        # turn it started about it) is read like anything it says while idle.
         process = shim_client.adopted_process(link, replay, chunks, settings)
         if not running and session_id in pending_sessions:
             # Mid-turn, but without a record to go on from: stopped, the turn settled.
@@ -104,7 +107,7 @@ async def adopt_agents(cfg: Config, store: Store, pool: AgentPool, registry: Reg
             log.info("agent left by the previous daemon stopped", pid=process.pid, reason=why)
             rejected.append(process)
             continue
-        if not running:
+        if resumed is not None and not running:
             process.forget_before(replay.base)
         adopted.sessions.add(session_id)
         adopted.pgids.update(_groups_of(process))

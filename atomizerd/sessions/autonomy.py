@@ -142,7 +142,11 @@ class AgentWork:
         tasks = [from_row(row, timeout) for row in self.store.tasks_of(session_id)]
         if tasks:
             s.tasks.restore(tasks, asyncio.get_running_loop().time())
-            log.info("tasks of an adopted agent restored", session_id=session_id, tasks=len(tasks))
+            log.info(
+                "tasks of an adopted agent restored",
+                session_id=session_id,
+                tasks=[t.task_id for t in tasks],
+            )
 
     def _tail(self, s: Session, task_id: str, path: str) -> None:
         """Streams a background command's new output as task_output while it runs."""

@@ -308,6 +308,7 @@ class Follower:
             case proto.TaskStarted():
                 deadline = asyncio.get_running_loop().time() + self.config.agent.task_timeout
                 emit(s.tasks.started(item, deadline))
+                log.info("task started", session_id=s.id, task_id=item.task_id, kind=item.task_type)
             case proto.TaskProgress():
                 text = item.summary or " ".join(
                     p for p in (item.description, item.last_tool_name) if p
@@ -318,6 +319,13 @@ class Follower:
                 ended = s.tasks.ended(item)
                 if ended is not None:
                     emit(ended)
+                log.info(
+                    "task ended",
+                    session_id=s.id,
+                    task_id=item.task_id,
+                    status=item.status,
+                    known=ended is not None,
+                )
                 # The CLI starts a turn of its own to tell the model: that turn's cause.
                 s.causes.task_ended(item.summary)
             case proto.CommandLifecycle(state="started") if item.wakeup_source:

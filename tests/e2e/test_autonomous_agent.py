@@ -327,3 +327,34 @@ def test_a_turn_the_agent_started_before_a_restart_is_not_read_again_after_it(
         pb.TURN_ORIGIN_CLIENT,
         pb.TURN_ORIGIN_CLIENT,
     ], "the agent's turn is stored once"
+
+
+def _answered_on_its_own(home: Path) -> bool:
+    """Whether the CLI's transcript holds its reply to a task's end notification."""
+    for transcript in home.glob(".claude/projects/*/*.jsonl"):
+        for line in transcript.read_text(errors="replace").splitlines():
+            if '"type":"assistant"' in line and "SYSTEM NOTIFICATION" in line:
+                return True
+    return False
+
+
+def test_a_task_that_ends_while_no_daemon_runs_is_followed_by_the_next_daemon(e2e: E2E) -> None:
+    """The daemon is killed; the task ends and the agent answers it in a turn of its own with
+    no daemon there (its shim keeps what it says). The next daemon reads all of that: the
+    task's end, the agent's turn stored with origin TASK, nothing left running."""
+    stubs = e2e.start(POWER)
+    marker = e2e.workdir / "marker"
+    power_session(stubs, "gap")
+    send(stubs, "gap", background(f"sleep 1; echo ok > {marker}"))
+    assert e2e.daemon is not None
+    e2e.daemon.kill()
+    wait_for(
+        "the agent answered the task's end alone",
+        lambda: _answered_on_its_own(e2e.workdir / "home"),
+        60,
+    )
+    stubs = e2e.start(POWER)
+    wait_for("the agent's own turn is stored", lambda: len(history(stubs, "gap")) == 4, 60)
+    assert [m.origin for m in history(stubs, "gap")][2:] == [pb.TURN_ORIGIN_TASK] * 2
+    assert not _running_tasks(stubs, "gap")
+    assert reply_text(send(stubs, "gap", "after")) == "echo: after"
