@@ -778,6 +778,7 @@ def merged(counts: list[ChildCount]) -> ChildCount:
         most_agents=most.most_agents,
         most_agents_at_s=most.most_agents_at_s,
         most_other_children=max(c.most_other_children for c in counts),
+        changes=most.changes,  # of the daemon process that saw the most
     )
 
 
@@ -914,9 +915,11 @@ def report(args: argparse.Namespace, tally: Tally, out: Outcome) -> bool:
             print(f"{m:>6}  {med:>8.1f} / {top:<7.1f}  {fds:>8}  {agents:>11}")
     if out.children.most_agents > args.max_live:
         faults = ", ".join(f"{t:.1f}" for t in churn.at)
+        at = out.children.most_agents_at_s
+        around = [f"{t:.3f}: {n}" for t, n in out.children.changes if abs(t - at) < 1.0]
         print(
-            f"most agents at {out.children.most_agents_at_s:.2f} s of a daemon's life; "
-            f"faults at {faults or 'none'} s"
+            f"most agents at {at:.2f} s of a daemon's life (changes around it: "
+            f"{', '.join(around)}); faults at {faults or 'none'} s"
         )
     if out.evictions == 0:
         print("note: no agent was evicted: the pool never filled")
