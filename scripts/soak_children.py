@@ -64,17 +64,19 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
-def _kind(cmd: bytes, own: bytes, under_shim: bool) -> str:
+def _kind(cmd: bytes, own: bytes, under_shim: bool, shims: bool = False) -> str:
     """What a child of the daemon (or of a shim: `under_shim`) is. A shim's own fork that has
-    not exec'd the agent yet carries the shim's argv: under a shim it already is the agent."""
+    not exec'd the agent yet carries the shim's argv: under a shim it already is the agent.
+    With `shims` (the daemon runs every agent under one), a fork of the daemon that has not
+    exec'd yet is a shim or a probe to be, never an agent."""
     if under_shim:
         return "agent" if AGENT_MARKER in cmd else "other"
     if any(SHIM_MARKER in arg for arg in cmd.split(b"\0")[:4]):
         return "shim"
-    return "agent" if AGENT_MARKER in cmd or cmd == own else "other"
+    return "agent" if AGENT_MARKER in cmd or (cmd == own and not shims) else "other"
 
 
-def count_children(daemon_pid: int, interval: float, out: IO[str]) -> None:
+def count_children(daemon_pid: int, interval: float, out: IO[str], shims: bool = False) -> None:
     own = _cmdline(daemon_pid)
     children: dict[int, str] = {}  # pid -> "agent" | "shim" | "other"
     under_shim: set[int] = set()  # children of a shim (the agent it started)
@@ -106,7 +108,7 @@ def count_children(daemon_pid: int, interval: float, out: IO[str]) -> None:
         new = {pid: _ppid(pid) for pid in pids - strangers - children.keys()}
         for pid, ppid in new.items():  # the daemon's children first: a new shim's child next
             if ppid == daemon_pid:
-                children[pid] = _kind(_cmdline(pid), own, False)
+                children[pid] = _kind(_cmdline(pid), own, False, shims)
         shims = {pid for pid, kind in children.items() if kind == "shim"}
         for pid, ppid in new.items():
             if ppid == daemon_pid:
@@ -119,7 +121,7 @@ def count_children(daemon_pid: int, interval: float, out: IO[str]) -> None:
         for pid in children:
             cmd = _cmdline(pid)
             if cmd:  # empty: a zombie, which keeps what it was
-                children[pid] = _kind(cmd, own, pid in under_shim)
+                children[pid] = _kind(cmd, own, pid in under_shim, shims)
         agents = sum(1 for kind in children.values() if kind == "agent")
         shim_count = sum(1 for kind in children.values() if kind == "shim")
         second = int(now - t0)
@@ -182,15 +184,18 @@ class ChildCount:
 class ChildSampler:
     """`count_children` for one daemon pid in a process of its own, from start() to stop()."""
 
-    def __init__(self, daemon_pid: int, interval: float = SAMPLE_INTERVAL) -> None:
+    def __init__(
+        self, daemon_pid: int, interval: float = SAMPLE_INTERVAL, *, shims: bool = False
+    ) -> None:
         self.daemon_pid = daemon_pid
         self.interval = interval
+        self.shims = shims
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ChildSampler:
         argv = [sys.executable, str(Path(__file__).resolve()), str(self.daemon_pid)]
         self.proc = subprocess.Popen(
-            [*argv, "--interval", str(self.interval)],
+            [*argv, "--interval", str(self.interval), *(["--shims"] if self.shims else [])],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
@@ -225,8 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("pid", type=int, help="the daemon's pid")
     parser.add_argument("--interval", type=float, default=SAMPLE_INTERVAL)
+    parser.add_argument(
+        "--shims", action="store_true", help="agents run under shims: a daemon fork is none"
+    )
     args = parser.parse_args(argv)
-    count_children(args.pid, args.interval, sys.stdout)
+    count_children(args.pid, args.interval, sys.stdout, args.shims)
     return 0
 
 

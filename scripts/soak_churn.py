@@ -75,7 +75,8 @@ class Churn:
 
     def start_sampler(self) -> None:
         assert self.d.proc is not None
-        self._sampler = ChildSampler(self.d.proc.pid).start()
+        # Agents run under shims here: the daemon's start-up probes are not agents.
+        self._sampler = ChildSampler(self.d.proc.pid, shims=True).start()
 
     def stop_sampler(self) -> None:
         if self._sampler is not None:
