@@ -69,11 +69,10 @@ import grpc  # noqa: E402
 import grpc.aio  # noqa: E402
 from atomizer.v1 import session_pb2 as pb  # noqa: E402
 from atomizer.v1 import session_pb2_grpc  # noqa: E402
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from scripts.soak import fake_api  # noqa: E402
 from tests.support import processes  # noqa: E402
-from tests.support.daemon import RunningDaemon, real_claude  # noqa: E402
+from tests.support.daemon import RunningDaemon, health_serving, real_claude  # noqa: E402
 
 C = grpc.StatusCode
 UNARY_TIMEOUT = 15.0
@@ -323,15 +322,6 @@ def leftovers(d: RunningDaemon, before: set[int]) -> tuple[list[str], list[str]]
 
 
 # --- the faults --------------------------------------------------------------------------------
-
-
-def health_serving(target: str) -> bool:
-    try:
-        with grpc.insecure_channel(target) as ch:
-            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
-            return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
-    except grpc.RpcError:
-        return False
 
 
 async def wait_serving(d: RunningDaemon, tally: Tally, since: float, bound: float = 60) -> None:

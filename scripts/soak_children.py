@@ -76,7 +76,9 @@ def _kind(cmd: bytes, own: bytes, under_shim: bool, shims: bool = False) -> str:
     return "agent" if AGENT_MARKER in cmd or (cmd == own and not shims) else "other"
 
 
-def count_children(daemon_pid: int, interval: float, out: IO[str], shims: bool = False) -> None:
+def count_children(
+    daemon_pid: int, interval: float, out: IO[str], agents_under_shims: bool = False
+) -> None:
     own = _cmdline(daemon_pid)
     children: dict[int, str] = {}  # pid -> "agent" | "shim" | "other"
     under_shim: set[int] = set()  # children of a shim (the agent it started)
@@ -108,7 +110,7 @@ def count_children(daemon_pid: int, interval: float, out: IO[str], shims: bool =
         new = {pid: _ppid(pid) for pid in pids - strangers - children.keys()}
         for pid, ppid in new.items():  # the daemon's children first: a new shim's child next
             if ppid == daemon_pid:
-                children[pid] = _kind(_cmdline(pid), own, False, shims)
+                children[pid] = _kind(_cmdline(pid), own, False, agents_under_shims)
         shims = {pid for pid, kind in children.items() if kind == "shim"}
         for pid, ppid in new.items():
             if ppid == daemon_pid:
@@ -121,7 +123,7 @@ def count_children(daemon_pid: int, interval: float, out: IO[str], shims: bool =
         for pid in children:
             cmd = _cmdline(pid)
             if cmd:  # empty: a zombie, which keeps what it was
-                children[pid] = _kind(cmd, own, pid in under_shim, shims)
+                children[pid] = _kind(cmd, own, pid in under_shim, agents_under_shims)
         agents = sum(1 for kind in children.values() if kind == "agent")
         shim_count = sum(1 for kind in children.values() if kind == "shim")
         second = int(now - t0)

@@ -31,11 +31,10 @@ from pathlib import Path
 import grpc
 import grpc.aio
 from atomizer.v1 import daemon_pb2, daemon_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from scripts.soak_children import ChildCount, ChildSampler
 from tests.support import processes
-from tests.support.daemon import RunningDaemon
+from tests.support.daemon import RunningDaemon, health_serving
 
 HUNG_AFTER = 60.0  # a restart not serving by then hangs (they take about a second)
 VITALS_EVERY = 2.0
@@ -51,15 +50,6 @@ class ChurnTally:
     pids: list[int] = field(default_factory=list)  # the daemon's pid after each fault
     at: list[float] = field(default_factory=list)  # when each fault came (since the start)
     counts: list[ChildCount] = field(default_factory=list)  # one per daemon process
-
-
-def health_serving(target: str) -> bool:
-    try:
-        with grpc.insecure_channel(target) as ch:
-            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
-            return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
-    except grpc.RpcError:
-        return False
 
 
 class Churn:

@@ -145,7 +145,11 @@ def failing_disk(short_tmp: Path) -> Iterator[Callable[[], None]]:
     try:
         if not trigger.exists():
             pytest.skip("this kernel's ext4 has no error trigger")
-        yield lambda: trigger.write_text("1")
+
+        def fail() -> None:
+            trigger.write_text("1")
+
+        yield fail
     finally:
         if subprocess.run(["umount", str(mountpoint)], check=False).returncode != 0:
             subprocess.run(["umount", "-l", str(mountpoint)], check=False)

@@ -87,6 +87,16 @@ def merge(base: dict[str, dict[str, Any]], extra: Mapping[str, Mapping[str, Any]
         base.setdefault(section, {}).update(values)
 
 
+def health_serving(target: str) -> bool:
+    """Whether the daemon at `target` answers health SERVING right now."""
+    try:
+        with grpc.insecure_channel(target) as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+    except grpc.RpcError:
+        return False
+
+
 class RunningDaemon:
     """A real daemon process. `config` is merged over test defaults (fake agent, temp dirs)."""
 
