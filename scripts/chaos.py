@@ -124,8 +124,8 @@ class Client:
         self.last_seq = 0
         self.rng = random.Random(index)
 
-    def stub(self, channel: grpc.aio.Channel) -> session_pb2_grpc.SessionServiceStub:
-        return session_pb2_grpc.SessionServiceStub(channel)
+    def stub(self, channel: grpc.aio.Channel) -> Any:
+        return session_pb2_grpc.SessionServiceStub(channel)  # used with the aio channel
 
     def seq(self, event: pb.SessionEvent) -> None:
         if event.seq == 0:
@@ -188,7 +188,7 @@ class Client:
                 self.tally.replayed += 1
                 seen.streamed = event.turn_completed.text if kind == "turn_completed" else ""
 
-    async def send(self, stub: session_pb2_grpc.SessionServiceStub, seen: Seen) -> None:
+    async def send(self, stub: Any, seen: Seen) -> None:
         call = stub.SendMessage(
             pb.SendMessageRequest(session_id=self.sid, text=seen.text, request_id=seen.token),
             timeout=TURN_TIMEOUT,
@@ -205,7 +205,7 @@ class Client:
             if seen.terminal:
                 return
 
-    async def follow(self, stub: session_pb2_grpc.SessionServiceStub, seen: Seen) -> None:
+    async def follow(self, stub: Any, seen: Seen) -> None:
         call = stub.WatchSession(
             pb.WatchSessionRequest(session_id=self.sid, after_seq=self.last_seq),
             timeout=TURN_TIMEOUT,
@@ -390,7 +390,9 @@ def fill(path: Path) -> None:
 # --- one scenario --------------------------------------------------------------------------------
 
 
-def daemon_config(args: argparse.Namespace, workdir: Path, api_env: dict[str, str]) -> dict:
+def daemon_config(
+    args: argparse.Namespace, workdir: Path, api_env: dict[str, str]
+) -> dict[str, Any]:
     home = workdir / "home"
     cfg: dict[str, Any] = {
         "agent": {"stop_grace": 2.0, "orphan_timeout": 60.0},
