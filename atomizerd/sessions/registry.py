@@ -83,6 +83,7 @@ class Registry:
         self.table = SessionTable(config, store, pool)
         self.streams = Streams(self.table, store)
         self.runner = TurnRunner(config, store, pool, context_text, self.streams.emit, telemetry)
+        self.notices = self.runner.notices = self.streams.notices
         self.queue = WorkQueue(config, self.runner, self.streams)
         self.settings = SettingChanges(config, store, pool, studies, self.table, self.queue)
         self.answers = Answers(config, store, self.table)
