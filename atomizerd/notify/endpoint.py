@@ -209,7 +209,7 @@ class Endpoint:
                 "webhook delivery not made",
                 endpoint=self.hook.name,
                 outcome=outcome,
-                event=d.event,
+                kind=d.event,
                 error=self.last_error,
             )
         self.telemetry.notify_delivered(
