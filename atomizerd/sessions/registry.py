@@ -469,6 +469,9 @@ class Registry:
                 yield event
         finally:
             turn.listeners -= 1
+            if turn.listeners == 0:
+                # Who is left to answer its permission requests: its watchers, or the policy.
+                log.debug("the turn's sender left", session_id=s.id, turn_id=turn.turn_id)
 
     def watch(self, session_id: str, after_seq: int) -> AsyncIterator[ev.SessionEvent]:
         return self.streams.watch(session_id, after_seq)
