@@ -165,3 +165,23 @@ def wait_for_log(d: RunningDaemon, event: str, timeout: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"the daemon never logged {event!r}:\n{d.log()}")
         time.sleep(0.05)
+
+
+def test_ctl_notify_test_sends_a_signed_sample(
+    short_tmp: Path, capsys: Any, monkeypatch: Any
+) -> None:
+    from atomizer_client import ctl
+
+    monkeypatch.delenv("ATOMIZER_WEBHOOK_SECRET", raising=False)
+    with Receiver(SECRET) as tcp, Receiver(SECRET, unix_path=short_tmp / "r.sock") as unix:
+        for r in (tcp, unix):
+            assert ctl.main(["notify", "test", r.url, "--secret", SECRET]) == 0
+            (got,) = r.wait_for(1)
+            assert got.verified and got.doc["data"] == {"test": True}
+            assert f"HTTP 200 from {r.url}" in capsys.readouterr().out
+        # A wrong secret: the receiver refuses it (401), and the command says so.
+        assert ctl.main(["notify", "test", tcp.url, "--secret", "wrong"]) == 1
+        assert "HTTP 401" in capsys.readouterr().out
+        assert not tcp.received[-1].verified
+    assert ctl.main(["notify", "test", "http://127.0.0.1:9/x"]) == 4  # no secret
+    assert ctl.main(["notify", "test", "ftp://x/y", "--secret", "s"]) == 1

@@ -65,7 +65,8 @@ class Receiver:
     def url(self) -> str:
         if self.unix_path is not None:
             return str(self.unix_path)
-        host, port = self.server.server_address[:2]  # type: ignore[attr-defined]
+        address: Any = self.server.server_address
+        host, port = address[:2]
         return f"http://{host}:{port}/hooks/atomizer"
 
     def __enter__(self) -> Receiver:
