@@ -130,6 +130,7 @@ SECTIONS = (
     "startup",
     "purge",
     "restart",
+    "notify",
 )
 CLI_SECTIONS = {"warm", "first", "followup"}
 # Restart rows: live agents with a running turn each, and the restart target (turns go on
@@ -1848,6 +1849,40 @@ class Bench:
                 idle_stalls,
                 stalls,
                 f"{rounds} rounds, {sum(walls):.1f} s streaming",
+            )
+        )
+
+    # notifications ---------------------------------------------------------------------------
+
+    async def sec_notify(self) -> None:
+        from scripts.bench_notify import SLOW_RECEIVER_S, measure
+
+        turns = self.n(200, 40)
+        got = await asyncio.to_thread(measure, self.opts.workdir, turns)
+        self.samples["notify"] = got
+        for label, p in (("p50", "p50"), ("p99", "p99")):
+            base, ours = got[f"floor_{p}_s"], got[f"ours_{p}_s"]
+            self.rows.append(
+                Row(
+                    f"notification: event → POST received {label} ({turns} turns)",
+                    f"{ms(base)} bare POST, loopback",
+                    ms(ours),
+                    f"{ours / base:.1f}×",
+                    "≤ 50 ms",
+                    verdict(ours <= 0.05),
+                    {"baseline_s": base, "ours_s": ours},
+                )
+            )
+        plain, slow = got["plain_turn_p50_s"], got["slow_receiver_turn_p50_s"]
+        self.rows.append(
+            Row(
+                f"  turn p50 with a receiver taking {SLOW_RECEIVER_S:g} s per POST",
+                f"{ms(plain)} no webhooks",
+                ms(slow),
+                f"{slow / plain:.2f}×",
+                "≤ 1.2×",
+                verdict(slow / plain <= 1.2),
+                {"baseline_s": plain, "ours_s": slow},
             )
         )
 

@@ -32,6 +32,7 @@ class Received:
     verified: bool
     status: int = 0
     at: float = field(default_factory=time.monotonic)
+    wall: float = field(default_factory=time.time)
 
 
 def verify(secret: str, headers: dict[str, str], body: bytes, now: float | None = None) -> bool:
@@ -51,6 +52,7 @@ class Receiver:
         self.received: list[Received] = []
         self.answers: list[int] = []
         self.default = 200
+        self.delay = 0.0  # seconds before each answer: a slow receiver
         self.on_request: Callable[[dict[str, Any]], None] | None = None
         self._cond = threading.Condition()
         self.unix_path = unix_path
@@ -103,13 +105,16 @@ class Receiver:
     def _record(self, headers: dict[str, str], body: bytes) -> int:
         doc = json.loads(body)
         ok = verify(self.secret, headers, body)
+        arrived = time.time()
         if ok and self.on_request is not None:
             self.on_request(doc)
+        if self.delay:
+            time.sleep(self.delay)
         with self._cond:
             code = self.answers.pop(0) if self.answers else self.default
             if not ok:
                 code = 401
-            r = Received(headers, body, doc, ok, code)
+            r = Received(headers, body, doc, ok, code, wall=arrived)
             self.received.append(r)
             self._cond.notify_all()
         return code
