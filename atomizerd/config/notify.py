@@ -128,10 +128,11 @@ class NotifyConfig:
         check="positive",
     )
     delivery_wait: float = _doc(
-        "A permission request with nobody attached, in a session an endpoint is told about "
-        "(`permission_request`), waits this long for its notification to be delivered; "
-        "once delivered it waits `approvals.timeout` from then, so the person told can act. "
-        "Not delivered within this (the receiver down): denied as when nobody is attached.",
+        "A permission request (or question) with nobody attached, in a session an endpoint "
+        "is told about (`permission_request`, `question`), waits this long for its "
+        "notification to be delivered; once delivered it waits `approvals.timeout` from "
+        "then, so the person told can act. Not delivered within this (the receiver down): "
+        "denied as when nobody is attached.",
         default=120.0,
         check="positive",
     )

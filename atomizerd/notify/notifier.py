@@ -106,7 +106,7 @@ class Webhooks(Notices):
     # --- Notices ---------------------------------------------------------------------------
 
     def session_event(self, record: SessionRecord, event: ev.SessionEvent) -> None:
-        if isinstance(event.kind, ev.PermissionDecided):
+        if isinstance(event.kind, ev.PermissionDecided | ev.QuestionAnswered):
             self._awaited.pop(event.kind.request_id, None)
             return
         if not self.endpoints:

@@ -38,7 +38,7 @@ class Notification:
     summary: str
     data: dict[str, Any]
     text: str  # what `include_text` adds ("" when nothing)
-    ref: str = ""  # a permission request's id: its delivery starts its timeout
+    ref: str = ""  # a permission request's or question's id: its delivery starts its timeout
 
 
 def classify(event: ev.SessionEvent) -> Notification | None:
@@ -59,6 +59,7 @@ def classify(event: ev.SessionEvent) -> Notification | None:
             _short(f"the agent asks: {first}"),
             {"request_id": k.request_id, "questions": len(k.questions)},
             "\n".join(q.question for q in k.questions),
+            ref=k.request_id,
         )
     if isinstance(k, ev.TurnCompleted):
         return Notification(

@@ -137,6 +137,7 @@ class Approvals:
         in_plan: Callable[[], bool] = lambda: False,
         telemetry: Telemetry = NULL,
         notified: Callable[[], bool] = lambda: False,
+        questions_told: Callable[[], bool] = lambda: False,
         delivered: Callable[[str, float], Awaitable[bool]] | None = None,
         delivery_wait: float = 0.0,
     ) -> None:
@@ -163,7 +164,14 @@ class Approvals:
         # Set when the turn ends: every request is settled then, and nothing is emitted after.
         self.closed = False
         # The agent's AskUserQuestion calls reach us as permission requests too.
-        self.questions = Questions(emit, audience, timeout)
+        self.questions = Questions(
+            emit,
+            audience,
+            timeout,
+            told=questions_told,
+            delivered=delivered,
+            delivery_wait=delivery_wait,
+        )
 
     @property
     def waiting(self) -> bool:

@@ -324,6 +324,7 @@ class TurnRunner:
             in_plan=lambda: s.record.mode == PLAN,
             telemetry=self.telemetry,
             notified=lambda: self.notices.notifies(s.record, "permission_request"),
+            questions_told=lambda: self.notices.notifies(s.record, "question"),
             delivered=self.notices.delivered,
             delivery_wait=self.config.notify.delivery_wait,
         )

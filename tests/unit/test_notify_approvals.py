@@ -56,6 +56,7 @@ def approvals(told: Told | None, events: list[ev.EventKind]) -> Approvals:
         emit,
         audience=lambda: 0,
         notified=lambda: told is not None,
+        questions_told=lambda: told is not None,
         delivered=told.delivered if told else None,
         delivery_wait=WAIT_S,
     )
@@ -119,3 +120,40 @@ def test_an_undelivered_notification_is_denied_after_delivery_wait() -> None:
     d, took = virtual_time.run(test())
     assert (d.allow, d.decider, took) == (False, POLICY, WAIT_S)
     assert "notify.delivery_wait" in d.message
+
+
+def question() -> ControlRequest:
+    ask = {"questions": [{"question": "Which mesh?", "options": [{"label": "fine"}]}]}
+    return ControlRequest("q1", "can_use_tool", {"tool_name": "AskUserQuestion", "input": ask})
+
+
+def test_a_question_told_by_webhook_waits_from_its_delivery_and_can_be_answered() -> None:
+    events: list[ev.EventKind] = []
+
+    async def test() -> tuple[Decision, float, Decision, float]:
+        loop = asyncio.get_running_loop()
+        a = approvals(Told(after=20.0), events)
+        timed_out = await a.decide(question())
+        took = loop.time()
+        b = approvals(Told(after=20.0), events)
+        pending = asyncio.ensure_future(b.decide(question()))
+        await asyncio.sleep(20.0 + TIMEOUT_S - 1)
+        b.questions.answer("q1", {"Which mesh?": "fine"})
+        answered = await pending
+        return timed_out, took, answered, loop.time() - took
+
+    timed_out, took, answered, took2 = virtual_time.run(test())
+    assert (timed_out.allow, timed_out.decider, took) == (False, TIMEOUT, 20.0 + TIMEOUT_S)
+    assert (answered.allow, answered.decider) == (True, CLIENT)
+    assert took2 == 20.0 + TIMEOUT_S - 1
+
+
+def test_without_a_webhook_a_question_nobody_attached_to_ends_at_once() -> None:
+    events: list[ev.EventKind] = []
+
+    async def test() -> tuple[Decision, float]:
+        d = await approvals(None, events).decide(question())
+        return d, asyncio.get_running_loop().time()
+
+    d, took = virtual_time.run(test())
+    assert (d.allow, d.decider, took) == (False, POLICY, 0.0)
