@@ -131,6 +131,7 @@ SECTIONS = (
     "purge",
     "restart",
     "notify",
+    "search",
 )
 CLI_SECTIONS = {"warm", "first", "followup"}
 # Restart rows: live agents with a running turn each, and the restart target (turns go on
@@ -1883,6 +1884,41 @@ class Bench:
                 "≤ 1.2×",
                 verdict(slow / plain <= 1.2),
                 {"baseline_s": plain, "ours_s": slow},
+            )
+        )
+
+    async def sec_search(self) -> None:
+        from scripts.bench_search import measure
+
+        n = self.n(200, 40)
+        got = await asyncio.to_thread(measure, self.scale_dir("search"), self.opts.workdir, n)
+        self.samples["search"] = got
+        lite, pg = got["sqlite"], got["postgresql"]
+        shown = "PostgreSQL: not installed" if pg is None else f"{ms(pg['p50_s'])} PostgreSQL"
+        for label, key in (("p50", "p50_s"), ("p99", "p99_s")):
+            ours = lite[key]
+            beside = "—" if pg is None else f"{ms(pg[key])} PostgreSQL"
+            self.rows.append(
+                Row(
+                    f"SearchMessages {label}, one word ({self.scale_label()}, SQLite)",
+                    beside if label == "p99" else shown,
+                    ms(ours),
+                    "" if pg is None else f"{ours / pg[key]:.2f}×",
+                    "≤ 20 ms" if label == "p50" else "",
+                    verdict(ours <= 0.020) if label == "p50" else "INFO",
+                    {"ours_s": ours, "postgresql_s": None if pg is None else pg[key]},
+                )
+            )
+        common = lite["common_p50_s"]
+        self.rows.append(
+            Row(
+                "  SearchMessages p50, a word in every user message (ranks 250k)",
+                "—" if pg is None else f"{ms(pg['common_p50_s'])} PostgreSQL",
+                ms(common),
+                "",
+                "",
+                "INFO",
+                {"ours_s": common},
             )
         )
 
