@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ssl
 from urllib.parse import urlsplit
 
@@ -54,11 +55,17 @@ async def _connect(hook: Webhook) -> tuple[asyncio.StreamReader, asyncio.StreamW
         return await asyncio.open_connection(
             host,
             parts.port or 443,
-            ssl=ssl.create_default_context(),
+            ssl=_tls(),
             server_hostname=host,
             limit=MAX_STATUS_LINE,
         )
     return await asyncio.open_connection(host, parts.port or 80, limit=MAX_STATUS_LINE)
+
+
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    """The system's trust store, loaded once: loading it takes milliseconds of the loop."""
+    return ssl.create_default_context()
 
 
 def _request(hook: Webhook, body: bytes, headers: dict[str, str]) -> bytes:
