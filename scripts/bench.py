@@ -1912,7 +1912,8 @@ class Bench:
         common = lite["common_p50_s"]
         self.rows.append(
             Row(
-                "  SearchMessages p50, a word in every user message (ranks 250k)",
+                f"  SearchMessages p50, a word in every user message "
+                f"(ranks {self.n(SCALE_SESSIONS, 2_000) * SCALE_MESSAGES // 2:,})",
                 "—" if pg is None else f"{ms(pg['common_p50_s'])} PostgreSQL",
                 ms(common),
                 "",

@@ -117,7 +117,7 @@ def measure(scale_dir: Path, workdir: Path, n: int) -> dict[str, Any]:
     server = PostgresServer(bindir).start()
     try:
         url = server.new_database()
-        database = url.split("/")[-1].split("?")[0]
+        database = url.split("?")[0].rsplit("/", 1)[1]
         t0 = time.perf_counter()
         load_postgres(scale_dir / "state" / "atomizerd.db", url, server.socket_dir, database)
         out["postgresql_load_s"] = time.perf_counter() - t0
