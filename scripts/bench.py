@@ -145,6 +145,8 @@ SEND_MESSAGE = "/atomizer.v1.SessionService/SendMessage"
 PREWARM_WAIT = 2.0
 TURN_GAP = 0.15  # think time between turns, for both sides alike
 SECTION_TIMEOUT = 240  # seconds per section (a third of it with --quick)
+# Sections that need longer: search builds its 10,000 sessions on PostgreSQL too.
+SECTION_TIMEOUTS = {"search": 900}
 # The daemon's loop-lag probe, as the stall rows run it: a wake-up every 2 ms (so any stall
 # longer than that is seen, measured to within 2 ms) and a log line for every lag of 5 ms or
 # more. The target of those rows: no stall longer than 20 ms.
@@ -1010,11 +1012,12 @@ class Bench:
         for i, name in enumerate(names):
             started = time.monotonic()
             note(f"section {name}")
+            bound = self.n(SECTION_TIMEOUTS.get(name, limit), limit)
             try:
-                await asyncio.wait_for(getattr(self, f"sec_{name}")(), limit)
+                await asyncio.wait_for(getattr(self, f"sec_{name}")(), bound)
             except Exception as e:
                 traceback.print_exc()
-                what = f"{name}: timed out after {limit} s" if isinstance(e, TimeoutError) else name
+                what = f"{name}: timed out after {bound} s" if isinstance(e, TimeoutError) else name
                 self.rows.append(Row(what, "", "", "", "", "ERROR", {"error": repr(e)}))
             note(f"section {name} took {time.monotonic() - started:.1f} s")
             await self._release_unneeded(set(names[i + 1 :]))
@@ -1890,7 +1893,7 @@ class Bench:
     async def sec_search(self) -> None:
         from scripts.bench_search import measure
 
-        n = self.n(200, 40)
+        n = self.n(100, 30)
         got = await asyncio.to_thread(measure, self.scale_dir("search"), self.opts.workdir, n)
         self.samples["search"] = got
         lite, pg = got["sqlite"], got["postgresql"]

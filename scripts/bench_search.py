@@ -53,7 +53,7 @@ def _queries(d: RunningDaemon, words: list[str], n: int) -> tuple[list[float], i
 def _figures(d: RunningDaemon, n: int) -> dict[str, float]:
     _queries(d, SELECTIVE, 5)  # warm: the first queries read the index from disk
     sel, hits = _queries(d, SELECTIVE, n)
-    com, _ = _queries(d, [COMMON], max(n // 5, 5))
+    com, _ = _queries(d, [COMMON], 5)
     if hits != PAGE:
         raise RuntimeError(f"a search found {hits} hits, expected a full page of {PAGE}")
     return {
