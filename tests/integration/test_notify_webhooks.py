@@ -5,6 +5,8 @@ GetStatus, and deliveries pending across a planned restart."""
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -128,6 +130,14 @@ def test_a_failing_endpoint_is_reported_and_a_4xx_is_not_retried(short_tmp: Path
             assert not by_name["r1"].failing and by_name["r1"].queued == 0
             assert [g.status for g in refusing.received] == [404]  # once: never retried
             assert len(bad.received) >= 2
+            shown = subprocess.run(
+                [sys.executable, "-m", "atomizer_client.ctl", "--socket", str(d.socket), "status"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            ).stdout
+            assert "webhook r0" in shown and "FAILING since" in shown and "HTTP 500" in shown
+            assert "webhook r1" in shown and "1 failed" in shown
 
 
 def test_a_pending_delivery_survives_a_planned_restart_and_is_delivered_once(
@@ -140,20 +150,22 @@ def test_a_pending_delivery_survives_a_planned_restart_and_is_delivered_once(
         stubs = stubs_for(d.channel())
         create(stubs, "s1")
         # Stored as the event is emitted, before the turn's end reaches this client.
-        send_all(stubs, "s1", "before the restart")
+        for n in range(3):
+            send_all(stubs, "s1", f"before the restart {n}")
         d.signal(signal.SIGUSR2)
         wait_for_log(d, "pending webhook deliveries taken up")
         d.wait_serving()
         with Receiver(SECRET, unix_path=sock) as r:
-            got = r.wait_for(1, event="turn_completed")
-            assert got[0].doc["session"]["id"] == "s1"
-            # Whatever else arrives arrives now: one more turn, then its notification.
+            got = r.wait_for(3, event="turn_completed")
+            assert {g.doc["session"]["id"] for g in got} == {"s1"}
+            seqs = [g.doc["seq"] for g in got]
+            assert seqs == sorted(seqs)  # in the order of the events
+            # Whatever else was pending arrives before this: one more turn, then its
+            # notification, and each delivery exactly once.
             send_all(stubs_for(d.channel()), "s1", "after")
-            r.wait_for(2, event="turn_completed")
-            assert [g.doc["delivery_id"] for g in r.accepted()] == list(
-                dict.fromkeys(g.doc["delivery_id"] for g in r.accepted())
-            )
-            assert len(r.accepted()) == 2
+            r.wait_for(4, event="turn_completed")
+            ids = [g.doc["delivery_id"] for g in r.accepted()]
+            assert len(ids) == len(set(ids)) == 4
 
 
 def wait_for_log(d: RunningDaemon, event: str, timeout: float = 60.0) -> None:
