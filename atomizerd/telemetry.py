@@ -19,6 +19,10 @@ from __future__ import annotations
 SPAWN_REASONS = ("died_at_start", "resume_failed", "spawn_error", "refused", "error")
 # Who decided a permission request (`Telemetry.permission_decided`).
 DECIDERS = ("client", "rule", "timeout", "policy")
+# How a webhook delivery ended (`Telemetry.notify_delivered`): received (a 2xx), rejected by
+# the receiver (a 4xx or another status that is not retried), given up after
+# notify.give_up_after of retries.
+DELIVERY_OUTCOMES = ("delivered", "rejected", "given_up")
 
 
 class Telemetry:
@@ -48,6 +52,19 @@ class Telemetry:
 
     def reaper_pass(self, stopped: int, purged: int, errors: int) -> None:
         """A reaper pass finished: agents stopped, sessions purged, failures to do either."""
+
+    def notify_delivered(self, endpoint: str, outcome: str, latency: float) -> None:
+        """A webhook delivery to `endpoint` (its name) ended with `outcome` (one of
+        `DELIVERY_OUTCOMES`), `latency` seconds after its event."""
+
+    def notify_attempt_failed(self, endpoint: str) -> None:
+        """An attempt to deliver to `endpoint` failed and will be retried."""
+
+    def notify_dropped(self, endpoint: str) -> None:
+        """`endpoint`'s queue was full: its oldest waiting delivery was dropped."""
+
+    def notify_state(self, endpoint: str, queued: int, failing: bool) -> None:
+        """`endpoint` now has `queued` deliveries waiting and is (or is no longer) failing."""
 
 
 NULL = Telemetry()
@@ -84,3 +101,15 @@ class Relay(Telemetry):
 
     def reaper_pass(self, stopped: int, purged: int, errors: int) -> None:
         self.target.reaper_pass(stopped, purged, errors)
+
+    def notify_delivered(self, endpoint: str, outcome: str, latency: float) -> None:
+        self.target.notify_delivered(endpoint, outcome, latency)
+
+    def notify_attempt_failed(self, endpoint: str) -> None:
+        self.target.notify_attempt_failed(endpoint)
+
+    def notify_dropped(self, endpoint: str) -> None:
+        self.target.notify_dropped(endpoint)
+
+    def notify_state(self, endpoint: str, queued: int, failing: bool) -> None:
+        self.target.notify_state(endpoint, queued, failing)

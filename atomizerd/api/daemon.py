@@ -64,6 +64,19 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
             resp.sandbox_available = s.sandbox.available
             resp.sandbox_detail = s.sandbox.detail
         resp.warnings.extend(s.warnings)
+        for w in s.webhooks:
+            hook = resp.webhooks.add(
+                name=w.name,
+                url=w.url,
+                queued=w.queued,
+                delivered=w.delivered,
+                failed=w.failed,
+                dropped=w.dropped,
+                failing=w.failing,
+                last_error=w.last_error,
+            )
+            if w.failing_since:
+                hook.failing_since.CopyFrom(timestamp(w.failing_since))
         if s.last_reaper_pass is not None:
             p = s.last_reaper_pass
             resp.last_reaper_pass.CopyFrom(

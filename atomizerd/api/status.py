@@ -12,6 +12,21 @@ if TYPE_CHECKING:
     from atomizerd.sessions.reaper import ReaperPass
 
 
+@dataclass(frozen=True)
+class WebhookStatus:
+    """One webhook endpoint's deliveries (GetStatus `webhooks`)."""
+
+    name: str
+    url: str
+    queued: int
+    delivered: int
+    failed: int
+    dropped: int
+    failing: bool
+    last_error: str
+    failing_since: float  # 0: not failing
+
+
 @dataclass
 class StatusSnapshot:
     version: str
@@ -35,6 +50,7 @@ class StatusSnapshot:
     turns_resumed: int = 0
     adoption_seconds: float = 0.0
     warnings: tuple[str, ...] = ()
+    webhooks: tuple[WebhookStatus, ...] = ()
 
 
 class StatusSource(Protocol):

@@ -7,7 +7,7 @@ and a few shortcuts). Unknown keys and bad values are startup errors that name t
 --print-config-docs``); a test keeps it fresh. Durations are in seconds.
 
 The package sits below everything else: it imports nothing of the daemon. `fields` (a key's
-documentation and check), the sections by theme (`service`, `agents`, `policy`), `schema`
+documentation and check), the sections by theme (`service`, `agents`, `policy`, `notify`), `schema`
 (`Config`, the walk over the keys), `loading`, `derived` (values parsed from text keys),
 `validation`, `render`.
 """
@@ -29,6 +29,7 @@ from atomizerd.config.derived import (
 )
 from atomizerd.config.fields import ConfigError
 from atomizerd.config.loading import ENV_PREFIX, load, resolve
+from atomizerd.config.notify import EVENTS, NotifyConfig, Webhook, parse_webhooks
 from atomizerd.config.policy import (
     AtomizerConfig,
     McpConfig,
@@ -45,6 +46,7 @@ from atomizerd.config.validation import validate
 
 __all__ = [
     "ENV_PREFIX",
+    "EVENTS",
     "AgentConfig",
     "ApprovalsConfig",
     "AtomizerConfig",
@@ -58,17 +60,20 @@ __all__ = [
     "MetricsAddress",
     "MetricsConfig",
     "ModesConfig",
+    "NotifyConfig",
     "PlanModeConfig",
     "PoolConfig",
     "PowerModeConfig",
     "ReaperConfig",
     "SandboxConfig",
     "UserModeConfig",
+    "Webhook",
     "agent_umask",
     "iter_keys",
     "load",
     "mcp_server_entry",
     "metrics_address",
+    "parse_webhooks",
     "render_docs",
     "render_toml",
     "resolve",

@@ -249,7 +249,12 @@ class ApprovalsConfig:
     timeout: float = _doc(
         "How long a permission request waits for an answer before it is denied, and a "
         "question before it ends unanswered. Long enough for a person to read the request; "
-        "the turn counts as busy, not stalled, meanwhile.",
+        "the turn counts as busy, not stalled, meanwhile. A permission request or question "
+        "nobody is attached to is denied at once, unless a webhook is told of it "
+        "(`notify.webhooks` with `permission_request` / `question`): then it counts from when "
+        "that notification was "
+        "delivered (waiting at most `notify.delivery_wait` for the delivery), so the person "
+        "told has all of it to act.",
         default=60.0,
         check="positive",
     )

@@ -75,6 +75,15 @@ def _coerce(key: str, value: Any, *, from_text: bool) -> Any:
             if not isinstance(value, str):
                 raise ValueError("expected a string")
             return value
+        if origin is list and typing.get_args(tp)[0] is not str:
+            # A list of tables (notify.webhooks): checked by its own parser in validate().
+            if isinstance(value, str) and from_text:
+                import json
+
+                value = json.loads(value)
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise ValueError("expected a list of tables")
+            return [dict(v) for v in value]
         if origin is list:
             if isinstance(value, str) and from_text:
                 import shlex

@@ -17,11 +17,13 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, str):
         return json.dumps(value)
+    if isinstance(value, list) and any(isinstance(v, dict) for v in value):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, list):
         return "[" + ", ".join(json.dumps(v) for v in value) + "]"
     if isinstance(value, dict):
         return (
-            "{ " + ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in value.items()) + " }"
+            "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
         )
     raise TypeError(type(value))
 
@@ -35,7 +37,11 @@ def render_toml(cfg: Config) -> str:
         if sec != section:
             lines.append(f"\n[{sec}]")
             section = sec
-        lines.append(f"{leaf} = {_toml_value(get(cfg, key))}")
+        value = get(cfg, key)
+        if key == "notify.webhooks":
+            # Secrets are not printed (--check-config output ends up in bug reports).
+            value = [{**v, "secret": "***"} if "secret" in v else v for v in value]
+        lines.append(f"{leaf} = {_toml_value(value)}")
     return "\n".join(lines).lstrip() + "\n"
 
 

@@ -17,6 +17,7 @@ from atomizerd.config.agents import (
     PoolConfig,
     ReaperConfig,
 )
+from atomizerd.config.notify import NotifyConfig
 from atomizerd.config.policy import AtomizerConfig, McpConfig, ModesConfig, SandboxConfig
 from atomizerd.config.service import DaemonConfig, LoggingConfig, MetricsConfig
 
@@ -36,6 +37,7 @@ class Config:
     attachments: AttachmentsConfig = field(default_factory=AttachmentsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
 
     # Derived paths, resolved once by `resolve()`.
     @property

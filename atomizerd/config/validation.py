@@ -8,6 +8,7 @@ from typing import Any
 
 from atomizerd.config.derived import agent_umask, mcp_server_entry, metrics_address, socket_mode
 from atomizerd.config.fields import ConfigError
+from atomizerd.config.notify import parse_webhooks
 from atomizerd.config.schema import Config, get, iter_keys
 
 
@@ -79,3 +80,4 @@ def validate(cfg: Config) -> None:
             f"daemon.socket: path longer than a Unix socket allows ({cfg.daemon.socket})"
         )
     metrics_address(cfg)
+    parse_webhooks(cfg.notify.webhooks)

@@ -41,7 +41,8 @@ from typing import TYPE_CHECKING, Any, cast
 import structlog
 
 from atomizerd import __version__
-from atomizerd.config import Config, MetricsAddress, metrics_address, socket_mode
+from atomizerd.config import Config, MetricsAddress, metrics_address, parse_webhooks, socket_mode
+from atomizerd.daemon.notifymetrics import NotifyMetrics
 from atomizerd.telemetry import DECIDERS, SPAWN_REASONS, Telemetry
 
 if TYPE_CHECKING:
@@ -79,10 +80,14 @@ class Metrics(Telemetry):
     """One daemon's metrics: its own registry, the counters its hooks feed, and the figures
     read from `status` (the GetStatus reporter: pool, registry, loop probe) at each scrape."""
 
-    def __init__(self, status: StatusReporter | None = None) -> None:
+    def __init__(
+        self, status: StatusReporter | None = None, endpoints: tuple[str, ...] = ()
+    ) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.registry: CollectorRegistry = CollectorRegistry()
+        # `endpoints`: the webhooks' names, shown from the start at 0.
+        self.notify = NotifyMetrics(self.registry, endpoints)
         self.status = status
         self._running: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         reg = self.registry
@@ -184,6 +189,18 @@ class Metrics(Telemetry):
         self.reaper_stopped.inc(stopped)
         self.reaper_purged.inc(purged)
         self.reaper_errors.inc(errors)
+
+    def notify_delivered(self, endpoint: str, outcome: str, latency: float) -> None:
+        self.notify.delivered(endpoint, outcome, latency)
+
+    def notify_attempt_failed(self, endpoint: str) -> None:
+        self.notify.attempt_failed(endpoint)
+
+    def notify_dropped(self, endpoint: str) -> None:
+        self.notify.drop(endpoint)
+
+    def notify_state(self, endpoint: str, queued: int, failing: bool) -> None:
+        self.notify.state(endpoint, queued, failing)
 
     def exposition(self, accept: str = "") -> tuple[bytes, str]:
         """The metrics in the format `accept` asks for (Prometheus text by default), and its
@@ -393,6 +410,7 @@ async def start_endpoint(
     address = metrics_address(config)
     if address is None:
         return None
-    endpoint = MetricsEndpoint(Metrics(status), address, socket_mode(config), relay)
+    hooks = tuple(h.name for h in parse_webhooks(config.notify.webhooks))
+    endpoint = MetricsEndpoint(Metrics(status, hooks), address, socket_mode(config), relay)
     await endpoint.start()
     return endpoint

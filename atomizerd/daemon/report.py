@@ -6,7 +6,7 @@ import time
 from typing import TYPE_CHECKING
 
 from atomizerd import __version__
-from atomizerd.api.status import StatusSnapshot
+from atomizerd.api.status import StatusSnapshot, WebhookStatus
 from atomizerd.atomizer import components, sandbox
 from atomizerd.daemon.loopprobe import LoopProbe
 
@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from atomizerd.agents.pool import AgentPool
     from atomizerd.config import Config
     from atomizerd.daemon.adoption import Adopted
+    from atomizerd.notify.notifier import Webhooks
     from atomizerd.sessions.reaper import Reaper
     from atomizerd.sessions.registry import Registry
     from atomizerd.store.db import Store
@@ -33,6 +34,8 @@ class StatusReporter:
         self.started_at = time.time()
         self._started_mono = time.monotonic()
         self.agent_version = "unknown"
+        # The webhooks (set by the daemon once built).
+        self.notifier: Webhooks | None = None
         # What start-up adopted from the previous daemon (daemon/adoption.py).
         self.adopted: Adopted | None = None
         # Started by the daemon (`run()` as a task); here because GetStatus reports it.
@@ -64,4 +67,10 @@ class StatusReporter:
             turns_resumed=len(self.adopted.turns) if self.adopted else 0,
             adoption_seconds=self.adopted.seconds if self.adopted else 0.0,
             warnings=tuple(components.warnings()),
+            webhooks=self._webhooks(),
         )
+
+    def _webhooks(self) -> tuple[WebhookStatus, ...]:
+        if self.notifier is None:
+            return ()
+        return tuple(WebhookStatus(**vars(e)) for e in self.notifier.status())

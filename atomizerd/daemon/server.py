@@ -6,7 +6,8 @@ for this daemon alone, then opened → agents a previous daemon left under their
 endpoint (when `metrics.listen` is set) → health SERVING → sd_notify READY=1.
 
 SIGTERM/SIGINT (a stop): STOPPING=1, health NOT_SERVING, running turns interrupted and stored,
-streams ended, `stop(grace)`, agents stopped, metrics endpoint closed, store closed, socket
+streams ended, `stop(grace)`, agents stopped, webhook deliveries stopped (what is pending stays
+stored for the next start), metrics endpoint closed, store closed, socket
 removed. A second signal skips the grace periods. Each step has a bound (`_step`): one that
 fails or overruns it is logged and the shutdown goes on, so the daemon always exits or execs.
 
@@ -57,6 +58,7 @@ from atomizerd.daemon.metrics import MetricsEndpoint, MetricsError, start_endpoi
 from atomizerd.daemon.report import StatusReporter
 from atomizerd.daemon.sdnotify import Notifier
 from atomizerd.errors import DatabaseUnavailable, StorageFull
+from atomizerd.notify.notifier import Webhooks
 from atomizerd.sessions.reaper import Reaper
 from atomizerd.sessions.registry import HAND_OVER_SETTLE, KILL_SETTLE, Registry, spare_record
 from atomizerd.store.db import Store
@@ -113,6 +115,7 @@ class Daemon:
         self.store: Store | None = None
         self.pool: AgentPool | None = None
         self.registry: Registry | None = None
+        self.webhooks: Webhooks | None = None
         self.metrics: MetricsEndpoint | None = None
         # What the parts report (telemetry hooks), relayed to the metrics once they are served.
         self.telemetry = Relay()
@@ -171,6 +174,11 @@ class Daemon:
         self.registry = Registry(
             cfg, self.store, self.pool, studies, launcher.context_text, self.telemetry
         )
+        # Before adoption: the events of turns taken over from the previous daemon are told
+        # too, and what it left to deliver is queued first.
+        self.webhooks = Webhooks(cfg, self.store, self.telemetry)
+        self.registry.notices.point_at(self.webhooks)
+        self.webhooks.start()
         self.adopted = await adopt_agents(cfg, self.store, self.pool, self.registry)
         try:
             self._reconcile(studies)
@@ -179,6 +187,7 @@ class Daemon:
         reaper = Reaper(cfg, self.store, self.registry, self.pool, self.telemetry)
         status = StatusReporter(cfg, self.store, self.registry, self.pool, reaper)
         status.adopted = self.adopted
+        status.notifier = self.webhooks
         self.server = self._build_server(
             SessionServicer(self.registry), DaemonServicer(status, self._restart_soon)
         )
@@ -424,6 +433,9 @@ class Daemon:
         if self.pool is not None:
             bound = self.pool.close_bound() + STEP_SLACK
             await _step("agents", self.pool.close(), bound)
+        if self.webhooks is not None:
+            # After the turns' ends: their notifications are stored for the next daemon.
+            await _step("webhooks", self.webhooks.close(), STEP_SLACK)
         if self.metrics is not None:
             await _step("metrics", self.metrics.close(), STEP_SLACK)
         if self.store is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,10 +96,18 @@ class Questions:
         emit: Callable[[ev.EventKind], ev.SessionEvent],
         audience: Callable[[], int],
         timeout: float,
+        told: Callable[[], bool] = lambda: False,
+        delivered: Callable[[str, float], Awaitable[bool]] | None = None,
+        delivery_wait: float = 0.0,
     ) -> None:
         self.emit = emit
         self.audience = audience
         self.timeout = timeout
+        # Nobody attached: whether a webhook is told of questions (notify.webhooks), and
+        # waiting (at most `delivery_wait`) for that notification's delivery.
+        self.told = told
+        self.delivered = delivered
+        self.delivery_wait = delivery_wait
         self.pending: dict[str, _Pending] = {}
         self.settled: dict[str, Outcome] = {}
         self.closed = False
@@ -122,13 +130,25 @@ class Questions:
             timeout = max(restored - time.time(), 0.0)
         elif not items:
             return self._settle(request_id, Outcome(False, POLICY, "no question to ask"), audit)
-        elif self.audience() == 0:
-            outcome = Outcome(False, POLICY, "no client is attached to answer the questions")
-            return self._settle(request_id, outcome, audit)
+        notified = False
+        if restored is None and self.audience() == 0:
+            notified = self.delivered is not None and self.told()
+            if not notified:
+                outcome = Outcome(False, POLICY, "no client is attached to answer the questions")
+                return self._settle(request_id, outcome, audit)
         pending = _Pending(request_id, tool_input, items, audit)
         self.pending[request_id] = pending
         if restored is None:
             self.emit(ev.Question(request_id, items, tool_use_id, time.time() + timeout))
+        if notified and not await self._until_delivered(pending):
+            pending.answer.set_result(
+                Outcome(
+                    False,
+                    POLICY,
+                    "no client is attached, and the notification of the questions was not "
+                    f"delivered within {self.delivery_wait:g} s (notify.delivery_wait)",
+                )
+            )
         try:
             outcome = await asyncio.wait_for(asyncio.shield(pending.answer), timeout)
         except TimeoutError:
@@ -142,6 +162,20 @@ class Questions:
         if request_id in self.settled:  # settled by close() at the turn's end
             return self.settled[request_id]
         return self._settle(request_id, outcome, audit)
+
+    async def _until_delivered(self, pending: _Pending) -> bool:
+        """As for a permission request (Approvals._until_delivered): the timeout counts from
+        the notification's delivery; True once delivered or answered meanwhile."""
+        assert self.delivered is not None
+        delivery = asyncio.ensure_future(self.delivered(pending.request_id, self.delivery_wait))
+        either: set[asyncio.Future[Any]] = {delivery, pending.answer}
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            delivery.cancel()
+        if pending.answer.done():
+            return True
+        return delivery.done() and not delivery.cancelled() and bool(delivery.result())
 
     def answer(self, request_id: str, answers: dict[str, str]) -> ev.QuestionAnswered:
         """A client's answer (empty: declined); the first one wins."""

@@ -83,6 +83,7 @@ class Registry:
         self.table = SessionTable(config, store, pool)
         self.streams = Streams(self.table, store)
         self.runner = TurnRunner(config, store, pool, context_text, self.streams.emit, telemetry)
+        self.notices = self.runner.notices = self.streams.notices
         self.queue = WorkQueue(config, self.runner, self.streams)
         self.settings = SettingChanges(config, store, pool, studies, self.table, self.queue)
         self.answers = Answers(config, store, self.table)
@@ -470,6 +471,9 @@ class Registry:
                 yield event
         finally:
             turn.listeners -= 1
+            if turn.listeners == 0:
+                # Who is left to answer its permission requests: its watchers, or the policy.
+                log.debug("the turn's sender left", session_id=s.id, turn_id=turn.turn_id)
 
     def watch(self, session_id: str, after_seq: int) -> AsyncIterator[ev.SessionEvent]:
         return self.streams.watch(session_id, after_seq)

@@ -16,6 +16,7 @@ import structlog
 from atomizerd.errors import InvalidArgument, NotFound, StoreDown, Unavailable
 from atomizerd.sessions import checks
 from atomizerd.sessions import events as ev
+from atomizerd.sessions.notices import NoticeRelay
 from atomizerd.sessions.session import Session, SessionState
 from atomizerd.sessions.table import SessionTable
 from atomizerd.sessions.turn import Turn, TurnState
@@ -28,6 +29,8 @@ class Streams:
     def __init__(self, table: SessionTable, store: Store) -> None:
         self.table = table
         self.store = store
+        # Who else hears of every event (the webhooks, once the daemon points it at them).
+        self.notices = NoticeRelay()
 
     def emit(self, s: Session, turn: Turn | None, kind: ev.EventKind) -> ev.SessionEvent:
         """Numbers an event of the session: of a turn, or (None) of no turn (what the agent
@@ -50,6 +53,7 @@ class Streams:
             # A restart during the job puts these back too (seqs are never given twice).
             job.journal.note(event)
         s.log.append(event)
+        self.notices.session_event(s.record, event)
         return event
 
     def _reserve_seq(self, s: Session, upto: int) -> None:

@@ -34,6 +34,8 @@ from atomizerd.sessions.context import AgentContext
 from atomizerd.sessions.control import AgentControl, Replay
 from atomizerd.sessions.following import Follower
 from atomizerd.sessions.journal import TurnJournal
+from atomizerd.sessions.notices import NULL as NULL_NOTICES
+from atomizerd.sessions.notices import Notices
 from atomizerd.sessions.outcomes import LateOutcomes
 from atomizerd.sessions.plans import PLAN, leave_plan
 from atomizerd.sessions.relay import outcome as outcome_of
@@ -74,6 +76,8 @@ class TurnRunner:
         # Outcomes the store could not take (a full disk), written once it can again.
         self.outcomes = LateOutcomes(store, config.agent.checkpoint_interval * 4)
         self.follower = Follower(config, store, pool, emit_for, self, self.control)
+        # Who is told of a permission request when nobody is attached (the registry's relay).
+        self.notices: Notices = NULL_NOTICES
 
     # --- the whole turn ------------------------------------------------------------------
 
@@ -319,6 +323,10 @@ class TurnRunner:
             leave_plan=lambda mode: leave_plan(self.store, s, turn, mode),
             in_plan=lambda: s.record.mode == PLAN,
             telemetry=self.telemetry,
+            notified=lambda: self.notices.notifies(s.record, "permission_request"),
+            questions_told=lambda: self.notices.notifies(s.record, "question"),
+            delivered=self.notices.delivered,
+            delivery_wait=self.config.notify.delivery_wait,
         )
 
     # --- beginnings and ends -------------------------------------------------------------

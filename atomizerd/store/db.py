@@ -7,8 +7,8 @@ write happens per text delta.
 
 The store by concern: its models (models.py), migrations (migrations.py), records (records.py),
 connection (connect.py), its own state (base.py), then sessions (sessions.py), messages
-(messages.py), governance and processes (governance.py). `Store` is all of them; this module
-is where the rest of the daemon imports the store from.
+(messages.py), governance and processes (governance.py), webhook deliveries (outbox.py).
+`Store` is all of them; this module is where the rest of the daemon imports the store from.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from atomizerd.store.models import (
     SessionRow,
     database_proxy,
 )
+from atomizerd.store.outbox import OutboxStore, PendingDelivery
 from atomizerd.store.records import (
     AgentProcessRecord,
     AttachmentRecord,
@@ -56,6 +57,7 @@ __all__ = [
     "AttachmentRecord",
     "AuditRecord",
     "MessageRecord",
+    "PendingDelivery",
     "SchemaVersion",
     "SearchHit",
     "SessionFilter",
@@ -78,5 +80,5 @@ __all__ = [
 ]
 
 
-class Store(SessionsStore, MessagesStore, GovernanceStore):
+class Store(SessionsStore, MessagesStore, GovernanceStore, OutboxStore):
     """The daemon's store: one database, this host's view of it (see `StoreBase`)."""

@@ -13,6 +13,7 @@ from atomizerd.store.models import (
     AttachmentBlobRow,
     AuditRow,
     MessageRow,
+    NotifyDeliveryRow,
     PermissionPatternRow,
     PermissionRuleRow,
     SessionLabelRow,
@@ -221,6 +222,12 @@ def _migrate_search(db: pw.Database) -> None:
         db.execute_sql(sql)  # type: ignore[no-untyped-call]
 
 
+def _migrate_notify_outbox(db: pw.Database) -> None:
+    """Webhook deliveries waiting to be made survive a restart (atomizerd/notify/), read per
+    host and endpoint in order (the index)."""
+    db.create_tables([NotifyDeliveryRow])
+
+
 # Forward migrations: index i migrates from version i to i + 1. Append, never edit.
 MIGRATIONS: list[Callable[[pw.Database], None]] = [
     _migrate_1,
@@ -238,6 +245,7 @@ MIGRATIONS: list[Callable[[pw.Database], None]] = [
     _migrate_origin,
     _migrate_labels_archive,
     _migrate_search,
+    _migrate_notify_outbox,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

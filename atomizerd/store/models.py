@@ -215,3 +215,21 @@ class TurnCheckpointRow(_Model):
 
     class Meta:
         table_name = "turn_checkpoints"
+
+
+class NotifyDeliveryRow(_Model):
+    """A webhook delivery not yet made (atomizerd/notify/): stored when its event happens and
+    deleted once delivered, dropped or given up, so a planned restart keeps what is pending.
+    No foreign key to the session: a session purged meanwhile is still worth telling about."""
+
+    id = pw.BigAutoField()
+    host_id = pw.CharField(max_length=255, default="")
+    endpoint = pw.CharField(max_length=64)  # the endpoint's key (config.notify.Webhook.key)
+    event = pw.CharField(max_length=32)
+    session_id = pw.CharField(max_length=64)
+    created_at = pw.DoubleField()
+    body = pw.TextField()
+
+    class Meta:
+        table_name = "notify_deliveries"
+        indexes = ((("host_id", "endpoint", "id"), False),)

@@ -57,6 +57,8 @@ one text delta per word):
                        result's permission_denials. An interrupt while waiting sends a
                        control_cancel_request, rejects the tool and ends the turn
                        ("[Request interrupted by user for tool use]", `aborted_tools`).
+  [[hold:PATH]]        before anything else of the turn, wait (interruptible) until the file
+                       PATH exists.
   [[thinking]]         a thinking delta "pondering" and a thinking block before the reply.
   [[api-retry:N]]      N `system`/`api_retry` lines (status 529) before the reply.
   [[error-result]]     the result has is_error true with subtype success (an API failure).
@@ -491,6 +493,9 @@ class FakeAgent:
         self, text: str, directives: list[tuple[str, str]], names: dict[str, str]
     ) -> None:
         slow = int(names["slow"]) / 1000 if "slow" in names else 0.0
+        if "hold" in names:
+            while not os.path.exists(names["hold"]):
+                self.sleep(0.02)
         self.pre_reply(directives)
         reply = self.reply_text(text, names)
         self.message_id = f"msg_fake_{self.turns}_{self.api_calls}"

@@ -1,8 +1,9 @@
 """atomizerctl: manage atomizerd sessions and talk to them from a terminal or a script.
 
 This module is the command line (the parser, `main`); the commands live by job in
-`ctl_sessions.py`, `ctl_chat.py` (a turn from the terminal: interrupts, approvals, `chat`) and
-`ctl_tasks.py`; the output in `ctl_output.py` and a turn's rendering in `ctl_render.py`.
+`ctl_sessions.py`, `ctl_chat.py` (a turn from the terminal: interrupts, approvals, `chat`),
+`ctl_tasks.py` and `ctl_notify.py` (a signed sample webhook, no daemon needed); the output in
+`ctl_output.py` and a turn's rendering in `ctl_render.py`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from atomizer_client import ctl_tasks
+from atomizer_client import ctl_notify, ctl_tasks
 from atomizer_client.client import DEFAULT_TIMEOUT, Client
 from atomizer_client.ctl_chat import cmd_chat
 from atomizer_client.ctl_output import EXIT_INTERRUPTED, EXIT_OK, Output, exit_code_for
@@ -236,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         "id"
     )
     ctl_tasks.add_commands(add)
+    ctl_notify.add_commands(add)
     return parser
 
 
@@ -270,9 +272,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     out = Output(as_json=args.json)
+    if getattr(args, "no_daemon", False):  # notify test: talks to a receiver, not the daemon
+        code: int = args.func(None, args, out)
+        return code
     try:
         with Client(args.socket, timeout=args.timeout) as client:
-            code: int = args.func(client, args, out)
+            code = args.func(client, args, out)
             return code
     except AtomizerError as e:
         _report(out, e)

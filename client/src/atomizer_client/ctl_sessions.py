@@ -220,6 +220,15 @@ def cmd_status(client: Client, args: argparse.Namespace, out: Output) -> int:
         ("total cost", f"${st.total_cost_usd:.4f}"),
         ("last reaper pass", reaper),
     ]
+    for w in st.webhooks:
+        state = f"FAILING since {when(w.failing_since)}: {w.last_error}" if w.failing else "ok"
+        pairs.append(
+            (
+                f"webhook {w.name}",
+                f"{w.url} {state}; {w.queued} queued, {w.delivered} delivered, "
+                f"{w.failed} failed, {w.dropped} dropped",
+            )
+        )
     _pairs(out, pairs)
     return EXIT_OK
 

@@ -106,6 +106,7 @@ class GetStatusResponse(_message.Message):
     TURNS_RESUMED_FIELD_NUMBER: _builtins.int
     ADOPTION_SECONDS_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
+    WEBHOOKS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     uptime_seconds: _builtins.float
     sessions_known: _builtins.int
@@ -151,6 +152,10 @@ class GetStatusResponse(_message.Message):
         runs as root (every agent then does, and its sandbox alone keeps user mode in bounds).
         """
 
+    @_builtins.property
+    def webhooks(self) -> _containers.RepeatedCompositeFieldContainer[Global___WebhookStatus]:
+        """The webhooks of notify.webhooks (docs/clients.md, "Notifications"), in config order."""
+
     def __init__(
         self,
         *,
@@ -177,14 +182,65 @@ class GetStatusResponse(_message.Message):
         turns_resumed: _builtins.int = ...,
         adoption_seconds: _builtins.float = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
+        webhooks: _abc.Iterable[Global___WebhookStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_reaper_pass", b"last_reaper_pass", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adoption_seconds", b"adoption_seconds", "agent_command", b"agent_command", "agent_version", b"agent_version", "agents_adopted", b"agents_adopted", "busy_sessions", b"busy_sessions", "last_reaper_pass", b"last_reaper_pass", "live_processes", b"live_processes", "loop_lag_max_ms", b"loop_lag_max_ms", "loop_lag_recent_max_ms", b"loop_lag_recent_max_ms", "pool_capacity", b"pool_capacity", "queued_turns", b"queued_turns", "sandbox_available", b"sandbox_available", "sandbox_detail", b"sandbox_detail", "sandbox_enabled", b"sandbox_enabled", "sessions_known", b"sessions_known", "spare_agents", b"spare_agents", "spares_adopted", b"spares_adopted", "started_at", b"started_at", "total_cost_usd", b"total_cost_usd", "turns_resumed", b"turns_resumed", "uptime_seconds", b"uptime_seconds", "version", b"version", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adoption_seconds", b"adoption_seconds", "agent_command", b"agent_command", "agent_version", b"agent_version", "agents_adopted", b"agents_adopted", "busy_sessions", b"busy_sessions", "last_reaper_pass", b"last_reaper_pass", "live_processes", b"live_processes", "loop_lag_max_ms", b"loop_lag_max_ms", "loop_lag_recent_max_ms", b"loop_lag_recent_max_ms", "pool_capacity", b"pool_capacity", "queued_turns", b"queued_turns", "sandbox_available", b"sandbox_available", "sandbox_detail", b"sandbox_detail", "sandbox_enabled", b"sandbox_enabled", "sessions_known", b"sessions_known", "spare_agents", b"spare_agents", "spares_adopted", b"spares_adopted", "started_at", b"started_at", "total_cost_usd", b"total_cost_usd", "turns_resumed", b"turns_resumed", "uptime_seconds", b"uptime_seconds", "version", b"version", "warnings", b"warnings", "webhooks", b"webhooks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
+
+@_typing.final
+class WebhookStatus(_message.Message):
+    """One webhook endpoint's deliveries since the daemon started (queued: now, stored)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    DELIVERED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    FAILING_FIELD_NUMBER: _builtins.int
+    FAILING_SINCE_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    url: _builtins.str
+    """The endpoint without user info, query or fragment (they may carry credentials)."""
+    queued: _builtins.int
+    delivered: _builtins.int
+    failed: _builtins.int
+    """Rejected by the receiver (a 4xx) or given up after notify.give_up_after of retries."""
+    dropped: _builtins.int
+    """Dropped because the queue was full (notify.queue_size)."""
+    failing: _builtins.bool
+    """Its last notify.failing_after attempts failed; since when, and the last error."""
+    last_error: _builtins.str
+    @_builtins.property
+    def failing_since(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        url: _builtins.str = ...,
+        queued: _builtins.int = ...,
+        delivered: _builtins.int = ...,
+        failed: _builtins.int = ...,
+        dropped: _builtins.int = ...,
+        failing: _builtins.bool = ...,
+        failing_since: _timestamp_pb2.Timestamp | None = ...,
+        last_error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["failing_since", b"failing_since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered", b"delivered", "dropped", b"dropped", "failed", b"failed", "failing", b"failing", "failing_since", b"failing_since", "last_error", b"last_error", "name", b"name", "queued", b"queued", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookStatus: _TypeAlias = WebhookStatus  # noqa: Y015
 
 @_typing.final
 class ReaperPass(_message.Message):
