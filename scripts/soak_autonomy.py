@@ -759,11 +759,22 @@ def leftovers(d: RunningDaemon, marker: str) -> list[str]:
         for f in where.iterdir()
     ]
     return (
-        [f"agent {p}" for p in leaked]
+        [f"agent {p} (its group: {_described(group_members(p))})" for p in leaked]
         + [f"shim {p}" for p in shims]
         + [f"command {p}" for p in marked]
         + [f"file {f}" for f in files]
     )
+
+
+def _described(members: list[Any]) -> str:
+    cmds = []
+    for m in members[:4]:
+        try:
+            cmd = Path(f"/proc/{m.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            cmd = "?"
+        cmds.append(f"{m.pid} {cmd[:100]!r}")
+    return "; ".join(cmds) or "gone"
 
 
 def merged(counts: list[ChildCount]) -> ChildCount:
