@@ -2,11 +2,11 @@
 test_errors.py): each gets its status code and a message a person understands, the daemon
 keeps serving, and no file appears outside the daemon's runtime and state dirs.
 
-"No file appears" compares listings before and after each request: the system temp dir
-(entries other test runs on the machine create are ignored by name, see `_NOISE`; every path
-in the inputs below uses the marker `zz-hostile`, which that filter never hides) and the
-daemon's working directory, which holds its runtime and state dirs, the agent's working
-directory (the Atomizer root) and the agent's HOME.
+"No file appears" compares listings before and after each request: in the system temp dir,
+the entries whose name holds part of a hostile input (`_OURS`: what other processes on the
+machine create there meanwhile is theirs), and the whole of the daemon's working directory,
+which holds its runtime and state dirs, the agent's working directory (the Atomizer root) and
+the agent's HOME.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from tests.support.daemon import RunningDaemon
 
 C = grpc.StatusCode
 TEMP_ROOT = Path(tempfile.gettempdir())
-# Names other processes on a shared machine create in the temp dir while a case runs.
-_NOISE = re.compile(r"^(azd-|pytest-|tmp|pymp-|\.)")
+# What a hostile input could make there: a name holding part of one (other processes on a
+# shared machine create and remove files of their own in the temp dir while a case runs).
+_OURS = re.compile(r"zz|hostile|ession|\uff53\uff45\uff53\uff53", re.IGNORECASE)
 
 
 @dataclass
@@ -45,7 +46,7 @@ class Listing:
 def listing(d: RunningDaemon) -> Listing:
     private = (d.runtime_dir, d.state_dir)
     return Listing(
-        temp_root={p.name for p in TEMP_ROOT.iterdir() if not _NOISE.match(p.name)},
+        temp_root={p.name for p in TEMP_ROOT.iterdir() if _OURS.search(p.name)},
         workdir={
             str(p.relative_to(d.workdir))
             for p in d.workdir.rglob("*")
