@@ -121,7 +121,10 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         self, request: pb.GetHistoryRequest, context: Ctx
     ) -> pb.GetHistoryResponse:
         messages, token = self.registry.history(
-            request.session_id, request.page_size, request.page_token
+            request.session_id,
+            request.page_size,
+            request.page_token,
+            asides=not request.hide_asides,
         )
         return pb.GetHistoryResponse(
             messages=[convert.message_to_pb(m) for m in messages], next_page_token=token
@@ -259,3 +262,40 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         return pb.SearchMessagesResponse(
             hits=[convert.search_hit_to_pb(h) for h in hits], next_page_token=token
         )
+
+    @streaming
+    async def AskAside(
+        self, request: pb.AskAsideRequest, context: Ctx
+    ) -> AsyncIterator[pb.AskAsideResponse]:
+        async for step in self.registry.ask_aside(request.session_id, request.text):
+            yield convert.aside_step_to_pb(step)
+
+    @unary
+    async def RenameSession(
+        self, request: pb.RenameSessionRequest, context: Ctx
+    ) -> pb.RenameSessionResponse:
+        view = await self.registry.rename_session(request.session_id, request.title)
+        return pb.RenameSessionResponse(session=convert.session_to_pb(view))
+
+    @unary
+    async def GetMcpStatus(
+        self, request: pb.GetMcpStatusRequest, context: Ctx
+    ) -> pb.GetMcpStatusResponse:
+        servers = await self.registry.mcp_status(request.session_id)
+        return pb.GetMcpStatusResponse(servers=[convert.mcp_server_to_pb(m) for m in servers])
+
+    @unary
+    async def ReconnectMcpServer(
+        self, request: pb.ReconnectMcpServerRequest, context: Ctx
+    ) -> pb.ReconnectMcpServerResponse:
+        server = await self.registry.reconnect_mcp_server(request.session_id, request.name)
+        return pb.ReconnectMcpServerResponse(server=convert.mcp_server_to_pb(server))
+
+    @unary
+    async def SetMcpServerEnabled(
+        self, request: pb.SetMcpServerEnabledRequest, context: Ctx
+    ) -> pb.SetMcpServerEnabledResponse:
+        server = await self.registry.set_mcp_server_enabled(
+            request.session_id, request.name, request.enabled
+        )
+        return pb.SetMcpServerEnabledResponse(server=convert.mcp_server_to_pb(server))

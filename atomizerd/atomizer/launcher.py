@@ -155,7 +155,7 @@ class Launcher:
         servers: dict[str, object] = {}
         command = self._atomizer_mcp_command()
         if command:
-            servers["atomizer"] = {
+            servers[ATOMIZER_MCP_NAME] = {
                 "command": command[0],
                 "args": command[1:],
                 "env": {
@@ -227,3 +227,13 @@ def _allowance(record: SessionRecord) -> float | None:
         return None
     # Never 0 (the CLI wants a positive cap): a session at its cap is refused before a turn.
     return record.agent_cost_usd + max(min(limits), 1e-6)
+
+
+# The daemon's own MCP server, as the session's agents know it.
+ATOMIZER_MCP_NAME = "atomizer"
+
+
+def configured_mcp_servers(config: Config) -> frozenset[str]:
+    """The MCP servers the daemon gives every session's agent (by name): its own and
+    `mcp.servers`. Others an agent has came from elsewhere (without `mcp.strict`)."""
+    return frozenset({ATOMIZER_MCP_NAME, *config.mcp.servers})

@@ -30,18 +30,22 @@ from atomizerd.errors import (
 )
 from atomizerd.sessions import checks
 from atomizerd.sessions import events as ev
+from atomizerd.sessions.agentcalls import AgentCalls
 from atomizerd.sessions.answers import Answers
 from atomizerd.sessions.approvals import Decision
+from atomizerd.sessions.aside import Asides, AsideStep
 from atomizerd.sessions.attachments import check as check_attachments
 from atomizerd.sessions.attachments import check_sha256
 from atomizerd.sessions.autonomy import AgentWork, TaskOutputPage
 from atomizerd.sessions.catalog import Catalog
 from atomizerd.sessions.journal import Resumed, TurnJournal
+from atomizerd.sessions.mcp import McpServer, McpServers
 from atomizerd.sessions.queue import WorkQueue
 from atomizerd.sessions.session import Session, SessionState
 from atomizerd.sessions.settings import SettingChanges
 from atomizerd.sessions.streams import Streams, replay_stored
 from atomizerd.sessions.table import SessionTable, SessionView
+from atomizerd.sessions.titles import Titles
 from atomizerd.sessions.turn import Turn, TurnState
 from atomizerd.sessions.turns import TurnRunner
 from atomizerd.store.db import (
@@ -55,7 +59,7 @@ from atomizerd.store.db import (
 )
 from atomizerd.telemetry import NULL, Telemetry
 
-__all__ = ["Registry", "SessionView", "TaskOutputPage", "spare_record"]
+__all__ = ["AsideStep", "McpServer", "Registry", "SessionView", "TaskOutputPage", "spare_record"]
 
 log = structlog.get_logger("atomizerd.sessions.registry")
 
@@ -91,6 +95,11 @@ class Registry:
             config, store, pool, self.table, self.streams, self.queue, self.runner.follower
         )
         self.replay = self.table.replay
+        self.calls = AgentCalls(config, pool, self.queue)
+        self.asides = Asides(config, store, self.table, self.calls)
+        self.titles = Titles(config, self.table, self.calls)
+        self.mcp = McpServers(config, self.table, self.calls)
+        self.runner.after_turn = self.titles.after_turn
 
     # --- daemon lifecycle ----------------------------------------------------------------
 
@@ -167,6 +176,8 @@ class Registry:
         for s in self.table.sessions.values():
             s.log.close()
         self.settings.cancel_background()
+        self.titles.cancel()
+        self.asides.cancel()
 
     async def drain(self, grace: float) -> None:
         """Stops accepting work: queued turns are refused (never sent, safe to retry), running
@@ -192,6 +203,8 @@ class Registry:
         for s in self.table.sessions.values():
             s.log.close()
         self.settings.cancel_background()
+        self.titles.cancel()
+        self.asides.cancel()
 
     def restore_tasks(self, session_id: str) -> None:
         self.agent_work.restore_tasks(session_id)
@@ -473,9 +486,26 @@ class Registry:
         return self.streams.watch(session_id, after_seq)
 
     def history(
-        self, session_id: str, page_size: int, page_token: str
+        self, session_id: str, page_size: int, page_token: str, *, asides: bool = True
     ) -> tuple[list[MessageRecord], str]:
-        return self.streams.history(session_id, page_size, page_token)
+        return self.streams.history(session_id, page_size, page_token, asides=asides)
+
+    # --- beside the conversation ---------------------------------------------------------
+
+    def ask_aside(self, session_id: str, text: str) -> AsyncIterator[AsideStep]:
+        return self.asides.ask(session_id, text)
+
+    async def rename_session(self, session_id: str, title: str) -> SessionView:
+        return await self.titles.rename(session_id, title)
+
+    async def mcp_status(self, session_id: str) -> list[McpServer]:
+        return await self.mcp.status(session_id)
+
+    async def reconnect_mcp_server(self, session_id: str, name: str) -> McpServer:
+        return await self.mcp.reconnect(session_id, name)
+
+    async def set_mcp_server_enabled(self, session_id: str, name: str, enabled: bool) -> McpServer:
+        return await self.mcp.set_enabled(session_id, name, enabled)
 
     async def interrupt(self, session_id: str) -> str:
         return await self.answers.interrupt(session_id)

@@ -45,6 +45,8 @@ class Streams:
             self._reserve_seq(s, seq + SEQ_BLOCK)
         if turn is not None:
             turn.noted(event)
+        if isinstance(kind, ev.LiveUsage):
+            s.usage = kind  # GetSession shows it at once; the turn's end stores it
         s.log.append(event)
         return event
 
@@ -121,13 +123,15 @@ class Streams:
             s.watchers -= 1
 
     def history(
-        self, session_id: str, page_size: int, page_token: str
+        self, session_id: str, page_size: int, page_token: str, *, asides: bool = True
     ) -> tuple[list[MessageRecord], str]:
         s = self.table.load(session_id)
         return checks.id_page(
             page_size,
             page_token,
-            lambda after, limit: self.store.history(s.id, after_id=after, limit=limit),
+            lambda after, limit: self.store.history(
+                s.id, after_id=after, limit=limit, asides=asides
+            ),
             lambda row: row.message_id,
         )
 

@@ -160,6 +160,9 @@ class Transcript:
     context_tokens: int = 0
     context_window: int = 0
     context_input: int = 0  # the last model call's input tokens
+    # The usage last reported to clients (a usage event), and of which model call.
+    usage: ev.LiveUsage | None = None
+    usage_message: str = ""
     agent_uuid: str = ""  # the CLI's uuid of the reply's last assistant line
     origin_kind: str = ""  # who the CLI says started the turn (its result's `origin.kind`)
     unsaved: int = 0  # text bytes since the last checkpoint

@@ -74,6 +74,8 @@ class TurnRunner:
         # Outcomes the store could not take (a full disk), written once it can again.
         self.outcomes = LateOutcomes(store, config.agent.checkpoint_interval * 4)
         self.follower = Follower(config, store, pool, emit_for, self, self.control)
+        # Told of every client turn that completed (the registry titles sessions with it).
+        self.after_turn: Callable[[Session, str], None] = lambda s, text: None
 
     # --- the whole turn ------------------------------------------------------------------
 
@@ -426,6 +428,8 @@ class TurnRunner:
             turn.journal = None
         turn.lifecycle.move(T.DONE)
         turn.done.set()
+        if outcome.status == "complete" and turn.origin is ev.TurnOrigin.CLIENT:
+            self.after_turn(s, turn.text)
         self.telemetry.turn_ended(turn, *reported_outcome(terminal))
         log.info(
             "turn ended",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from atomizerd.store.connect import _connect
 from atomizerd.store.governance import GovernanceStore
-from atomizerd.store.messages import MessagesStore
+from atomizerd.store.messages import ASIDE, MessagesStore
 from atomizerd.store.migrations import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -49,6 +49,7 @@ from atomizerd.store.records import (
 from atomizerd.store.sessions import SessionsStore
 
 __all__ = [
+    "ASIDE",
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "SEQ_BLOCK",

@@ -221,6 +221,23 @@ def _migrate_search(db: pw.Database) -> None:
         db.execute_sql(sql)  # type: ignore[no-untyped-call]
 
 
+def _migrate_conversation_control(db: pw.Database) -> None:
+    """Session titles and last known usage; structured answers kept with their reply."""
+    have = {c.name for c in db.get_columns("sessions")}
+    if "title" not in have:
+        db.execute_sql(  # type: ignore[no-untyped-call]
+            "ALTER TABLE sessions ADD COLUMN title VARCHAR(256) NOT NULL DEFAULT ''"
+        )
+    if "last_usage" not in have:
+        db.execute_sql(  # type: ignore[no-untyped-call]
+            "ALTER TABLE sessions ADD COLUMN last_usage TEXT NOT NULL DEFAULT '{}'"
+        )
+    if "structured_output" not in {c.name for c in db.get_columns("messages")}:
+        db.execute_sql(  # type: ignore[no-untyped-call]
+            "ALTER TABLE messages ADD COLUMN structured_output TEXT NOT NULL DEFAULT ''"
+        )
+
+
 # Forward migrations: index i migrates from version i to i + 1. Append, never edit.
 MIGRATIONS: list[Callable[[pw.Database], None]] = [
     _migrate_1,
@@ -238,6 +255,7 @@ MIGRATIONS: list[Callable[[pw.Database], None]] = [
     _migrate_origin,
     _migrate_labels_archive,
     _migrate_search,
+    _migrate_conversation_control,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -44,6 +44,8 @@ class SessionRecord:
     fork_at: str = ""
     labels: str = "{}"  # JSON object: label_map() has it as a dict
     archived: bool = False
+    title: str = ""
+    last_usage: str = "{}"  # JSON object: the last LiveUsage the agent reported
 
     def label_map(self) -> dict[str, str]:
         return dict(json.loads(self.labels or "{}"))
@@ -92,7 +94,8 @@ class MessageRecord:
     created_at: float
     attachments: list[AttachmentRecord] = field(default_factory=list)
     agent_uuid: str = ""
-    origin: str = "client"
+    origin: str = "client"  # "aside": AskAside's question or answer, outside the conversation
+    structured_output: str = ""
 
     @classmethod
     def from_row(cls, row: MessageRow) -> MessageRecord:
@@ -112,6 +115,7 @@ class MessageRecord:
             attachments=[AttachmentRecord(**a) for a in json.loads(row.attachments)],
             agent_uuid=row.agent_uuid,
             origin=row.origin,
+            structured_output=row.structured_output,
         )
 
 
@@ -148,6 +152,8 @@ class TurnOutcome:
     context_window: int | None = None
     agent_uuid: str = ""  # the CLI's uuid of the reply's last line
     origin: str = "client"  # who started the turn (events.TurnOrigin's value)
+    structured_output: str = ""  # a structured turn's answer (JSON text)
+    last_usage: str | None = None  # the last usage reported (JSON object); None: unchanged
 
 
 @dataclass
