@@ -16,9 +16,11 @@ from atomizer_client.client_base import (
     _STREAM_RESPONSES,
     DEFAULT_RETRY,
     DEFAULT_TIMEOUT,
+    AsidePart,
     AttachmentLike,
     AuditEvent,
     Decision,
+    McpServerStatus,
     Message,
     ModeLike,
     QuestionOutcome,
@@ -176,10 +178,45 @@ class AsyncClient(_Base):
         req = session_pb2.GetAttachmentRequest(session_id=session_id, sha256=sha256)
         return (await self._call(self._sessions.GetAttachment, req)).attachment
 
-    def get_history(self, session_id: str, *, page_size: int = 0) -> AsyncIterator[Message]:
+    def get_history(
+        self, session_id: str, *, page_size: int = 0, hide_asides: bool = False
+    ) -> AsyncIterator[Message]:
         """`async for m in client.get_history(sid)`: every stored message, oldest first."""
-        req = session_pb2.GetHistoryRequest(session_id=session_id, page_size=page_size)
+        req = session_pb2.GetHistoryRequest(
+            session_id=session_id, page_size=page_size, hide_asides=hide_asides
+        )
         return self._pages(self._sessions.GetHistory, req, "messages")
+
+    async def ask_aside(
+        self, session_id: str, text: str, *, timeout: float | None = None
+    ) -> AsyncIterator[AsidePart]:
+        """As `Client.ask_aside`: `async for part in client.ask_aside(sid, "...")`."""
+        req = session_pb2.AskAsideRequest(session_id=session_id, text=text)
+        try:
+            async for part in self._sessions.AskAside(req, timeout=timeout):
+                yield part
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+
+    async def rename_session(self, session_id: str, title: str) -> Session:
+        req = session_pb2.RenameSessionRequest(session_id=session_id, title=title)
+        return (await self._call(self._sessions.RenameSession, req)).session
+
+    async def get_mcp_status(self, session_id: str) -> list[McpServerStatus]:
+        req = session_pb2.GetMcpStatusRequest(session_id=session_id)
+        return list((await self._call(self._sessions.GetMcpStatus, req)).servers)
+
+    async def reconnect_mcp_server(self, session_id: str, name: str) -> McpServerStatus:
+        req = session_pb2.ReconnectMcpServerRequest(session_id=session_id, name=name)
+        return (await self._call(self._sessions.ReconnectMcpServer, req)).server
+
+    async def set_mcp_server_enabled(
+        self, session_id: str, name: str, enabled: bool
+    ) -> McpServerStatus:
+        req = session_pb2.SetMcpServerEnabledRequest(
+            session_id=session_id, name=name, enabled=enabled
+        )
+        return (await self._call(self._sessions.SetMcpServerEnabled, req)).server
 
     async def set_labels(
         self, session_id: str, labels: Mapping[str, str], *, replace: bool = False

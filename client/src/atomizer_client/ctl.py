@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from atomizer_client import ctl_tasks
+from atomizer_client import ctl_conversation, ctl_tasks
 from atomizer_client.client import DEFAULT_TIMEOUT, Client
 from atomizer_client.ctl_chat import cmd_chat
 from atomizer_client.ctl_output import EXIT_INTERRUPTED, EXIT_OK, Output, exit_code_for
@@ -236,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         "id"
     )
     ctl_tasks.add_commands(add)
+    ctl_conversation.add_commands(add)
     return parser
 
 

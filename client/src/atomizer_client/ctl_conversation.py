@@ -1,0 +1,78 @@
+"""atomizerctl's commands beside the conversation: `aside` (a question aside), `rename` (the
+session's title) and `mcp` (the live agent's MCP servers: health, reconnect, enable/disable)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from atomizer_client.client import Client
+from atomizer_client.ctl_output import EXIT_OK, Output, proto_dict
+
+
+def cmd_aside(client: Client, args: argparse.Namespace, out: Output) -> int:
+    """The answer on stdout as it comes; it never becomes part of the conversation."""
+    for part in client.ask_aside(args.id, args.text):
+        if out.json:
+            out.record(proto_dict(part))
+        else:
+            out.text(part.text)
+    if not out.json:
+        out.end_line()
+    return EXIT_OK
+
+
+def cmd_rename(client: Client, args: argparse.Namespace, out: Output) -> int:
+    s = client.rename_session(args.id, args.title)
+    if out.json:
+        out.record(proto_dict(s))
+    else:
+        out.line(f"{s.session_id}: {s.title}")
+    return EXIT_OK
+
+
+def cmd_mcp(client: Client, args: argparse.Namespace, out: Output) -> int:
+    if args.reconnect:
+        servers = [client.reconnect_mcp_server(args.id, args.reconnect)]
+    elif args.enable or args.disable:
+        servers = [
+            client.set_mcp_server_enabled(args.id, args.enable or args.disable, bool(args.enable))
+        ]
+    else:
+        servers = client.get_mcp_status(args.id)
+    for m in servers:
+        if out.json:
+            out.record(proto_dict(m))
+            continue
+        origin = "" if m.configured else " (not configured by the daemon)"
+        error = f": {m.error}" if m.error else ""
+        out.line(f"{m.name}  {m.status}  {m.tools_count} tools{origin}{error}")
+    return EXIT_OK
+
+
+def add_commands(add: Callable[[str, Any, str], argparse.ArgumentParser]) -> None:
+    """The commands, added with build_parser's `add(name, fn, help)`."""
+    p = add(
+        "aside",
+        cmd_aside,
+        "ask a question aside: answered from the conversation, never added to it "
+        "(also while a turn runs)",
+    )
+    p.add_argument("id")
+    p.add_argument("text")
+    p = add("rename", cmd_rename, "set a session's title")
+    p.add_argument("id")
+    p.add_argument("title")
+    p = add(
+        "mcp",
+        cmd_mcp,
+        "a session's MCP servers as its live agent has them; or reconnect, enable, disable one",
+    )
+    p.add_argument("id")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--reconnect", metavar="NAME", help="reconnect server NAME")
+    g.add_argument("--enable", metavar="NAME", help="enable server NAME")
+    g.add_argument(
+        "--disable", metavar="NAME", help="disable server NAME (until the agent restarts)"
+    )
