@@ -550,7 +550,6 @@ class LiveUsage(_message.Message):
     CONTEXT_TOKENS_FIELD_NUMBER: _builtins.int
     CONTEXT_WINDOW_FIELD_NUMBER: _builtins.int
     TURN_COST_USD_FIELD_NUMBER: _builtins.int
-    TOTAL_COST_USD_FIELD_NUMBER: _builtins.int
     input_tokens: _builtins.int
     """The latest model call: its whole input (input_tokens + the cache tokens) and its output."""
     output_tokens: _builtins.int
@@ -562,11 +561,9 @@ class LiveUsage(_message.Message):
     """
     context_window: _builtins.int
     turn_cost_usd: _builtins.float
-    """The turn's cost so far: the agent reports cost only at the turn's end, so during a turn
-    this is 0 and the usage event sent at its end carries it.
+    """The turn's cost: the agent reports cost only at the turn's end, so during a turn this is
+    0 and the usage event sent at its end (before turn_completed) carries it.
     """
-    total_cost_usd: _builtins.float
-    """The session's whole cost so far (Session.total_cost_usd plus turn_cost_usd)."""
     def __init__(
         self,
         *,
@@ -577,11 +574,10 @@ class LiveUsage(_message.Message):
         context_tokens: _builtins.int = ...,
         context_window: _builtins.int = ...,
         turn_cost_usd: _builtins.float = ...,
-        total_cost_usd: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_creation_input_tokens", b"cache_creation_input_tokens", "cache_read_input_tokens", b"cache_read_input_tokens", "context_tokens", b"context_tokens", "context_window", b"context_window", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "total_cost_usd", b"total_cost_usd", "turn_cost_usd", b"turn_cost_usd"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_creation_input_tokens", b"cache_creation_input_tokens", "cache_read_input_tokens", b"cache_read_input_tokens", "context_tokens", b"context_tokens", "context_window", b"context_window", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "turn_cost_usd", b"turn_cost_usd"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
