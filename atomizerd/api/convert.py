@@ -180,6 +180,7 @@ def message_to_pb(m: MessageRecord) -> pb.Message:
         origin=pb.TURN_ORIGIN_CLIENT if m.origin == ASIDE else origin_to_pb(m.origin),
         aside=m.origin == ASIDE,
         structured_output=m.structured_output,
+        rolled_back=m.rolled_back_at != 0,
     )
 
 

@@ -125,6 +125,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             request.page_size,
             request.page_token,
             asides=not request.hide_asides,
+            rolled_back=not request.hide_rolled_back,
         )
         return pb.GetHistoryResponse(
             messages=[convert.message_to_pb(m) for m in messages], next_page_token=token
@@ -299,3 +300,36 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             request.session_id, request.name, request.enabled
         )
         return pb.SetMcpServerEnabledResponse(server=convert.mcp_server_to_pb(server))
+
+    @unary
+    async def RewindFiles(
+        self, request: pb.RewindFilesRequest, context: Ctx
+    ) -> pb.RewindFilesResponse:
+        r = await self.registry.rewind_files(
+            request.session_id, request.message_id, dry_run=request.dry_run, force=request.force
+        )
+        return pb.RewindFilesResponse(
+            files=r.files,
+            conflicts=r.conflicts,
+            insertions=r.insertions,
+            deletions=r.deletions,
+            rewound=r.rewound,
+        )
+
+    @unary
+    async def RollbackSession(
+        self, request: pb.RollbackSessionRequest, context: Ctx
+    ) -> pb.RollbackSessionResponse:
+        r = await self.registry.rollback_session(
+            request.session_id, request.message_id, rewind_files=request.rewind_files
+        )
+        return pb.RollbackSessionResponse(
+            session=convert.session_to_pb(r.view), rolled_back=r.count, files=r.files
+        )
+
+    @unary
+    async def UndoRollback(
+        self, request: pb.UndoRollbackRequest, context: Ctx
+    ) -> pb.UndoRollbackResponse:
+        view, count = await self.registry.undo_rollback(request.session_id)
+        return pb.UndoRollbackResponse(session=convert.session_to_pb(view), restored=count)

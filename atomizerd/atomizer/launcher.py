@@ -86,6 +86,9 @@ class Launcher:
                 raise FailedPrecondition(status.refusal())
         tmp = self.studies.session_tmp(record.session_id)
         env["TMPDIR"] = str(tmp)
+        # The CLI keeps a copy of each file before the agent's edits of a turn, so RewindFiles
+        # can restore them (its rewind_files control request; measured: docs/agent-protocol.md).
+        env["CLAUDE_CODE_ENABLE_SDK_FILE_CHECKPOINTING"] = "true"
         settings = None
         document: dict[str, Any] = {}
         plans = plans_folder(self.config, record.session_id) if record.mode == "plan" else None

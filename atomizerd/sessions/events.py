@@ -181,6 +181,10 @@ CONTEXT_COMPACTED = "CONTEXT_COMPACTED"
 BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"
 # A task ran longer than agent.task_timeout: it was stopped.
 TASK_TIMEOUT = "TASK_TIMEOUT"
+# RewindFiles restored the agent's file changes.
+FILES_REWOUND = "FILES_REWOUND"
+# RollbackSession or UndoRollback moved where the conversation goes on.
+ROLLED_BACK = "ROLLED_BACK"
 
 
 @dataclass(frozen=True, slots=True)

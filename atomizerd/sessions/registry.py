@@ -48,6 +48,7 @@ from atomizerd.sessions.table import SessionTable, SessionView
 from atomizerd.sessions.titles import Titles
 from atomizerd.sessions.turn import Turn, TurnState
 from atomizerd.sessions.turns import TurnRunner
+from atomizerd.sessions.undo import Rewind, Rollback, Undo
 from atomizerd.store.db import (
     AttachmentRecord,
     AuditRecord,
@@ -59,7 +60,16 @@ from atomizerd.store.db import (
 )
 from atomizerd.telemetry import NULL, Telemetry
 
-__all__ = ["AsideStep", "McpServer", "Registry", "SessionView", "TaskOutputPage", "spare_record"]
+__all__ = [
+    "AsideStep",
+    "McpServer",
+    "Registry",
+    "Rewind",
+    "Rollback",
+    "SessionView",
+    "TaskOutputPage",
+    "spare_record",
+]
 
 log = structlog.get_logger("atomizerd.sessions.registry")
 
@@ -99,6 +109,15 @@ class Registry:
         self.asides = Asides(config, store, self.table, self.calls)
         self.titles = Titles(config, self.table, self.calls)
         self.mcp = McpServers(config, self.table, self.calls)
+        self.undo = Undo(
+            config,
+            store,
+            pool,
+            self.table,
+            self.queue,
+            self.calls,
+            lambda s, kind: self.streams.emit(s, None, kind),
+        )
         self.runner.after_turn = self.titles.after_turn
 
     # --- daemon lifecycle ----------------------------------------------------------------
@@ -329,6 +348,10 @@ class Registry:
                 raise FailedPrecondition(
                     f"reply {at_message_id} cannot be forked at: it was interrupted or failed"
                 )
+            if reply.rolled_back_at:
+                raise FailedPrecondition(
+                    f"reply {at_message_id} cannot be forked at: it was rolled back"
+                )
         else:
             reply = self.store.last_reply(s.id)
             if reply is None:
@@ -486,9 +509,32 @@ class Registry:
         return self.streams.watch(session_id, after_seq)
 
     def history(
-        self, session_id: str, page_size: int, page_token: str, *, asides: bool = True
+        self,
+        session_id: str,
+        page_size: int,
+        page_token: str,
+        *,
+        asides: bool = True,
+        rolled_back: bool = True,
     ) -> tuple[list[MessageRecord], str]:
-        return self.streams.history(session_id, page_size, page_token, asides=asides)
+        return self.streams.history(
+            session_id, page_size, page_token, asides=asides, rolled_back=rolled_back
+        )
+
+    # --- undoing -------------------------------------------------------------------------
+
+    async def rewind_files(
+        self, session_id: str, message_id: int, *, dry_run: bool, force: bool
+    ) -> Rewind:
+        return await self.undo.rewind_files(session_id, message_id, dry_run=dry_run, force=force)
+
+    async def rollback_session(
+        self, session_id: str, message_id: int, *, rewind_files: bool
+    ) -> Rollback:
+        return await self.undo.rollback(session_id, message_id, rewind_files=rewind_files)
+
+    async def undo_rollback(self, session_id: str) -> tuple[SessionView, int]:
+        return await self.undo.undo_rollback(session_id)
 
     # --- beside the conversation ---------------------------------------------------------
 

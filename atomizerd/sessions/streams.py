@@ -123,14 +123,20 @@ class Streams:
             s.watchers -= 1
 
     def history(
-        self, session_id: str, page_size: int, page_token: str, *, asides: bool = True
+        self,
+        session_id: str,
+        page_size: int,
+        page_token: str,
+        *,
+        asides: bool = True,
+        rolled_back: bool = True,
     ) -> tuple[list[MessageRecord], str]:
         s = self.table.load(session_id)
         return checks.id_page(
             page_size,
             page_token,
             lambda after, limit: self.store.history(
-                s.id, after_id=after, limit=limit, asides=asides
+                s.id, after_id=after, limit=limit, asides=asides, rolled_back=rolled_back
             ),
             lambda row: row.message_id,
         )

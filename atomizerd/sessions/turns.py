@@ -28,6 +28,7 @@ from atomizerd.agents.vocabulary import (
 from atomizerd.config import Config
 from atomizerd.errors import AtomizerError
 from atomizerd.sessions import events as ev
+from atomizerd.sessions import filemarks
 from atomizerd.sessions.approvals import Approvals
 from atomizerd.sessions.attachments import content_blocks, to_store
 from atomizerd.sessions.context import AgentContext
@@ -411,6 +412,9 @@ class TurnRunner:
         if transcript.origin_kind == TASK_NOTIFICATION and turn.origin is ev.TurnOrigin.AGENT:
             turn.origin = ev.TurnOrigin.TASK  # the CLI's word is final: stored as such
         outcome.origin = turn.origin.value
+        outcome.agent_files = filemarks.after_turn(
+            s.record.agent_files, transcript.tool_calls.values()
+        )
         try:
             _, s.record = self.store.finish_turn(
                 s.id, turn.turn_id, outcome, agent_cost_usd=transcript.agent_cost_usd

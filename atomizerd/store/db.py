@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from atomizerd.store.connect import _connect
 from atomizerd.store.governance import GovernanceStore
-from atomizerd.store.messages import ASIDE, MessagesStore
+from atomizerd.store.messages import ASIDE, RollbackStore
 from atomizerd.store.migrations import (
     MIGRATIONS,
     SCHEMA_VERSION,
     SEQ_BLOCK,
     _migrate_attachments,
     _migrate_checkpoint_pieces,
+    _migrate_conversation_control,
     _migrate_forks,
     _migrate_labels_archive,
     _migrate_origin,
@@ -69,6 +70,7 @@ __all__ = [
     "_connect",
     "_migrate_attachments",
     "_migrate_checkpoint_pieces",
+    "_migrate_conversation_control",
     "_migrate_forks",
     "_migrate_labels_archive",
     "_migrate_origin",
@@ -79,5 +81,5 @@ __all__ = [
 ]
 
 
-class Store(SessionsStore, MessagesStore, GovernanceStore):
+class Store(SessionsStore, RollbackStore, GovernanceStore):
     """The daemon's store: one database, this host's view of it (see `StoreBase`)."""

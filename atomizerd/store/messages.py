@@ -83,6 +83,7 @@ class MessagesStore(StoreBase):
         values["agent_uuid"] = ""
         values["origin"] = origin
         values["structured_output"] = ""
+        values["rolled_back_at"] = 0
         with self.db.atomic():
             message_id = self._insert_message(values)
             for a in attachments:
@@ -205,6 +206,7 @@ class MessagesStore(StoreBase):
             "agent_uuid": outcome.agent_uuid,
             "origin": outcome.origin,
             "structured_output": outcome.structured_output,
+            "rolled_back_at": 0,
         }
         with self.db.atomic():
             self._sql(
@@ -221,7 +223,8 @@ class MessagesStore(StoreBase):
                 "agent_cost_usd = COALESCE(?, agent_cost_usd), "
                 "context_tokens = COALESCE(?, context_tokens), "
                 "context_window = COALESCE(?, context_window), "
-                "last_usage = COALESCE(?, last_usage) WHERE session_id = ?",
+                "last_usage = COALESCE(?, last_usage), "
+                "agent_files = COALESCE(?, agent_files), rollback_state = '' WHERE session_id = ?",
                 (
                     outcome.cost_usd,
                     now,
@@ -229,6 +232,7 @@ class MessagesStore(StoreBase):
                     outcome.context_tokens,
                     outcome.context_window,
                     outcome.last_usage,
+                    outcome.agent_files,
                     session_id,
                 ),
             )
@@ -274,11 +278,19 @@ class MessagesStore(StoreBase):
         return "".join(r[0] for r in rows)
 
     def history(
-        self, session_id: str, *, after_id: int, limit: int, asides: bool = True
+        self,
+        session_id: str,
+        *,
+        after_id: int,
+        limit: int,
+        asides: bool = True,
+        rolled_back: bool = True,
     ) -> list[MessageRecord]:
         where = (MessageRow.session == session_id) & (MessageRow.id > after_id)
         if not asides:
             where &= MessageRow.origin != ASIDE
+        if not rolled_back:
+            where &= MessageRow.rolled_back_at == 0
         q = MessageRow.select().where(where).order_by(MessageRow.id).limit(limit)
         return [MessageRecord.from_row(r) for r in q]
 
@@ -286,7 +298,11 @@ class MessagesStore(StoreBase):
         """The conversation's latest messages (a reseed's history): asides are not part of it."""
         q = (
             MessageRow.select()
-            .where((MessageRow.session == session_id) & (MessageRow.origin != ASIDE))
+            .where(
+                (MessageRow.session == session_id)
+                & (MessageRow.origin != ASIDE)
+                & (MessageRow.rolled_back_at == 0)
+            )
             .order_by(MessageRow.id.desc())
             .limit(limit)
         )
@@ -359,14 +375,17 @@ class MessagesStore(StoreBase):
         )
         return MessageRecord.from_row(row) if row else None
 
-    def last_reply(self, session_id: str) -> MessageRecord | None:
-        """The newest reply a fork can continue from (one the CLI's uuid is known of)."""
+    def last_reply(self, session_id: str, before: int = 2**62) -> MessageRecord | None:
+        """The newest reply (before message `before`) a fork can continue from: one the CLI's
+        uuid is known of, still part of the conversation."""
         row = (
             MessageRow.select()
             .where(
                 (MessageRow.session == session_id)
                 & (MessageRow.role == "assistant")
                 & (MessageRow.agent_uuid != "")
+                & (MessageRow.rolled_back_at == 0)
+                & (MessageRow.id < before)
             )
             .order_by(MessageRow.id.desc())
             .first()
@@ -457,4 +476,30 @@ def _aside_values(
         "agent_uuid": "",
         "origin": ASIDE,
         "structured_output": "",
+        "rolled_back_at": 0,
     }
+
+
+class RollbackStore(MessagesStore):
+    """Messages taken out of the conversation by a rollback, and put back by its undo."""
+
+    def roll_back(self, session_id: str, message_id: int) -> int:
+        """Marks `message_id` and every later message of the conversation rolled back (to
+        `message_id`); asides are never part of it. Returns how many."""
+        return int(
+            self._sql(
+                "UPDATE messages SET rolled_back_at = ? WHERE session_id = ? AND id >= ? "
+                "AND rolled_back_at = 0 AND origin != ?",
+                (message_id, session_id, message_id, ASIDE),
+            ).rowcount
+        )
+
+    def undo_roll_back(self, session_id: str, message_id: int) -> int:
+        """Puts back the messages the rollback to `message_id` took out. Returns how many."""
+        return int(
+            self._sql(
+                "UPDATE messages SET rolled_back_at = 0 "
+                "WHERE session_id = ? AND rolled_back_at = ?",
+                (session_id, message_id),
+            ).rowcount
+        )

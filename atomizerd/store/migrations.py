@@ -222,7 +222,8 @@ def _migrate_search(db: pw.Database) -> None:
 
 
 def _migrate_conversation_control(db: pw.Database) -> None:
-    """Session titles and last known usage; structured answers kept with their reply."""
+    """Conversation control: session titles, last known usage, the files the agent changed,
+    rollbacks; structured answers kept with their reply."""
     have = {c.name for c in db.get_columns("sessions")}
     if "title" not in have:
         db.execute_sql(  # type: ignore[no-untyped-call]
@@ -232,9 +233,20 @@ def _migrate_conversation_control(db: pw.Database) -> None:
         db.execute_sql(  # type: ignore[no-untyped-call]
             "ALTER TABLE sessions ADD COLUMN last_usage TEXT NOT NULL DEFAULT '{}'"
         )
-    if "structured_output" not in {c.name for c in db.get_columns("messages")}:
+    if "agent_files" not in have:
+        db.execute_sql(  # type: ignore[no-untyped-call]
+            "ALTER TABLE sessions ADD COLUMN agent_files TEXT NOT NULL DEFAULT '{}'"
+        )
+    if "rollback_state" not in have:
+        db.execute_sql("ALTER TABLE sessions ADD COLUMN rollback_state TEXT NOT NULL DEFAULT ''")  # type: ignore[no-untyped-call]
+    have = {c.name for c in db.get_columns("messages")}
+    if "structured_output" not in have:
         db.execute_sql(  # type: ignore[no-untyped-call]
             "ALTER TABLE messages ADD COLUMN structured_output TEXT NOT NULL DEFAULT ''"
+        )
+    if "rolled_back_at" not in have:
+        db.execute_sql(  # type: ignore[no-untyped-call]
+            "ALTER TABLE messages ADD COLUMN rolled_back_at BIGINT NOT NULL DEFAULT 0"
         )
 
 

@@ -46,6 +46,8 @@ class SessionRecord:
     archived: bool = False
     title: str = ""
     last_usage: str = "{}"  # JSON object: the last LiveUsage the agent reported
+    agent_files: str = "{}"  # JSON object: path -> sha256 as the agent left it ("" removed)
+    rollback_state: str = ""  # JSON object: the last RollbackSession, while it can be undone
 
     def label_map(self) -> dict[str, str]:
         return dict(json.loads(self.labels or "{}"))
@@ -96,6 +98,7 @@ class MessageRecord:
     agent_uuid: str = ""
     origin: str = "client"  # "aside": AskAside's question or answer, outside the conversation
     structured_output: str = ""
+    rolled_back_at: int = 0  # the message a rollback went back to (0: in the conversation)
 
     @classmethod
     def from_row(cls, row: MessageRow) -> MessageRecord:
@@ -116,6 +119,7 @@ class MessageRecord:
             agent_uuid=row.agent_uuid,
             origin=row.origin,
             structured_output=row.structured_output,
+            rolled_back_at=row.rolled_back_at,
         )
 
 
@@ -154,6 +158,7 @@ class TurnOutcome:
     origin: str = "client"  # who started the turn (events.TurnOrigin's value)
     structured_output: str = ""  # a structured turn's answer (JSON text)
     last_usage: str | None = None  # the last usage reported (JSON object); None: unchanged
+    agent_files: str | None = None  # Session.agent_files after the turn; None: unchanged
 
 
 @dataclass

@@ -109,6 +109,7 @@ class SessionsStore(StoreBase):
             columns = [
                 "turn_id", "role", "content", "status", "request_id", "tool_calls", "cost_usd",
                 "usage", "detail", "created_at", "attachments", "agent_uuid", "origin",
+                "structured_output", "rolled_back_at",
             ]  # fmt: skip
             names = ", ".join(columns)
             self._sql(

@@ -228,6 +228,13 @@ UNARY: dict[str, Callable[..., Any]] = {
     "ArchiveSession": lambda c, **kw: c.archive_session("s1", **kw),
     "UnarchiveSession": lambda c, **kw: c.unarchive_session("s1", **kw),
     "SearchMessages": lambda c, **kw: list(c.search_messages("turbine", **kw)),
+    "RenameSession": lambda c, **kw: c.rename_session("s1", "Truss", **kw),
+    "GetMcpStatus": lambda c, **kw: c.get_mcp_status("s1", **kw),
+    "ReconnectMcpServer": lambda c, **kw: c.reconnect_mcp_server("s1", "atomizer", **kw),
+    "SetMcpServerEnabled": lambda c, **kw: c.set_mcp_server_enabled("s1", "x", False, **kw),
+    "RewindFiles": lambda c, **kw: c.rewind_files("s1", 3, dry_run=True, **kw),
+    "RollbackSession": lambda c, **kw: c.rollback_session("s1", 3, **kw),
+    "UndoRollback": lambda c, **kw: c.undo_rollback("s1", **kw),
     "GetStatus": lambda c, **kw: c.get_status(**kw),
     "RestartDaemon": lambda c, **kw: c.restart_daemon(**kw),
 }

@@ -310,12 +310,17 @@ class Client(_Base):
         *,
         page_size: int = 0,
         hide_asides: bool = False,
+        hide_rolled_back: bool = False,
         timeout: float | None = None,
     ) -> Iterator[Message]:
         """Every stored message, oldest first, fetching pages as the iteration goes;
-        `hide_asides` leaves out the questions asked aside and their answers."""
+        `hide_asides` leaves out the questions asked aside and their answers,
+        `hide_rolled_back` the messages a rollback took out of the conversation."""
         req = session_pb2.GetHistoryRequest(
-            session_id=session_id, page_size=page_size, hide_asides=hide_asides
+            session_id=session_id,
+            page_size=page_size,
+            hide_asides=hide_asides,
+            hide_rolled_back=hide_rolled_back,
         )
         return self._pages(self._sessions.GetHistory, req, "messages", timeout)
 
@@ -331,6 +336,46 @@ class Client(_Base):
             yield from self._sessions.AskAside(req, timeout=timeout)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
+
+    def rewind_files(
+        self,
+        session_id: str,
+        message_id: int,
+        *,
+        dry_run: bool = False,
+        force: bool = False,
+        timeout: float | None = None,
+    ) -> session_pb2.RewindFilesResponse:
+        """Restores the files the agent's edit tools changed since user message `message_id`
+        to their state before it. A file changed by someone else since the agent left it is
+        listed in `conflicts` and stops the rewind unless `force`; `dry_run` only lists.
+        Never retried."""
+        req = session_pb2.RewindFilesRequest(
+            session_id=session_id, message_id=message_id, dry_run=dry_run, force=force
+        )
+        return self._call(self._sessions.RewindFiles, req, timeout)
+
+    def rollback_session(
+        self,
+        session_id: str,
+        message_id: int,
+        *,
+        rewind_files: bool = False,
+        timeout: float | None = None,
+    ) -> session_pb2.RollbackSessionResponse:
+        """The session goes on as it stood before user message `message_id`: that message
+        and the later ones stay in history marked `rolled_back`. Never retried."""
+        req = session_pb2.RollbackSessionRequest(
+            session_id=session_id, message_id=message_id, rewind_files=rewind_files
+        )
+        return self._call(self._sessions.RollbackSession, req, timeout)
+
+    def undo_rollback(
+        self, session_id: str, *, timeout: float | None = None
+    ) -> session_pb2.UndoRollbackResponse:
+        """Undoes the last rollback while no turn has run since."""
+        req = session_pb2.UndoRollbackRequest(session_id=session_id)
+        return self._call(self._sessions.UndoRollback, req, timeout)
 
     def rename_session(
         self, session_id: str, title: str, *, timeout: float | None = None

@@ -179,11 +179,19 @@ class AsyncClient(_Base):
         return (await self._call(self._sessions.GetAttachment, req)).attachment
 
     def get_history(
-        self, session_id: str, *, page_size: int = 0, hide_asides: bool = False
+        self,
+        session_id: str,
+        *,
+        page_size: int = 0,
+        hide_asides: bool = False,
+        hide_rolled_back: bool = False,
     ) -> AsyncIterator[Message]:
         """`async for m in client.get_history(sid)`: every stored message, oldest first."""
         req = session_pb2.GetHistoryRequest(
-            session_id=session_id, page_size=page_size, hide_asides=hide_asides
+            session_id=session_id,
+            page_size=page_size,
+            hide_asides=hide_asides,
+            hide_rolled_back=hide_rolled_back,
         )
         return self._pages(self._sessions.GetHistory, req, "messages")
 
@@ -197,6 +205,28 @@ class AsyncClient(_Base):
                 yield part
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
+
+    async def rewind_files(
+        self, session_id: str, message_id: int, *, dry_run: bool = False, force: bool = False
+    ) -> session_pb2.RewindFilesResponse:
+        """As `Client.rewind_files`."""
+        req = session_pb2.RewindFilesRequest(
+            session_id=session_id, message_id=message_id, dry_run=dry_run, force=force
+        )
+        return await self._call(self._sessions.RewindFiles, req)
+
+    async def rollback_session(
+        self, session_id: str, message_id: int, *, rewind_files: bool = False
+    ) -> session_pb2.RollbackSessionResponse:
+        """As `Client.rollback_session`."""
+        req = session_pb2.RollbackSessionRequest(
+            session_id=session_id, message_id=message_id, rewind_files=rewind_files
+        )
+        return await self._call(self._sessions.RollbackSession, req)
+
+    async def undo_rollback(self, session_id: str) -> session_pb2.UndoRollbackResponse:
+        req = session_pb2.UndoRollbackRequest(session_id=session_id)
+        return await self._call(self._sessions.UndoRollback, req)
 
     async def rename_session(self, session_id: str, title: str) -> Session:
         req = session_pb2.RenameSessionRequest(session_id=session_id, title=title)

@@ -299,6 +299,10 @@ class _NoticeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NoticeKind
     """The session's budget is spent: a turn the agent started by itself was interrupted."""
     NOTICE_KIND_TASK_TIMEOUT: _NoticeKind.ValueType  # 8
     """A task ran longer than agent.task_timeout and was stopped."""
+    NOTICE_KIND_FILES_REWOUND: _NoticeKind.ValueType  # 9
+    """RewindFiles restored the agent's file changes (message names them)."""
+    NOTICE_KIND_ROLLED_BACK: _NoticeKind.ValueType  # 10
+    """RollbackSession or UndoRollback changed where the conversation goes on."""
 
 class NoticeKind(_NoticeKind, metaclass=_NoticeKindEnumTypeWrapper): ...
 
@@ -326,6 +330,10 @@ NOTICE_KIND_BUDGET_EXHAUSTED: NoticeKind.ValueType  # 7
 """The session's budget is spent: a turn the agent started by itself was interrupted."""
 NOTICE_KIND_TASK_TIMEOUT: NoticeKind.ValueType  # 8
 """A task ran longer than agent.task_timeout and was stopped."""
+NOTICE_KIND_FILES_REWOUND: NoticeKind.ValueType  # 9
+"""RewindFiles restored the agent's file changes (message names them)."""
+NOTICE_KIND_ROLLED_BACK: NoticeKind.ValueType  # 10
+"""RollbackSession or UndoRollback changed where the conversation goes on."""
 Global___NoticeKind: _TypeAlias = NoticeKind  # noqa: Y015
 
 class _Decider:
@@ -372,6 +380,10 @@ class _AuditKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditKind.V
     AUDIT_KIND_MODE_SWITCH: _AuditKind.ValueType  # 2
     AUDIT_KIND_QUESTION: _AuditKind.ValueType  # 3
     """A question the agent asked (AskUserQuestion): allow is whether it was answered."""
+    AUDIT_KIND_FILE_REWIND: _AuditKind.ValueType  # 4
+    """RewindFiles: detail names the files restored."""
+    AUDIT_KIND_ROLLBACK: _AuditKind.ValueType  # 5
+    """RollbackSession or UndoRollback: detail says to which message."""
 
 class AuditKind(_AuditKind, metaclass=_AuditKindEnumTypeWrapper): ...
 
@@ -380,6 +392,10 @@ AUDIT_KIND_PERMISSION: AuditKind.ValueType  # 1
 AUDIT_KIND_MODE_SWITCH: AuditKind.ValueType  # 2
 AUDIT_KIND_QUESTION: AuditKind.ValueType  # 3
 """A question the agent asked (AskUserQuestion): allow is whether it was answered."""
+AUDIT_KIND_FILE_REWIND: AuditKind.ValueType  # 4
+"""RewindFiles: detail names the files restored."""
+AUDIT_KIND_ROLLBACK: AuditKind.ValueType  # 5
+"""RollbackSession or UndoRollback: detail says to which message."""
 Global___AuditKind: _TypeAlias = AuditKind  # noqa: Y015
 
 @_typing.final
@@ -1148,12 +1164,15 @@ class GetHistoryRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     HIDE_ASIDES_FIELD_NUMBER: _builtins.int
+    HIDE_ROLLED_BACK_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     page_size: _builtins.int
     """At most 1000; 0 means 100."""
     page_token: _builtins.str
     hide_asides: _builtins.bool
     """Leave out the questions asked aside and their answers (Message.aside)."""
+    hide_rolled_back: _builtins.bool
+    """Leave out the messages a rollback took out of the conversation (Message.rolled_back)."""
     def __init__(
         self,
         *,
@@ -1161,10 +1180,11 @@ class GetHistoryRequest(_message.Message):
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         hide_asides: _builtins.bool = ...,
+        hide_rolled_back: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hide_asides", b"hide_asides", "page_size", b"page_size", "page_token", b"page_token", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hide_asides", b"hide_asides", "hide_rolled_back", b"hide_rolled_back", "page_size", b"page_size", "page_token", b"page_token", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1211,6 +1231,7 @@ class Message(_message.Message):
     ORIGIN_FIELD_NUMBER: _builtins.int
     ASIDE_FIELD_NUMBER: _builtins.int
     STRUCTURED_OUTPUT_FIELD_NUMBER: _builtins.int
+    ROLLED_BACK_FIELD_NUMBER: _builtins.int
     message_id: _builtins.int
     turn_id: _builtins.str
     role: Global___Role.ValueType
@@ -1229,6 +1250,8 @@ class Message(_message.Message):
     """
     structured_output: _builtins.str
     """A turn sent with an output schema: its structured answer (JSON text), on the reply."""
+    rolled_back: _builtins.bool
+    """Rolled back (RollbackSession): kept in history, no longer part of the conversation."""
     @_builtins.property
     def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]: ...
     @_builtins.property
@@ -1256,10 +1279,11 @@ class Message(_message.Message):
         origin: Global___TurnOrigin.ValueType = ...,
         aside: _builtins.bool = ...,
         structured_output: _builtins.str = ...,
+        rolled_back: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aside", b"aside", "attachments", b"attachments", "content", b"content", "cost_usd", b"cost_usd", "created_at", b"created_at", "detail", b"detail", "message_id", b"message_id", "origin", b"origin", "role", b"role", "status", b"status", "structured_output", b"structured_output", "tool_calls", b"tool_calls", "turn_id", b"turn_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aside", b"aside", "attachments", b"attachments", "content", b"content", "cost_usd", b"cost_usd", "created_at", b"created_at", "detail", b"detail", "message_id", b"message_id", "origin", b"origin", "role", b"role", "rolled_back", b"rolled_back", "status", b"status", "structured_output", b"structured_output", "tool_calls", b"tool_calls", "turn_id", b"turn_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -3235,3 +3259,177 @@ class SetMcpServerEnabledResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetMcpServerEnabledResponse: _TypeAlias = SetMcpServerEnabledResponse  # noqa: Y015
+
+@_typing.final
+class RewindFilesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    message_id: _builtins.int
+    """A user message of the session (Message.message_id, role user) that a client sent."""
+    dry_run: _builtins.bool
+    """Only list what would change; nothing is touched."""
+    force: _builtins.bool
+    """Rewind also the files changed by someone else since the agent left them."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        message_id: _builtins.int = ...,
+        dry_run: _builtins.bool = ...,
+        force: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "force", b"force", "message_id", b"message_id", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RewindFilesRequest: _TypeAlias = RewindFilesRequest  # noqa: Y015
+
+@_typing.final
+class RewindFilesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILES_FIELD_NUMBER: _builtins.int
+    CONFLICTS_FIELD_NUMBER: _builtins.int
+    INSERTIONS_FIELD_NUMBER: _builtins.int
+    DELETIONS_FIELD_NUMBER: _builtins.int
+    REWOUND_FIELD_NUMBER: _builtins.int
+    insertions: _builtins.int
+    """Lines the rewind adds and removes, as the agent counts them (dry run)."""
+    deletions: _builtins.int
+    rewound: _builtins.bool
+    """The files were rewound (false for a dry run, or when conflicts stopped it)."""
+    @_builtins.property
+    def files(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The files that change (or would), absolute paths."""
+
+    @_builtins.property
+    def conflicts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Those of files changed by someone else since the agent left them: with any of them and
+        without force nothing is rewound.
+        """
+
+    def __init__(
+        self,
+        *,
+        files: _abc.Iterable[_builtins.str] | None = ...,
+        conflicts: _abc.Iterable[_builtins.str] | None = ...,
+        insertions: _builtins.int = ...,
+        deletions: _builtins.int = ...,
+        rewound: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conflicts", b"conflicts", "deletions", b"deletions", "files", b"files", "insertions", b"insertions", "rewound", b"rewound"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RewindFilesResponse: _TypeAlias = RewindFilesResponse  # noqa: Y015
+
+@_typing.final
+class RollbackSessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    REWIND_FILES_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    message_id: _builtins.int
+    """A user message of the session: the conversation goes on as it stood before it."""
+    rewind_files: _builtins.bool
+    """Also rewind the agent's file changes since that message (as RewindFiles with force
+    false: a conflict stops the whole rollback).
+    """
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        message_id: _builtins.int = ...,
+        rewind_files: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message_id", b"message_id", "rewind_files", b"rewind_files", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackSessionRequest: _TypeAlias = RollbackSessionRequest  # noqa: Y015
+
+@_typing.final
+class RollbackSessionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    ROLLED_BACK_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    rolled_back: _builtins.int
+    """How many messages were marked rolled back."""
+    @_builtins.property
+    def session(self) -> Global___Session: ...
+    @_builtins.property
+    def files(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """With rewind_files: the files restored."""
+
+    def __init__(
+        self,
+        *,
+        session: Global___Session | None = ...,
+        rolled_back: _builtins.int = ...,
+        files: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "rolled_back", b"rolled_back", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackSessionResponse: _TypeAlias = RollbackSessionResponse  # noqa: Y015
+
+@_typing.final
+class UndoRollbackRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UndoRollbackRequest: _TypeAlias = UndoRollbackRequest  # noqa: Y015
+
+@_typing.final
+class UndoRollbackResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    RESTORED_FIELD_NUMBER: _builtins.int
+    restored: _builtins.int
+    """How many messages are part of the conversation again."""
+    @_builtins.property
+    def session(self) -> Global___Session: ...
+    def __init__(
+        self,
+        *,
+        session: Global___Session | None = ...,
+        restored: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["restored", b"restored", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UndoRollbackResponse: _TypeAlias = UndoRollbackResponse  # noqa: Y015

@@ -170,6 +170,21 @@ class SessionServiceStub:
                 request_serializer=atomizer_dot_v1_dot_session__pb2.SetMcpServerEnabledRequest.SerializeToString,
                 response_deserializer=atomizer_dot_v1_dot_session__pb2.SetMcpServerEnabledResponse.FromString,
                 _registered_method=True)
+        self.RewindFiles = channel.unary_unary(
+                '/atomizer.v1.SessionService/RewindFiles',
+                request_serializer=atomizer_dot_v1_dot_session__pb2.RewindFilesRequest.SerializeToString,
+                response_deserializer=atomizer_dot_v1_dot_session__pb2.RewindFilesResponse.FromString,
+                _registered_method=True)
+        self.RollbackSession = channel.unary_unary(
+                '/atomizer.v1.SessionService/RollbackSession',
+                request_serializer=atomizer_dot_v1_dot_session__pb2.RollbackSessionRequest.SerializeToString,
+                response_deserializer=atomizer_dot_v1_dot_session__pb2.RollbackSessionResponse.FromString,
+                _registered_method=True)
+        self.UndoRollback = channel.unary_unary(
+                '/atomizer.v1.SessionService/UndoRollback',
+                request_serializer=atomizer_dot_v1_dot_session__pb2.UndoRollbackRequest.SerializeToString,
+                response_deserializer=atomizer_dot_v1_dot_session__pb2.UndoRollbackResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -378,6 +393,33 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RewindFiles(self, request, context):
+        """Undoes the agent's file changes since a user message of the session: the files its edit
+        tools changed since then go back to their state before it (a file it created is removed).
+        The conversation is untouched. A file changed by someone else since the agent last left it
+        is reported (conflicts) and nothing is rewound, unless force. Audited; watchers get a
+        notice. FAILED_PRECONDITION while a turn runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackSession(self, request, context):
+        """The session goes on as it stood before a user message of it: that message and every later
+        one stay in history marked rolled_back (GetHistory can hide them), and the agent's next
+        turn no longer carries them. FAILED_PRECONDITION while a turn runs or waits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UndoRollback(self, request, context):
+        """Undoes the last RollbackSession while no turn has run since (FAILED_PRECONDITION after).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -515,6 +557,21 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.SetMcpServerEnabled,
                     request_deserializer=atomizer_dot_v1_dot_session__pb2.SetMcpServerEnabledRequest.FromString,
                     response_serializer=atomizer_dot_v1_dot_session__pb2.SetMcpServerEnabledResponse.SerializeToString,
+            ),
+            'RewindFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.RewindFiles,
+                    request_deserializer=atomizer_dot_v1_dot_session__pb2.RewindFilesRequest.FromString,
+                    response_serializer=atomizer_dot_v1_dot_session__pb2.RewindFilesResponse.SerializeToString,
+            ),
+            'RollbackSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackSession,
+                    request_deserializer=atomizer_dot_v1_dot_session__pb2.RollbackSessionRequest.FromString,
+                    response_serializer=atomizer_dot_v1_dot_session__pb2.RollbackSessionResponse.SerializeToString,
+            ),
+            'UndoRollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.UndoRollback,
+                    request_deserializer=atomizer_dot_v1_dot_session__pb2.UndoRollbackRequest.FromString,
+                    response_serializer=atomizer_dot_v1_dot_session__pb2.UndoRollbackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1247,6 +1304,87 @@ class SessionService:
             '/atomizer.v1.SessionService/SetMcpServerEnabled',
             atomizer_dot_v1_dot_session__pb2.SetMcpServerEnabledRequest.SerializeToString,
             atomizer_dot_v1_dot_session__pb2.SetMcpServerEnabledResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RewindFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atomizer.v1.SessionService/RewindFiles',
+            atomizer_dot_v1_dot_session__pb2.RewindFilesRequest.SerializeToString,
+            atomizer_dot_v1_dot_session__pb2.RewindFilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atomizer.v1.SessionService/RollbackSession',
+            atomizer_dot_v1_dot_session__pb2.RollbackSessionRequest.SerializeToString,
+            atomizer_dot_v1_dot_session__pb2.RollbackSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UndoRollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atomizer.v1.SessionService/UndoRollback',
+            atomizer_dot_v1_dot_session__pb2.UndoRollbackRequest.SerializeToString,
+            atomizer_dot_v1_dot_session__pb2.UndoRollbackResponse.FromString,
             options,
             channel_credentials,
             insecure,

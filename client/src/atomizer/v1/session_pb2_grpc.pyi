@@ -108,6 +108,20 @@ class SessionServiceStub:
     configured for the session can be enabled (PERMISSION_DENIED otherwise, and in user mode
     for any server the daemon did not configure).
     """
+    RewindFiles: _grpc.UnaryUnaryMultiCallable[_session_pb2.RewindFilesRequest, _session_pb2.RewindFilesResponse]
+    """Undoes the agent's file changes since a user message of the session: the files its edit
+    tools changed since then go back to their state before it (a file it created is removed).
+    The conversation is untouched. A file changed by someone else since the agent last left it
+    is reported (conflicts) and nothing is rewound, unless force. Audited; watchers get a
+    notice. FAILED_PRECONDITION while a turn runs.
+    """
+    RollbackSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.RollbackSessionRequest, _session_pb2.RollbackSessionResponse]
+    """The session goes on as it stood before a user message of it: that message and every later
+    one stay in history marked rolled_back (GetHistory can hide them), and the agent's next
+    turn no longer carries them. FAILED_PRECONDITION while a turn runs or waits.
+    """
+    UndoRollback: _grpc.UnaryUnaryMultiCallable[_session_pb2.UndoRollbackRequest, _session_pb2.UndoRollbackResponse]
+    """Undoes the last RollbackSession while no turn has run since (FAILED_PRECONDITION after)."""
 
 @_typing.type_check_only
 class SessionServiceAsyncStub(SessionServiceStub):
@@ -189,6 +203,20 @@ class SessionServiceAsyncStub(SessionServiceStub):
     configured for the session can be enabled (PERMISSION_DENIED otherwise, and in user mode
     for any server the daemon did not configure).
     """
+    RewindFiles: _aio.UnaryUnaryMultiCallable[_session_pb2.RewindFilesRequest, _session_pb2.RewindFilesResponse]  # type: ignore[assignment]
+    """Undoes the agent's file changes since a user message of the session: the files its edit
+    tools changed since then go back to their state before it (a file it created is removed).
+    The conversation is untouched. A file changed by someone else since the agent last left it
+    is reported (conflicts) and nothing is rewound, unless force. Audited; watchers get a
+    notice. FAILED_PRECONDITION while a turn runs.
+    """
+    RollbackSession: _aio.UnaryUnaryMultiCallable[_session_pb2.RollbackSessionRequest, _session_pb2.RollbackSessionResponse]  # type: ignore[assignment]
+    """The session goes on as it stood before a user message of it: that message and every later
+    one stay in history marked rolled_back (GetHistory can hide them), and the agent's next
+    turn no longer carries them. FAILED_PRECONDITION while a turn runs or waits.
+    """
+    UndoRollback: _aio.UnaryUnaryMultiCallable[_session_pb2.UndoRollbackRequest, _session_pb2.UndoRollbackResponse]  # type: ignore[assignment]
+    """Undoes the last RollbackSession while no turn has run since (FAILED_PRECONDITION after)."""
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     """Sessions: one conversation with the agent, its registry entry and its history."""
@@ -429,5 +457,37 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         configured for the session can be enabled (PERMISSION_DENIED otherwise, and in user mode
         for any server the daemon did not configure).
         """
+
+    @_abc_1.abstractmethod
+    def RewindFiles(
+        self,
+        request: _session_pb2.RewindFilesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.RewindFilesResponse, _abc.Awaitable[_session_pb2.RewindFilesResponse]]:
+        """Undoes the agent's file changes since a user message of the session: the files its edit
+        tools changed since then go back to their state before it (a file it created is removed).
+        The conversation is untouched. A file changed by someone else since the agent last left it
+        is reported (conflicts) and nothing is rewound, unless force. Audited; watchers get a
+        notice. FAILED_PRECONDITION while a turn runs.
+        """
+
+    @_abc_1.abstractmethod
+    def RollbackSession(
+        self,
+        request: _session_pb2.RollbackSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.RollbackSessionResponse, _abc.Awaitable[_session_pb2.RollbackSessionResponse]]:
+        """The session goes on as it stood before a user message of it: that message and every later
+        one stay in history marked rolled_back (GetHistory can hide them), and the agent's next
+        turn no longer carries them. FAILED_PRECONDITION while a turn runs or waits.
+        """
+
+    @_abc_1.abstractmethod
+    def UndoRollback(
+        self,
+        request: _session_pb2.UndoRollbackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.UndoRollbackResponse, _abc.Awaitable[_session_pb2.UndoRollbackResponse]]:
+        """Undoes the last RollbackSession while no turn has run since (FAILED_PRECONDITION after)."""
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
