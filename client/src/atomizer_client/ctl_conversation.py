@@ -1,5 +1,6 @@
 """atomizerctl's commands beside the conversation: `aside` (a question aside), `rename` (the
-session's title) and `mcp` (the live agent's MCP servers: health, reconnect, enable/disable)."""
+session's title), `mcp` (the live agent's MCP servers: health, reconnect, enable/disable), and
+undoing: `rewind` (the agent's file changes), `rollback` and `undo-rollback`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from atomizer_client.client import Client
-from atomizer_client.ctl_output import EXIT_OK, Output, proto_dict
+from atomizer_client.ctl_output import EXIT_INVALID, EXIT_OK, Output, proto_dict
 
 
 def cmd_aside(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -51,6 +52,44 @@ def cmd_mcp(client: Client, args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def cmd_rewind(client: Client, args: argparse.Namespace, out: Output) -> int:
+    r = client.rewind_files(args.id, args.message_id, dry_run=args.dry_run, force=args.force)
+    if out.json:
+        out.record(proto_dict(r))
+        return EXIT_OK
+    conflicts = set(r.conflicts)
+    for path in r.files:
+        out.line(f"{path}{'  (changed by someone else since)' if path in conflicts else ''}")
+    if r.rewound:
+        out.note(f"{len(r.files)} file(s) restored")
+    elif conflicts and not args.dry_run:
+        out.error("nothing rewound: files were changed by someone else since (--force rewinds)")
+        return EXIT_INVALID
+    else:
+        out.note(f"dry run: {len(r.files)} file(s), +{r.insertions} -{r.deletions} lines")
+    return EXIT_OK
+
+
+def cmd_rollback(client: Client, args: argparse.Namespace, out: Output) -> int:
+    r = client.rollback_session(args.id, args.message_id, rewind_files=args.files)
+    if out.json:
+        out.record(proto_dict(r))
+    else:
+        out.line(f"{r.session.session_id}: {r.rolled_back} message(s) rolled back")
+        for path in r.files:
+            out.line(f"  restored {path}")
+    return EXIT_OK
+
+
+def cmd_undo_rollback(client: Client, args: argparse.Namespace, out: Output) -> int:
+    r = client.undo_rollback(args.id)
+    if out.json:
+        out.record(proto_dict(r))
+    else:
+        out.line(f"{r.session.session_id}: {r.restored} message(s) back")
+    return EXIT_OK
+
+
 def add_commands(add: Callable[[str, Any, str], argparse.ArgumentParser]) -> None:
     """The commands, added with build_parser's `add(name, fn, help)`."""
     p = add(
@@ -76,3 +115,22 @@ def add_commands(add: Callable[[str, Any, str], argparse.ArgumentParser]) -> Non
     g.add_argument(
         "--disable", metavar="NAME", help="disable server NAME (until the agent restarts)"
     )
+    p = add(
+        "rewind",
+        cmd_rewind,
+        "undo the agent's file changes since a user message (the #id `history` shows)",
+    )
+    p.add_argument("id")
+    p.add_argument("message_id", type=int)
+    p.add_argument("--dry-run", action="store_true", help="only list the files")
+    p.add_argument("--force", action="store_true", help="also files changed by someone else since")
+    p = add(
+        "rollback",
+        cmd_rollback,
+        "go on from before a user message; later messages stay in history, rolled back",
+    )
+    p.add_argument("id")
+    p.add_argument("message_id", type=int)
+    p.add_argument("--files", action="store_true", help="also rewind the agent's file changes")
+    p = add("undo-rollback", cmd_undo_rollback, "undo the last rollback (until a turn runs)")
+    p.add_argument("id")

@@ -173,11 +173,14 @@ def cmd_history(client: Client, args: argparse.Namespace, out: Output) -> int:
         extra = "" if status in ("complete", "unspecified") else f" ({status})"
         if m.aside:
             extra += " [aside: not part of the conversation]"
+        if m.rolled_back:
+            extra += " [rolled back]"
         if enum_short(m, "origin") not in ("client", "unspecified"):
             extra += f" [started by the agent: {enum_short(m, 'origin')}]"
         cost = f" · ${m.cost_usd:.4f}" if m.cost_usd else ""
         out.line(
-            ("\n" if i else "") + f"── {enum_short(m, 'role')}{extra} · {when(m.created_at)}{cost}"
+            ("\n" if i else "")
+            + f"── {enum_short(m, 'role')}{extra} · {when(m.created_at)}{cost} · #{m.message_id}"
         )
         for call in m.tool_calls:
             out.line(one_line(f"  ⏺ {call.name} {call.input_json}"))
