@@ -240,3 +240,12 @@ def configured_mcp_servers(config: Config) -> frozenset[str]:
     """The MCP servers the daemon gives every session's agent (by name): its own and
     `mcp.servers`. Others an agent has came from elsewhere (without `mcp.strict`)."""
     return frozenset({ATOMIZER_MCP_NAME, *config.mcp.servers})
+
+
+def cli_projects_dir(config: Config) -> Path:
+    """Where the agents' CLI keeps its transcripts, one folder per working directory: its
+    config dir (CLAUDE_CONFIG_DIR of the agents' environment, else ~/.claude) / projects."""
+    env = build_env(os.environ, config.agent.env)
+    if env.get("CLAUDE_CONFIG_DIR"):
+        return Path(env["CLAUDE_CONFIG_DIR"]) / "projects"
+    return Path(env.get("HOME") or Path.home()) / ".claude" / "projects"

@@ -3,7 +3,9 @@
 A facade over the parts of a session's life, each in a module of its own: the loaded sessions
 and who serves them (table.py), their events (streams.py), their work queue (queue.py), changes
 of their settings (settings.py), clients' answers (answers.py), what the agent does on its own
-(autonomy.py), and the checks of what clients send (checks.py). Here: creating, reopening,
+(autonomy.py), and the checks of what clients send (checks.py). What works beside the
+conversation is called as the registry's parts: `asides` (aside.py), `titles` (titles.py),
+`mcp` (mcp.py), `undo` (undo.py) and `importer` (importing.py). Here: creating, reopening,
 forking, listing and closing sessions, sending a message, and the daemon's own start-up and
 shutdown steps (docs/architecture.md, "Session").
 """
@@ -38,6 +40,7 @@ from atomizerd.sessions.attachments import check as check_attachments
 from atomizerd.sessions.attachments import check_sha256
 from atomizerd.sessions.autonomy import AgentWork, TaskOutputPage
 from atomizerd.sessions.catalog import Catalog
+from atomizerd.sessions.importing import Importer
 from atomizerd.sessions.journal import Resumed, TurnJournal
 from atomizerd.sessions.mcp import McpServer, McpServers
 from atomizerd.sessions.queue import WorkQueue
@@ -48,7 +51,7 @@ from atomizerd.sessions.table import SessionTable, SessionView
 from atomizerd.sessions.titles import Titles
 from atomizerd.sessions.turn import Turn, TurnState
 from atomizerd.sessions.turns import TurnRunner
-from atomizerd.sessions.undo import Rewind, Rollback, Undo
+from atomizerd.sessions.undo import Undo
 from atomizerd.store.db import (
     AttachmentRecord,
     AuditRecord,
@@ -64,8 +67,6 @@ __all__ = [
     "AsideStep",
     "McpServer",
     "Registry",
-    "Rewind",
-    "Rollback",
     "SessionView",
     "TaskOutputPage",
     "spare_record",
@@ -119,6 +120,7 @@ class Registry:
             lambda s, kind: self.streams.emit(s, None, kind),
         )
         self.runner.after_turn = self.titles.after_turn
+        self.importer = Importer(config, store, studies, self.table, self._check_session_limit)
 
     # --- daemon lifecycle ----------------------------------------------------------------
 
@@ -520,38 +522,6 @@ class Registry:
         return self.streams.history(
             session_id, page_size, page_token, asides=asides, rolled_back=rolled_back
         )
-
-    # --- undoing -------------------------------------------------------------------------
-
-    async def rewind_files(
-        self, session_id: str, message_id: int, *, dry_run: bool, force: bool
-    ) -> Rewind:
-        return await self.undo.rewind_files(session_id, message_id, dry_run=dry_run, force=force)
-
-    async def rollback_session(
-        self, session_id: str, message_id: int, *, rewind_files: bool
-    ) -> Rollback:
-        return await self.undo.rollback(session_id, message_id, rewind_files=rewind_files)
-
-    async def undo_rollback(self, session_id: str) -> tuple[SessionView, int]:
-        return await self.undo.undo_rollback(session_id)
-
-    # --- beside the conversation ---------------------------------------------------------
-
-    def ask_aside(self, session_id: str, text: str) -> AsyncIterator[AsideStep]:
-        return self.asides.ask(session_id, text)
-
-    async def rename_session(self, session_id: str, title: str) -> SessionView:
-        return await self.titles.rename(session_id, title)
-
-    async def mcp_status(self, session_id: str) -> list[McpServer]:
-        return await self.mcp.status(session_id)
-
-    async def reconnect_mcp_server(self, session_id: str, name: str) -> McpServer:
-        return await self.mcp.reconnect(session_id, name)
-
-    async def set_mcp_server_enabled(self, session_id: str, name: str, enabled: bool) -> McpServer:
-        return await self.mcp.set_enabled(session_id, name, enabled)
 
     async def interrupt(self, session_id: str) -> str:
         return await self.answers.interrupt(session_id)

@@ -503,3 +503,25 @@ class RollbackStore(MessagesStore):
                 (session_id, message_id),
             ).rowcount
         )
+
+    def add_imported(self, session_id: str, turns: Sequence[tuple[str, str, str]]) -> int:
+        """A conversation imported from the CLI's transcript: (user text, reply, the reply's
+        uuid) per turn, as finished turns of their own. Returns how many messages."""
+        now = time.time()
+        with self.db.atomic():
+            for user, reply, reply_uuid in turns:
+                turn_id = f"import-{secrets.token_hex(8)}"
+                for role, text, uuid in (("user", user, ""), ("assistant", reply, reply_uuid)):
+                    values = _aside_values(session_id, turn_id, role, text, "complete", "", now)
+                    values["origin"] = "client"
+                    values["agent_uuid"] = uuid
+                    self._insert_message(values)
+            self._sql(
+                "UPDATE messages SET detail = 'imported' WHERE session_id = ? AND turn_id LIKE ?",
+                (session_id, "import-%"),
+            )
+            self._sql(
+                "UPDATE sessions SET message_count = message_count + ? WHERE session_id = ?",
+                (2 * len(turns), session_id),
+            )
+        return 2 * len(turns)

@@ -30,6 +30,10 @@ from atomizerd.store.records import (
 class SessionsStore(StoreBase):
     # sessions
 
+    def agent_session_used(self, agent_session_id: str) -> bool:
+        """Whether a session (of any host) has this conversation."""
+        return SessionRow.select().where(SessionRow.agent_session_id == agent_session_id).exists()
+
     def create_session(
         self,
         session_id: str,

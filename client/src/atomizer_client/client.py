@@ -377,6 +377,27 @@ class Client(_Base):
         req = session_pb2.UndoRollbackRequest(session_id=session_id)
         return self._call(self._sessions.UndoRollback, req, timeout)
 
+    def import_session(
+        self,
+        *,
+        agent_session_id: str = "",
+        transcript_path: str = "",
+        mode: ModeLike | None = None,
+        study_id: str = "",
+        session_id: str = "",
+        timeout: float | None = None,
+    ) -> session_pb2.ImportSessionResponse:
+        """A conversation started with the plain `claude` CLI becomes a session that resumes
+        it: name it by its id or its transcript's path (in the CLI's projects folder)."""
+        req = session_pb2.ImportSessionRequest(
+            agent_session_id=agent_session_id,
+            transcript_path=transcript_path,
+            mode=session_pb2.MODE_UNSPECIFIED if mode is None else mode_value(mode),
+            study_id=study_id,
+            session_id=session_id,
+        )
+        return self._call(self._sessions.ImportSession, req, timeout)
+
     def rename_session(
         self, session_id: str, title: str, *, timeout: float | None = None
     ) -> Session:

@@ -228,6 +228,25 @@ class AsyncClient(_Base):
         req = session_pb2.UndoRollbackRequest(session_id=session_id)
         return await self._call(self._sessions.UndoRollback, req)
 
+    async def import_session(
+        self,
+        *,
+        agent_session_id: str = "",
+        transcript_path: str = "",
+        mode: ModeLike | None = None,
+        study_id: str = "",
+        session_id: str = "",
+    ) -> session_pb2.ImportSessionResponse:
+        """As `Client.import_session`."""
+        req = session_pb2.ImportSessionRequest(
+            agent_session_id=agent_session_id,
+            transcript_path=transcript_path,
+            mode=session_pb2.MODE_UNSPECIFIED if mode is None else mode_value(mode),
+            study_id=study_id,
+            session_id=session_id,
+        )
+        return await self._call(self._sessions.ImportSession, req)
+
     async def rename_session(self, session_id: str, title: str) -> Session:
         req = session_pb2.RenameSessionRequest(session_id=session_id, title=title)
         return (await self._call(self._sessions.RenameSession, req)).session

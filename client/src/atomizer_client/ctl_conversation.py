@@ -90,6 +90,23 @@ def cmd_undo_rollback(client: Client, args: argparse.Namespace, out: Output) -> 
     return EXIT_OK
 
 
+def cmd_import(client: Client, args: argparse.Namespace, out: Output) -> int:
+    path = args.conversation if args.conversation.startswith("/") else ""
+    r = client.import_session(
+        agent_session_id="" if path else args.conversation,
+        transcript_path=path,
+        mode="power" if args.power else None,
+        study_id=args.study or "",
+        session_id=args.id or "",
+    )
+    if out.json:
+        out.record(proto_dict(r))
+    else:
+        out.line(r.session.session_id)
+        out.note(f"{r.imported_messages} message(s) imported")
+    return EXIT_OK
+
+
 def add_commands(add: Callable[[str, Any, str], argparse.ArgumentParser]) -> None:
     """The commands, added with build_parser's `add(name, fn, help)`."""
     p = add(
@@ -134,3 +151,12 @@ def add_commands(add: Callable[[str, Any, str], argparse.ArgumentParser]) -> Non
     p.add_argument("--files", action="store_true", help="also rewind the agent's file changes")
     p = add("undo-rollback", cmd_undo_rollback, "undo the last rollback (until a turn runs)")
     p.add_argument("id")
+    p = add(
+        "import",
+        cmd_import,
+        "make a conversation of the plain claude CLI a session (prints its id)",
+    )
+    p.add_argument("conversation", help="its id (the CLI's session id), or its transcript's path")
+    p.add_argument("--id", metavar="ID", help="the session id (default: generated)")
+    p.add_argument("--study", metavar="S", help="attach study S")
+    p.add_argument("--power", action="store_true", help="power mode (if the daemon allows it)")

@@ -3433,3 +3433,62 @@ class UndoRollbackResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UndoRollbackResponse: _TypeAlias = UndoRollbackResponse  # noqa: Y015
+
+@_typing.final
+class ImportSessionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_SESSION_ID_FIELD_NUMBER: _builtins.int
+    TRANSCRIPT_PATH_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    STUDY_ID_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    agent_session_id: _builtins.str
+    """The conversation's id (the CLI's session id, a uuid), looked up in the projects folder;
+    or, instead, the path of its transcript (<projects folder>/<folder>/<uuid>.jsonl).
+    """
+    transcript_path: _builtins.str
+    mode: Global___Mode.ValueType
+    """As CreateSessionRequest (MODE_UNSPECIFIED: MODE_USER)."""
+    study_id: _builtins.str
+    session_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        agent_session_id: _builtins.str = ...,
+        transcript_path: _builtins.str = ...,
+        mode: Global___Mode.ValueType = ...,
+        study_id: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_session_id", b"agent_session_id", "mode", b"mode", "session_id", b"session_id", "study_id", b"study_id", "transcript_path", b"transcript_path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportSessionRequest: _TypeAlias = ImportSessionRequest  # noqa: Y015
+
+@_typing.final
+class ImportSessionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    IMPORTED_MESSAGES_FIELD_NUMBER: _builtins.int
+    imported_messages: _builtins.int
+    """How many messages were imported into history."""
+    @_builtins.property
+    def session(self) -> Global___Session: ...
+    def __init__(
+        self,
+        *,
+        session: Global___Session | None = ...,
+        imported_messages: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["imported_messages", b"imported_messages", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportSessionResponse: _TypeAlias = ImportSessionResponse  # noqa: Y015

@@ -185,6 +185,11 @@ class SessionServiceStub:
                 request_serializer=atomizer_dot_v1_dot_session__pb2.UndoRollbackRequest.SerializeToString,
                 response_deserializer=atomizer_dot_v1_dot_session__pb2.UndoRollbackResponse.FromString,
                 _registered_method=True)
+        self.ImportSession = channel.unary_unary(
+                '/atomizer.v1.SessionService/ImportSession',
+                request_serializer=atomizer_dot_v1_dot_session__pb2.ImportSessionRequest.SerializeToString,
+                response_deserializer=atomizer_dot_v1_dot_session__pb2.ImportSessionResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -420,6 +425,17 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportSession(self, request, context):
+        """A conversation started with the plain `claude` CLI (by the daemon's user, in any folder)
+        becomes a session that resumes it, its messages imported into history. Its transcript is
+        read from the CLI's projects folder only (PERMISSION_DENIED for a path outside it); one
+        that cannot be read is INVALID_ARGUMENT with the reason. The transcript is copied, never
+        changed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -572,6 +588,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.UndoRollback,
                     request_deserializer=atomizer_dot_v1_dot_session__pb2.UndoRollbackRequest.FromString,
                     response_serializer=atomizer_dot_v1_dot_session__pb2.UndoRollbackResponse.SerializeToString,
+            ),
+            'ImportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportSession,
+                    request_deserializer=atomizer_dot_v1_dot_session__pb2.ImportSessionRequest.FromString,
+                    response_serializer=atomizer_dot_v1_dot_session__pb2.ImportSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1385,6 +1406,33 @@ class SessionService:
             '/atomizer.v1.SessionService/UndoRollback',
             atomizer_dot_v1_dot_session__pb2.UndoRollbackRequest.SerializeToString,
             atomizer_dot_v1_dot_session__pb2.UndoRollbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atomizer.v1.SessionService/ImportSession',
+            atomizer_dot_v1_dot_session__pb2.ImportSessionRequest.SerializeToString,
+            atomizer_dot_v1_dot_session__pb2.ImportSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -122,6 +122,13 @@ class SessionServiceStub:
     """
     UndoRollback: _grpc.UnaryUnaryMultiCallable[_session_pb2.UndoRollbackRequest, _session_pb2.UndoRollbackResponse]
     """Undoes the last RollbackSession while no turn has run since (FAILED_PRECONDITION after)."""
+    ImportSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.ImportSessionRequest, _session_pb2.ImportSessionResponse]
+    """A conversation started with the plain `claude` CLI (by the daemon's user, in any folder)
+    becomes a session that resumes it, its messages imported into history. Its transcript is
+    read from the CLI's projects folder only (PERMISSION_DENIED for a path outside it); one
+    that cannot be read is INVALID_ARGUMENT with the reason. The transcript is copied, never
+    changed.
+    """
 
 @_typing.type_check_only
 class SessionServiceAsyncStub(SessionServiceStub):
@@ -217,6 +224,13 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """
     UndoRollback: _aio.UnaryUnaryMultiCallable[_session_pb2.UndoRollbackRequest, _session_pb2.UndoRollbackResponse]  # type: ignore[assignment]
     """Undoes the last RollbackSession while no turn has run since (FAILED_PRECONDITION after)."""
+    ImportSession: _aio.UnaryUnaryMultiCallable[_session_pb2.ImportSessionRequest, _session_pb2.ImportSessionResponse]  # type: ignore[assignment]
+    """A conversation started with the plain `claude` CLI (by the daemon's user, in any folder)
+    becomes a session that resumes it, its messages imported into history. Its transcript is
+    read from the CLI's projects folder only (PERMISSION_DENIED for a path outside it); one
+    that cannot be read is INVALID_ARGUMENT with the reason. The transcript is copied, never
+    changed.
+    """
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     """Sessions: one conversation with the agent, its registry entry and its history."""
@@ -489,5 +503,18 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_session_pb2.UndoRollbackResponse, _abc.Awaitable[_session_pb2.UndoRollbackResponse]]:
         """Undoes the last RollbackSession while no turn has run since (FAILED_PRECONDITION after)."""
+
+    @_abc_1.abstractmethod
+    def ImportSession(
+        self,
+        request: _session_pb2.ImportSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.ImportSessionResponse, _abc.Awaitable[_session_pb2.ImportSessionResponse]]:
+        """A conversation started with the plain `claude` CLI (by the daemon's user, in any folder)
+        becomes a session that resumes it, its messages imported into history. Its transcript is
+        read from the CLI's projects folder only (PERMISSION_DENIED for a path outside it); one
+        that cannot be read is INVALID_ARGUMENT with the reason. The transcript is copied, never
+        changed.
+        """
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
