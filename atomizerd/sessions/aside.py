@@ -53,6 +53,7 @@ class Asides:
             raise FailedPrecondition(
                 f"session {s.id!r} has no conversation yet to ask about; send a message first"
             )
+        checks.check_budget(s.record)  # an aside is a model call: it costs like a turn
         question = self.store.add_aside_question(s.id, text)
         yield AsideStep(question_id=question.message_id)
         # A caller that goes away does not lose the answer: it is stored all the same.

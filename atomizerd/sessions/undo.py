@@ -146,6 +146,12 @@ class Undo:
         message = self._user_message(s, message_id)
         if not s.record.agent_started:
             raise FailedPrecondition(f"session {s.id!r} has no conversation to roll back yet")
+        running = s.tasks.running()
+        if running:
+            raise FailedPrecondition(
+                f"session {s.id!r}'s agent runs task {running[0].task_id!r}: a rollback "
+                "restarts the agent, which would stop it; stop it first (StopTask)"
+            )
         files: list[str] = []
         if rewind_files:
             rewound = await self._rewind(s, message, dry_run=False, force=False)

@@ -235,6 +235,7 @@ UNARY: dict[str, Callable[..., Any]] = {
     "RewindFiles": lambda c, **kw: c.rewind_files("s1", 3, dry_run=True, **kw),
     "RollbackSession": lambda c, **kw: c.rollback_session("s1", 3, **kw),
     "UndoRollback": lambda c, **kw: c.undo_rollback("s1", **kw),
+    "ImportSession": lambda c, **kw: c.import_session(agent_session_id="a" * 8, **kw),
     "GetStatus": lambda c, **kw: c.get_status(**kw),
     "RestartDaemon": lambda c, **kw: c.restart_daemon(**kw),
 }
