@@ -30,7 +30,7 @@ log = structlog.get_logger("atomizerd.sessions.agentcalls")
 ErrorOf = Callable[[ControlError], Exception]
 
 
-def _unavailable(e: ControlError) -> Exception:
+def _refused(e: ControlError) -> Exception:
     return FailedPrecondition(f"the agent refused: {e}")
 
 
@@ -54,7 +54,7 @@ class AgentCalls:
         *,
         timeout: float,
         start: bool,
-        error_of: ErrorOf = _unavailable,
+        error_of: ErrorOf = _refused,
         **fields: Any,
     ) -> dict[str, Any]:
         """The agent's answer to one control request. With `start`, a session without a live
