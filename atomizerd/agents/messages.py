@@ -67,8 +67,11 @@ class AssistantMessage:
     parent_tool_use_id: str | None = None
     error: str | None = None  # e.g. "server_error" on a synthetic API-error message
     aborted: bool = False  # the partial block of an interrupted turn
-    # The model call's input tokens, cache included (its output comes in MessageDelta).
+    # The model call's input tokens, cache included (its output comes in MessageDelta), and
+    # the cache's parts of it.
     input_tokens: int = 0
+    cache_creation_tokens: int = 0
+    cache_read_tokens: int = 0
     uuid: str = ""  # the line's own uuid in the CLI's transcript (--resume-session-at)
 
 

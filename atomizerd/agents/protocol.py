@@ -208,6 +208,8 @@ def _parse_assistant(data: dict[str, Any]) -> AssistantMessage:
         error=error if isinstance(error, str) else None,
         aborted=data.get("aborted") is True,
         input_tokens=_input_tokens(_dict(message, "usage")),
+        cache_creation_tokens=_int(_dict(message, "usage"), "cache_creation_input_tokens"),
+        cache_read_tokens=_int(_dict(message, "usage"), "cache_read_input_tokens"),
         uuid=_str(data, "uuid"),
     )
 

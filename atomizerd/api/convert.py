@@ -9,9 +9,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from atomizerd.errors import InvalidArgument
 from atomizerd.sessions import events as ev
-from atomizerd.sessions.registry import SessionView
+from atomizerd.sessions.registry import AsideStep, McpServer, SessionView
 from atomizerd.sessions.tasks import TaskInfo
-from atomizerd.store.db import AuditRecord, MessageRecord, SearchHit
+from atomizerd.store.db import ASIDE, AuditRecord, MessageRecord, SearchHit
 
 _MODE_TO_DOMAIN = {pb.MODE_USER: "user", pb.MODE_POWER: "power", pb.MODE_PLAN: "plan"}
 _MODE_TO_PB = {v: k for k, v in _MODE_TO_DOMAIN.items()}
@@ -101,6 +101,8 @@ def session_to_pb(view: SessionView) -> pb.Session:
         tasks=[task_to_pb(t) for t in view.tasks],
         labels=r.label_map(),
         archived=r.archived,
+        title=r.title,
+        usage=live_usage_to_pb(view.usage) if view.usage is not None else None,
     )
 
 
@@ -174,7 +176,42 @@ def message_to_pb(m: MessageRecord) -> pb.Message:
         attachments=[
             attachment_info_to_pb(a.name, a.media_type, a.size, a.sha256) for a in m.attachments
         ],
-        origin=origin_to_pb(m.origin),
+        # An aside's turn was the client's (its origin "aside" says it is not the conversation's).
+        origin=pb.TURN_ORIGIN_CLIENT if m.origin == ASIDE else origin_to_pb(m.origin),
+        aside=m.origin == ASIDE,
+        structured_output=m.structured_output,
+        rolled_back=m.rolled_back_at != 0,
+    )
+
+
+def live_usage_to_pb(u: ev.LiveUsage) -> pb.LiveUsage:
+    return pb.LiveUsage(
+        input_tokens=u.input_tokens,
+        output_tokens=u.output_tokens,
+        cache_creation_input_tokens=u.cache_creation_input_tokens,
+        cache_read_input_tokens=u.cache_read_input_tokens,
+        context_tokens=u.context_tokens,
+        context_window=u.context_window,
+        turn_cost_usd=u.turn_cost_usd,
+    )
+
+
+def mcp_server_to_pb(m: McpServer) -> pb.McpServerStatus:
+    return pb.McpServerStatus(
+        name=m.name,
+        status=m.status,
+        tools_count=m.tools_count,
+        error=m.error,
+        configured=m.configured,
+    )
+
+
+def aside_step_to_pb(step: AsideStep) -> pb.AskAsideResponse:
+    return pb.AskAsideResponse(
+        question_message_id=step.question_id,
+        text=step.text,
+        done=step.done,
+        answer_message_id=step.answer_id,
     )
 
 
@@ -296,6 +333,8 @@ def event_to_pb(e: ev.SessionEvent) -> pb.SessionEvent:
             out.question.CopyFrom(question_to_pb(k))
         case ev.QuestionAnswered():
             out.question_answered.CopyFrom(question_answered_to_pb(k))
+        case ev.LiveUsage():
+            out.usage.CopyFrom(live_usage_to_pb(k))
     return out
 
 

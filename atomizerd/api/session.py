@@ -121,7 +121,11 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         self, request: pb.GetHistoryRequest, context: Ctx
     ) -> pb.GetHistoryResponse:
         messages, token = self.registry.history(
-            request.session_id, request.page_size, request.page_token
+            request.session_id,
+            request.page_size,
+            request.page_token,
+            asides=not request.hide_asides,
+            rolled_back=not request.hide_rolled_back,
         )
         return pb.GetHistoryResponse(
             messages=[convert.message_to_pb(m) for m in messages], next_page_token=token
@@ -258,4 +262,89 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         )
         return pb.SearchMessagesResponse(
             hits=[convert.search_hit_to_pb(h) for h in hits], next_page_token=token
+        )
+
+    @streaming
+    async def AskAside(
+        self, request: pb.AskAsideRequest, context: Ctx
+    ) -> AsyncIterator[pb.AskAsideResponse]:
+        async for step in self.registry.asides.ask(request.session_id, request.text):
+            yield convert.aside_step_to_pb(step)
+
+    @unary
+    async def RenameSession(
+        self, request: pb.RenameSessionRequest, context: Ctx
+    ) -> pb.RenameSessionResponse:
+        view = await self.registry.titles.rename(request.session_id, request.title)
+        return pb.RenameSessionResponse(session=convert.session_to_pb(view))
+
+    @unary
+    async def GetMcpStatus(
+        self, request: pb.GetMcpStatusRequest, context: Ctx
+    ) -> pb.GetMcpStatusResponse:
+        servers = await self.registry.mcp.status(request.session_id)
+        return pb.GetMcpStatusResponse(servers=[convert.mcp_server_to_pb(m) for m in servers])
+
+    @unary
+    async def ReconnectMcpServer(
+        self, request: pb.ReconnectMcpServerRequest, context: Ctx
+    ) -> pb.ReconnectMcpServerResponse:
+        server = await self.registry.mcp.reconnect(request.session_id, request.name)
+        return pb.ReconnectMcpServerResponse(server=convert.mcp_server_to_pb(server))
+
+    @unary
+    async def SetMcpServerEnabled(
+        self, request: pb.SetMcpServerEnabledRequest, context: Ctx
+    ) -> pb.SetMcpServerEnabledResponse:
+        server = await self.registry.mcp.set_enabled(
+            request.session_id, request.name, request.enabled
+        )
+        return pb.SetMcpServerEnabledResponse(server=convert.mcp_server_to_pb(server))
+
+    @unary
+    async def RewindFiles(
+        self, request: pb.RewindFilesRequest, context: Ctx
+    ) -> pb.RewindFilesResponse:
+        r = await self.registry.undo.rewind_files(
+            request.session_id, request.message_id, dry_run=request.dry_run, force=request.force
+        )
+        return pb.RewindFilesResponse(
+            files=r.files,
+            conflicts=r.conflicts,
+            insertions=r.insertions,
+            deletions=r.deletions,
+            rewound=r.rewound,
+        )
+
+    @unary
+    async def RollbackSession(
+        self, request: pb.RollbackSessionRequest, context: Ctx
+    ) -> pb.RollbackSessionResponse:
+        r = await self.registry.undo.rollback(
+            request.session_id, request.message_id, rewind_files=request.rewind_files
+        )
+        return pb.RollbackSessionResponse(
+            session=convert.session_to_pb(r.view), rolled_back=r.count, files=r.files
+        )
+
+    @unary
+    async def UndoRollback(
+        self, request: pb.UndoRollbackRequest, context: Ctx
+    ) -> pb.UndoRollbackResponse:
+        view, count = await self.registry.undo.undo_rollback(request.session_id)
+        return pb.UndoRollbackResponse(session=convert.session_to_pb(view), restored=count)
+
+    @unary
+    async def ImportSession(
+        self, request: pb.ImportSessionRequest, context: Ctx
+    ) -> pb.ImportSessionResponse:
+        view, count = self.registry.importer.import_session(
+            request.agent_session_id,
+            request.transcript_path,
+            mode=convert.mode_from_pb(request.mode, required=False),
+            study_id=request.study_id,
+            session_id=request.session_id,
+        )
+        return pb.ImportSessionResponse(
+            session=convert.session_to_pb(view), imported_messages=count
         )

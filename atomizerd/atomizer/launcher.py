@@ -86,6 +86,9 @@ class Launcher:
                 raise FailedPrecondition(status.refusal())
         tmp = self.studies.session_tmp(record.session_id)
         env["TMPDIR"] = str(tmp)
+        # The CLI keeps a copy of each file before the agent's edits of a turn, so RewindFiles
+        # can restore them (its rewind_files control request; measured: docs/agent-protocol.md).
+        env["CLAUDE_CODE_ENABLE_SDK_FILE_CHECKPOINTING"] = "true"
         settings = None
         document: dict[str, Any] = {}
         plans = plans_folder(self.config, record.session_id) if record.mode == "plan" else None
@@ -155,7 +158,7 @@ class Launcher:
         servers: dict[str, object] = {}
         command = self._atomizer_mcp_command()
         if command:
-            servers["atomizer"] = {
+            servers[ATOMIZER_MCP_NAME] = {
                 "command": command[0],
                 "args": command[1:],
                 "env": {
@@ -227,3 +230,22 @@ def _allowance(record: SessionRecord) -> float | None:
         return None
     # Never 0 (the CLI wants a positive cap): a session at its cap is refused before a turn.
     return record.agent_cost_usd + max(min(limits), 1e-6)
+
+
+# The daemon's own MCP server, as the session's agents know it.
+ATOMIZER_MCP_NAME = "atomizer"
+
+
+def configured_mcp_servers(config: Config) -> frozenset[str]:
+    """The MCP servers the daemon gives every session's agent (by name): its own and
+    `mcp.servers`. Others an agent has came from elsewhere (without `mcp.strict`)."""
+    return frozenset({ATOMIZER_MCP_NAME, *config.mcp.servers})
+
+
+def cli_projects_dir(config: Config) -> Path:
+    """Where the agents' CLI keeps its transcripts, one folder per working directory: its
+    config dir (CLAUDE_CONFIG_DIR of the agents' environment, else ~/.claude) / projects."""
+    env = build_env(os.environ, config.agent.env)
+    if env.get("CLAUDE_CONFIG_DIR"):
+        return Path(env["CLAUDE_CONFIG_DIR"]) / "projects"
+    return Path(env.get("HOME") or Path.home()) / ".claude" / "projects"

@@ -36,6 +36,11 @@ class AgentConfig:
         "~0.4 s CLI start-up.",
         default=True,
     )
+    titles: bool = _doc(
+        "Ask the agent for a session title after the first completed turn (one more model "
+        "call, without tools); off: sessions are titled only by RenameSession.",
+        default=True,
+    )
     first_event_timeout: float = _doc(
         "A turn with no event from the agent for this long fails (FIRST_EVENT_TIMEOUT). "
         "Generous: the first turn after a spawn includes CLI start-up and the model's latency.",

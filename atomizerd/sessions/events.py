@@ -181,6 +181,10 @@ CONTEXT_COMPACTED = "CONTEXT_COMPACTED"
 BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"
 # A task ran longer than agent.task_timeout: it was stopped.
 TASK_TIMEOUT = "TASK_TIMEOUT"
+# RewindFiles restored the agent's file changes.
+FILES_REWOUND = "FILES_REWOUND"
+# RollbackSession or UndoRollback moved where the conversation goes on.
+ROLLED_BACK = "ROLLED_BACK"
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +275,20 @@ class QuestionAnswered:
     message: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class LiveUsage:
+    """Usage as the agent reports it during a turn: the latest model call's tokens (input
+    apart from the cache's), how full the context is, and at the turn's end its cost."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    context_tokens: int = 0
+    context_window: int = 0
+    turn_cost_usd: float = 0.0
+
+
 EventKind = (
     TurnStarted
     | TextDelta
@@ -288,6 +306,7 @@ EventKind = (
     | TaskStarted
     | TaskOutput
     | TaskEnded
+    | LiveUsage
 )
 TERMINAL = (TurnCompleted, TurnFailed)
 

@@ -3,7 +3,9 @@
 A facade over the parts of a session's life, each in a module of its own: the loaded sessions
 and who serves them (table.py), their events (streams.py), their work queue (queue.py), changes
 of their settings (settings.py), clients' answers (answers.py), what the agent does on its own
-(autonomy.py), and the checks of what clients send (checks.py). Here: creating, reopening,
+(autonomy.py), and the checks of what clients send (checks.py). What works beside the
+conversation is called as the registry's parts: `asides` (aside.py), `titles` (titles.py),
+`mcp` (mcp.py), `undo` (undo.py) and `importer` (importing.py). Here: creating, reopening,
 forking, listing and closing sessions, sending a message, and the daemon's own start-up and
 shutdown steps (docs/architecture.md, "Session").
 """
@@ -30,20 +32,26 @@ from atomizerd.errors import (
 )
 from atomizerd.sessions import checks
 from atomizerd.sessions import events as ev
+from atomizerd.sessions.agentcalls import AgentCalls
 from atomizerd.sessions.answers import Answers
 from atomizerd.sessions.approvals import Decision
+from atomizerd.sessions.aside import Asides, AsideStep
 from atomizerd.sessions.attachments import check as check_attachments
 from atomizerd.sessions.attachments import check_sha256
 from atomizerd.sessions.autonomy import AgentWork, TaskOutputPage
 from atomizerd.sessions.catalog import Catalog
+from atomizerd.sessions.importing import Importer
 from atomizerd.sessions.journal import Resumed, TurnJournal
+from atomizerd.sessions.mcp import McpServer, McpServers
 from atomizerd.sessions.queue import WorkQueue
 from atomizerd.sessions.session import Session, SessionState
 from atomizerd.sessions.settings import SettingChanges
 from atomizerd.sessions.streams import Streams, replay_stored
 from atomizerd.sessions.table import SessionTable, SessionView
+from atomizerd.sessions.titles import Titles
 from atomizerd.sessions.turn import Turn, TurnState
 from atomizerd.sessions.turns import TurnRunner
+from atomizerd.sessions.undo import Undo
 from atomizerd.store.db import (
     AttachmentRecord,
     AuditRecord,
@@ -55,7 +63,14 @@ from atomizerd.store.db import (
 )
 from atomizerd.telemetry import NULL, Telemetry
 
-__all__ = ["Registry", "SessionView", "TaskOutputPage", "spare_record"]
+__all__ = [
+    "AsideStep",
+    "McpServer",
+    "Registry",
+    "SessionView",
+    "TaskOutputPage",
+    "spare_record",
+]
 
 log = structlog.get_logger("atomizerd.sessions.registry")
 
@@ -92,6 +107,21 @@ class Registry:
             config, store, pool, self.table, self.streams, self.queue, self.runner.follower
         )
         self.replay = self.table.replay
+        self.calls = AgentCalls(config, pool, self.queue)
+        self.asides = Asides(config, store, self.table, self.calls)
+        self.titles = Titles(config, self.table, self.calls)
+        self.mcp = McpServers(config, self.table, self.calls)
+        self.undo = Undo(
+            config,
+            store,
+            pool,
+            self.table,
+            self.queue,
+            self.calls,
+            lambda s, kind: self.streams.emit(s, None, kind),
+        )
+        self.runner.after_turn = self.titles.after_turn
+        self.importer = Importer(config, store, studies, self.table, self._check_session_limit)
 
     # --- daemon lifecycle ----------------------------------------------------------------
 
@@ -170,6 +200,8 @@ class Registry:
         for s in self.table.sessions.values():
             s.log.close()
         self.settings.cancel_background()
+        self.titles.cancel()
+        self.asides.cancel()
 
     async def drain(self, grace: float) -> None:
         """Stops accepting work: queued turns are refused (never sent, safe to retry), running
@@ -195,6 +227,8 @@ class Registry:
         for s in self.table.sessions.values():
             s.log.close()
         self.settings.cancel_background()
+        self.titles.cancel()
+        self.asides.cancel()
 
     def restore_tasks(self, session_id: str) -> None:
         self.agent_work.restore_tasks(session_id)
@@ -318,6 +352,10 @@ class Registry:
             if not reply.agent_uuid:
                 raise FailedPrecondition(
                     f"reply {at_message_id} cannot be forked at: it was interrupted or failed"
+                )
+            if reply.rolled_back_at:
+                raise FailedPrecondition(
+                    f"reply {at_message_id} cannot be forked at: it was rolled back"
                 )
         else:
             reply = self.store.last_reply(s.id)
@@ -479,9 +517,17 @@ class Registry:
         return self.streams.watch(session_id, after_seq)
 
     def history(
-        self, session_id: str, page_size: int, page_token: str
+        self,
+        session_id: str,
+        page_size: int,
+        page_token: str,
+        *,
+        asides: bool = True,
+        rolled_back: bool = True,
     ) -> tuple[list[MessageRecord], str]:
-        return self.streams.history(session_id, page_size, page_token)
+        return self.streams.history(
+            session_id, page_size, page_token, asides=asides, rolled_back=rolled_back
+        )
 
     async def interrupt(self, session_id: str) -> str:
         return await self.answers.interrupt(session_id)

@@ -58,9 +58,22 @@ def relay(
             if item.input_tokens and item.parent_tool_use_id is None:
                 transcript.context_input = item.input_tokens
                 transcript.context_tokens = item.input_tokens
+                if item.message_id != transcript.usage_message:  # once per model call
+                    transcript.usage_message = item.message_id
+                    report_usage(emit, transcript, call_usage(item, transcript))
         case proto.MessageDelta() if item.parent_tool_use_id is None:
             if transcript.context_input:  # the call's output is in the context too
                 transcript.context_tokens = transcript.context_input + item.output_tokens
+            if transcript.usage is not None:
+                report_usage(
+                    emit,
+                    transcript,
+                    dataclasses.replace(
+                        transcript.usage,
+                        output_tokens=item.output_tokens,
+                        context_tokens=transcript.context_tokens,
+                    ),
+                )
         case proto.CompactBoundary():
             transcript.context_tokens = item.post_tokens
             emit(
@@ -90,7 +103,18 @@ def relay(
                 )
             )
         case proto.Result():
-            return completed(item, transcript, interrupted, cost_base)
+            terminal = completed(item, transcript, interrupted, cost_base)
+            # The turn's cost and the window come only now: one last usage event says so.
+            report_usage(
+                emit,
+                transcript,
+                dataclasses.replace(
+                    transcript.usage or ev.LiveUsage(context_tokens=transcript.context_tokens),
+                    context_window=transcript.context_window,
+                    turn_cost_usd=terminal.cost_usd,
+                ),
+            )
+            return terminal
         case LineTooLong():
             return ev.TurnFailed(
                 ev.LINE_TOO_LONG,
@@ -105,6 +129,24 @@ def relay(
                 item.stderr_tail,
             )
     return None
+
+
+def call_usage(item: proto.AssistantMessage, transcript: Transcript) -> ev.LiveUsage:
+    """A model call's usage as its first assistant line gives it (output comes later)."""
+    cached = item.cache_creation_tokens + item.cache_read_tokens
+    return ev.LiveUsage(
+        input_tokens=item.input_tokens - cached,
+        output_tokens=0,
+        cache_creation_input_tokens=item.cache_creation_tokens,
+        cache_read_input_tokens=item.cache_read_tokens,
+        context_tokens=transcript.context_tokens,
+        context_window=transcript.context_window,
+    )
+
+
+def report_usage(emit: Emit, transcript: Transcript, usage: ev.LiveUsage) -> None:
+    transcript.usage = usage
+    emit(usage)
 
 
 def completed(
@@ -169,8 +211,14 @@ def outcome(transcript: Transcript, terminal: ev.TurnCompleted | ev.TurnFailed) 
         detail=terminal.stop_reason,
         context_tokens=transcript.context_tokens or None,
         context_window=transcript.context_window or None,
+        last_usage=usage_json(transcript.usage),
         agent_uuid=transcript.agent_uuid if not terminal.interrupted else "",
+        structured_output=terminal.structured_output,
     )
+
+
+def usage_json(usage: ev.LiveUsage | None) -> str | None:
+    return json.dumps(dataclasses.asdict(usage)) if usage is not None else None
 
 
 def cut_short(transcript: Transcript, *, taken_over: bool = False) -> ev.TurnCompleted:

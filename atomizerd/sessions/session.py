@@ -77,6 +77,8 @@ class Session:
     # What the agent runs on its own, and the client lines written into running turns whose
     # replay has not come yet (sessions/conversation.py); both live as long as its agent.
     tasks: TaskTable = field(default_factory=TaskTable)
+    # The usage the agent reported last (a usage event), newer than the stored one mid-turn.
+    usage: ev.LiveUsage | None = None
     untaken: UntakenLines = field(default_factory=UntakenLines)
     # Why the agent will start turns of its own (tasks that ended, wake-ups that fired).
     causes: Causes = field(default_factory=Causes)

@@ -52,6 +52,8 @@ class Streams:
         if job is not None and job is not turn and job.journal is not None:
             # A restart during the job puts these back too (seqs are never given twice).
             job.journal.note(event)
+        if isinstance(kind, ev.LiveUsage):
+            s.usage = kind  # GetSession shows it at once; the turn's end stores it
         s.log.append(event)
         self.notices.session_event(s.record, event)
         return event
@@ -129,13 +131,21 @@ class Streams:
             s.watchers -= 1
 
     def history(
-        self, session_id: str, page_size: int, page_token: str
+        self,
+        session_id: str,
+        page_size: int,
+        page_token: str,
+        *,
+        asides: bool = True,
+        rolled_back: bool = True,
     ) -> tuple[list[MessageRecord], str]:
         s = self.table.load(session_id)
         return checks.id_page(
             page_size,
             page_token,
-            lambda after, limit: self.store.history(s.id, after_id=after, limit=limit),
+            lambda after, limit: self.store.history(
+                s.id, after_id=after, limit=limit, asides=asides, rolled_back=rolled_back
+            ),
             lambda row: row.message_id,
         )
 

@@ -8,6 +8,7 @@ returns after a write (`write`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ class SessionView:
     queued_turns: int = 0
     mcp_servers: list[tuple[str, str]] = field(default_factory=list)
     tasks: list[TaskInfo] = field(default_factory=list)
+    usage: ev.LiveUsage | None = None  # the last usage reported (None: none yet)
 
 
 class SessionTable:
@@ -131,6 +133,7 @@ class SessionTable:
             queued_turns=s.queued_turns,
             mcp_servers=self.pool.mcp_servers(s.id),
             tasks=s.tasks.running(),
+            usage=s.usage or stored_usage(s.record),
         )
 
     def view_record(self, record: SessionRecord) -> SessionView:
@@ -138,7 +141,9 @@ class SessionTable:
         if s is not None:  # loaded: its in-memory record is the current one
             return self.view(s)
         state = "closed" if record.closed else "idle"
-        return SessionView(record=record, state=state, last_seq=record.seq_reserved)
+        return SessionView(
+            record=record, state=state, last_seq=record.seq_reserved, usage=stored_usage(record)
+        )
 
     def counts(self) -> dict[str, int]:
         busy = sum(1 for s in self.sessions.values() if s.turn is not None)
@@ -165,3 +170,12 @@ class SessionTable:
         if self.sessions.get(s.id) is s:
             del self.sessions[s.id]
         s.log.close()
+
+
+def stored_usage(record: SessionRecord) -> ev.LiveUsage | None:
+    """The usage stored at the last turn's end (None: no turn has reported one)."""
+    try:
+        fields = json.loads(record.last_usage or "{}")
+        return ev.LiveUsage(**fields) if fields else None
+    except (ValueError, TypeError):  # a shape from another version
+        return None

@@ -44,6 +44,13 @@ EmitFor = Callable[["Session", "Turn | None", ev.EventKind], ev.SessionEvent]
 # The uuids of the lines the daemon writes are derived from their turn's id, so a daemon that
 # adopts a running turn after a restart knows which replay answers it.
 _LINE_NAMESPACE = uuidlib.UUID("6f1d3c1e-6a0b-4d2b-9a57-3b0f0d9e2c11")
+
+
+def line_uuid(turn_id: str) -> str:
+    """The uuid of the user line of turn `turn_id` (the CLI keys its file checkpoints by it)."""
+    return str(uuidlib.uuid5(_LINE_NAMESPACE, turn_id))
+
+
 # Events a turn emits before its message reaches the agent: its start and a few notices.
 _OPENING_MAX = 16
 
@@ -115,7 +122,7 @@ class Turn:
     @property
     def line_uuid(self) -> str:
         """The uuid of the user line this turn writes (replayed when the agent takes it)."""
-        return str(uuidlib.uuid5(_LINE_NAMESPACE, self.turn_id))
+        return line_uuid(self.turn_id)
 
     def noted(self, event: ev.SessionEvent) -> None:
         """Every event of the turn passes here before any client can see it."""
@@ -160,6 +167,9 @@ class Transcript:
     context_tokens: int = 0
     context_window: int = 0
     context_input: int = 0  # the last model call's input tokens
+    # The usage last reported to clients (a usage event), and of which model call.
+    usage: ev.LiveUsage | None = None
+    usage_message: str = ""
     agent_uuid: str = ""  # the CLI's uuid of the reply's last assistant line
     origin_kind: str = ""  # who the CLI says started the turn (its result's `origin.kind`)
     unsaved: int = 0  # text bytes since the last checkpoint

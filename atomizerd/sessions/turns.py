@@ -28,6 +28,7 @@ from atomizerd.agents.vocabulary import (
 from atomizerd.config import Config
 from atomizerd.errors import AtomizerError
 from atomizerd.sessions import events as ev
+from atomizerd.sessions import filemarks
 from atomizerd.sessions.approvals import Approvals
 from atomizerd.sessions.attachments import content_blocks, to_store
 from atomizerd.sessions.context import AgentContext
@@ -78,6 +79,8 @@ class TurnRunner:
         self.follower = Follower(config, store, pool, emit_for, self, self.control)
         # Who is told of a permission request when nobody is attached (the registry's relay).
         self.notices: Notices = NULL_NOTICES
+        # Told of every client turn that completed (the registry titles sessions with it).
+        self.after_turn: Callable[[Session, str], None] = lambda s, text: None
 
     # --- the whole turn ------------------------------------------------------------------
 
@@ -417,6 +420,9 @@ class TurnRunner:
         if transcript.origin_kind == TASK_NOTIFICATION and turn.origin is ev.TurnOrigin.AGENT:
             turn.origin = ev.TurnOrigin.TASK  # the CLI's word is final: stored as such
         outcome.origin = turn.origin.value
+        outcome.agent_files = filemarks.after_turn(
+            s.record.agent_files, transcript.tool_calls.values()
+        )
         try:
             _, s.record = self.store.finish_turn(
                 s.id, turn.turn_id, outcome, agent_cost_usd=transcript.agent_cost_usd
@@ -434,6 +440,8 @@ class TurnRunner:
             turn.journal = None
         turn.lifecycle.move(T.DONE)
         turn.done.set()
+        if outcome.status == "complete" and turn.origin is ev.TurnOrigin.CLIENT:
+            self.after_turn(s, turn.text)
         self.telemetry.turn_ended(turn, *reported_outcome(terminal))
         log.info(
             "turn ended",

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from atomizerd.store.connect import _connect
 from atomizerd.store.governance import GovernanceStore
-from atomizerd.store.messages import MessagesStore
+from atomizerd.store.messages import ASIDE, RollbackStore
 from atomizerd.store.migrations import (
     MIGRATIONS,
     SCHEMA_VERSION,
     SEQ_BLOCK,
     _migrate_attachments,
     _migrate_checkpoint_pieces,
+    _migrate_conversation_control,
     _migrate_forks,
     _migrate_labels_archive,
     _migrate_origin,
@@ -50,6 +51,7 @@ from atomizerd.store.records import (
 from atomizerd.store.sessions import SessionsStore
 
 __all__ = [
+    "ASIDE",
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "SEQ_BLOCK",
@@ -70,6 +72,7 @@ __all__ = [
     "_connect",
     "_migrate_attachments",
     "_migrate_checkpoint_pieces",
+    "_migrate_conversation_control",
     "_migrate_forks",
     "_migrate_labels_archive",
     "_migrate_origin",
@@ -80,5 +83,5 @@ __all__ = [
 ]
 
 
-class Store(SessionsStore, MessagesStore, GovernanceStore, OutboxStore):
+class Store(SessionsStore, RollbackStore, GovernanceStore, OutboxStore):
     """The daemon's store: one database, this host's view of it (see `StoreBase`)."""

@@ -4,6 +4,7 @@ text), checkpoints, history, search, and turns left unfinished."""
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
@@ -30,6 +31,9 @@ from atomizerd.store.records import (
     StoredAttachment,
     TurnOutcome,
 )
+
+# The origin of AskAside's rows: kept in history, never part of the conversation.
+ASIDE = "aside"
 
 
 class MessagesStore(StoreBase):
@@ -78,6 +82,8 @@ class MessagesStore(StoreBase):
         values["attachments"] = json.dumps([r.__dict__ for r in records]) if records else "[]"
         values["agent_uuid"] = ""
         values["origin"] = origin
+        values["structured_output"] = ""
+        values["rolled_back_at"] = 0
         with self.db.atomic():
             message_id = self._insert_message(values)
             for a in attachments:
@@ -105,6 +111,57 @@ class MessagesStore(StoreBase):
             records,
             origin=origin,
         ), session
+
+    def add_aside_question(self, session_id: str, text: str) -> MessageRecord:
+        """A question asked aside (AskAside), committed before the agent gets it: a row of its
+        own turn id with origin ASIDE, outside the conversation (message_count is the
+        conversation's: not counted)."""
+        now = time.time()
+        turn_id = f"aside-{secrets.token_hex(8)}"
+        values = _aside_values(session_id, turn_id, "user", text, "pending", "", now)
+        message_id = self._insert_message(values)
+        return MessageRecord(
+            message_id,
+            session_id,
+            turn_id,
+            "user",
+            text,
+            "pending",
+            None,
+            [],
+            0.0,
+            {},
+            "",
+            now,
+            origin=ASIDE,
+        )
+
+    def add_aside_answer(
+        self, question: MessageRecord, text: str, status: str, detail: str
+    ) -> MessageRecord:
+        """The answer to `question` (status complete or failed), and the question settled."""
+        now = time.time()
+        values = _aside_values(
+            question.session_id, question.turn_id, "assistant", text, status, detail, now
+        )
+        with self.db.atomic():
+            self._sql("UPDATE messages SET status = ? WHERE id = ?", (status, question.message_id))
+            message_id = self._insert_message(values)
+        return MessageRecord(
+            message_id,
+            question.session_id,
+            question.turn_id,
+            "assistant",
+            text,
+            status,
+            None,
+            [],
+            0.0,
+            {},
+            detail,
+            now,
+            origin=ASIDE,
+        )
 
     def _store_blob(self, session_id: str, a: StoredAttachment, now: float) -> None:
         r = a.record
@@ -148,6 +205,8 @@ class MessagesStore(StoreBase):
             "attachments": "[]",
             "agent_uuid": outcome.agent_uuid,
             "origin": outcome.origin,
+            "structured_output": outcome.structured_output,
+            "rolled_back_at": 0,
         }
         with self.db.atomic():
             self._sql(
@@ -163,13 +222,17 @@ class MessagesStore(StoreBase):
                 "total_cost_usd = total_cost_usd + ?, last_active_at = ?, "
                 "agent_cost_usd = COALESCE(?, agent_cost_usd), "
                 "context_tokens = COALESCE(?, context_tokens), "
-                "context_window = COALESCE(?, context_window) WHERE session_id = ?",
+                "context_window = COALESCE(?, context_window), "
+                "last_usage = COALESCE(?, last_usage), "
+                "agent_files = COALESCE(?, agent_files), rollback_state = '' WHERE session_id = ?",
                 (
                     outcome.cost_usd,
                     now,
                     agent_cost_usd,
                     outcome.context_tokens,
                     outcome.context_window,
+                    outcome.last_usage,
+                    outcome.agent_files,
                     session_id,
                 ),
             )
@@ -191,6 +254,7 @@ class MessagesStore(StoreBase):
             now,
             agent_uuid=outcome.agent_uuid,
             origin=outcome.origin,
+            structured_output=outcome.structured_output,
         ), session
 
     def checkpoint_reply(
@@ -213,19 +277,32 @@ class MessagesStore(StoreBase):
         ).fetchall()
         return "".join(r[0] for r in rows)
 
-    def history(self, session_id: str, *, after_id: int, limit: int) -> list[MessageRecord]:
-        q = (
-            MessageRow.select()
-            .where((MessageRow.session == session_id) & (MessageRow.id > after_id))
-            .order_by(MessageRow.id)
-            .limit(limit)
-        )
+    def history(
+        self,
+        session_id: str,
+        *,
+        after_id: int,
+        limit: int,
+        asides: bool = True,
+        rolled_back: bool = True,
+    ) -> list[MessageRecord]:
+        where = (MessageRow.session == session_id) & (MessageRow.id > after_id)
+        if not asides:
+            where &= MessageRow.origin != ASIDE
+        if not rolled_back:
+            where &= MessageRow.rolled_back_at == 0
+        q = MessageRow.select().where(where).order_by(MessageRow.id).limit(limit)
         return [MessageRecord.from_row(r) for r in q]
 
     def recent_messages(self, session_id: str, limit: int) -> list[MessageRecord]:
+        """The conversation's latest messages (a reseed's history): asides are not part of it."""
         q = (
             MessageRow.select()
-            .where(MessageRow.session == session_id)
+            .where(
+                (MessageRow.session == session_id)
+                & (MessageRow.origin != ASIDE)
+                & (MessageRow.rolled_back_at == 0)
+            )
             .order_by(MessageRow.id.desc())
             .limit(limit)
         )
@@ -305,14 +382,17 @@ class MessagesStore(StoreBase):
         )
         return MessageRecord.from_row(row) if row else None
 
-    def last_reply(self, session_id: str) -> MessageRecord | None:
-        """The newest reply a fork can continue from (one the CLI's uuid is known of)."""
+    def last_reply(self, session_id: str, before: int = 2**62) -> MessageRecord | None:
+        """The newest reply (before message `before`) a fork can continue from: one the CLI's
+        uuid is known of, still part of the conversation."""
         row = (
             MessageRow.select()
             .where(
                 (MessageRow.session == session_id)
                 & (MessageRow.role == "assistant")
                 & (MessageRow.agent_uuid != "")
+                & (MessageRow.rolled_back_at == 0)
+                & (MessageRow.id < before)
             )
             .order_by(MessageRow.id.desc())
             .first()
@@ -336,7 +416,11 @@ class MessagesStore(StoreBase):
         rows = (
             MessageRow.select(MessageRow.turn_id, MessageRow.session)
             .join(SessionRow)
-            .where((MessageRow.status == "pending") & self._own(SessionRow.host_id))
+            .where(
+                (MessageRow.status == "pending")
+                & (MessageRow.origin != ASIDE)
+                & self._own(SessionRow.host_id)
+            )
         )
         return {row.turn_id: row.session_id for row in rows}
 
@@ -358,6 +442,11 @@ class MessagesStore(StoreBase):
         for row in pending:
             if row.turn_id in keep:
                 continue
+            if row.origin == ASIDE:  # a question aside the agent never answered
+                self.add_aside_answer(
+                    MessageRecord.from_row(row), "", "interrupted", "the daemon stopped first"
+                )
+                continue
             partial = (replies or {}).get(row.turn_id)
             if partial is None:
                 partial = self.checkpointed_reply(row.turn_id)
@@ -373,3 +462,73 @@ class MessagesStore(StoreBase):
             )
             settled.append((row.session_id, row.turn_id))
         return settled
+
+
+def _aside_values(
+    session_id: str, turn_id: str, role: str, text: str, status: str, detail: str, now: float
+) -> dict[str, Any]:
+    return {
+        "session_id": session_id,
+        "turn_id": turn_id,
+        "role": role,
+        "content": text,
+        "status": status,
+        "request_id": None,
+        "tool_calls": "[]",
+        "cost_usd": 0.0,
+        "usage": "{}",
+        "detail": detail,
+        "created_at": now,
+        "attachments": "[]",
+        "agent_uuid": "",
+        "origin": ASIDE,
+        "structured_output": "",
+        "rolled_back_at": 0,
+    }
+
+
+class RollbackStore(MessagesStore):
+    """Messages taken out of the conversation by a rollback, and put back by its undo."""
+
+    def roll_back(self, session_id: str, message_id: int) -> int:
+        """Marks `message_id` and every later message of the conversation rolled back (to
+        `message_id`); asides are never part of it. Returns how many."""
+        return int(
+            self._sql(
+                "UPDATE messages SET rolled_back_at = ? WHERE session_id = ? AND id >= ? "
+                "AND rolled_back_at = 0 AND origin != ?",
+                (message_id, session_id, message_id, ASIDE),
+            ).rowcount
+        )
+
+    def undo_roll_back(self, session_id: str, message_id: int) -> int:
+        """Puts back the messages the rollback to `message_id` took out. Returns how many."""
+        return int(
+            self._sql(
+                "UPDATE messages SET rolled_back_at = 0 "
+                "WHERE session_id = ? AND rolled_back_at = ?",
+                (session_id, message_id),
+            ).rowcount
+        )
+
+    def add_imported(self, session_id: str, turns: Sequence[tuple[str, str, str]]) -> int:
+        """A conversation imported from the CLI's transcript: (user text, reply, the reply's
+        uuid) per turn, as finished turns of their own. Returns how many messages."""
+        now = time.time()
+        with self.db.atomic():
+            for user, reply, reply_uuid in turns:
+                turn_id = f"import-{secrets.token_hex(8)}"
+                for role, text, uuid in (("user", user, ""), ("assistant", reply, reply_uuid)):
+                    values = _aside_values(session_id, turn_id, role, text, "complete", "", now)
+                    values["origin"] = "client"
+                    values["agent_uuid"] = uuid
+                    self._insert_message(values)
+            self._sql(
+                "UPDATE messages SET detail = 'imported' WHERE session_id = ? AND turn_id LIKE ?",
+                (session_id, "import-%"),
+            )
+            self._sql(
+                "UPDATE sessions SET message_count = message_count + ? WHERE session_id = ?",
+                (2 * len(turns), session_id),
+            )
+        return 2 * len(turns)

@@ -228,6 +228,35 @@ def _migrate_notify_outbox(db: pw.Database) -> None:
     db.create_tables([NotifyDeliveryRow])
 
 
+def _migrate_conversation_control(db: pw.Database) -> None:
+    """Conversation control: session titles, last known usage, the files the agent changed,
+    rollbacks; structured answers kept with their reply."""
+    have = {c.name for c in db.get_columns("sessions")}
+    if "title" not in have:
+        db.execute_sql(  # type: ignore[no-untyped-call]
+            "ALTER TABLE sessions ADD COLUMN title VARCHAR(256) NOT NULL DEFAULT ''"
+        )
+    if "last_usage" not in have:
+        db.execute_sql(  # type: ignore[no-untyped-call]
+            "ALTER TABLE sessions ADD COLUMN last_usage TEXT NOT NULL DEFAULT '{}'"
+        )
+    if "agent_files" not in have:
+        db.execute_sql(  # type: ignore[no-untyped-call]
+            "ALTER TABLE sessions ADD COLUMN agent_files TEXT NOT NULL DEFAULT '{}'"
+        )
+    if "rollback_state" not in have:
+        db.execute_sql("ALTER TABLE sessions ADD COLUMN rollback_state TEXT NOT NULL DEFAULT ''")  # type: ignore[no-untyped-call]
+    have = {c.name for c in db.get_columns("messages")}
+    if "structured_output" not in have:
+        db.execute_sql(  # type: ignore[no-untyped-call]
+            "ALTER TABLE messages ADD COLUMN structured_output TEXT NOT NULL DEFAULT ''"
+        )
+    if "rolled_back_at" not in have:
+        db.execute_sql(  # type: ignore[no-untyped-call]
+            "ALTER TABLE messages ADD COLUMN rolled_back_at BIGINT NOT NULL DEFAULT 0"
+        )
+
+
 # Forward migrations: index i migrates from version i to i + 1. Append, never edit.
 MIGRATIONS: list[Callable[[pw.Database], None]] = [
     _migrate_1,
@@ -246,6 +275,7 @@ MIGRATIONS: list[Callable[[pw.Database], None]] = [
     _migrate_labels_archive,
     _migrate_search,
     _migrate_notify_outbox,
+    _migrate_conversation_control,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -44,6 +44,10 @@ class SessionRecord:
     fork_at: str = ""
     labels: str = "{}"  # JSON object: label_map() has it as a dict
     archived: bool = False
+    title: str = ""
+    last_usage: str = "{}"  # JSON object: the last LiveUsage the agent reported
+    agent_files: str = "{}"  # JSON object: path -> sha256 as the agent left it ("" removed)
+    rollback_state: str = ""  # JSON object: the last RollbackSession, while it can be undone
 
     def label_map(self) -> dict[str, str]:
         return dict(json.loads(self.labels or "{}"))
@@ -92,7 +96,9 @@ class MessageRecord:
     created_at: float
     attachments: list[AttachmentRecord] = field(default_factory=list)
     agent_uuid: str = ""
-    origin: str = "client"
+    origin: str = "client"  # "aside": AskAside's question or answer, outside the conversation
+    structured_output: str = ""
+    rolled_back_at: int = 0  # the message a rollback went back to (0: in the conversation)
 
     @classmethod
     def from_row(cls, row: MessageRow) -> MessageRecord:
@@ -112,6 +118,8 @@ class MessageRecord:
             attachments=[AttachmentRecord(**a) for a in json.loads(row.attachments)],
             agent_uuid=row.agent_uuid,
             origin=row.origin,
+            structured_output=row.structured_output,
+            rolled_back_at=row.rolled_back_at,
         )
 
 
@@ -148,6 +156,9 @@ class TurnOutcome:
     context_window: int | None = None
     agent_uuid: str = ""  # the CLI's uuid of the reply's last line
     origin: str = "client"  # who started the turn (events.TurnOrigin's value)
+    structured_output: str = ""  # a structured turn's answer (JSON text)
+    last_usage: str | None = None  # the last usage reported (JSON object); None: unchanged
+    agent_files: str | None = None  # Session.agent_files after the turn; None: unchanged
 
 
 @dataclass

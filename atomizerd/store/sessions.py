@@ -30,6 +30,10 @@ from atomizerd.store.records import (
 class SessionsStore(StoreBase):
     # sessions
 
+    def agent_session_used(self, agent_session_id: str) -> bool:
+        """Whether a session (of any host) has this conversation."""
+        return SessionRow.select().where(SessionRow.agent_session_id == agent_session_id).exists()
+
     def create_session(
         self,
         session_id: str,
@@ -109,6 +113,7 @@ class SessionsStore(StoreBase):
             columns = [
                 "turn_id", "role", "content", "status", "request_id", "tool_calls", "cost_usd",
                 "usage", "detail", "created_at", "attachments", "agent_uuid", "origin",
+                "structured_output", "rolled_back_at",
             ]  # fmt: skip
             names = ", ".join(columns)
             self._sql(

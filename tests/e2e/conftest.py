@@ -30,6 +30,9 @@ def real_cli_config(
             "env": {**api.env(), "HOME": str(home), "CLAUDE_CONFIG_DIR": str(home / ".claude")},
             "first_event_timeout": 60.0,
             "stop_grace": 3.0,
+            # A generated title is one more model call, which the tests that look at what the
+            # fake received do not expect; tests/e2e/test_conversation_control.py turns it on.
+            "titles": False,
         },
     }
     extra = {k: dict(v) for k, v in (extra or {}).items()}

@@ -100,7 +100,11 @@ def test_a_structured_turn_answers_in_its_schema_and_the_conversation_goes_on(
         if block.get("type") == "tool_use"
     ]
     assert [(u["name"], u["input"]) for u in uses] == [("StructuredOutput", answer)]
-    assert [m.role for m in history(stubs, "st")] == [pb.ROLE_USER, pb.ROLE_ASSISTANT] * 3
+    rows = history(stubs, "st")
+    assert [m.role for m in rows] == [pb.ROLE_USER, pb.ROLE_ASSISTANT] * 3
+    # History keeps the structured answer with its reply, and only there.
+    assert [json.loads(m.structured_output) for m in rows if m.structured_output] == [answer]
+    assert rows[3].structured_output
 
 
 def test_a_turn_without_the_structured_answer_is_an_error(e2e: E2E) -> None:

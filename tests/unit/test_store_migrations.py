@@ -19,6 +19,7 @@ from atomizerd.store.db import (
     _connect,
     _migrate_attachments,
     _migrate_checkpoint_pieces,
+    _migrate_conversation_control,
     _migrate_forks,
     _migrate_labels_archive,
     _migrate_origin,
@@ -174,6 +175,16 @@ def _undo_search(db: pw.Database) -> None:
 
 
 UNDO[MIGRATIONS.index(_migrate_search) + 1] = _undo_search
+
+
+def _undo_conversation_control(db: pw.Database) -> None:
+    for column in ("title", "last_usage", "agent_files", "rollback_state"):
+        db.execute_sql(f"ALTER TABLE sessions DROP COLUMN {column}")
+    for column in ("structured_output", "rolled_back_at"):
+        db.execute_sql(f"ALTER TABLE messages DROP COLUMN {column}")
+
+
+UNDO[MIGRATIONS.index(_migrate_conversation_control) + 1] = _undo_conversation_control
 
 
 def make_version(url: str, version: int) -> None:

@@ -39,9 +39,11 @@ from atomizer_client.client_async import AsyncClient, AsyncEventStream
 from atomizer_client.client_base import (
     DEFAULT_RETRY,
     DEFAULT_TIMEOUT,
+    AsidePart,
     AttachmentLike,
     AuditEvent,
     Decision,
+    McpServerStatus,
     Message,
     ModeLike,
     QuestionOutcome,
@@ -303,11 +305,127 @@ class Client(_Base):
         return self._call(self._sessions.GetAttachment, req, timeout).attachment
 
     def get_history(
-        self, session_id: str, *, page_size: int = 0, timeout: float | None = None
+        self,
+        session_id: str,
+        *,
+        page_size: int = 0,
+        hide_asides: bool = False,
+        hide_rolled_back: bool = False,
+        timeout: float | None = None,
     ) -> Iterator[Message]:
-        """Every stored message, oldest first, fetching pages as the iteration goes."""
-        req = session_pb2.GetHistoryRequest(session_id=session_id, page_size=page_size)
+        """Every stored message, oldest first, fetching pages as the iteration goes;
+        `hide_asides` leaves out the questions asked aside and their answers,
+        `hide_rolled_back` the messages a rollback took out of the conversation."""
+        req = session_pb2.GetHistoryRequest(
+            session_id=session_id,
+            page_size=page_size,
+            hide_asides=hide_asides,
+            hide_rolled_back=hide_rolled_back,
+        )
         return self._pages(self._sessions.GetHistory, req, "messages", timeout)
+
+    def ask_aside(
+        self, session_id: str, text: str, *, timeout: float | None = None
+    ) -> Iterator[AsidePart]:
+        """Asks a question aside: answered from the conversation so far, never added to it
+        (also while a turn runs). Yields the answer as it comes: the first part names the
+        stored question, the last (`done`) the stored answer; join the parts' `text`.
+        `timeout` bounds the whole call (default: none). Never retried."""
+        req = session_pb2.AskAsideRequest(session_id=session_id, text=text)
+        try:
+            yield from self._sessions.AskAside(req, timeout=timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+
+    def rewind_files(
+        self,
+        session_id: str,
+        message_id: int,
+        *,
+        dry_run: bool = False,
+        force: bool = False,
+        timeout: float | None = None,
+    ) -> session_pb2.RewindFilesResponse:
+        """Restores the files the agent's edit tools changed since user message `message_id`
+        to their state before it. A file changed by someone else since the agent left it is
+        listed in `conflicts` and stops the rewind unless `force`; `dry_run` only lists.
+        Never retried."""
+        req = session_pb2.RewindFilesRequest(
+            session_id=session_id, message_id=message_id, dry_run=dry_run, force=force
+        )
+        return self._call(self._sessions.RewindFiles, req, timeout)
+
+    def rollback_session(
+        self,
+        session_id: str,
+        message_id: int,
+        *,
+        rewind_files: bool = False,
+        timeout: float | None = None,
+    ) -> session_pb2.RollbackSessionResponse:
+        """The session goes on as it stood before user message `message_id`: that message
+        and the later ones stay in history marked `rolled_back`. Never retried."""
+        req = session_pb2.RollbackSessionRequest(
+            session_id=session_id, message_id=message_id, rewind_files=rewind_files
+        )
+        return self._call(self._sessions.RollbackSession, req, timeout)
+
+    def undo_rollback(
+        self, session_id: str, *, timeout: float | None = None
+    ) -> session_pb2.UndoRollbackResponse:
+        """Undoes the last rollback while no turn has run since."""
+        req = session_pb2.UndoRollbackRequest(session_id=session_id)
+        return self._call(self._sessions.UndoRollback, req, timeout)
+
+    def import_session(
+        self,
+        *,
+        agent_session_id: str = "",
+        transcript_path: str = "",
+        mode: ModeLike | None = None,
+        study_id: str = "",
+        session_id: str = "",
+        timeout: float | None = None,
+    ) -> session_pb2.ImportSessionResponse:
+        """A conversation started with the plain `claude` CLI becomes a session that resumes
+        it: name it by its id or its transcript's path (in the CLI's projects folder)."""
+        req = session_pb2.ImportSessionRequest(
+            agent_session_id=agent_session_id,
+            transcript_path=transcript_path,
+            mode=session_pb2.MODE_UNSPECIFIED if mode is None else mode_value(mode),
+            study_id=study_id,
+            session_id=session_id,
+        )
+        return self._call(self._sessions.ImportSession, req, timeout)
+
+    def rename_session(
+        self, session_id: str, title: str, *, timeout: float | None = None
+    ) -> Session:
+        """Sets the session's title (one line, at most 256 characters)."""
+        req = session_pb2.RenameSessionRequest(session_id=session_id, title=title)
+        return self._call(self._sessions.RenameSession, req, timeout).session
+
+    def get_mcp_status(
+        self, session_id: str, *, timeout: float | None = None
+    ) -> list[McpServerStatus]:
+        """The MCP servers of the session's live agent, with their health now."""
+        req = session_pb2.GetMcpStatusRequest(session_id=session_id)
+        return list(self._call(self._sessions.GetMcpStatus, req, timeout).servers)
+
+    def reconnect_mcp_server(
+        self, session_id: str, name: str, *, timeout: float | None = None
+    ) -> McpServerStatus:
+        req = session_pb2.ReconnectMcpServerRequest(session_id=session_id, name=name)
+        return self._call(self._sessions.ReconnectMcpServer, req, timeout).server
+
+    def set_mcp_server_enabled(
+        self, session_id: str, name: str, enabled: bool, *, timeout: float | None = None
+    ) -> McpServerStatus:
+        """Enables or disables one of the live agent's MCP servers (until it restarts)."""
+        req = session_pb2.SetMcpServerEnabledRequest(
+            session_id=session_id, name=name, enabled=enabled
+        )
+        return self._call(self._sessions.SetMcpServerEnabled, req, timeout).server
 
     def _pages(
         self,

@@ -16,9 +16,11 @@ from atomizer_client.client_base import (
     _STREAM_RESPONSES,
     DEFAULT_RETRY,
     DEFAULT_TIMEOUT,
+    AsidePart,
     AttachmentLike,
     AuditEvent,
     Decision,
+    McpServerStatus,
     Message,
     ModeLike,
     QuestionOutcome,
@@ -176,10 +178,94 @@ class AsyncClient(_Base):
         req = session_pb2.GetAttachmentRequest(session_id=session_id, sha256=sha256)
         return (await self._call(self._sessions.GetAttachment, req)).attachment
 
-    def get_history(self, session_id: str, *, page_size: int = 0) -> AsyncIterator[Message]:
+    def get_history(
+        self,
+        session_id: str,
+        *,
+        page_size: int = 0,
+        hide_asides: bool = False,
+        hide_rolled_back: bool = False,
+    ) -> AsyncIterator[Message]:
         """`async for m in client.get_history(sid)`: every stored message, oldest first."""
-        req = session_pb2.GetHistoryRequest(session_id=session_id, page_size=page_size)
+        req = session_pb2.GetHistoryRequest(
+            session_id=session_id,
+            page_size=page_size,
+            hide_asides=hide_asides,
+            hide_rolled_back=hide_rolled_back,
+        )
         return self._pages(self._sessions.GetHistory, req, "messages")
+
+    async def ask_aside(
+        self, session_id: str, text: str, *, timeout: float | None = None
+    ) -> AsyncIterator[AsidePart]:
+        """As `Client.ask_aside`: `async for part in client.ask_aside(sid, "...")`."""
+        req = session_pb2.AskAsideRequest(session_id=session_id, text=text)
+        try:
+            async for part in self._sessions.AskAside(req, timeout=timeout):
+                yield part
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+
+    async def rewind_files(
+        self, session_id: str, message_id: int, *, dry_run: bool = False, force: bool = False
+    ) -> session_pb2.RewindFilesResponse:
+        """As `Client.rewind_files`."""
+        req = session_pb2.RewindFilesRequest(
+            session_id=session_id, message_id=message_id, dry_run=dry_run, force=force
+        )
+        return await self._call(self._sessions.RewindFiles, req)
+
+    async def rollback_session(
+        self, session_id: str, message_id: int, *, rewind_files: bool = False
+    ) -> session_pb2.RollbackSessionResponse:
+        """As `Client.rollback_session`."""
+        req = session_pb2.RollbackSessionRequest(
+            session_id=session_id, message_id=message_id, rewind_files=rewind_files
+        )
+        return await self._call(self._sessions.RollbackSession, req)
+
+    async def undo_rollback(self, session_id: str) -> session_pb2.UndoRollbackResponse:
+        req = session_pb2.UndoRollbackRequest(session_id=session_id)
+        return await self._call(self._sessions.UndoRollback, req)
+
+    async def import_session(
+        self,
+        *,
+        agent_session_id: str = "",
+        transcript_path: str = "",
+        mode: ModeLike | None = None,
+        study_id: str = "",
+        session_id: str = "",
+    ) -> session_pb2.ImportSessionResponse:
+        """As `Client.import_session`."""
+        req = session_pb2.ImportSessionRequest(
+            agent_session_id=agent_session_id,
+            transcript_path=transcript_path,
+            mode=session_pb2.MODE_UNSPECIFIED if mode is None else mode_value(mode),
+            study_id=study_id,
+            session_id=session_id,
+        )
+        return await self._call(self._sessions.ImportSession, req)
+
+    async def rename_session(self, session_id: str, title: str) -> Session:
+        req = session_pb2.RenameSessionRequest(session_id=session_id, title=title)
+        return (await self._call(self._sessions.RenameSession, req)).session
+
+    async def get_mcp_status(self, session_id: str) -> list[McpServerStatus]:
+        req = session_pb2.GetMcpStatusRequest(session_id=session_id)
+        return list((await self._call(self._sessions.GetMcpStatus, req)).servers)
+
+    async def reconnect_mcp_server(self, session_id: str, name: str) -> McpServerStatus:
+        req = session_pb2.ReconnectMcpServerRequest(session_id=session_id, name=name)
+        return (await self._call(self._sessions.ReconnectMcpServer, req)).server
+
+    async def set_mcp_server_enabled(
+        self, session_id: str, name: str, enabled: bool
+    ) -> McpServerStatus:
+        req = session_pb2.SetMcpServerEnabledRequest(
+            session_id=session_id, name=name, enabled=enabled
+        )
+        return (await self._call(self._sessions.SetMcpServerEnabled, req)).server
 
     async def set_labels(
         self, session_id: str, labels: Mapping[str, str], *, replace: bool = False

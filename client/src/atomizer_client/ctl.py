@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from atomizer_client import ctl_notify, ctl_tasks
+from atomizer_client import ctl_conversation, ctl_notify, ctl_tasks
 from atomizer_client.client import DEFAULT_TIMEOUT, Client
 from atomizer_client.ctl_chat import cmd_chat
 from atomizer_client.ctl_output import EXIT_INTERRUPTED, EXIT_OK, Output, exit_code_for
@@ -238,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ctl_tasks.add_commands(add)
     ctl_notify.add_commands(add)
+    ctl_conversation.add_commands(add)
     return parser
 
 

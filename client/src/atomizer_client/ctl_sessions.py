@@ -80,7 +80,7 @@ def cmd_ls(client: Client, args: argparse.Namespace, out: Output) -> int:
             out.record(proto_dict(s))
         return EXIT_OK
     rows = [_session_row(s) for s in sessions]
-    header = ("SESSION", "MODE", "STATE", "STUDY", "MSGS", "COST", "LAST ACTIVE", "HOST")
+    header = ("SESSION", "MODE", "STATE", "STUDY", "MSGS", "COST", "LAST ACTIVE", "HOST", "TITLE")
     _table(out, header, rows)
     return EXIT_OK
 
@@ -95,6 +95,7 @@ def _session_row(s: Any) -> tuple[str, ...]:
         f"${s.total_cost_usd:.4f}",
         when(s.last_active_at),
         s.host_id or "-",
+        s.title or "-",
     )
 
 
@@ -111,6 +112,7 @@ def _show_session(out: Output, s: Any) -> None:
     mcp = ", ".join(f"{m.name} ({m.status})" for m in s.mcp_servers) or "-"
     pairs = [
         ("session", s.session_id),
+        ("title", s.title or "-"),
         ("mode", enum_short(s, "mode")),
         ("state", enum_short(s, "state")),
         ("study", s.study_id or "-"),
@@ -125,8 +127,20 @@ def _show_session(out: Output, s: Any) -> None:
         ("last seq", str(s.last_seq)),
         ("queued turns", str(s.queued_turns)),
         ("mcp servers", mcp),
+        ("last usage", _usage(s)),
     ]
     _pairs(out, pairs)
+
+
+def _usage(s: Any) -> str:
+    if not s.HasField("usage"):
+        return "-"
+    u = s.usage
+    window = f" of {u.context_window}" if u.context_window else ""
+    return (
+        f"in {u.input_tokens} (+{u.cache_read_input_tokens} cached), out {u.output_tokens}; "
+        f"context {u.context_tokens}{window} tokens"
+    )
 
 
 def _budget(cap: float, spent: float) -> str:
@@ -157,11 +171,16 @@ def cmd_history(client: Client, args: argparse.Namespace, out: Output) -> int:
             continue
         status = enum_short(m, "status")
         extra = "" if status in ("complete", "unspecified") else f" ({status})"
+        if m.aside:
+            extra += " [aside: not part of the conversation]"
+        if m.rolled_back:
+            extra += " [rolled back]"
         if enum_short(m, "origin") not in ("client", "unspecified"):
             extra += f" [started by the agent: {enum_short(m, 'origin')}]"
         cost = f" · ${m.cost_usd:.4f}" if m.cost_usd else ""
         out.line(
-            ("\n" if i else "") + f"── {enum_short(m, 'role')}{extra} · {when(m.created_at)}{cost}"
+            ("\n" if i else "")
+            + f"── {enum_short(m, 'role')}{extra} · {when(m.created_at)}{cost} · #{m.message_id}"
         )
         for call in m.tool_calls:
             out.line(one_line(f"  ⏺ {call.name} {call.input_json}"))

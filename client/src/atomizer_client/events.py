@@ -321,6 +321,21 @@ class QuestionAnswered(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class UsageUpdate(Event):
+    """Usage as the agent reports it during a turn: the latest model call's tokens, how full
+    the context is; `turn_cost_usd` only on the last one, sent just before the turn's end."""
+
+    type: ClassVar[str] = "usage"
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    context_tokens: int = 0
+    context_window: int = 0
+    turn_cost_usd: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class UnknownEvent(Event):
     """An event kind this client does not know (a newer daemon); safe to skip."""
 
@@ -445,6 +460,18 @@ def from_proto(ev: session_pb2.SessionEvent) -> Event:
         return question_from_proto(base, ev.question)
     if kind == "question_answered":
         return question_answered_from_proto(base, ev.question_answered)
+    if kind == "usage":
+        u = ev.usage
+        return UsageUpdate(
+            **base,
+            input_tokens=u.input_tokens,
+            output_tokens=u.output_tokens,
+            cache_creation_input_tokens=u.cache_creation_input_tokens,
+            cache_read_input_tokens=u.cache_read_input_tokens,
+            context_tokens=u.context_tokens,
+            context_window=u.context_window,
+            turn_cost_usd=u.turn_cost_usd,
+        )
     return UnknownEvent(**base)
 
 

@@ -145,6 +145,51 @@ class SessionServiceStub:
                 request_serializer=atomizer_dot_v1_dot_session__pb2.SearchMessagesRequest.SerializeToString,
                 response_deserializer=atomizer_dot_v1_dot_session__pb2.SearchMessagesResponse.FromString,
                 _registered_method=True)
+        self.AskAside = channel.unary_stream(
+                '/atomizer.v1.SessionService/AskAside',
+                request_serializer=atomizer_dot_v1_dot_session__pb2.AskAsideRequest.SerializeToString,
+                response_deserializer=atomizer_dot_v1_dot_session__pb2.AskAsideResponse.FromString,
+                _registered_method=True)
+        self.RenameSession = channel.unary_unary(
+                '/atomizer.v1.SessionService/RenameSession',
+                request_serializer=atomizer_dot_v1_dot_session__pb2.RenameSessionRequest.SerializeToString,
+                response_deserializer=atomizer_dot_v1_dot_session__pb2.RenameSessionResponse.FromString,
+                _registered_method=True)
+        self.GetMcpStatus = channel.unary_unary(
+                '/atomizer.v1.SessionService/GetMcpStatus',
+                request_serializer=atomizer_dot_v1_dot_session__pb2.GetMcpStatusRequest.SerializeToString,
+                response_deserializer=atomizer_dot_v1_dot_session__pb2.GetMcpStatusResponse.FromString,
+                _registered_method=True)
+        self.ReconnectMcpServer = channel.unary_unary(
+                '/atomizer.v1.SessionService/ReconnectMcpServer',
+                request_serializer=atomizer_dot_v1_dot_session__pb2.ReconnectMcpServerRequest.SerializeToString,
+                response_deserializer=atomizer_dot_v1_dot_session__pb2.ReconnectMcpServerResponse.FromString,
+                _registered_method=True)
+        self.SetMcpServerEnabled = channel.unary_unary(
+                '/atomizer.v1.SessionService/SetMcpServerEnabled',
+                request_serializer=atomizer_dot_v1_dot_session__pb2.SetMcpServerEnabledRequest.SerializeToString,
+                response_deserializer=atomizer_dot_v1_dot_session__pb2.SetMcpServerEnabledResponse.FromString,
+                _registered_method=True)
+        self.RewindFiles = channel.unary_unary(
+                '/atomizer.v1.SessionService/RewindFiles',
+                request_serializer=atomizer_dot_v1_dot_session__pb2.RewindFilesRequest.SerializeToString,
+                response_deserializer=atomizer_dot_v1_dot_session__pb2.RewindFilesResponse.FromString,
+                _registered_method=True)
+        self.RollbackSession = channel.unary_unary(
+                '/atomizer.v1.SessionService/RollbackSession',
+                request_serializer=atomizer_dot_v1_dot_session__pb2.RollbackSessionRequest.SerializeToString,
+                response_deserializer=atomizer_dot_v1_dot_session__pb2.RollbackSessionResponse.FromString,
+                _registered_method=True)
+        self.UndoRollback = channel.unary_unary(
+                '/atomizer.v1.SessionService/UndoRollback',
+                request_serializer=atomizer_dot_v1_dot_session__pb2.UndoRollbackRequest.SerializeToString,
+                response_deserializer=atomizer_dot_v1_dot_session__pb2.UndoRollbackResponse.FromString,
+                _registered_method=True)
+        self.ImportSession = channel.unary_unary(
+                '/atomizer.v1.SessionService/ImportSession',
+                request_serializer=atomizer_dot_v1_dot_session__pb2.ImportSessionRequest.SerializeToString,
+                response_deserializer=atomizer_dot_v1_dot_session__pb2.ImportSessionResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -312,6 +357,85 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AskAside(self, request, context):
+        """Asks the agent a question aside: it answers from the conversation so far, but neither the
+        question nor the answer becomes part of the conversation (history keeps both as
+        Message.aside). Allowed while a turn runs (the turn is not disturbed). FAILED_PRECONDITION
+        for a session with no conversation yet or a closed one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenameSession(self, request, context):
+        """Sets the session's title (Session.title); the live agent is told too.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMcpStatus(self, request, context):
+        """The session's MCP servers as its live agent reports them now. FAILED_PRECONDITION when
+        the session has no live agent (Session.mcp_servers has what it reported last).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReconnectMcpServer(self, request, context):
+        """Reconnects one of the live agent's MCP servers (NOT_FOUND for a name it does not have).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetMcpServerEnabled(self, request, context):
+        """Enables or disables one of the live agent's MCP servers. Only servers the daemon
+        configured for the session can be enabled (PERMISSION_DENIED otherwise, and in user mode
+        for any server the daemon did not configure).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RewindFiles(self, request, context):
+        """Undoes the agent's file changes since a user message of the session: the files its edit
+        tools changed since then go back to their state before it (a file it created is removed).
+        The conversation is untouched. A file changed by someone else since the agent last left it
+        is reported (conflicts) and nothing is rewound, unless force. Audited; watchers get a
+        notice. FAILED_PRECONDITION while a turn runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackSession(self, request, context):
+        """The session goes on as it stood before a user message of it: that message and every later
+        one stay in history marked rolled_back (GetHistory can hide them), and the agent's next
+        turn no longer carries them. FAILED_PRECONDITION while a turn runs or waits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UndoRollback(self, request, context):
+        """Undoes the last RollbackSession while no turn has run since (FAILED_PRECONDITION after).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportSession(self, request, context):
+        """A conversation started with the plain `claude` CLI (by the daemon's user, in any folder)
+        becomes a session that resumes it, its messages imported into history. Its transcript is
+        read from the CLI's projects folder only (PERMISSION_DENIED for a path outside it); one
+        that cannot be read is INVALID_ARGUMENT with the reason. The transcript is copied, never
+        changed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -424,6 +548,51 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.SearchMessages,
                     request_deserializer=atomizer_dot_v1_dot_session__pb2.SearchMessagesRequest.FromString,
                     response_serializer=atomizer_dot_v1_dot_session__pb2.SearchMessagesResponse.SerializeToString,
+            ),
+            'AskAside': grpc.unary_stream_rpc_method_handler(
+                    servicer.AskAside,
+                    request_deserializer=atomizer_dot_v1_dot_session__pb2.AskAsideRequest.FromString,
+                    response_serializer=atomizer_dot_v1_dot_session__pb2.AskAsideResponse.SerializeToString,
+            ),
+            'RenameSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenameSession,
+                    request_deserializer=atomizer_dot_v1_dot_session__pb2.RenameSessionRequest.FromString,
+                    response_serializer=atomizer_dot_v1_dot_session__pb2.RenameSessionResponse.SerializeToString,
+            ),
+            'GetMcpStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMcpStatus,
+                    request_deserializer=atomizer_dot_v1_dot_session__pb2.GetMcpStatusRequest.FromString,
+                    response_serializer=atomizer_dot_v1_dot_session__pb2.GetMcpStatusResponse.SerializeToString,
+            ),
+            'ReconnectMcpServer': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReconnectMcpServer,
+                    request_deserializer=atomizer_dot_v1_dot_session__pb2.ReconnectMcpServerRequest.FromString,
+                    response_serializer=atomizer_dot_v1_dot_session__pb2.ReconnectMcpServerResponse.SerializeToString,
+            ),
+            'SetMcpServerEnabled': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetMcpServerEnabled,
+                    request_deserializer=atomizer_dot_v1_dot_session__pb2.SetMcpServerEnabledRequest.FromString,
+                    response_serializer=atomizer_dot_v1_dot_session__pb2.SetMcpServerEnabledResponse.SerializeToString,
+            ),
+            'RewindFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.RewindFiles,
+                    request_deserializer=atomizer_dot_v1_dot_session__pb2.RewindFilesRequest.FromString,
+                    response_serializer=atomizer_dot_v1_dot_session__pb2.RewindFilesResponse.SerializeToString,
+            ),
+            'RollbackSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackSession,
+                    request_deserializer=atomizer_dot_v1_dot_session__pb2.RollbackSessionRequest.FromString,
+                    response_serializer=atomizer_dot_v1_dot_session__pb2.RollbackSessionResponse.SerializeToString,
+            ),
+            'UndoRollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.UndoRollback,
+                    request_deserializer=atomizer_dot_v1_dot_session__pb2.UndoRollbackRequest.FromString,
+                    response_serializer=atomizer_dot_v1_dot_session__pb2.UndoRollbackResponse.SerializeToString,
+            ),
+            'ImportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportSession,
+                    request_deserializer=atomizer_dot_v1_dot_session__pb2.ImportSessionRequest.FromString,
+                    response_serializer=atomizer_dot_v1_dot_session__pb2.ImportSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1021,6 +1190,249 @@ class SessionService:
             '/atomizer.v1.SessionService/SearchMessages',
             atomizer_dot_v1_dot_session__pb2.SearchMessagesRequest.SerializeToString,
             atomizer_dot_v1_dot_session__pb2.SearchMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AskAside(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/atomizer.v1.SessionService/AskAside',
+            atomizer_dot_v1_dot_session__pb2.AskAsideRequest.SerializeToString,
+            atomizer_dot_v1_dot_session__pb2.AskAsideResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenameSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atomizer.v1.SessionService/RenameSession',
+            atomizer_dot_v1_dot_session__pb2.RenameSessionRequest.SerializeToString,
+            atomizer_dot_v1_dot_session__pb2.RenameSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMcpStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atomizer.v1.SessionService/GetMcpStatus',
+            atomizer_dot_v1_dot_session__pb2.GetMcpStatusRequest.SerializeToString,
+            atomizer_dot_v1_dot_session__pb2.GetMcpStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReconnectMcpServer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atomizer.v1.SessionService/ReconnectMcpServer',
+            atomizer_dot_v1_dot_session__pb2.ReconnectMcpServerRequest.SerializeToString,
+            atomizer_dot_v1_dot_session__pb2.ReconnectMcpServerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetMcpServerEnabled(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atomizer.v1.SessionService/SetMcpServerEnabled',
+            atomizer_dot_v1_dot_session__pb2.SetMcpServerEnabledRequest.SerializeToString,
+            atomizer_dot_v1_dot_session__pb2.SetMcpServerEnabledResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RewindFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atomizer.v1.SessionService/RewindFiles',
+            atomizer_dot_v1_dot_session__pb2.RewindFilesRequest.SerializeToString,
+            atomizer_dot_v1_dot_session__pb2.RewindFilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atomizer.v1.SessionService/RollbackSession',
+            atomizer_dot_v1_dot_session__pb2.RollbackSessionRequest.SerializeToString,
+            atomizer_dot_v1_dot_session__pb2.RollbackSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UndoRollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atomizer.v1.SessionService/UndoRollback',
+            atomizer_dot_v1_dot_session__pb2.UndoRollbackRequest.SerializeToString,
+            atomizer_dot_v1_dot_session__pb2.UndoRollbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/atomizer.v1.SessionService/ImportSession',
+            atomizer_dot_v1_dot_session__pb2.ImportSessionRequest.SerializeToString,
+            atomizer_dot_v1_dot_session__pb2.ImportSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -89,6 +89,46 @@ class SessionServiceStub:
     """Takes a session out of the archive; its next message starts its agent again."""
     SearchMessages: _grpc.UnaryUnaryMultiCallable[_session_pb2.SearchMessagesRequest, _session_pb2.SearchMessagesResponse]
     """Full-text search over stored messages (every session's, or those given), best match first."""
+    AskAside: _grpc.UnaryStreamMultiCallable[_session_pb2.AskAsideRequest, _session_pb2.AskAsideResponse]
+    """Asks the agent a question aside: it answers from the conversation so far, but neither the
+    question nor the answer becomes part of the conversation (history keeps both as
+    Message.aside). Allowed while a turn runs (the turn is not disturbed). FAILED_PRECONDITION
+    for a session with no conversation yet or a closed one.
+    """
+    RenameSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.RenameSessionRequest, _session_pb2.RenameSessionResponse]
+    """Sets the session's title (Session.title); the live agent is told too."""
+    GetMcpStatus: _grpc.UnaryUnaryMultiCallable[_session_pb2.GetMcpStatusRequest, _session_pb2.GetMcpStatusResponse]
+    """The session's MCP servers as its live agent reports them now. FAILED_PRECONDITION when
+    the session has no live agent (Session.mcp_servers has what it reported last).
+    """
+    ReconnectMcpServer: _grpc.UnaryUnaryMultiCallable[_session_pb2.ReconnectMcpServerRequest, _session_pb2.ReconnectMcpServerResponse]
+    """Reconnects one of the live agent's MCP servers (NOT_FOUND for a name it does not have)."""
+    SetMcpServerEnabled: _grpc.UnaryUnaryMultiCallable[_session_pb2.SetMcpServerEnabledRequest, _session_pb2.SetMcpServerEnabledResponse]
+    """Enables or disables one of the live agent's MCP servers. Only servers the daemon
+    configured for the session can be enabled (PERMISSION_DENIED otherwise, and in user mode
+    for any server the daemon did not configure).
+    """
+    RewindFiles: _grpc.UnaryUnaryMultiCallable[_session_pb2.RewindFilesRequest, _session_pb2.RewindFilesResponse]
+    """Undoes the agent's file changes since a user message of the session: the files its edit
+    tools changed since then go back to their state before it (a file it created is removed).
+    The conversation is untouched. A file changed by someone else since the agent last left it
+    is reported (conflicts) and nothing is rewound, unless force. Audited; watchers get a
+    notice. FAILED_PRECONDITION while a turn runs.
+    """
+    RollbackSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.RollbackSessionRequest, _session_pb2.RollbackSessionResponse]
+    """The session goes on as it stood before a user message of it: that message and every later
+    one stay in history marked rolled_back (GetHistory can hide them), and the agent's next
+    turn no longer carries them. FAILED_PRECONDITION while a turn runs or waits.
+    """
+    UndoRollback: _grpc.UnaryUnaryMultiCallable[_session_pb2.UndoRollbackRequest, _session_pb2.UndoRollbackResponse]
+    """Undoes the last RollbackSession while no turn has run since (FAILED_PRECONDITION after)."""
+    ImportSession: _grpc.UnaryUnaryMultiCallable[_session_pb2.ImportSessionRequest, _session_pb2.ImportSessionResponse]
+    """A conversation started with the plain `claude` CLI (by the daemon's user, in any folder)
+    becomes a session that resumes it, its messages imported into history. Its transcript is
+    read from the CLI's projects folder only (PERMISSION_DENIED for a path outside it); one
+    that cannot be read is INVALID_ARGUMENT with the reason. The transcript is copied, never
+    changed.
+    """
 
 @_typing.type_check_only
 class SessionServiceAsyncStub(SessionServiceStub):
@@ -151,6 +191,46 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """Takes a session out of the archive; its next message starts its agent again."""
     SearchMessages: _aio.UnaryUnaryMultiCallable[_session_pb2.SearchMessagesRequest, _session_pb2.SearchMessagesResponse]  # type: ignore[assignment]
     """Full-text search over stored messages (every session's, or those given), best match first."""
+    AskAside: _aio.UnaryStreamMultiCallable[_session_pb2.AskAsideRequest, _session_pb2.AskAsideResponse]  # type: ignore[assignment]
+    """Asks the agent a question aside: it answers from the conversation so far, but neither the
+    question nor the answer becomes part of the conversation (history keeps both as
+    Message.aside). Allowed while a turn runs (the turn is not disturbed). FAILED_PRECONDITION
+    for a session with no conversation yet or a closed one.
+    """
+    RenameSession: _aio.UnaryUnaryMultiCallable[_session_pb2.RenameSessionRequest, _session_pb2.RenameSessionResponse]  # type: ignore[assignment]
+    """Sets the session's title (Session.title); the live agent is told too."""
+    GetMcpStatus: _aio.UnaryUnaryMultiCallable[_session_pb2.GetMcpStatusRequest, _session_pb2.GetMcpStatusResponse]  # type: ignore[assignment]
+    """The session's MCP servers as its live agent reports them now. FAILED_PRECONDITION when
+    the session has no live agent (Session.mcp_servers has what it reported last).
+    """
+    ReconnectMcpServer: _aio.UnaryUnaryMultiCallable[_session_pb2.ReconnectMcpServerRequest, _session_pb2.ReconnectMcpServerResponse]  # type: ignore[assignment]
+    """Reconnects one of the live agent's MCP servers (NOT_FOUND for a name it does not have)."""
+    SetMcpServerEnabled: _aio.UnaryUnaryMultiCallable[_session_pb2.SetMcpServerEnabledRequest, _session_pb2.SetMcpServerEnabledResponse]  # type: ignore[assignment]
+    """Enables or disables one of the live agent's MCP servers. Only servers the daemon
+    configured for the session can be enabled (PERMISSION_DENIED otherwise, and in user mode
+    for any server the daemon did not configure).
+    """
+    RewindFiles: _aio.UnaryUnaryMultiCallable[_session_pb2.RewindFilesRequest, _session_pb2.RewindFilesResponse]  # type: ignore[assignment]
+    """Undoes the agent's file changes since a user message of the session: the files its edit
+    tools changed since then go back to their state before it (a file it created is removed).
+    The conversation is untouched. A file changed by someone else since the agent last left it
+    is reported (conflicts) and nothing is rewound, unless force. Audited; watchers get a
+    notice. FAILED_PRECONDITION while a turn runs.
+    """
+    RollbackSession: _aio.UnaryUnaryMultiCallable[_session_pb2.RollbackSessionRequest, _session_pb2.RollbackSessionResponse]  # type: ignore[assignment]
+    """The session goes on as it stood before a user message of it: that message and every later
+    one stay in history marked rolled_back (GetHistory can hide them), and the agent's next
+    turn no longer carries them. FAILED_PRECONDITION while a turn runs or waits.
+    """
+    UndoRollback: _aio.UnaryUnaryMultiCallable[_session_pb2.UndoRollbackRequest, _session_pb2.UndoRollbackResponse]  # type: ignore[assignment]
+    """Undoes the last RollbackSession while no turn has run since (FAILED_PRECONDITION after)."""
+    ImportSession: _aio.UnaryUnaryMultiCallable[_session_pb2.ImportSessionRequest, _session_pb2.ImportSessionResponse]  # type: ignore[assignment]
+    """A conversation started with the plain `claude` CLI (by the daemon's user, in any folder)
+    becomes a session that resumes it, its messages imported into history. Its transcript is
+    read from the CLI's projects folder only (PERMISSION_DENIED for a path outside it); one
+    that cannot be read is INVALID_ARGUMENT with the reason. The transcript is copied, never
+    changed.
+    """
 
 class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
     """Sessions: one conversation with the agent, its registry entry and its history."""
@@ -342,5 +422,99 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_session_pb2.SearchMessagesResponse, _abc.Awaitable[_session_pb2.SearchMessagesResponse]]:
         """Full-text search over stored messages (every session's, or those given), best match first."""
+
+    @_abc_1.abstractmethod
+    def AskAside(
+        self,
+        request: _session_pb2.AskAsideRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_session_pb2.AskAsideResponse], _abc.AsyncIterator[_session_pb2.AskAsideResponse]]:
+        """Asks the agent a question aside: it answers from the conversation so far, but neither the
+        question nor the answer becomes part of the conversation (history keeps both as
+        Message.aside). Allowed while a turn runs (the turn is not disturbed). FAILED_PRECONDITION
+        for a session with no conversation yet or a closed one.
+        """
+
+    @_abc_1.abstractmethod
+    def RenameSession(
+        self,
+        request: _session_pb2.RenameSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.RenameSessionResponse, _abc.Awaitable[_session_pb2.RenameSessionResponse]]:
+        """Sets the session's title (Session.title); the live agent is told too."""
+
+    @_abc_1.abstractmethod
+    def GetMcpStatus(
+        self,
+        request: _session_pb2.GetMcpStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.GetMcpStatusResponse, _abc.Awaitable[_session_pb2.GetMcpStatusResponse]]:
+        """The session's MCP servers as its live agent reports them now. FAILED_PRECONDITION when
+        the session has no live agent (Session.mcp_servers has what it reported last).
+        """
+
+    @_abc_1.abstractmethod
+    def ReconnectMcpServer(
+        self,
+        request: _session_pb2.ReconnectMcpServerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.ReconnectMcpServerResponse, _abc.Awaitable[_session_pb2.ReconnectMcpServerResponse]]:
+        """Reconnects one of the live agent's MCP servers (NOT_FOUND for a name it does not have)."""
+
+    @_abc_1.abstractmethod
+    def SetMcpServerEnabled(
+        self,
+        request: _session_pb2.SetMcpServerEnabledRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.SetMcpServerEnabledResponse, _abc.Awaitable[_session_pb2.SetMcpServerEnabledResponse]]:
+        """Enables or disables one of the live agent's MCP servers. Only servers the daemon
+        configured for the session can be enabled (PERMISSION_DENIED otherwise, and in user mode
+        for any server the daemon did not configure).
+        """
+
+    @_abc_1.abstractmethod
+    def RewindFiles(
+        self,
+        request: _session_pb2.RewindFilesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.RewindFilesResponse, _abc.Awaitable[_session_pb2.RewindFilesResponse]]:
+        """Undoes the agent's file changes since a user message of the session: the files its edit
+        tools changed since then go back to their state before it (a file it created is removed).
+        The conversation is untouched. A file changed by someone else since the agent last left it
+        is reported (conflicts) and nothing is rewound, unless force. Audited; watchers get a
+        notice. FAILED_PRECONDITION while a turn runs.
+        """
+
+    @_abc_1.abstractmethod
+    def RollbackSession(
+        self,
+        request: _session_pb2.RollbackSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.RollbackSessionResponse, _abc.Awaitable[_session_pb2.RollbackSessionResponse]]:
+        """The session goes on as it stood before a user message of it: that message and every later
+        one stay in history marked rolled_back (GetHistory can hide them), and the agent's next
+        turn no longer carries them. FAILED_PRECONDITION while a turn runs or waits.
+        """
+
+    @_abc_1.abstractmethod
+    def UndoRollback(
+        self,
+        request: _session_pb2.UndoRollbackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.UndoRollbackResponse, _abc.Awaitable[_session_pb2.UndoRollbackResponse]]:
+        """Undoes the last RollbackSession while no turn has run since (FAILED_PRECONDITION after)."""
+
+    @_abc_1.abstractmethod
+    def ImportSession(
+        self,
+        request: _session_pb2.ImportSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_pb2.ImportSessionResponse, _abc.Awaitable[_session_pb2.ImportSessionResponse]]:
+        """A conversation started with the plain `claude` CLI (by the daemon's user, in any folder)
+        becomes a session that resumes it, its messages imported into history. Its transcript is
+        read from the CLI's projects folder only (PERMISSION_DENIED for a path outside it); one
+        that cannot be read is INVALID_ARGUMENT with the reason. The transcript is copied, never
+        changed.
+        """
 
 def add_SessionServiceServicer_to_server(servicer: SessionServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
