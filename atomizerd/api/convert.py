@@ -8,12 +8,12 @@ from atomizer.v1 import session_pb2 as pb
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from atomizerd.errors import InvalidArgument
+from atomizerd.model import AuditRecord, MessageRecord, Mode, SearchHit
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.registry import SessionView
 from atomizerd.sessions.tasks import TaskInfo
-from atomizerd.store.db import AuditRecord, MessageRecord, SearchHit
 
-_MODE_TO_DOMAIN = {pb.MODE_USER: "user", pb.MODE_POWER: "power", pb.MODE_PLAN: "plan"}
+_MODE_TO_DOMAIN = {pb.MODE_USER: Mode.USER, pb.MODE_POWER: Mode.POWER, pb.MODE_PLAN: Mode.PLAN}
 _MODE_TO_PB = {v: k for k, v in _MODE_TO_DOMAIN.items()}
 _STATE_TO_PB = {
     "idle": pb.SESSION_STATE_IDLE,

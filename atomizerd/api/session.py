@@ -11,8 +11,8 @@ from atomizer.v1 import session_pb2_grpc
 
 from atomizerd.api import convert
 from atomizerd.api.errormap import streaming, unary
+from atomizerd.model import SessionFilter
 from atomizerd.sessions.registry import Registry
-from atomizerd.store.db import SessionFilter
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 

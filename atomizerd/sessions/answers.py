@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from atomizerd.config import Config
 from atomizerd.errors import FailedPrecondition, InvalidArgument, NotFound
+from atomizerd.model import AuditRecord, Mode
 from atomizerd.sessions import checks
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.approvals import Decision, client_decision
 from atomizerd.sessions.table import SessionTable
-from atomizerd.store.db import AuditRecord, Store
+from atomizerd.store.db import Store
 
 
 class Answers:
@@ -47,7 +48,7 @@ class Answers:
         message = message or ("" if allow else "the user denied this tool use")
         decision = client_decision(allow, message, remember, updated_input_json, rule)
         if next_mode is not None:
-            if next_mode not in ("user", "power") or not allow:
+            if next_mode not in (Mode.USER, Mode.POWER) or not allow:
                 raise InvalidArgument(
                     "mode goes with an allow of ExitPlanMode: MODE_USER or MODE_POWER"
                 )

@@ -12,10 +12,11 @@ from atomizerd import ids
 from atomizerd.agents.pool import AgentPool
 from atomizerd.config import Config
 from atomizerd.errors import FailedPrecondition, NotFound
+from atomizerd.model import SearchHit, SessionFilter
 from atomizerd.sessions import checks
 from atomizerd.sessions.session import Session, SessionState
 from atomizerd.sessions.table import SessionTable, SessionView
-from atomizerd.store.db import SearchHit, SessionFilter, Store
+from atomizerd.store.db import Store
 
 log = structlog.get_logger("atomizerd.sessions.catalog")
 

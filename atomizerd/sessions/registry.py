@@ -28,6 +28,15 @@ from atomizerd.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from atomizerd.model import (
+    AttachmentRecord,
+    AuditRecord,
+    MessageRecord,
+    Mode,
+    SearchHit,
+    SessionFilter,
+    SessionRecord,
+)
 from atomizerd.sessions import checks
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.answers import Answers
@@ -44,15 +53,7 @@ from atomizerd.sessions.streams import Streams, replay_stored
 from atomizerd.sessions.table import SessionTable, SessionView
 from atomizerd.sessions.turn import Turn, TurnState
 from atomizerd.sessions.turns import TurnRunner
-from atomizerd.store.db import (
-    AttachmentRecord,
-    AuditRecord,
-    MessageRecord,
-    SearchHit,
-    SessionFilter,
-    SessionRecord,
-    Store,
-)
+from atomizerd.store.db import Store
 from atomizerd.telemetry import NULL, Telemetry
 
 __all__ = ["Registry", "SessionView", "TaskOutputPage", "spare_record"]
@@ -233,7 +234,7 @@ class Registry:
         self._check_session_limit()
         budget = checks.cap("budget_usd", budget_usd, self.config.budget.session_usd)
         turn_budget = checks.cap("turn_budget_usd", turn_budget_usd, self.config.budget.turn_usd)
-        mode = mode or "user"
+        mode = mode or Mode.USER
         agent_session_id = ids.new_agent_session_id()
         if not session_id:
             spare = None
@@ -532,7 +533,7 @@ class Registry:
         return self.table.draining
 
 
-def spare_record(config: Config, mode: str) -> SessionRecord:
+def spare_record(config: Config, mode: Mode) -> SessionRecord:
     """The record a spare agent of `mode` is started for: what a new session of that mode
     with no study, the default model and the default budgets will be, under ids reserved now."""
     now = time.time()

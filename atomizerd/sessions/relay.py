@@ -13,9 +13,9 @@ import json
 
 from atomizerd.agents import protocol as proto
 from atomizerd.agents.vocabulary import AgentExited, AgentItem, LineTooLong
+from atomizerd.model import ToolCallRecord, TurnOutcome
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.turn import Emit, Transcript
-from atomizerd.store.db import ToolCallRecord, TurnOutcome
 
 Terminal = ev.TurnCompleted | ev.TurnFailed
 

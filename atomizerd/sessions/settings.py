@@ -17,12 +17,13 @@ from atomizerd.agents.pool import AgentPool, AgentState
 from atomizerd.agents.vocabulary import AgentError
 from atomizerd.atomizer.studies import Studies
 from atomizerd.config import Config
+from atomizerd.model import AuditRecord
 from atomizerd.sessions import checks
 from atomizerd.sessions.approvals import CLIENT
 from atomizerd.sessions.queue import WorkQueue
 from atomizerd.sessions.session import Change, Session, SessionState
 from atomizerd.sessions.table import SessionTable, SessionView
-from atomizerd.store.db import AuditRecord, Store
+from atomizerd.store.db import Store
 
 log = structlog.get_logger("atomizerd.sessions.settings")
 

@@ -27,6 +27,7 @@ from atomizerd.agents.vocabulary import (
 )
 from atomizerd.config import Config
 from atomizerd.errors import AtomizerError
+from atomizerd.model import Mode, SessionRecord
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.approvals import Approvals
 from atomizerd.sessions.attachments import content_blocks, to_store
@@ -35,11 +36,11 @@ from atomizerd.sessions.control import AgentControl, Replay, quiet
 from atomizerd.sessions.following import Follower
 from atomizerd.sessions.journal import TurnJournal
 from atomizerd.sessions.outcomes import LateOutcomes
-from atomizerd.sessions.plans import PLAN, leave_plan
+from atomizerd.sessions.plans import leave_plan
 from atomizerd.sessions.relay import outcome as outcome_of
 from atomizerd.sessions.relay import reported_outcome, require_structured
 from atomizerd.sessions.turn import Emit, EmitFor, T, Transcript, Turn, TurnState
-from atomizerd.store.db import SessionRecord, Store
+from atomizerd.store.db import Store
 from atomizerd.telemetry import NULL, Telemetry
 
 if TYPE_CHECKING:
@@ -298,7 +299,7 @@ class TurnRunner:
             log.exception("turn crashed", turn_id=turn.turn_id)
             terminal = ev.TurnFailed(ev.INTERNAL, "atomizerd failed while running the turn")
         reusable = isinstance(terminal, ev.TurnCompleted) and agent.alive
-        if turn.left_plan == "power":
+        if turn.left_plan == Mode.POWER:
             reusable = False  # started sandboxed, as a plan: power's own agent next time
         if s.record.turn_budget_usd > 0:
             reusable = False  # the CLI takes its cap at start-up: a fresh one per turn
@@ -317,7 +318,7 @@ class TurnRunner:
             emit,
             turn.audience,
             leave_plan=lambda mode: leave_plan(self.store, s, turn, mode),
-            in_plan=lambda: s.record.mode == PLAN,
+            in_plan=lambda: s.record.mode == Mode.PLAN,
             telemetry=self.telemetry,
         )
 

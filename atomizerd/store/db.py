@@ -5,7 +5,8 @@ daemon crash); any peewee database URL works. The schema carries a version and f
 migrations run at open. Calls are synchronous and short; the registry batches them so no
 write happens per text delta.
 
-The store by concern: its models (models.py), migrations (migrations.py), records (records.py),
+The store by concern: its models (models.py), migrations (migrations.py), rows read as the
+domain's records (records.py; the records themselves are atomizerd/model.py),
 connection (connect.py), its own state (base.py), then sessions (sessions.py), messages
 (messages.py), governance and processes (governance.py). `Store` is all of them; this module
 is where the rest of the daemon imports the store from.
@@ -34,37 +35,15 @@ from atomizerd.store.models import (
     SessionRow,
     database_proxy,
 )
-from atomizerd.store.records import (
-    AgentProcessRecord,
-    AttachmentRecord,
-    AuditRecord,
-    MessageRecord,
-    SearchHit,
-    SessionFilter,
-    SessionRecord,
-    StoredAttachment,
-    ToolCallRecord,
-    TurnOutcome,
-)
 from atomizerd.store.sessions import SessionsStore
 
 __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "SEQ_BLOCK",
-    "AgentProcessRecord",
-    "AttachmentRecord",
-    "AuditRecord",
-    "MessageRecord",
     "SchemaVersion",
-    "SearchHit",
-    "SessionFilter",
-    "SessionRecord",
     "SessionRow",
     "Store",
-    "StoredAttachment",
-    "ToolCallRecord",
-    "TurnOutcome",
     "_connect",
     "_migrate_attachments",
     "_migrate_checkpoint_pieces",

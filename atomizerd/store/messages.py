@@ -11,6 +11,14 @@ from typing import Any
 import peewee as pw
 
 from atomizerd.errors import InvalidArgument
+from atomizerd.model import (
+    AttachmentRecord,
+    MessageRecord,
+    SearchHit,
+    SessionRecord,
+    StoredAttachment,
+    TurnOutcome,
+)
 from atomizerd.store.base import StoreBase
 from atomizerd.store.migrations import (
     _FTS_QUERY_ERRORS,
@@ -22,14 +30,7 @@ from atomizerd.store.models import (
     MessageRow,
     SessionRow,
 )
-from atomizerd.store.records import (
-    AttachmentRecord,
-    MessageRecord,
-    SearchHit,
-    SessionRecord,
-    StoredAttachment,
-    TurnOutcome,
-)
+from atomizerd.store.records import message_record
 
 
 class MessagesStore(StoreBase):
@@ -220,7 +221,7 @@ class MessagesStore(StoreBase):
             .order_by(MessageRow.id)
             .limit(limit)
         )
-        return [MessageRecord.from_row(r) for r in q]
+        return [message_record(r) for r in q]
 
     def recent_messages(self, session_id: str, limit: int) -> list[MessageRecord]:
         q = (
@@ -229,7 +230,7 @@ class MessagesStore(StoreBase):
             .order_by(MessageRow.id.desc())
             .limit(limit)
         )
-        return [MessageRecord.from_row(r) for r in reversed(list(q))]
+        return [message_record(r) for r in reversed(list(q))]
 
     def search_messages(
         self,
@@ -296,7 +297,7 @@ class MessagesStore(StoreBase):
         row = MessageRow.get_or_none(
             (MessageRow.session == session_id) & (MessageRow.id == message_id)
         )
-        return MessageRecord.from_row(row) if row else None
+        return message_record(row) if row else None
 
     def last_reply(self, session_id: str) -> MessageRecord | None:
         """The newest reply a fork can continue from (one the CLI's uuid is known of)."""
@@ -310,7 +311,7 @@ class MessagesStore(StoreBase):
             .order_by(MessageRow.id.desc())
             .first()
         )
-        return MessageRecord.from_row(row) if row else None
+        return message_record(row) if row else None
 
     def find_turn_by_request(self, session_id: str, request_id: str) -> list[MessageRecord]:
         q = MessageRow.select().where(
@@ -322,7 +323,7 @@ class MessagesStore(StoreBase):
         rows = MessageRow.select().where(
             (MessageRow.session == session_id) & (MessageRow.turn_id == user.turn_id)
         )
-        return [MessageRecord.from_row(r) for r in rows.order_by(MessageRow.id)]
+        return [message_record(r) for r in rows.order_by(MessageRow.id)]
 
     def unfinished_turns(self) -> dict[str, str]:
         """This host's turns whose user message has no reply yet: turn id -> session id."""

@@ -9,6 +9,7 @@ from typing import Any
 
 import peewee as pw
 
+from atomizerd.model import SessionFilter, SessionRecord
 from atomizerd.store.base import StoreBase
 from atomizerd.store.models import (
     AttachmentBlobRow,
@@ -21,10 +22,7 @@ from atomizerd.store.models import (
     TaskRow,
     TurnCheckpointRow,
 )
-from atomizerd.store.records import (
-    SessionFilter,
-    SessionRecord,
-)
+from atomizerd.store.records import filter_conditions, session_record
 
 
 class SessionsStore(StoreBase):
@@ -132,7 +130,7 @@ class SessionsStore(StoreBase):
 
     def get_session(self, session_id: str) -> SessionRecord | None:
         row = SessionRow.get_or_none(SessionRow.session_id == session_id)
-        return SessionRecord.from_row(row) if row else None
+        return session_record(row) if row else None
 
     def update_session(self, session_id: str, **fields: Any) -> SessionRecord | None:
         """Writes `fields` and returns the session as stored now (None: it does not exist)."""
@@ -186,11 +184,11 @@ class SessionsStore(StoreBase):
             q = q.where(SessionRow.session_id.in_(list(only_ids)))
         if exclude_ids:
             q = q.where(SessionRow.session_id.not_in(list(exclude_ids)))
-        conditions = f.conditions()
+        conditions = filter_conditions(f)
         if conditions:
             q = q.where(*conditions)
         q = q.order_by(SessionRow.created_at.desc(), SessionRow.session_id.desc()).limit(limit)
-        return [SessionRecord.from_row(r) for r in q]
+        return [session_record(r) for r in q]
 
     def inactive_sessions(
         self, before: float, limit: int, *, include_archived: bool = False

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from atomizerd.errors import FailedPrecondition, InvalidArgument, NotFound
+from atomizerd.model import SessionFilter
 from atomizerd.sessions.reaper import Reaper
-from atomizerd.store.db import SessionFilter
 from tests.support.core import Core, run, send, text_of
 
 
