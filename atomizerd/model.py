@@ -60,6 +60,16 @@ class SessionRecord:
 SESSION_FIELDS = tuple(f.name for f in dataclasses.fields(SessionRecord))
 
 
+@dataclass(frozen=True, slots=True)
+class PermissionDenial:
+    """A tool use the CLI's permission layer denied in a turn: the agent reports it with the
+    turn's result, the session passes it on with the turn's end."""
+
+    tool_name: str
+    tool_use_id: str
+    input_json: str
+
+
 @dataclass
 class ToolCallRecord:
     id: str

@@ -31,8 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
-import stat
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +40,7 @@ import structlog
 
 from atomizerd import __version__
 from atomizerd.config import Config, MetricsAddress, metrics_address, socket_mode
+from atomizerd.daemon.sockets import Claim, claim_socket_path
 from atomizerd.telemetry import DECIDERS, SPAWN_REASONS, Telemetry
 
 if TYPE_CHECKING:
@@ -311,18 +310,11 @@ class MetricsEndpoint:
 
     def _claim_socket_path(self, path: Path) -> None:
         """Replaces a dead daemon's socket; refuses to take a live one or another file."""
-        if not path.exists() and not path.is_symlink():
-            return
-        if not stat.S_ISSOCK(path.lstat().st_mode):
+        claim = claim_socket_path(path)
+        if claim is Claim.NOT_A_SOCKET:
             raise MetricsError(f"{path} exists and is not a socket (metrics.listen)")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            probe.settimeout(1.0)
-            try:
-                probe.connect(str(path))
-            except OSError:
-                path.unlink()
-                return
-        raise MetricsError(f"another process is serving on {path} (metrics.listen)")
+        if claim is Claim.IN_USE:
+            raise MetricsError(f"another process is serving on {path} (metrics.listen)")
 
     async def close(self) -> None:
         if self.relay is not None and self.relay.target is self.metrics:

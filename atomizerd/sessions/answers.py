@@ -7,21 +7,19 @@ request is NOT_FOUND (docs/architecture.md, "The flow of a permission request").
 
 from __future__ import annotations
 
-from atomizerd.config import Config
 from atomizerd.errors import FailedPrecondition, InvalidArgument, NotFound
 from atomizerd.model import AuditRecord, Mode
 from atomizerd.sessions import checks
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.approvals import Decision, client_decision
 from atomizerd.sessions.table import SessionTable
-from atomizerd.store.db import Store
 
 
 class Answers:
-    def __init__(self, config: Config, store: Store, table: SessionTable) -> None:
-        self.config = config
-        self.store = store
+    def __init__(self, table: SessionTable) -> None:
         self.table = table
+        self.config = table.config
+        self.store = table.store
 
     async def interrupt(self, session_id: str) -> str:
         s = self.table.serving(session_id)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from atomizerd.config import AttachmentsConfig
+from atomizerd.config.agents import AttachmentsConfig
 from atomizerd.errors import InvalidArgument
 from atomizerd.model import AttachmentRecord, StoredAttachment
 from atomizerd.sessions import events as ev

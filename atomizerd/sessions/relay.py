@@ -131,10 +131,7 @@ def completed(
         duration_ms=result.duration_ms,
         num_turns=result.num_turns,
         interrupted=interrupted,
-        permission_denials=tuple(
-            ev.PermissionDenial(d.tool_name, d.tool_use_id, d.input_json)
-            for d in result.permission_denials
-        ),
+        permission_denials=result.permission_denials,
         result_subtype=result.subtype,
         structured_output=structured_output(result),
     )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -60,7 +59,7 @@ class TurnRunner:
         config: Config,
         store: Store,
         pool: AgentPool,
-        context_text: Callable[[SessionRecord], str],
+        context: AgentContext,
         emit_for: EmitFor,
         telemetry: Telemetry = NULL,
     ) -> None:
@@ -68,10 +67,9 @@ class TurnRunner:
         self.store = store
         self.telemetry = telemetry
         self.pool = pool
-        self.context_text = context_text
         self.emit_for = emit_for
         self.control = AgentControl(config)
-        self.context = AgentContext(config, store, pool, context_text)
+        self.context = context
         # Outcomes the store could not take (a full disk), written once it can again.
         self.outcomes = LateOutcomes(store, config.agent.checkpoint_interval * 4)
         self.follower = Follower(config, store, pool, emit_for, self, self.control)

@@ -12,15 +12,11 @@ import peewee as pw
 from atomizerd.model import SessionFilter, SessionRecord
 from atomizerd.store.base import StoreBase
 from atomizerd.store.models import (
-    AttachmentBlobRow,
+    SESSION_CHILDREN,
     AuditRow,
     MessageRow,
-    PermissionPatternRow,
-    PermissionRuleRow,
     SessionLabelRow,
     SessionRow,
-    TaskRow,
-    TurnCheckpointRow,
 )
 from atomizerd.store.records import filter_conditions, session_record
 
@@ -248,14 +244,6 @@ class SessionsStore(StoreBase):
 
     def delete_session(self, session_id: str) -> None:
         with self.db.atomic():
-            MessageRow.delete().where(MessageRow.session == session_id).execute()
-            TurnCheckpointRow.delete().where(TurnCheckpointRow.session == session_id).execute()
-            AuditRow.delete().where(AuditRow.session == session_id).execute()
-            PermissionRuleRow.delete().where(PermissionRuleRow.session == session_id).execute()
-            AttachmentBlobRow.delete().where(AttachmentBlobRow.session == session_id).execute()
-            TaskRow.delete().where(TaskRow.session == session_id).execute()
-            PermissionPatternRow.delete().where(
-                PermissionPatternRow.session == session_id
-            ).execute()
-            SessionLabelRow.delete().where(SessionLabelRow.session == session_id).execute()
+            for row in SESSION_CHILDREN:
+                row.delete().where(row.session == session_id).execute()
             SessionRow.delete().where(SessionRow.session_id == session_id).execute()
