@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from atomizer.v1 import session_pb2 as pb
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -379,7 +377,3 @@ def _completed_to_pb(k: ev.TurnCompleted) -> pb.TurnCompleted:
         text=k.text,
         structured_output=k.structured_output,
     )
-
-
-def json_text(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False)

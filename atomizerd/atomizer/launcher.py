@@ -141,10 +141,6 @@ class Launcher:
             umask=agent_umask(self.config),
         )
 
-    def sandbox_status(self) -> sandbox.SandboxStatus:
-        """Whether user-mode agents can be sandboxed here (GetStatus)."""
-        return self.probe.status(self.config.sandbox.enabled, sandbox.agent_path(self.config))
-
     def cleanup(self, session_id: str) -> None:
         """Removes the session's runtime files (its process is gone)."""
         self.studies.remove_session_files(session_id)

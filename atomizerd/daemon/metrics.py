@@ -20,10 +20,9 @@ connection, `GET`/`HEAD /metrics`), over loopback TCP or a Unix socket, rather t
 prometheus_client's threaded server: the scrape-time figures live in loop-owned objects (the
 pool's dict of agents, the sessions, the probe's deque), which a thread would read while the
 loop changes them, and a thread would hold the GIL for the same work anyway. Generating the
-exposition is cheap enough to do on the loop: about 2 ms of CPU for a hundred samples on the
-2-core development machine (docs/metrics.md, "Cost of a scrape"). A request must arrive
-within `REQUEST_TIMEOUT` and fit in `MAX_REQUEST_BYTES`; at most `MAX_CONNECTIONS` are open at
-once, more are closed unanswered.
+exposition is cheap enough to do on the loop (docs/metrics.md, "Cost of a scrape"). A request
+must arrive within `REQUEST_TIMEOUT` and fit in `MAX_REQUEST_BYTES`; at most `MAX_CONNECTIONS`
+are open at once, more are closed unanswered.
 """
 
 from __future__ import annotations

@@ -199,7 +199,7 @@ class Daemon:
         )
         self.pool.replenish_spares()
         # What start-up built lives as long as the daemon: out of the collector's way, so a
-        # full collection later does not walk it (a pause of ~15-25 ms on the loop otherwise).
+        # full collection later does not walk it (a pause on the loop otherwise).
         gc.freeze()
         if self.store.outages is not None:
             self.db_watch = DatabaseWatch(self.store.outages, self._serving)
