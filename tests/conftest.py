@@ -87,6 +87,22 @@ def stubs(daemon: RunningDaemon) -> Stubs:
     return stubs_for(daemon.channel())
 
 
+@pytest.fixture(scope="module")
+def shared_daemon() -> Iterator[RunningDaemon]:
+    """One daemon for those tests of a module that each work in sessions of their own and look
+    at nothing daemon-wide (listings of every session, counts, settings): started once for them,
+    not once a test. A test that needs a daemon to itself takes `daemon`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="azd-") as d, RunningDaemon(Path(d)) as running:
+        yield running
+
+
+@pytest.fixture
+def shared_stubs(shared_daemon: RunningDaemon) -> Stubs:
+    return stubs_for(shared_daemon.channel())
+
+
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
     """One private PostgreSQL server for the whole test session, stopped at its end."""
