@@ -21,8 +21,8 @@ _LEFT_GRACE = 15.0
 
 
 def _worker(session: pytest.Session) -> bool:
-    """A pytest-xdist worker (scripts/test --fast): only the controller, which starts before
-    and ends after every worker, looks for what the suite left."""
+    """A pytest-xdist worker (scripts/test runs the suite in two): only the controller, which
+    starts before and ends after every worker, looks for what the suite left."""
     return hasattr(session.config, "workerinput")
 
 
