@@ -535,12 +535,12 @@ class CliEnv:
         self.context = self._launcher.context_text(self._record())
 
     def _record(self) -> Any:
-        from atomizerd.store.db import SessionRecord
+        from atomizerd.model import Mode, SessionRecord
 
         now = time.time()
         return SessionRecord(
             session_id="bench" + uuid.uuid4().hex[:12],
-            mode="user",
+            mode=Mode.USER,
             study_id=None,
             agent_session_id=str(uuid.uuid4()),
             agent_started=False,
@@ -2234,7 +2234,8 @@ def build_sessions_db(
     texts and times change. Then plain SQL, executemany in one transaction, and the templates
     are deleted."""
     from atomizerd import ids
-    from atomizerd.store.db import AuditRecord, Store, TurnOutcome
+    from atomizerd.model import AuditRecord, TurnOutcome
+    from atomizerd.store.db import Store
 
     db.parent.mkdir(parents=True, exist_ok=True)
     store = Store(f"sqlite:///{db}")

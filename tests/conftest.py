@@ -21,8 +21,8 @@ _LEFT_GRACE = 15.0
 
 
 def _worker(session: pytest.Session) -> bool:
-    """A pytest-xdist worker (scripts/test --fast): only the controller, which starts before
-    and ends after every worker, looks for what the suite left."""
+    """A pytest-xdist worker (scripts/test runs the suite in two): only the controller, which
+    starts before and ends after every worker, looks for what the suite left."""
     return hasattr(session.config, "workerinput")
 
 
@@ -85,6 +85,22 @@ def daemon(short_tmp: Path) -> Iterator[RunningDaemon]:
 @pytest.fixture
 def stubs(daemon: RunningDaemon) -> Stubs:
     return stubs_for(daemon.channel())
+
+
+@pytest.fixture(scope="module")
+def shared_daemon() -> Iterator[RunningDaemon]:
+    """One daemon for those tests of a module that each work in sessions of their own and look
+    at nothing daemon-wide (listings of every session, counts, settings): started once for them,
+    not once a test. A test that needs a daemon to itself takes `daemon`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="azd-") as d, RunningDaemon(Path(d)) as running:
+        yield running
+
+
+@pytest.fixture
+def shared_stubs(shared_daemon: RunningDaemon) -> Stubs:
+    return stubs_for(shared_daemon.channel())
 
 
 @pytest.fixture(scope="session")

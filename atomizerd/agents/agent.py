@@ -22,10 +22,10 @@ import structlog
 
 from atomizerd.agents.transport import LaunchSpec, PooledTransport
 from atomizerd.agents.vocabulary import AgentError, AgentSpawnError
-from atomizerd.config import AgentConfig
+from atomizerd.config.agents import AgentConfig
 from atomizerd.errors import AtomizerError
+from atomizerd.model import SessionRecord
 from atomizerd.statemachine import Lifecycle
-from atomizerd.store.db import SessionRecord
 
 log = structlog.get_logger("atomizerd.agents.pool")
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
+from atomizerd.model import PermissionDenial
+
 
 @dataclass(frozen=True, slots=True)
 class Init:
@@ -110,13 +112,6 @@ class ApiRetry:
     retry_delay_ms: int
     error_status: int | None
     error: str
-
-
-@dataclass(frozen=True, slots=True)
-class PermissionDenial:
-    tool_name: str
-    tool_use_id: str
-    input_json: str
 
 
 @dataclass(frozen=True, slots=True)

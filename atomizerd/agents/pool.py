@@ -47,7 +47,7 @@ from atomizerd.agents.slots import caller_cancelled
 from atomizerd.agents.transport import PooledTransport
 from atomizerd.agents.vocabulary import AgentError
 from atomizerd.errors import Unavailable
-from atomizerd.store.db import SessionRecord
+from atomizerd.model import Mode, SessionRecord
 
 log = structlog.get_logger("atomizerd.agents.pool")
 
@@ -75,7 +75,7 @@ class AgentPool(PoolCore):
         if self._closed or self._spare_record is None or cfg.spares <= 0:
             return
         for mode in cfg.spare_modes:
-            if mode == "power" and not self.config.modes.power.enabled:
+            if mode == Mode.POWER and not self.config.modes.power.enabled:
                 continue
             have = sum(1 for a in self._agents.values() if a.spare_for == mode)
             for _ in range(cfg.spares - have):

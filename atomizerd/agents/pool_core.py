@@ -28,8 +28,9 @@ from atomizerd.agents.slots import Slots
 from atomizerd.agents.transport import PooledTransport, Spawner
 from atomizerd.config import Config
 from atomizerd.errors import Unavailable
+from atomizerd.model import AgentProcessRecord, SessionRecord
 from atomizerd.statemachine import Lifecycle
-from atomizerd.store.db import AgentProcessRecord, SessionRecord, Store
+from atomizerd.store.db import Store
 from atomizerd.telemetry import NULL, Telemetry
 
 log = structlog.get_logger("atomizerd.agents.pool")

@@ -45,7 +45,6 @@ from atomizerd.agents.messages import (
     ControlResponse,
     Init,
     MessageDelta,
-    PermissionDenial,
     Result,
     TaskNotification,
     TaskProgress,
@@ -57,6 +56,7 @@ from atomizerd.agents.messages import (
     Unknown,
     UserReplay,
 )
+from atomizerd.model import PermissionDenial
 
 # The placeholder a flattened tool result shows instead of an image's base64 payload.
 IMAGE_PLACEHOLDER = "[image]"

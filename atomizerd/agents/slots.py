@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 
 from atomizerd.agents.agent import Waiter
-from atomizerd.config import PoolConfig
+from atomizerd.config.agents import PoolConfig
 from atomizerd.errors import ResourceExhausted, Unavailable
 
 # Evicts an idle agent for the waiter (its slot passes to it when the agent is gone); False

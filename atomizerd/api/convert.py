@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
-
 from atomizer.v1 import session_pb2 as pb
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from atomizerd.errors import InvalidArgument
+from atomizerd.model import ASIDE, AuditRecord, MessageRecord, Mode, SearchHit
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.registry import AsideStep, McpServer, SessionView
 from atomizerd.sessions.tasks import TaskInfo
-from atomizerd.store.db import ASIDE, AuditRecord, MessageRecord, SearchHit
 
-_MODE_TO_DOMAIN = {pb.MODE_USER: "user", pb.MODE_POWER: "power", pb.MODE_PLAN: "plan"}
+_MODE_TO_DOMAIN = {pb.MODE_USER: Mode.USER, pb.MODE_POWER: Mode.POWER, pb.MODE_PLAN: Mode.PLAN}
 _MODE_TO_PB = {v: k for k, v in _MODE_TO_DOMAIN.items()}
 _STATE_TO_PB = {
     "idle": pb.SESSION_STATE_IDLE,
@@ -418,7 +416,3 @@ def _completed_to_pb(k: ev.TurnCompleted) -> pb.TurnCompleted:
         text=k.text,
         structured_output=k.structured_output,
     )
-
-
-def json_text(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False)

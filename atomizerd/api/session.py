@@ -11,8 +11,8 @@ from atomizer.v1 import session_pb2_grpc
 
 from atomizerd.api import convert
 from atomizerd.api.errormap import streaming, unary
+from atomizerd.model import SessionFilter
 from atomizerd.sessions.registry import Registry
-from atomizerd.store.db import SessionFilter
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -47,7 +47,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: Ctx
     ) -> pb.ListSessionsResponse:
-        views, token = self.registry.list_sessions(
+        views, token = self.registry.catalog.list_sessions(
             page_size=request.page_size,
             page_token=request.page_token,
             study_id=request.study_id or None,
@@ -165,14 +165,14 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     @unary
     async def Interrupt(self, request: pb.InterruptRequest, context: Ctx) -> pb.InterruptResponse:
-        turn_id = await self.registry.interrupt(request.session_id)
+        turn_id = await self.registry.answers.interrupt(request.session_id)
         return pb.InterruptResponse(turn_id=turn_id)
 
     @unary
     async def RespondToPermission(
         self, request: pb.RespondToPermissionRequest, context: Ctx
     ) -> pb.RespondToPermissionResponse:
-        decision = self.registry.respond_to_permission(
+        decision = self.registry.answers.respond_to_permission(
             request.session_id,
             request.request_id,
             request.allow,
@@ -198,7 +198,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     async def AnswerQuestion(
         self, request: pb.AnswerQuestionRequest, context: Ctx
     ) -> pb.AnswerQuestionResponse:
-        outcome = self.registry.answer_question(
+        outcome = self.registry.answers.answer_question(
             request.session_id, request.request_id, dict(request.answers)
         )
         return pb.AnswerQuestionResponse(answer=convert.question_answered_to_pb(outcome))
@@ -207,7 +207,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     async def ListAuditEvents(
         self, request: pb.ListAuditEventsRequest, context: Ctx
     ) -> pb.ListAuditEventsResponse:
-        events, token = self.registry.audit_events(
+        events, token = self.registry.answers.audit_events(
             request.session_id, request.page_size, request.page_token
         )
         return pb.ListAuditEventsResponse(
@@ -232,28 +232,30 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     @unary
     async def SetLabels(self, request: pb.SetLabelsRequest, context: Ctx) -> pb.SetLabelsResponse:
-        view = self.registry.set_labels(request.session_id, dict(request.labels), request.replace)
+        view = self.registry.catalog.set_labels(
+            request.session_id, dict(request.labels), request.replace
+        )
         return pb.SetLabelsResponse(session=convert.session_to_pb(view))
 
     @unary
     async def ArchiveSession(
         self, request: pb.ArchiveSessionRequest, context: Ctx
     ) -> pb.ArchiveSessionResponse:
-        view = await self.registry.archive_session(request.session_id)
+        view = await self.registry.catalog.archive_session(request.session_id)
         return pb.ArchiveSessionResponse(session=convert.session_to_pb(view))
 
     @unary
     async def UnarchiveSession(
         self, request: pb.UnarchiveSessionRequest, context: Ctx
     ) -> pb.UnarchiveSessionResponse:
-        view = self.registry.unarchive_session(request.session_id)
+        view = self.registry.catalog.unarchive_session(request.session_id)
         return pb.UnarchiveSessionResponse(session=convert.session_to_pb(view))
 
     @unary
     async def SearchMessages(
         self, request: pb.SearchMessagesRequest, context: Ctx
     ) -> pb.SearchMessagesResponse:
-        hits, token = self.registry.search_messages(
+        hits, token = self.registry.catalog.search_messages(
             request.query,
             request.session_id or None,
             dict(request.labels),

@@ -31,7 +31,7 @@ from atomizerd.atomizer.prompt import ContextBuilder
 from atomizerd.atomizer.studies import Studies
 from atomizerd.config import Config, agent_umask, mcp_server_entry
 from atomizerd.errors import FailedPrecondition
-from atomizerd.store.db import SessionRecord
+from atomizerd.model import Mode, SessionRecord
 
 log = structlog.get_logger("atomizerd.atomizer.launcher")
 
@@ -74,7 +74,7 @@ class Launcher:
         study_dir = self.studies.resolve(record.study_id) if record.study_id else None
         env = build_env(os.environ, self.config.agent.env)
         # Plan mode is user mode's allowlist and sandbox, planning first (sessions/plans.py).
-        sandboxed = record.mode in ("user", "plan") and self.config.sandbox.enabled
+        sandboxed = record.mode in (Mode.USER, Mode.PLAN) and self.config.sandbox.enabled
         if sandboxed:
             status = self.probe.status(True, env.get("PATH") or os.defpath)
             if not status.available:
@@ -91,7 +91,7 @@ class Launcher:
         env["CLAUDE_CODE_ENABLE_SDK_FILE_CHECKPOINTING"] = "true"
         settings = None
         document: dict[str, Any] = {}
-        plans = plans_folder(self.config, record.session_id) if record.mode == "plan" else None
+        plans = plans_folder(self.config, record.session_id) if record.mode == Mode.PLAN else None
         if sandboxed:
             daemon = sandbox.DaemonPaths(
                 components=self.components.paths,
@@ -121,10 +121,10 @@ class Launcher:
             fork_at=record.fork_at if record.fork_of and not resume else None,
             allowed_tools=self._allowed_tools(record.mode, study_dir) + self._remembered(record),
             disallowed_tools=self._disallowed_tools(record.mode),
-            skip_permissions=record.mode == "power",
-            permission_mode="plan" if record.mode == "plan" else None,
+            skip_permissions=record.mode == Mode.POWER,
+            permission_mode="plan" if record.mode == Mode.PLAN else None,
             # An approved plan may go on in power mode where the policy allows it.
-            allow_skip_permissions=record.mode == "plan" and self.config.modes.power.enabled,
+            allow_skip_permissions=record.mode == Mode.PLAN and self.config.modes.power.enabled,
             # Power mode too: there only tools that need a person (AskUserQuestion) ask.
             permission_prompt_tool="stdio" if self.config.approvals.enabled else None,
             max_budget_usd=_allowance(record),
@@ -143,10 +143,6 @@ class Launcher:
             initialize={"appendSystemPrompt": prompt},
             umask=agent_umask(self.config),
         )
-
-    def sandbox_status(self) -> sandbox.SandboxStatus:
-        """Whether user-mode agents can be sandboxed here (GetStatus)."""
-        return self.probe.status(self.config.sandbox.enabled, sandbox.agent_path(self.config))
 
     def cleanup(self, session_id: str) -> None:
         """Removes the session's runtime files (its process is gone)."""
@@ -176,25 +172,25 @@ class Launcher:
         return list(self.components.atomizer_mcp)
 
     def _disallowed_tools(self, mode: str) -> tuple[str, ...]:
-        if mode == "power" or self.config.modes.user.scheduled_prompts:
+        if mode == Mode.POWER or self.config.modes.user.scheduled_prompts:
             return ()
         return SCHEDULING_TOOLS
 
     def _setting_sources(self, mode: str) -> str | None:
         """Power mode, and plan mode where an approved plan may go on in it (the same
         process), read no project files unless modes.power.study_instructions."""
-        may_be_power = mode == "power" or (mode == "plan" and self.config.modes.power.enabled)
+        may_be_power = mode == Mode.POWER or (mode == Mode.PLAN and self.config.modes.power.enabled)
         if may_be_power and not self.config.modes.power.study_instructions:
             return POWER_SETTING_SOURCES
         return None
 
     def _remembered(self, record: SessionRecord) -> tuple[str, ...]:
-        if record.mode == "power" or self.remembered_rules is None:
+        if record.mode == Mode.POWER or self.remembered_rules is None:
             return ()
         return tuple(self.remembered_rules(record.session_id))
 
     def _allowed_tools(self, mode: str, study_dir: Path | None) -> tuple[str, ...]:
-        if mode == "power":
+        if mode == Mode.POWER:
             return ()
         return tuple(
             expand_rules(self.config.modes.user.allowed_tools, self.config.atomizer_root, study_dir)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from os import scandir  # a name of this module's own: tests count the folders it reads
 from pathlib import Path
 
-from atomizerd.store.db import MessageRecord
+from atomizerd.model import MessageRecord, Mode
 
 DEFAULT_BUDGET = 16 * 1024
 SUMMARY_TTL = 60.0
@@ -44,13 +44,13 @@ _INTRO = (
     "report."
 )
 _MODES = {
-    "user": (
+    Mode.USER: (
         "Mode: user (safe). You may read files, write STUDY_REPORT.md and Markdown reports under "
         "3_results/, and run Python scripts. Other tool uses are denied; say so plainly when a "
         "request needs them, and suggest the user switch to power mode."
     ),
-    "power": "Mode: power. You have full tool access; act carefully on study data.",
-    "plan": (
+    Mode.POWER: "Mode: power. You have full tool access; act carefully on study data.",
+    Mode.PLAN: (
         "Mode: plan. Study what is needed and write a plan first; nothing is changed until the "
         "user approves it. When the plan is ready, present it with ExitPlanMode."
     ),
@@ -63,7 +63,7 @@ class ContextBuilder:
         self.cache_ttl = cache_ttl
         self._cache: OrderedDict[tuple[str, str], _Summary] = OrderedDict()
 
-    def build(self, mode: str, study_id: str | None, study_dir: Path | None) -> str:
+    def build(self, mode: Mode, study_id: str | None, study_dir: Path | None) -> str:
         parts = [_INTRO, _MODES.get(mode, "")]
         if study_id and study_dir is not None:
             parts.append(self.study_summary(study_id, study_dir))

@@ -9,17 +9,10 @@ and a few shortcuts). Unknown keys and bad values are startup errors that name t
 The package sits below everything else: it imports nothing of the daemon. `fields` (a key's
 documentation and check), the sections by theme (`service`, `agents`, `policy`, `notify`), `schema`
 (`Config`, the walk over the keys), `loading`, `derived` (values parsed from text keys),
-`validation`, `render`.
+`validation`, `render`. Here: the whole configuration and what works on it; a component given
+one section imports that section's type from its theme's module.
 """
 
-from atomizerd.config.agents import (
-    AgentConfig,
-    ApprovalsConfig,
-    AttachmentsConfig,
-    BudgetConfig,
-    PoolConfig,
-    ReaperConfig,
-)
 from atomizerd.config.derived import (
     MetricsAddress,
     agent_umask,
@@ -29,45 +22,16 @@ from atomizerd.config.derived import (
 )
 from atomizerd.config.fields import ConfigError
 from atomizerd.config.loading import ENV_PREFIX, load, resolve
-from atomizerd.config.notify import EVENTS, NotifyConfig, Webhook, parse_webhooks
-from atomizerd.config.policy import (
-    AtomizerConfig,
-    McpConfig,
-    ModesConfig,
-    PlanModeConfig,
-    PowerModeConfig,
-    SandboxConfig,
-    UserModeConfig,
-)
+from atomizerd.config.notify import parse_webhooks
 from atomizerd.config.render import render_docs, render_toml
 from atomizerd.config.schema import Config, iter_keys
-from atomizerd.config.service import DaemonConfig, LoggingConfig, MetricsConfig
 from atomizerd.config.validation import validate
 
 __all__ = [
     "ENV_PREFIX",
-    "EVENTS",
-    "AgentConfig",
-    "ApprovalsConfig",
-    "AtomizerConfig",
-    "AttachmentsConfig",
-    "BudgetConfig",
     "Config",
     "ConfigError",
-    "DaemonConfig",
-    "LoggingConfig",
-    "McpConfig",
     "MetricsAddress",
-    "MetricsConfig",
-    "ModesConfig",
-    "NotifyConfig",
-    "PlanModeConfig",
-    "PoolConfig",
-    "PowerModeConfig",
-    "ReaperConfig",
-    "SandboxConfig",
-    "UserModeConfig",
-    "Webhook",
     "agent_umask",
     "iter_keys",
     "load",

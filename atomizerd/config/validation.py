@@ -10,6 +10,7 @@ from atomizerd.config.derived import agent_umask, mcp_server_entry, metrics_addr
 from atomizerd.config.fields import ConfigError
 from atomizerd.config.notify import parse_webhooks
 from atomizerd.config.schema import Config, get, iter_keys
+from atomizerd.model import Mode
 
 
 def check_key(key: str, metadata: Any, value: Any) -> None:
@@ -59,7 +60,7 @@ def validate(cfg: Config) -> None:
         if not name.strip() or len(name) > 128 or any(ch.isspace() for ch in name):
             raise ConfigError(f"agent.models: {name!r} is not a model name")
     for spare_mode in cfg.pool.spare_modes:
-        if spare_mode not in ("user", "power"):
+        if spare_mode not in (Mode.USER, Mode.POWER):
             raise ConfigError(f"pool.spare_modes: unknown mode {spare_mode!r} (use user or power)")
     try:
         umask = agent_umask(cfg)

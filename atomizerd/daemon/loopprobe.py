@@ -12,7 +12,7 @@ It keeps the worst lag since start and the worst of each second of the last `REC
 line when it stops. The warning gives the lag and the CPU time the loop's thread used since the
 previous wake-up (`cpu_ms`): close to the lag, the loop was busy with our own work; much less,
 it was waiting (for a CPU on a loaded machine, for the GIL held by another thread, or in a
-blocking system call). At the default 50 ms a wake-up costs a few microseconds.
+blocking system call). A wake-up does next to nothing, so even a short interval costs little.
 """
 
 from __future__ import annotations

@@ -20,10 +20,9 @@ connection, `GET`/`HEAD /metrics`), over loopback TCP or a Unix socket, rather t
 prometheus_client's threaded server: the scrape-time figures live in loop-owned objects (the
 pool's dict of agents, the sessions, the probe's deque), which a thread would read while the
 loop changes them, and a thread would hold the GIL for the same work anyway. Generating the
-exposition is cheap enough to do on the loop: about 2 ms of CPU for a hundred samples on the
-2-core development machine (docs/metrics.md, "Cost of a scrape"). A request must arrive
-within `REQUEST_TIMEOUT` and fit in `MAX_REQUEST_BYTES`; at most `MAX_CONNECTIONS` are open at
-once, more are closed unanswered.
+exposition is cheap enough to do on the loop (docs/metrics.md, "Cost of a scrape"). A request
+must arrive within `REQUEST_TIMEOUT` and fit in `MAX_REQUEST_BYTES`; at most `MAX_CONNECTIONS`
+are open at once, more are closed unanswered.
 """
 
 from __future__ import annotations
@@ -31,8 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
-import stat
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +40,7 @@ import structlog
 from atomizerd import __version__
 from atomizerd.config import Config, MetricsAddress, metrics_address, parse_webhooks, socket_mode
 from atomizerd.daemon.notifymetrics import NotifyMetrics
+from atomizerd.daemon.sockets import Claim, claim_socket_path
 from atomizerd.telemetry import DECIDERS, SPAWN_REASONS, Telemetry
 
 if TYPE_CHECKING:
@@ -328,18 +326,11 @@ class MetricsEndpoint:
 
     def _claim_socket_path(self, path: Path) -> None:
         """Replaces a dead daemon's socket; refuses to take a live one or another file."""
-        if not path.exists() and not path.is_symlink():
-            return
-        if not stat.S_ISSOCK(path.lstat().st_mode):
+        claim = claim_socket_path(path)
+        if claim is Claim.NOT_A_SOCKET:
             raise MetricsError(f"{path} exists and is not a socket (metrics.listen)")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            probe.settimeout(1.0)
-            try:
-                probe.connect(str(path))
-            except OSError:
-                path.unlink()
-                return
-        raise MetricsError(f"another process is serving on {path} (metrics.listen)")
+        if claim is Claim.IN_USE:
+            raise MetricsError(f"another process is serving on {path} (metrics.listen)")
 
     async def close(self) -> None:
         if self.relay is not None and self.relay.target is self.metrics:

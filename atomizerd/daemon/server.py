@@ -26,7 +26,6 @@ import functools
 import gc
 import os
 import signal
-import socket
 import stat
 from collections.abc import Awaitable
 from pathlib import Path
@@ -57,6 +56,7 @@ from atomizerd.daemon.dbwatch import DatabaseWatch
 from atomizerd.daemon.metrics import MetricsEndpoint, MetricsError, start_endpoint
 from atomizerd.daemon.report import StatusReporter
 from atomizerd.daemon.sdnotify import Notifier
+from atomizerd.daemon.sockets import Claim, claim_socket_path
 from atomizerd.errors import DatabaseUnavailable, StorageFull
 from atomizerd.notify.notifier import Webhooks
 from atomizerd.sessions.reaper import Reaper
@@ -208,7 +208,7 @@ class Daemon:
         )
         self.pool.replenish_spares()
         # What start-up built lives as long as the daemon: out of the collector's way, so a
-        # full collection later does not walk it (a pause of ~15-25 ms on the loop otherwise).
+        # full collection later does not walk it (a pause on the loop otherwise).
         gc.freeze()
         if self.store.outages is not None:
             self.db_watch = DatabaseWatch(self.store.outages, self._serving)
@@ -250,22 +250,16 @@ class Daemon:
     def _clear_stale_socket(self) -> None:
         """Replaces a dead daemon's socket; refuses to steal a live one."""
         path = self.config.socket_path
-        if not path.exists() and not path.is_symlink():
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            return
-        if not stat.S_ISSOCK(path.lstat().st_mode):
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        claim = claim_socket_path(path)
+        if claim is Claim.NOT_A_SOCKET:
             raise StartupError(
                 f"{path} exists and is not a socket; remove it or choose another daemon.socket"
             )
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            probe.settimeout(1.0)
-            try:
-                probe.connect(str(path))
-            except OSError:
-                path.unlink()
-                log.info("removed stale socket", socket=str(path))
-                return
-        raise StartupError(f"another process is serving on {path}; stop it first")
+        if claim is Claim.IN_USE:
+            raise StartupError(f"another process is serving on {path}; stop it first")
+        if claim is Claim.REPLACED:
+            log.info("removed stale socket", socket=str(path))
 
     def _reconcile(self, studies: Studies) -> None:
         """Crash recovery: agents a previous daemon of this host left running are killed, its

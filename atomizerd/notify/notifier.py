@@ -19,12 +19,13 @@ import structlog
 from atomizerd.config import Config
 from atomizerd.config.notify import Webhook, parse_webhooks
 from atomizerd.errors import StoreDown
+from atomizerd.model import SessionRecord
 from atomizerd.notify import payload
 from atomizerd.notify.endpoint import Delivery, Endpoint, EndpointStatus, Post
 from atomizerd.notify.http import post
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.notices import Notices
-from atomizerd.store.db import SessionRecord, Store
+from atomizerd.store.db import Store
 from atomizerd.telemetry import NULL, Telemetry
 
 log = structlog.get_logger("atomizerd.notify")

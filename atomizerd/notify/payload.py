@@ -15,8 +15,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from atomizerd.model import SessionRecord
 from atomizerd.sessions import events as ev
-from atomizerd.store.db import SessionRecord
 
 SIGNATURE_HEADER = "X-Atomizer-Signature"
 TIMESTAMP_HEADER = "X-Atomizer-Timestamp"

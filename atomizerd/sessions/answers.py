@@ -7,20 +7,19 @@ request is NOT_FOUND (docs/architecture.md, "The flow of a permission request").
 
 from __future__ import annotations
 
-from atomizerd.config import Config
 from atomizerd.errors import FailedPrecondition, InvalidArgument, NotFound
+from atomizerd.model import AuditRecord, Mode
 from atomizerd.sessions import checks
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.approvals import Decision, client_decision
 from atomizerd.sessions.table import SessionTable
-from atomizerd.store.db import AuditRecord, Store
 
 
 class Answers:
-    def __init__(self, config: Config, store: Store, table: SessionTable) -> None:
-        self.config = config
-        self.store = store
+    def __init__(self, table: SessionTable) -> None:
         self.table = table
+        self.config = table.config
+        self.store = table.store
 
     async def interrupt(self, session_id: str) -> str:
         s = self.table.serving(session_id)
@@ -47,7 +46,7 @@ class Answers:
         message = message or ("" if allow else "the user denied this tool use")
         decision = client_decision(allow, message, remember, updated_input_json, rule)
         if next_mode is not None:
-            if next_mode not in ("user", "power") or not allow:
+            if next_mode not in (Mode.USER, Mode.POWER) or not allow:
                 raise InvalidArgument(
                     "mode goes with an allow of ExitPlanMode: MODE_USER or MODE_POWER"
                 )

@@ -21,6 +21,7 @@ import structlog
 
 from atomizerd.agents import protocol as proto
 from atomizerd.errors import FailedPrecondition, InvalidArgument, NotFound, StoreDown
+from atomizerd.model import AuditRecord, Mode, ToolCallRecord
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.questions import QUESTION_TOOL, Questions
 from atomizerd.sessions.rules import (
@@ -29,7 +30,7 @@ from atomizerd.sessions.rules import (
     parse_suggestions,
     session_rule_update,
 )
-from atomizerd.store.db import AuditRecord, Store, ToolCallRecord
+from atomizerd.store.db import Store
 from atomizerd.telemetry import NULL, Telemetry
 
 log = structlog.get_logger("atomizerd.sessions.approvals")
@@ -69,7 +70,7 @@ class Decision:
     rule: tuple[str, str] | None = None
     # ExitPlanMode: the mode the session goes on in (a client's choice), and the CLI's
     # permission mode the agent is switched to once it is applied.
-    next_mode: str | None = None
+    next_mode: Mode | None = None
     cli_mode: str | None = None
 
     def permission_updates(self) -> list[dict[str, Any]]:
@@ -133,7 +134,7 @@ class Approvals:
         timeout: float,
         emit: Callable[[ev.EventKind], ev.SessionEvent],
         audience: Callable[[], int],
-        leave_plan: Callable[[str], str | None] | None = None,
+        leave_plan: Callable[[Mode], str | None] | None = None,
         in_plan: Callable[[], bool] = lambda: False,
         telemetry: Telemetry = NULL,
         notified: Callable[[], bool] = lambda: False,
@@ -296,7 +297,7 @@ class Approvals:
         if request.request_id in self.decided:  # settled by close() at the turn's end
             return self.decided[request.request_id]
         if plan and decision.allow and self.leave_plan is not None:
-            decision.cli_mode = self.leave_plan(decision.next_mode or "user")
+            decision.cli_mode = self.leave_plan(decision.next_mode or Mode.USER)
         if decision.decider == CLIENT and not plan:
             decision.message = self._remember(tool_name, digest, decision)
         return self._settle(request.request_id, tool_name, digest, decision)

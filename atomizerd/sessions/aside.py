@@ -17,11 +17,12 @@ import structlog
 
 from atomizerd.config import Config
 from atomizerd.errors import AtomizerError, FailedPrecondition
+from atomizerd.model import MessageRecord
 from atomizerd.sessions import checks
 from atomizerd.sessions.agentcalls import AgentCalls
 from atomizerd.sessions.session import Session
 from atomizerd.sessions.table import SessionTable
-from atomizerd.store.db import MessageRecord, Store
+from atomizerd.store.db import Store
 
 log = structlog.get_logger("atomizerd.sessions.aside")
 

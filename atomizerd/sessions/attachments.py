@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from atomizerd.config import AttachmentsConfig
+from atomizerd.config.agents import AttachmentsConfig
 from atomizerd.errors import InvalidArgument
+from atomizerd.model import AttachmentRecord, StoredAttachment
 from atomizerd.sessions import events as ev
-from atomizerd.store.db import AttachmentRecord, StoredAttachment
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
 PDF = "application/pdf"

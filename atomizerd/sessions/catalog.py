@@ -9,23 +9,21 @@ from collections.abc import Mapping
 import structlog
 
 from atomizerd import ids
-from atomizerd.agents.pool import AgentPool
-from atomizerd.config import Config
 from atomizerd.errors import FailedPrecondition, NotFound
+from atomizerd.model import SearchHit, SessionFilter
 from atomizerd.sessions import checks
 from atomizerd.sessions.session import Session, SessionState
 from atomizerd.sessions.table import SessionTable, SessionView
-from atomizerd.store.db import SearchHit, SessionFilter, Store
 
 log = structlog.get_logger("atomizerd.sessions.catalog")
 
 
 class Catalog:
-    def __init__(self, config: Config, store: Store, pool: AgentPool, table: SessionTable) -> None:
-        self.config = config
-        self.store = store
-        self.pool = pool
+    def __init__(self, table: SessionTable) -> None:
         self.table = table
+        self.config = table.config
+        self.store = table.store
+        self.pool = table.pool
 
     def list_sessions(
         self,

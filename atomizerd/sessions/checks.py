@@ -17,11 +17,10 @@ from typing import TypeVar
 from atomizerd import ids
 from atomizerd.config import Config
 from atomizerd.errors import InvalidArgument, PermissionDenied, ResourceExhausted
-from atomizerd.store.db import SessionRecord
+from atomizerd.model import Mode, SessionRecord
 
 T = TypeVar("T")
 
-MODES = ("user", "power", "plan")
 # A model as the CLI takes it: an alias (sonnet, opus[1m]) or a model id.
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/\[\]-]{0,127}")
 MAX_PAGE = 1000
@@ -49,14 +48,14 @@ def check_model(config: Config, model: str) -> str:
     return model
 
 
-def check_mode(config: Config, mode: str) -> str:
-    if mode not in MODES:
+def check_mode(config: Config, mode: str) -> Mode:
+    if mode not in set(Mode):
         raise InvalidArgument(f"unknown mode {mode!r}: use MODE_USER, MODE_POWER or MODE_PLAN")
-    if mode == "power" and not config.modes.power.enabled:
+    if mode == Mode.POWER and not config.modes.power.enabled:
         raise PermissionDenied(
             "power mode is disabled on this daemon (modes.power.enabled = false)"
         )
-    return mode
+    return Mode(mode)
 
 
 def check_text(config: Config, text: str, *, empty_ok: bool = False) -> None:

@@ -15,8 +15,9 @@ from atomizerd.agents.pool import AgentPool
 from atomizerd.atomizer.prompt import history_seed
 from atomizerd.config import Config
 from atomizerd.errors import AtomizerError
+from atomizerd.model import SessionRecord
 from atomizerd.sessions.turn import Turn
-from atomizerd.store.db import SessionRecord, Store
+from atomizerd.store.db import Store
 
 if TYPE_CHECKING:
     from atomizerd.sessions.session import Session

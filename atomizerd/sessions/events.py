@@ -22,6 +22,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from atomizerd.model import PermissionDenial
+
 
 @dataclass(frozen=True, slots=True)
 class AttachmentInfo:
@@ -122,13 +124,6 @@ class TaskEnded:
     task_id: str
     status: TaskStatus
     summary: str
-
-
-@dataclass(frozen=True, slots=True)
-class PermissionDenial:
-    tool_name: str
-    tool_use_id: str
-    input_json: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from atomizerd.store.db import ToolCallRecord
+from atomizerd.model import ToolCallRecord
 
 # The edit tools the CLI checkpoints, and the input key naming the file each changes.
 EDIT_TOOLS = {

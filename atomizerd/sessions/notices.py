@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import structlog
 
+from atomizerd.model import SessionRecord
 from atomizerd.sessions import events as ev
-from atomizerd.store.db import SessionRecord
 
 log = structlog.get_logger("atomizerd.sessions.notices")
 

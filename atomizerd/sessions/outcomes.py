@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 import structlog
 
 from atomizerd.errors import StoreDown
-from atomizerd.store.db import Store, TurnOutcome
+from atomizerd.model import TurnOutcome
+from atomizerd.store.db import Store
 
 if TYPE_CHECKING:
     from atomizerd.sessions.session import Session

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from atomizerd.model import AuditRecord, Mode
 from atomizerd.sessions.approvals import CLIENT
-from atomizerd.store.db import AuditRecord, Store
+from atomizerd.store.db import Store
 
 if TYPE_CHECKING:
     from atomizerd.sessions.session import Session
@@ -27,15 +28,14 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("atomizerd.sessions.plans")
 
-PLAN = "plan"
 # The CLI's permission mode each session mode goes on in after its plan was approved.
-CLI_MODE_AFTER_PLAN = {"user": "default", "power": "bypassPermissions"}
+CLI_MODE_AFTER_PLAN = {Mode.USER: "default", Mode.POWER: "bypassPermissions"}
 
 
-def leave_plan(store: Store, s: Session, turn: Turn, mode: str) -> str | None:
+def leave_plan(store: Store, s: Session, turn: Turn, mode: Mode) -> str | None:
     """An allowed ExitPlanMode: the session goes on in `mode`; returns the CLI's permission
     mode to switch the agent to (None: the session is not in plan mode, nothing changes)."""
-    if s.record.mode != PLAN:
+    if s.record.mode != Mode.PLAN:
         return None
     with store.atomic():
         # The next message carries the new mode's context (the CLI keeps the first prompt).
@@ -46,7 +46,7 @@ def leave_plan(store: Store, s: Session, turn: Turn, mode: str) -> str | None:
                 kind="mode_switch",
                 allow=True,
                 decider=CLIENT,
-                detail=f"{PLAN} -> {mode} (plan approved)",
+                detail=f"{Mode.PLAN} -> {mode} (plan approved)",
                 turn_id=turn.turn_id,
             )
         )

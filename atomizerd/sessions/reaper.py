@@ -1,11 +1,11 @@
 """The stale-session reaper: stops idle agent processes and purges long-inactive sessions.
 
-Modelled on Jupyter's kernel culler: busy sessions and watched sessions are left alone unless
-configured otherwise (`reaper.cull_busy`, `reaper.cull_connected`). One failing session never
-stops a pass; every action is logged; the last pass is reported by GetStatus.
+Busy sessions and watched sessions are left alone unless configured otherwise
+(`reaper.cull_busy`, `reaper.cull_connected`). One failing session never stops a pass; every
+action is logged; the last pass is reported by GetStatus.
 
-The purge never holds the event loop for long: a session of thousands of messages took 188 ms
-to delete in one transaction, and a pass deletes up to `PURGE_BATCH` sessions. Their history
+The purge never holds the event loop for long: deleting a session of thousands of messages in
+one transaction is slow, and a pass deletes up to `PURGE_BATCH` sessions. Their history
 (messages, audit events) goes first, `HISTORY_ROWS` rows per transaction, on a thread of the
 pass's own with its own database connection; the loop only awaits it. Then each session is
 terminated through the registry (its in-memory state, runtime files and the few rows left), one
@@ -42,8 +42,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("atomizerd.sessions.reaper")
 
 PURGE_BATCH = 500  # sessions per pass
-# Rows per history transaction: a few milliseconds of SQLite (4 ms measured on the 2-core
-# development machine), which is also the longest a write of the loop waits meanwhile.
+# Rows per history transaction: small enough that a transaction stays short, since it is also
+# the longest a write of the loop waits meanwhile; large enough that a purge takes few of them.
 HISTORY_ROWS = 1000
 SESSIONS_PER_GROUP = 50  # sessions whose history one series of transactions deletes
 

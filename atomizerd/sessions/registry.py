@@ -30,16 +30,22 @@ from atomizerd.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from atomizerd.model import (
+    AttachmentRecord,
+    MessageRecord,
+    Mode,
+    SessionRecord,
+)
 from atomizerd.sessions import checks
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.agentcalls import AgentCalls
 from atomizerd.sessions.answers import Answers
-from atomizerd.sessions.approvals import Decision
 from atomizerd.sessions.aside import Asides, AsideStep
 from atomizerd.sessions.attachments import check as check_attachments
 from atomizerd.sessions.attachments import check_sha256
 from atomizerd.sessions.autonomy import AgentWork, TaskOutputPage
 from atomizerd.sessions.catalog import Catalog
+from atomizerd.sessions.context import AgentContext
 from atomizerd.sessions.importing import Importer
 from atomizerd.sessions.journal import Resumed, TurnJournal
 from atomizerd.sessions.mcp import McpServer, McpServers
@@ -52,15 +58,7 @@ from atomizerd.sessions.titles import Titles
 from atomizerd.sessions.turn import Turn, TurnState
 from atomizerd.sessions.turns import TurnRunner
 from atomizerd.sessions.undo import Undo
-from atomizerd.store.db import (
-    AttachmentRecord,
-    AuditRecord,
-    MessageRecord,
-    SearchHit,
-    SessionFilter,
-    SessionRecord,
-    Store,
-)
+from atomizerd.store.db import Store
 from atomizerd.telemetry import NULL, Telemetry
 
 __all__ = [
@@ -97,12 +95,15 @@ class Registry:
         self.studies = studies
         self.table = SessionTable(config, store, pool)
         self.streams = Streams(self.table, store)
-        self.runner = TurnRunner(config, store, pool, context_text, self.streams.emit, telemetry)
+        context = AgentContext(config, store, pool, context_text)
+        self.runner = TurnRunner(config, store, pool, context, self.streams.emit, telemetry)
         self.notices = self.runner.notices = self.streams.notices
         self.queue = WorkQueue(config, self.runner, self.streams)
-        self.settings = SettingChanges(config, store, pool, studies, self.table, self.queue)
-        self.answers = Answers(config, store, self.table)
-        self.catalog = Catalog(config, store, pool, self.table)
+        self.settings = SettingChanges(studies, self.table, self.queue)
+        # Listing, labels, archiving and search (catalog), and clients' answers (answers): the
+        # servicers call these parts directly, not through a method here repeating each one.
+        self.answers = Answers(self.table)
+        self.catalog = Catalog(self.table)
         self.agent_work = AgentWork(
             config, store, pool, self.table, self.streams, self.queue, self.runner.follower
         )
@@ -270,7 +271,7 @@ class Registry:
         self._check_session_limit()
         budget = checks.cap("budget_usd", budget_usd, self.config.budget.session_usd)
         turn_budget = checks.cap("turn_budget_usd", turn_budget_usd, self.config.budget.turn_usd)
-        mode = mode or "user"
+        mode = mode or Mode.USER
         agent_session_id = ids.new_agent_session_id()
         if not session_id:
             spare = None
@@ -389,36 +390,6 @@ class Registry:
     def get_session(self, session_id: str) -> SessionView:
         return self.table.view(self.table.load(session_id))
 
-    def list_sessions(
-        self,
-        page_size: int,
-        page_token: str,
-        study_id: str | None,
-        state: str | None,
-        host_id: str | None = None,
-        filters: SessionFilter | None = None,
-    ) -> tuple[list[SessionView], str]:
-        return self.catalog.list_sessions(page_size, page_token, study_id, state, host_id, filters)
-
-    def set_labels(self, session_id: str, labels: Mapping[str, str], replace: bool) -> SessionView:
-        return self.catalog.set_labels(session_id, labels, replace)
-
-    async def archive_session(self, session_id: str) -> SessionView:
-        return await self.catalog.archive_session(session_id)
-
-    def unarchive_session(self, session_id: str) -> SessionView:
-        return self.catalog.unarchive_session(session_id)
-
-    def search_messages(
-        self,
-        query: str,
-        session_id: str | None,
-        labels: Mapping[str, str],
-        page_size: int,
-        page_token: str,
-    ) -> tuple[list[SearchHit], str]:
-        return self.catalog.search_messages(query, session_id, labels, page_size, page_token)
-
     async def terminate_session(self, session_id: str, purge: bool) -> SessionView | None:
         """OPEN → CLOSING → CLOSED (or purged). Runs to its end whatever happens to the caller
         (its deadline, a disconnect): a termination is never left half done."""
@@ -529,34 +500,6 @@ class Registry:
             session_id, page_size, page_token, asides=asides, rolled_back=rolled_back
         )
 
-    async def interrupt(self, session_id: str) -> str:
-        return await self.answers.interrupt(session_id)
-
-    def respond_to_permission(
-        self,
-        session_id: str,
-        request_id: str,
-        allow: bool,
-        message: str,
-        remember: bool,
-        updated_input_json: str = "",
-        rule: tuple[str, str] | None = None,
-        next_mode: str | None = None,
-    ) -> Decision:
-        return self.answers.respond_to_permission(
-            session_id, request_id, allow, message, remember, updated_input_json, rule, next_mode
-        )
-
-    def answer_question(
-        self, session_id: str, request_id: str, answers: dict[str, str]
-    ) -> ev.QuestionAnswered:
-        return self.answers.answer_question(session_id, request_id, answers)
-
-    def audit_events(
-        self, session_id: str, page_size: int, page_token: str
-    ) -> tuple[list[AuditRecord], str]:
-        return self.answers.audit_events(session_id, page_size, page_token)
-
     # --- tasks ---------------------------------------------------------------------------
 
     async def stop_task(self, session_id: str, task_id: str) -> None:
@@ -584,7 +527,7 @@ class Registry:
         return self.table.draining
 
 
-def spare_record(config: Config, mode: str) -> SessionRecord:
+def spare_record(config: Config, mode: Mode) -> SessionRecord:
     """The record a spare agent of `mode` is started for: what a new session of that mode
     with no study, the default model and the default budgets will be, under ids reserved now."""
     now = time.time()

@@ -13,9 +13,9 @@ import json
 
 from atomizerd.agents import protocol as proto
 from atomizerd.agents.vocabulary import AgentExited, AgentItem, LineTooLong
+from atomizerd.model import ToolCallRecord, TurnOutcome
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.turn import Emit, Transcript
-from atomizerd.store.db import ToolCallRecord, TurnOutcome
 
 Terminal = ev.TurnCompleted | ev.TurnFailed
 
@@ -173,10 +173,7 @@ def completed(
         duration_ms=result.duration_ms,
         num_turns=result.num_turns,
         interrupted=interrupted,
-        permission_denials=tuple(
-            ev.PermissionDenial(d.tool_name, d.tool_use_id, d.input_json)
-            for d in result.permission_denials
-        ),
+        permission_denials=result.permission_denials,
         result_subtype=result.subtype,
         structured_output=structured_output(result),
     )

@@ -21,13 +21,13 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from atomizerd.model import SessionRecord
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.approvals import Decision
 from atomizerd.sessions.conversation import Causes, UntakenLines
 from atomizerd.sessions.tasks import TaskTable
 from atomizerd.sessions.turns import Turn
 from atomizerd.statemachine import Lifecycle
-from atomizerd.store.db import SessionRecord
 
 # Answers to permission requests of finished turns remembered per session, so a late answer is
 # told it came too late (FAILED_PRECONDITION) instead of "unknown request".

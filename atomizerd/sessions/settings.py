@@ -13,35 +13,26 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from atomizerd.agents.pool import AgentPool, AgentState
+from atomizerd.agents.pool import AgentState
 from atomizerd.agents.vocabulary import AgentError
 from atomizerd.atomizer.studies import Studies
-from atomizerd.config import Config
+from atomizerd.model import AuditRecord
 from atomizerd.sessions import checks
 from atomizerd.sessions.approvals import CLIENT
 from atomizerd.sessions.queue import WorkQueue
 from atomizerd.sessions.session import Change, Session, SessionState
 from atomizerd.sessions.table import SessionTable, SessionView
-from atomizerd.store.db import AuditRecord, Store
 
 log = structlog.get_logger("atomizerd.sessions.settings")
 
 
 class SettingChanges:
-    def __init__(
-        self,
-        config: Config,
-        store: Store,
-        pool: AgentPool,
-        studies: Studies,
-        table: SessionTable,
-        queue: WorkQueue,
-    ) -> None:
-        self.config = config
-        self.store = store
-        self.pool = pool
-        self.studies = studies
+    def __init__(self, studies: Studies, table: SessionTable, queue: WorkQueue) -> None:
         self.table = table
+        self.config = table.config
+        self.store = table.store
+        self.pool = table.pool
+        self.studies = studies
         self.queue = queue
         self._background: set[asyncio.Task[None]] = set()
 

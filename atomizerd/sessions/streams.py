@@ -14,13 +14,14 @@ from collections.abc import AsyncIterator
 import structlog
 
 from atomizerd.errors import InvalidArgument, NotFound, StoreDown, Unavailable
+from atomizerd.model import MessageRecord
 from atomizerd.sessions import checks
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.notices import NoticeRelay
 from atomizerd.sessions.session import Session, SessionState
 from atomizerd.sessions.table import SessionTable
 from atomizerd.sessions.turn import Turn, TurnState
-from atomizerd.store.db import SEQ_BLOCK, MessageRecord, Store
+from atomizerd.store.db import SEQ_BLOCK, Store
 
 log = structlog.get_logger("atomizerd.sessions.streams")
 

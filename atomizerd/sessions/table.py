@@ -16,11 +16,12 @@ from atomizerd import ids
 from atomizerd.agents.pool import AgentPool
 from atomizerd.config import Config
 from atomizerd.errors import FailedPrecondition, NotFound, Unavailable
+from atomizerd.model import SessionRecord
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.session import SESSION_TRANSITIONS, Session, SessionState
 from atomizerd.sessions.tasks import TaskInfo, TaskTable
 from atomizerd.statemachine import Lifecycle
-from atomizerd.store.db import SessionRecord, Store
+from atomizerd.store.db import Store
 
 
 @dataclass

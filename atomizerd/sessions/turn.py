@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from atomizerd.errors import AtomizerError
+from atomizerd.model import ToolCallRecord
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.attachments import Attachment
 from atomizerd.statemachine import Lifecycle
-from atomizerd.store.db import ToolCallRecord
 
 if TYPE_CHECKING:
     from atomizerd.agents.pool import Agent

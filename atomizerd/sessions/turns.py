@@ -27,6 +27,7 @@ from atomizerd.agents.vocabulary import (
 )
 from atomizerd.config import Config
 from atomizerd.errors import AtomizerError
+from atomizerd.model import Mode, SessionRecord
 from atomizerd.sessions import events as ev
 from atomizerd.sessions import filemarks
 from atomizerd.sessions.approvals import Approvals
@@ -38,11 +39,11 @@ from atomizerd.sessions.journal import TurnJournal
 from atomizerd.sessions.notices import NULL as NULL_NOTICES
 from atomizerd.sessions.notices import Notices
 from atomizerd.sessions.outcomes import LateOutcomes
-from atomizerd.sessions.plans import PLAN, leave_plan
+from atomizerd.sessions.plans import leave_plan
 from atomizerd.sessions.relay import outcome as outcome_of
 from atomizerd.sessions.relay import reported_outcome, require_structured
 from atomizerd.sessions.turn import Emit, EmitFor, T, Transcript, Turn, TurnState
-from atomizerd.store.db import SessionRecord, Store
+from atomizerd.store.db import Store
 from atomizerd.telemetry import NULL, Telemetry
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ class TurnRunner:
         config: Config,
         store: Store,
         pool: AgentPool,
-        context_text: Callable[[SessionRecord], str],
+        context: AgentContext,
         emit_for: EmitFor,
         telemetry: Telemetry = NULL,
     ) -> None:
@@ -70,10 +71,9 @@ class TurnRunner:
         self.store = store
         self.telemetry = telemetry
         self.pool = pool
-        self.context_text = context_text
         self.emit_for = emit_for
         self.control = AgentControl(config)
-        self.context = AgentContext(config, store, pool, context_text)
+        self.context = context
         # Outcomes the store could not take (a full disk), written once it can again.
         self.outcomes = LateOutcomes(store, config.agent.checkpoint_interval * 4)
         self.follower = Follower(config, store, pool, emit_for, self, self.control)
@@ -305,7 +305,7 @@ class TurnRunner:
             log.exception("turn crashed", turn_id=turn.turn_id)
             terminal = ev.TurnFailed(ev.INTERNAL, "atomizerd failed while running the turn")
         reusable = isinstance(terminal, ev.TurnCompleted) and agent.alive
-        if turn.left_plan == "power":
+        if turn.left_plan == Mode.POWER:
             reusable = False  # started sandboxed, as a plan: power's own agent next time
         if s.record.turn_budget_usd > 0:
             reusable = False  # the CLI takes its cap at start-up: a fresh one per turn
@@ -324,7 +324,7 @@ class TurnRunner:
             emit,
             turn.audience,
             leave_plan=lambda mode: leave_plan(self.store, s, turn, mode),
-            in_plan=lambda: s.record.mode == PLAN,
+            in_plan=lambda: s.record.mode == Mode.PLAN,
             telemetry=self.telemetry,
             notified=lambda: self.notices.notifies(s.record, "permission_request"),
             questions_told=lambda: self.notices.notifies(s.record, "question"),

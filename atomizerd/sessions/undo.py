@@ -28,6 +28,7 @@ from atomizerd import ids
 from atomizerd.agents.pool import AgentPool
 from atomizerd.config import Config
 from atomizerd.errors import FailedPrecondition, InvalidArgument, NotFound
+from atomizerd.model import ASIDE, AuditRecord, MessageRecord
 from atomizerd.sessions import events as ev
 from atomizerd.sessions import filemarks
 from atomizerd.sessions.agentcalls import AgentCalls
@@ -36,7 +37,7 @@ from atomizerd.sessions.queue import WorkQueue
 from atomizerd.sessions.session import Change, Session
 from atomizerd.sessions.table import SessionTable, SessionView
 from atomizerd.sessions.turn import line_uuid
-from atomizerd.store.db import ASIDE, AuditRecord, MessageRecord, Store
+from atomizerd.store.db import Store
 
 log = structlog.get_logger("atomizerd.sessions.undo")
 

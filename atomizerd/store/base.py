@@ -10,6 +10,7 @@ from typing import Any
 import peewee as pw
 import structlog
 
+from atomizerd.model import SessionRecord
 from atomizerd.store.connect import _connect
 from atomizerd.store.diskfull import without_password
 from atomizerd.store.lock import DatabaseLock, _AdvisoryLock, lock_database
@@ -23,10 +24,7 @@ from atomizerd.store.models import (
     database_proxy,
 )
 from atomizerd.store.outage import ReportsOutage
-from atomizerd.store.records import (
-    SESSION_COLUMNS,
-    SessionRecord,
-)
+from atomizerd.store.records import SESSION_COLUMNS, session_from_tuple
 
 log = structlog.get_logger("atomizerd.store")
 
@@ -141,4 +139,4 @@ class StoreBase:
         row = self._sql(
             f"SELECT {SESSION_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,)
         ).fetchone()
-        return SessionRecord.from_tuple(tuple(row)) if row else None
+        return session_from_tuple(tuple(row)) if row else None

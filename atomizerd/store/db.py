@@ -5,7 +5,8 @@ daemon crash); any peewee database URL works. The schema carries a version and f
 migrations run at open. Calls are synchronous and short; the registry batches them so no
 write happens per text delta.
 
-The store by concern: its models (models.py), migrations (migrations.py), records (records.py),
+The store by concern: its models (models.py), migrations (migrations.py), rows read as the
+domain's records (records.py; the records themselves are atomizerd/model.py),
 connection (connect.py), its own state (base.py), then sessions (sessions.py), messages
 (messages.py), governance and processes (governance.py), webhook deliveries (outbox.py).
 `Store` is all of them; this module is where the rest of the daemon imports the store from.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from atomizerd.store.connect import _connect
 from atomizerd.store.governance import GovernanceStore
-from atomizerd.store.messages import ASIDE, RollbackStore
+from atomizerd.store.messages import RollbackStore
 from atomizerd.store.migrations import (
     MIGRATIONS,
     SCHEMA_VERSION,
@@ -36,39 +37,16 @@ from atomizerd.store.models import (
     database_proxy,
 )
 from atomizerd.store.outbox import OutboxStore, PendingDelivery
-from atomizerd.store.records import (
-    AgentProcessRecord,
-    AttachmentRecord,
-    AuditRecord,
-    MessageRecord,
-    SearchHit,
-    SessionFilter,
-    SessionRecord,
-    StoredAttachment,
-    ToolCallRecord,
-    TurnOutcome,
-)
 from atomizerd.store.sessions import SessionsStore
 
 __all__ = [
-    "ASIDE",
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "SEQ_BLOCK",
-    "AgentProcessRecord",
-    "AttachmentRecord",
-    "AuditRecord",
-    "MessageRecord",
     "PendingDelivery",
     "SchemaVersion",
-    "SearchHit",
-    "SessionFilter",
-    "SessionRecord",
     "SessionRow",
     "Store",
-    "StoredAttachment",
-    "ToolCallRecord",
-    "TurnOutcome",
     "_connect",
     "_migrate_attachments",
     "_migrate_checkpoint_pieces",

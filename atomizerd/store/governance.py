@@ -7,6 +7,7 @@ import time
 from collections.abc import Collection
 from typing import Any
 
+from atomizerd.model import AgentProcessRecord, AuditRecord
 from atomizerd.store.base import StoreBase
 from atomizerd.store.models import (
     AgentProcessRow,
@@ -16,10 +17,7 @@ from atomizerd.store.models import (
     SessionRow,
     TaskRow,
 )
-from atomizerd.store.records import (
-    AgentProcessRecord,
-    AuditRecord,
-)
+from atomizerd.store.records import audit_record
 
 
 class GovernanceStore(StoreBase):
@@ -45,7 +43,7 @@ class GovernanceStore(StoreBase):
             .order_by(AuditRow.id)
             .limit(limit)
         )
-        return [AuditRecord.from_row(r) for r in q]
+        return [audit_record(r) for r in q]
 
     def remember_rule(self, session_id: str, tool_name: str, digest: str, allow: bool) -> None:
         # An upsert both engines take (PostgreSQL has no REPLACE).

@@ -12,6 +12,15 @@ from typing import Any
 import peewee as pw
 
 from atomizerd.errors import InvalidArgument
+from atomizerd.model import (
+    ASIDE,
+    AttachmentRecord,
+    MessageRecord,
+    SearchHit,
+    SessionRecord,
+    StoredAttachment,
+    TurnOutcome,
+)
 from atomizerd.store.base import StoreBase
 from atomizerd.store.migrations import (
     _FTS_QUERY_ERRORS,
@@ -23,17 +32,9 @@ from atomizerd.store.models import (
     MessageRow,
     SessionRow,
 )
-from atomizerd.store.records import (
-    AttachmentRecord,
-    MessageRecord,
-    SearchHit,
-    SessionRecord,
-    StoredAttachment,
-    TurnOutcome,
-)
+from atomizerd.store.records import message_record
 
 # The origin of AskAside's rows: kept in history, never part of the conversation.
-ASIDE = "aside"
 
 
 class MessagesStore(StoreBase):
@@ -292,7 +293,7 @@ class MessagesStore(StoreBase):
         if not rolled_back:
             where &= MessageRow.rolled_back_at == 0
         q = MessageRow.select().where(where).order_by(MessageRow.id).limit(limit)
-        return [MessageRecord.from_row(r) for r in q]
+        return [message_record(r) for r in q]
 
     def recent_messages(self, session_id: str, limit: int) -> list[MessageRecord]:
         """The conversation's latest messages (a reseed's history): asides are not part of it."""
@@ -306,7 +307,7 @@ class MessagesStore(StoreBase):
             .order_by(MessageRow.id.desc())
             .limit(limit)
         )
-        return [MessageRecord.from_row(r) for r in reversed(list(q))]
+        return [message_record(r) for r in reversed(list(q))]
 
     def search_messages(
         self,
@@ -380,7 +381,7 @@ class MessagesStore(StoreBase):
         row = MessageRow.get_or_none(
             (MessageRow.session == session_id) & (MessageRow.id == message_id)
         )
-        return MessageRecord.from_row(row) if row else None
+        return message_record(row) if row else None
 
     def last_reply(self, session_id: str, before: int = 2**62) -> MessageRecord | None:
         """The newest reply (before message `before`) a fork can continue from: one the CLI's
@@ -397,7 +398,7 @@ class MessagesStore(StoreBase):
             .order_by(MessageRow.id.desc())
             .first()
         )
-        return MessageRecord.from_row(row) if row else None
+        return message_record(row) if row else None
 
     def find_turn_by_request(self, session_id: str, request_id: str) -> list[MessageRecord]:
         q = MessageRow.select().where(
@@ -409,7 +410,7 @@ class MessagesStore(StoreBase):
         rows = MessageRow.select().where(
             (MessageRow.session == session_id) & (MessageRow.turn_id == user.turn_id)
         )
-        return [MessageRecord.from_row(r) for r in rows.order_by(MessageRow.id)]
+        return [message_record(r) for r in rows.order_by(MessageRow.id)]
 
     def unfinished_turns(self) -> dict[str, str]:
         """This host's turns whose user message has no reply yet: turn id -> session id."""
@@ -444,7 +445,7 @@ class MessagesStore(StoreBase):
                 continue
             if row.origin == ASIDE:  # a question aside the agent never answered
                 self.add_aside_answer(
-                    MessageRecord.from_row(row), "", "interrupted", "the daemon stopped first"
+                    message_record(row), "", "interrupted", "the daemon stopped first"
                 )
                 continue
             partial = (replies or {}).get(row.turn_id)

@@ -3,6 +3,8 @@ database when it opens."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import peewee as pw
 
 database_proxy = pw.DatabaseProxy()
@@ -255,3 +257,17 @@ class NotifyDeliveryRow(_Model):
     class Meta:
         table_name = "notify_deliveries"
         indexes = ((("host_id", "endpoint", "id"), False),)
+
+
+# The rows that belong to one session: purging a session deletes them, in this order, before its
+# own row. (Typed loosely: each has a `session` key, which their common base does not declare.)
+SESSION_CHILDREN: tuple[Any, ...] = (
+    MessageRow,
+    TurnCheckpointRow,
+    AuditRow,
+    PermissionRuleRow,
+    AttachmentBlobRow,
+    TaskRow,
+    PermissionPatternRow,
+    SessionLabelRow,
+)

@@ -9,22 +9,16 @@ from typing import Any
 
 import peewee as pw
 
+from atomizerd.model import SessionFilter, SessionRecord
 from atomizerd.store.base import StoreBase
 from atomizerd.store.models import (
-    AttachmentBlobRow,
+    SESSION_CHILDREN,
     AuditRow,
     MessageRow,
-    PermissionPatternRow,
-    PermissionRuleRow,
     SessionLabelRow,
     SessionRow,
-    TaskRow,
-    TurnCheckpointRow,
 )
-from atomizerd.store.records import (
-    SessionFilter,
-    SessionRecord,
-)
+from atomizerd.store.records import filter_conditions, session_record
 
 
 class SessionsStore(StoreBase):
@@ -137,7 +131,7 @@ class SessionsStore(StoreBase):
 
     def get_session(self, session_id: str) -> SessionRecord | None:
         row = SessionRow.get_or_none(SessionRow.session_id == session_id)
-        return SessionRecord.from_row(row) if row else None
+        return session_record(row) if row else None
 
     def update_session(self, session_id: str, **fields: Any) -> SessionRecord | None:
         """Writes `fields` and returns the session as stored now (None: it does not exist)."""
@@ -191,11 +185,11 @@ class SessionsStore(StoreBase):
             q = q.where(SessionRow.session_id.in_(list(only_ids)))
         if exclude_ids:
             q = q.where(SessionRow.session_id.not_in(list(exclude_ids)))
-        conditions = f.conditions()
+        conditions = filter_conditions(f)
         if conditions:
             q = q.where(*conditions)
         q = q.order_by(SessionRow.created_at.desc(), SessionRow.session_id.desc()).limit(limit)
-        return [SessionRecord.from_row(r) for r in q]
+        return [session_record(r) for r in q]
 
     def inactive_sessions(
         self, before: float, limit: int, *, include_archived: bool = False
@@ -255,14 +249,6 @@ class SessionsStore(StoreBase):
 
     def delete_session(self, session_id: str) -> None:
         with self.db.atomic():
-            MessageRow.delete().where(MessageRow.session == session_id).execute()
-            TurnCheckpointRow.delete().where(TurnCheckpointRow.session == session_id).execute()
-            AuditRow.delete().where(AuditRow.session == session_id).execute()
-            PermissionRuleRow.delete().where(PermissionRuleRow.session == session_id).execute()
-            AttachmentBlobRow.delete().where(AttachmentBlobRow.session == session_id).execute()
-            TaskRow.delete().where(TaskRow.session == session_id).execute()
-            PermissionPatternRow.delete().where(
-                PermissionPatternRow.session == session_id
-            ).execute()
-            SessionLabelRow.delete().where(SessionLabelRow.session == session_id).execute()
+            for row in SESSION_CHILDREN:
+                row.delete().where(row.session == session_id).execute()
             SessionRow.delete().where(SessionRow.session_id == session_id).execute()

@@ -49,7 +49,15 @@ ASK = "[[ask:Bash]] [[slow:150]] go on"
 
 
 @pytest.fixture
-def client(daemon: RunningDaemon) -> Iterator[Client]:
+def client(shared_daemon: RunningDaemon) -> Iterator[Client]:
+    """A client of the module's shared daemon: for tests that stay within sessions of their own."""
+    with Client(shared_daemon.socket) as c:
+        yield c
+
+
+@pytest.fixture
+def own_client(daemon: RunningDaemon) -> Iterator[Client]:
+    """A client of a daemon of the test's own: for tests that look at every session."""
     with Client(daemon.socket) as c:
         yield c
 
@@ -99,27 +107,27 @@ def test_an_explicit_socket_that_does_not_exist_is_named(tmp_path: Path) -> None
 # --- unary calls ---------------------------------------------------------------------------
 
 
-def test_session_lifecycle(daemon: RunningDaemon, client: Client) -> None:
+def test_session_lifecycle(daemon: RunningDaemon, own_client: Client) -> None:
     (daemon.root / "studies" / "beam").mkdir()
-    s = client.create_session(study_id="beam", session_id="life-1")
+    s = own_client.create_session(study_id="beam", session_id="life-1")
     assert (s.session_id, s.study_id, s.mode) == ("life-1", "beam", session_pb2.MODE_USER)
-    assert client.get_session("life-1").agent_session_id == s.agent_session_id
-    assert client.set_study_context("life-1", None).study_id == ""
-    assert client.set_study_context("life-1", "beam").study_id == "beam"
-    assert client.switch_mode("life-1", "user").mode == session_pb2.MODE_USER
-    closed = client.terminate_session("life-1")
+    assert own_client.get_session("life-1").agent_session_id == s.agent_session_id
+    assert own_client.set_study_context("life-1", None).study_id == ""
+    assert own_client.set_study_context("life-1", "beam").study_id == "beam"
+    assert own_client.switch_mode("life-1", "user").mode == session_pb2.MODE_USER
+    closed = own_client.terminate_session("life-1")
     assert closed is not None and closed.state == session_pb2.SESSION_STATE_CLOSED
-    assert [s.session_id for s in client.list_sessions(state="closed")] == ["life-1"]
-    reopened = client.create_session(session_id="life-1")
+    assert [s.session_id for s in own_client.list_sessions(state="closed")] == ["life-1"]
+    reopened = own_client.create_session(session_id="life-1")
     assert reopened.state != session_pb2.SESSION_STATE_CLOSED
-    assert client.terminate_session("life-1", purge=True) is None
+    assert own_client.terminate_session("life-1", purge=True) is None
     with pytest.raises(NotFoundError):
-        client.get_session("life-1")
+        own_client.get_session("life-1")
 
 
-def test_list_sessions_iterates_every_page(client: Client) -> None:
-    made = [client.create_session(session_id=f"page-{i}").session_id for i in range(7)]
-    listed = [s.session_id for s in client.list_sessions(page_size=2)]
+def test_list_sessions_iterates_every_page(own_client: Client) -> None:
+    made = [own_client.create_session(session_id=f"page-{i}").session_id for i in range(7)]
+    listed = [s.session_id for s in own_client.list_sessions(page_size=2)]
     assert listed == list(reversed(made))  # newest first, across 4 pages
 
 
@@ -457,9 +465,9 @@ def test_async_client_crud_pages_and_errors(daemon: RunningDaemon) -> None:
     asyncio.run(scenario())
 
 
-def test_async_send_message_and_history(daemon: RunningDaemon) -> None:
+def test_async_send_message_and_history(shared_daemon: RunningDaemon) -> None:
     async def scenario() -> None:
-        async with AsyncClient(daemon.socket) as c:
+        async with AsyncClient(shared_daemon.socket) as c:
             sid = (await c.create_session()).session_id
             stream = c.send_message(sid, "hello")
             events = [e async for e in stream]
@@ -475,9 +483,9 @@ def test_async_send_message_and_history(daemon: RunningDaemon) -> None:
     asyncio.run(scenario())
 
 
-def test_async_interrupt_and_watch(daemon: RunningDaemon) -> None:
+def test_async_interrupt_and_watch(shared_daemon: RunningDaemon) -> None:
     async def scenario() -> None:
-        async with AsyncClient(daemon.socket) as c:
+        async with AsyncClient(shared_daemon.socket) as c:
             sid = (await c.create_session()).session_id
             watch = c.watch_session(sid)
             events: list[Event] = []
@@ -499,9 +507,9 @@ def test_async_interrupt_and_watch(daemon: RunningDaemon) -> None:
     asyncio.run(scenario())
 
 
-def test_async_permission_audit_and_budget(daemon: RunningDaemon) -> None:
+def test_async_permission_audit_and_budget(shared_daemon: RunningDaemon) -> None:
     async def scenario() -> None:
-        async with AsyncClient(daemon.socket) as c:
+        async with AsyncClient(shared_daemon.socket) as c:
             sid = (await c.create_session()).session_id
             events: list[Event] = []
             async for ev in c.send_message(sid, ASK):

@@ -28,7 +28,8 @@ import pytest
 from atomizer.v1 import session_pb2 as pb
 
 from atomizerd.agents.procgroup import group_members, process_start_time
-from atomizerd.store.db import AgentProcessRecord, Store
+from atomizerd.model import AgentProcessRecord
+from atomizerd.store.db import Store
 from tests.conftest import Stubs, stubs_for
 from tests.support.daemon import RunningDaemon
 from tests.support.waiting import alive, wait_for

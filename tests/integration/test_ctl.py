@@ -77,27 +77,29 @@ def test_new_ls_show_rm(daemon: RunningDaemon) -> None:
     assert ctl(daemon, "show", "c1").returncode == 3
 
 
-def test_mode_and_study(daemon: RunningDaemon) -> None:
-    (daemon.root / "studies" / "wing").mkdir()
-    ok(daemon, "new", "--id", "m1")
-    assert ctl(daemon, "study", "m1", "wing").stdout == "m1: study wing\n"
-    assert ctl(daemon, "study", "m1", "--none").stdout == "m1: study (none)\n"
-    assert ctl(daemon, "study", "m1").returncode == 2  # neither a study nor --none
-    assert ctl(daemon, "mode", "m1", "user").stdout == "m1: mode user\n"
-    denied = ctl(daemon, "mode", "m1", "power")
+def test_mode_and_study(shared_daemon: RunningDaemon) -> None:
+    (shared_daemon.root / "studies" / "wing").mkdir()
+    ok(shared_daemon, "new", "--id", "m1")
+    assert ctl(shared_daemon, "study", "m1", "wing").stdout == "m1: study wing\n"
+    assert ctl(shared_daemon, "study", "m1", "--none").stdout == "m1: study (none)\n"
+    assert ctl(shared_daemon, "study", "m1").returncode == 2  # neither a study nor --none
+    assert ctl(shared_daemon, "mode", "m1", "user").stdout == "m1: mode user\n"
+    denied = ctl(shared_daemon, "mode", "m1", "power")
     assert denied.returncode == 6 and "PERMISSION_DENIED" in denied.stderr
 
 
-def test_send_streams_the_reply_to_stdout_and_activity_to_stderr(daemon: RunningDaemon) -> None:
-    sid = ok(daemon, "new").strip()
-    sent = ctl(daemon, "send", sid, "[[tool:Read]] hello")
+def test_send_streams_the_reply_to_stdout_and_activity_to_stderr(
+    shared_daemon: RunningDaemon,
+) -> None:
+    sid = ok(shared_daemon, "new").strip()
+    sent = ctl(shared_daemon, "send", sid, "[[tool:Read]] hello")
     assert sent.returncode == 0, sent.stderr
     assert sent.stdout == "echo: hello\n"
     assert "⏺ Read" in sent.stderr
     assert "tokens" in sent.stderr and "$" in sent.stderr
-    from_stdin = ctl(daemon, "send", sid, "-", stdin="from stdin")
+    from_stdin = ctl(shared_daemon, "send", sid, "-", stdin="from stdin")
     assert from_stdin.stdout == "echo: from stdin\n"
-    history = ctl(daemon, "history", sid)
+    history = ctl(shared_daemon, "history", sid)
     assert history.returncode == 0
     assert "from stdin" in history.stdout and "echo: hello" in history.stdout
     assert history.stdout.count("── user") == 2 and history.stdout.count("── assistant") == 2
@@ -120,27 +122,27 @@ def test_json_prints_one_object_per_event_or_record(daemon: RunningDaemon) -> No
     assert status[0]["version"] and status[0]["sessions_known"] == 1
 
 
-def test_status(daemon: RunningDaemon) -> None:
-    status = ctl(daemon, "status")
+def test_status(shared_daemon: RunningDaemon) -> None:
+    status = ctl(shared_daemon, "status")
     assert status.returncode == 0
     assert "version" in status.stdout and "live processes" in status.stdout
 
 
-def test_exit_codes(daemon: RunningDaemon, tmp_path: Path) -> None:
-    sid = ok(daemon, "new").strip()
-    unknown = ctl(daemon, "show", "no-such-session")
+def test_exit_codes(shared_daemon: RunningDaemon, tmp_path: Path) -> None:
+    sid = ok(shared_daemon, "new").strip()
+    unknown = ctl(shared_daemon, "show", "no-such-session")
     assert unknown.returncode == 3 and "NOT_FOUND" in unknown.stderr
-    bad_id = ctl(daemon, "show", "../etc")
+    bad_id = ctl(shared_daemon, "show", "../etc")
     assert bad_id.returncode == 4 and "INVALID_ARGUMENT" in bad_id.stderr
-    failed = ctl(daemon, "send", sid, "[[crash]] boom")
+    failed = ctl(shared_daemon, "send", sid, "[[crash]] boom")
     assert failed.returncode == 1 and "AGENT_EXITED" in failed.stderr
-    agent_error = ctl(daemon, "send", sid, "[[error-result]] hi")
+    agent_error = ctl(shared_daemon, "send", sid, "[[error-result]] hi")
     assert agent_error.returncode == 1
-    no_turn = ctl(daemon, "rm", sid)
+    no_turn = ctl(shared_daemon, "rm", sid)
     assert no_turn.returncode == 0
-    closed = ctl(daemon, "send", sid, "hello")
+    closed = ctl(shared_daemon, "send", sid, "hello")
     assert closed.returncode == 4 and "FAILED_PRECONDITION" in closed.stderr
-    as_json = ctl(daemon, "--json", "show", "no-such-session")
+    as_json = ctl(shared_daemon, "--json", "show", "no-such-session")
     assert as_json.returncode == 3
     assert json.loads(as_json.stderr)["error"]["code"] == "NOT_FOUND"
     usage = subprocess.run([str(CTL)], capture_output=True, text=True, env=ctl_env())
@@ -161,12 +163,12 @@ def test_resource_exhausted_exit_code(short_tmp: Path) -> None:
         assert full.returncode == 7 and "RESOURCE_EXHAUSTED" in full.stderr
 
 
-def test_the_socket_is_found_through_the_environment(daemon: RunningDaemon) -> None:
+def test_the_socket_is_found_through_the_environment(shared_daemon: RunningDaemon) -> None:
     found = subprocess.run(
         [str(CTL), "status"],
         capture_output=True,
         text=True,
-        env=ctl_env(ATOMIZERD_SOCKET=str(daemon.socket)),
+        env=ctl_env(ATOMIZERD_SOCKET=str(shared_daemon.socket)),
         timeout=30,
     )
     assert found.returncode == 0, found.stderr
@@ -189,10 +191,10 @@ def read_until(
     return seen
 
 
-def test_ctrl_c_during_send_interrupts_the_turn(daemon: RunningDaemon) -> None:
-    sid = ok(daemon, "new").strip()
+def test_ctrl_c_during_send_interrupts_the_turn(shared_daemon: RunningDaemon) -> None:
+    sid = ok(shared_daemon, "new").strip()
     proc = subprocess.Popen(
-        [str(CTL), "--socket", str(daemon.socket), "send", sid, SLOW],
+        [str(CTL), "--socket", str(shared_daemon.socket), "send", sid, SLOW],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=ctl_env(),
@@ -207,26 +209,26 @@ def test_ctrl_c_during_send_interrupts_the_turn(daemon: RunningDaemon) -> None:
     assert proc.returncode == 130, err
     assert b"twelve" not in before + rest  # the turn stopped, not just the output
     assert b"interrupted" in err
-    with Client(daemon.socket) as c:
+    with Client(shared_daemon.socket) as c:
         reply = list(c.get_history(sid))[-1]
         assert reply.role == session_pb2.ROLE_ASSISTANT
         assert reply.status == session_pb2.MESSAGE_STATUS_INTERRUPTED
         assert c.get_session(sid).state != session_pb2.SESSION_STATE_BUSY
-    assert "── assistant (interrupted)" in ctl(daemon, "history", sid).stdout
+    assert "── assistant (interrupted)" in ctl(shared_daemon, "history", sid).stdout
 
 
-def test_watch_follows_turns_until_ctrl_c(daemon: RunningDaemon) -> None:
-    sid = ok(daemon, "new").strip()
-    ok(daemon, "send", sid, "before")
+def test_watch_follows_turns_until_ctrl_c(shared_daemon: RunningDaemon) -> None:
+    sid = ok(shared_daemon, "new").strip()
+    ok(shared_daemon, "send", sid, "before")
     proc = subprocess.Popen(
-        [str(CTL), "--socket", str(daemon.socket), "--json", "watch", sid, "--after", "0"],
+        [str(CTL), "--socket", str(shared_daemon.socket), "--json", "watch", sid, "--after", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=ctl_env(),
     )
     try:
         seen = read_until(proc, b'"text": "before"')
-        ok(daemon, "send", sid, "live one")
+        ok(shared_daemon, "send", sid, "live one")
         seen = read_until(proc, b"echo: live one", seen)
         time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
@@ -241,8 +243,8 @@ def test_watch_follows_turns_until_ctrl_c(daemon: RunningDaemon) -> None:
 
 
 @pytest.mark.parametrize("args", [["send"], ["mode", "x", "root"], ["ls", "--state", "odd"]])
-def test_usage_errors_exit_2(daemon: RunningDaemon, args: list[str]) -> None:
-    assert ctl(daemon, *args).returncode == 2
+def test_usage_errors_exit_2(shared_daemon: RunningDaemon, args: list[str]) -> None:
+    assert ctl(shared_daemon, *args).returncode == 2
 
 
 def test_daemon_restart_hands_a_running_turn_to_the_next_daemon(daemon: RunningDaemon) -> None:

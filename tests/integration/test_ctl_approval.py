@@ -19,26 +19,26 @@ ASK = "[[ask:Bash]] hi"
 ASK_SLOW = "[[ask:Bash]] [[slow:200]] hi there"
 
 
-def test_yes_allows_and_no_denies_without_asking(daemon: RunningDaemon) -> None:
-    sid = ok(daemon, "new").strip()
-    allowed = ctl(daemon, "send", sid, ASK, "--yes")
+def test_yes_allows_and_no_denies_without_asking(shared_daemon: RunningDaemon) -> None:
+    sid = ok(shared_daemon, "new").strip()
+    allowed = ctl(shared_daemon, "send", sid, ASK, "--yes")
     assert allowed.returncode == 0, allowed.stderr
     assert allowed.stdout == "echo: hi\npermission Bash: allow\n"
     assert "? permission for Bash" in allowed.stderr and "use Bash" in allowed.stderr
     assert "✓ allowed Bash by client" in allowed.stderr
-    denied = ctl(daemon, "send", sid, ASK, "--no")
+    denied = ctl(shared_daemon, "send", sid, ASK, "--no")
     assert denied.returncode == 0, denied.stderr
     assert "permission Bash: deny (the user denied this tool use)" in denied.stdout
     assert "✗ denied Bash by client" in denied.stderr
-    assert ctl(daemon, "send", sid, ASK, "--yes", "--no").returncode == 2
+    assert ctl(shared_daemon, "send", sid, ASK, "--yes", "--no").returncode == 2
 
-    lines = ok(daemon, "audit", sid).splitlines()
+    lines = ok(shared_daemon, "audit", sid).splitlines()
     assert lines[0].split() == ["TIME", "KIND", "TOOL", "OUTCOME", "BY", "DETAIL"]
     assert [line.split()[2:6] for line in lines[1:]] == [
         ["permission", "Bash", "allowed", "client"],
         ["permission", "Bash", "denied", "client"],
     ]
-    trail = records(ok(daemon, "--json", "audit", sid))
+    trail = records(ok(shared_daemon, "--json", "audit", sid))
     assert [(a["tool_name"], a["allow"], a["decider"]) for a in trail] == [
         ("Bash", True, "DECIDER_CLIENT"),
         ("Bash", False, "DECIDER_CLIENT"),
@@ -46,9 +46,9 @@ def test_yes_allows_and_no_denies_without_asking(daemon: RunningDaemon) -> None:
     assert trail[1]["detail"] == "the user denied this tool use"
 
 
-def test_json_send_with_yes_prints_both_permission_events(daemon: RunningDaemon) -> None:
-    sid = ok(daemon, "new").strip()
-    events = records(ok(daemon, "--json", "send", sid, ASK, "--yes"))
+def test_json_send_with_yes_prints_both_permission_events(shared_daemon: RunningDaemon) -> None:
+    sid = ok(shared_daemon, "new").strip()
+    events = records(ok(shared_daemon, "--json", "send", sid, ASK, "--yes"))
     request = next(e for e in events if e["type"] == "permission_request")
     assert request["tool_name"] == "Bash" and request["deadline"] and request["request_id"]
     decided = [e for e in events if e["type"] == "permission_decided"]
@@ -73,14 +73,14 @@ def _waiting_send(d: RunningDaemon, sid: str) -> tuple[subprocess.Popen[bytes], 
     return proc, json.loads(line)
 
 
-def test_approve_from_another_process_while_send_waits(daemon: RunningDaemon) -> None:
-    sid = ok(daemon, "new").strip()
-    proc, request = _waiting_send(daemon, sid)
+def test_approve_from_another_process_while_send_waits(shared_daemon: RunningDaemon) -> None:
+    sid = ok(shared_daemon, "new").strip()
+    proc, request = _waiting_send(shared_daemon, sid)
     try:
-        approved = ctl(daemon, "approve", sid, request["request_id"])
+        approved = ctl(shared_daemon, "approve", sid, request["request_id"])
         assert approved.returncode == 0, approved.stderr
         assert approved.stdout == f"allowed {request['request_id']}\n"
-        again = ctl(daemon, "deny", sid, request["request_id"])  # the turn still runs
+        again = ctl(shared_daemon, "deny", sid, request["request_id"])  # the turn still runs
         assert again.returncode == 4 and "already decided" in again.stderr
         out, err = proc.communicate(timeout=30)
     finally:
@@ -94,11 +94,13 @@ def test_approve_from_another_process_while_send_waits(daemon: RunningDaemon) ->
     assert "permission Bash: allow" in events[-1]["text"]
 
 
-def test_deny_from_another_process_with_a_message(daemon: RunningDaemon) -> None:
-    sid = ok(daemon, "new").strip()
-    proc, request = _waiting_send(daemon, sid)
+def test_deny_from_another_process_with_a_message(shared_daemon: RunningDaemon) -> None:
+    sid = ok(shared_daemon, "new").strip()
+    proc, request = _waiting_send(shared_daemon, sid)
     try:
-        denied = ctl(daemon, "--json", "deny", sid, request["request_id"], "--message", "no way")
+        denied = ctl(
+            shared_daemon, "--json", "deny", sid, request["request_id"], "--message", "no way"
+        )
         assert denied.returncode == 0, denied.stderr
         (decision,) = records(denied.stdout)
         assert (decision["allow"], decision["decider"]) == (False, "DECIDER_CLIENT")
@@ -108,7 +110,7 @@ def test_deny_from_another_process_with_a_message(daemon: RunningDaemon) -> None
             proc.kill()
     last = json.loads(out.decode().splitlines()[-1])
     assert "permission Bash: deny (no way)" in last["text"]
-    assert records(ok(daemon, "--json", "audit", sid))[0]["detail"] == "no way"
+    assert records(ok(shared_daemon, "--json", "audit", sid))[0]["detail"] == "no way"
 
 
 def test_without_a_terminal_the_request_is_shown_and_the_timeout_decides(
@@ -130,13 +132,15 @@ def test_without_a_terminal_the_request_is_shown_and_the_timeout_decides(
 
 
 @pytest.mark.skipif(not test_grpcurl.GRPCURL.exists(), reason="grpcurl missing")
-def test_the_documented_grpcurl_answer_and_audit_commands_work(daemon: RunningDaemon) -> None:
-    sid = ok(daemon, "new").strip()
-    proc, request = _waiting_send(daemon, sid)
+def test_the_documented_grpcurl_answer_and_audit_commands_work(
+    shared_daemon: RunningDaemon,
+) -> None:
+    sid = ok(shared_daemon, "new").strip()
+    proc, request = _waiting_send(shared_daemon, sid)
     try:
         command = test_grpcurl.doc_command("/RespondToPermission", '"allow": true')
         command = command.replace('"RID"', json.dumps(request["request_id"]))
-        answered = test_grpcurl.run(daemon, command, sid)
+        answered = test_grpcurl.run(shared_daemon, command, sid)
         assert answered.returncode == 0, answered.stderr
         decision = json.loads(answered.stdout)["decision"]
         assert (decision["allow"], decision["decider"]) == (True, "DECIDER_CLIENT")
@@ -145,34 +149,36 @@ def test_the_documented_grpcurl_answer_and_audit_commands_work(daemon: RunningDa
         if proc.poll() is None:
             proc.kill()
     assert "permission Bash: allow" in json.loads(out.decode().splitlines()[-1])["text"]
-    trail = test_grpcurl.run(daemon, test_grpcurl.doc_command("/ListAuditEvents"), sid)
+    trail = test_grpcurl.run(shared_daemon, test_grpcurl.doc_command("/ListAuditEvents"), sid)
     assert json.loads(trail.stdout)["events"][0]["decider"] == "DECIDER_CLIENT"
     denial = test_grpcurl.doc_command("/RespondToPermission", '"allow": false')
-    gone = test_grpcurl.run(daemon, denial.replace('"RID"', '"r"'), sid)
+    gone = test_grpcurl.run(shared_daemon, denial.replace('"RID"', '"r"'), sid)
     assert gone.returncode == 64 + 5 and "NotFound" in gone.stderr  # nothing pending
 
 
-def test_answering_a_request_that_is_not_pending(daemon: RunningDaemon) -> None:
-    sid = ok(daemon, "new").strip()
-    unknown = ctl(daemon, "approve", sid, "no-such-request", "--remember")
+def test_answering_a_request_that_is_not_pending(shared_daemon: RunningDaemon) -> None:
+    sid = ok(shared_daemon, "new").strip()
+    unknown = ctl(shared_daemon, "approve", sid, "no-such-request", "--remember")
     assert unknown.returncode == 3 and "NOT_FOUND" in unknown.stderr
-    assert ctl(daemon, "deny", "no-such-session", "r").returncode == 3
-    assert ctl(daemon, "audit", "no-such-session").returncode == 3
-    assert ok(daemon, "audit", sid).splitlines()[1:] == []  # nothing decided yet
+    assert ctl(shared_daemon, "deny", "no-such-session", "r").returncode == 3
+    assert ctl(shared_daemon, "audit", "no-such-session").returncode == 3
+    assert ok(shared_daemon, "audit", sid).splitlines()[1:] == []  # nothing decided yet
 
 
-def test_budgets_show_in_show_and_a_spent_session_refuses_messages(daemon: RunningDaemon) -> None:
-    sid = ok(daemon, "new", "--budget", "0.0001", "--turn-budget", "0.00005").strip()
-    shown = dict(line.split(None, 1) for line in ok(daemon, "show", sid).splitlines())
+def test_budgets_show_in_show_and_a_spent_session_refuses_messages(
+    shared_daemon: RunningDaemon,
+) -> None:
+    sid = ok(shared_daemon, "new", "--budget", "0.0001", "--turn-budget", "0.00005").strip()
+    shown = dict(line.split(None, 1) for line in ok(shared_daemon, "show", sid).splitlines())
     assert shown["spent"] == "$0.0000"
     assert shown["budget"] == "$0.0001 ($0.0001 left)"
-    assert ok(daemon, "--json", "show", sid).count('"turn_budget_usd": 5e-05') == 1
-    ok(daemon, "send", sid, "spend")
-    refused = ctl(daemon, "send", sid, "and more")
+    assert ok(shared_daemon, "--json", "show", sid).count('"turn_budget_usd": 5e-05') == 1
+    ok(shared_daemon, "send", sid, "spend")
+    refused = ctl(shared_daemon, "send", sid, "and more")
     assert refused.returncode == 7 and "has spent" in refused.stderr
-    assert "(reached" in ok(daemon, "show", sid)
-    assert ctl(daemon, "new", "--budget", "-1").returncode == 2
-    assert ctl(daemon, "new", "--budget", "lots").returncode == 2
+    assert "(reached" in ok(shared_daemon, "show", sid)
+    assert ctl(shared_daemon, "new", "--budget", "-1").returncode == 2
+    assert ctl(shared_daemon, "new", "--budget", "lots").returncode == 2
 
 
 def test_help_describes_approval() -> None:

@@ -89,10 +89,10 @@ def run_in_terminal(daemon: RunningDaemon, workdir: Path, *args: str) -> Termina
 
 
 @pytest.fixture
-def chat(daemon: RunningDaemon, short_tmp: Path) -> Iterator[tuple[Terminal, str, Path]]:
-    with Client(daemon.socket) as c:
+def chat(shared_daemon: RunningDaemon, short_tmp: Path) -> Iterator[tuple[Terminal, str, Path]]:
+    with Client(shared_daemon.socket) as c:
         sid = c.create_session().session_id
-    term = run_in_terminal(daemon, short_tmp, "chat", sid)
+    term = run_in_terminal(shared_daemon, short_tmp, "chat", sid)
     try:
         yield term, sid, short_tmp / "state"
     finally:
@@ -100,7 +100,7 @@ def chat(daemon: RunningDaemon, short_tmp: Path) -> Iterator[tuple[Terminal, str
 
 
 def test_chat_replies_interrupts_and_quits(
-    chat: tuple[Terminal, str, Path], daemon: RunningDaemon
+    chat: tuple[Terminal, str, Path], shared_daemon: RunningDaemon
 ) -> None:
     term, sid, state = chat
     term.wait_for(at_prompt, "the first prompt")
@@ -117,7 +117,7 @@ def test_chat_replies_interrupts_and_quits(
         "the interrupted turn and a new prompt",
     )
     assert "twelve" not in screen.split("echo: one")[-1]  # the reply stopped early
-    with Client(daemon.socket) as c:
+    with Client(shared_daemon.socket) as c:
         last = list(c.get_history(sid))[-1]
     assert last.status == session_pb2.MESSAGE_STATUS_INTERRUPTED
 
@@ -135,7 +135,7 @@ def test_ctrl_d_leaves_the_chat(chat: tuple[Terminal, str, Path]) -> None:
 
 
 def test_chat_asks_before_a_tool_runs_and_the_answer_is_taken(
-    chat: tuple[Terminal, str, Path], daemon: RunningDaemon
+    chat: tuple[Terminal, str, Path], shared_daemon: RunningDaemon
 ) -> None:
     term, sid, _ = chat
     term.wait_for(at_prompt, "the first prompt")
@@ -158,20 +158,20 @@ def test_chat_asks_before_a_tool_runs_and_the_answer_is_taken(
     third = screen.split("you> [[ask:Bash]] third")[-1]
     assert "✓ allowed Bash by rule" in third and ASKED not in third
 
-    with Client(daemon.socket) as c:
+    with Client(shared_daemon.socket) as c:
         deciders = [a.decider for a in c.list_audit_events(sid)]
     assert deciders == [session_pb2.DECIDER_CLIENT] * 2 + [session_pb2.DECIDER_RULE]
 
 
 def test_a_prompt_answered_elsewhere_is_withdrawn(
-    chat: tuple[Terminal, str, Path], daemon: RunningDaemon
+    chat: tuple[Terminal, str, Path], shared_daemon: RunningDaemon
 ) -> None:
     term, sid, _ = chat
     term.wait_for(at_prompt, "the first prompt")
     term.type("[[ask:Read]] elsewhere")
     term.wait_for(asking, "the approval prompt")
     term.tmux("send-keys", "-t", "t", "-l", "yyy")  # typed, but not sent, at the prompt
-    with Client(daemon.socket) as c, c.watch_session(sid) as watch:
+    with Client(shared_daemon.socket) as c, c.watch_session(sid) as watch:
         request = next(e for e in watch if isinstance(e, PermissionRequest))
         c.respond_to_permission(sid, request.request_id, False, message="nope")
     screen = term.wait_for(
@@ -183,10 +183,10 @@ def test_a_prompt_answered_elsewhere_is_withdrawn(
     assert "yyy" not in screen.split("nope")[-1]
 
 
-def test_send_asks_on_a_terminal(daemon: RunningDaemon, short_tmp: Path) -> None:
-    with Client(daemon.socket) as c:
+def test_send_asks_on_a_terminal(shared_daemon: RunningDaemon, short_tmp: Path) -> None:
+    with Client(shared_daemon.socket) as c:
         sid = c.create_session().session_id
-    term = run_in_terminal(daemon, short_tmp, "send", sid, "[[ask:Bash]] hi")
+    term = run_in_terminal(shared_daemon, short_tmp, "send", sid, "[[ask:Bash]] hi")
     try:
         term.wait_for(asking, "the approval prompt")
         term.type("n")

@@ -160,23 +160,23 @@ CASES: list[tuple[str, Callable[[Stubs], Any], grpc.StatusCode, str]] = [
 
 @pytest.mark.parametrize(("case", "call", "code", "words"), CASES, ids=[c[0] for c in CASES])
 def test_bad_request_gets_its_status_and_the_daemon_keeps_serving(
-    stubs: Stubs, case: str, call: Callable[[Stubs], Any], code: grpc.StatusCode, words: str
+    shared_stubs: Stubs, case: str, call: Callable[[Stubs], Any], code: grpc.StatusCode, words: str
 ) -> None:
-    stubs.sessions.CreateSession(pb.CreateSessionRequest(session_id="known"))
+    shared_stubs.sessions.CreateSession(pb.CreateSessionRequest(session_id="known"))
     with pytest.raises(grpc.RpcError) as err:
-        call(stubs)
+        call(shared_stubs)
     assert err.value.code() == code, err.value.details()
     assert words in (err.value.details() or ""), err.value.details()
     assert "Traceback" not in (err.value.details() or "")
-    still = stubs.sessions.GetSession(pb.GetSessionRequest(session_id="known"), timeout=5)
+    still = shared_stubs.sessions.GetSession(pb.GetSessionRequest(session_id="known"), timeout=5)
     assert still.session.session_id == "known"
 
 
-def test_sending_to_a_closed_session_says_how_to_reopen(stubs: Stubs) -> None:
-    stubs.sessions.CreateSession(pb.CreateSessionRequest(session_id="shut"))
-    stubs.sessions.TerminateSession(pb.TerminateSessionRequest(session_id="shut"))
+def test_sending_to_a_closed_session_says_how_to_reopen(shared_stubs: Stubs) -> None:
+    shared_stubs.sessions.CreateSession(pb.CreateSessionRequest(session_id="shut"))
+    shared_stubs.sessions.TerminateSession(pb.TerminateSessionRequest(session_id="shut"))
     with pytest.raises(grpc.RpcError) as err:
-        list(stubs.sessions.SendMessage(pb.SendMessageRequest(session_id="shut", text="hi")))
+        list(shared_stubs.sessions.SendMessage(pb.SendMessageRequest(session_id="shut", text="hi")))
     assert err.value.code() == C.FAILED_PRECONDITION
     assert "reopens" in (err.value.details() or "")
 

@@ -90,25 +90,25 @@ def test_the_doc_has_the_commands_this_test_runs() -> None:
         doc_command(*parts)
 
 
-def test_list_and_describe_by_reflection(daemon: RunningDaemon) -> None:
-    listed = run(daemon, doc_command(end='"$SOCK" list'))
+def test_list_and_describe_by_reflection(shared_daemon: RunningDaemon) -> None:
+    listed = run(shared_daemon, doc_command(end='"$SOCK" list'))
     assert listed.returncode == 0, listed.stderr
     services = listed.stdout.split()
     assert "atomizer.v1.SessionService" in services and "atomizer.v1.DaemonService" in services
     assert "grpc.health.v1.Health" in services
-    methods = run(daemon, doc_command("list atomizer.v1.SessionService"))
+    methods = run(shared_daemon, doc_command("list atomizer.v1.SessionService"))
     assert "atomizer.v1.SessionService.SendMessage" in methods.stdout
-    described = run(daemon, doc_command("describe atomizer.v1.SessionService"))
+    described = run(shared_daemon, doc_command("describe atomizer.v1.SessionService"))
     assert described.returncode == 0
     assert "rpc SendMessage ( .atomizer.v1.SendMessageRequest ) returns ( stream" in (
         described.stdout
     )
-    event = run(daemon, doc_command("describe atomizer.v1.SessionEvent"))
+    event = run(shared_daemon, doc_command("describe atomizer.v1.SessionEvent"))
     assert "turn_completed" in event.stdout
 
 
-def test_health_check_is_serving(daemon: RunningDaemon) -> None:
-    health = run(daemon, doc_command("Health/Check"))
+def test_health_check_is_serving(shared_daemon: RunningDaemon) -> None:
+    health = run(shared_daemon, doc_command("Health/Check"))
     assert health.returncode == 0, health.stderr
     assert json.loads(health.stdout) == {"status": "SERVING"}
 
@@ -144,7 +144,7 @@ def test_session_calls_and_a_streamed_turn(daemon: RunningDaemon) -> None:
     assert closed["session"]["state"] == "SESSION_STATE_CLOSED"
 
 
-def test_an_error_prints_its_status(daemon: RunningDaemon) -> None:
-    missing = run(daemon, doc_command('"session_id": "nope"'))
+def test_an_error_prints_its_status(shared_daemon: RunningDaemon) -> None:
+    missing = run(shared_daemon, doc_command('"session_id": "nope"'))
     assert missing.returncode == 64 + 5  # grpcurl exits 64 + the status code
     assert "Code: NotFound" in missing.stderr and "nope" in missing.stderr

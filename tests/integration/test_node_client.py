@@ -35,8 +35,8 @@ def run_node(daemon: RunningDaemon, text: str) -> tuple[int, list[dict[str, obje
     return done.returncode, events, done.stderr
 
 
-def test_node_client_streams_a_turn_to_its_terminal_event(daemon: RunningDaemon) -> None:
-    code, events, err = run_node(daemon, "hello")
+def test_node_client_streams_a_turn_to_its_terminal_event(shared_daemon: RunningDaemon) -> None:
+    code, events, err = run_node(shared_daemon, "hello")
     assert code == 0, err
     kinds = [e["kind"] for e in events]
     assert kinds[0] == "turn_started" and kinds[-1] == "turn_completed"
@@ -48,8 +48,8 @@ def test_node_client_streams_a_turn_to_its_terminal_event(daemon: RunningDaemon)
     assert seqs == sorted(seqs)
 
 
-def test_node_client_sees_a_failed_turn_as_terminal(daemon: RunningDaemon) -> None:
-    code, events, err = run_node(daemon, "[[crash]] boom")
+def test_node_client_sees_a_failed_turn_as_terminal(shared_daemon: RunningDaemon) -> None:
+    code, events, err = run_node(shared_daemon, "[[crash]] boom")
     assert code == 0, err
     assert events[-1]["kind"] == "turn_failed"
     assert events[-1]["turn_failed"]["code"] == "FAILURE_CODE_AGENT_EXITED"  # type: ignore[index]

@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 
 from atomizerd.config import Config
+from atomizerd.model import AuditRecord
 from atomizerd.sessions import reaper as reaper_mod
 from atomizerd.sessions.reaper import Reaper
-from atomizerd.store.db import AuditRecord, Store
+from atomizerd.store.db import Store
 
 OLD = time.time() - 10 * 86400  # well past the retention below
 RETENTION = 86400.0

@@ -208,7 +208,7 @@ def test_interrupting_a_turn_that_waits_for_a_slot_ends_it_at_once(tmp_path: Pat
         await asyncio.sleep(1)
         waiting = send(core, "b", "hi")
         await asyncio.sleep(1)
-        await core.registry.interrupt("b")
+        await core.registry.answers.interrupt("b")
         await waiting.wait()
         assert completed(waiting).interrupted
         assert kinds(waiting) == ["TurnStarted", "TurnCompleted"]
@@ -335,7 +335,7 @@ def test_a_turn_killed_while_asking_settles_the_request_before_its_terminal_even
             e.kind.request_id for e in sent.events if isinstance(e.kind, ev.PermissionRequest)
         )
         with pytest.raises(FailedPrecondition, match="already decided"):
-            core.registry.respond_to_permission("a", request_id, True, "", False)
+            core.registry.answers.respond_to_permission("a", request_id, True, "", False)
 
     run(tmp_path, test)
 

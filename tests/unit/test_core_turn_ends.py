@@ -152,7 +152,7 @@ def test_an_answer_that_cannot_be_remembered_still_reaches_the_agent(tmp_path: P
         sent = send(core, "a", "[[ask:Bash]]")
         await asyncio.sleep(1)
         [request] = [e.kind for e in sent.events if isinstance(e.kind, ev.PermissionRequest)]
-        core.registry.respond_to_permission("a", request.request_id, True, "", True)
+        core.registry.answers.respond_to_permission("a", request.request_id, True, "", True)
         await sent.wait()
         assert text_of(sent) == "permission Bash: allow"
         decided = [e.kind for e in sent.events if isinstance(e.kind, ev.PermissionDecided)]

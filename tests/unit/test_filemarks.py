@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from atomizerd.model import ToolCallRecord
 from atomizerd.sessions import filemarks
-from atomizerd.store.db import ToolCallRecord
 
 
 def call(

@@ -10,6 +10,7 @@ import typing
 import pytest
 
 from atomizerd.agents import protocol
+from atomizerd.model import PermissionDenial
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.journal import Resumed, TurnJournal, decode_event, encode_event
 
@@ -30,7 +31,7 @@ KINDS: list[ev.EventKind] = [
         "end_turn",
         cost_usd=0.25,
         usage={"input_tokens": 3},
-        permission_denials=(ev.PermissionDenial("Write", "tu2", "{}"),),
+        permission_denials=(PermissionDenial("Write", "tu2", "{}"),),
     ),
     ev.TurnFailed(ev.AGENT_EXITED, "gone", "tail"),
     ev.Notice(ev.API_RETRY, "retry", attempt=2, max_retries=3),

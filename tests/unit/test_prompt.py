@@ -12,7 +12,7 @@ import pytest
 
 from atomizerd.atomizer import prompt
 from atomizerd.atomizer.prompt import ContextBuilder, history_seed
-from atomizerd.store.db import MessageRecord
+from atomizerd.model import MessageRecord
 
 
 def study(tmp_path: Path) -> Path:

@@ -17,7 +17,7 @@ from atomizerd.atomizer.launcher import Launcher, expand_rules
 from atomizerd.atomizer.prompt import ContextBuilder
 from atomizerd.atomizer.studies import Studies
 from atomizerd.errors import FailedPrecondition
-from atomizerd.store.db import SessionRecord
+from atomizerd.model import SessionRecord
 
 CID = "3f2b8c1e-6a4d-4e0b-9f51-2c7d8e9a0b1c"
 

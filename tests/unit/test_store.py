@@ -10,13 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from atomizerd.store.db import (
-    AgentProcessRecord,
-    AuditRecord,
-    Store,
-    ToolCallRecord,
-    TurnOutcome,
-)
+from atomizerd.model import AgentProcessRecord, AuditRecord, ToolCallRecord, TurnOutcome
+from atomizerd.store.db import Store
 from atomizerd.store.lock import DatabaseInUse
 from tests.support.daemon import REPO
 
@@ -202,7 +197,8 @@ def test_an_exclusive_store_keeps_out_a_second_daemon_of_its_host_only(store_url
 
 WRITER = """
 import sys
-from atomizerd.store.db import Store, TurnOutcome
+from atomizerd.store.db import Store
+from atomizerd.model import TurnOutcome
 
 url, host, turns, offset = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 store = Store(url, host_id=host)

@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 
 from atomizerd.errors import InvalidArgument
-from atomizerd.store.db import SessionFilter, SessionRow, Store, TurnOutcome
+from atomizerd.model import SessionFilter, TurnOutcome
+from atomizerd.store.db import SessionRow, Store
+from atomizerd.store.records import filter_conditions
 
 
 @pytest.fixture
@@ -151,7 +153,7 @@ def test_sqlite_serves_the_list_filters_from_indexes(tmp_path: Any) -> None:
         def plan(**filters: Any) -> str:
             q = (
                 SessionRow.select()
-                .where(*SessionFilter(**filters).conditions())
+                .where(*filter_conditions(SessionFilter(**filters)))
                 .order_by(SessionRow.created_at.desc(), SessionRow.session_id.desc())
                 .limit(100)
             )

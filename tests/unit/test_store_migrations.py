@@ -9,13 +9,12 @@ from pathlib import Path
 import peewee as pw
 import pytest
 
+from atomizerd.model import AgentProcessRecord, TurnOutcome
 from atomizerd.store.db import (
     MIGRATIONS,
     SCHEMA_VERSION,
-    AgentProcessRecord,
     SchemaVersion,
     Store,
-    TurnOutcome,
     _connect,
     _migrate_attachments,
     _migrate_checkpoint_pieces,

@@ -8,7 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from atomizerd.store.db import SessionFilter, SessionRow, Store, TurnOutcome
+from atomizerd.model import SessionFilter, TurnOutcome
+from atomizerd.store.db import SessionRow, Store
+from atomizerd.store.records import filter_conditions
 
 
 def explain(store: Store, sql: str, params: Any) -> str:
@@ -49,7 +51,7 @@ def test_postgresql_serves_search_and_the_list_filters_from_indexes(pg_url: str)
         def plan(**filters: Any) -> str:
             q = (
                 SessionRow.select()
-                .where(*SessionFilter(**filters).conditions())
+                .where(*filter_conditions(SessionFilter(**filters)))
                 .order_by(SessionRow.created_at.desc(), SessionRow.session_id.desc())
                 .limit(100)
             )

@@ -14,10 +14,10 @@ from atomizer_client import events as cev
 
 from atomizerd.api import convert
 from atomizerd.api.session import SessionServicer
+from atomizerd.model import MessageRecord, SessionRecord
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.registry import SessionView
 from atomizerd.sessions.tasks import TaskInfo
-from atomizerd.store.db import MessageRecord, SessionRecord
 
 
 def wrap(kind: ev.EventKind, seq: int = 7) -> ev.SessionEvent:

@@ -29,10 +29,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, Unpack
 
 import grpc
-import grpc.aio
 from atomizer.v1 import daemon_pb2, daemon_pb2_grpc, session_pb2, session_pb2_grpc
 
 from atomizer_client.client_async import AsyncClient, AsyncEventStream
@@ -42,24 +41,30 @@ from atomizer_client.client_base import (
     AsidePart,
     AttachmentLike,
     AuditEvent,
+    CreateOptions,
     Decision,
+    ListOptions,
     McpServerStatus,
     Message,
     ModeLike,
     QuestionOutcome,
     Req,
     Resp,
+    RespondOptions,
     Restart,
     RetryPolicy,
-    RuleLike,
+    SearchOptions,
+    SendOptions,
     Session,
-    StateLike,
     Status,
     Task,
     TaskOutputPage,
     _Base,
     _create_request,
+    _list_request,
     _respond_request,
+    _search_request,
+    _send,
     _send_request,
     _task_output_request,
     attachment_from_path,
@@ -158,16 +163,7 @@ class Client(_Base):
             raise from_rpc_error(e) from e
 
     def create_session(
-        self,
-        *,
-        mode: ModeLike | None = None,
-        study_id: str = "",
-        session_id: str = "",
-        budget_usd: float = 0.0,
-        turn_budget_usd: float = 0.0,
-        model: str = "",
-        timeout: float | None = None,
-        labels: Mapping[str, str] | None = None,
+        self, *, timeout: float | None = None, **options: Unpack[CreateOptions]
     ) -> Session:
         """Creates a session, or reopens `session_id` if it exists (mode None: unchanged).
 
@@ -178,8 +174,7 @@ class Client(_Base):
         `agent.models` when it lists them); empty: the daemon's default (unchanged when
         reopening). `labels`: a new session's labels (SetLabels changes them later).
         """
-        req = _create_request(mode, study_id, session_id, budget_usd, turn_budget_usd, model)
-        req.labels.update(labels or {})
+        req = _create_request(options)
         return self._call(self._sessions.CreateSession, req, timeout).session
 
     def get_session(self, session_id: str, *, timeout: float | None = None) -> Session:
@@ -187,30 +182,13 @@ class Client(_Base):
         return self._call(self._sessions.GetSession, req, timeout).session
 
     def list_sessions(
-        self,
-        *,
-        study_id: str = "",
-        state: StateLike | None = None,
-        page_size: int = 0,
-        timeout: float | None = None,
-        host_id: str = "",
-        labels: Mapping[str, str] | None = None,
-        include_archived: bool = False,
-        archived_only: bool = False,
+        self, *, timeout: float | None = None, **options: Unpack[ListOptions]
     ) -> Iterator[Session]:
         """Every matching session, newest first, fetching pages as the iteration goes;
         `host_id`: only that host's (daemons sharing one database); `labels`: only sessions
         carrying all of them; archived sessions only with `include_archived` (or only them,
         `archived_only`)."""
-        req = session_pb2.ListSessionsRequest(
-            page_size=page_size,
-            study_id=study_id,
-            state=state_value(state),
-            host_id=host_id,
-            labels=dict(labels or {}),
-            include_archived=include_archived,
-            archived_only=archived_only,
-        )
+        req = _list_request(options)
         return self._pages(self._sessions.ListSessions, req, "sessions", timeout)
 
     def set_labels(
@@ -239,19 +217,11 @@ class Client(_Base):
         return self._call(self._sessions.UnarchiveSession, req, timeout).session
 
     def search_messages(
-        self,
-        query: str,
-        *,
-        session_id: str = "",
-        labels: Mapping[str, str] | None = None,
-        page_size: int = 0,
-        timeout: float | None = None,
+        self, query: str, *, timeout: float | None = None, **options: Unpack[SearchOptions]
     ) -> Iterator[session_pb2.SearchHit]:
         """Stored messages matching `query`, best first, fetching pages as the iteration goes;
         InvalidArgumentError for a malformed query."""
-        req = session_pb2.SearchMessagesRequest(
-            query=query, session_id=session_id, labels=dict(labels or {}), page_size=page_size
-        )
+        req = _search_request(query, options)
         return self._pages(self._sessions.SearchMessages, req, "hits", timeout)
 
     def terminate_session(
@@ -442,15 +412,7 @@ class Client(_Base):
             req.page_token = resp.next_page_token
 
     def send_message(
-        self,
-        session_id: str,
-        text: str,
-        *,
-        request_id: str | None = None,
-        timeout: float | None = None,
-        attachments: Sequence[AttachmentLike] = (),
-        steer: bool = False,
-        output_schema: str = "",
+        self, session_id: str, text: str, **options: Unpack[SendOptions]
     ) -> EventStream:
         """Starts a turn and returns its events; the last one is TurnCompleted or TurnFailed.
 
@@ -464,9 +426,8 @@ class Client(_Base):
         it starts one as usual. `output_schema`: a JSON Schema (JSON text) the answer must
         satisfy; the `TurnCompleted` then carries it as JSON text in `structured_output`.
         """
-        rid = request_id or new_request_id()
-        req = _send_request(session_id, text, rid, attachments, steer, output_schema)
-        return EventStream(self._sessions.SendMessage(req, timeout=timeout), rid)
+        req, rid = _send(session_id, text, options)
+        return EventStream(self._sessions.SendMessage(req, timeout=options.get("timeout")), rid)
 
     def watch_session(self, session_id: str, *, after_seq: int = 0) -> EventStream:
         """Buffered events with seq > after_seq, then the session live, until cancelled."""
@@ -484,12 +445,8 @@ class Client(_Base):
         request_id: str,
         allow: bool,
         *,
-        message: str = "",
-        remember: bool = False,
-        updated_input: Mapping[str, Any] | None = None,
-        rule: RuleLike | None = None,
-        mode: ModeLike | None = None,
         timeout: float | None = None,
+        **options: Unpack[RespondOptions],
     ) -> Decision:
         """Answers a `PermissionRequest` event; returns the decision taken.
 
@@ -503,9 +460,7 @@ class Client(_Base):
         FailedPreconditionError, one for a request that is not pending (never was, or its turn
         has ended) NotFoundError. Never retried.
         """
-        req = _respond_request(
-            session_id, request_id, allow, message, remember, updated_input, rule, mode
-        )
+        req = _respond_request(session_id, request_id, allow, options)
         return self._call(self._sessions.RespondToPermission, req, timeout).decision
 
     def answer_question(

@@ -6,41 +6,13 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, Unpack
 
 import grpc
 import grpc.aio
 from atomizer.v1 import daemon_pb2, daemon_pb2_grpc, session_pb2, session_pb2_grpc
 
-from atomizer_client.client_base import (
-    _STREAM_RESPONSES,
-    DEFAULT_RETRY,
-    DEFAULT_TIMEOUT,
-    AsidePart,
-    AttachmentLike,
-    AuditEvent,
-    Decision,
-    McpServerStatus,
-    Message,
-    ModeLike,
-    QuestionOutcome,
-    Resp,
-    Restart,
-    RetryPolicy,
-    RuleLike,
-    Session,
-    StateLike,
-    Status,
-    TaskOutputPage,
-    _Base,
-    _create_request,
-    _respond_request,
-    _send_request,
-    _task_output_request,
-    mode_value,
-    new_request_id,
-    state_value,
-)
+from atomizer_client import client_base as base
 from atomizer_client.errors import from_rpc_error
 from atomizer_client.events import Event, from_proto
 
@@ -65,7 +37,7 @@ class AsyncEventStream(AsyncIterator[Event]):
             if self._cancelled:
                 raise StopAsyncIteration from None
             raise
-        if not isinstance(resp, _STREAM_RESPONSES):  # grpc.aio.EOF: the stream ended
+        if not isinstance(resp, base._STREAM_RESPONSES):  # grpc.aio.EOF: the stream ended
             raise StopAsyncIteration
         return from_proto(resp.event)
 
@@ -80,7 +52,7 @@ class AsyncEventStream(AsyncIterator[Event]):
         self.cancel()
 
 
-class AsyncClient(_Base):
+class AsyncClient(base._Base):
     """The same API as `Client`, for asyncio; create and use it inside one event loop.
 
     Unary calls use the client's `timeout` as their gRPC deadline; for a tighter bound on one
@@ -91,8 +63,8 @@ class AsyncClient(_Base):
         self,
         socket: str | os.PathLike[str] | None = None,
         *,
-        timeout: float = DEFAULT_TIMEOUT,
-        retry: RetryPolicy | None = DEFAULT_RETRY,
+        timeout: float = base.DEFAULT_TIMEOUT,
+        retry: base.RetryPolicy | None = base.DEFAULT_RETRY,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         target = self._locate(socket, timeout, retry, options)
@@ -111,66 +83,50 @@ class AsyncClient(_Base):
     ) -> None:
         await self.close()
 
-    async def _call(self, method: Callable[..., Awaitable[Resp]], req: Any) -> Resp:
+    async def _call(self, method: Callable[..., Awaitable[base.Resp]], req: Any) -> base.Resp:
         try:
             return await method(req, timeout=self.timeout)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
 
-    async def create_session(
-        self,
-        *,
-        mode: ModeLike | None = None,
-        study_id: str = "",
-        session_id: str = "",
-        budget_usd: float = 0.0,
-        turn_budget_usd: float = 0.0,
-        model: str = "",
-    ) -> Session:
-        req = _create_request(mode, study_id, session_id, budget_usd, turn_budget_usd, model)
+    async def create_session(self, **options: Unpack[base.CreateOptions]) -> base.Session:
+        """As `Client.create_session`."""
+        req = base._create_request(options)
         return (await self._call(self._sessions.CreateSession, req)).session
 
-    async def get_session(self, session_id: str) -> Session:
+    async def get_session(self, session_id: str) -> base.Session:
         req = session_pb2.GetSessionRequest(session_id=session_id)
         return (await self._call(self._sessions.GetSession, req)).session
 
-    def list_sessions(
-        self,
-        *,
-        study_id: str = "",
-        state: StateLike | None = None,
-        page_size: int = 0,
-        host_id: str = "",
-    ) -> AsyncIterator[Session]:
-        """`async for s in client.list_sessions()`: every matching session, newest first;
-        `host_id`: only that host's."""
-        req = session_pb2.ListSessionsRequest(
-            page_size=page_size, study_id=study_id, state=state_value(state), host_id=host_id
-        )
+    def list_sessions(self, **options: Unpack[base.ListOptions]) -> AsyncIterator[base.Session]:
+        """`async for s in client.list_sessions()`: as `Client.list_sessions`."""
+        req = base._list_request(options)
         return self._pages(self._sessions.ListSessions, req, "sessions")
 
-    async def terminate_session(self, session_id: str, *, purge: bool = False) -> Session | None:
+    async def terminate_session(
+        self, session_id: str, *, purge: bool = False
+    ) -> base.Session | None:
         req = session_pb2.TerminateSessionRequest(session_id=session_id, purge=purge)
         resp = await self._call(self._sessions.TerminateSession, req)
         return resp.session if resp.HasField("session") else None
 
-    async def switch_mode(self, session_id: str, mode: ModeLike) -> Session:
-        req = session_pb2.SwitchModeRequest(session_id=session_id, mode=mode_value(mode))
+    async def switch_mode(self, session_id: str, mode: base.ModeLike) -> base.Session:
+        req = session_pb2.SwitchModeRequest(session_id=session_id, mode=base.mode_value(mode))
         return (await self._call(self._sessions.SwitchMode, req)).session
 
-    async def set_study_context(self, session_id: str, study_id: str | None) -> Session:
+    async def set_study_context(self, session_id: str, study_id: str | None) -> base.Session:
         req = session_pb2.SetStudyContextRequest(session_id=session_id, study_id=study_id or "")
         return (await self._call(self._sessions.SetStudyContext, req)).session
 
     async def fork_session(
         self, session_id: str, *, new_session_id: str = "", at_message_id: int = 0
-    ) -> Session:
+    ) -> base.Session:
         req = session_pb2.ForkSessionRequest(
             session_id=session_id, new_session_id=new_session_id, at_message_id=at_message_id
         )
         return (await self._call(self._sessions.ForkSession, req)).session
 
-    async def set_model(self, session_id: str, model: str) -> Session:
+    async def set_model(self, session_id: str, model: str) -> base.Session:
         req = session_pb2.SetModelRequest(session_id=session_id, model=model)
         return (await self._call(self._sessions.SetModel, req)).session
 
@@ -185,7 +141,7 @@ class AsyncClient(_Base):
         page_size: int = 0,
         hide_asides: bool = False,
         hide_rolled_back: bool = False,
-    ) -> AsyncIterator[Message]:
+    ) -> AsyncIterator[base.Message]:
         """`async for m in client.get_history(sid)`: every stored message, oldest first."""
         req = session_pb2.GetHistoryRequest(
             session_id=session_id,
@@ -197,7 +153,7 @@ class AsyncClient(_Base):
 
     async def ask_aside(
         self, session_id: str, text: str, *, timeout: float | None = None
-    ) -> AsyncIterator[AsidePart]:
+    ) -> AsyncIterator[base.AsidePart]:
         """As `Client.ask_aside`: `async for part in client.ask_aside(sid, "...")`."""
         req = session_pb2.AskAsideRequest(session_id=session_id, text=text)
         try:
@@ -233,7 +189,7 @@ class AsyncClient(_Base):
         *,
         agent_session_id: str = "",
         transcript_path: str = "",
-        mode: ModeLike | None = None,
+        mode: base.ModeLike | None = None,
         study_id: str = "",
         session_id: str = "",
     ) -> session_pb2.ImportSessionResponse:
@@ -241,27 +197,27 @@ class AsyncClient(_Base):
         req = session_pb2.ImportSessionRequest(
             agent_session_id=agent_session_id,
             transcript_path=transcript_path,
-            mode=session_pb2.MODE_UNSPECIFIED if mode is None else mode_value(mode),
+            mode=session_pb2.MODE_UNSPECIFIED if mode is None else base.mode_value(mode),
             study_id=study_id,
             session_id=session_id,
         )
         return await self._call(self._sessions.ImportSession, req)
 
-    async def rename_session(self, session_id: str, title: str) -> Session:
+    async def rename_session(self, session_id: str, title: str) -> base.Session:
         req = session_pb2.RenameSessionRequest(session_id=session_id, title=title)
         return (await self._call(self._sessions.RenameSession, req)).session
 
-    async def get_mcp_status(self, session_id: str) -> list[McpServerStatus]:
+    async def get_mcp_status(self, session_id: str) -> list[base.McpServerStatus]:
         req = session_pb2.GetMcpStatusRequest(session_id=session_id)
         return list((await self._call(self._sessions.GetMcpStatus, req)).servers)
 
-    async def reconnect_mcp_server(self, session_id: str, name: str) -> McpServerStatus:
+    async def reconnect_mcp_server(self, session_id: str, name: str) -> base.McpServerStatus:
         req = session_pb2.ReconnectMcpServerRequest(session_id=session_id, name=name)
         return (await self._call(self._sessions.ReconnectMcpServer, req)).server
 
     async def set_mcp_server_enabled(
         self, session_id: str, name: str, enabled: bool
-    ) -> McpServerStatus:
+    ) -> base.McpServerStatus:
         req = session_pb2.SetMcpServerEnabledRequest(
             session_id=session_id, name=name, enabled=enabled
         )
@@ -269,33 +225,26 @@ class AsyncClient(_Base):
 
     async def set_labels(
         self, session_id: str, labels: Mapping[str, str], *, replace: bool = False
-    ) -> Session:
+    ) -> base.Session:
         """As `Client.set_labels`."""
         req = session_pb2.SetLabelsRequest(
             session_id=session_id, labels=dict(labels), replace=replace
         )
         return (await self._call(self._sessions.SetLabels, req)).session
 
-    async def archive_session(self, session_id: str) -> Session:
+    async def archive_session(self, session_id: str) -> base.Session:
         req = session_pb2.ArchiveSessionRequest(session_id=session_id)
         return (await self._call(self._sessions.ArchiveSession, req)).session
 
-    async def unarchive_session(self, session_id: str) -> Session:
+    async def unarchive_session(self, session_id: str) -> base.Session:
         req = session_pb2.UnarchiveSessionRequest(session_id=session_id)
         return (await self._call(self._sessions.UnarchiveSession, req)).session
 
     def search_messages(
-        self,
-        query: str,
-        *,
-        session_id: str = "",
-        labels: Mapping[str, str] | None = None,
-        page_size: int = 0,
+        self, query: str, **options: Unpack[base.SearchOptions]
     ) -> AsyncIterator[session_pb2.SearchHit]:
         """`async for hit in client.search_messages(q)`: as `Client.search_messages`."""
-        req = session_pb2.SearchMessagesRequest(
-            query=query, session_id=session_id, labels=dict(labels or {}), page_size=page_size
-        )
+        req = base._search_request(query, options)
         return self._pages(self._sessions.SearchMessages, req, "hits")
 
     async def _pages(
@@ -310,20 +259,12 @@ class AsyncClient(_Base):
             req.page_token = resp.next_page_token
 
     def send_message(
-        self,
-        session_id: str,
-        text: str,
-        *,
-        request_id: str | None = None,
-        timeout: float | None = None,
-        attachments: Sequence[AttachmentLike] = (),
-        steer: bool = False,
-        output_schema: str = "",
+        self, session_id: str, text: str, **options: Unpack[base.SendOptions]
     ) -> AsyncEventStream:
         """As `Client.send_message`; the call starts when the event loop next runs."""
-        rid = request_id or new_request_id()
-        req = _send_request(session_id, text, rid, attachments, steer, output_schema)
-        return AsyncEventStream(self._sessions.SendMessage(req, timeout=timeout), rid)
+        req, rid = base._send(session_id, text, options)
+        call = self._sessions.SendMessage(req, timeout=options.get("timeout"))
+        return AsyncEventStream(call, rid)
 
     def watch_session(self, session_id: str, *, after_seq: int = 0) -> AsyncEventStream:
         req = session_pb2.WatchSessionRequest(session_id=session_id, after_seq=after_seq)
@@ -338,22 +279,15 @@ class AsyncClient(_Base):
         session_id: str,
         request_id: str,
         allow: bool,
-        *,
-        message: str = "",
-        remember: bool = False,
-        updated_input: Mapping[str, Any] | None = None,
-        rule: RuleLike | None = None,
-        mode: ModeLike | None = None,
-    ) -> Decision:
+        **options: Unpack[base.RespondOptions],
+    ) -> base.Decision:
         """As `Client.respond_to_permission`; never retried."""
-        req = _respond_request(
-            session_id, request_id, allow, message, remember, updated_input, rule, mode
-        )
+        req = base._respond_request(session_id, request_id, allow, options)
         return (await self._call(self._sessions.RespondToPermission, req)).decision
 
     async def answer_question(
         self, session_id: str, request_id: str, answers: Mapping[str, str]
-    ) -> QuestionOutcome:
+    ) -> base.QuestionOutcome:
         """As `Client.answer_question`; never retried."""
         req = session_pb2.AnswerQuestionRequest(
             session_id=session_id, request_id=request_id, answers=dict(answers)
@@ -362,7 +296,7 @@ class AsyncClient(_Base):
 
     def list_audit_events(
         self, session_id: str, *, page_size: int = 0
-    ) -> AsyncIterator[AuditEvent]:
+    ) -> AsyncIterator[base.AuditEvent]:
         """`async for a in client.list_audit_events(sid)`: the audit trail, oldest first."""
         req = session_pb2.ListAuditEventsRequest(session_id=session_id, page_size=page_size)
         return self._pages(self._sessions.ListAuditEvents, req, "events")
@@ -374,14 +308,14 @@ class AsyncClient(_Base):
 
     async def get_task_output(
         self, session_id: str, task_id: str, *, offset: int = 0, limit: int = 0
-    ) -> TaskOutputPage:
+    ) -> base.TaskOutputPage:
         """As `Client.get_task_output`."""
-        req = _task_output_request(session_id, task_id, offset, limit)
+        req = base._task_output_request(session_id, task_id, offset, limit)
         return await self._call(self._sessions.GetTaskOutput, req)
 
-    async def get_status(self) -> Status:
+    async def get_status(self) -> base.Status:
         return await self._call(self._daemon.GetStatus, daemon_pb2.GetStatusRequest())
 
-    async def restart_daemon(self) -> Restart:
+    async def restart_daemon(self) -> base.Restart:
         """A planned restart; see `Client.restart_daemon`."""
         return await self._call(self._daemon.RestartDaemon, daemon_pb2.RestartDaemonRequest())

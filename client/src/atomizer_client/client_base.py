@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypedDict, TypeVar
 
 from atomizer.v1 import daemon_pb2, session_pb2
 
@@ -51,6 +51,53 @@ Restart = daemon_pb2.RestartDaemonResponse
 ModeLike = str | int
 """A mode: "user" / "power" (any case, with or without MODE_), or a `session_pb2.Mode` value."""
 StateLike = str | int
+
+
+# The keyword options of the calls that take many, typed once for both clients
+# (`**options: Unpack[...]`); what each means is in `Client`'s docstrings. A blocking call adds
+# its own `timeout` beside them.
+
+
+class CreateOptions(TypedDict, total=False):
+    mode: ModeLike | None
+    study_id: str
+    session_id: str
+    budget_usd: float
+    turn_budget_usd: float
+    model: str
+    labels: Mapping[str, str] | None
+
+
+class ListOptions(TypedDict, total=False):
+    study_id: str
+    state: StateLike | None
+    page_size: int
+    host_id: str
+    labels: Mapping[str, str] | None
+    include_archived: bool
+    archived_only: bool
+
+
+class SearchOptions(TypedDict, total=False):
+    session_id: str
+    labels: Mapping[str, str] | None
+    page_size: int
+
+
+class SendOptions(TypedDict, total=False):
+    request_id: str | None
+    timeout: float | None
+    attachments: Sequence[AttachmentLike]
+    steer: bool
+    output_schema: str
+
+
+class RespondOptions(TypedDict, total=False):
+    message: str
+    remember: bool
+    updated_input: Mapping[str, Any] | None
+    rule: RuleLike | None
+    mode: ModeLike | None
 
 
 @dataclass(frozen=True)
@@ -248,41 +295,82 @@ def attachment_from_path(
     return session_pb2.Attachment(name=p.name, media_type=kind, data=p.read_bytes())
 
 
-def _create_request(
-    mode: ModeLike | None,
-    study_id: str,
-    session_id: str,
-    budget_usd: float,
-    turn_budget_usd: float,
-    model: str = "",
-) -> session_pb2.CreateSessionRequest:
+def _known(options: Mapping[str, object], kind: Any) -> None:
+    """A keyword no option of `kind` names is refused, as Python refuses an unknown keyword
+    argument (a misspelt option must not be dropped unnoticed)."""
+    unknown = sorted(set(options) - set(kind.__optional_keys__))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
+
+
+def _create_request(options: CreateOptions) -> session_pb2.CreateSessionRequest:
+    _known(options, CreateOptions)
+    mode = options.get("mode")
     return session_pb2.CreateSessionRequest(
         mode=session_pb2.MODE_UNSPECIFIED if mode is None else mode_value(mode),
-        study_id=study_id,
-        session_id=session_id,
-        budget_usd=budget_usd,
-        turn_budget_usd=turn_budget_usd,
-        model=model,
+        study_id=options.get("study_id", ""),
+        session_id=options.get("session_id", ""),
+        budget_usd=options.get("budget_usd", 0.0),
+        turn_budget_usd=options.get("turn_budget_usd", 0.0),
+        model=options.get("model", ""),
+        labels=dict(options.get("labels") or {}),
     )
 
 
+def _list_request(options: ListOptions) -> session_pb2.ListSessionsRequest:
+    _known(options, ListOptions)
+    return session_pb2.ListSessionsRequest(
+        page_size=options.get("page_size", 0),
+        study_id=options.get("study_id", ""),
+        state=state_value(options.get("state")),
+        host_id=options.get("host_id", ""),
+        labels=dict(options.get("labels") or {}),
+        include_archived=options.get("include_archived", False),
+        archived_only=options.get("archived_only", False),
+    )
+
+
+def _search_request(query: str, options: SearchOptions) -> session_pb2.SearchMessagesRequest:
+    _known(options, SearchOptions)
+    return session_pb2.SearchMessagesRequest(
+        query=query,
+        session_id=options.get("session_id", ""),
+        labels=dict(options.get("labels") or {}),
+        page_size=options.get("page_size", 0),
+    )
+
+
+def _send(
+    session_id: str, text: str, options: SendOptions
+) -> tuple[session_pb2.SendMessageRequest, str]:
+    """The request of `send_message` and its request id (a fresh one unless given)."""
+    _known(options, SendOptions)
+    rid = options.get("request_id") or new_request_id()
+    req = _send_request(
+        session_id,
+        text,
+        rid,
+        options.get("attachments", ()),
+        options.get("steer", False),
+        options.get("output_schema", ""),
+    )
+    return req, rid
+
+
 def _respond_request(
-    session_id: str,
-    request_id: str,
-    allow: bool,
-    message: str,
-    remember: bool,
-    updated_input: Mapping[str, Any] | None = None,
-    rule: RuleLike | None = None,
-    mode: ModeLike | None = None,
+    session_id: str, request_id: str, allow: bool, options: RespondOptions
 ) -> session_pb2.RespondToPermissionRequest:
+    _known(options, RespondOptions)
     req = session_pb2.RespondToPermissionRequest(
         session_id=session_id,
         request_id=request_id,
         allow=allow,
-        message=message,
-        remember=remember,
+        message=options.get("message", ""),
+        remember=options.get("remember", False),
     )
+    updated_input = options.get("updated_input")
+    rule = options.get("rule")
+    mode = options.get("mode")
     if updated_input is not None:
         req.updated_input_json = json.dumps(dict(updated_input), ensure_ascii=False)
     if rule is not None:
