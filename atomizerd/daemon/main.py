@@ -151,6 +151,8 @@ def check_components(cfg: config_mod.Config) -> int:
 
 
 def run(cfg: config_mod.Config, waiting: socket.socket | None = None) -> int:
+    if cfg.daemon.database.startswith("sqlite:"):
+        _import_peewee_without_drivers()
     from atomizerd.daemon.server import RESTART_EXIT_STATUS, Daemon, StartupError, under_systemd
 
     daemon = Daemon(cfg, waiting)
@@ -165,6 +167,23 @@ def run(cfg: config_mod.Config, waiting: socket.socket | None = None) -> int:
             return exit_now(RESTART_EXIT_STATUS, finished)
         restart_in_place(daemon.held)
     return exit_now(0, finished)
+
+
+# The client libraries of other databases, which peewee imports at its own import when they are
+# installed (the PostgreSQL one is most of the daemon's start-up then); a daemon on SQLite
+# never uses them.
+_OTHER_DRIVERS = ("psycopg", "psycopg2", "psycopg2cffi", "pymysql", "MySQLdb")
+
+
+def _import_peewee_without_drivers() -> None:
+    hidden = [name for name in _OTHER_DRIVERS if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # its import raises ImportError
+    try:
+        import peewee  # noqa: F401
+    finally:
+        for name in hidden:
+            del sys.modules[name]
 
 
 def run_loop(main: Coroutine[Any, Any, None]) -> bool:
