@@ -1888,7 +1888,7 @@ class Bench:
                 )
             )
             sids = [c.session.session_id for c in created]
-            await fake.wait_ready(sids)
+            await fake.wait_ready(sids, timeout=60.0 + 2 * sessions)
             idle_window = (time.time(), time.time() + 1.0)
             await asyncio.sleep(1.0)
 
