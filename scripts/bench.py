@@ -4,8 +4,8 @@
     scripts/bench [--quick] [--only NAME[,NAME...]] [--json FILE] [--profile DIR] [--keep]
 
 Sections (--only): warm, first, followup, pressure, getsession, events, concurrent, scale,
-startup, purge. Prints one table: what, model, baseline, ours, ratio, target, verdict. Medians
-over repeated runs, p99 where the tail matters. Everything runs on loopback and Unix sockets in
+startup, purge, restart, socket. Prints one table: what, model, baseline, ours, ratio, target,
+verdict. Medians over repeated runs, p99 where the tail matters. Everything runs on loopback and Unix sockets in
 a temporary dir; every process started here is stopped before exit.
 
 The model. Where the real pinned `claude` CLI is involved (warm, first, followup, pressure) it
@@ -36,17 +36,28 @@ for a new session's first message (warm turns and the pool under pressure: insta
   (scripts/soak_children.py), against the cap.
 - getsession / events: the daemon with the scripted fake agent vs a bare grpc.aio server on a
   Unix socket (a separate process), called by the same raw-bytes client.
-- concurrent: 32 sessions streaming at once (pool.max_live 32), and the event loop's worst
+- concurrent: 64 sessions streaming at once (pool.max_live 64), and the event loop's worst
   stall meanwhile.
+- restart: a planned restart under 8 running turns (real CLI under shims): signal -> each
+  turn's next event at a client re-attached from its last seq, against the same daemon's
+  restart with no agent.
+- socket: planned restarts in place while a client calls GetSession in a loop and new clients
+  connect every 2 ms: connections refused (none: the socket's name always has a listener),
+  the longest call meanwhile.
 - scale / startup / purge: 10,000 sessions of 50 messages and 5 audit events each (1,000 of
   them inactive for two days), written straight into the SQLite file: the store (Store) creates
   and migrates it and writes one template session through its own API, whose rows are then
   copied with executemany in one transaction, so the rows are what the daemon writes. exec ->
-  READY=1 on a NOTIFY_SOCKET datagram socket bound here; ListSessions and GetHistory pages; the
+  READY=1 on a NOTIFY_SOCKET datagram socket bound here (and with an empty database, started
+  alternately; with the CPU time the daemon had used by then); ListSessions and GetHistory
+  pages; the
   daemon's RSS with 1,000 sessions resident (loaded by GetSession, no live agent, the reaper
   idle: `reaper.interval` an hour, so nothing unloads them while measured); a retention purge
   of the 1,000 (`reaper.retention` one day), the event loop's worst stall meanwhile, and the
   reaper's passes once there is nothing left to purge.
+
+The daemon's modules are byte-compiled first, as an install leaves them (a development shell's
+PYTHONDONTWRITEBYTECODE would otherwise have every start compile them again).
 
 Loop stalls are the daemon's own account: its lag probe (atomizerd/daemon/loopprobe.py) wakes
 every 2 ms here and logs every lag of 5 ms or more; a row reports the worst logged inside the
