@@ -5,8 +5,8 @@
 
 Sections (--only): warm, first, followup, pressure, getsession, events, concurrent, scale,
 startup, purge, restart, socket. Prints one table: what, model, baseline, ours, ratio, target,
-verdict. Medians over repeated runs, p99 where the tail matters. Everything runs on loopback and Unix sockets in
-a temporary dir; every process started here is stopped before exit.
+verdict. Medians over repeated runs, p99 where the tail matters. Everything runs on loopback and
+Unix sockets in a temporary dir; every process started here is stopped before exit.
 
 The model. Where the real pinned `claude` CLI is involved (warm, first, followup, pressure) it
 talks to the fake Messages API (tests/support/fake_messages_api.py, in its own process). With
