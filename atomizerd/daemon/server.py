@@ -2,15 +2,17 @@
 
 Startup: private dirs → single-instance lock (runtime dir: the socket) → the database locked
 for this daemon alone, then opened → agents a previous daemon left under their shims adopted
-(daemon/adoption.py), with their running turns → the rest reconciled → socket bound → metrics
-endpoint (when `metrics.listen` is set) → health SERVING → sd_notify READY=1.
+(daemon/adoption.py), with their running turns → the rest reconciled → socket bound (on a
+private name, renamed over the socket's: daemon/listener.py) → metrics endpoint (when
+`metrics.listen` is set) → health SERVING → sd_notify READY=1.
 
 SIGTERM/SIGINT (a stop): STOPPING=1, health NOT_SERVING, running turns interrupted and stored,
 streams ended, `stop(grace)`, agents stopped, metrics endpoint closed, store closed, socket
 removed. A second signal skips the grace periods. Each step has a bound (`_step`): one that
 fails or overruns it is logged and the shutdown goes on, so the daemon always exits or execs.
 
-SIGUSR2 (a planned restart, docs/restart.md): the same, except that running turns and idle
+SIGUSR2 (a planned restart, docs/restart.md): the same, except that a holding socket takes
+the socket's name first (clients wait in it, kept across the exec), and running turns and idle
 agents are handed over instead of stopped (agents under shims outlive the daemon); then the
 daemon starts again in place (exec; under systemd it exits with RESTART_EXIT_STATUS and the
 unit restarts it), and the new one adopts them.
