@@ -1,7 +1,7 @@
 """structlog set-up: JSON lines when not on a TTY (journald), readable console otherwise.
 
-Request handlers bind `session_id` with structlog's contextvars, so every line a request
-causes carries it. Message text is never logged at info level.
+Request handlers bind `session_id` and `rpc` (api/errormap.py: `merge_request`), so every
+line a request causes carries them. Message text is never logged at info level.
 
 Everything else that writes to stderr goes the same way, so the log stays one JSON object a
 line: the standard library's `logging` (asyncio, grpc, warnings), errors the event loop
@@ -19,6 +19,7 @@ from typing import Any
 
 import structlog
 
+from atomizerd.api.errormap import merge_request
 from atomizerd.config import Config
 
 log = structlog.get_logger("atomizerd.daemon.logs")
@@ -35,6 +36,7 @@ def configure(config: Config) -> None:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
+        merge_request,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

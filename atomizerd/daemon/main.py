@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import sys
 from collections.abc import Coroutine
 from typing import Any
@@ -14,7 +15,7 @@ import structlog
 import atomizerd.config as config_mod
 from atomizerd import __version__
 from atomizerd.agents import procgroup
-from atomizerd.daemon import logs
+from atomizerd.daemon import listener, logs
 
 EXIT_CONFIG = 2
 EXIT_STARTUP = 1
@@ -92,6 +93,8 @@ def overrides_from(args: argparse.Namespace) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before the configuration is read: its variable is no configuration variable.
+    waiting = listener.inherited()
     args = parse_args(argv)
     if args.print_config_docs:
         sys.stdout.write(config_mod.render_docs())
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_CONFIG
     logs.configure(cfg)
-    return run(cfg)
+    return run(cfg, waiting)
 
 
 def check_components(cfg: config_mod.Config) -> int:
@@ -147,10 +150,12 @@ def check_components(cfg: config_mod.Config) -> int:
     return 0
 
 
-def run(cfg: config_mod.Config) -> int:
+def run(cfg: config_mod.Config, waiting: socket.socket | None = None) -> int:
+    if cfg.daemon.database.startswith("sqlite:"):
+        _import_peewee_without_drivers()
     from atomizerd.daemon.server import RESTART_EXIT_STATUS, Daemon, StartupError, under_systemd
 
-    daemon = Daemon(cfg)
+    daemon = Daemon(cfg, waiting)
     try:
         finished = run_loop(daemon.serve())
     except StartupError as e:
@@ -160,8 +165,25 @@ def run(cfg: config_mod.Config) -> int:
         if under_systemd():
             # Under systemd: the unit starts the next daemon (RestartForceExitStatus=).
             return exit_now(RESTART_EXIT_STATUS, finished)
-        restart_in_place()
+        restart_in_place(daemon.held)
     return exit_now(0, finished)
+
+
+# The client libraries of other databases, which peewee imports at its own import when they are
+# installed (the PostgreSQL one is most of the daemon's start-up then); a daemon on SQLite
+# never uses them.
+_OTHER_DRIVERS = ("psycopg", "psycopg2", "psycopg2cffi", "pymysql", "MySQLdb")
+
+
+def _import_peewee_without_drivers() -> None:
+    hidden = [name for name in _OTHER_DRIVERS if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # its import raises ImportError
+    try:
+        import peewee  # noqa: F401
+    finally:
+        for name in hidden:
+            del sys.modules[name]
 
 
 def run_loop(main: Coroutine[Any, Any, None]) -> bool:
@@ -214,9 +236,12 @@ def exit_now(status: int, finished: bool) -> int:
     return status
 
 
-def restart_in_place() -> None:
+def restart_in_place(held: socket.socket | None) -> None:
     """The next daemon replaces this one in the same process (same pid, same arguments):
-    whoever started it keeps supervising it. Every descriptor of ours is close-on-exec."""
+    whoever started it keeps supervising it. Every descriptor of ours is close-on-exec but
+    the socket clients wait in meanwhile (`held`)."""
+    if held is not None:
+        listener.pass_on(held)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])

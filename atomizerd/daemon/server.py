@@ -2,8 +2,9 @@
 
 Startup: private dirs → single-instance lock (runtime dir: the socket) → the database locked
 for this daemon alone, then opened → agents a previous daemon left under their shims adopted
-(daemon/adoption.py), with their running turns → the rest reconciled → socket bound → metrics
-endpoint (when `metrics.listen` is set) → health SERVING → sd_notify READY=1.
+(daemon/adoption.py), with their running turns → the rest reconciled → socket bound (on a
+private name, renamed over the socket's: daemon/listener.py) → metrics endpoint (when
+`metrics.listen` is set) → health SERVING → sd_notify READY=1.
 
 SIGTERM/SIGINT (a stop): STOPPING=1, health NOT_SERVING, running turns interrupted and stored,
 streams ended, `stop(grace)`, agents stopped, webhook deliveries stopped (what is pending stays
@@ -11,7 +12,8 @@ stored for the next start), metrics endpoint closed, store closed, socket
 removed. A second signal skips the grace periods. Each step has a bound (`_step`): one that
 fails or overruns it is logged and the shutdown goes on, so the daemon always exits or execs.
 
-SIGUSR2 (a planned restart, docs/restart.md): the same, except that running turns and idle
+SIGUSR2 (a planned restart, docs/restart.md): the same, except that a holding socket takes
+the socket's name first (clients wait in it, kept across the exec), and running turns and idle
 agents are handed over instead of stopped (agents under shims outlive the daemon); then the
 daemon starts again in place (exec; under systemd it exits with RESTART_EXIT_STATUS and the
 unit restarts it), and the new one adopts them.
@@ -50,8 +52,9 @@ from atomizerd.atomizer.launcher import Launcher
 from atomizerd.atomizer.prompt import ContextBuilder
 from atomizerd.atomizer.studies import Studies
 from atomizerd.config import Config, socket_mode
-from atomizerd.daemon import logs, unitjob
+from atomizerd.daemon import listener, logs, unitjob
 from atomizerd.daemon.adoption import Adopted, adopt_agents, shim_settings
+from atomizerd.daemon.backlog import relay_backlog
 from atomizerd.daemon.dbwatch import DatabaseWatch
 from atomizerd.daemon.metrics import MetricsEndpoint, MetricsError, start_endpoint
 from atomizerd.daemon.report import StatusReporter
@@ -100,7 +103,7 @@ class StartupError(RuntimeError):
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, waiting: socket.socket | None = None) -> None:
         self.config = config
         self.notifier = Notifier()
         self.should_exit = asyncio.Event()
@@ -109,6 +112,10 @@ class Daemon:
         self._asking_systemd = False
         self.adopted = Adopted()
         self._lock_fd: int | None = None
+        # The socket clients wait in while this daemon restarts in place (daemon/listener.py):
+        # the one a previous daemon passed on, and the one this daemon passes on.
+        self._inherited = waiting
+        self.held: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._pinger: asyncio.Task[None] | None = None  # WATCHDOG=1 pings
         self.server: grpc.aio.Server | None = None
@@ -191,9 +198,7 @@ class Daemon:
         self.server = self._build_server(
             SessionServicer(self.registry), DaemonServicer(status, self._restart_soon)
         )
-        self.server.add_insecure_port(f"unix:{cfg.socket_path}")
-        await self.server.start()
-        os.chmod(cfg.socket_path, socket_mode(cfg))
+        await self._serve_socket()
         try:
             self.metrics = await start_endpoint(cfg, self.telemetry, status)
         except MetricsError as e:
@@ -219,6 +224,23 @@ class Daemon:
         if cfg.daemon.watchdog and self.notifier.watchdog_interval:
             self._pinger = asyncio.create_task(self._watchdog(self.notifier.watchdog_interval))
             self._tasks.append(self._pinger)
+
+    async def _serve_socket(self) -> None:
+        """The server bound on a private name, then renamed over the socket's (never a moment
+        without a listener under it); what waited for this daemon in its predecessor's holding
+        socket is relayed to it."""
+        assert self.server is not None
+        path = self.config.socket_path
+        private = listener.private_name(path, "grpc")
+        with contextlib.suppress(FileNotFoundError):
+            private.unlink()
+        self.server.add_insecure_port(f"unix:{private}")
+        await self.server.start()
+        os.chmod(private, socket_mode(self.config))
+        listener.publish(private, path)
+        if self._inherited is not None:
+            self._tasks.append(asyncio.create_task(relay_backlog(self._inherited, path)))
+            self._inherited = None
 
     def _prepare_runtime_dir(self) -> None:
         for path in (self.config.runtime_dir, self.config.state_dir):
@@ -251,6 +273,8 @@ class Daemon:
         """Replaces a dead daemon's socket; refuses to steal a live one."""
         path = self.config.socket_path
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self._inherited is not None and path.exists():
+            return  # the holding socket under it is this process's own
         claim = claim_socket_path(path)
         if claim is Claim.NOT_A_SOCKET:
             raise StartupError(
@@ -409,6 +433,12 @@ class Daemon:
             self._pinger.cancel()
         self.notifier.notify("STOPPING=1")
         log.info("atomizerd stopping", restart=self.restart)
+        if self.restart and self.server is not None and not under_systemd():
+            # Before the server stops: from here on new connections wait for the next daemon.
+            try:
+                self.held = listener.hold(self.config.socket_path, socket_mode(self.config))
+            except OSError as e:
+                log.error("cannot hold the socket across the restart", error=str(e))
         grace = 0.0 if self.force_exit else self.config.daemon.grace_period
         if self.server is not None:
             await _step("health", self._set_health(NOT_SERVING), STEP_SLACK)
@@ -443,7 +473,16 @@ class Daemon:
         log.info("atomizerd stopped")
 
     def _remove_socket(self) -> None:
-        if self.server is None:
+        if self.held is not None and self.restart:
+            return  # the next daemon serves under the name
+        # A holding socket never served (a failed start) or held for a restart that a second
+        # signal turned into a stop: what waited in it is refused, as at any stop.
+        ours = self.server is not None or self._inherited is not None or self.held is not None
+        for sock in (self._inherited, self.held):
+            if sock is not None:
+                sock.close()
+        self._inherited = self.held = None
+        if not ours:
             return  # never bound: whatever is there is not ours
         with contextlib.suppress(FileNotFoundError):
             Path(self.config.socket_path).unlink()

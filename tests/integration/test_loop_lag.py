@@ -24,6 +24,6 @@ def test_get_status_reports_the_loop_lag_and_shutdown_logs_it(short_tmp: Path) -
         status = stubs.daemon.GetStatus(daemon_pb2.GetStatusRequest(), timeout=5)
         assert status.loop_lag_max_ms >= status.loop_lag_recent_max_ms >= 0.0
     [summary] = [r for r in d.log_records() if r.get("event") == "event loop lag"]
-    # The log rounds to a tenth of a millisecond; the status does not.
-    assert summary["max_ms"] >= round(status.loop_lag_max_ms, 1) - 0.05
+    # The log gives it to 0.01 ms: no worst lag reported before can be above it at that precision.
+    assert summary["max_ms"] >= round(status.loop_lag_max_ms, 2)
     assert summary["ticks"] > 0 and summary["interval_ms"] == 10.0
