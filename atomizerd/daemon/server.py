@@ -28,6 +28,7 @@ import functools
 import gc
 import os
 import signal
+import socket
 import stat
 from collections.abc import Awaitable
 from pathlib import Path
