@@ -190,3 +190,18 @@ class SearchHit:
     created_at: float
     snippet: str
     score: float  # higher is better
+
+
+@dataclass(frozen=True)
+class WebhookStatus:
+    """One webhook endpoint's deliveries (GetStatus `webhooks`; atomizerd/notify/)."""
+
+    name: str
+    url: str
+    queued: int
+    delivered: int
+    failed: int
+    dropped: int
+    failing: bool
+    last_error: str
+    failing_since: float  # wall clock; 0 when not failing

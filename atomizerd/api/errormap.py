@@ -8,6 +8,7 @@ traceback to the client (it goes to the log).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextvars import ContextVar
@@ -76,6 +77,23 @@ def merge_request(
     return event_dict
 
 
+@contextlib.asynccontextmanager
+async def _serving(
+    request: Any, context: grpc.aio.ServicerContext[Any, Any], rpc: str
+) -> AsyncIterator[None]:
+    """One request served: its session and rpc in every log line, a domain error (or a bug)
+    turned into the call's status."""
+    token = _REQUEST.set((_session_of(request), rpc))
+    try:
+        yield
+    except (errors.AtomizerError, Exception) as exc:
+        if isinstance(exc, grpc.aio.AbortError):
+            raise
+        await _abort(context, exc, rpc)  # raises: the call ends with the status
+    finally:
+        _REQUEST.reset(token)
+
+
 def unary(
     method: Callable[[Self, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]],
 ) -> Callable[[Self, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]:
@@ -85,15 +103,9 @@ def unary(
     async def wrapper(
         self: Self, request: Req, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Resp:
-        token = _REQUEST.set((_session_of(request), rpc))
-        try:
+        async with _serving(request, context, rpc):
             return await method(self, request, context)
-        except (errors.AtomizerError, Exception) as exc:
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            await _abort(context, exc, rpc)
-        finally:
-            _REQUEST.reset(token)
+        raise AssertionError("unreachable: a failed call is aborted")
 
     return wrapper
 
@@ -107,15 +119,8 @@ def streaming(
     async def wrapper(
         self: Self, request: Req, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Resp]:
-        token = _REQUEST.set((_session_of(request), rpc))
-        try:
+        async with _serving(request, context, rpc):
             async for item in method(self, request, context):
                 yield item
-        except (errors.AtomizerError, Exception) as exc:
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            await _abort(context, exc, rpc)
-        finally:
-            _REQUEST.reset(token)
 
     return wrapper

@@ -120,7 +120,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     async def GetHistory(
         self, request: pb.GetHistoryRequest, context: Ctx
     ) -> pb.GetHistoryResponse:
-        messages, token = self.registry.history(
+        messages, token = self.registry.streams.history(
             request.session_id,
             request.page_size,
             request.page_token,

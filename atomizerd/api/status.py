@@ -7,24 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from atomizerd.model import WebhookStatus
+
 if TYPE_CHECKING:
     from atomizerd.atomizer.sandbox import SandboxStatus
     from atomizerd.sessions.reaper import ReaperPass
-
-
-@dataclass(frozen=True)
-class WebhookStatus:
-    """One webhook endpoint's deliveries (GetStatus `webhooks`)."""
-
-    name: str
-    url: str
-    queued: int
-    delivered: int
-    failed: int
-    dropped: int
-    failing: bool
-    last_error: str
-    failing_since: float  # 0: not failing
 
 
 @dataclass

@@ -6,9 +6,10 @@ import time
 from typing import TYPE_CHECKING
 
 from atomizerd import __version__
-from atomizerd.api.status import StatusSnapshot, WebhookStatus
+from atomizerd.api.status import StatusSnapshot
 from atomizerd.atomizer import components, sandbox
 from atomizerd.daemon.loopprobe import LoopProbe
+from atomizerd.model import WebhookStatus
 
 if TYPE_CHECKING:
     from atomizerd.agents.pool import AgentPool
@@ -73,4 +74,4 @@ class StatusReporter:
     def _webhooks(self) -> tuple[WebhookStatus, ...]:
         if self.notifier is None:
             return ()
-        return tuple(WebhookStatus(**vars(e)) for e in self.notifier.status())
+        return tuple(self.notifier.status())

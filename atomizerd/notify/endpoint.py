@@ -21,6 +21,7 @@ import structlog
 
 from atomizerd.config.notify import NotifyConfig, Webhook
 from atomizerd.errors import StoreDown
+from atomizerd.model import WebhookStatus
 from atomizerd.notify import payload
 from atomizerd.notify.http import DeliveryError, post
 from atomizerd.store.db import Store
@@ -39,19 +40,6 @@ class Delivery:
     give_up_at: float  # the loop's clock
     row_id: int | None = None  # None: the store could not take it (kept in memory only)
     ref: str = ""  # a permission request's id
-
-
-@dataclass
-class EndpointStatus:
-    name: str
-    url: str
-    queued: int
-    delivered: int
-    failed: int
-    dropped: int
-    failing: bool
-    last_error: str
-    failing_since: float  # wall clock; 0 when not failing
 
 
 def backoff(attempt: int, initial: float, most: float, rand: Callable[[], float]) -> float:
@@ -108,8 +96,8 @@ class Endpoint:
         age = max(time.time() - created_at, 0.0)
         return asyncio.get_running_loop().time() + self.settings.give_up_after - age
 
-    def status(self) -> EndpointStatus:
-        return EndpointStatus(
+    def status(self) -> WebhookStatus:
+        return WebhookStatus(
             name=self.hook.name,
             url=self.hook.shown,
             queued=len(self.waiting) + (self.in_flight is not None),

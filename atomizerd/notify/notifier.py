@@ -19,9 +19,9 @@ import structlog
 from atomizerd.config import Config
 from atomizerd.config.notify import Webhook, parse_webhooks
 from atomizerd.errors import StoreDown
-from atomizerd.model import SessionRecord
+from atomizerd.model import SessionRecord, WebhookStatus
 from atomizerd.notify import payload
-from atomizerd.notify.endpoint import Delivery, Endpoint, EndpointStatus, Post
+from atomizerd.notify.endpoint import Delivery, Endpoint, Post
 from atomizerd.notify.http import post
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.notices import Notices
@@ -101,7 +101,7 @@ class Webhooks(Notices):
             e.put(Delivery(r.body.encode(), r.event, r.created_at, at, row_id=r.delivery_id))
         log.info("pending webhook deliveries taken up", endpoint=e.hook.name, count=len(rows))
 
-    def status(self) -> list[EndpointStatus]:
+    def status(self) -> list[WebhookStatus]:
         return [e.status() for e in self.endpoints]
 
     # --- Notices ---------------------------------------------------------------------------

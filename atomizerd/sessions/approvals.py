@@ -13,7 +13,7 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ from atomizerd.agents import protocol as proto
 from atomizerd.errors import FailedPrecondition, InvalidArgument, NotFound, StoreDown
 from atomizerd.model import AuditRecord, Mode, ToolCallRecord
 from atomizerd.sessions import events as ev
-from atomizerd.sessions.questions import QUESTION_TOOL, Questions
+from atomizerd.sessions.questions import NO_NOTICE, QUESTION_TOOL, NoticeWait, Questions
 from atomizerd.sessions.rules import (
     check_rule,
     format_rule,
@@ -137,17 +137,11 @@ class Approvals:
         leave_plan: Callable[[Mode], str | None] | None = None,
         in_plan: Callable[[], bool] = lambda: False,
         telemetry: Telemetry = NULL,
-        notified: Callable[[], bool] = lambda: False,
-        questions_told: Callable[[], bool] = lambda: False,
-        delivered: Callable[[str, float], Awaitable[bool]] | None = None,
-        delivery_wait: float = 0.0,
+        notice: NoticeWait = NO_NOTICE,
+        question_notice: NoticeWait = NO_NOTICE,
     ) -> None:
         self.store = store
-        # Nobody attached: whether a webhook is told of the request (notify.webhooks), and
-        # waiting (at most `delivery_wait`) for that notification to be delivered.
-        self.notified = notified
-        self.delivered = delivered
-        self.delivery_wait = delivery_wait
+        self.notice = notice
         self.telemetry = telemetry
         # Whether the session is in plan mode now: then no tool that changes anything runs.
         self.in_plan = in_plan
@@ -165,14 +159,7 @@ class Approvals:
         # Set when the turn ends: every request is settled then, and nothing is emitted after.
         self.closed = False
         # The agent's AskUserQuestion calls reach us as permission requests too.
-        self.questions = Questions(
-            emit,
-            audience,
-            timeout,
-            told=questions_told,
-            delivered=delivered,
-            delivery_wait=delivery_wait,
-        )
+        self.questions = Questions(emit, audience, timeout, question_notice)
 
     @property
     def waiting(self) -> bool:
@@ -220,7 +207,7 @@ class Approvals:
             )
         told = False
         if self.audience() == 0:
-            told = self.delivered is not None and self.notified()
+            told = self.notice.applies()
             if not told:
                 return self._settle(
                     request.request_id,
@@ -242,31 +229,16 @@ class Approvals:
                 plan=str(tool_input.get("plan") or "") if plan else "",
             )
         )
-        if told and not await self._until_delivered(pending):
+        if told and not await self.notice.until_delivered(pending.request_id, pending.answer):
             pending.answer.set_result(
                 Decision(
                     False,
                     POLICY,
                     "no client is attached, and the notification of this request was not "
-                    f"delivered within {self.delivery_wait:g} s (notify.delivery_wait)",
+                    f"delivered within {self.notice.wait:g} s (notify.delivery_wait)",
                 )
             )
         return await self._wait(request, pending, plan, digest, self.timeout)
-
-    async def _until_delivered(self, pending: PendingRequest) -> bool:
-        """Nobody attached, a webhook told: the request's `approvals.timeout` counts from
-        when its notification was delivered (docs/clients.md), so a person can act on it.
-        True once delivered, or answered meanwhile (a client attached)."""
-        assert self.delivered is not None
-        delivery = asyncio.ensure_future(self.delivered(pending.request_id, self.delivery_wait))
-        either: set[asyncio.Future[Any]] = {delivery, pending.answer}
-        try:
-            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            delivery.cancel()
-        if pending.answer.done():
-            return True
-        return delivery.done() and not delivery.cancelled() and bool(delivery.result())
 
     async def _wait(
         self,

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import structlog
 
 from atomizerd import ids
-from atomizerd.agents.pool import Agent, AgentPool
+from atomizerd.agents.pool import Agent
 from atomizerd.agents.vocabulary import AgentError
-from atomizerd.config import Config
 from atomizerd.errors import AtomizerError, FailedPrecondition, InvalidArgument, NotFound
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.following import Follower
@@ -34,7 +33,6 @@ from atomizerd.sessions.tasks import (
     to_row,
 )
 from atomizerd.sessions.turn import Turn
-from atomizerd.store.db import Store
 
 log = structlog.get_logger("atomizerd.sessions.autonomy")
 
@@ -56,30 +54,23 @@ class TaskOutputPage:
 
 class AgentWork:
     def __init__(
-        self,
-        config: Config,
-        store: Store,
-        pool: AgentPool,
-        table: SessionTable,
-        streams: Streams,
-        queue: WorkQueue,
-        follower: Follower,
+        self, table: SessionTable, streams: Streams, queue: WorkQueue, follower: Follower
     ) -> None:
-        self.config = config
-        self.store = store
-        self.pool = pool
+        self.config = table.config
+        self.store = table.store
+        self.pool = table.pool
         self.table = table
         self.streams = streams
         self.queue = queue
         table.task_table = self._task_table
-        pool.idle_reader = IdleReader(
-            pool,
+        self.pool.idle_reader = IdleReader(
+            self.pool,
             self._session_of,
             self._start_agent_turn,
             lambda s, kind: streams.emit(s, None, kind),
             follower.task_item,
         ).follow
-        pool.agent_gone = self._agent_gone
+        self.pool.agent_gone = self._agent_gone
 
     # --- the pool's hooks ----------------------------------------------------------------
 

@@ -88,6 +88,38 @@ def _text(value: object) -> str:
     return value if isinstance(value, str) else ""
 
 
+@dataclass(frozen=True)
+class NoticeWait:
+    """With nobody attached: whether a webhook is told of requests of this kind
+    (notify.webhooks), and how to wait (at most `wait` seconds) for that notification's
+    delivery before the request's own timeout starts."""
+
+    told: Callable[[], bool] = lambda: False
+    delivered: Callable[[str, float], Awaitable[bool]] | None = None
+    wait: float = 0.0
+
+    def applies(self) -> bool:
+        return self.delivered is not None and self.told()
+
+    async def until_delivered(self, request_id: str, answer: asyncio.Future[Any]) -> bool:
+        """Nobody attached, a webhook told: the request's `approvals.timeout` counts from when
+        its notification was delivered (docs/clients.md), so a person can act on it. True
+        once delivered, or answered meanwhile (a client attached)."""
+        assert self.delivered is not None
+        delivery = asyncio.ensure_future(self.delivered(request_id, self.wait))
+        either: set[asyncio.Future[Any]] = {delivery, answer}
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            delivery.cancel()
+        if answer.done():
+            return True
+        return delivery.done() and not delivery.cancelled() and bool(delivery.result())
+
+
+NO_NOTICE = NoticeWait()  # no webhook: nobody attached means nobody will be told
+
+
 class Questions:
     """The questions of one turn."""
 
@@ -96,18 +128,12 @@ class Questions:
         emit: Callable[[ev.EventKind], ev.SessionEvent],
         audience: Callable[[], int],
         timeout: float,
-        told: Callable[[], bool] = lambda: False,
-        delivered: Callable[[str, float], Awaitable[bool]] | None = None,
-        delivery_wait: float = 0.0,
+        notice: NoticeWait = NO_NOTICE,
     ) -> None:
         self.emit = emit
         self.audience = audience
         self.timeout = timeout
-        # Nobody attached: whether a webhook is told of questions (notify.webhooks), and
-        # waiting (at most `delivery_wait`) for that notification's delivery.
-        self.told = told
-        self.delivered = delivered
-        self.delivery_wait = delivery_wait
+        self.notice = notice
         self.pending: dict[str, _Pending] = {}
         self.settled: dict[str, Outcome] = {}
         self.closed = False
@@ -132,7 +158,7 @@ class Questions:
             return self._settle(request_id, Outcome(False, POLICY, "no question to ask"), audit)
         notified = False
         if restored is None and self.audience() == 0:
-            notified = self.delivered is not None and self.told()
+            notified = self.notice.applies()
             if not notified:
                 outcome = Outcome(False, POLICY, "no client is attached to answer the questions")
                 return self._settle(request_id, outcome, audit)
@@ -140,13 +166,13 @@ class Questions:
         self.pending[request_id] = pending
         if restored is None:
             self.emit(ev.Question(request_id, items, tool_use_id, time.time() + timeout))
-        if notified and not await self._until_delivered(pending):
+        if notified and not await self.notice.until_delivered(pending.request_id, pending.answer):
             pending.answer.set_result(
                 Outcome(
                     False,
                     POLICY,
                     "no client is attached, and the notification of the questions was not "
-                    f"delivered within {self.delivery_wait:g} s (notify.delivery_wait)",
+                    f"delivered within {self.notice.wait:g} s (notify.delivery_wait)",
                 )
             )
         try:
@@ -162,20 +188,6 @@ class Questions:
         if request_id in self.settled:  # settled by close() at the turn's end
             return self.settled[request_id]
         return self._settle(request_id, outcome, audit)
-
-    async def _until_delivered(self, pending: _Pending) -> bool:
-        """As for a permission request (Approvals._until_delivered): the timeout counts from
-        the notification's delivery; True once delivered or answered meanwhile."""
-        assert self.delivered is not None
-        delivery = asyncio.ensure_future(self.delivered(pending.request_id, self.delivery_wait))
-        either: set[asyncio.Future[Any]] = {delivery, pending.answer}
-        try:
-            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            delivery.cancel()
-        if pending.answer.done():
-            return True
-        return delivery.done() and not delivery.cancelled() and bool(delivery.result())
 
     def answer(self, request_id: str, answers: dict[str, str]) -> ev.QuestionAnswered:
         """A client's answer (empty: declined); the first one wins."""

@@ -32,7 +32,6 @@ from atomizerd.errors import (
 )
 from atomizerd.model import (
     AttachmentRecord,
-    MessageRecord,
     Mode,
     SessionRecord,
 )
@@ -104,22 +103,14 @@ class Registry:
         # servicers call these parts directly, not through a method here repeating each one.
         self.answers = Answers(self.table)
         self.catalog = Catalog(self.table)
-        self.agent_work = AgentWork(
-            config, store, pool, self.table, self.streams, self.queue, self.runner.follower
-        )
+        self.agent_work = AgentWork(self.table, self.streams, self.queue, self.runner.follower)
         self.replay = self.table.replay
         self.calls = AgentCalls(config, pool, self.queue)
         self.asides = Asides(config, store, self.table, self.calls)
         self.titles = Titles(config, self.table, self.calls)
         self.mcp = McpServers(config, self.table, self.calls)
         self.undo = Undo(
-            config,
-            store,
-            pool,
-            self.table,
-            self.queue,
-            self.calls,
-            lambda s, kind: self.streams.emit(s, None, kind),
+            self.table, self.queue, self.calls, lambda s, kind: self.streams.emit(s, None, kind)
         )
         self.runner.after_turn = self.titles.after_turn
         self.importer = Importer(config, store, studies, self.table, self._check_session_limit)
@@ -486,19 +477,6 @@ class Registry:
 
     def watch(self, session_id: str, after_seq: int) -> AsyncIterator[ev.SessionEvent]:
         return self.streams.watch(session_id, after_seq)
-
-    def history(
-        self,
-        session_id: str,
-        page_size: int,
-        page_token: str,
-        *,
-        asides: bool = True,
-        rolled_back: bool = True,
-    ) -> tuple[list[MessageRecord], str]:
-        return self.streams.history(
-            session_id, page_size, page_token, asides=asides, rolled_back=rolled_back
-        )
 
     # --- tasks ---------------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from atomizerd.sessions.notices import NULL as NULL_NOTICES
 from atomizerd.sessions.notices import Notices
 from atomizerd.sessions.outcomes import LateOutcomes
 from atomizerd.sessions.plans import leave_plan
+from atomizerd.sessions.questions import NoticeWait
 from atomizerd.sessions.relay import outcome as outcome_of
 from atomizerd.sessions.relay import reported_outcome, require_structured
 from atomizerd.sessions.turn import Emit, EmitFor, T, Transcript, Turn, TurnState
@@ -326,10 +327,15 @@ class TurnRunner:
             leave_plan=lambda mode: leave_plan(self.store, s, turn, mode),
             in_plan=lambda: s.record.mode == Mode.PLAN,
             telemetry=self.telemetry,
-            notified=lambda: self.notices.notifies(s.record, "permission_request"),
-            questions_told=lambda: self.notices.notifies(s.record, "question"),
-            delivered=self.notices.delivered,
-            delivery_wait=self.config.notify.delivery_wait,
+            notice=self._notice(s, "permission_request"),
+            question_notice=self._notice(s, "question"),
+        )
+
+    def _notice(self, s: Session, event: str) -> NoticeWait:
+        return NoticeWait(
+            lambda: self.notices.notifies(s.record, event),
+            self.notices.delivered,
+            self.config.notify.delivery_wait,
         )
 
     # --- beginnings and ends -------------------------------------------------------------

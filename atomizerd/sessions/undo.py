@@ -25,8 +25,6 @@ from typing import Any
 import structlog
 
 from atomizerd import ids
-from atomizerd.agents.pool import AgentPool
-from atomizerd.config import Config
 from atomizerd.errors import FailedPrecondition, InvalidArgument, NotFound
 from atomizerd.model import ASIDE, AuditRecord, MessageRecord
 from atomizerd.sessions import events as ev
@@ -37,7 +35,6 @@ from atomizerd.sessions.queue import WorkQueue
 from atomizerd.sessions.session import Change, Session
 from atomizerd.sessions.table import SessionTable, SessionView
 from atomizerd.sessions.turn import line_uuid
-from atomizerd.store.db import Store
 
 log = structlog.get_logger("atomizerd.sessions.undo")
 
@@ -62,18 +59,11 @@ class Rollback:
 
 class Undo:
     def __init__(
-        self,
-        config: Config,
-        store: Store,
-        pool: AgentPool,
-        table: SessionTable,
-        queue: WorkQueue,
-        calls: AgentCalls,
-        emit: EmitSession,
+        self, table: SessionTable, queue: WorkQueue, calls: AgentCalls, emit: EmitSession
     ) -> None:
-        self.config = config
-        self.store = store
-        self.pool = pool
+        self.config = table.config
+        self.store = table.store
+        self.pool = table.pool
         self.table = table
         self.queue = queue
         self.calls = calls

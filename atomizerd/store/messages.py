@@ -96,22 +96,9 @@ class MessagesStore(StoreBase):
             )
             session = self._session_now(session_id)
         assert session is not None, "a message was stored for a session that does not exist"
-        return MessageRecord(
-            message_id,
-            session_id,
-            turn_id,
-            "user",
-            text,
-            "pending",
-            request_id,
-            [],
-            0.0,
-            {},
-            detail,
-            now,
-            records,
-            origin=origin,
-        ), session
+        question = _pending_question(message_id, session_id, turn_id, text, now, origin)
+        question.request_id, question.detail, question.attachments = request_id, detail, records
+        return question, session
 
     def add_aside_question(self, session_id: str, text: str) -> MessageRecord:
         """A question asked aside (AskAside), committed before the agent gets it: a row of its
@@ -121,21 +108,7 @@ class MessagesStore(StoreBase):
         turn_id = f"aside-{secrets.token_hex(8)}"
         values = _aside_values(session_id, turn_id, "user", text, "pending", "", now)
         message_id = self._insert_message(values)
-        return MessageRecord(
-            message_id,
-            session_id,
-            turn_id,
-            "user",
-            text,
-            "pending",
-            None,
-            [],
-            0.0,
-            {},
-            "",
-            now,
-            origin=ASIDE,
-        )
+        return _pending_question(message_id, session_id, turn_id, text, now, ASIDE)
 
     def add_aside_answer(
         self, question: MessageRecord, text: str, status: str, detail: str
@@ -533,3 +506,13 @@ class RollbackStore(MessagesStore):
                 (2 * len(turns), session_id),
             )
         return 2 * len(turns)
+
+
+def _pending_question(
+    message_id: int, session_id: str, turn_id: str, text: str, now: float, origin: str
+) -> MessageRecord:
+    """A user message just stored, its turn not ended yet."""
+    return MessageRecord(
+        message_id, session_id, turn_id, "user", text, "pending", None, [], 0.0, {}, "", now,
+        origin=origin,
+    )  # fmt: skip

@@ -10,6 +10,7 @@ from typing import Any
 from atomizerd.agents.messages import ControlRequest
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.approvals import CLIENT, POLICY, TIMEOUT, Approvals, Decision
+from atomizerd.sessions.questions import NoticeWait
 from tests.support import virtual_time
 
 TIMEOUT_S = 60.0
@@ -55,10 +56,10 @@ def approvals(told: Told | None, events: list[ev.EventKind]) -> Approvals:
         TIMEOUT_S,
         emit,
         audience=lambda: 0,
-        notified=lambda: told is not None,
-        questions_told=lambda: told is not None,
-        delivered=told.delivered if told else None,
-        delivery_wait=WAIT_S,
+        notice=NoticeWait(lambda: told is not None, told.delivered if told else None, WAIT_S),
+        question_notice=NoticeWait(
+            lambda: told is not None, told.delivered if told else None, WAIT_S
+        ),
     )
 
 

@@ -43,6 +43,7 @@ from atomizer_client.client_base import (
     AuditEvent,
     CreateOptions,
     Decision,
+    HistoryOptions,
     ListOptions,
     McpServerStatus,
     Message,
@@ -61,6 +62,7 @@ from atomizer_client.client_base import (
     TaskOutputPage,
     _Base,
     _create_request,
+    _history_request,
     _list_request,
     _respond_request,
     _search_request,
@@ -275,23 +277,11 @@ class Client(_Base):
         return self._call(self._sessions.GetAttachment, req, timeout).attachment
 
     def get_history(
-        self,
-        session_id: str,
-        *,
-        page_size: int = 0,
-        hide_asides: bool = False,
-        hide_rolled_back: bool = False,
-        timeout: float | None = None,
+        self, session_id: str, *, timeout: float | None = None, **options: Unpack[HistoryOptions]
     ) -> Iterator[Message]:
-        """Every stored message, oldest first, fetching pages as the iteration goes;
-        `hide_asides` leaves out the questions asked aside and their answers,
-        `hide_rolled_back` the messages a rollback took out of the conversation."""
-        req = session_pb2.GetHistoryRequest(
-            session_id=session_id,
-            page_size=page_size,
-            hide_asides=hide_asides,
-            hide_rolled_back=hide_rolled_back,
-        )
+        """Every stored message, oldest first, fetching pages as the iteration goes
+        (`page_size`; `hide_asides`, `hide_rolled_back`: see HistoryOptions)."""
+        req = _history_request(session_id, options)
         return self._pages(self._sessions.GetHistory, req, "messages", timeout)
 
     def ask_aside(

@@ -135,21 +135,12 @@ class AsyncClient(base._Base):
         return (await self._call(self._sessions.GetAttachment, req)).attachment
 
     def get_history(
-        self,
-        session_id: str,
-        *,
-        page_size: int = 0,
-        hide_asides: bool = False,
-        hide_rolled_back: bool = False,
+        self, session_id: str, **options: Unpack[base.HistoryOptions]
     ) -> AsyncIterator[base.Message]:
         """`async for m in client.get_history(sid)`: every stored message, oldest first."""
-        req = session_pb2.GetHistoryRequest(
-            session_id=session_id,
-            page_size=page_size,
-            hide_asides=hide_asides,
-            hide_rolled_back=hide_rolled_back,
+        return self._pages(
+            self._sessions.GetHistory, base._history_request(session_id, options), "messages"
         )
-        return self._pages(self._sessions.GetHistory, req, "messages")
 
     async def ask_aside(
         self, session_id: str, text: str, *, timeout: float | None = None

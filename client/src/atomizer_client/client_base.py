@@ -78,6 +78,12 @@ class ListOptions(TypedDict, total=False):
     archived_only: bool
 
 
+class HistoryOptions(TypedDict, total=False):
+    page_size: int
+    hide_asides: bool  # leave out the questions asked aside and their answers
+    hide_rolled_back: bool  # leave out what a rollback took out of the conversation
+
+
 class SearchOptions(TypedDict, total=False):
     session_id: str
     labels: Mapping[str, str] | None
@@ -315,6 +321,11 @@ def _create_request(options: CreateOptions) -> session_pb2.CreateSessionRequest:
         model=options.get("model", ""),
         labels=dict(options.get("labels") or {}),
     )
+
+
+def _history_request(session_id: str, options: HistoryOptions) -> session_pb2.GetHistoryRequest:
+    _known(options, HistoryOptions)
+    return session_pb2.GetHistoryRequest(session_id=session_id, **options)
 
 
 def _list_request(options: ListOptions) -> session_pb2.ListSessionsRequest:
