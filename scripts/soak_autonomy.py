@@ -790,6 +790,7 @@ def merged(counts: list[ChildCount]) -> ChildCount:
         most_agents_at_s=most.most_agents_at_s,
         most_other_children=max(c.most_other_children for c in counts),
         changes=most.changes,  # of the daemon process that saw the most
+        most_seen=most.most_seen,
     )
 
 
@@ -932,6 +933,8 @@ def report(args: argparse.Namespace, tally: Tally, out: Outcome) -> bool:
             f"most agents at {at:.2f} s of a daemon's life (changes around it: "
             f"{', '.join(around)}); faults at {faults or 'none'} s"
         )
+        for pid, ppid, argv in out.children.most_seen:
+            print(f"  agent then: pid {pid} (parent {ppid}) {argv[:120]}")
     if out.evictions == 0:
         print("note: no agent was evicted: the pool never filled")
     # Misattribution, lost turns and leaks fail the run; so does anything else found.

@@ -89,6 +89,7 @@ def count_children(
     changes: list[tuple[float, int]] = []  # (seconds, agents) whenever the count changed
     per_second: dict[int, int] = {}  # whole second -> most agents in it
     most = most_other = samples = 0
+    most_seen: list[tuple[int, int, str]] = []
     most_at = 0.0
     current = -1
     stdin = sys.stdin.buffer
@@ -131,6 +132,16 @@ def count_children(
         most_other = max(most_other, len(children) - agents - shim_count)
         if agents > most:
             most, most_at = agents, now - t0
+            # Which processes they were: (pid, parent, argv), for a cap exceeded.
+            most_seen = [
+                (
+                    pid,
+                    _ppid(pid) or 0,
+                    _cmdline(pid).replace(b"\0", b" ")[:160].decode(errors="replace"),
+                )
+                for pid, kind in children.items()
+                if kind == "agent"
+            ]
         if agents != current:
             changes.append((round(now - t0, 3), agents))
             current = agents
@@ -148,6 +159,7 @@ def count_children(
             "max": gaps_ms[-1],
         },
         "most_agents": most,
+        "most_seen": most_seen,
         "most_agents_at_s": most_at,
         "most_other_children": most_other,
         "per_second": [per_second.get(i, 0) for i in range(max(per_second, default=-1) + 1)],
@@ -167,6 +179,7 @@ class ChildCount:
     most_agents: int = 0
     most_agents_at_s: float = 0.0
     most_other_children: int = 0
+    most_seen: list[tuple[int, int, str]] = field(default_factory=list)  # (pid, ppid, argv)
     per_second: list[int] = field(default_factory=list)
     changes: list[tuple[float, int]] = field(default_factory=list)
 

@@ -23,6 +23,7 @@ from atomizerd.agents import shim_client, shim_codec
 from atomizerd.agents.pool import AgentPool
 from atomizerd.agents.process import AgentProcess
 from atomizerd.agents.transport import PooledTransport
+from atomizerd.agents.vocabulary import AgentExited
 from atomizerd.config import Config
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.journal import Resumed
@@ -32,6 +33,8 @@ from atomizerd.store.db import Store
 log = structlog.get_logger("atomizerd.daemon.adoption")
 
 _ATTACH_TIMEOUT = 5.0
+# How long a replayed message of a stored turn may take to arrive (it is local data).
+_READ_PAST_WAIT = 0.5
 
 
 @dataclass
@@ -87,17 +90,14 @@ async def adopt_agents(cfg: Config, store: Store, pool: AgentPool, registry: Reg
             )
             resumed, replay.hello["lost"] = None, True
         running = resumed is not None and unfinished.get(resumed.turn_id) == session_id
-        if resumed is not None and not running:
-            # What the shim holds is of a turn that ended (and is stored): this daemon reads
-            # on from the last whole line of it.
-            data = b"".join(chunks)
-            whole = data.rfind(b"\n") + 1
-            replay.hello["base"] = replay.base + whole
-            chunks = [data[whole:]] if whole < len(data) else []
         # An idle agent's shim holds only what no daemon took (the previous one let go of
         # each line it read): what the agent did on its own meanwhile (a task that ended, the
         # turn it started about it) is read like anything it says while idle.
         process = shim_client.adopted_process(link, replay, chunks, settings)
+        if resumed is not None and not running:
+            # A turn that ended (and is stored) whose record was not let go yet (the daemon
+            # died in between): what it accounted for is read past, the rest is new.
+            await _read_past(process, resumed.consumed)
         if not running and session_id in pending_sessions:
             # Mid-turn, but without a record to go on from: stopped, the turn settled.
             why: str | None = "its session's turn was left running but cannot go on"
@@ -108,7 +108,7 @@ async def adopt_agents(cfg: Config, store: Store, pool: AgentPool, registry: Reg
             rejected.append(process)
             continue
         if resumed is not None and not running:
-            process.forget_before(replay.base)
+            process.forget_before(process.boundary[0])
         adopted.sessions.add(session_id)
         adopted.pgids.update(_groups_of(process))
         if running and resumed is not None:
@@ -129,6 +129,18 @@ async def adopt_agents(cfg: Config, store: Store, pool: AgentPool, registry: Reg
             seconds=round(adopted.seconds, 3),
         )
     return adopted
+
+
+async def _read_past(process: AgentProcess, consumed: int) -> None:
+    """Takes the agent's replayed messages up to `consumed` (a stored turn's), quietly. The
+    replay is local data: a message that does not come at once means there is no more."""
+    while process.received < consumed:
+        try:
+            item = await asyncio.wait_for(process.receive(), _READ_PAST_WAIT)
+        except TimeoutError:
+            return
+        if isinstance(item, AgentExited):
+            return
 
 
 def _groups_of(process: PooledTransport) -> set[int]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import threading
 import time
 from pathlib import Path
@@ -214,20 +213,21 @@ def test_a_background_command_runs_on_across_a_daemon_restart_and_its_end_is_a_t
     e2e: E2E, how: str
 ) -> None:
     stubs = e2e.start(POWER)
-    marker = e2e.workdir / "marker"
+    marker, release = e2e.workdir / "marker", e2e.workdir / "release"
     power_session(stubs, "r")
-    send(stubs, "r", background(f"sleep 3; echo ok > {marker}"))
+    # The command runs until the test lets it end: however long the restart takes.
+    send(stubs, "r", background(f"until [ -e {release} ]; do sleep 0.1; done; echo ok > {marker}"))
     assert [t.kind for t in _running_tasks(stubs, "r")] == [pb.TASK_KIND_BASH]
     assert e2e.daemon is not None
     if how == "SIGKILL":
         e2e.daemon.kill()
         stubs = e2e.start(POWER)
     else:
-        e2e.daemon.signal(signal.SIGUSR2)
-        e2e.daemon.wait_serving()
+        e2e.daemon.restart_in_place()
     assert [t.kind for t in _running_tasks(stubs, "r")] == [pb.TASK_KIND_BASH], (
         "the adopted agent's task is known to the next daemon"
     )
+    release.touch()
     wait_for("the command finished", marker.exists, 30)
     wait_for("the agent's own turn is stored", lambda: len(history(stubs, "r")) == 4, 60)
     assert history(stubs, "r")[2].origin == pb.TURN_ORIGIN_TASK
@@ -318,8 +318,7 @@ def test_a_turn_the_agent_started_before_a_restart_is_not_read_again_after_it(
         e2e.daemon.kill()
         stubs = e2e.start(POWER)
     else:
-        e2e.daemon.signal(signal.SIGUSR2)
-        e2e.daemon.wait_serving()
+        e2e.daemon.restart_in_place()
     assert reply_text(send(stubs, "once", "after")) == "echo: after"
     rows = history(stubs, "once")
     assert [m.origin for m in rows] == [

@@ -127,9 +127,8 @@ def test_a_turn_streams_on_across_a_planned_restart(e2e: E2E) -> None:
     before, ended = stream_until(stubs, "planned", SLOW, lambda ev: deltas(ev) >= 5)
     (pid,) = agent_pids(e2e, "agent.spawned")
     assert e2e.daemon is not None
-    e2e.daemon.signal(signal.SIGUSR2)
+    e2e.daemon.restart_in_place()
     ended()
-    e2e.daemon.wait_serving()
     after = rest_of_turn(stubs, "planned", before[-1].seq)
     assert_whole_and_once(stubs, "planned", before + after)
     assert agent_pids(e2e, "agent adopted") == [pid] and alive(pid)
@@ -276,9 +275,8 @@ def test_a_question_open_across_a_planned_restart_is_answered_after_it(e2e: E2E)
     )
     asked = next(e for e in before if e.WhichOneof("kind") == "question")
     assert e2e.daemon is not None
-    e2e.daemon.signal(signal.SIGUSR2)
+    e2e.daemon.restart_in_place()
     ended()
-    e2e.daemon.wait_serving()
     answered = stubs.sessions.AnswerQuestion(
         pb.AnswerQuestionRequest(
             session_id="q",

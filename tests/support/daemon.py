@@ -209,6 +209,22 @@ class RunningDaemon:
                 continue
         return out
 
+    def restart_in_place(self, timeout: float = 60.0) -> None:
+        """A planned restart (SIGUSR2), waited for until the next daemon serves: the one
+        that was asked may answer health for a moment more, and its socket's name stays
+        (a new connection waits for the next daemon), so readiness is read from the log."""
+        ready = self._ready_count()
+        self.signal(signal.SIGUSR2)
+        deadline = time.monotonic() + timeout
+        while self._ready_count() <= ready:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"daemon not restarted after {timeout}s:\n{self.log()}")
+            time.sleep(0.05)
+        self.wait_serving(timeout)
+
+    def _ready_count(self) -> int:
+        return sum(1 for r in self.log_records() if r.get("event") == "atomizerd ready")
+
     def signal(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
