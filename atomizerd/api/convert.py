@@ -191,6 +191,7 @@ def live_usage_to_pb(u: ev.LiveUsage) -> pb.LiveUsage:
         context_tokens=u.context_tokens,
         context_window=u.context_window,
         turn_cost_usd=u.turn_cost_usd,
+        estimated_turn_cost_usd=u.estimated_turn_cost_usd,
     )
 
 

@@ -29,7 +29,7 @@ from atomizerd.config import Config
 from atomizerd.errors import AtomizerError
 from atomizerd.model import Mode, SessionRecord
 from atomizerd.sessions import events as ev
-from atomizerd.sessions import filemarks
+from atomizerd.sessions import filemarks, spend
 from atomizerd.sessions.approvals import Approvals
 from atomizerd.sessions.attachments import content_blocks, to_store
 from atomizerd.sessions.context import AgentContext
@@ -560,11 +560,23 @@ class TurnRunner:
                     self.follower.replayed(reading, replay)
                 if outcome is not None:
                     return outcome
+                if interrupting_since is None and transcript.usage is not None:
+                    self._enforce_caps(s, turn, emit, transcript.usage)
         finally:
             stop_waiter.cancel()
             if receive is not None:
                 receive.cancel()
             self.follower.close(reading)
+
+    def _enforce_caps(self, s: Session, turn: Turn, emit: Emit, usage: ev.LiveUsage) -> None:
+        """Stops the turn once its estimated cost crosses the turn's or the session's cap:
+        the CLI's own --max-budget-usd only refuses the next turn (docs/agent-protocol.md)."""
+        if turn.stop_requested.is_set():
+            return
+        why = spend.over_cap(s.record, usage.estimated_turn_cost_usd)
+        if why is not None:
+            emit(ev.Notice(ev.BUDGET_EXHAUSTED, why))
+            turn.interrupt()
 
     def _checkpoint(self, s: Session, turn: Turn, transcript: Transcript) -> None:
         """Stores what the reply said since the last checkpoint (at most every

@@ -8,6 +8,8 @@ user message is read from directives in the text, like the fake agent program:
   [[hold]]        one text delta "partial ", then nothing until `release()` or an interrupt.
   [[deltas:N]]    N text deltas "x", then a result.
   [[ask:TOOL]]    a `can_use_tool` request for TOOL; the reply says how it was answered.
+  [[spend:N]]     a model call of N input tokens (and N/10 output) of an Opus model, reported
+                  as the CLI does (assistant line, then message_delta), before the rest.
   [[abandon]]     two deltas, withdrawn (abandoned_blocks), then the whole reply under a new id.
   [[big:N]]       a tool result of N bytes, then the reply.
   [[schedule]]    calls ScheduleWakeup (the agent then has a prompt pending); `wake_up()`
@@ -339,6 +341,13 @@ class ScriptedAgent:
         if "task" in directives:
             task_id = directives["task"] or "task1"
             self._push(proto.TaskStarted(task_id, f"tu_{task_id}", "local_bash", task_id, True))
+        if "spend" in directives:
+            tokens = int(directives["spend"] or 0)
+            call = proto.AssistantMessage(
+                "", (), message_id=mid + "_spend", model="claude-opus-test", input_tokens=tokens
+            )
+            self._push(call)
+            self._push(proto.MessageDelta(tokens // 10))
         if "hold" in directives:
             self._delta("partial ", mid)
             interrupted = await self._held()

@@ -296,13 +296,17 @@ class _NoticeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NoticeKind
     context was full, or asked with /compact): tokens_before and tokens_after say how much.
     """
     NOTICE_KIND_BUDGET_EXHAUSTED: _NoticeKind.ValueType  # 7
-    """The session's budget is spent: a turn the agent started by itself was interrupted."""
+    """The session's budget is spent: a turn the agent started by itself was interrupted; or a
+    running turn crossed the session's or the turn's cap (estimated mid-turn) and was stopped.
+    """
     NOTICE_KIND_TASK_TIMEOUT: _NoticeKind.ValueType  # 8
     """A task ran longer than agent.task_timeout and was stopped."""
     NOTICE_KIND_FILES_REWOUND: _NoticeKind.ValueType  # 9
     """RewindFiles restored the agent's file changes (message names them)."""
     NOTICE_KIND_ROLLED_BACK: _NoticeKind.ValueType  # 10
     """RollbackSession or UndoRollback changed where the conversation goes on."""
+    NOTICE_KIND_MCP_SERVER_FAILED: _NoticeKind.ValueType  # 11
+    """An MCP server of the agent failed during a turn (message names it and its error)."""
 
 class NoticeKind(_NoticeKind, metaclass=_NoticeKindEnumTypeWrapper): ...
 
@@ -327,13 +331,17 @@ NOTICE_KIND_CONTEXT_COMPACTED: NoticeKind.ValueType  # 6
 context was full, or asked with /compact): tokens_before and tokens_after say how much.
 """
 NOTICE_KIND_BUDGET_EXHAUSTED: NoticeKind.ValueType  # 7
-"""The session's budget is spent: a turn the agent started by itself was interrupted."""
+"""The session's budget is spent: a turn the agent started by itself was interrupted; or a
+running turn crossed the session's or the turn's cap (estimated mid-turn) and was stopped.
+"""
 NOTICE_KIND_TASK_TIMEOUT: NoticeKind.ValueType  # 8
 """A task ran longer than agent.task_timeout and was stopped."""
 NOTICE_KIND_FILES_REWOUND: NoticeKind.ValueType  # 9
 """RewindFiles restored the agent's file changes (message names them)."""
 NOTICE_KIND_ROLLED_BACK: NoticeKind.ValueType  # 10
 """RollbackSession or UndoRollback changed where the conversation goes on."""
+NOTICE_KIND_MCP_SERVER_FAILED: NoticeKind.ValueType  # 11
+"""An MCP server of the agent failed during a turn (message names it and its error)."""
 Global___NoticeKind: _TypeAlias = NoticeKind  # noqa: Y015
 
 class _Decider:
@@ -566,6 +574,7 @@ class LiveUsage(_message.Message):
     CONTEXT_TOKENS_FIELD_NUMBER: _builtins.int
     CONTEXT_WINDOW_FIELD_NUMBER: _builtins.int
     TURN_COST_USD_FIELD_NUMBER: _builtins.int
+    ESTIMATED_TURN_COST_USD_FIELD_NUMBER: _builtins.int
     input_tokens: _builtins.int
     """The latest model call: its whole input (input_tokens + the cache tokens) and its output."""
     output_tokens: _builtins.int
@@ -580,6 +589,11 @@ class LiveUsage(_message.Message):
     """The turn's cost: the agent reports cost only at the turn's end, so during a turn this is
     0 and the usage event sent at its end (before turn_completed) carries it.
     """
+    estimated_turn_cost_usd: _builtins.float
+    """The turn's cost so far as atomizerd estimates it from the tokens of the turn's model
+    calls and the model's list prices (the agent reports no cost before the turn's end).
+    Spending caps act on it mid-turn; turn_cost_usd, when set, is the agent's own figure.
+    """
     def __init__(
         self,
         *,
@@ -590,10 +604,11 @@ class LiveUsage(_message.Message):
         context_tokens: _builtins.int = ...,
         context_window: _builtins.int = ...,
         turn_cost_usd: _builtins.float = ...,
+        estimated_turn_cost_usd: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_creation_input_tokens", b"cache_creation_input_tokens", "cache_read_input_tokens", b"cache_read_input_tokens", "context_tokens", b"context_tokens", "context_window", b"context_window", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "turn_cost_usd", b"turn_cost_usd"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_creation_input_tokens", b"cache_creation_input_tokens", "cache_read_input_tokens", b"cache_read_input_tokens", "context_tokens", b"context_tokens", "context_window", b"context_window", "estimated_turn_cost_usd", b"estimated_turn_cost_usd", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "turn_cost_usd", b"turn_cost_usd"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
