@@ -140,7 +140,11 @@ def _usage(s: Any) -> str:
     return (
         f"in {u.input_tokens} (+{u.cache_read_input_tokens} cached), out {u.output_tokens}; "
         f"context {u.context_tokens}{window} tokens"
-        + (f"; turn about {usd(u.estimated_turn_cost_usd)} so far" if u.estimated_turn_cost_usd else "")
+        + (
+            f"; turn about {usd(u.estimated_turn_cost_usd)} so far"
+            if u.estimated_turn_cost_usd
+            else ""
+        )
     )
 
 
