@@ -16,6 +16,7 @@ from atomizerd.agents.vocabulary import AgentExited, AgentItem, LineTooLong
 from atomizerd.model import ToolCallRecord, TurnOutcome
 from atomizerd.sessions import events as ev
 from atomizerd.sessions import spend
+from atomizerd.sessions.mcphealth import mcp_call_failure
 from atomizerd.sessions.turn import Emit, Transcript
 
 Terminal = ev.TurnCompleted | ev.TurnFailed
@@ -93,6 +94,10 @@ def relay(
             if call is not None:
                 call.result, call.is_error = item.content, item.is_error
             emit(ev.ToolResult(item.tool_use_id, item.content, item.is_error))
+            if call is not None:
+                failed = mcp_call_failure(call.name, item.content, item.is_error)
+                if failed is not None:
+                    emit(failed)
         case proto.ApiRetry():
             emit(
                 ev.Notice(
