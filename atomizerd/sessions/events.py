@@ -288,6 +288,13 @@ class LiveUsage:
     estimated_turn_cost_usd: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class PlanUpdated:
+    """The agent's plan changed: Session.plan is `plan` now."""
+
+    plan: str
+
+
 EventKind = (
     TurnStarted
     | TextDelta
@@ -306,6 +313,7 @@ EventKind = (
     | TaskOutput
     | TaskEnded
     | LiveUsage
+    | PlanUpdated
 )
 TERMINAL = (TurnCompleted, TurnFailed)
 

@@ -39,6 +39,7 @@ from atomizerd.sessions.journal import TurnJournal
 from atomizerd.sessions.notices import NULL as NULL_NOTICES
 from atomizerd.sessions.notices import Notices
 from atomizerd.sessions.outcomes import LateOutcomes
+from atomizerd.sessions.planning import PlanKeeper, may_have_planned
 from atomizerd.sessions.plans import leave_plan
 from atomizerd.sessions.questions import NoticeWait
 from atomizerd.sessions.relay import outcome as outcome_of
@@ -295,13 +296,18 @@ class TurnRunner:
         """The message is with the agent: relay its output to the turn's end. Returns whether
         the agent may serve another turn."""
         transcript = Transcript()
-        turn.approvals = self.approvals_for(s, turn, emit)
+        plan = PlanKeeper(self.store, s, emit)
+        turn.approvals = self.approvals_for(s, turn, plan.watching(emit))
         try:
             if not s.record.agent_started:
                 # The CLI keeps a transcript from its first message on: every later process
                 # of this conversation must --resume it (a second --session-id is refused).
                 s.record = self._update(s, agent_started=True)
             terminal = await self._converse(agent, s, turn, emit, transcript)
+            # Before the turn's end, which it is part of: a watcher sees the plan first.
+            planned = may_have_planned(s, transcript)
+            if isinstance(terminal, ev.TurnCompleted) and agent.alive and planned:
+                await plan.refresh(agent.transport_or_fail(), self.config.agent.stop_grace)
         except Exception:
             log.exception("turn crashed", turn_id=turn.turn_id)
             terminal = ev.TurnFailed(ev.INTERNAL, "atomizerd failed while running the turn")

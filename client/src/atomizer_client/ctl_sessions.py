@@ -128,8 +128,11 @@ def _show_session(out: Output, s: Any) -> None:
         ("queued turns", str(s.queued_turns)),
         ("mcp servers", mcp),
         ("last usage", _usage(s)),
+        ("plan", "-" if not s.plan else ""),
     ]
     _pairs(out, pairs)
+    for line in s.plan.splitlines():  # the agent's plan, as it wrote it (Markdown)
+        out.line("  " + line)
 
 
 def _usage(s: Any) -> str:
