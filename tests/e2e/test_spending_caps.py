@@ -4,6 +4,7 @@ turn's cap is stopped before the agent makes its next call."""
 
 from __future__ import annotations
 
+import grpc
 import pytest
 from atomizer.v1 import session_pb2 as pb
 
@@ -33,3 +34,17 @@ def test_a_turn_that_crosses_its_cap_is_stopped_before_its_next_model_call(e2e: 
     # The tool's result never went back to the model: the turn made one call only.
     calls = [r for r in e2e.api.requests if "/etc/hostname" in r.prompt_text]
     assert len(calls) == 1, [r.prompt_text for r in e2e.api.requests]
+
+
+def test_caps_that_are_not_amounts_are_invalid_and_create_nothing(e2e: E2E) -> None:
+    stubs = e2e.start({"budget": {"turn_usd": 1.0}})
+    for bad in (
+        {"turn_budget_usd": -1.0},
+        {"turn_budget_usd": float("nan")},
+        {"budget_usd": float("inf")},
+        {"turn_budget_usd": 2.0},  # above the daemon's cap: it may only be lowered
+    ):
+        with pytest.raises(grpc.RpcError) as raised:
+            stubs.sessions.CreateSession(pb.CreateSessionRequest(session_id="bad", **bad))
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+    assert not stubs.sessions.ListSessions(pb.ListSessionsRequest()).sessions
