@@ -55,6 +55,7 @@ class SessionRecord:
     last_usage: str = "{}"  # JSON object: the last LiveUsage the agent reported
     agent_files: str = "{}"  # JSON object: path -> sha256 as the agent left it ("" removed)
     rollback_state: str = ""  # JSON object: the last RollbackSession, while it can be undone
+    plan: str = ""  # the plan the agent works to (its plan file's text), "" until it made one
 
     def __post_init__(self) -> None:
         self.mode = Mode(self.mode)

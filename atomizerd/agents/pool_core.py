@@ -109,6 +109,17 @@ class PoolCore:
             return "busy"
         return "ready" if agent.alive else "idle"
 
+    @property
+    def failing_mcp_servers(self) -> int:
+        """MCP servers the live agents last reported as failed (GetStatus)."""
+        return sum(
+            1
+            for a in self._agents.values()
+            if a.alive
+            for _, status in a.mcp_servers
+            if status == "failed"
+        )
+
     def mcp_servers(self, session_id: str) -> list[tuple[str, str]]:
         agent = self._agents.get(session_id)
         return list(agent.mcp_servers) if agent else []

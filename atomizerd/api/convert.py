@@ -95,6 +95,7 @@ def session_to_pb(view: SessionView) -> pb.Session:
         model=r.model,
         context_tokens=r.context_tokens,
         context_window=r.context_window,
+        plan=r.plan,
         forked_from=r.forked_from,
         tasks=[task_to_pb(t) for t in view.tasks],
         labels=r.label_map(),
@@ -191,6 +192,7 @@ def live_usage_to_pb(u: ev.LiveUsage) -> pb.LiveUsage:
         context_tokens=u.context_tokens,
         context_window=u.context_window,
         turn_cost_usd=u.turn_cost_usd,
+        estimated_turn_cost_usd=u.estimated_turn_cost_usd,
     )
 
 
@@ -333,6 +335,8 @@ def event_to_pb(e: ev.SessionEvent) -> pb.SessionEvent:
             out.question_answered.CopyFrom(question_answered_to_pb(k))
         case ev.LiveUsage():
             out.usage.CopyFrom(live_usage_to_pb(k))
+        case ev.PlanUpdated():
+            out.plan_updated.plan = k.plan
     return out
 
 

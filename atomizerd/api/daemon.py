@@ -58,6 +58,7 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
             agents_adopted=s.agents_adopted,
             turns_resumed=s.turns_resumed,
             adoption_seconds=s.adoption_seconds,
+            failing_mcp_servers=s.failing_mcp_servers,
         )
         if s.sandbox is not None:
             resp.sandbox_enabled = s.sandbox.enabled

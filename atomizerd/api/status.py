@@ -38,6 +38,7 @@ class StatusSnapshot:
     adoption_seconds: float = 0.0
     warnings: tuple[str, ...] = ()
     webhooks: tuple[WebhookStatus, ...] = ()
+    failing_mcp_servers: int = 0
 
 
 class StatusSource(Protocol):

@@ -69,6 +69,7 @@ class StatusReporter:
             adoption_seconds=self.adopted.seconds if self.adopted else 0.0,
             warnings=tuple(components.warnings()),
             webhooks=self._webhooks(),
+            failing_mcp_servers=self.pool.failing_mcp_servers,
         )
 
     def _webhooks(self) -> tuple[WebhookStatus, ...]:

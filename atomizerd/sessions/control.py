@@ -25,6 +25,7 @@ from atomizerd.config import Config
 from atomizerd.sessions import events as ev
 from atomizerd.sessions.approvals import POLICY, Approvals, Decision
 from atomizerd.sessions.journal import Resumed, TurnJournal
+from atomizerd.sessions.mcphealth import mcp_failures
 from atomizerd.sessions.relay import Terminal, relay
 from atomizerd.sessions.turn import Emit, Transcript, Turn
 
@@ -166,6 +167,8 @@ class AgentControl:
         process = agent.transport_or_fail()
         match item:
             case proto.Init():
+                for kind in mcp_failures(agent.mcp_servers, item.mcp_servers):
+                    emit(kind)
                 agent.mcp_servers = list(item.mcp_servers)
             case proto.ControlRequest() if held is not None:
                 held.append(item)

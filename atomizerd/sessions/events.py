@@ -174,6 +174,8 @@ EVENTS_MISSED = "EVENTS_MISSED"
 CONTEXT_COMPACTED = "CONTEXT_COMPACTED"
 # The session's budget is spent: a turn the agent started by itself is interrupted.
 BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"
+# An MCP server of the agent failed while a turn ran.
+MCP_SERVER_FAILED = "MCP_SERVER_FAILED"
 # A task ran longer than agent.task_timeout: it was stopped.
 TASK_TIMEOUT = "TASK_TIMEOUT"
 # RewindFiles restored the agent's file changes.
@@ -282,6 +284,15 @@ class LiveUsage:
     context_tokens: int = 0
     context_window: int = 0
     turn_cost_usd: float = 0.0
+    # The turn's cost so far by the daemon's estimate (sessions/spend.py): caps act on it.
+    estimated_turn_cost_usd: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class PlanUpdated:
+    """The agent's plan changed: Session.plan is `plan` now."""
+
+    plan: str
 
 
 EventKind = (
@@ -302,6 +313,7 @@ EventKind = (
     | TaskOutput
     | TaskEnded
     | LiveUsage
+    | PlanUpdated
 )
 TERMINAL = (TurnCompleted, TurnFailed)
 

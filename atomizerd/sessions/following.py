@@ -36,6 +36,7 @@ from atomizerd.sessions.conversation import (
     taken_line,
 )
 from atomizerd.sessions.journal import TurnJournal
+from atomizerd.sessions.mcphealth import mcp_failures
 from atomizerd.sessions.relay import Terminal, cut_short
 from atomizerd.sessions.turn import Emit, EmitFor, T, Transcript, Turn
 from atomizerd.store.db import Store
@@ -213,7 +214,9 @@ class Follower:
                 self._current_emit(r)(kind)
             return None
         if step is Step.QUIET:
-            if isinstance(item, proto.Init):
+            if isinstance(item, proto.Init):  # each turn opens with one: servers' health
+                for notice in mcp_failures(r.agent.mcp_servers, item.mcp_servers):
+                    self._current_emit(r)(notice)
                 r.agent.mcp_servers = list(item.mcp_servers)
             return None
         if step is Step.OPEN_AGENT:

@@ -95,7 +95,11 @@ class McpServers:
     async def _status(self, s: Session) -> list[McpServer]:
         answer = await self._call(s, "mcp_status")
         servers = answer.get("mcpServers")
-        return [self._server(e) for e in servers if isinstance(e, dict)] if servers else []
+        found = [self._server(e) for e in servers if isinstance(e, dict)] if servers else []
+        agent = self.calls.pool.agent(s.id)
+        if agent is not None:  # the freshest report: GetStatus counts failing servers from it
+            agent.mcp_servers = [(m.name, m.status) for m in found]
+        return found
 
     async def _one(self, s: Session, name: str) -> McpServer:
         for server in await self._status(s):

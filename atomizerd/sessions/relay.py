@@ -15,6 +15,8 @@ from atomizerd.agents import protocol as proto
 from atomizerd.agents.vocabulary import AgentExited, AgentItem, LineTooLong
 from atomizerd.model import ToolCallRecord, TurnOutcome
 from atomizerd.sessions import events as ev
+from atomizerd.sessions import spend
+from atomizerd.sessions.mcphealth import mcp_call_failure
 from atomizerd.sessions.turn import Emit, Transcript
 
 Terminal = ev.TurnCompleted | ev.TurnFailed
@@ -55,6 +57,8 @@ def relay(
                 emit(ev.ToolUse(tu.id, tu.name, tu.input_json))
             if item.uuid and item.parent_tool_use_id is None and not item.aborted:
                 transcript.agent_uuid = item.uuid
+            if item.model and item.parent_tool_use_id is None:
+                transcript.model = item.model
             if item.input_tokens and item.parent_tool_use_id is None:
                 transcript.context_input = item.input_tokens
                 transcript.context_tokens = item.input_tokens
@@ -90,6 +94,10 @@ def relay(
             if call is not None:
                 call.result, call.is_error = item.content, item.is_error
             emit(ev.ToolResult(item.tool_use_id, item.content, item.is_error))
+            if call is not None:
+                failed = mcp_call_failure(call.name, item.content, item.is_error)
+                if failed is not None:
+                    emit(failed)
         case proto.ApiRetry():
             emit(
                 ev.Notice(
@@ -145,6 +153,10 @@ def call_usage(item: proto.AssistantMessage, transcript: Transcript) -> ev.LiveU
 
 
 def report_usage(emit: Emit, transcript: Transcript, usage: ev.LiveUsage) -> None:
+    # Each model call is priced as its usage stands now; the turn's estimate sums them all
+    # (subagents' calls are not reported mid-turn, so they count only in the agent's figure).
+    transcript.call_costs[transcript.usage_message] = spend.call_cost(usage, transcript.model)
+    usage = dataclasses.replace(usage, estimated_turn_cost_usd=transcript.estimated_cost())
     transcript.usage = usage
     emit(usage)
 

@@ -170,11 +170,17 @@ class Transcript:
     # The usage last reported to clients (a usage event), and of which model call.
     usage: ev.LiveUsage | None = None
     usage_message: str = ""
+    # The turn's model (as its calls name it) and each call's estimated cost, by message id.
+    model: str = ""
+    call_costs: dict[str, float] = field(default_factory=dict)
     agent_uuid: str = ""  # the CLI's uuid of the reply's last assistant line
     origin_kind: str = ""  # who the CLI says started the turn (its result's `origin.kind`)
     unsaved: int = 0  # text bytes since the last checkpoint
     saved_parts: int = 0  # parts already in the stored checkpoint
     rewrite: bool = False  # text was withdrawn: the next checkpoint stores the whole reply
+
+    def estimated_cost(self) -> float:
+        return sum(self.call_costs.values())
 
     def add(self, message_id: str, index: int, text: str) -> None:
         self.parts.append((message_id, index, text))

@@ -29,7 +29,7 @@ from atomizerd.config import Config
 from atomizerd.errors import AtomizerError
 from atomizerd.model import Mode, SessionRecord
 from atomizerd.sessions import events as ev
-from atomizerd.sessions import filemarks
+from atomizerd.sessions import filemarks, spend
 from atomizerd.sessions.approvals import Approvals
 from atomizerd.sessions.attachments import content_blocks, to_store
 from atomizerd.sessions.context import AgentContext
@@ -39,6 +39,7 @@ from atomizerd.sessions.journal import TurnJournal
 from atomizerd.sessions.notices import NULL as NULL_NOTICES
 from atomizerd.sessions.notices import Notices
 from atomizerd.sessions.outcomes import LateOutcomes
+from atomizerd.sessions.planning import PlanKeeper, may_have_planned
 from atomizerd.sessions.plans import leave_plan
 from atomizerd.sessions.questions import NoticeWait
 from atomizerd.sessions.relay import outcome as outcome_of
@@ -295,13 +296,18 @@ class TurnRunner:
         """The message is with the agent: relay its output to the turn's end. Returns whether
         the agent may serve another turn."""
         transcript = Transcript()
-        turn.approvals = self.approvals_for(s, turn, emit)
+        plan = PlanKeeper(self.store, s, emit)
+        turn.approvals = self.approvals_for(s, turn, plan.watching(emit))
         try:
             if not s.record.agent_started:
                 # The CLI keeps a transcript from its first message on: every later process
                 # of this conversation must --resume it (a second --session-id is refused).
                 s.record = self._update(s, agent_started=True)
             terminal = await self._converse(agent, s, turn, emit, transcript)
+            # Before the turn's end, which it is part of: a watcher sees the plan first.
+            planned = may_have_planned(s, transcript)
+            if isinstance(terminal, ev.TurnCompleted) and agent.alive and planned:
+                await plan.refresh(agent.transport_or_fail(), self.config.agent.stop_grace)
         except Exception:
             log.exception("turn crashed", turn_id=turn.turn_id)
             terminal = ev.TurnFailed(ev.INTERNAL, "atomizerd failed while running the turn")
@@ -560,11 +566,23 @@ class TurnRunner:
                     self.follower.replayed(reading, replay)
                 if outcome is not None:
                     return outcome
+                if interrupting_since is None and transcript.usage is not None:
+                    self._enforce_caps(s, turn, emit, transcript.usage)
         finally:
             stop_waiter.cancel()
             if receive is not None:
                 receive.cancel()
             self.follower.close(reading)
+
+    def _enforce_caps(self, s: Session, turn: Turn, emit: Emit, usage: ev.LiveUsage) -> None:
+        """Stops the turn once its estimated cost crosses the turn's or the session's cap:
+        the CLI's own --max-budget-usd only refuses the next turn (docs/agent-protocol.md)."""
+        if turn.stop_requested.is_set():
+            return
+        why = spend.over_cap(s.record, usage.estimated_turn_cost_usd)
+        if why is not None:
+            emit(ev.Notice(ev.BUDGET_EXHAUSTED, why))
+            turn.interrupt()
 
     def _checkpoint(self, s: Session, turn: Turn, transcript: Transcript) -> None:
         """Stores what the reply said since the last checkpoint (at most every

@@ -257,6 +257,12 @@ def _migrate_conversation_control(db: pw.Database) -> None:
         )
 
 
+def _migrate_session_plan(db: pw.Database) -> None:
+    """The plan the agent works to (Session.plan)."""
+    if "plan" not in {c.name for c in db.get_columns("sessions")}:
+        db.execute_sql("ALTER TABLE sessions ADD COLUMN plan TEXT NOT NULL DEFAULT ''")  # type: ignore[no-untyped-call]
+
+
 # Forward migrations: index i migrates from version i to i + 1. Append, never edit.
 MIGRATIONS: list[Callable[[pw.Database], None]] = [
     _migrate_1,
@@ -276,6 +282,7 @@ MIGRATIONS: list[Callable[[pw.Database], None]] = [
     _migrate_search,
     _migrate_notify_outbox,
     _migrate_conversation_control,
+    _migrate_session_plan,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -78,6 +78,8 @@ class SessionRow(_Model):
     # The last RollbackSession while it can be undone (a JSON object: the message it rolled
     # back to and the conversation it left); "" once a turn has run since, or none.
     rollback_state = pw.TextField(default="", constraints=[_DEFAULT_EMPTY])
+    # The plan the agent works to (Session.plan: its plan file's text), "" until it made one.
+    plan = pw.TextField(default="", constraints=[_DEFAULT_EMPTY])
 
     class Meta:
         table_name = "sessions"

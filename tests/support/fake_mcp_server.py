@@ -3,6 +3,9 @@
 
 One tool, `study_info`, answers with the ATOMIZER_* environment the daemon gave the server,
 so a test can check what reached it through the per-session MCP config.
+
+With `--die-on-call` it exits (status 1, no answer) when the tool is called: a server that
+fails in the middle of a turn.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ def handle(message: dict[str, Any]) -> None:
     elif method == "tools/list":
         reply(message["id"], {"tools": [TOOL]})
     elif method == "tools/call":
+        if "--die-on-call" in sys.argv[1:]:
+            sys.exit(1)
         info = {k: v for k, v in os.environ.items() if k.startswith("ATOMIZER_")}
         reply(
             message["id"], {"content": [{"type": "text", "text": json.dumps(info, sort_keys=True)}]}

@@ -8,6 +8,9 @@ user message is read from directives in the text, like the fake agent program:
   [[hold]]        one text delta "partial ", then nothing until `release()` or an interrupt.
   [[deltas:N]]    N text deltas "x", then a result.
   [[ask:TOOL]]    a `can_use_tool` request for TOOL; the reply says how it was answered.
+  [[spend:N]]     a model call of N input tokens (and N/10 output) of an Opus model, reported
+                  as the CLI does (assistant line, then message_delta), before the rest.
+  [[plan:TEXT]]   writes TEXT to its plan file (a Write call): `get_plan` answers it after.
   [[abandon]]     two deltas, withdrawn (abandoned_blocks), then the whole reply under a new id.
   [[big:N]]       a tool result of N bytes, then the reply.
   [[schedule]]    calls ScheduleWakeup (the agent then has a prompt pending); `wake_up()`
@@ -86,6 +89,7 @@ class ScriptedAgent:
         self.control_answers: dict[str, Mapping[str, Any]] = {}
         self.interrupts = 0
         self.requests: list[tuple[str, dict[str, Any]]] = []  # other control requests
+        self.plan: str | None = None  # the plan file's text `get_plan` answers (None: none)
         self.stops = 0
         self._items: deque[AgentItem] = deque()
         self._taken_mid_turn: list[tuple[str, str]] = []
@@ -241,6 +245,10 @@ class ScriptedAgent:
 
     async def request(self, subtype: str, *, timeout: float, **fields: Any) -> dict[str, Any]:
         self.requests.append((subtype, fields))
+        if subtype == "get_plan":
+            return (
+                {"exists": False} if self.plan is None else {"exists": True, "content": self.plan}
+            )
         if subtype == "stop_task":  # the CLI ends the task, then tells the model in a turn
             self.end_task(str(fields["task_id"]), status="stopped", reply="stopped it")
         return {}
@@ -339,6 +347,17 @@ class ScriptedAgent:
         if "task" in directives:
             task_id = directives["task"] or "task1"
             self._push(proto.TaskStarted(task_id, f"tu_{task_id}", "local_bash", task_id, True))
+        if "plan" in directives:
+            self.plan = directives["plan"] or ""
+            write = proto.ToolUse("tu_plan", "Write", '{"file_path": "plans/plan.md"}')
+            self._push(proto.AssistantMessage("", (write,), message_id=mid + "_plan"))
+        if "spend" in directives:
+            tokens = int(directives["spend"] or 0)
+            call = proto.AssistantMessage(
+                "", (), message_id=mid + "_spend", model="claude-opus-test", input_tokens=tokens
+            )
+            self._push(call)
+            self._push(proto.MessageDelta(tokens // 10))
         if "hold" in directives:
             self._delta("partial ", mid)
             interrupted = await self._held()

@@ -54,7 +54,8 @@ KINDS: list[ev.EventKind] = [
     ev.TaskStarted("b1", "tu3", ev.TaskKind.BASH, "solver run", True),
     ev.TaskOutput("b1", "iteration 1\n"),
     ev.TaskEnded("b1", ev.TaskStatus.COMPLETED, "exit code 0"),
-    ev.LiveUsage(700, 30, 5, 6, 741, 1_000_000, 0.25),
+    ev.LiveUsage(700, 30, 5, 6, 741, 1_000_000, 0.25, 0.3),
+    ev.PlanUpdated("1. mesh\n2. solve"),
 ]
 
 

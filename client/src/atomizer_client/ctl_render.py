@@ -21,6 +21,7 @@ from atomizer_client.events import (
     Notice,
     PermissionDecided,
     PermissionRequest,
+    PlanUpdated,
     TextDelta,
     ThinkingDelta,
     ToolResult,
@@ -65,6 +66,7 @@ class TurnRenderer:
             TurnCompleted: self._completed,
             TurnFailed: self._failed,
             UserMessage: self._user_message,
+            PlanUpdated: self._plan_updated,
             **ctl_tasks.task_handlers(self.out),
         }
 
@@ -106,6 +108,11 @@ class TurnRenderer:
             self.out.note(ev.message)
         elif ev.kind == "API_RETRY":
             self.out.note(f"model API retry {ev.attempt} of {ev.max_retries} ({ev.error_status})")
+
+    def _plan_updated(self, ev: PlanUpdated) -> None:
+        self.out.note("the agent's plan is now:")
+        for line in ev.plan.splitlines():
+            self.out.note("  " + line)
 
     def _permission_request(self, ev: PermissionRequest) -> None:
         self.out.note(one_line(f"? permission for {ev.tool_name}: {ev.input_json}"))

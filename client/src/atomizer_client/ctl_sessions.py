@@ -128,8 +128,11 @@ def _show_session(out: Output, s: Any) -> None:
         ("queued turns", str(s.queued_turns)),
         ("mcp servers", mcp),
         ("last usage", _usage(s)),
+        ("plan", "-" if not s.plan else ""),
     ]
     _pairs(out, pairs)
+    for line in s.plan.splitlines():  # the agent's plan, as it wrote it (Markdown)
+        out.line("  " + line)
 
 
 def _usage(s: Any) -> str:
@@ -140,6 +143,11 @@ def _usage(s: Any) -> str:
     return (
         f"in {u.input_tokens} (+{u.cache_read_input_tokens} cached), out {u.output_tokens}; "
         f"context {u.context_tokens}{window} tokens"
+        + (
+            f"; turn about {usd(u.estimated_turn_cost_usd)} so far"
+            if u.estimated_turn_cost_usd
+            else ""
+        )
     )
 
 
@@ -238,6 +246,7 @@ def cmd_status(client: Client, args: argparse.Namespace, out: Output) -> int:
         ("agent", f"{st.agent_command} {st.agent_version}".strip()),
         ("total cost", f"${st.total_cost_usd:.4f}"),
         ("last reaper pass", reaper),
+        ("failing MCP servers", str(st.failing_mcp_servers)),
     ]
     for w in st.webhooks:
         state = f"FAILING since {when(w.failing_since)}: {w.last_error}" if w.failing else "ok"

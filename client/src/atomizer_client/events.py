@@ -333,6 +333,16 @@ class UsageUpdate(Event):
     context_tokens: int = 0
     context_window: int = 0
     turn_cost_usd: float = 0.0
+    # The turn's cost so far by the daemon's estimate (spending caps act on it).
+    estimated_turn_cost_usd: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class PlanUpdated(Event):
+    """The agent's plan changed (Session.plan is `plan` now)."""
+
+    type: ClassVar[str] = "plan_updated"
+    plan: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -471,7 +481,10 @@ def from_proto(ev: session_pb2.SessionEvent) -> Event:
             context_tokens=u.context_tokens,
             context_window=u.context_window,
             turn_cost_usd=u.turn_cost_usd,
+            estimated_turn_cost_usd=u.estimated_turn_cost_usd,
         )
+    if kind == "plan_updated":
+        return PlanUpdated(**base, plan=ev.plan_updated.plan)
     return UnknownEvent(**base)
 
 
@@ -573,6 +586,7 @@ __all__ = [
     "PermissionRequest",
     "PermissionRule",
     "PermissionSuggestion",
+    "PlanUpdated",
     "Question",
     "QuestionAnswered",
     "QuestionItem",

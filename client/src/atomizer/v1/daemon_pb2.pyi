@@ -107,6 +107,7 @@ class GetStatusResponse(_message.Message):
     ADOPTION_SECONDS_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
     WEBHOOKS_FIELD_NUMBER: _builtins.int
+    FAILING_MCP_SERVERS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     uptime_seconds: _builtins.float
     sessions_known: _builtins.int
@@ -142,6 +143,10 @@ class GetStatusResponse(_message.Message):
     """
     turns_resumed: _builtins.int
     adoption_seconds: _builtins.float
+    failing_mcp_servers: _builtins.int
+    """MCP servers the live agents last reported as failed (system/init, or mcp_status when
+    asked), summed over sessions: 0 when all connected or none are configured.
+    """
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -183,10 +188,11 @@ class GetStatusResponse(_message.Message):
         adoption_seconds: _builtins.float = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
         webhooks: _abc.Iterable[Global___WebhookStatus] | None = ...,
+        failing_mcp_servers: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_reaper_pass", b"last_reaper_pass", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adoption_seconds", b"adoption_seconds", "agent_command", b"agent_command", "agent_version", b"agent_version", "agents_adopted", b"agents_adopted", "busy_sessions", b"busy_sessions", "last_reaper_pass", b"last_reaper_pass", "live_processes", b"live_processes", "loop_lag_max_ms", b"loop_lag_max_ms", "loop_lag_recent_max_ms", b"loop_lag_recent_max_ms", "pool_capacity", b"pool_capacity", "queued_turns", b"queued_turns", "sandbox_available", b"sandbox_available", "sandbox_detail", b"sandbox_detail", "sandbox_enabled", b"sandbox_enabled", "sessions_known", b"sessions_known", "spare_agents", b"spare_agents", "spares_adopted", b"spares_adopted", "started_at", b"started_at", "total_cost_usd", b"total_cost_usd", "turns_resumed", b"turns_resumed", "uptime_seconds", b"uptime_seconds", "version", b"version", "warnings", b"warnings", "webhooks", b"webhooks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adoption_seconds", b"adoption_seconds", "agent_command", b"agent_command", "agent_version", b"agent_version", "agents_adopted", b"agents_adopted", "busy_sessions", b"busy_sessions", "failing_mcp_servers", b"failing_mcp_servers", "last_reaper_pass", b"last_reaper_pass", "live_processes", b"live_processes", "loop_lag_max_ms", b"loop_lag_max_ms", "loop_lag_recent_max_ms", b"loop_lag_recent_max_ms", "pool_capacity", b"pool_capacity", "queued_turns", b"queued_turns", "sandbox_available", b"sandbox_available", "sandbox_detail", b"sandbox_detail", "sandbox_enabled", b"sandbox_enabled", "sessions_known", b"sessions_known", "spare_agents", b"spare_agents", "spares_adopted", b"spares_adopted", "started_at", b"started_at", "total_cost_usd", b"total_cost_usd", "turns_resumed", b"turns_resumed", "uptime_seconds", b"uptime_seconds", "version", b"version", "warnings", b"warnings", "webhooks", b"webhooks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
