@@ -19,6 +19,7 @@ from pathlib import Path
 
 import structlog
 
+from atomizerd.agents import protocol as proto
 from atomizerd.agents import shim_client, shim_codec
 from atomizerd.agents.pool import AgentPool
 from atomizerd.agents.process import AgentProcess
@@ -132,15 +133,21 @@ async def adopt_agents(cfg: Config, store: Store, pool: AgentPool, registry: Reg
 
 
 async def _read_past(process: AgentProcess, consumed: int) -> None:
-    """Takes the agent's replayed messages up to `consumed` (a stored turn's), quietly. The
-    replay is local data: a message that does not come at once means there is no more."""
-    while process.received < consumed:
+    """Takes the agent's replayed messages of a stored turn, quietly: the `consumed` its record
+    accounted for and, when those do not end with the turn's result (the daemon died before
+    the last of its record left), on through that result. The replay is local data: a message
+    that does not come at once means there is no more."""
+    ended = False
+    while not (ended and process.received >= consumed):
         try:
             item = await asyncio.wait_for(process.receive(), _READ_PAST_WAIT)
         except TimeoutError:
             return
         if isinstance(item, AgentExited):
             return
+        ended = isinstance(item, proto.Result)
+        if ended and process.received > consumed:
+            return  # the stored turn's end, past its record: what follows is new
 
 
 def _groups_of(process: PooledTransport) -> set[int]:

@@ -173,7 +173,8 @@ def test_budgets_show_in_show_and_a_spent_session_refuses_messages(
     assert shown["spent"] == "$0.0000"
     assert shown["budget"] == "$0.0001 ($0.0001 left)"
     assert ok(shared_daemon, "--json", "show", sid).count('"turn_budget_usd": 5e-05') == 1
-    ok(shared_daemon, "send", sid, "spend")
+    stopped = ctl(shared_daemon, "send", sid, "spend")  # crosses its turn's cap mid-turn
+    assert stopped.returncode == 130 and "(turn_budget_usd)" in stopped.stderr, stopped.stderr
     refused = ctl(shared_daemon, "send", sid, "and more")
     assert refused.returncode == 7 and "has spent" in refused.stderr
     assert "(reached" in ok(shared_daemon, "show", sid)

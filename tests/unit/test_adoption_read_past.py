@@ -10,6 +10,7 @@ from collections import deque
 from atomizerd.agents import protocol as proto
 from atomizerd.agents.vocabulary import AgentItem
 from atomizerd.daemon.adoption import _read_past
+from tests.support.scripted_agent import _result
 
 
 class Replayed:
@@ -26,21 +27,35 @@ class Replayed:
         return self.items.popleft()
 
 
-def test_a_stored_turn_s_messages_are_read_past_and_the_rest_is_kept() -> None:
-    ended_turn: list[AgentItem] = [
-        proto.UserReplay("u1", "hello"),
-        proto.TextDelta("echo: hello", None, "m1", 0),
-    ]
-    afterwards: list[AgentItem] = [
-        proto.TaskNotification("t1", "tu_t1", "completed", "t1 completed", ""),
-        proto.TextDelta("the solver finished", None, "m2", 0),
-    ]
-    agent = Replayed(ended_turn + afterwards)
-    asyncio.run(_read_past(agent, consumed=len(ended_turn)))  # type: ignore[arg-type]
-    assert list(agent.items) == afterwards
+ENDED_TURN: list[AgentItem] = [
+    proto.UserReplay("u1", "hello"),
+    proto.TextDelta("echo: hello", None, "m1", 0),
+    _result(False),
+]
+AFTERWARDS: list[AgentItem] = [
+    proto.TaskNotification("t1", "tu_t1", "completed", "t1 completed", ""),
+    proto.TextDelta("the solver finished", None, "m2", 0),
+    _result(False, "task-notification"),
+]
+
+
+def read_past(agent: Replayed, consumed: int) -> None:
+    asyncio.run(asyncio.wait_for(_read_past(agent, consumed), 10))  # type: ignore[arg-type]
+
+
+def test_a_record_that_reaches_the_turn_s_end_is_read_past_exactly() -> None:
+    agent = Replayed(ENDED_TURN + AFTERWARDS)
+    read_past(agent, consumed=len(ENDED_TURN))
+    assert list(agent.items) == AFTERWARDS
+
+
+def test_a_record_short_of_the_turn_s_end_is_read_past_through_that_end() -> None:
+    agent = Replayed(ENDED_TURN + AFTERWARDS)
+    read_past(agent, consumed=1)  # the last records never left the daemon
+    assert list(agent.items) == AFTERWARDS
 
 
 def test_less_replayed_than_the_record_accounted_for_is_no_wait_for_more() -> None:
-    agent = Replayed([proto.UserReplay("u1", "hello")])
-    asyncio.run(asyncio.wait_for(_read_past(agent, consumed=5), 5))  # type: ignore[arg-type]
+    agent = Replayed(ENDED_TURN[:1])
+    read_past(agent, consumed=5)
     assert not agent.items
