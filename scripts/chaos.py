@@ -123,6 +123,7 @@ class Client:
         self.n = 0
         self.last_seq = 0
         self.rng = random.Random(index)
+        self.current: Seen | None = None  # the message it is on
 
     def stub(self, channel: grpc.aio.Channel) -> Any:
         return session_pb2_grpc.SessionServiceStub(channel)  # used with the aio channel
@@ -142,6 +143,7 @@ class Client:
             prefix = BG if self.background and self.rng.random() < 0.3 else ""
             text = f"{prefix}[[slow:60]] [[chunks:12]] {token} {words}"
             seen = Seen(self.sid, token, text)
+            self.current = seen
             self.tally.sent.append(seen)
             await self.turn(seen, until + TURN_TIMEOUT)
 
@@ -465,10 +467,19 @@ async def drive(
                 await wait_serving(d, tally, time.monotonic())  # from the server's return
             tally.faults_injected += 1
         done, pending = await asyncio.wait(runs, timeout=args.seconds_per_scenario + TURN_TIMEOUT)
-        for task in pending:
-            task.cancel()
-            row.problems.append("a client did not finish in time")
-            row.lost += 1
+        for client, task in zip(clients, runs, strict=True):
+            if task in pending:
+                task.cancel()
+                on = client.current
+                row.problems.append(
+                    f"a client did not finish in time: {client.sid}, "
+                    + (
+                        f"{on.token} (turn {on.turn_id or 'not begun'}, last seq {client.last_seq})"
+                        if on is not None
+                        else "before its first message"
+                    )
+                )
+                row.lost += 1
         for task in done:
             if task.exception() is not None:
                 row.problems.append(f"a client crashed: {task.exception()!r}")
@@ -543,8 +554,10 @@ def run_scenario(scenario: str, args: argparse.Namespace) -> Row:
     finally:
         if d is not None:
             d.stop(timeout=30)  # ends by pid whatever is still ours (shims of its runtime dir)
-        if not args.keep:
+        if not args.keep and not row.faults:
             shutil.rmtree(base, ignore_errors=True)
+        elif not args.keep:
+            row.problems.append(f"kept {base} (its daemon log) to look into")
     return row
 
 
