@@ -310,3 +310,38 @@ def test_a_permission_request_is_delivered_before_its_waiter_is_told(tmp_path: P
         await w.close()
 
     virtual_time.run(test())
+
+
+def test_a_receiver_down_for_a_minute_gets_every_notification_afterwards_in_order_once(
+    tmp_path: Path,
+) -> None:
+    """Connection refused for a whole (virtual) minute while events keep coming: once it is up,
+    each is delivered exactly once and in the order the events happened."""
+    down = DeliveryError("connection refused")
+    receiver = Receiver([])
+    up_at: list[float] = []
+
+    async def send(hook: Any, body: bytes, headers: dict[str, str], t: float) -> int:
+        loop = asyncio.get_running_loop()
+        if not up_at or loop.time() < up_at[0]:
+            receiver.calls.append((loop.time(), b"refused", {}))
+            raise down
+        return await receiver(hook, body, headers, t)
+
+    async def test() -> None:
+        e, store = endpoint(tmp_path, Receiver([]), retry_initial=1, retry_max=10)
+        e.send = send  # the endpoint's POST: refused until up_at
+        worker = asyncio.create_task(e.run())
+        start = asyncio.get_running_loop().time()
+        up_at.append(start + 60.0)
+        for n in range(1, 6):
+            e.put(delivery(e, store, n))
+            await asyncio.sleep(10.0)  # virtual: events through the outage
+        await until(lambda: e.delivered == 5)
+        worker.cancel()
+        assert stored(store, e) == []  # none left waiting
+
+    virtual_time.run(test())
+    got = [json.loads(b)["n"] for _, b, _ in receiver.calls if b != b"refused"]
+    assert got == [1, 2, 3, 4, 5]
+    assert any(b == b"refused" for _, b, _ in receiver.calls)
